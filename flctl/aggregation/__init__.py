@@ -1,0 +1,15 @@
+"""Aggregation strategies over streamed updates."""
+
+from flctl.aggregation._fedavg import FedAvg, fedavg_in_memory
+from flctl.aggregation._strategy import Strategy, WeightedUpdate
+
+__all__ = ["FedAvg", "Strategy", "WeightedUpdate", "fedavg_in_memory", "strategy_for"]
+
+
+def strategy_for(name: str) -> Strategy:
+    """Return the strategy a config names (``rounds.strategy``)."""
+    strategies: dict[str, type[Strategy]] = {FedAvg.name: FedAvg}
+    try:
+        return strategies[name]()
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}") from None

@@ -1,0 +1,319 @@
+"""The ``flctl`` command tree: thin typer wrappers that parse, call one function, render."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flctl import __version__
+from flctl.cli._output import Output, command, settings
+
+__all__ = ["app", "main"]
+
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+app = typer.Typer(
+    name="flctl",
+    help="Federated learning from the command line: one coordinator, many clients, one model.",
+    no_args_is_help=True,
+    context_settings=_CONTEXT,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+certs_app = typer.Typer(help="Certificates for mutual TLS.", no_args_is_help=True)
+round_app = typer.Typer(
+    help="Start and watch rounds on a running coordinator.", no_args_is_help=True
+)
+models_app = typer.Typer(help="The model history in the state store.", no_args_is_help=True)
+app.add_typer(certs_app, name="certs", context_settings=_CONTEXT)
+app.add_typer(round_app, name="round", context_settings=_CONTEXT)
+app.add_typer(models_app, name="models", context_settings=_CONTEXT)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Path of flctl.toml (default: nearest one upwards)."),
+]
+ServerOpt = Annotated[
+    str | None,
+    typer.Option(help="Coordinator HOST:PORT (default: from the project's .flctl/serve.json)."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"flctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Federated learning from the command line."""
+    settings.debug = debug
+
+
+# ---------------------------------------------------------------------- demo / init
+
+
+@app.command()
+@command()
+def demo(
+    directory: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Project folder to create (default ./flctl-demo-<time>)."),
+    ] = None,
+    clients: Annotated[int, typer.Option(help="Number of client processes.")] = 3,
+    rounds: Annotated[int, typer.Option(help="Number of FedAvg rounds.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed for data shuffling and the initial model.")] = 0,
+    template: Annotated[str, typer.Option(help="Project template.")] = "digits",
+    json_output: JsonOpt = False,
+    no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain lines, no live panel.")] = False,
+) -> None:
+    """Run a whole federation on this machine: coordinator and clients over mutual TLS."""
+    from flctl.cli._demo import DemoOptions, run_demo
+
+    _, code = run_demo(
+        DemoOptions(
+            directory=directory,
+            clients=clients,
+            rounds=rounds,
+            seed=seed,
+            template=template,
+            json_output=json_output,
+            tui=False if no_tui else None,
+        )
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+@command()
+def init(
+    name: Annotated[Path, typer.Argument(help="Folder of the new project.")],
+    template: Annotated[str, typer.Option(help="Template to start from.")] = "digits",
+    force: Annotated[bool, typer.Option(help="Overwrite files in a non-empty folder.")] = False,
+    seed: Annotated[int, typer.Option(help="The project's seed.")] = 0,
+    json_output: JsonOpt = False,
+) -> None:
+    """Create a project: flctl.toml, task.py and a .gitignore."""
+    from flctl.cli._init import init_project
+
+    result = init_project(name, template=template, force=force, seed=seed)
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json({"path": str(result.path), "template": result.template, "files": result.files})
+        return
+    out.line(f"created {result.path} from template {result.template!r}: {', '.join(result.files)}")
+    out.line(f"next: cd {name} && flctl certs gen --clients 3 && flctl serve")
+
+
+# ---------------------------------------------------------------------- certs
+
+
+@certs_app.command("gen")
+@command()
+def certs_gen(
+    clients: Annotated[
+        int | None, typer.Option(help="Issue client certificates c1..cN (default 3).")
+    ] = None,
+    client_id: Annotated[
+        list[str] | None, typer.Option("--client-id", help="A client identity (repeatable).")
+    ] = None,
+    san: Annotated[
+        list[str] | None,
+        typer.Option("--san", help="Extra DNS name or IP for the server certificate."),
+    ] = None,
+    days: Annotated[int, typer.Option(help="Validity of issued certificates.")] = 365,
+    force: Annotated[bool, typer.Option(help="Regenerate everything, CA included.")] = False,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Write the CA, server, admin and client certificates into the project's certs folder."""
+    from flctl.cli._common import load_project
+    from flctl.core.errors import ConfigError
+    from flctl.security import generate_project_certs
+
+    config = load_project(config_path)
+    ids = list(client_id or [])
+    if clients is not None and clients < 0:
+        raise ConfigError(f"--clients must not be negative, not {clients}")
+    if not ids or clients is not None:
+        ids += [f"c{i}" for i in range(1, (3 if clients is None else clients) + 1)]
+    ids = list(dict.fromkeys(ids))
+    try:
+        report = generate_project_certs(
+            config.certs_path, ids, sans=san or [], days=days, force=force
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json(
+            {
+                "certs_dir": str(report.certs_dir),
+                "written": report.written,
+                "reused": report.reused,
+                "clients": ids,
+            }
+        )
+        return
+    out.line(f"certificates in {report.certs_dir}")
+    if report.written:
+        out.line(f"  written: {', '.join(report.written)}")
+    if report.reused:
+        out.line(f"  kept:    {', '.join(report.reused)}")
+
+
+# ---------------------------------------------------------------------- serve / join
+
+
+@app.command()
+@command(json_param=None)
+def serve(
+    address: Annotated[
+        str | None, typer.Option(help="HOST:PORT to listen on (default server.address).")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Plaintext instead of mutual TLS (loopback addresses only).")
+    ] = False,
+    no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain log lines, no panel.")] = False,
+    config_path: ConfigOpt = None,
+) -> None:
+    """Run the coordinator until SIGTERM or Ctrl-C."""
+    from flctl.cli._serve import serve as run_serve
+
+    run_serve(
+        config_path=config_path, address=address, insecure=insecure, tui=False if no_tui else None
+    )
+
+
+@app.command()
+@command(json_param=None)
+def join(
+    server: Annotated[str, typer.Option(help="Coordinator HOST:PORT.")],
+    client_id: Annotated[str, typer.Option(help="This client's identity (its certificate).")],
+    cert: Annotated[Path | None, typer.Option(help="Client certificate (PEM).")] = None,
+    key: Annotated[Path | None, typer.Option(help="Client private key (PEM).")] = None,
+    ca: Annotated[Path | None, typer.Option(help="CA certificate to trust (PEM).")] = None,
+    once: Annotated[bool, typer.Option(help="Leave after one round.")] = False,
+    partition: Annotated[
+        int | None, typer.Option(help="Data partition (default from the id: c1 -> 0).")
+    ] = None,
+    num_partitions: Annotated[
+        int | None, typer.Option(help="Number of partitions (default data.num_partitions).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N].")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads for training.")] = None,
+    task: Annotated[Path | None, typer.Option(help="Task module (default project.task).")] = None,
+    insecure: Annotated[bool, typer.Option(help="Plaintext (loopback only).")] = False,
+    config_path: ConfigOpt = None,
+) -> None:
+    """Join a coordinator and train on local data each round until stopped."""
+    from flctl.cli._join import JoinArgs
+    from flctl.cli._join import join as run_join
+
+    run_join(
+        JoinArgs(
+            server=server,
+            client_id=client_id,
+            config_path=config_path,
+            task_path=task,
+            cert=cert,
+            key=key,
+            ca=ca,
+            insecure=insecure,
+            once=once,
+            partition=partition,
+            num_partitions=num_partitions,
+            device=device,
+            threads=threads,
+        )
+    )
+
+
+# ---------------------------------------------------------------------- rounds
+
+
+@round_app.command("start")
+@command()
+def round_start(
+    rounds: Annotated[int, typer.Option(help="How many rounds to queue.")] = 1,
+    wait: Annotated[bool, typer.Option(help="Block until the rounds end.")] = False,
+    reconnect_timeout: Annotated[
+        float, typer.Option(help="With --wait: how long to wait for a coordinator that left.")
+    ] = 60.0,
+    server: ServerOpt = None,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Queue rounds on the running coordinator (admin certificate)."""
+    from flctl.cli._common import load_project
+    from flctl.cli._rounds import rounds_exit_code, start_rounds
+
+    result = start_rounds(
+        load_project(config_path),
+        rounds=rounds,
+        wait=wait,
+        json_output=json_output,
+        server=server,
+        reconnect_timeout=reconnect_timeout,
+    )
+    raise typer.Exit(rounds_exit_code(result.get("rounds", [])))
+
+
+@round_app.command("watch")
+@command()
+def round_watch(
+    follow: Annotated[
+        bool, typer.Option(help="Keep following new events (--no-follow: replay and exit).")
+    ] = True,
+    since: Annotated[int, typer.Option(help="Replay events after this seq.")] = 0,
+    server: ServerOpt = None,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Show the live panel of a running coordinator, from its persisted event log."""
+    from flctl.cli._common import load_project
+    from flctl.cli._rounds import watch_events
+
+    watch_events(
+        load_project(config_path),
+        server=server,
+        follow=follow,
+        json_output=json_output,
+        since=since,
+    )
+
+
+# ---------------------------------------------------------------------- models
+
+
+@models_app.command("ls")
+@command()
+def models_ls(
+    limit: Annotated[int | None, typer.Option(help="Show at most this many versions.")] = None,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """List model versions, newest first (works with or without a running coordinator)."""
+    from flctl.cli._common import load_project
+    from flctl.cli._models import list_models
+
+    list_models(load_project(config_path), limit=limit, json_output=json_output)
+
+
+def main() -> None:
+    """Entry point of the ``flctl`` console script."""
+    app()

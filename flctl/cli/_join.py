@@ -1,0 +1,156 @@
+"""``flctl join``: serve rounds as one client until stopped, refused, or (``--once``) done."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flctl.cli._common import setup_logging
+from flctl.cli._output import Output
+from flctl.client import Client, JoinOptions, Runner, resolve_device
+from flctl.core import Config, TaskContext, find_project, load_config, load_task
+from flctl.core.errors import ConfigError, ProjectNotFoundError, TaskError
+from flctl.security import load_credentials, load_pem_files
+
+__all__ = ["JoinArgs", "join"]
+
+
+@dataclass(frozen=True)
+class JoinArgs:
+    """The options of ``flctl join``."""
+
+    server: str
+    client_id: str
+    config_path: Path | None = None
+    task_path: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    insecure: bool = False
+    once: bool = False
+    partition: int | None = None
+    num_partitions: int | None = None
+    device: str | None = None
+    threads: int | None = None
+
+
+def default_partition(client_id: str, num_partitions: int) -> int:
+    """``c1`` holds partition 0, ``c2`` partition 1, ...; ids without a number hold 0."""
+    match = re.search(r"(\d+)$", client_id)
+    return (int(match.group(1)) - 1) % num_partitions if match and int(match.group(1)) else 0
+
+
+def _config(args: JoinArgs) -> Config:
+    if args.config_path is not None:
+        return load_config(args.config_path)
+    try:
+        return load_config(find_project())
+    except ProjectNotFoundError:
+        if args.task_path is None:
+            raise
+        return Config(root=args.task_path.resolve().parent)
+
+
+def build_client(args: JoinArgs, config: Config) -> tuple[Client, TaskContext]:
+    """Load the task and build its client for this identity and data partition."""
+    import torch
+
+    num_partitions = args.num_partitions or config.data.num_partitions
+    partition = (
+        args.partition
+        if args.partition is not None
+        else default_partition(args.client_id, num_partitions)
+    )
+    if not 0 <= partition < num_partitions:
+        raise ConfigError(f"--partition {partition} is outside 0..{num_partitions - 1}")
+    threads = args.threads or config.client.num_threads
+    torch.set_num_threads(threads)
+    try:
+        device = resolve_device(args.device or config.client.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    task = load_task(args.task_path or config.task_path)
+    context = TaskContext(
+        role="client",
+        seed=config.project.seed,
+        device=device,
+        client_id=args.client_id,
+        partition_id=partition,
+        num_partitions=num_partitions,
+        partitioning=config.data.partitioning,
+        alpha=config.data.alpha,
+        config=dict(config.task),
+    )
+    try:
+        client = task.client_fn(context)
+    except Exception as exc:  # user code
+        raise TaskError(f"client_fn failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(client, Client):
+        raise TaskError(f"client_fn returned a {type(client).__name__}, not a flctl Client")
+    return client, context
+
+
+def join(args: JoinArgs) -> int:
+    """Join the coordinator and serve rounds; return the number of rounds served."""
+    setup_logging()
+    out = Output()
+    config = _config(args)
+    if args.insecure:
+        cert = key = ca = b""
+    elif args.cert or args.key or args.ca:
+        if not (args.cert and args.key and args.ca):
+            raise ConfigError("--cert, --key and --ca go together")
+        cert, key, ca = load_pem_files(args.cert, args.key, args.ca)
+    else:
+        cert, key, ca = load_credentials(config.certs_path, args.client_id)
+    client, context = build_client(args, config)
+    options = JoinOptions(
+        server=args.server,
+        client_id=args.client_id,
+        cert_pem=cert,
+        key_pem=key,
+        ca_pem=ca,
+        insecure=args.insecure,
+        cache_dir=config.client_cache_path / args.client_id,
+        once=args.once,
+    )
+
+    def on_event(kind: str, details: dict[str, Any]) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        if kind == "joined":
+            text = (
+                f"joined {details['server']} as {details['client_id']} "
+                f"(partition {context.partition_id} of {context.num_partitions}, {context.device})"
+            )
+        elif kind == "round":
+            text = f"round {details['server_round']}: training"
+        elif kind == "uploaded":
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(details["metrics"].items()))
+            text = (
+                f"round {details['server_round']}: update accepted "
+                f"({details['num_examples']} examples, {details['size']} bytes, "
+                f"{details['seconds']:.2f} s{', ' + metrics if metrics else ''})"
+            )
+        elif kind == "rejected":
+            text = f"round {details['server_round']}: update refused: {details['reason']}"
+        elif kind == "failed":
+            text = f"round {details['server_round']}: training failed: {details['reason']}"
+        elif kind == "reconnecting":
+            text = f"reconnecting in {details['delay_s']:.1f} s: {details['reason']}"
+        else:
+            text = f"left after {details.get('rounds', 0)} rounds"
+        out.line(f"{stamp} {text}")
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await Runner(client, options, on_event=on_event).run(stop)
+
+    return asyncio.run(main())

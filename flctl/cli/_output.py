@@ -1,0 +1,167 @@
+"""The one place where results and errors meet the user: rich, plain or one JSON document.
+
+- On a terminal: rich panels and tables.
+- Piped: plain lines.
+- ``--json``: exactly one JSON document on stdout, errors included
+  (``{"error": {"code", "exit_code", "message", ...}}``); human noise goes to stderr.
+
+An ``FlctlError`` exits with its class's exit code; an unexpected exception prints one line and
+the path of a log file holding the traceback (``--debug`` prints the traceback instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.text import Text
+
+from flctl.core.errors import FlctlError
+
+__all__ = ["Output", "command", "log_dir", "settings"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _Settings:
+    """Process-wide CLI switches set by the root callback."""
+
+    debug: bool = False
+
+
+settings = _Settings()
+
+
+def log_dir() -> Path:
+    """Where tracebacks of unexpected errors go: ``$FLCTL_HOME/logs`` (default ~/.flctl)."""
+    home = os.environ.get("FLCTL_HOME") or str(Path.home() / ".flctl")
+    return Path(home) / "logs"
+
+
+class Output:
+    """Renders one command's results.
+
+    Args:
+        json_mode: Print one JSON document on stdout and nothing else there.
+    """
+
+    def __init__(self, *, json_mode: bool = False) -> None:
+        self.json_mode = json_mode
+        self.is_terminal = sys.stdout.isatty() and not json_mode
+        self.console = Console(highlight=False, soft_wrap=False)
+        self.err = Console(stderr=True, highlight=False)
+
+    def json(self, document: Any) -> None:
+        """Print ``document`` as the command's one JSON document."""
+        sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+
+    def line(self, text: str) -> None:
+        """A plain line on stdout (stderr in JSON mode, to keep stdout one document)."""
+        if self.json_mode:
+            self.err.print(text, markup=False, highlight=False)
+        else:
+            print(text, flush=True)
+
+    def note(self, text: str) -> None:
+        """A side remark on stderr."""
+        self.err.print(text, markup=False, highlight=False)
+
+    def error(self, exc: FlctlError) -> None:
+        """Render an error: a panel on a terminal, a line when piped, JSON with --json."""
+        if self.json_mode:
+            self.json({"error": exc.to_dict()})
+            return
+        body = Text(exc.message)
+        if exc.hint:
+            body.append(f"\nhint: {exc.hint}", style="dim")
+        if self.err.is_terminal:
+            self.err.print(
+                Panel(body, title=f"error: {exc.code}", border_style="red", expand=False)
+            )
+        else:
+            self.err.print(f"error: {exc.message}", markup=False, highlight=False)
+            if exc.hint:
+                self.err.print(f"hint: {exc.hint}", markup=False, highlight=False)
+
+
+def _write_traceback(exc: BaseException) -> Path | None:
+    try:
+        folder = log_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.gettempdir())
+    path = folder / f"flctl-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        path.write_text(
+            f"flctl {' '.join(sys.argv[1:])}\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        )
+    except OSError:
+        return None
+    return path
+
+
+def command(json_param: str | None = "json_output") -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Wrap a typer command so that errors render once, with the right exit code.
+
+    Args:
+        json_param: Name of the command's ``--json`` parameter, if it has one.
+    """
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            json_mode = bool(kwargs.get(json_param)) if json_param else False
+            out = Output(json_mode=json_mode)
+            try:
+                return fn(*args, **kwargs)
+            except (typer.Exit, typer.Abort):
+                raise
+            except FlctlError as exc:
+                out.error(exc)
+                raise typer.Exit(exc.exit_code) from None
+            except KeyboardInterrupt:
+                out.note("interrupted")
+                raise typer.Exit(130) from None
+            except Exception as exc:  # the CLI is one of the three places that catch broadly
+                if settings.debug:
+                    traceback.print_exception(type(exc), exc, exc.__traceback__)
+                    raise typer.Exit(1) from None
+                path = _write_traceback(exc)
+                message = f"unexpected error: {type(exc).__name__}: {exc}"
+                where = f" (traceback in {path})" if path else ""
+                if json_mode:
+                    out.json(
+                        {
+                            "error": {
+                                "code": "internal",
+                                "exit_code": 1,
+                                "message": message,
+                                "log": str(path) if path else None,
+                            }
+                        }
+                    )
+                else:
+                    out.err.print(
+                        f"error: {message}{where}; run with --debug to see it",
+                        markup=False,
+                        highlight=False,
+                    )
+                raise typer.Exit(1) from None
+
+        return wrapper
+
+    return decorate

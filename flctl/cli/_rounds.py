@@ -1,0 +1,202 @@
+"""``flctl round start`` and ``flctl round watch``: operating a running coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.live import Live
+
+from flctl.cli._common import admin_client, retry_connect, round_dict
+from flctl.cli._output import Output
+from flctl.core import Config, Event
+from flctl.core.errors import ConnectError, InvalidInputError, RoundCancelledError, RoundFailedError
+from flctl.core.events import TERMINAL_ROUND_STATUSES
+from flctl.transport.grpc import AdminClient, pb
+from flctl.tui import DashboardState, event_line, render_dashboard
+
+__all__ = ["event_from_pb", "rounds_exit_code", "start_rounds", "wait_rounds", "watch_events"]
+
+
+def event_from_pb(message: pb.Event) -> Event:
+    """A wire Event as the core dataclass the panels fold."""
+    try:
+        data = json.loads(message.data_json) if message.data_json else {}
+    except ValueError:
+        data = {}
+    return Event(
+        seq=int(message.seq),
+        time=message.time_unix,
+        type=message.type,
+        server_round=int(message.server_round),
+        client_id=message.client_id,
+        data=data if isinstance(data, dict) else {},
+    )
+
+
+async def wait_rounds(
+    make_client: Callable[[], AdminClient],
+    round_ids: list[int],
+    *,
+    reconnect_timeout: float,
+    on_progress: Callable[[list[pb.RoundInfo]], None] | None = None,
+    on_retry: Callable[[str], None] = lambda message: None,
+    poll_s: float = 0.5,
+) -> tuple[list[pb.RoundInfo], int]:
+    """Poll until every round in ``round_ids`` is terminal; return them and the head version.
+
+    A coordinator that goes away is waited for up to ``reconnect_timeout`` seconds.
+    """
+    client = make_client()
+
+    async def status() -> pb.StatusReply:
+        nonlocal client
+        try:
+            return await client.status(round_ids, timeout=10.0)
+        except ConnectError:
+            await client.close()
+            client = make_client()
+            raise
+
+    try:
+        while True:
+            reply = await retry_connect(status, timeout=reconnect_timeout, on_retry=on_retry)
+            rounds = list(reply.rounds)
+            if on_progress is not None:
+                on_progress(rounds)
+            if rounds and all(r.status in TERMINAL_ROUND_STATUSES for r in rounds):
+                return rounds, int(reply.head_version)
+            await asyncio.sleep(poll_s)
+    finally:
+        await client.close()
+
+
+def _progress_printer(out: Output) -> Callable[[list[pb.RoundInfo]], None]:
+    seen: dict[int, str] = {}
+
+    def show(rounds: list[pb.RoundInfo]) -> None:
+        for info in rounds:
+            if seen.get(info.server_round) == info.status:
+                continue
+            seen[info.server_round] = info.status
+            row = round_dict(info)
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(row["metrics"].items()))
+            extra = f" ({metrics})" if metrics else ""
+            reason = f": {info.reason}" if info.reason else ""
+            out.note(f"round {info.server_round}: {info.status}{reason}{extra}")
+
+    return show
+
+
+def start_rounds(
+    config: Config,
+    *,
+    rounds: int,
+    wait: bool,
+    json_output: bool,
+    server: str | None,
+    reconnect_timeout: float,
+) -> dict[str, Any]:
+    """Queue rounds; with ``wait``, block until they end; print and return the results."""
+    out = Output(json_mode=json_output)
+    if rounds < 1:
+        raise InvalidInputError(f"--rounds must be at least 1, not {rounds}")
+
+    async def main() -> dict[str, Any]:
+        client = admin_client(config, server)
+        try:
+            reply = await client.start_round(rounds)
+        finally:
+            await client.close()
+        ids = [int(i) for i in reply.round_ids]
+        if not wait:
+            return {"round_ids": ids}
+        out.note(f"queued rounds {ids[0]}..{ids[-1]}; waiting for them to end")
+        infos, head = await wait_rounds(
+            lambda: admin_client(config, server),
+            ids,
+            reconnect_timeout=reconnect_timeout,
+            on_progress=_progress_printer(out),
+            on_retry=lambda message: out.note(f"coordinator unreachable, retrying: {message}"),
+        )
+        return {"rounds": [round_dict(i) for i in infos], "model_version": head}
+
+    result = asyncio.run(main())
+    if json_output:
+        out.json(result)
+    elif "round_ids" in result:
+        out.line(" ".join(str(i) for i in result["round_ids"]))
+    else:
+        for row in result["rounds"]:
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(row["metrics"].items()))
+            out.line(
+                f"round {row['round']}: {row['status']} with {row['num_clients']} clients "
+                f"in {row['duration_s']:.1f} s{'; ' + metrics if metrics else ''}"
+                f"{'; ' + row['reason'] if row.get('reason') else ''}"
+            )
+        out.line(f"head model version: {result['model_version']}")
+    return result
+
+
+def rounds_exit_code(rounds: list[dict[str, Any]]) -> int:
+    """0 when every round committed; RoundFailedError's or RoundCancelledError's code otherwise."""
+    statuses = {row["status"] for row in rounds}
+    if "failed" in statuses:
+        return RoundFailedError.exit_code
+    if statuses - {"committed"}:
+        return RoundCancelledError.exit_code
+    return 0
+
+
+def watch_events(
+    config: Config, *, server: str | None, follow: bool, json_output: bool, since: int
+) -> None:
+    """Show the live panel of a running coordinator (plain event lines when piped)."""
+    out = Output(json_mode=json_output)
+    if json_output:
+        follow = False
+    state = DashboardState(title="flctl round watch")
+    collected: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        client = admin_client(config, server)
+        live: Live | None = None
+        if out.is_terminal and follow:
+            live = Live(
+                get_renderable=lambda: render_dashboard(state, now=time.time()),
+                console=out.console,
+                refresh_per_second=4,
+            )
+            live.start()
+        try:
+            async for message in client.watch(since, follow=follow):
+                event = event_from_pb(message)
+                state.apply(event)
+                if json_output:
+                    collected.append(
+                        {
+                            "seq": event.seq,
+                            "time": event.time,
+                            "type": event.type,
+                            "round": event.server_round,
+                            "client_id": event.client_id,
+                            "data": event.data,
+                        }
+                    )
+                elif live is None:
+                    out.line(event_line(event))
+        finally:
+            if live is not None:
+                live.stop()
+            await client.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+    if json_output:
+        out.json({"events": collected})
+    elif not follow and out.is_terminal:
+        out.console.print(render_dashboard(state, now=time.time()))

@@ -1,0 +1,16 @@
+"""The client side: the Client API a task implements, and the join loop."""
+
+from flctl.client._api import Client, ConfigValue, Metrics, Parameters
+from flctl.client._device import resolve_device
+from flctl.client._runner import ClientCache, JoinOptions, Runner
+
+__all__ = [
+    "Client",
+    "ClientCache",
+    "ConfigValue",
+    "JoinOptions",
+    "Metrics",
+    "Parameters",
+    "Runner",
+    "resolve_device",
+]

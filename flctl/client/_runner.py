@@ -1,0 +1,390 @@
+"""The join loop: connect, join, serve tasks, reconnect with backoff, leave on refusal.
+
+```
+connect+Join --ok--> Tasks stream --task--> download (cache) -> fit -> upload --+
+     ^   |                 |                                                   |
+     |   +-- unavailable --+-- stream ends / token expired ---> backoff -------+
+     |   +-- refused (TLS, certificate, role, model mismatch) ---> exit non-zero
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flctl.core.errors import (
+    AuthenticationError,
+    CertificateError,
+    ConnectError,
+    DeadlineExceededError,
+    FlctlError,
+    IntegrityError,
+    InvalidInputError,
+    PermissionDeniedError,
+    ProtocolMismatchError,
+    TaskError,
+    TransportError,
+)
+from flctl.tensors import (
+    check_update,
+    fingerprint,
+    load_parameters,
+    read_spec,
+    save_parameters,
+    sha256_file,
+    spec_of,
+)
+from flctl.transport import Backoff
+from flctl.transport.grpc import (
+    PROTOCOL_VERSION,
+    CoordinatorClient,
+    from_value_map,
+    insecure_channel,
+    pb,
+    secure_channel,
+    to_value_map,
+)
+
+from ._api import Client
+
+__all__ = ["ClientCache", "JoinOptions", "Runner"]
+
+log = logging.getLogger("flctl.client")
+
+
+@dataclass(frozen=True)
+class JoinOptions:
+    """How a client reaches its coordinator.
+
+    Attributes:
+        server: ``HOST:PORT``.
+        client_id: The identity in our certificate (sent as metadata only with ``insecure``).
+        cert_pem, key_pem, ca_pem: Our certificate, its key, the CA we trust.
+        insecure: Plaintext (loopback only).
+        cache_dir: Content-addressed model cache (and partial downloads).
+        once: Leave after one round.
+        max_tls_failures: Consecutive refused handshakes before giving up.
+        connect_timeout_s: How long one connection attempt may take.
+    """
+
+    server: str
+    client_id: str
+    cert_pem: bytes = b""
+    key_pem: bytes = b""
+    ca_pem: bytes = b""
+    insecure: bool = False
+    cache_dir: Path = Path(".flctl-client")
+    once: bool = False
+    max_tls_failures: int = 3
+    connect_timeout_s: float = 10.0
+    backoff_cap_s: float = 10.0
+
+
+class ClientCache:
+    """Blobs this client already holds, by digest; partial downloads resume from their size."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "blobs").mkdir(parents=True, exist_ok=True)
+        (root / "partial").mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        """Where a complete blob lives."""
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise InvalidInputError(f"invalid digest {digest[:80]!r}")
+        return self.root / "blobs" / digest
+
+    def partial(self, digest: str) -> Path:
+        """Where an interrupted download of ``digest`` is kept."""
+        return self.root / "partial" / f"{self.path(digest).name}.part"
+
+    def has(self, digest: str) -> bool:
+        """Whether ``digest`` is complete in the cache."""
+        return self.path(digest).is_file()
+
+
+@dataclass
+class _Status:
+    state: str = "idle"
+    server_round: int = 0
+    progress: float = 0.0
+    dirty: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Runner:
+    """Runs one client against one coordinator until stopped, refused, or (``once``) done.
+
+    Args:
+        client: The task's client.
+        options: Where and how to connect.
+        on_event: Called with (kind, details) for human output: "joined", "round",
+            "uploaded", "rejected", "reconnecting", "left".
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        options: JoinOptions,
+        *,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._client = client
+        self._options = options
+        self._on_event = on_event or (lambda kind, details: None)
+        self._cache = ClientCache(options.cache_dir)
+        self._backoff = Backoff(cap=options.backoff_cap_s, rng=rng or random.Random())
+        self._status = _Status()
+        self.rounds_done = 0
+        spec = spec_of(client.get_parameters())
+        self._fingerprint = fingerprint(spec)
+        self._spec_json = json.dumps({k: [d, list(s)] for k, (d, s) in spec.items()})
+
+    def _emit(self, kind: str, **details: Any) -> None:
+        self._on_event(kind, details)
+
+    def _channel(self) -> Any:
+        o = self._options
+        if o.insecure:
+            return insecure_channel(o.server)
+        return secure_channel(o.server, cert_pem=o.cert_pem, key_pem=o.key_pem, ca_pem=o.ca_pem)
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Serve rounds until ``stop`` is set; return the number of rounds served.
+
+        Raises:
+            SecurityError: The coordinator refused our certificate, role or token.
+            ProtocolMismatchError: Our model or protocol differ from the coordinator's.
+        """
+        tls_failures = 0
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+                if self._options.once and self.rounds_done >= 1:
+                    break
+                reason = "the coordinator ended the session"
+            except CertificateError as exc:
+                tls_failures += 1
+                if tls_failures >= self._options.max_tls_failures:
+                    raise CertificateError(
+                        f"the coordinator at {self._options.server} refused the TLS handshake "
+                        f"{tls_failures} times: {exc.message}",
+                        hint=exc.hint,
+                    ) from None
+                reason = f"TLS handshake failed: {exc.message}"
+            except (PermissionDeniedError, ProtocolMismatchError):
+                raise
+            except AuthenticationError as exc:
+                if "token" not in exc.message and "session" not in exc.message:
+                    raise
+                reason = f"session ended ({exc.message}); joining again"
+            except (ConnectError, DeadlineExceededError, TransportError) as exc:
+                tls_failures = 0
+                reason = exc.message
+            except FlctlError as exc:  # e.g. a corrupt download: start the session over
+                reason = exc.message
+            if stop.is_set():
+                break
+            delay = self._backoff.next_delay()
+            self._emit("reconnecting", reason=reason, delay_s=round(delay, 2))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        self._emit("left", rounds=self.rounds_done)
+        return self.rounds_done
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        channel = self._channel()
+        api = CoordinatorClient(channel, identity=self._options.client_id)
+        heartbeats: asyncio.Task[None] | None = None
+        stream_task: asyncio.Task[None] | None = None
+        try:
+            request = pb.JoinRequest(
+                protocol_version=PROTOCOL_VERSION,
+                task_fingerprint=self._fingerprint,
+                client_version="flctl",
+                codecs=["none"],
+            )
+            to_value_map(request.properties, {"model_spec": self._spec_json})
+            try:
+                reply = await api.join(request, timeout=self._options.connect_timeout_s)
+            except ConnectError as exc:
+                # With TLS 1.3 the server checks our certificate after the client's side of
+                # the handshake is done; a refusal then reaches us only as a closed socket.
+                if "socket closed" in exc.message.lower():
+                    raise CertificateError(
+                        "the coordinator closed the connection during the TLS handshake "
+                        f"(it did not accept this certificate): {exc.message}",
+                        hint="check that the certificate was issued by the coordinator's CA, "
+                        "is still valid and is not revoked",
+                    ) from None
+                raise
+            self._backoff.reset()
+            self._emit("joined", client_id=reply.client_id, server=self._options.server)
+            heartbeats = asyncio.create_task(
+                self._heartbeats(api, max(0.1, reply.heartbeat_interval_s))
+            )
+            stream_task = asyncio.create_task(self._serve_tasks(api, reply))
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait(
+                {stream_task, stopper}, return_when=asyncio.FIRST_COMPLETED
+            )
+            stopper.cancel()
+            if stream_task in done:
+                stream_task.result()  # re-raise what ended the stream
+        finally:
+            for task in (stream_task, heartbeats):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, FlctlError):
+                        await task
+            await api.close()
+
+    async def _serve_tasks(self, api: CoordinatorClient, reply: pb.JoinReply) -> None:
+        async for task in api.tasks():
+            if task.kind != "fit":
+                log.warning("ignoring task of unknown kind %r", task.kind)
+                continue
+            await self._fit(api, reply, task)
+            if self._options.once and self.rounds_done >= 1:
+                return
+
+    async def _heartbeats(self, api: CoordinatorClient, interval: float) -> None:
+        while True:
+            status = self._status
+            status.dirty.clear()
+            with contextlib.suppress(FlctlError):
+                reply = await api.heartbeat(
+                    pb.HeartbeatRequest(
+                        state=status.state,
+                        server_round=status.server_round,
+                        progress=status.progress,
+                    )
+                )
+                if reply.command == "rejoin":
+                    log.info("coordinator asked us to join again")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(status.dirty.wait(), interval)
+
+    def _set_state(self, state: str, server_round: int, progress: float = 0.0) -> None:
+        self._status.state = state
+        self._status.server_round = server_round
+        self._status.progress = progress
+        self._status.dirty.set()
+
+    # ------------------------------------------------------------------ one task
+
+    async def _download(self, api: CoordinatorClient, digest: str) -> Path:
+        """Return the cached path of ``digest``, downloading (resumably) if needed."""
+        target = self._cache.path(digest)
+        if target.is_file():
+            return target
+        partial = self._cache.partial(digest)
+        offset = partial.stat().st_size if partial.exists() else 0
+        with partial.open("ab") as sink:
+            await api.download(digest, sink, offset=offset)  # type: ignore[arg-type]
+            sink.flush()
+            os.fsync(sink.fileno())
+        if await asyncio.to_thread(sha256_file, partial) != digest:
+            partial.unlink(missing_ok=True)
+            raise IntegrityError(f"downloaded model {digest[:12]} does not match its digest")
+        os.replace(partial, target)
+        return target
+
+    async def _fit(self, api: CoordinatorClient, reply: pb.JoinReply, task: pb.Task) -> None:
+        server_round = int(task.server_round)
+        self._emit("round", server_round=server_round, task_id=task.task_id)
+        self._set_state("downloading", server_round)
+        started = time.monotonic()
+        model_path = await self._download(api, task.model_digest)
+        self._set_state("training", server_round)
+        config = from_value_map(task.config)
+        try:
+            update_path, num_examples, metrics = await asyncio.to_thread(
+                self._train, model_path, config
+            )
+        except TaskError as exc:
+            # the client loop is one of the three places that catch broadly: report, carry on
+            log.error("round %d: %s", server_round, exc.message)
+            self._emit("failed", server_round=server_round, reason=exc.message)
+            self._set_state("failed", server_round)
+            return
+        try:
+            self._set_state("uploading", server_round)
+            size = update_path.stat().st_size
+            header = pb.UploadHeader(
+                server_round=server_round,
+                task_id=task.task_id,
+                num_examples=num_examples,
+                digest=await asyncio.to_thread(sha256_file, update_path),
+                size=size,
+                codec="none",
+            )
+            to_value_map(header.metrics, metrics)
+            chunk = int(reply.limits.max_chunk_bytes) or (1 << 20)
+            answer = await api.upload(header, _file_chunks(update_path, chunk))
+        finally:
+            update_path.unlink(missing_ok=True)
+        self._set_state("idle", 0)
+        if answer.accepted:
+            self.rounds_done += 1
+            self._emit(
+                "uploaded",
+                server_round=server_round,
+                num_examples=num_examples,
+                metrics=metrics,
+                size=size,
+                seconds=round(time.monotonic() - started, 3),
+            )
+        else:
+            self._emit("rejected", server_round=server_round, reason=answer.reason)
+
+    def _train(
+        self, model_path: Path, config: dict[str, Any]
+    ) -> tuple[Path, int, dict[str, float]]:
+        """Run the user's fit in a worker thread; check and write what it returns."""
+        import math
+
+        parameters = load_parameters(model_path)
+        expected = spec_of(parameters)
+        try:
+            new_parameters, num_examples, metrics = self._client.fit(parameters, config)
+        except Exception as exc:  # user code: report it, keep serving
+            raise TaskError(f"fit raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(num_examples, int) or num_examples <= 0:
+            raise TaskError(f"fit must return a positive num_examples, not {num_examples!r}")
+        clean: dict[str, float] = {}
+        for key, value in dict(metrics or {}).items():
+            number = float(value)
+            if not math.isfinite(number):
+                raise TaskError(f"fit returned a non-finite metric {key!r}: {number}")
+            clean[str(key)] = number
+        try:
+            got = spec_of(new_parameters)
+        except FlctlError as exc:
+            raise TaskError(f"fit returned unusable parameters: {exc.message}") from exc
+        if got != expected:
+            raise TaskError("fit returned parameters whose names, shapes or dtypes differ")
+        out = self._cache.root / "partial" / f"update-{os.getpid()}-{time.monotonic_ns()}"
+        save_parameters(new_parameters, out)
+        try:
+            check_update(out, read_spec(model_path))
+        except FlctlError as exc:
+            out.unlink(missing_ok=True)
+            raise TaskError(f"fit returned an unusable update: {exc.message}") from exc
+        return out, num_examples, clean
+
+
+async def _file_chunks(path: Path, chunk_size: int) -> AsyncIterator[bytes]:
+    with path.open("rb") as fh:
+        while block := fh.read(chunk_size):
+            yield block

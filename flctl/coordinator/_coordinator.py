@@ -1,0 +1,240 @@
+"""The Coordinator: opens the state, loads the task, serves both services, runs rounds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from flctl.aggregation import strategy_for
+from flctl.core import Config, Event, load_task
+from flctl.core import events as ev
+from flctl.core.errors import ConflictError
+from flctl.security import TokenSigner, load_credentials
+from flctl.store import BlobStore, SqlStore
+from flctl.tensors import fingerprint, read_spec, sha256_file
+from flctl.transport.grpc import ServerCredentials, split_address, start_server
+
+from ._engine import RoundEngine
+from ._events import EventLog
+from ._registry import Registry
+from ._service import AdminService, CoordinatorService, Limits
+from ._task import make_evaluator, write_initial_model
+
+__all__ = ["SERVE_FILE", "Coordinator", "read_serve_file"]
+
+log = logging.getLogger("flctl.coordinator")
+
+#: Written into the state folder while a coordinator runs: pid and the address it bound.
+SERVE_FILE = "serve.json"
+
+
+def read_serve_file(state_dir: Path) -> dict[str, Any] | None:
+    """Return the running coordinator's ``serve.json`` (pid, address), or None."""
+    try:
+        data = json.loads((state_dir / SERVE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class Coordinator:
+    """One coordinator over one state folder.
+
+    Args:
+        config: The project's configuration.
+        address: Overrides ``server.address`` (``HOST:0`` picks a free port).
+        insecure: Overrides ``server.insecure`` (plaintext, loopback only).
+    """
+
+    def __init__(
+        self, config: Config, *, address: str | None = None, insecure: bool | None = None
+    ) -> None:
+        self.config = config
+        self.address = address or config.server.address
+        self.insecure = config.server.insecure if insecure is None else insecure
+        self.state_dir = config.state_path
+        self.bound_address = ""
+        self._listeners: list[Callable[[Event], None]] = []
+        self._lock: IO[str] | None = None
+        self._server: Any = None
+        self._engine_task: asyncio.Task[None] | None = None
+        self.store: SqlStore | None = None
+        self.events: EventLog | None = None
+        self._engine: RoundEngine | None = None
+        self._registry: Registry | None = None
+
+    def subscribe(self, listener: Callable[[Event], None]) -> None:
+        """Call ``listener`` with every event (for the live panel); before or after start."""
+        self._listeners.append(listener)
+        if self.events is not None:
+            self.events.subscribe(listener)
+
+    def _take_lock(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        handle = (self.state_dir / "coordinator.lock").open("w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            running = read_serve_file(self.state_dir) or {}
+            raise ConflictError(
+                f"another coordinator holds {self.state_dir} "
+                f"(pid {running.get('pid', '?')}, {running.get('address', '?')})"
+            ) from None
+        self._lock = handle
+
+    async def start(self) -> str:
+        """Open the state, ensure the initial model, listen; return the bound ``HOST:PORT``."""
+        config = self.config
+        split_address(self.address)  # fail on a malformed address before touching state
+        credentials = None
+        if not self.insecure:
+            cert, key, ca = load_credentials(config.certs_path, "server")
+            credentials = ServerCredentials(cert, key, ca)
+        self._take_lock()
+        store = self.store = SqlStore.open(self.state_dir)
+        blobs = BlobStore(self.state_dir / "blobs")
+        blobs.clean_temp()
+        events = self.events = EventLog(store)
+        for listener in self._listeners:
+            events.subscribe(listener)
+        for record in store.open_rounds():
+            store.fail_round(record.id, "coordinator restarted")
+            events.emit(
+                ev.ROUND_FAILED,
+                server_round=record.id,
+                data={"reason": "coordinator restarted", "duration_s": None},
+            )
+
+        task = await asyncio.to_thread(load_task, config.task_path)
+        head = store.head()
+        if head is None:
+            temp, handle = blobs.temp_file()
+            handle.close()
+            try:
+                await asyncio.to_thread(write_initial_model, task, config, temp)
+                digest = blobs.commit_temp(temp, sha256_file(temp))
+            finally:
+                temp.unlink(missing_ok=True)
+            head = store.add_model(digest=digest, kind="initial", set_head=True)
+            events.emit(
+                ev.MODEL_CREATED,
+                data={
+                    "version": head.version,
+                    "digest": digest,
+                    "kind": "initial",
+                    "parent": None,
+                    "head": True,
+                },
+            )
+        model_spec = read_spec(blobs.path(head.digest))
+        model_size = blobs.size(head.digest)
+        max_update = config.transport.max_update_bytes or (model_size + model_size // 4 + (1 << 20))
+        limits = Limits(
+            max_chunk_bytes=config.transport.max_chunk_bytes,
+            max_update_bytes=max_update,
+            max_tensors=len(model_spec),
+        )
+        registry = self._registry = Registry()
+        engine = self._engine = RoundEngine(
+            config=config,
+            store=store,
+            blobs=blobs,
+            events=events,
+            registry=registry,
+            strategy=strategy_for(config.rounds.strategy),
+            evaluator=make_evaluator(task, config),
+        )
+        coordinator_service = CoordinatorService(
+            store=store,
+            blobs=blobs,
+            events=events,
+            registry=registry,
+            engine=engine,
+            signer=TokenSigner.generate(),
+            limits=limits,
+            model_spec=model_spec,
+            task_fingerprint=fingerprint(model_spec),
+            heartbeat_interval_s=config.server.heartbeat_interval_s,
+            token_ttl_s=config.server.token_ttl_s,
+        )
+        admin_service = AdminService(
+            store=store,
+            events=events,
+            registry=registry,
+            engine=engine,
+            state_dir=str(self.state_dir),
+            config_snapshot={
+                "rounds": vars(config.rounds),
+                "task": dict(config.task),
+                "seed": config.project.seed,
+            },
+        )
+        self._server, port = await start_server(
+            self.address,
+            coordinator_service,
+            admin_service,
+            credentials=credentials,
+            max_chunk_bytes=config.transport.max_chunk_bytes,
+        )
+        host, _ = split_address(self.address)
+        self.bound_address = f"{host}:{port}"
+        self._write_serve_file()
+        self._engine_task = asyncio.create_task(engine.run(), name="flctl-round-engine")
+        events.emit(
+            ev.COORDINATOR_STARTED,
+            data={
+                "address": self.bound_address,
+                "pid": os.getpid(),
+                "state_dir": str(self.state_dir),
+                "head_version": head.version,
+                "insecure": self.insecure,
+            },
+        )
+        log.info("coordinator listening on %s (state %s)", self.bound_address, self.state_dir)
+        return self.bound_address
+
+    def _write_serve_file(self) -> None:
+        data = {
+            "pid": os.getpid(),
+            "address": self.bound_address,
+            "insecure": self.insecure,
+            "started_unix": time.time(),
+        }
+        temp = self.state_dir / f".{SERVE_FILE}.tmp"
+        temp.write_text(json.dumps(data))
+        os.replace(temp, self.state_dir / SERVE_FILE)
+
+    async def stop(self, reason: str = "stopped") -> None:
+        """Stop serving: fail the open round, end every stream, close the state."""
+        if self._engine is not None:
+            self._engine.stop()
+        if self._registry is not None:
+            self._registry.close_all()
+        if self._engine_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._engine_task), 5.0)
+            except TimeoutError:
+                self._engine_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._engine_task
+        if self.events is not None:
+            self.events.emit(ev.COORDINATOR_STOPPED, data={"reason": reason})
+            self.events.close()
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        with contextlib.suppress(OSError):
+            (self.state_dir / SERVE_FILE).unlink()
+        if self.store is not None:
+            self.store.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None

@@ -1,0 +1,325 @@
+"""The round engine: an explicit state machine, every transition persisted as it happens.
+
+```
+queued -> selecting -> training -> aggregating -> evaluating -> committed
+              |            |             |              |
+              +------------+-------------+--------------+-----> failed (reason) | cancelled
+```
+
+Rounds run one at a time, in id order. A round waits up to ``quorum_timeout_s`` for
+``min_clients`` connected clients, sends each selected client a task, and waits until every
+selected client still connected has answered or the deadline passes; it then commits if it has
+at least ``min_clients`` accepted updates, and fails with the reason otherwise. The head model
+only moves by a committed round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flctl.aggregation import Strategy, WeightedUpdate
+from flctl.core import Config
+from flctl.core import events as ev
+from flctl.core.errors import FlctlError, RoundFailedError
+from flctl.store import BlobStore, RoundRecord, SqlStore
+from flctl.tensors import sha256_file
+from flctl.transport.grpc import pb, to_value_map
+
+from ._events import EventLog
+from ._registry import Registry
+
+__all__ = ["Evaluator", "RoundEngine"]
+
+log = logging.getLogger("flctl.coordinator")
+
+#: Server-side evaluation: model file -> (loss, metrics). Runs in a worker thread.
+Evaluator = Callable[[Path], tuple[float, dict[str, float]]]
+
+
+@dataclass
+class _OpenRound:
+    """What the engine and the upload path share about the round in training."""
+
+    server_round: int
+    base_digest: str
+    selected: dict[str, str]  # client id -> task id
+    deadline: float
+    changed: asyncio.Event
+
+
+class RoundEngine:
+    """Runs queued rounds; see the module docstring for the state machine."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: SqlStore,
+        blobs: BlobStore,
+        events: EventLog,
+        registry: Registry,
+        strategy: Strategy,
+        evaluator: Evaluator | None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._blobs = blobs
+        self._events = events
+        self._registry = registry
+        self._strategy = strategy
+        self._evaluator = evaluator
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._rng = random.SystemRandom()
+        self.open: _OpenRound | None = None
+
+    # ------------------------------------------------------------------ control
+
+    def notify(self) -> None:
+        """A round was queued: look at the queue again."""
+        self._wake.set()
+
+    def update_arrived(self) -> None:
+        """An update was accepted, or a selected client went away."""
+        if self.open is not None:
+            self.open.changed.set()
+
+    def stop(self) -> None:
+        """Stop after (or during) the current round; it is failed if still open."""
+        self._stopping = True
+        self._wake.set()
+        self.update_arrived()
+
+    async def run(self) -> None:
+        """Run rounds until :meth:`stop`."""
+        while not self._stopping:
+            record = self._store.next_queued_round()
+            if record is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._run_round(record)
+            except FlctlError as exc:
+                self._fail(record.id, exc.message)
+            except asyncio.CancelledError:
+                self._fail(record.id, "coordinator stopped")
+                raise
+            except Exception as exc:  # keep serving: one broken round must not end the job
+                log.exception("round %d crashed", record.id)
+                self._fail(record.id, f"internal error: {type(exc).__name__}: {exc}")
+            finally:
+                self.open = None
+        for record in self._store.open_rounds():
+            self._fail(record.id, "coordinator stopped")
+
+    # ------------------------------------------------------------------ one round
+
+    def _status(self, server_round: int, status: str, **fields: Any) -> RoundRecord:
+        record = self._store.set_round_status(server_round, status, **fields)
+        self._events.emit(ev.ROUND_STATUS, server_round=server_round, data={"status": status})
+        return record
+
+    def _fail(self, server_round: int, reason: str, *, status: str = "failed") -> None:
+        try:
+            record = self._store.fail_round(server_round, reason, status=status)
+        except FlctlError:
+            return  # already terminal
+        log.info("round %d %s: %s", server_round, status, reason)
+        self._events.emit(
+            ev.ROUND_CANCELLED if status == "cancelled" else ev.ROUND_FAILED,
+            server_round=server_round,
+            data={"reason": reason, "duration_s": record.duration_s},
+        )
+
+    async def _wait_for_quorum(self, server_round: int) -> list[str]:
+        rounds = self._config.rounds
+        deadline = time.monotonic() + rounds.quorum_timeout_s
+        while True:
+            connected = [s.client_id for s in self._registry.connected()]
+            if len(connected) >= rounds.min_clients:
+                return connected
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping:
+                raise RoundFailedError(
+                    f"not enough clients: {len(connected)} connected, min_clients is "
+                    f"{rounds.min_clients} (waited {rounds.quorum_timeout_s:g} s)"
+                )
+            changed = self._registry.changed
+            try:
+                await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
+            except TimeoutError:
+                pass
+
+    def _select(self, connected: list[str]) -> list[str]:
+        count = self._config.rounds.clients_per_round
+        if count <= 0 or count >= len(connected):
+            return list(connected)
+        return sorted(self._rng.sample(connected, count))
+
+    async def _run_round(self, record: RoundRecord) -> None:
+        server_round = record.id
+        rounds = self._config.rounds
+        started = time.time()
+        self._status(server_round, "selecting", started=started)
+        try:
+            connected = await self._wait_for_quorum(server_round)
+        except RoundFailedError as exc:
+            self._fail(server_round, exc.message)
+            return
+        selected = self._select(connected)
+        head = self._store.head()
+        if head is None:  # pragma: no cover - the coordinator writes version 1 at start
+            raise RoundFailedError("no head model")
+        deadline = time.time() + rounds.deadline_s
+        tasks = {client_id: uuid.uuid4().hex for client_id in selected}
+        self.open = _OpenRound(server_round, head.digest, tasks, deadline, asyncio.Event())
+        self._store.set_round_status(
+            server_round,
+            "training",
+            base_version=head.version,
+            selected=selected,
+            deadline=deadline,
+        )
+        self._events.emit(
+            ev.ROUND_STARTED,
+            server_round=server_round,
+            data={
+                "base_version": head.version,
+                "selected": selected,
+                "deadline_unix": deadline,
+                "min_clients": rounds.min_clients,
+            },
+        )
+        model_size = self._blobs.size(head.digest)
+        for client_id, task_id in tasks.items():
+            session = self._registry.get(client_id)
+            if session is None:
+                continue
+            task = pb.Task(
+                server_round=server_round,
+                task_id=task_id,
+                kind="fit",
+                model_digest=head.digest,
+                model_size=model_size,
+                deadline_unix=deadline,
+            )
+            to_value_map(task.config, {**self._config.task, "server_round": server_round})
+            session.queue.put_nowait(task)
+            self._events.emit(
+                ev.TASK_SENT,
+                server_round=server_round,
+                client_id=client_id,
+                data={"task_id": task_id, "kind": "fit", "model_digest": head.digest},
+            )
+
+        accepted = await self._wait_for_updates(server_round)
+        self.open = None
+        if len(accepted) < rounds.min_clients:
+            late = time.time() >= deadline
+            why = "the deadline passed" if late else "selected clients left"
+            self._fail(
+                server_round,
+                f"{why} with {len(accepted)} of {rounds.min_clients} required updates",
+            )
+            return
+        if self._stopping:
+            self._fail(server_round, "coordinator stopped")
+            return
+
+        self._status(server_round, "aggregating")
+        base_path = self._blobs.path(head.digest)
+        updates = [
+            WeightedUpdate(self._blobs.path(u.digest), u.num_examples, u.client_id)
+            for u in accepted
+        ]
+        digest = await asyncio.to_thread(self._aggregate, base_path, updates)
+
+        metrics: dict[str, float] = {}
+        if self._evaluator is not None and rounds.evaluate == "server":
+            self._status(server_round, "evaluating")
+            loss, server_metrics = await asyncio.to_thread(
+                self._evaluator, self._blobs.path(digest)
+            )
+            metrics = {"loss": float(loss), **{k: float(v) for k, v in server_metrics.items()}}
+        else:
+            metrics = _weighted_client_metrics(accepted)
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise RoundFailedError(f"evaluation returned non-finite metrics: {', '.join(bad)}")
+
+        model = self._store.commit_round(
+            server_round, digest=digest, metrics=metrics, num_clients=len(accepted)
+        )
+        duration = time.time() - started
+        self._events.emit(
+            ev.MODEL_CREATED,
+            server_round=server_round,
+            data={
+                "version": model.version,
+                "digest": model.digest,
+                "kind": model.kind,
+                "parent": model.parent,
+                "metrics": metrics,
+                "head": True,
+            },
+        )
+        self._events.emit(
+            ev.ROUND_COMMITTED,
+            server_round=server_round,
+            data={
+                "model_version": model.version,
+                "metrics": metrics,
+                "num_clients": len(accepted),
+                "duration_s": duration,
+            },
+        )
+        log.info("round %d committed: model version %d %s", server_round, model.version, metrics)
+
+    async def _wait_for_updates(self, server_round: int) -> list[Any]:
+        open_round = self.open
+        assert open_round is not None
+        while True:
+            open_round.changed.clear()
+            accepted = self._store.updates_for_round(server_round, status="accepted")
+            reported = {u.client_id for u in accepted}
+            outstanding = [
+                client_id
+                for client_id in open_round.selected
+                if client_id not in reported and self._still_working(client_id, server_round)
+            ]
+            remaining = open_round.deadline - time.time()
+            if not outstanding or remaining <= 0 or self._stopping:
+                return accepted
+            try:
+                await asyncio.wait_for(open_round.changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def _still_working(self, client_id: str, server_round: int) -> bool:
+        session = self._registry.get(client_id)
+        return session is not None and session.streaming and session.failed_round != server_round
+
+    def _aggregate(self, base: Path, updates: list[WeightedUpdate]) -> str:
+        temp, handle = self._blobs.temp_file()
+        handle.close()
+        try:
+            self._strategy.aggregate(base, updates, temp)
+            return self._blobs.commit_temp(temp, sha256_file(temp))
+        finally:
+            temp.unlink(missing_ok=True)
+
+
+def _weighted_client_metrics(updates: list[Any]) -> dict[str, float]:
+    total = sum(u.num_examples for u in updates) or 1
+    keys = set.intersection(*(set(u.metrics) for u in updates)) if updates else set()
+    return {k: sum(u.metrics[k] * u.num_examples for u in updates) / total for k in sorted(keys)}

@@ -1,0 +1,62 @@
+"""The coordinator's use of the task module: the initial model and server-side evaluation.
+
+torch is imported here lazily, only when a coordinator actually starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+from flctl.core import Config, TaskContext
+from flctl.core.errors import TaskError
+from flctl.tensors import load_parameters, save_parameters
+
+from ._engine import Evaluator
+
+__all__ = ["coordinator_context", "make_evaluator", "write_initial_model"]
+
+
+def coordinator_context(config: Config) -> TaskContext:
+    """The TaskContext the coordinator passes to the task's functions."""
+    return TaskContext(
+        role="coordinator",
+        seed=config.project.seed,
+        device="cpu",
+        num_partitions=config.data.num_partitions,
+        partitioning=config.data.partitioning,
+        alpha=config.data.alpha,
+        config=dict(config.task),
+    )
+
+
+def write_initial_model(task: ModuleType, config: Config, out: Path) -> None:
+    """Build the task's model with the project's seed and write its parameters to ``out``."""
+    import torch
+
+    torch.set_num_threads(config.client.num_threads)
+    torch.manual_seed(config.project.seed)
+    try:
+        model = task.build_model(coordinator_context(config))
+        state = model.state_dict()
+    except Exception as exc:  # user code
+        raise TaskError(f"build_model failed: {type(exc).__name__}: {exc}") from exc
+    save_parameters(state, out)
+
+
+def make_evaluator(task: ModuleType, config: Config) -> Evaluator | None:
+    """Return ``path -> (loss, metrics)`` from the task's ``server_evaluate``, if it has one."""
+    evaluate = getattr(task, "server_evaluate", None)
+    if not callable(evaluate):
+        return None
+    context = coordinator_context(config)
+
+    def evaluator(path: Path) -> tuple[float, dict[str, float]]:
+        parameters = load_parameters(path)
+        try:
+            loss, metrics = evaluate(parameters, context)
+        except Exception as exc:  # user code
+            raise TaskError(f"server_evaluate failed: {type(exc).__name__}: {exc}") from exc
+        return float(loss), {str(k): float(v) for k, v in dict(metrics).items()}
+
+    return evaluator

@@ -1,0 +1,36 @@
+"""Standard-library-only foundations: configuration, errors, events and the task contract."""
+
+from flctl.core.config import (
+    CONFIG_FILE,
+    DEFAULT_PORT,
+    ClientConfig,
+    Config,
+    DataConfig,
+    ProjectConfig,
+    RoundsConfig,
+    ServerConfig,
+    TransportConfig,
+    find_project,
+    load_config,
+    parse_config,
+)
+from flctl.core.events import Event
+from flctl.core.task import TaskContext, load_task
+
+__all__ = [
+    "CONFIG_FILE",
+    "DEFAULT_PORT",
+    "ClientConfig",
+    "Config",
+    "DataConfig",
+    "Event",
+    "ProjectConfig",
+    "RoundsConfig",
+    "ServerConfig",
+    "TaskContext",
+    "TransportConfig",
+    "find_project",
+    "load_config",
+    "load_task",
+    "parse_config",
+]

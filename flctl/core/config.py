@@ -1,0 +1,302 @@
+"""The schema of ``flctl.toml``: one frozen dataclass per table, validated at load.
+
+Every key of the file mirrors a field here (snake_case). Unknown keys, wrong types and values
+out of range are a :class:`ConfigError` naming the file, the key and what is wrong, so a typo
+never silently falls back to a default. ``flctl.toml.example`` at the top of the repository
+documents every key; a test loads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from flctl.core.errors import ConfigError, ProjectNotFoundError
+
+__all__ = [
+    "CONFIG_FILE",
+    "DEFAULT_PORT",
+    "ClientConfig",
+    "Config",
+    "DataConfig",
+    "ProjectConfig",
+    "RoundsConfig",
+    "ServerConfig",
+    "TransportConfig",
+    "find_project",
+    "load_config",
+    "parse_config",
+]
+
+CONFIG_FILE = "flctl.toml"
+DEFAULT_PORT = 7070
+
+ConfigValue = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """``[project]``: what the project is and where its files live (relative to flctl.toml)."""
+
+    name: str = "flctl-project"
+    task: str = "task.py"
+    seed: int = 0
+    state_dir: str = ".flctl"
+    certs_dir: str = "certs"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """``[server]``: the coordinator's listening address and session settings."""
+
+    address: str = f"127.0.0.1:{DEFAULT_PORT}"
+    insecure: bool = False
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 30.0
+    token_ttl_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class RoundsConfig:
+    """``[rounds]``: how the coordinator runs a round."""
+
+    strategy: Literal["fedavg"] = "fedavg"
+    min_clients: int = 2
+    clients_per_round: int = 0
+    deadline_s: float = 120.0
+    quorum_timeout_s: float = 60.0
+    evaluate: Literal["server", "none"] = "server"
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """``[transport]``: chunking and message bounds on both ends of every channel."""
+
+    max_chunk_bytes: int = 1 << 20
+    max_update_bytes: int = 0
+    compression: Literal["none"] = "none"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """``[client]``: settings a data owner controls on its own machine."""
+
+    device: str = "auto"
+    num_threads: int = 1
+    cache_dir: str = ".flctl-client"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: how the template's data set is split across clients (simulation)."""
+
+    num_partitions: int = 3
+    partitioning: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = 0.5
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole ``flctl.toml``.
+
+    ``task`` is free-form: its keys reach the task's ``fit`` and ``evaluate`` as the round's
+    config (a typed map of bool, int, float and str).
+    """
+
+    project: ProjectConfig = field(default_factory=ProjectConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: dict[str, ConfigValue] = field(default_factory=dict)
+    root: Path = field(default=Path("."), compare=False)
+
+    @property
+    def state_path(self) -> Path:
+        """The coordinator's state folder, absolute."""
+        return (self.root / self.project.state_dir).resolve()
+
+    @property
+    def certs_path(self) -> Path:
+        """The certificates folder, absolute."""
+        return (self.root / self.project.certs_dir).resolve()
+
+    @property
+    def task_path(self) -> Path:
+        """The task module, absolute."""
+        return (self.root / self.project.task).resolve()
+
+    @property
+    def client_cache_path(self) -> Path:
+        """The client's content-addressed download cache, absolute."""
+        return (self.root / self.client.cache_dir).resolve()
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "project": ProjectConfig,
+    "server": ServerConfig,
+    "rounds": RoundsConfig,
+    "transport": TransportConfig,
+    "client": ClientConfig,
+    "data": DataConfig,
+}
+
+# (section, key) -> (lowest allowed, highest allowed); None means unbounded on that side.
+_RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    ("server", "heartbeat_interval_s"): (0.1, 3600),
+    ("server", "heartbeat_timeout_s"): (0.5, 86400),
+    ("server", "token_ttl_s"): (10, 86400 * 7),
+    ("rounds", "min_clients"): (1, None),
+    ("rounds", "clients_per_round"): (0, None),
+    ("rounds", "deadline_s"): (0.5, 86400 * 7),
+    ("rounds", "quorum_timeout_s"): (0, 86400 * 7),
+    ("transport", "max_chunk_bytes"): (4096, 4 << 20),
+    ("transport", "max_update_bytes"): (0, None),
+    ("client", "num_threads"): (1, 256),
+    ("data", "num_partitions"): (1, 100000),
+    ("data", "alpha"): (1e-6, None),
+}
+
+
+def _check_value(where: str, key: str, value: Any, tp: Any) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            choices = ", ".join(repr(a) for a in allowed)
+            raise ConfigError(f"{where}: `{key}` must be one of {choices}, not {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: `{key}` must be true or false, not {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: `{key}` must be an integer, not {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: `{key}` must be a number, not {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: `{key}` must be finite, not {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: `{key}` must be a string, not {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _parse_section(path: Path, name: str, cls: type[Any], raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table, not {raw!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"{path}: unknown key `{name}.{key}`",
+                hint=f"known keys in [{name}]: {', '.join(sorted(known))}",
+            )
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = str(path)
+        full = f"{name}.{key}"
+        checked = _check_value(where, full, value, hints[key])
+        bounds = _RANGES.get((name, key))
+        if bounds is not None:
+            lo, hi = bounds
+            if (lo is not None and checked < lo) or (hi is not None and checked > hi):
+                span = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+                raise ConfigError(f"{where}: `{full}` must be {span}, not {checked!r}")
+        values[key] = checked
+    return cls(**values)
+
+
+def _parse_task(path: Path, raw: Any) -> dict[str, ConfigValue]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: [task] must be a table, not {raw!r}")
+    out: dict[str, ConfigValue] = {}
+    for key, value in raw.items():
+        if not isinstance(value, bool | int | float | str):
+            raise ConfigError(
+                f"{path}: `task.{key}` must be a boolean, number or string, not {value!r}"
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}: `task.{key}` must be finite, not {value!r}")
+        out[key] = value
+    return out
+
+
+def parse_config(data: dict[str, Any], *, path: Path, root: Path | None = None) -> Config:
+    """Validate an already-parsed TOML mapping into a :class:`Config`.
+
+    Args:
+        data: The mapping ``tomllib`` returned.
+        path: The file it came from, named in every error.
+        root: The folder relative paths resolve against (defaults to the file's folder).
+
+    Raises:
+        ConfigError: A key is unknown, has the wrong type or is out of range.
+    """
+    sections: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key == "task":
+            sections["task"] = _parse_task(path, raw)
+        elif key in _SECTIONS:
+            sections[key] = _parse_section(path, key, _SECTIONS[key], raw)
+        else:
+            known = ", ".join(sorted([*_SECTIONS, "task"]))
+            raise ConfigError(f"{path}: unknown table [{key}]", hint=f"known tables: {known}")
+    config = Config(**sections, root=(root or path.parent).resolve())
+    if config.rounds.clients_per_round and config.rounds.clients_per_round < (
+        config.rounds.min_clients
+    ):
+        raise ConfigError(
+            f"{path}: `rounds.clients_per_round` ({config.rounds.clients_per_round}) is below "
+            f"`rounds.min_clients` ({config.rounds.min_clients}): no round could reach its quorum"
+        )
+    return config
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate ``flctl.toml`` at ``path``.
+
+    Raises:
+        ConfigError: The file is missing, is not valid TOML, or fails validation.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProjectNotFoundError(
+            f"{path}: no such file", hint="run `flctl init NAME` to create a project"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(data, path=path)
+
+
+def find_project(start: Path | None = None) -> Path:
+    """Return the path of the nearest ``flctl.toml`` in ``start`` or a parent folder.
+
+    Raises:
+        ProjectNotFoundError: There is none up to the file-system root.
+    """
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / CONFIG_FILE
+        if candidate.is_file():
+            return candidate
+    raise ProjectNotFoundError(
+        f"no {CONFIG_FILE} in {here} or any parent folder",
+        hint="run `flctl init NAME` to create a project, or cd into one",
+    )

@@ -1,0 +1,85 @@
+"""Event types of the persisted event log, and the shape of one event.
+
+The coordinator appends an :class:`Event` for every state change; ``round watch``, the live
+panels and ``--json`` consumers read the same log (resumable by ``seq``). ``data`` holds the
+details each type documents below; readers must ignore keys they do not know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "CLIENT_JOINED",
+    "CLIENT_LEFT",
+    "CLIENT_STATE",
+    "COORDINATOR_STARTED",
+    "COORDINATOR_STOPPED",
+    "Event",
+    "MODEL_CREATED",
+    "ROUND_CANCELLED",
+    "ROUND_COMMITTED",
+    "ROUND_FAILED",
+    "ROUND_QUEUED",
+    "ROUND_STARTED",
+    "ROUND_STATUS",
+    "TASK_SENT",
+    "TERMINAL_ROUND_STATUSES",
+    "UPDATE_ACCEPTED",
+    "UPDATE_REJECTED",
+]
+
+#: data: address, pid, state_dir, head_version
+COORDINATOR_STARTED = "coordinator.started"
+#: data: reason
+COORDINATOR_STOPPED = "coordinator.stopped"
+#: data: session_id
+CLIENT_JOINED = "client.joined"
+#: data: reason
+CLIENT_LEFT = "client.left"
+#: data: state (idle | downloading | training | uploading | offline), progress (0..1)
+CLIENT_STATE = "client.state"
+#: data: {} (the round id is the event's server_round)
+ROUND_QUEUED = "round.queued"
+#: data: base_version, selected (client ids), deadline_unix, min_clients
+ROUND_STARTED = "round.started"
+#: data: status (selecting | training | aggregating | evaluating)
+ROUND_STATUS = "round.status"
+#: data: task_id, kind, model_digest
+TASK_SENT = "task.sent"
+#: data: task_id, num_examples, metrics, size, digest
+UPDATE_ACCEPTED = "update.accepted"
+#: data: task_id, reason
+UPDATE_REJECTED = "update.rejected"
+#: data: model_version, metrics, num_clients, duration_s
+ROUND_COMMITTED = "round.committed"
+#: data: reason, duration_s
+ROUND_FAILED = "round.failed"
+#: data: reason, duration_s
+ROUND_CANCELLED = "round.cancelled"
+#: data: version, digest, kind, parent, metrics
+MODEL_CREATED = "model.created"
+
+TERMINAL_ROUND_STATUSES = frozenset({"committed", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of the event log.
+
+    Attributes:
+        seq: Position in the log, from 1, gap-free per store.
+        time: Unix time the coordinator recorded it.
+        type: One of the constants in this module.
+        server_round: The round it concerns, or 0.
+        client_id: The client it concerns, or "".
+        data: Type-specific details (JSON-serialisable).
+    """
+
+    seq: int
+    time: float
+    type: str
+    server_round: int = 0
+    client_id: str = ""
+    data: dict[str, Any] = field(default_factory=dict)

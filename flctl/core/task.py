@@ -1,0 +1,88 @@
+"""The contract between flctl and a project's ``task.py``, and the loader for it.
+
+A task module defines, in plain PyTorch:
+
+- ``build_model(context) -> torch.nn.Module``: the architecture. flctl seeds torch with
+  ``context.seed`` before calling it for the initial model (version 1).
+- ``client_fn(context) -> flctl.client.Client``: the client a data owner runs.
+- ``server_evaluate(parameters, context) -> (loss, metrics)`` (optional): evaluation on the
+  coordinator's held-out data after each aggregation; its metrics become the round's metrics.
+
+Example:
+    ```python
+    def build_model(context):
+        return torch.nn.Linear(64, 10)
+
+    def client_fn(context):
+        return MyClient(context)
+    ```
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+from flctl.core.errors import TaskError
+
+__all__ = ["TaskContext", "load_task"]
+
+ConfigValue = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a task's functions are told about where and how they run.
+
+    Attributes:
+        role: "coordinator" or "client".
+        seed: The project's seed (data shuffling, initial model).
+        device: "cpu", "cuda", "cuda:1", ... (already resolved from "auto").
+        client_id: The client's identity ("" on the coordinator).
+        partition_id: Which slice of the data this client holds (0-based).
+        num_partitions: How many slices the data is split into.
+        partitioning: "iid" or "dirichlet".
+        alpha: Dirichlet concentration (smaller is more skewed).
+        config: The ``[task]`` table of flctl.toml.
+    """
+
+    role: str
+    seed: int = 0
+    device: str = "cpu"
+    client_id: str = ""
+    partition_id: int = 0
+    num_partitions: int = 1
+    partitioning: str = "iid"
+    alpha: float = 0.5
+    config: dict[str, ConfigValue] = field(default_factory=dict)
+
+
+def load_task(path: Path) -> ModuleType:
+    """Import a project's task module from its file.
+
+    Raises:
+        TaskError: The file is missing, fails to import, or lacks ``build_model``/``client_fn``.
+    """
+    if not path.is_file():
+        raise TaskError(f"task module not found: {path}")
+    name = f"flctl_task_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TaskError(f"cannot import task module {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # user code: report it as a task error, never a traceback
+        del sys.modules[name]
+        raise TaskError(f"{path}: failed to import: {type(exc).__name__}: {exc}") from exc
+    for required in ("build_model", "client_fn"):
+        if not callable(getattr(module, required, None)):
+            del sys.modules[name]
+            raise TaskError(f"{path}: must define a function `{required}`")
+    return module

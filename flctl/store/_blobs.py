@@ -1,0 +1,281 @@
+"""BlobStore: content-addressed, immutable files named by their SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from flctl.core.errors import InvalidInputError, NotFoundError, StoreError
+
+__all__ = ["BlobStore", "sha256_file"]
+
+_PIECE = 1 << 20
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+_TEMP_PREFIX = "blob-"
+_TEMP_SUFFIX = ".tmp"
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex SHA-256 of a file, read in 1 MiB pieces.
+
+    Args:
+        path: The file.
+
+    Returns:
+        64 lowercase hex characters.
+    """
+    digest = hashlib.sha256()
+    buffer = bytearray(_PIECE)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (a no-op where dirs cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    """Content-addressed, immutable blobs: ``<root>/sha256/ab/cdef...``, temp files in ``tmp/``.
+
+    A blob is written to a temp file, fsynced, renamed into place and its folder fsynced, so a
+    blob that exists is always complete. Digests are validated before any path is built from
+    them, so no caller-supplied string can name a file outside the store.
+
+    Args:
+        root: The store's folder; created with its parents.
+
+    Example:
+        >>> import tempfile
+        >>> store = BlobStore(Path(tempfile.mkdtemp()))
+        >>> digest = store.put_bytes(b"hello")
+        >>> b"".join(store.iter_chunks(digest))
+        b'hello'
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._objects = self.root / "sha256"
+        self._tmp = self.root / "tmp"
+        try:
+            self._objects.mkdir(parents=True, exist_ok=True)
+            self._tmp.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create blob store at {str(self.root)!r}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"BlobStore({str(self.root)!r})"
+
+    @staticmethod
+    def check_digest(digest: str) -> str:
+        """Return ``digest`` if it is exactly 64 lowercase hex characters.
+
+        Raises:
+            InvalidInputError: Anything else (path separators, upper case, wrong length).
+        """
+        if not isinstance(digest, str) or _DIGEST_RE.fullmatch(digest) is None:
+            shown = digest[:80] if isinstance(digest, str) else digest
+            raise InvalidInputError(
+                f"invalid digest {shown!r}: expected 64 lowercase hex characters (sha256)"
+            )
+        return digest
+
+    def path(self, digest: str) -> Path:
+        """Return where the blob ``digest`` lives (whether or not it exists).
+
+        Raises:
+            InvalidInputError: Malformed digest.
+        """
+        digest = self.check_digest(digest)
+        return self._objects / digest[:2] / digest[2:]
+
+    def has(self, digest: str) -> bool:
+        """Return whether the blob exists.
+
+        Raises:
+            InvalidInputError: Malformed digest.
+        """
+        return self.path(digest).is_file()
+
+    def size(self, digest: str) -> int:
+        """Return the blob's size in bytes.
+
+        Raises:
+            InvalidInputError: Malformed digest.
+            NotFoundError: No such blob.
+        """
+        path = self.path(digest)
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {digest} not found") from None
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store ``data`` and return its digest (a no-op if the blob already exists)."""
+        digest = hashlib.sha256(data).hexdigest()
+        if self.has(digest):
+            return digest
+        temp, f = self.temp_file()
+        try:
+            with f:
+                f.write(data)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return self.commit_temp(temp, digest)
+
+    def temp_file(self) -> tuple[Path, BinaryIO]:
+        """Open a new, empty temp file under ``<root>/tmp`` for the caller to stream into.
+
+        The caller hashes while writing, closes the file, then calls :meth:`commit_temp` (or
+        deletes it; :meth:`clean_temp` removes leftovers).
+
+        Returns:
+            The temp file's path and its handle, open for binary writing.
+        """
+        fd, name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=self._tmp)
+        return Path(name), os.fdopen(fd, "wb")
+
+    def commit_temp(self, temp: Path, digest: str) -> str:
+        """Move a finished temp file into place as blob ``digest``.
+
+        The caller has already hashed the content while streaming it; this does not re-hash.
+        The file is fsynced, renamed atomically into place (or discarded when the blob already
+        exists) and the folder fsynced. Close the temp file's handle first.
+
+        Args:
+            temp: A path returned by :meth:`temp_file`.
+            digest: The SHA-256 of its content.
+
+        Returns:
+            The digest.
+
+        Raises:
+            InvalidInputError: Malformed digest, or ``temp`` is not a temp file of this store.
+            NotFoundError: ``temp`` does not exist.
+        """
+        target = self.path(digest)
+        temp = Path(temp)
+        if temp.parent.resolve() != self._tmp.resolve():
+            raise InvalidInputError(f"{str(temp)!r} is not a temp file of this blob store")
+        if not temp.is_file():
+            raise NotFoundError(f"temp file {str(temp)!r} not found")
+        if target.is_file():
+            temp.unlink(missing_ok=True)
+            return digest
+        with open(temp, "r+b") as f:
+            os.fsync(f.fileno())
+        shard = target.parent
+        if not shard.is_dir():
+            shard.mkdir(exist_ok=True)
+            _fsync_dir(self._objects)
+        os.replace(temp, target)
+        _fsync_dir(shard)
+        return digest
+
+    def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        """Return up to ``length`` bytes of the blob from ``offset`` (fewer at its end).
+
+        Raises:
+            InvalidInputError: Malformed digest, negative values, or offset past the end.
+            NotFoundError: No such blob.
+        """
+        path = self._existing(digest)
+        if offset < 0 or length < 0:
+            raise InvalidInputError(f"offset and length must be >= 0, got {offset}, {length}")
+        with open(path, "rb") as f:
+            self._seek(f, digest, offset)
+            return f.read(length)
+
+    def iter_chunks(
+        self, digest: str, offset: int = 0, chunk_size: int = _PIECE
+    ) -> Iterator[bytes]:
+        """Yield the blob from ``offset`` in pieces of ``chunk_size`` (the last may be shorter).
+
+        The file is read piece by piece, never loaded whole. The digest, the blob's existence
+        and the arguments are checked at the call, not at the first ``next()``.
+
+        Raises:
+            InvalidInputError: Malformed digest, ``chunk_size`` < 1, bad offset.
+            NotFoundError: No such blob.
+        """
+        path = self._existing(digest)
+        if chunk_size < 1:
+            raise InvalidInputError(f"chunk_size must be >= 1, got {chunk_size}")
+        if offset < 0 or offset > path.stat().st_size:
+            raise InvalidInputError(f"offset {offset} is outside blob {digest}")
+        return self._chunks(path, offset, chunk_size)
+
+    @staticmethod
+    def _chunks(path: Path, offset: int, chunk_size: int) -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while chunk := f.read(chunk_size):
+                yield chunk
+
+    def verify(self, digest: str) -> bool:
+        """Return whether the blob's content still hashes to its name.
+
+        Raises:
+            InvalidInputError: Malformed digest.
+            NotFoundError: No such blob.
+        """
+        return sha256_file(self._existing(digest)) == digest
+
+    def digests(self) -> Iterator[str]:
+        """Yield the digest of every blob, sorted (files with malformed names are skipped)."""
+        found: list[str] = []
+        for shard in self._objects.iterdir():
+            if not shard.is_dir() or len(shard.name) != 2:
+                continue
+            for entry in shard.iterdir():
+                name = shard.name + entry.name
+                if _DIGEST_RE.fullmatch(name) and entry.is_file():
+                    found.append(name)
+        return iter(sorted(found))
+
+    def clean_temp(self, older_than_s: float = 0) -> int:
+        """Remove temp files last modified at least ``older_than_s`` seconds ago.
+
+        Returns:
+            How many were removed.
+        """
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for entry in self._tmp.iterdir():
+            try:
+                if entry.is_file() and entry.stat().st_mtime <= cutoff:
+                    entry.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue  # committed or removed by someone else meanwhile
+        return removed
+
+    def _existing(self, digest: str) -> Path:
+        path = self.path(digest)
+        if not path.is_file():
+            raise NotFoundError(f"blob {digest} not found")
+        return path
+
+    @staticmethod
+    def _seek(f: BinaryIO, digest: str, offset: int) -> None:
+        size = os.fstat(f.fileno()).st_size
+        if offset > size:
+            raise InvalidInputError(f"offset {offset} is past the end of blob {digest} ({size})")
+        f.seek(offset)

@@ -1,0 +1,163 @@
+"""Plain frozen records that the store hands to callers (never the ORM rows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flctl.core.events import TERMINAL_ROUND_STATUSES
+
+__all__ = [
+    "ClientRecord",
+    "MODEL_KINDS",
+    "ModelRecord",
+    "ROUND_STATUSES",
+    "RoundRecord",
+    "TERMINAL",
+    "UPDATE_STATUSES",
+    "UpdateRecord",
+]
+
+#: How a model version came to be.
+MODEL_KINDS = frozenset({"initial", "aggregate", "rollback", "import"})
+#: Every status a round can have, in the order a round normally passes through them.
+ROUND_STATUSES = (
+    "queued",
+    "selecting",
+    "training",
+    "aggregating",
+    "evaluating",
+    "committed",
+    "failed",
+    "cancelled",
+)
+#: Statuses a round never leaves.
+TERMINAL = TERMINAL_ROUND_STATUSES
+#: What the coordinator answered to an update.
+UPDATE_STATUSES = frozenset({"accepted", "rejected"})
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """One version of the global model.
+
+    Attributes:
+        version: Version number, from 1, one higher for every model written.
+        digest: SHA-256 of the model's blob in the blob store.
+        parent: The version this one was derived from, or None.
+        server_round: The round that produced it, or None (initial, rollback, import).
+        kind: ``initial``, ``aggregate``, ``rollback`` or ``import``.
+        metrics: The metrics recorded with it.
+        created: Unix time it was written.
+    """
+
+    version: int
+    digest: str
+    parent: int | None
+    server_round: int | None
+    kind: str
+    metrics: dict[str, float]
+    created: float
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One federated round and where it stands.
+
+    Attributes:
+        id: Round number, from 1, global to the store.
+        status: One of :data:`ROUND_STATUSES`.
+        created: Unix time it was queued.
+        started: Unix time it left the queue, or None.
+        ended: Unix time it reached a terminal status, or None.
+        base_version: The model version it started from, or None.
+        model_version: The model version it committed, or None.
+        num_clients: Number of updates that went into the aggregate.
+        selected: Client ids selected for it.
+        metrics: The round's metrics (set when it commits).
+        reason: Why it failed or was cancelled, or "".
+        deadline: Unix time its training phase ends, or None.
+        config: Per-round settings given when it was queued.
+    """
+
+    id: int
+    status: str
+    created: float
+    started: float | None
+    ended: float | None
+    base_version: int | None
+    model_version: int | None
+    num_clients: int
+    selected: list[str]
+    metrics: dict[str, float]
+    reason: str
+    deadline: float | None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from start to end, or None while either is unset."""
+        if self.started is None or self.ended is None:
+            return None
+        return self.ended - self.started
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the round can no longer change."""
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """One update a client sent, accepted or rejected.
+
+    Attributes:
+        id: Row id, from 1.
+        server_round: The round the client said it was for.
+        client_id: Who sent it.
+        task_id: The task it answered.
+        status: ``accepted`` or ``rejected``.
+        reason: Why it was rejected, or "".
+        digest: SHA-256 of its blob, or "" when nothing was stored.
+        size: Size of the blob in bytes.
+        num_examples: Number of training examples the client reported.
+        metrics: The client's training metrics.
+        created: Unix time it was recorded.
+    """
+
+    id: int
+    server_round: int
+    client_id: str
+    task_id: str
+    status: str
+    reason: str
+    digest: str
+    size: int
+    num_examples: int
+    metrics: dict[str, float]
+    created: float
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """What the coordinator knows about one client.
+
+    Attributes:
+        client_id: The identity from the client's certificate.
+        fingerprint: SHA-256 fingerprint of its certificate, or "".
+        state: Last reported state (idle, downloading, training, uploading, offline).
+        first_seen: Unix time it was first seen.
+        last_seen: Unix time it was last seen.
+        rounds_joined: Number of rounds it was selected for.
+        bytes_up: Bytes it uploaded.
+        bytes_down: Bytes it downloaded.
+    """
+
+    client_id: str
+    fingerprint: str
+    state: str
+    first_seen: float
+    last_seen: float
+    rounds_joined: int
+    bytes_up: int
+    bytes_down: int

@@ -1,0 +1,125 @@
+"""SQLModel tables of the state database, on flctl's own registry and ``MetaData``.
+
+Only portable column types: JSON is stored as TEXT (``json.dumps``), times as floats, byte
+counts as BIGINT, so the same tables work on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Index, Text
+from sqlalchemy.orm import registry
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "ClientRow",
+    "EventRow",
+    "MetaRow",
+    "ModelRow",
+    "RefRow",
+    "RoundRow",
+    "TableBase",
+    "UpdateRow",
+]
+
+
+class TableBase(SQLModel, registry=registry()):
+    """Base of flctl's tables: its own registry, so ``SQLModel.metadata`` is never touched."""
+
+
+class MetaRow(TableBase, table=True):
+    """Key/value facts about the database itself (``schema_version``)."""
+
+    __tablename__ = "meta"
+
+    key: str = Field(primary_key=True, max_length=64)
+    value: str = Field(sa_type=Text)
+
+
+class RefRow(TableBase, table=True):
+    """Named pointers at model versions (``head``)."""
+
+    __tablename__ = "refs"
+
+    name: str = Field(primary_key=True, max_length=64)
+    version: int = Field(foreign_key="models.version")
+
+
+class ModelRow(TableBase, table=True):
+    """One model version."""
+
+    __tablename__ = "models"
+
+    version: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    digest: str = Field(max_length=64, index=True)
+    parent: int | None = Field(default=None, foreign_key="models.version")
+    server_round: int | None = None
+    kind: str = Field(max_length=16)
+    metrics: str = Field(default="{}", sa_type=Text)
+    created: float
+
+
+class RoundRow(TableBase, table=True):
+    """One round."""
+
+    __tablename__ = "rounds"
+
+    id: int | None = Field(default=None, primary_key=True)
+    status: str = Field(max_length=16, index=True)
+    created: float
+    started: float | None = None
+    ended: float | None = None
+    base_version: int | None = None
+    model_version: int | None = None
+    num_clients: int = 0
+    selected: str = Field(default="[]", sa_type=Text)
+    metrics: str = Field(default="{}", sa_type=Text)
+    reason: str = Field(default="", sa_type=Text)
+    deadline: float | None = None
+    config: str = Field(default="{}", sa_type=Text)
+
+
+class UpdateRow(TableBase, table=True):
+    """One update received from a client."""
+
+    __tablename__ = "updates"
+    __table_args__ = (Index("ix_updates_round_client", "server_round", "client_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    server_round: int
+    client_id: str = Field(max_length=255)
+    task_id: str = Field(max_length=255)
+    status: str = Field(max_length=16)
+    reason: str = Field(default="", sa_type=Text)
+    digest: str = Field(default="", max_length=64)
+    size: int = Field(default=0, sa_type=BigInteger)
+    num_examples: int = Field(default=0, sa_type=BigInteger)
+    metrics: str = Field(default="{}", sa_type=Text)
+    created: float
+
+
+class ClientRow(TableBase, table=True):
+    """One client the coordinator has seen."""
+
+    __tablename__ = "clients"
+
+    client_id: str = Field(primary_key=True, max_length=255)
+    fingerprint: str = Field(default="", max_length=128)
+    state: str = Field(default="idle", max_length=32)
+    first_seen: float
+    last_seen: float
+    rounds_joined: int = 0
+    bytes_up: int = Field(default=0, sa_type=BigInteger)
+    bytes_down: int = Field(default=0, sa_type=BigInteger)
+
+
+class EventRow(TableBase, table=True):
+    """One entry of the event log."""
+
+    __tablename__ = "events"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    time: float
+    type: str = Field(max_length=64)
+    server_round: int = Field(default=0, index=True)
+    client_id: str = Field(default="", max_length=255)
+    data: str = Field(default="{}", sa_type=Text)

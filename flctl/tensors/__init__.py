@@ -1,0 +1,35 @@
+"""Tensors on the wire and at rest: safetensors files, specs, fingerprints and checks.
+
+Only this package (and aggregation, privacy, client) imports torch, and only inside functions,
+so ``flctl --help`` and the coordinator's control plane start fast.
+"""
+
+from flctl.tensors._codec import (
+    check_update,
+    load_parameters,
+    save_parameters,
+    sha256_file,
+    spec_of,
+)
+from flctl.tensors._spec import (
+    DTYPE_SIZES,
+    MAX_HEADER_BYTES,
+    TensorSpec,
+    fingerprint,
+    read_spec,
+    read_spec_bytes,
+)
+
+__all__ = [
+    "DTYPE_SIZES",
+    "MAX_HEADER_BYTES",
+    "TensorSpec",
+    "check_update",
+    "fingerprint",
+    "load_parameters",
+    "read_spec",
+    "read_spec_bytes",
+    "save_parameters",
+    "sha256_file",
+    "spec_of",
+]

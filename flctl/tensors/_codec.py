@@ -1,0 +1,127 @@
+"""torch state dicts <-> safetensors files, and the checks an inbound update must pass."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flctl.core.errors import InvalidInputError
+from flctl.tensors._spec import TensorSpec, read_spec
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "check_update",
+    "load_parameters",
+    "save_parameters",
+    "sha256_file",
+    "spec_of",
+]
+
+_TORCH_TO_ST = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
+def sha256_file(path: Path, *, chunk_size: int = 1 << 20) -> str:
+    """Hash a file in ``chunk_size`` reads (never loads it whole)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk_size):
+            h.update(block)
+    return h.hexdigest()
+
+
+def spec_of(parameters: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Return name -> (safetensors dtype, shape) for a state dict (for the fingerprint)."""
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, tensor in parameters.items():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in _TORCH_TO_ST:
+            raise InvalidInputError(f"tensor {name!r}: unsupported dtype {tensor.dtype}")
+        out[name] = (_TORCH_TO_ST[dtype], tuple(int(d) for d in tensor.shape))
+    return out
+
+
+def save_parameters(parameters: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Write a state dict as a safetensors file (tensors moved to CPU, made contiguous).
+
+    Raises:
+        InvalidInputError: A value is not a tensor, or two names share storage oddly.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    plain: dict[str, torch.Tensor] = {}
+    for name, tensor in parameters.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise InvalidInputError(
+                f"parameter {name!r} is a {type(tensor).__name__}, not a tensor"
+            )
+        # clone() so that tied or viewed tensors become independent storage, as safetensors needs
+        plain[name] = tensor.detach().to("cpu").contiguous().clone()
+    save_file(plain, str(path))
+
+
+def load_parameters(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file into a state dict on ``device``."""
+    from safetensors.torch import load_file
+
+    read_spec(path)  # validate the header before the library trusts it
+    return dict(load_file(str(path), device=device))
+
+
+def check_update(path: Path, expected: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
+    """Check that an update file matches the model and holds only finite values.
+
+    Reads one tensor at a time (memory-mapped), so memory stays near one tensor's size.
+
+    Returns:
+        The file's specs.
+
+    Raises:
+        InvalidInputError: Names, dtypes or shapes differ from ``expected``, or a value is NaN/Inf.
+    """
+    import torch
+    from safetensors import safe_open
+
+    specs = read_spec(path)
+    missing = sorted(set(expected) - set(specs))
+    extra = sorted(set(specs) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:5]}")
+        if extra:
+            parts.append(f"unexpected tensors {extra[:5]}")
+        raise InvalidInputError("update does not match the model: " + "; ".join(parts))
+    for name, spec in specs.items():
+        want = expected[name]
+        if spec.shape != want.shape:
+            raise InvalidInputError(
+                f"tensor {name!r}: shape {list(spec.shape)} differs from the model's "
+                f"{list(want.shape)}"
+            )
+        if spec.dtype != want.dtype:
+            raise InvalidInputError(
+                f"tensor {name!r}: dtype {spec.dtype} differs from the model's {want.dtype}"
+            )
+    with safe_open(str(path), framework="pt") as fh:
+        for name in specs:
+            tensor = fh.get_tensor(name)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise InvalidInputError(f"tensor {name!r} holds NaN or Inf values")
+            del tensor
+    return specs

@@ -1,0 +1,151 @@
+"""Tensor specs read from a safetensors header, and the task fingerprint built from them.
+
+Reading a header needs no torch: it is 8 bytes of little-endian length and a JSON object. The
+header is hostile input on the coordinator, so its size, its JSON and its offsets are checked
+against the file before anything trusts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flctl.core.errors import InvalidInputError
+
+__all__ = [
+    "DTYPE_SIZES",
+    "MAX_HEADER_BYTES",
+    "TensorSpec",
+    "fingerprint",
+    "read_spec",
+    "read_spec_bytes",
+]
+
+#: The safetensors dtype names flctl accepts, and their size in bytes.
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+#: A header larger than this is refused (safetensors itself caps it at 100 MB).
+MAX_HEADER_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of one tensor, and where its bytes lie in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int = 0
+    end: int = 0
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+
+def _parse_header(raw: bytes, data_size: int) -> dict[str, TensorSpec]:
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"not a safetensors file: header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise InvalidInputError("not a safetensors file: header is not a JSON object")
+    specs: dict[str, TensorSpec] = {}
+    spans: list[tuple[int, int]] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise InvalidInputError(f"tensor {name!r}: header entry is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_SIZES:
+            raise InvalidInputError(f"tensor {name!r}: unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise InvalidInputError(f"tensor {name!r}: malformed shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise InvalidInputError(f"tensor {name!r}: malformed data_offsets {offsets!r}")
+        begin, end = offsets
+        spec = TensorSpec(name, dtype, tuple(shape), begin, end)
+        if not 0 <= begin <= end <= data_size or end - begin != spec.numel * DTYPE_SIZES[dtype]:
+            raise InvalidInputError(
+                f"tensor {name!r}: data_offsets {offsets!r} do not fit the file"
+            )
+        specs[name] = spec
+        spans.append((begin, end))
+    spans.sort()
+    for (_, prev_end), (begin, _) in zip(spans, spans[1:], strict=False):
+        if begin < prev_end:
+            raise InvalidInputError("not a safetensors file: tensor data overlaps")
+    return specs
+
+
+def read_spec(path: Path) -> dict[str, TensorSpec]:
+    """Read and validate the tensor specs of a safetensors file, without loading tensors.
+
+    Raises:
+        InvalidInputError: The file is truncated, its header malformed or inconsistent.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) != 8:
+            raise InvalidInputError("not a safetensors file: shorter than its 8-byte prefix")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise InvalidInputError(f"not a safetensors file: header length {header_len} is off")
+        raw = fh.read(header_len)
+    return _parse_header(raw, size - 8 - header_len)
+
+
+def read_spec_bytes(data: bytes) -> dict[str, TensorSpec]:
+    """Like :func:`read_spec`, for safetensors bytes in memory."""
+    if len(data) < 8:
+        raise InvalidInputError("not a safetensors file: shorter than its 8-byte prefix")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
+        raise InvalidInputError(f"not a safetensors file: header length {header_len} is off")
+    return _parse_header(data[8 : 8 + header_len], len(data) - 8 - header_len)
+
+
+def fingerprint(specs: Mapping[str, TensorSpec] | Mapping[str, Any]) -> str:
+    """Hash a model's tensor names, dtypes and shapes (not values) into a task fingerprint.
+
+    Clients send it at Join; a coordinator refuses a client whose model differs. Accepts the
+    output of :func:`read_spec` or a mapping of name -> (dtype, shape).
+    """
+    items = []
+    for name in sorted(specs):
+        spec = specs[name]
+        if isinstance(spec, TensorSpec):
+            items.append([name, spec.dtype, list(spec.shape)])
+        else:
+            dtype, shape = spec
+            items.append([name, str(dtype), [int(d) for d in shape]])
+    canonical = json.dumps(items, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()

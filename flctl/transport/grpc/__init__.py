@@ -1,0 +1,57 @@
+"""gRPC: servers, channels, typed clients, status mapping, and the generated messages (``pb``).
+
+``pb`` is the generated message module for proto/flctl/v1/flctl.proto; import messages from it
+(``from flctl.transport.grpc import pb``), never from ``_proto`` directly.
+"""
+
+from flctl.transport.grpc._channel import (
+    channel_options,
+    insecure_channel,
+    is_loopback_host,
+    secure_channel,
+    split_address,
+)
+from flctl.transport.grpc._clients import AdminClient, CoordinatorClient, wait_ready
+from flctl.transport.grpc._proto import flctl_pb2 as pb
+from flctl.transport.grpc._server import ServerCredentials, start_server
+from flctl.transport.grpc._servicers import (
+    AdminHandler,
+    CoordinatorHandler,
+    RpcContext,
+)
+from flctl.transport.grpc._status import (
+    STATUS_TO_ERROR,
+    is_tls_failure,
+    map_rpc_errors,
+    status_for,
+    translate_rpc_error,
+)
+from flctl.transport.grpc._values import from_value_map, metrics_from_map, to_value_map
+
+PROTOCOL_VERSION = 1
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "STATUS_TO_ERROR",
+    "AdminClient",
+    "AdminHandler",
+    "CoordinatorClient",
+    "CoordinatorHandler",
+    "RpcContext",
+    "ServerCredentials",
+    "channel_options",
+    "from_value_map",
+    "insecure_channel",
+    "is_loopback_host",
+    "is_tls_failure",
+    "map_rpc_errors",
+    "metrics_from_map",
+    "pb",
+    "secure_channel",
+    "split_address",
+    "start_server",
+    "status_for",
+    "to_value_map",
+    "translate_rpc_error",
+    "wait_ready",
+]

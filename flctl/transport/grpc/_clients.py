@@ -1,0 +1,193 @@
+"""Typed client wrappers: every call maps gRPC failures to flctl errors and sends credentials."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from typing import Any, BinaryIO
+
+import grpc
+import grpc.aio
+
+from flctl.transport.grpc._proto import flctl_pb2 as pb
+from flctl.transport.grpc._proto import flctl_pb2_grpc as pb_grpc
+from flctl.transport.grpc._servicers import IDENTITY_METADATA_KEY, ROLE_METADATA_KEY
+from flctl.transport.grpc._status import map_rpc_errors
+
+__all__ = ["AdminClient", "CoordinatorClient", "wait_ready"]
+
+
+async def wait_ready(channel: grpc.aio.Channel, timeout: float) -> None:
+    """Wait until the channel connects (TLS handshake included), or raise a flctl error."""
+    import asyncio
+
+    from flctl.core.errors import ConnectError
+
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+    except TimeoutError:
+        raise ConnectError(f"no coordinator answered within {timeout:.0f} s") from None
+
+
+class _Caller:
+    def __init__(self, channel: grpc.aio.Channel, *, identity: str, role: str) -> None:
+        self.channel = channel
+        self.token = ""
+        self._plain_identity = [(IDENTITY_METADATA_KEY, identity), (ROLE_METADATA_KEY, role)]
+
+    def metadata(self) -> list[tuple[str, str]]:
+        md = list(self._plain_identity)
+        if self.token:
+            md.append(("authorization", f"Bearer {self.token}"))
+        return md
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class CoordinatorClient(_Caller):
+    """A client's calls to the ``Coordinator`` service.
+
+    Args:
+        channel: From :func:`secure_channel` (or :func:`insecure_channel`).
+        identity: Sent as metadata for ``--insecure`` sessions only; with TLS the coordinator
+            reads the identity from the certificate and ignores it.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, *, identity: str = "") -> None:
+        super().__init__(channel, identity=identity, role="client")
+        self._stub = pb_grpc.CoordinatorStub(channel)
+
+    async def join(self, request: pb.JoinRequest, *, timeout: float = 30.0) -> pb.JoinReply:
+        """Open a session; keeps the returned token for later calls."""
+        with map_rpc_errors():
+            reply: pb.JoinReply = await self._stub.Join(
+                request, metadata=self.metadata(), timeout=timeout
+            )
+        self.token = reply.session_token
+        return reply
+
+    async def heartbeat(
+        self, request: pb.HeartbeatRequest, *, timeout: float = 10.0
+    ) -> pb.HeartbeatReply:
+        """Report liveness and progress."""
+        with map_rpc_errors():
+            reply: pb.HeartbeatReply = await self._stub.Heartbeat(
+                request, metadata=self.metadata(), timeout=timeout
+            )
+        return reply
+
+    async def tasks(self) -> AsyncIterator[pb.Task]:
+        """Follow the task stream until the coordinator ends it."""
+        call = self._stub.Tasks(pb.TasksRequest(), metadata=self.metadata())
+        try:
+            with map_rpc_errors():
+                async for task in call:
+                    yield task
+        finally:
+            call.cancel()
+
+    async def download(
+        self,
+        digest: str,
+        sink: BinaryIO,
+        *,
+        offset: int = 0,
+        on_chunk: Callable[[int, int], None] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Write blob ``digest`` from ``offset`` into ``sink``; return the blob's total size.
+
+        ``on_chunk(bytes_so_far, total)`` is called after each chunk. The caller verifies the
+        digest.
+        """
+        total = 0
+        call = self._stub.Download(
+            pb.DownloadRequest(digest=digest, offset=offset),
+            metadata=self.metadata(),
+            timeout=timeout,
+        )
+        position = offset
+        with map_rpc_errors():
+            async for chunk in call:
+                if chunk.offset != position:
+                    from flctl.core.errors import IntegrityError
+
+                    raise IntegrityError(
+                        f"download of {digest[:12]} jumped from byte {position} to {chunk.offset}"
+                    )
+                sink.write(chunk.data)
+                position += len(chunk.data)
+                total = chunk.total_size
+                if on_chunk is not None:
+                    on_chunk(position, total)
+        return total
+
+    async def upload(
+        self, header: pb.UploadHeader, data: AsyncIterable[bytes], *, timeout: float | None = None
+    ) -> pb.UploadReply:
+        """Send an update: the header, then ``data`` chunk by chunk."""
+
+        async def messages() -> AsyncIterator[pb.UploadChunk]:
+            yield pb.UploadChunk(header=header)
+            async for piece in data:
+                yield pb.UploadChunk(data=piece)
+
+        with map_rpc_errors():
+            reply: pb.UploadReply = await self._stub.Upload(
+                messages(), metadata=self.metadata(), timeout=timeout
+            )
+        return reply
+
+
+class AdminClient(_Caller):
+    """An operator's calls to the ``Admin`` service."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, identity: str = "admin") -> None:
+        super().__init__(channel, identity=identity, role="admin")
+        self._stub = pb_grpc.AdminStub(channel)
+
+    async def _call(self, method: Any, request: Any, timeout: float) -> Any:
+        with map_rpc_errors():
+            return await method(request, metadata=self.metadata(), timeout=timeout)
+
+    async def start_round(self, rounds: int, *, timeout: float = 30.0) -> pb.StartRoundReply:
+        """Queue ``rounds`` rounds; return their ids."""
+        reply: pb.StartRoundReply = await self._call(
+            self._stub.StartRound, pb.StartRoundRequest(rounds=rounds), timeout
+        )
+        return reply
+
+    async def status(
+        self, round_ids: list[int] | None = None, *, timeout: float = 30.0
+    ) -> pb.StatusReply:
+        """Describe rounds (all, or ``round_ids``) and the head model."""
+        reply: pb.StatusReply = await self._call(
+            self._stub.Status, pb.StatusRequest(round_ids=round_ids or []), timeout
+        )
+        return reply
+
+    async def list_clients(self, *, timeout: float = 30.0) -> pb.ListClientsReply:
+        """List the clients the coordinator knows."""
+        reply: pb.ListClientsReply = await self._call(
+            self._stub.ListClients, pb.ListClientsRequest(), timeout
+        )
+        return reply
+
+    async def list_models(self, limit: int = 0, *, timeout: float = 30.0) -> pb.ListModelsReply:
+        """List model versions, newest first."""
+        reply: pb.ListModelsReply = await self._call(
+            self._stub.ListModels, pb.ListModelsRequest(limit=limit), timeout
+        )
+        return reply
+
+    async def watch(self, since_seq: int = 0, *, follow: bool = True) -> AsyncIterator[pb.Event]:
+        """Replay the event log after ``since_seq``, then (with ``follow``) live events."""
+        call = self._stub.Watch(
+            pb.WatchRequest(since_seq=since_seq, no_follow=not follow), metadata=self.metadata()
+        )
+        try:
+            with map_rpc_errors():
+                async for event in call:
+                    yield event
+        finally:
+            call.cancel()

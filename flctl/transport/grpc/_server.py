@@ -1,0 +1,81 @@
+"""The coordinator's listening gRPC server: both services on one port, mTLS by default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from flctl.core.errors import ConfigError, ConnectError
+from flctl.transport.grpc._channel import channel_options, is_loopback_host, split_address
+from flctl.transport.grpc._proto import flctl_pb2_grpc as pb_grpc
+from flctl.transport.grpc._servicers import (
+    AdminHandler,
+    AdminServicer,
+    CoordinatorHandler,
+    CoordinatorServicer,
+)
+
+__all__ = ["ServerCredentials", "start_server"]
+
+
+@dataclass(frozen=True)
+class ServerCredentials:
+    """PEM bytes the server presents and the CA it trusts for client certificates."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+
+
+async def start_server(
+    address: str,
+    coordinator: CoordinatorHandler,
+    admin: AdminHandler,
+    *,
+    credentials: ServerCredentials | None,
+    max_chunk_bytes: int = 1 << 20,
+) -> tuple[grpc.aio.Server, int]:
+    """Bind ``address`` and start serving; return the server and the port actually bound.
+
+    Args:
+        address: ``HOST:PORT``; port 0 picks a free port.
+        coordinator: Handler of the Coordinator service.
+        admin: Handler of the Admin service.
+        credentials: Server certificate, key and client CA; ``None`` means ``--insecure``,
+            which only loopback addresses accept.
+        max_chunk_bytes: The largest data chunk; bounds every message both ways.
+
+    Raises:
+        ConfigError: ``--insecure`` on a non-loopback address.
+        ConnectError: The address cannot be bound.
+    """
+    host, _ = split_address(address)
+    insecure = credentials is None
+    if insecure and not is_loopback_host(host):
+        raise ConfigError(
+            f"--insecure refuses to listen on {address!r}: plaintext is for loopback only",
+            hint="use mutual TLS (drop --insecure) or bind 127.0.0.1",
+        )
+    server = grpc.aio.server(options=channel_options(max_chunk_bytes))
+    pb_grpc.add_CoordinatorServicer_to_server(
+        CoordinatorServicer(coordinator, insecure=insecure), server
+    )
+    pb_grpc.add_AdminServicer_to_server(AdminServicer(admin, insecure=insecure), server)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            server_credentials = grpc.ssl_server_credentials(
+                [(credentials.key_pem, credentials.cert_pem)],
+                root_certificates=credentials.ca_pem,
+                require_client_auth=True,
+            )
+            port = server.add_secure_port(address, server_credentials)
+    except RuntimeError as exc:
+        raise ConnectError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise ConnectError(f"cannot listen on {address}: address in use or not available")
+    await server.start()
+    return server, port

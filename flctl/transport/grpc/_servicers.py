@@ -1,0 +1,252 @@
+"""Servicers' plumbing: who is calling, role checks, and error translation for every RPC.
+
+The generated servicer classes are subclassed here and delegate to handler objects that know
+nothing of grpc (the coordinator implements :class:`CoordinatorHandler` and
+:class:`AdminHandler`). The caller's identity comes from its verified client certificate; with
+``--insecure`` (loopback only) it comes from ``x-flctl-identity`` metadata instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import grpc.aio
+
+from flctl.core.errors import (
+    AuthenticationError,
+    FlctlError,
+    PermissionDeniedError,
+)
+from flctl.security import Identity, Role, identity_from_pem
+from flctl.transport.grpc._proto import flctl_pb2 as pb
+from flctl.transport.grpc._proto import flctl_pb2_grpc as pb_grpc
+from flctl.transport.grpc._status import ERROR_METADATA_KEY, status_for
+
+__all__ = [
+    "AdminHandler",
+    "AdminServicer",
+    "CoordinatorHandler",
+    "CoordinatorServicer",
+    "RpcContext",
+]
+
+log = logging.getLogger("flctl.transport")
+
+T = TypeVar("T")
+
+IDENTITY_METADATA_KEY = "x-flctl-identity"
+ROLE_METADATA_KEY = "x-flctl-role"
+
+
+@dataclass(frozen=True)
+class RpcContext:
+    """What a handler knows about the call it serves.
+
+    Attributes:
+        identity: The caller's name (the certificate's subject CN).
+        role: "client" or "admin".
+        fingerprint: sha256 of the caller's certificate ("" with --insecure).
+        token: The session token from ``authorization: Bearer`` metadata ("" when absent).
+        peer: The peer's address, for logs.
+    """
+
+    identity: str
+    role: str
+    fingerprint: str
+    token: str
+    peer: str
+
+
+class CoordinatorHandler(Protocol):
+    """What the coordinator implements for the ``Coordinator`` service."""
+
+    async def join(self, request: pb.JoinRequest, ctx: RpcContext) -> pb.JoinReply:
+        """Open a session."""
+
+    async def heartbeat(self, request: pb.HeartbeatRequest, ctx: RpcContext) -> pb.HeartbeatReply:
+        """Record liveness and progress."""
+
+    def tasks(self, request: pb.TasksRequest, ctx: RpcContext) -> AsyncIterator[pb.Task]:
+        """Push work to the client for as long as its session lives."""
+
+    def download(self, request: pb.DownloadRequest, ctx: RpcContext) -> AsyncIterator[pb.Chunk]:
+        """Stream a blob from an offset."""
+
+    async def upload(
+        self, chunks: AsyncIterator[pb.UploadChunk], ctx: RpcContext
+    ) -> pb.UploadReply:
+        """Receive an update (header, then bytes)."""
+
+
+class AdminHandler(Protocol):
+    """What the coordinator implements for the ``Admin`` service."""
+
+    async def start_round(
+        self, request: pb.StartRoundRequest, ctx: RpcContext
+    ) -> pb.StartRoundReply:
+        """Queue rounds."""
+
+    async def status(self, request: pb.StatusRequest, ctx: RpcContext) -> pb.StatusReply:
+        """Describe rounds and the head model."""
+
+    async def list_clients(
+        self, request: pb.ListClientsRequest, ctx: RpcContext
+    ) -> pb.ListClientsReply:
+        """List known clients."""
+
+    async def list_models(
+        self, request: pb.ListModelsRequest, ctx: RpcContext
+    ) -> pb.ListModelsReply:
+        """List model versions."""
+
+    def watch(self, request: pb.WatchRequest, ctx: RpcContext) -> AsyncIterator[pb.Event]:
+        """Replay the event log from a seq, then follow it."""
+
+
+@lru_cache(maxsize=1024)
+def _identity_of(cert_pem: bytes) -> Identity:
+    return identity_from_pem(cert_pem)
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+class _Base:
+    """Builds the :class:`RpcContext` and maps errors for every method of a service."""
+
+    required_role: Role
+
+    def __init__(self, *, insecure: bool) -> None:
+        self._insecure = insecure
+
+    def _context(self, context: grpc.aio.ServicerContext[Any, Any]) -> RpcContext:
+        metadata = _metadata(context)
+        auth = metadata.get("authorization", "")
+        token = auth[7:] if auth.startswith("Bearer ") else ""
+        peer = context.peer() or ""
+        certs = (context.auth_context() or {}).get("x509_pem_cert") or []
+        if certs:
+            identity = _identity_of(bytes(certs[0]))
+            name, role, fingerprint = identity.name, identity.role.value, identity.fingerprint
+        elif self._insecure:
+            name = metadata.get(IDENTITY_METADATA_KEY, "")
+            role = metadata.get(ROLE_METADATA_KEY, self.required_role.value)
+            fingerprint = ""
+            if not name:
+                raise AuthenticationError(f"--insecure calls must send `{IDENTITY_METADATA_KEY}`")
+        else:
+            raise AuthenticationError("no client certificate was presented")
+        if role != self.required_role.value:
+            raise PermissionDeniedError(
+                f"a {role} certificate may not call the "
+                f"{'Admin' if self.required_role is Role.ADMIN else 'Coordinator'} service"
+            )
+        return RpcContext(name, role, fingerprint, token, peer)
+
+    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+        if isinstance(exc, FlctlError):
+            code = status_for(exc)
+            log.info("refused %s: %s (%s)", context.peer(), exc.message, code.name)
+            context.set_trailing_metadata(((ERROR_METADATA_KEY, exc.code),))
+            await context.abort(code, exc.message)
+        log.error("internal error serving %s", context.peer(), exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the coordinator's log)")
+
+    async def _unary(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        call: Callable[[RpcContext], Awaitable[T]],
+    ) -> T:
+        try:
+            return await call(self._context(context))
+        except Exception as exc:  # the servicer is one of the three places that catch broadly
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await self._abort(context, exc)
+            raise  # pragma: no cover - abort always raises
+
+    async def _stream(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        call: Callable[[RpcContext], AsyncIterator[T]],
+    ) -> AsyncIterator[T]:
+        try:
+            async for item in call(self._context(context)):
+                yield item
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await self._abort(context, exc)
+
+
+class CoordinatorServicer(_Base, pb_grpc.CoordinatorServicer):
+    """The ``Coordinator`` service (role: client), delegating to a :class:`CoordinatorHandler`."""
+
+    required_role = Role.CLIENT
+
+    def __init__(self, handler: CoordinatorHandler, *, insecure: bool = False) -> None:
+        super().__init__(insecure=insecure)
+        self._handler = handler
+
+    async def Join(self, request: Any, context: Any) -> pb.JoinReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(context, lambda ctx: self._handler.join(request, ctx))
+
+    async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(context, lambda ctx: self._handler.heartbeat(request, ctx))
+
+    async def Tasks(self, request: Any, context: Any) -> AsyncIterator[pb.Task]:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        async for item in self._stream(context, lambda ctx: self._handler.tasks(request, ctx)):
+            yield item
+
+    async def Download(self, request: Any, context: Any) -> AsyncIterator[pb.Chunk]:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        async for item in self._stream(context, lambda ctx: self._handler.download(request, ctx)):
+            yield item
+
+    async def Upload(self, request_iterator: Any, context: Any) -> pb.UploadReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(context, lambda ctx: self._handler.upload(request_iterator, ctx))
+
+
+class AdminServicer(_Base, pb_grpc.AdminServicer):
+    """The ``Admin`` service (role: admin), delegating to an :class:`AdminHandler`."""
+
+    required_role = Role.ADMIN
+
+    def __init__(self, handler: AdminHandler, *, insecure: bool = False) -> None:
+        super().__init__(insecure=insecure)
+        self._handler = handler
+
+    async def StartRound(self, request: Any, context: Any) -> pb.StartRoundReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(context, lambda ctx: self._handler.start_round(request, ctx))
+
+    async def Status(self, request: Any, context: Any) -> pb.StatusReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(context, lambda ctx: self._handler.status(request, ctx))
+
+    async def ListClients(self, request: Any, context: Any) -> pb.ListClientsReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(context, lambda ctx: self._handler.list_clients(request, ctx))
+
+    async def ListModels(self, request: Any, context: Any) -> pb.ListModelsReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(context, lambda ctx: self._handler.list_models(request, ctx))
+
+    async def Watch(self, request: Any, context: Any) -> AsyncIterator[pb.Event]:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        async for item in self._stream(context, lambda ctx: self._handler.watch(request, ctx)):
+            yield item

@@ -1,0 +1,64 @@
+"""Typed maps (metrics, configs) to and from the wire's ``map<string, Value>``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from flctl.core.errors import InvalidInputError, LimitExceededError
+
+__all__ = ["from_value_map", "metrics_from_map", "to_value_map"]
+
+Scalar = bool | int | float | str
+
+
+def to_value_map(target: Any, values: Mapping[str, Scalar]) -> None:
+    """Fill a protobuf ``map<string, Value>`` field from plain Python scalars."""
+    for key, value in values.items():
+        slot = target[key]
+        if isinstance(value, bool):
+            slot.bool_value = value
+        elif isinstance(value, int):
+            slot.int_value = value
+        elif isinstance(value, float):
+            slot.double_value = value
+        elif isinstance(value, str):
+            slot.string_value = value
+        else:
+            raise TypeError(f"map value for {key!r} must be bool, int, float or str: {value!r}")
+
+
+def from_value_map(source: Any) -> dict[str, Scalar]:
+    """Read a protobuf ``map<string, Value>`` into plain Python scalars."""
+    out: dict[str, Scalar] = {}
+    for key, value in source.items():
+        kind = value.WhichOneof("kind")
+        if kind is not None:
+            out[key] = getattr(value, kind)
+    return out
+
+
+def metrics_from_map(
+    source: Any, *, max_items: int = 64, max_key_bytes: int = 128
+) -> dict[str, float]:
+    """Read and check a metrics map: bounded count and key length, finite numbers only.
+
+    Raises:
+        LimitExceededError: Too many entries or a key too long.
+        InvalidInputError: A value is not a finite number.
+    """
+    if len(source) > max_items:
+        raise LimitExceededError(f"metrics map has {len(source)} entries, more than {max_items}")
+    out: dict[str, float] = {}
+    for key, value in source.items():
+        if len(key.encode()) > max_key_bytes:
+            raise LimitExceededError(f"metric name longer than {max_key_bytes} bytes")
+        kind = value.WhichOneof("kind")
+        if kind not in ("double_value", "int_value"):
+            raise InvalidInputError(f"metric {key!r} is not a number")
+        number = float(getattr(value, kind))
+        if not math.isfinite(number):
+            raise InvalidInputError(f"metric {key!r} is not finite ({number})")
+        out[key] = number
+    return out

@@ -1,0 +1,242 @@
+"""One plain-text line per event, for logs and the dashboard's footer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+
+from flctl.core.events import (
+    CLIENT_JOINED,
+    CLIENT_LEFT,
+    CLIENT_STATE,
+    COORDINATOR_STARTED,
+    COORDINATOR_STOPPED,
+    MODEL_CREATED,
+    ROUND_CANCELLED,
+    ROUND_COMMITTED,
+    ROUND_FAILED,
+    ROUND_QUEUED,
+    ROUND_STARTED,
+    ROUND_STATUS,
+    TASK_SENT,
+    UPDATE_ACCEPTED,
+    UPDATE_REJECTED,
+    Event,
+)
+from flctl.tui._data import get_float, get_int, get_metrics, get_str, get_str_list
+
+__all__ = [
+    "event_line",
+    "format_ago",
+    "format_duration",
+    "format_metric",
+    "format_metrics",
+    "plural",
+]
+
+#: Metrics shown first, in this order; the rest follow sorted by name.
+_LEADING_METRICS = ("accuracy", "loss")
+
+
+def format_duration(seconds: float) -> str:
+    """Format a duration: ``1.8 s``, ``42 s``, ``2m 05s``, ``1h 02m``."""
+    seconds = max(0.0, seconds)
+    if seconds < 9.95:
+        return f"{seconds:.1f} s"
+    if seconds < 59.5:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def format_ago(seconds: float) -> str:
+    """Format the age of something: ``3s ago``, ``5m ago``, ``2h ago``, ``4d ago``."""
+    whole = max(0, int(seconds))
+    if whole < 60:
+        return f"{whole}s ago"
+    if whole < 3600:
+        return f"{whole // 60}m ago"
+    if whole < 86400:
+        return f"{whole // 3600}h ago"
+    return f"{whole // 86400}d ago"
+
+
+def format_metric(value: float | None) -> str:
+    """Format one metric value with four decimals, or ``-`` when absent."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """Format metrics as ``accuracy 0.9611, loss 0.1234, ...`` (accuracy and loss first)."""
+    names = [name for name in _LEADING_METRICS if name in metrics]
+    names += sorted(name for name in metrics if name not in _LEADING_METRICS)
+    return ", ".join(f"{name} {format_metric(metrics[name])}" for name in names)
+
+
+def plural(count: int, noun: str) -> str:
+    """Return ``"1 client"`` or ``"3 clients"``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _timestamp(unix: float) -> str:
+    try:
+        return datetime.fromtimestamp(unix, tz=UTC).strftime("%H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return "--:--:--"
+
+
+def _with_reason(text: str, reason: str) -> str:
+    return f"{text}: {reason}" if reason else text
+
+
+def _coordinator_started(event: Event) -> str:
+    data = event.data
+    address = get_str(data, "address")
+    text = f"coordinator started on {address}" if address else "coordinator started"
+    head = get_int(data, "head_version")
+    return f"{text}, head model v{head}" if head is not None else f"{text}, no model yet"
+
+
+def _coordinator_stopped(event: Event) -> str:
+    return _with_reason("coordinator stopped", get_str(event.data, "reason"))
+
+
+def _client_joined(event: Event) -> str:
+    return f"client {event.client_id} joined"
+
+
+def _client_left(event: Event) -> str:
+    return _with_reason(f"client {event.client_id} left", get_str(event.data, "reason"))
+
+
+def _client_state(event: Event) -> str:
+    text = f"client {event.client_id} {get_str(event.data, 'state', 'unknown')}"
+    progress = get_float(event.data, "progress")
+    return f"{text} ({progress:.0%})" if progress is not None else text
+
+
+def _round_queued(event: Event) -> str:
+    return f"round {event.server_round} queued"
+
+
+def _round_started(event: Event) -> str:
+    data = event.data
+    selected = plural(len(get_str_list(data, "selected")), "client")
+    text = f"round {event.server_round} started: {selected} selected"
+    min_clients = get_int(data, "min_clients")
+    if min_clients is not None:
+        text += f" (min {min_clients})"
+    deadline = get_float(data, "deadline_unix")
+    if deadline is not None:
+        text += f", deadline in {format_duration(deadline - event.time)}"
+    return text
+
+
+def _round_status(event: Event) -> str:
+    return f"round {event.server_round} {get_str(event.data, 'status', 'unknown')}"
+
+
+def _task_sent(event: Event) -> str:
+    kind = get_str(event.data, "kind", "task")
+    return f"round {event.server_round}: {kind} task sent to {event.client_id}"
+
+
+def _update_accepted(event: Event) -> str:
+    text = f"round {event.server_round}: update from {event.client_id} accepted"
+    details = []
+    examples = get_int(event.data, "num_examples")
+    if examples is not None:
+        details.append(plural(examples, "example"))
+    metrics = format_metrics(get_metrics(event.data))
+    if metrics:
+        details.append(metrics)
+    return f"{text} ({', '.join(details)})" if details else text
+
+
+def _update_rejected(event: Event) -> str:
+    text = f"round {event.server_round}: update from {event.client_id} rejected"
+    return _with_reason(text, get_str(event.data, "reason"))
+
+
+def _round_committed(event: Event) -> str:
+    data = event.data
+    parts = []
+    num_clients = get_int(data, "num_clients")
+    if num_clients is not None:
+        parts.append(plural(num_clients, "client"))
+    metrics = format_metrics(get_metrics(data))
+    if metrics:
+        parts.append(metrics)
+    text = f"round {event.server_round} committed"
+    if parts:
+        text += ": " + ", ".join(parts)
+    duration = get_float(data, "duration_s")
+    return f"{text} ({format_duration(duration)})" if duration is not None else text
+
+
+def _round_ended(status: str) -> Callable[[Event], str]:
+    def describe(event: Event) -> str:
+        text = f"round {event.server_round} {status}"
+        return _with_reason(text, get_str(event.data, "reason"))
+
+    return describe
+
+
+def _model_created(event: Event) -> str:
+    data = event.data
+    version = get_int(data, "version")
+    text = f"model v{version} created" if version is not None else "model created"
+    details = []
+    kind = get_str(data, "kind")
+    if kind:
+        details.append(kind)
+    parent = get_int(data, "parent")
+    if parent is not None:
+        details.append(f"parent v{parent}")
+    if data.get("head") is True:
+        details.append("head")
+    return f"{text} ({', '.join(details)})" if details else text
+
+
+_DESCRIBE: dict[str, Callable[[Event], str]] = {
+    COORDINATOR_STARTED: _coordinator_started,
+    COORDINATOR_STOPPED: _coordinator_stopped,
+    CLIENT_JOINED: _client_joined,
+    CLIENT_LEFT: _client_left,
+    CLIENT_STATE: _client_state,
+    ROUND_QUEUED: _round_queued,
+    ROUND_STARTED: _round_started,
+    ROUND_STATUS: _round_status,
+    TASK_SENT: _task_sent,
+    UPDATE_ACCEPTED: _update_accepted,
+    UPDATE_REJECTED: _update_rejected,
+    ROUND_COMMITTED: _round_committed,
+    ROUND_FAILED: _round_ended("failed"),
+    ROUND_CANCELLED: _round_ended("cancelled"),
+    MODEL_CREATED: _model_created,
+}
+
+
+def event_line(event: Event) -> str:
+    """Describe one event as a single plain-text line, for logs when stdout is not a terminal.
+
+    Args:
+        event: Any event; types this version does not know are named as they are.
+
+    Returns:
+        ``HH:MM:SS`` (UTC, from ``event.time``), a space and a short description, e.g.
+        ``"12:00:03 round 3 committed: 3 clients, accuracy 0.9611, loss 0.1234 (1.8 s)"``.
+    """
+    describe = _DESCRIBE.get(event.type)
+    if describe is None:
+        text = event.type
+        if event.server_round:
+            text += f" round {event.server_round}"
+        if event.client_id:
+            text += f" client {event.client_id}"
+    else:
+        text = describe(event)
+    return f"{_timestamp(event.time)} {text}"

@@ -1,0 +1,320 @@
+"""The dashboard's view-model, folded from events."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flctl.core.events import (
+    CLIENT_JOINED,
+    CLIENT_LEFT,
+    CLIENT_STATE,
+    COORDINATOR_STARTED,
+    COORDINATOR_STOPPED,
+    MODEL_CREATED,
+    ROUND_CANCELLED,
+    ROUND_COMMITTED,
+    ROUND_FAILED,
+    ROUND_QUEUED,
+    ROUND_STARTED,
+    ROUND_STATUS,
+    TASK_SENT,
+    TERMINAL_ROUND_STATUSES,
+    UPDATE_ACCEPTED,
+    UPDATE_REJECTED,
+    Event,
+)
+from flctl.tui._data import get_float, get_int, get_metrics, get_str, get_str_list
+from flctl.tui._line import event_line
+
+__all__ = ["ClientView", "DashboardState", "RoundView"]
+
+#: How many event lines :attr:`DashboardState.last_events` keeps.
+LAST_EVENTS = 8
+
+#: Event types that can arrive many times a second and would flush the footer.
+_QUIET_TYPES = frozenset({CLIENT_STATE, TASK_SENT})
+
+#: Event types that mean nothing without a client id, or without a round id.
+_CLIENT_TYPES = frozenset({CLIENT_JOINED, CLIENT_LEFT, CLIENT_STATE, UPDATE_ACCEPTED})
+_ROUND_TYPES = frozenset(
+    {
+        ROUND_QUEUED,
+        ROUND_STARTED,
+        ROUND_STATUS,
+        UPDATE_ACCEPTED,
+        ROUND_COMMITTED,
+        ROUND_FAILED,
+        ROUND_CANCELLED,
+    }
+)
+
+
+@dataclass
+class RoundView:
+    """What the dashboard knows about one round.
+
+    Attributes:
+        server_round: The round's id, from 1.
+        status: ``queued``, ``selecting``, ``training``, ``aggregating``, ``evaluating``,
+            ``committed``, ``failed`` or ``cancelled``.
+        num_clients: How many updates the committed model aggregates (0 until committed).
+        selected: Client ids selected for the round.
+        reported: Client ids whose update was accepted, in arrival order.
+        metrics: The committed round's metrics.
+        duration_s: How long the round ran, once it ended.
+        reason: Why the round failed or was cancelled.
+        model_version: The version the round committed.
+        started: Unix time the round started.
+        deadline: Unix time updates are due.
+    """
+
+    server_round: int
+    status: str = "queued"
+    num_clients: int = 0
+    selected: list[str] = field(default_factory=list)
+    reported: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    duration_s: float | None = None
+    reason: str = ""
+    model_version: int | None = None
+    started: float | None = None
+    deadline: float | None = None
+
+    @property
+    def is_done(self) -> bool:
+        """Whether the round reached a terminal status (committed, failed or cancelled)."""
+        return self.status in TERMINAL_ROUND_STATUSES
+
+
+@dataclass
+class ClientView:
+    """What the dashboard knows about one client.
+
+    Attributes:
+        client_id: The client's id.
+        state: ``idle``, ``downloading``, ``training``, ``uploading`` or ``offline``.
+        last_seen: Unix time of the latest event about the client.
+        rounds_joined: How many of its updates were accepted.
+        connected: Whether it is joined now.
+        progress: Progress of its current task (0..1), when it reported one.
+    """
+
+    client_id: str
+    state: str = "idle"
+    last_seen: float = 0.0
+    rounds_joined: int = 0
+    connected: bool = True
+    progress: float | None = None
+
+
+class DashboardState:
+    """View-model folded from events (:class:`flctl.core.events.Event`).
+
+    Feed it every event in log order with :meth:`apply`; hand it to ``render_dashboard``
+    to draw it. It holds no business logic: it only remembers what the events said.
+
+    Attributes:
+        title: Shown in the panel's title.
+        address: The coordinator's address, shown after the title.
+        state_dir: The coordinator's state directory, shown in the header.
+        total_rounds: How many rounds the run expects, for the progress line; None hides it.
+        rounds: One :class:`RoundView` per round id seen.
+        clients: One :class:`ClientView` per client id seen.
+        head_version: The head model's version, None before the first model.
+        last_events: The latest event lines (see ``event_line``), oldest first.
+
+    Example:
+        ```python
+        state = DashboardState(total_rounds=3)
+        for event in events:
+            state.apply(event)
+        if state.all_done([1, 2, 3]):
+            ...
+        ```
+    """
+
+    def __init__(
+        self,
+        *,
+        title: str = "flctl",
+        address: str = "",
+        state_dir: str = "",
+        total_rounds: int | None = None,
+    ) -> None:
+        self.title = title
+        self.address = address
+        self.state_dir = state_dir
+        self.total_rounds = total_rounds
+        self.rounds: dict[int, RoundView] = {}
+        self.clients: dict[str, ClientView] = {}
+        self.head_version: int | None = None
+        self.last_events: deque[str] = deque(maxlen=LAST_EVENTS)
+        self._last_seq = 0
+
+    @property
+    def last_seq(self) -> int:
+        """The ``seq`` of the latest event applied (0 before any); resume the log after it."""
+        return self._last_seq
+
+    @property
+    def connected_clients(self) -> int:
+        """How many clients are joined now."""
+        return sum(client.connected for client in self.clients.values())
+
+    @property
+    def rounds_done(self) -> int:
+        """How many rounds reached a terminal status."""
+        return sum(view.is_done for view in self.rounds.values())
+
+    def apply(self, event: Event) -> None:
+        """Fold one event into the view.
+
+        Events with a ``seq`` at or below the last one applied are ignored, so replaying an
+        overlapping stretch of the log is harmless. Unknown event types are ignored.
+
+        Args:
+            event: The next event of the log.
+        """
+        if event.seq <= self._last_seq:
+            return
+        self._last_seq = event.seq
+        handler = _HANDLERS.get(event.type)
+        if handler is None:
+            return
+        if (event.type in _CLIENT_TYPES and not event.client_id) or (
+            event.type in _ROUND_TYPES and event.server_round < 1
+        ):
+            return  # malformed: nothing to attach it to
+        if event.client_id:
+            self._client(event.client_id, event.time).last_seen = event.time
+        handler(self, event)
+        if event.type not in _QUIET_TYPES:
+            self.last_events.append(event_line(event))
+
+    def is_round_done(self, server_round: int) -> bool:
+        """Return whether the round is committed, failed or cancelled.
+
+        Args:
+            server_round: The round's id.
+
+        Returns:
+            False too for a round no event mentioned yet.
+        """
+        view = self.rounds.get(server_round)
+        return view is not None and view.is_done
+
+    def all_done(self, round_ids: Iterable[int]) -> bool:
+        """Return whether every given round is done (True for none).
+
+        Args:
+            round_ids: The rounds to check, e.g. those ``round start`` queued.
+        """
+        return all(self.is_round_done(server_round) for server_round in round_ids)
+
+    # Folding, one method per event type.
+
+    def _client(self, client_id: str, now: float) -> ClientView:
+        client = self.clients.get(client_id)
+        if client is None:
+            # A watch may resume mid-log, after the client's join.
+            client = self.clients[client_id] = ClientView(client_id, last_seen=now)
+        return client
+
+    def _round(self, server_round: int) -> RoundView:
+        view = self.rounds.get(server_round)
+        if view is None:
+            view = self.rounds[server_round] = RoundView(server_round)
+        return view
+
+    def _coordinator_started(self, event: Event) -> None:
+        self.address = get_str(event.data, "address", self.address)
+        self.state_dir = get_str(event.data, "state_dir", self.state_dir)
+        head = get_int(event.data, "head_version")
+        if head is not None:
+            self.head_version = head
+
+    def _client_joined(self, event: Event) -> None:
+        client = self.clients[event.client_id]
+        client.connected, client.state, client.progress = True, "idle", None
+
+    def _client_left(self, event: Event) -> None:
+        client = self.clients[event.client_id]
+        client.connected, client.state, client.progress = False, "offline", None
+
+    def _client_state(self, event: Event) -> None:
+        client = self.clients[event.client_id]
+        client.state = get_str(event.data, "state", client.state)
+        client.connected = client.state != "offline"
+        client.progress = get_float(event.data, "progress")
+
+    def _round_queued(self, event: Event) -> None:
+        self._round(event.server_round)
+
+    def _round_started(self, event: Event) -> None:
+        view = self._round(event.server_round)
+        view.status = "training"
+        view.selected = get_str_list(event.data, "selected")
+        view.started = event.time
+        view.deadline = get_float(event.data, "deadline_unix")
+
+    def _round_status(self, event: Event) -> None:
+        view = self._round(event.server_round)
+        view.status = get_str(event.data, "status", view.status)
+
+    def _update_accepted(self, event: Event) -> None:
+        view = self._round(event.server_round)
+        if event.client_id not in view.reported:
+            view.reported.append(event.client_id)
+            self.clients[event.client_id].rounds_joined += 1
+
+    def _round_committed(self, event: Event) -> None:
+        view = self._round(event.server_round)
+        view.status = "committed"
+        view.model_version = get_int(event.data, "model_version")
+        view.metrics = get_metrics(event.data)
+        view.num_clients = get_int(event.data, "num_clients") or len(view.reported)
+        view.duration_s = get_float(event.data, "duration_s")
+        if view.model_version is not None:
+            self.head_version = view.model_version
+
+    def _round_ended(self, event: Event, status: str) -> None:
+        view = self._round(event.server_round)
+        view.status = status
+        view.reason = get_str(event.data, "reason")
+        view.duration_s = get_float(event.data, "duration_s")
+
+    def _round_failed(self, event: Event) -> None:
+        self._round_ended(event, "failed")
+
+    def _round_cancelled(self, event: Event) -> None:
+        self._round_ended(event, "cancelled")
+
+    def _model_created(self, event: Event) -> None:
+        version = get_int(event.data, "version")
+        is_head = event.data.get("head") is True or get_str(event.data, "kind") == "initial"
+        if version is not None and is_head:
+            self.head_version = version
+
+    def _noop(self, event: Event) -> None:
+        """Known types with nothing to fold beyond ``last_seen`` and the footer line."""
+
+
+_HANDLERS = {
+    COORDINATOR_STARTED: DashboardState._coordinator_started,
+    CLIENT_JOINED: DashboardState._client_joined,
+    CLIENT_LEFT: DashboardState._client_left,
+    CLIENT_STATE: DashboardState._client_state,
+    ROUND_QUEUED: DashboardState._round_queued,
+    ROUND_STARTED: DashboardState._round_started,
+    ROUND_STATUS: DashboardState._round_status,
+    UPDATE_ACCEPTED: DashboardState._update_accepted,
+    ROUND_COMMITTED: DashboardState._round_committed,
+    ROUND_FAILED: DashboardState._round_failed,
+    ROUND_CANCELLED: DashboardState._round_cancelled,
+    MODEL_CREATED: DashboardState._model_created,
+    TASK_SENT: DashboardState._noop,
+    UPDATE_REJECTED: DashboardState._noop,
+    COORDINATOR_STOPPED: DashboardState._noop,
+}

@@ -1,0 +1,325 @@
+"""The digits task: a small CNN learns handwritten digits, trained across federated clients.
+
+This file is the whole machine-learning side of the project, in plain PyTorch. flctl imports
+it on the coordinator and on every client and calls three functions:
+
+- ``build_model(context)``: the architecture. flctl seeds torch with ``context.seed`` before
+  calling it for the initial global model, so every run of a project starts from the same
+  weights.
+- ``client_fn(context)``: the client a data owner runs. It holds one slice (partition) of the
+  training data and trains the global model on it in ``fit``.
+- ``server_evaluate(parameters, context)``: the coordinator's evaluation of each new global
+  model on held-out test images; its metrics are the round's metrics.
+
+The data is scikit-learn's copy of the UCI handwritten digits (1,797 grey 8x8 images, shipped
+inside scikit-learn, so nothing is downloaded). Real deployments would read each client's own
+data instead; here every client loads the same file and keeps only its partition, which
+simulates data owners with disjoint data sets on one machine.
+
+The hyperparameters (``local_epochs``, ``batch_size``, ...) live in the ``[task]`` table of
+flctl.toml. flctl sends that table to the clients as the ``config`` argument of ``fit`` and
+``evaluate`` each round, so changing them needs no code change.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flctl.client import Client
+from flctl.core import TaskContext
+
+# The split of the 1,797 images: the first 1,437 of the shuffled order train, the rest test.
+NUM_TRAIN = 1437
+NUM_CLASSES = 10
+
+# Used when a key is missing from the round's config; flctl.toml's [task] table sets them.
+DEFAULTS: dict[str, Any] = {
+    "local_epochs": 2,
+    "batch_size": 32,
+    "lr": 0.05,
+    "momentum": 0.9,
+}
+
+# Under Dirichlet partitioning, each client gets at least this many training images.
+MIN_PARTITION_SIZE = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def load_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Return ``(x_train, y_train, x_test, y_test)``, shuffled by ``seed``.
+
+    Images are float32 arrays of shape (N, 1, 8, 8) with pixels in [0, 1]; labels are int64.
+    The result is cached, so every call after the first is free; the arrays are read-only
+    because they are shared between callers.
+    """
+    from sklearn.datasets import load_digits  # imported here: only needed once per process
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]  # add a channel axis
+    labels = digits.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    images, labels = images[order], labels[order]
+    arrays = (images[:NUM_TRAIN], labels[:NUM_TRAIN], images[NUM_TRAIN:], labels[NUM_TRAIN:])
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays
+
+
+def partition_indices(
+    labels: np.ndarray,
+    *,
+    num_partitions: int,
+    partition_id: int,
+    partitioning: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> np.ndarray:
+    """Return the (sorted) indices into ``labels`` that partition ``partition_id`` holds.
+
+    Every client computes the same split from the same seed and keeps its own slice, so the
+    partitions are disjoint and together cover the whole training set.
+
+    - ``"iid"``: a random permutation cut into ``num_partitions`` equal shards.
+    - ``"dirichlet"``: for each class, the share of each client is drawn from
+      Dirichlet(``alpha``); smaller ``alpha`` gives more skewed (non-IID) clients.
+
+    Raises:
+        ValueError: ``partition_id`` or ``num_partitions`` is out of range, or ``partitioning``
+            is unknown.
+    """
+    n = len(labels)
+    if not 1 <= num_partitions <= n:
+        raise ValueError(f"num_partitions must be between 1 and {n}, not {num_partitions!r}")
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"partition_id must be between 0 and {num_partitions - 1}, not {partition_id!r}"
+        )
+    # A generator of its own (not the one that shuffled the data) so the split is independent.
+    rng = np.random.default_rng([seed, 1])
+    if partitioning == "iid":
+        shards = np.array_split(rng.permutation(n), num_partitions)
+    elif partitioning == "dirichlet":
+        shards = _dirichlet_shards(labels, num_partitions, alpha, rng)
+    else:
+        raise ValueError(f"partitioning must be 'iid' or 'dirichlet', not {partitioning!r}")
+    return np.sort(shards[partition_id])
+
+
+def _dirichlet_shards(
+    labels: np.ndarray, num_partitions: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Split indices per class by Dirichlet proportions; every shard gets a few samples."""
+    min_size = min(MIN_PARTITION_SIZE, len(labels) // num_partitions)
+    best: list[list[int]] = []
+    for _attempt in range(100):  # redraw while some client gets (almost) nothing
+        shards: list[list[int]] = [[] for _ in range(num_partitions)]
+        for label in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == label))
+            shares = rng.dirichlet(np.full(num_partitions, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+            for shard, part in zip(shards, np.split(members, cuts), strict=True):
+                shard.extend(part.tolist())
+        best = shards
+        if min(len(shard) for shard in shards) >= min_size:
+            break
+    else:
+        # Many clients and little data: top up the smallest shards from the largest.
+        while min(len(shard) for shard in best) < min_size:
+            smallest = min(best, key=len)
+            largest = max(best, key=len)
+            smallest.append(largest.pop())
+    return [np.asarray(shard, dtype=np.int64) for shard in best]
+
+
+def load_partition(context: TaskContext) -> tuple[np.ndarray, np.ndarray]:
+    """Return the training images and labels of this client's partition."""
+    x_train, y_train, _, _ = load_data(context.seed)
+    indices = partition_indices(
+        y_train,
+        num_partitions=context.num_partitions,
+        partition_id=context.partition_id,
+        partitioning=context.partitioning,
+        alpha=context.alpha,
+        seed=context.seed,
+    )
+    return x_train[indices], y_train[indices]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+
+class DigitsCNN(nn.Module):
+    """Two 3x3 convolutions, one 2x2 max-pool and two linear layers (about 38k parameters).
+
+    Small on purpose: the whole state dict (about 150 kB) travels to every client and back
+    each round.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, padding=1)  # 1x8x8 -> 16x8x8
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)  # -> 32x8x8
+        self.pool = nn.MaxPool2d(2)  # -> 32x4x4
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)  # logits
+
+
+def build_model(context: TaskContext) -> nn.Module:
+    """Return a fresh, untrained model (flctl seeds torch before calling this)."""
+    return DigitsCNN()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    generator: torch.Generator,
+) -> tuple[float, float]:
+    """Train ``model`` in place with SGD; return (mean loss, accuracy) of the last epoch."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    loss_fn = nn.CrossEntropyLoss()
+    n = len(y)
+    loss_sum, correct = 0.0, 0
+    for _epoch in range(epochs):
+        loss_sum, correct = 0.0, 0
+        # The shuffle is drawn on the CPU (the generator lives there), then moved to x's device.
+        order = torch.randperm(n, generator=generator).to(x.device)
+        for start in range(0, n, batch_size):
+            batch = order[start : start + batch_size]
+            logits = model(x[batch])
+            loss = loss_fn(logits, y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(batch)
+            correct += int((logits.argmax(1) == y[batch]).sum().item())
+    mean_loss = loss_sum / n
+    if not math.isfinite(mean_loss):
+        raise ValueError(f"training diverged (loss {mean_loss!r}): lower `task.lr`")
+    return mean_loss, correct / n
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512
+) -> tuple[float, float]:
+    """Return (mean cross-entropy loss, accuracy) of ``model`` on ``(x, y)``."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start : start + batch_size])
+        labels = y[start : start + batch_size]
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(1) == labels).sum().item())
+    return loss_sum / len(y), correct / len(y)
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return a detached copy of the model's state dict on the CPU."""
+    return {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------------------------
+
+
+class DigitsClient(Client):
+    """A data owner: its partition of the training images, and a model to train on them."""
+
+    def __init__(self, context: TaskContext) -> None:
+        self.context = context
+        self.device = torch.device(context.device)  # already resolved from "auto" by flctl
+        x, y = load_partition(context)
+        # torch.tensor copies, so the cached read-only arrays are never written to.
+        self.x = torch.tensor(x, device=self.device)
+        self.y = torch.tensor(y, device=self.device)
+        self.model = build_model(context).to(self.device)
+
+    def get_parameters(self) -> dict[str, torch.Tensor]:
+        return cpu_state_dict(self.model)
+
+    def fit(
+        self, parameters: dict[str, torch.Tensor], config: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
+        """Train the global model on the local partition; return it with the FedAvg weight."""
+        self.model.load_state_dict(parameters)
+        # Deterministic: the same seed, partition and round always shuffle the same way.
+        server_round = int(config.get("server_round", 0))
+        generator = torch.Generator().manual_seed(
+            self.context.seed + self.context.partition_id + 1000 * server_round
+        )
+        loss, accuracy = train(
+            self.model,
+            self.x,
+            self.y,
+            epochs=int(config.get("local_epochs", DEFAULTS["local_epochs"])),
+            batch_size=int(config.get("batch_size", DEFAULTS["batch_size"])),
+            lr=float(config.get("lr", DEFAULTS["lr"])),
+            momentum=float(config.get("momentum", DEFAULTS["momentum"])),
+            generator=generator,
+        )
+        metrics = {"train_loss": float(loss), "train_accuracy": float(accuracy)}
+        return cpu_state_dict(self.model), len(self.y), metrics
+
+    def evaluate(
+        self, parameters: dict[str, torch.Tensor], config: dict[str, Any]
+    ) -> tuple[float, int, dict[str, float]]:
+        """Evaluate the global model on the local partition."""
+        self.model.load_state_dict(parameters)
+        loss, accuracy = evaluate(self.model, self.x, self.y)
+        return float(loss), len(self.y), {"accuracy": float(accuracy)}
+
+
+def client_fn(context: TaskContext) -> Client:
+    """Return the client for ``context.partition_id`` (called once when a client joins)."""
+    return DigitsClient(context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The coordinator's evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def server_evaluate(
+    parameters: dict[str, torch.Tensor], context: TaskContext
+) -> tuple[float, dict[str, float]]:
+    """Evaluate a global model on the 360 held-out test images."""
+    _, _, x_test, y_test = load_data(context.seed)
+    device = torch.device(context.device)
+    model = build_model(context).to(device)
+    model.load_state_dict(parameters)
+    x = torch.tensor(x_test, device=device)
+    y = torch.tensor(y_test, device=device)
+    loss, accuracy = evaluate(model, x, y)
+    return float(loss), {"accuracy": float(accuracy), "loss": float(loss)}

@@ -1,0 +1,21 @@
+"""Suite-wide fixtures: isolation from the user's environment, and shared certificates."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No FLCTL_* variable from the developer's shell leaks in; logs go to a temp home."""
+    for key in list(os.environ):
+        if key.startswith("FLCTL_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("FLCTL_HOME", str(tmp_path_factory.mktemp("flctl-home")))
+    yield

@@ -1,0 +1,204 @@
+"""Rounds end to end inside one process: real gRPC over mutual TLS, real SQLite and blobs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import pytest
+
+from flctl.coordinator import Coordinator
+from flctl.core import load_task
+from flctl.core.errors import CertificateError, ProtocolMismatchError
+from flctl.security import generate_project_certs
+from flctl.store import BlobStore, SqlStore
+from flctl.tensors import sha256_file
+
+from .conftest import Project, admin, make_runner, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def _run_clients(runners, stop):  # noqa: ANN001, ANN202
+    return [asyncio.create_task(r.run(stop)) for r in runners]
+
+
+async def _wait_rounds(client, ids, timeout=60.0):  # noqa: ANN001, ANN202
+    async def done() -> bool:
+        reply = await client.status(ids)
+        return all(r.status in ("committed", "failed", "cancelled") for r in reply.rounds)
+
+    await wait_until(done, timeout=timeout, step=0.1)
+    return await client.status(ids)
+
+
+def test_three_rounds_commit_and_blobs_hash_to_digests(project: Project) -> None:
+    config = project.write()
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        stop = asyncio.Event()
+        runners = [make_runner(config, address, f"c{i}", partition=i - 1) for i in (1, 2)]
+        tasks = await _run_clients(runners, stop)
+        client = admin(config, address)
+        try:
+            await wait_until(lambda: len(coordinator._registry.connected()) == 2)  # type: ignore[union-attr]
+            reply = await client.start_round(3)
+            assert list(reply.round_ids) == [1, 2, 3]
+            status = await _wait_rounds(client, list(reply.round_ids))
+            assert [r.status for r in status.rounds] == ["committed"] * 3
+            assert all(r.num_clients == 2 for r in status.rounds)
+            assert status.head_version == 4
+            assert 0.0 <= status.rounds[-1].metrics["accuracy"].double_value <= 1.0
+            models = await client.list_models()
+            assert [m.version for m in models.models] == [4, 3, 2, 1]
+            assert [m.kind for m in models.models][-1] == "initial"
+            # each round started from the previous round's model
+            received = runners[0]._client.received  # type: ignore[attr-defined]
+            assert len(received) == 3
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())
+    store = SqlStore.open(config.state_path)
+    blobs = BlobStore(config.state_path / "blobs")
+    try:
+        models = store.list_models()
+        assert len(models) == 4
+        for m in models:
+            assert sha256_file(blobs.path(m.digest)) == m.digest
+        assert store.head().version == 4  # type: ignore[union-attr]
+        assert store.updates_for_round(1, status="accepted")
+        events = store.events_since(0, limit=10_000)
+        types = [e.type for e in events]
+        assert types.count("round.committed") == 3
+        assert "coordinator.stopped" in types
+    finally:
+        store.close()
+
+
+def test_client_from_another_ca_is_refused(project: Project, tmp_path: Path) -> None:
+    config = project.write()
+    rogue = tmp_path / "rogue"
+    generate_project_certs(rogue, ["c1"])
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        try:
+            runner = make_runner(config, address, "c1", backoff_cap_s=0.5)
+            runner._options = runner._options.__class__(  # swap in the rogue identity
+                **{
+                    **runner._options.__dict__,
+                    "cert_pem": (rogue / "c1.crt").read_bytes(),
+                    "key_pem": (rogue / "c1.key").read_bytes(),
+                }
+            )
+            with pytest.raises(CertificateError, match="refused the TLS handshake"):
+                await asyncio.wait_for(runner.run(asyncio.Event()), 30)
+            assert coordinator._registry.connected() == []  # type: ignore[union-attr]
+        finally:
+            await coordinator.stop()
+
+    asyncio.run(main())
+
+
+def test_model_mismatch_is_refused_with_what_differs(project: Project) -> None:
+    config = project.write()
+    other = project.root / "other_task.py"
+    other.write_text(
+        (project.root / "tiny_task.py").read_text().replace("torch.nn.Linear(4, 2)", "torch.nn.Linear(4, 3)")
+    )
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        try:
+            from dataclasses import replace
+
+            from flctl.core import ProjectConfig
+
+            runner = make_runner(
+                replace(config, project=ProjectConfig(task="other_task.py", seed=1)), address, "c1"
+            )
+            with pytest.raises(ProtocolMismatchError, match=r"shape \[3, 4\] vs the coordinator's \[2, 4\]"):
+                await asyncio.wait_for(runner.run(asyncio.Event()), 30)
+        finally:
+            await coordinator.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("min_clients", [2, 1])
+def test_vanished_client_fails_the_round_at_deadline_or_quorum_allows(
+    project: Project, min_clients: int
+) -> None:
+    config = project.write(rounds={"min_clients": min_clients, "deadline_s": 2.0}, task={"hang_client": "c2"})
+    task_module = load_task(config.task_path)
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        stop = asyncio.Event()
+        runners = [make_runner(config, address, f"c{i}", partition=i - 1) for i in (1, 2)]
+        tasks = await _run_clients(runners, stop)
+        client = admin(config, address)
+        try:
+            await wait_until(lambda: len(coordinator._registry.connected()) == 2)  # type: ignore[union-attr]
+            reply = await client.start_round(1)
+            status = await _wait_rounds(client, list(reply.round_ids), timeout=30)
+            (info,) = status.rounds
+            if min_clients == 2:
+                assert info.status == "failed"
+                assert "deadline passed with 1 of 2 required updates" in info.reason
+                assert status.head_version == 1
+            else:
+                assert info.status == "committed"
+                assert info.num_clients == 1
+                assert status.head_version == 2
+        finally:
+            task_module.release_hung_clients()
+            stop.set()
+            await asyncio.gather(*tasks)
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())
+
+
+def test_client_leaving_mid_round_ends_the_round_early(project: Project) -> None:
+    """A selected client whose stream closes is not waited for until the deadline."""
+    config = project.write(rounds={"min_clients": 2, "deadline_s": 60.0}, task={"hang_client": "c2"})
+    task_module = load_task(config.task_path)
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        stop1, stop2 = asyncio.Event(), asyncio.Event()
+        t1 = asyncio.create_task(make_runner(config, address, "c1").run(stop1))
+        t2 = asyncio.create_task(make_runner(config, address, "c2", partition=1).run(stop2))
+        client = admin(config, address)
+        try:
+            await wait_until(lambda: len(coordinator._registry.connected()) == 2)  # type: ignore[union-attr]
+            reply = await client.start_round(1)
+            await wait_until(lambda: coordinator._engine.open is not None)  # type: ignore[union-attr]
+            await asyncio.sleep(0.3)
+            stop2.set()  # c2 leaves while "training"
+            status = await _wait_rounds(client, list(reply.round_ids), timeout=20)
+            assert status.rounds[0].status == "failed"
+            assert "selected clients left" in status.rounds[0].reason
+        finally:
+            task_module.release_hung_clients()
+            stop1.set()
+            stop2.set()
+            with contextlib.suppress(Exception):
+                await asyncio.gather(t1, t2)
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())

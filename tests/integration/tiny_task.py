@@ -1,0 +1,71 @@
+"""A tiny task for integration tests: a linear model on synthetic data, milliseconds per round.
+
+Behaviour switches come from the [task] table, so tests can make a client misbehave:
+``hang_client`` (this client id never finishes fit), ``nan_client`` (returns NaN).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from flctl.client import Client
+
+_HANG = threading.Event()
+
+
+def build_model(context):  # noqa: ANN001, ANN201
+    return torch.nn.Linear(4, 2)
+
+
+def _data(seed: int, partition: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed * 1000 + partition)
+    x = torch.randn(64, 4, generator=gen)
+    y = (x[:, 0] > 0).long()
+    return x, y
+
+
+class TinyClient(Client):
+    def __init__(self, context) -> None:  # noqa: ANN001
+        self.context = context
+        self.model = build_model(context)
+        self.x, self.y = _data(context.seed, context.partition_id)
+        self.received: list[dict[str, torch.Tensor]] = []
+
+    def get_parameters(self):  # noqa: ANN201
+        return self.model.state_dict()
+
+    def fit(self, parameters, config):  # noqa: ANN001, ANN201
+        self.received.append({k: v.clone() for k, v in parameters.items()})
+        if config.get("hang_client") == self.context.client_id:
+            _HANG.wait(60)
+        self.model.load_state_dict(parameters)
+        opt = torch.optim.SGD(self.model.parameters(), lr=float(config.get("lr", 0.1)))
+        loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        state = self.model.state_dict()
+        if config.get("nan_client") == self.context.client_id:
+            state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+        return state, len(self.x), {"train_loss": loss.item()}
+
+
+def client_fn(context):  # noqa: ANN001, ANN201
+    return TinyClient(context)
+
+
+def server_evaluate(parameters, context):  # noqa: ANN001, ANN201
+    model = build_model(context)
+    model.load_state_dict(parameters)
+    x, y = _data(context.seed, 999)
+    with torch.no_grad():
+        logits = model(x)
+        loss = float(torch.nn.functional.cross_entropy(logits, y))
+        acc = float((logits.argmax(1) == y).float().mean())
+    return loss, {"accuracy": acc}
+
+
+def release_hung_clients() -> None:
+    _HANG.set()

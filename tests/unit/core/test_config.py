@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from flctl.core import DEFAULT_PORT, find_project, load_config, parse_config
+from flctl.core.errors import ConfigError, ProjectNotFoundError
+from tests.conftest import REPO
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "flctl.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_validates_and_documents_every_key() -> None:
+    import dataclasses
+
+    from flctl.core import config as cfg
+
+    config = load_config(REPO / "flctl.toml.example")
+    assert config.server.address.endswith(f":{DEFAULT_PORT}")
+    text = (REPO / "flctl.toml.example").read_text()
+    for section, cls in cfg._SECTIONS.items():
+        assert f"[{section}]" in text
+        for f in dataclasses.fields(cls):
+            assert f"\n{f.name} =" in text, f"{section}.{f.name} is not documented"
+
+
+def test_defaults_when_empty(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ""))
+    assert config.rounds.min_clients == 2
+    assert config.state_path == (tmp_path / ".flctl").resolve()
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[rounds]\nmin_clients = 'two'\n", "`rounds.min_clients` must be an integer"),
+        ("[rounds]\nmin_clients = 0\n", "`rounds.min_clients` must be at least 1"),
+        ("[rounds]\nmin_clent = 2\n", "unknown key `rounds.min_clent`"),
+        ("[roundz]\n", "unknown table [roundz]"),
+        ("[rounds]\nstrategy = 'fedmagic'\n", "`rounds.strategy` must be one of"),
+        ("[server]\ninsecure = 1\n", "`server.insecure` must be true or false"),
+        ("[rounds]\ndeadline_s = nan\n", "`rounds.deadline_s` must be finite"),
+        ("[task]\nlr = [1, 2]\n", "`task.lr` must be a boolean, number or string"),
+        ("[rounds]\nmin_clients = 3\nclients_per_round = 2\n", "below `rounds.min_clients`"),
+        ("[transport]\nmax_chunk_bytes = 1\n", "`transport.max_chunk_bytes` must be between"),
+        ("rounds = 3\n", "[rounds] must be a table"),
+        ("this is = not toml = at all\n", "not valid TOML"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert needle in info.value.message
+    assert str(path) in info.value.message
+
+
+def test_int_accepted_for_float_and_task_values_kept(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[rounds]\ndeadline_s = 5\n[task]\nlr = 0.1\nname = 'x'\n"))
+    assert config.rounds.deadline_s == 5.0 and isinstance(config.rounds.deadline_s, float)
+    assert config.task == {"lr": 0.1, "name": "x"}
+
+
+def test_missing_file_and_find_project(tmp_path: Path) -> None:
+    with pytest.raises(ProjectNotFoundError):
+        load_config(tmp_path / "flctl.toml")
+    with pytest.raises(ProjectNotFoundError):
+        find_project(tmp_path)
+    write(tmp_path, "")
+    nested = tmp_path / "a" / "b"
+    nested.mkdir(parents=True)
+    assert find_project(nested) == (tmp_path / "flctl.toml").resolve()
+
+
+def test_parse_config_root(tmp_path: Path) -> None:
+    config = parse_config({"project": {"state_dir": "st"}}, path=tmp_path / "x.toml", root=tmp_path)
+    assert config.state_path == (tmp_path / "st").resolve()

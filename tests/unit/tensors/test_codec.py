@@ -1,0 +1,143 @@
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flctl.core.errors import InvalidInputError
+from flctl.tensors import (
+    check_update,
+    fingerprint,
+    load_parameters,
+    read_spec,
+    read_spec_bytes,
+    save_parameters,
+    sha256_file,
+    spec_of,
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8]
+
+
+@st.composite
+def state_dicts(draw: st.DrawFn) -> dict[str, torch.Tensor]:
+    n = draw(st.integers(1, 5))
+    out = {}
+    for i in range(n):
+        shape = tuple(draw(st.lists(st.integers(0, 5), min_size=0, max_size=3)))
+        dtype = draw(st.sampled_from(DTYPES))
+        gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+        if dtype.is_floating_point:
+            t = torch.randn(shape, generator=gen).to(dtype)
+        else:
+            t = torch.randint(0, 100, shape, generator=gen).to(dtype)
+        out[f"layer{i}.weight"] = t
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(params=state_dicts())
+def test_codec_round_trip(tmp_path_factory: pytest.TempPathFactory, params: dict[str, torch.Tensor]) -> None:
+    path = tmp_path_factory.mktemp("codec") / "m.safetensors"
+    save_parameters(params, path)
+    back = load_parameters(path)
+    assert list(back) == sorted(params) or set(back) == set(params)
+    for name, tensor in params.items():
+        assert back[name].dtype == tensor.dtype
+        assert torch.equal(back[name], tensor)
+    specs = read_spec(path)
+    assert fingerprint(specs) == fingerprint(spec_of(params))
+    assert read_spec_bytes(path.read_bytes()) == specs
+
+
+def test_fingerprint_ignores_values_not_shapes() -> None:
+    a = {"w": torch.zeros(2, 3)}
+    b = {"w": torch.ones(2, 3)}
+    c = {"w": torch.zeros(3, 2)}
+    d = {"w": torch.zeros(2, 3, dtype=torch.float16)}
+    assert fingerprint(spec_of(a)) == fingerprint(spec_of(b))
+    assert len({fingerprint(spec_of(x)) for x in (a, c, d)}) == 3
+
+
+def test_sha256_file(tmp_path: Path) -> None:
+    import hashlib
+
+    data = b"x" * (3 << 20) + b"tail"
+    (tmp_path / "f").write_bytes(data)
+    assert sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+def _raw(header: dict, data: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+@pytest.mark.parametrize(
+    ("blob", "needle"),
+    [
+        (b"1234", "shorter than"),
+        (struct.pack("<Q", 1 << 40) + b"{}", "header length"),
+        (struct.pack("<Q", 4) + b"nope", "not JSON"),
+        (_raw([1, 2]), "not a JSON object"),  # type: ignore[arg-type]
+        (_raw({"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unsupported dtype"),
+        (_raw({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "malformed shape"),
+        (_raw({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "do not fit"),
+        (_raw({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 40]}}, b"\0" * 4), "do not fit"),
+        (
+            _raw(
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+                },
+                b"\0" * 8,
+            ),
+            "overlaps",
+        ),
+    ],
+)
+def test_bad_headers_refused(blob: bytes, needle: str) -> None:
+    with pytest.raises(InvalidInputError, match=needle):
+        read_spec_bytes(blob)
+
+
+@settings(max_examples=200, deadline=None)
+@given(blob=st.binary(max_size=200))
+def test_random_bytes_never_crash_the_reader(blob: bytes) -> None:
+    try:
+        read_spec_bytes(blob)
+    except InvalidInputError:
+        pass
+
+
+def test_check_update(tmp_path: Path) -> None:
+    model = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
+    base = tmp_path / "base"
+    save_parameters(model, base)
+    expected = read_spec(base)
+
+    def attempt(params: dict[str, torch.Tensor]) -> None:
+        path = tmp_path / "u"
+        save_parameters(params, path)
+        check_update(path, expected)
+
+    attempt({"w": torch.ones(2, 2), "b": torch.ones(2)})
+    with pytest.raises(InvalidInputError, match="missing tensors"):
+        attempt({"w": torch.ones(2, 2)})
+    with pytest.raises(InvalidInputError, match="unexpected tensors"):
+        attempt({"w": torch.ones(2, 2), "b": torch.ones(2), "x": torch.ones(1)})
+    with pytest.raises(InvalidInputError, match="shape"):
+        attempt({"w": torch.ones(2, 3), "b": torch.ones(2)})
+    with pytest.raises(InvalidInputError, match="dtype"):
+        attempt({"w": torch.ones(2, 2, dtype=torch.float64), "b": torch.ones(2)})
+    with pytest.raises(InvalidInputError, match="NaN or Inf"):
+        attempt({"w": torch.tensor([[0.0, float("nan")], [0, 0]]), "b": torch.ones(2)})
+    with pytest.raises(InvalidInputError, match="NaN or Inf"):
+        attempt({"w": torch.ones(2, 2), "b": torch.tensor([1.0, float("inf")])})
+
+
+def test_save_refuses_non_tensors(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="not a tensor"):
+        save_parameters({"w": [1, 2, 3]}, tmp_path / "x")  # type: ignore[dict-item]
