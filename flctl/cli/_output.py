@@ -61,7 +61,7 @@ class Output:
         self.json_mode = json_mode
         self.is_terminal = sys.stdout.isatty() and not json_mode
         self.console = Console(highlight=False, soft_wrap=False)
-        self.err = Console(stderr=True, highlight=False)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def json(self, document: Any) -> None:
         """Print ``document`` as the command's one JSON document."""

@@ -16,11 +16,16 @@ from typing import IO, Any
 from flctl.aggregation import strategy_for
 from flctl.core import Config, Event, load_task
 from flctl.core import events as ev
-from flctl.core.errors import ConflictError
+from flctl.core.errors import ConfigError, ConflictError
 from flctl.security import TokenSigner, load_credentials
 from flctl.store import BlobStore, SqlStore
 from flctl.tensors import fingerprint, read_spec, sha256_file
-from flctl.transport.grpc import ServerCredentials, split_address, start_server
+from flctl.transport.grpc import (
+    ServerCredentials,
+    is_loopback_host,
+    split_address,
+    start_server,
+)
 
 from ._engine import RoundEngine
 from ._events import EventLog
@@ -94,7 +99,12 @@ class Coordinator:
     async def start(self) -> str:
         """Open the state, ensure the initial model, listen; return the bound ``HOST:PORT``."""
         config = self.config
-        split_address(self.address)  # fail on a malformed address before touching state
+        host, _ = split_address(self.address)  # fail on bad options before touching state
+        if self.insecure and not is_loopback_host(host):
+            raise ConfigError(
+                f"--insecure refuses to listen on {self.address!r}: plaintext is for loopback only",
+                hint="use mutual TLS (drop --insecure) or bind 127.0.0.1",
+            )
         credentials = None
         if not self.insecure:
             cert, key, ca = load_credentials(config.certs_path, "server")

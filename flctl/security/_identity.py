@@ -13,6 +13,8 @@ disagree.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +37,9 @@ _FLCTL_OID_ROOT = "2.25.195139702004034198723160602002407159307"
 ROLE_OID = x509.ObjectIdentifier(f"{_FLCTL_OID_ROOT}.1")
 """OID of flctl's role extension; its value is the role as a DER ``UTF8String``."""
 
+_PEM_CERT_RE = re.compile(
+    rb"-----BEGIN (?:X509 )?CERTIFICATE-----(.*?)-----END (?:X509 )?CERTIFICATE-----", re.DOTALL
+)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _UTF8STRING_TAG = 0x0C
 
@@ -125,6 +130,8 @@ def load_certificate(cert_pem: bytes, *, what: str = "certificate") -> x509.Cert
     """Parse one PEM certificate, or raise :class:`CertificateError` naming ``what``."""
     if not isinstance(cert_pem, bytes | bytearray):
         raise CertificateError(f"{what} must be PEM bytes, not {type(cert_pem).__name__}")
+    if _has_non_positive_serial(bytes(cert_pem)):
+        raise CertificateError(f"{what} has a serial number that is not positive (RFC 5280)")
     try:
         cert = x509.load_pem_x509_certificate(bytes(cert_pem))
         # cryptography parses these lazily; touch them now so that a malformed certificate fails
@@ -140,6 +147,44 @@ def load_certificate(cert_pem: bytes, *, what: str = "certificate") -> x509.Cert
     ) as exc:
         raise CertificateError(f"{what} is not a valid PEM certificate: {exc}") from exc
     return cert
+
+
+def _has_non_positive_serial(pem: bytes) -> bool:
+    """Whether the first PEM certificate's serial number is zero or negative.
+
+    cryptography loads such a certificate with a deprecation warning (an error in a future
+    release, and in a test run that turns warnings into errors); we refuse it up front instead,
+    which needs no process-wide warning filters. Anything unparsable is left to cryptography.
+    """
+    match = _PEM_CERT_RE.search(pem)
+    if match is None:
+        return False
+    try:
+        der = base64.b64decode(match.group(1))
+        _, body, _ = _der_tlv(der, 0, expect=0x30)  # Certificate
+        _, body, _ = _der_tlv(der, body, expect=0x30)  # TBSCertificate
+        tag, start, end = _der_tlv(der, body)
+        if tag == 0xA0:  # [0] version, then the serial
+            tag, start, end = _der_tlv(der, end)
+    except (binascii.Error, ValueError, IndexError):
+        return False
+    serial = der[start:end]
+    return tag == 0x02 and (not serial or serial[0] & 0x80 != 0 or not any(serial))
+
+
+def _der_tlv(der: bytes, pos: int, *, expect: int | None = None) -> tuple[int, int, int]:
+    """Read one DER tag and length at ``pos``; return (tag, content start, content end)."""
+    tag, length = der[pos], der[pos + 1]
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 4:
+            raise ValueError("unsupported DER length")
+        length = int.from_bytes(der[pos : pos + count], "big")
+        pos += count
+    if (expect is not None and tag != expect) or pos + length > len(der):
+        raise ValueError("unexpected DER")
+    return tag, pos, pos + length
 
 
 def load_private_key(key_pem: bytes, *, what: str = "private key") -> PrivateKeyTypes:

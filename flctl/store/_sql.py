@@ -85,10 +85,17 @@ class SqlStore:
         # (next version, counters) atomic within the process, and protects the single shared
         # connection of an in-memory database.
         self._lock = threading.RLock()
+        # Read by the SQLite "begin" listener while self._lock is held: write transactions take
+        # the write lock up front (BEGIN IMMEDIATE), so another process's commit between our
+        # read and our write makes us wait (busy_timeout) instead of failing.
+        self._is_write = False
         try:
             self._engine = _make_engine(url)
         except sa_exc.SQLAlchemyError as exc:
             raise StoreError(f"cannot open database {url!r}: {exc}") from exc
+        if self._engine.dialect.name == "sqlite":
+            event.listen(self._engine, "connect", _sqlite_connect)
+            event.listen(self._engine, "begin", self._sqlite_begin)
         try:
             self._init_schema()
         except BaseException:
@@ -133,9 +140,10 @@ class SqlStore:
     # -- plumbing ---------------------------------------------------------------------------
 
     @contextmanager
-    def _session(self) -> Iterator[Session]:
+    def _session(self, *, write: bool = False) -> Iterator[Session]:
         """One short transaction; SQLAlchemy errors become flctl store errors, once, here."""
         with self._lock:
+            self._is_write = write
             try:
                 with Session(self._engine, expire_on_commit=False) as session:
                     yield session
@@ -144,9 +152,14 @@ class SqlStore:
                 raise ConflictError(f"the state changed under us: {exc.orig}") from exc
             except sa_exc.SQLAlchemyError as exc:
                 raise StoreError(f"database error: {exc}") from exc
+            finally:
+                self._is_write = False
+
+    def _sqlite_begin(self, connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if self._is_write else "BEGIN")
 
     def _init_schema(self) -> None:
-        with self._session() as session:
+        with self._session(write=True) as session:
             inspector = inspect(session.connection())
             existing = set(inspector.get_table_names())
             if "meta" in existing:
@@ -200,7 +213,7 @@ class SqlStore:
         """
         _check_choice("model kind", kind, MODEL_KINDS)
         metrics_json = _dump_metrics(metrics)
-        with self._session() as session:
+        with self._session(write=True) as session:
             if parent is not None and session.get(ModelRow, parent) is None:
                 raise NotFoundError(f"model version {parent} not found")
             row = _insert_model(
@@ -289,7 +302,7 @@ class SqlStore:
             raise InvalidInputError(f"round count must be a positive integer, got {count!r}")
         config_json = _dump_json(dict(config or {}), "round config")
         now = time.time()
-        with self._session() as session:
+        with self._session(write=True) as session:
             rows = [
                 RoundRow(status="queued", created=now, config=config_json) for _ in range(count)
             ]
@@ -395,7 +408,7 @@ class SqlStore:
             ended = time.time()
         if ended is not None:
             values["ended"] = ended
-        with self._session() as session:
+        with self._session(write=True) as session:
             _guarded_round_update(session, round_id, values)
             record = _round_record(_get_round_row(session, round_id))
             session.commit()
@@ -424,7 +437,7 @@ class SqlStore:
             ConflictError: The round is already terminal.
         """
         metrics_json = _dump_metrics(metrics)
-        with self._session() as session:
+        with self._session(write=True) as session:
             # The guarded update comes first so that a terminal round writes nothing at all.
             _guarded_round_update(
                 session,
@@ -506,7 +519,7 @@ class SqlStore:
             metrics=_dump_metrics(metrics),
             created=time.time(),
         )
-        with self._session() as session:
+        with self._session(write=True) as session:
             session.add(row)
             session.flush()
             record = _update_record(row)
@@ -570,7 +583,7 @@ class SqlStore:
         ):
             if value < 0:
                 raise InvalidInputError(f"{name} must be >= 0, got {value!r}")
-        with self._session() as session:
+        with self._session(write=True) as session:
             row = session.get(ClientRow, client_id)
             if row is None:
                 at = time.time() if seen is None else seen
@@ -648,7 +661,7 @@ class SqlStore:
             client_id=client_id,
             data=_dump_json(data_dict, "event data"),
         )
-        with self._session() as session:
+        with self._session(write=True) as session:
             session.add(row)
             session.flush()
             event_ = _event(row)
@@ -685,11 +698,7 @@ def _make_engine(url: str) -> Engine:
             # One connection shared by all threads, or each thread would see its own database.
             kwargs["poolclass"] = StaticPool
             kwargs["connect_args"] = {"check_same_thread": False}
-    engine = create_engine(parsed, **kwargs)
-    if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_connect)
-        event.listen(engine, "begin", _sqlite_begin)
-    return engine
+    return create_engine(parsed, **kwargs)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -706,10 +715,6 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
         cursor.close()
-
-
-def _sqlite_begin(connection: Connection) -> None:
-    connection.exec_driver_sql("BEGIN")
 
 
 def _check_choice(what: str, value: str, allowed: Any) -> None:

@@ -4,7 +4,12 @@
 (``from flctl.transport.grpc import pb``), never from ``_proto`` directly.
 """
 
-from flctl.transport.grpc._channel import (
+import os
+
+# gRPC's C core logs every refused TLS handshake at INFO on stderr; flctl reports them itself.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from flctl.transport.grpc._channel import (  # noqa: E402
     channel_options,
     insecure_channel,
     is_loopback_host,

@@ -212,7 +212,7 @@ def test_clean_temp(blobs: BlobStore) -> None:
     assert list((blobs.root / "tmp").iterdir()) == []
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     data=st.binary(max_size=20_000),
     chunk_size=st.integers(min_value=1, max_value=5_000),

@@ -1,0 +1,62 @@
+"""The by-hand journey of docs/quickstart.md, each step a separate flctl process."""
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from .conftest import Processes, flctl, one_json, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+
+def test_init_certs_serve_join_round_start_models_ls(tmp_path: Path, processes: Processes) -> None:
+    flctl("init", "proj", "--template", "digits", cwd=tmp_path, check=True)
+    proj = tmp_path / "proj"
+    assert {p.name for p in proj.iterdir()} >= {"flctl.toml", "task.py", ".gitignore"}
+    again = flctl("init", "proj", cwd=tmp_path)
+    assert again.returncode == 12 and "not empty" in again.stderr
+
+    gen = one_json(flctl("certs", "gen", "--clients", "2", "--json", cwd=proj, check=True).stdout)
+    assert set(gen["clients"]) == {"c1", "c2"}
+    for name in ("ca", "server", "admin", "c1", "c2"):
+        assert (proj / "certs" / f"{name}.crt").is_file()
+        assert stat.S_IMODE(os.stat(proj / "certs" / f"{name}.key").st_mode) == 0o600
+
+    processes.start("coordinator", "serve", "--address", "127.0.0.1:0", "--no-tui", cwd=proj)
+    serve_file = proj / ".flctl" / "serve.json"
+    wait_for(serve_file.exists, what="serve.json", timeout=120)
+    address = json.loads(serve_file.read_text())["address"]
+    assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+
+    for cid in ("c1", "c2"):
+        processes.start(cid, "join", "--server", address, "--client-id", cid, cwd=proj)
+
+    # Admin commands find the coordinator through serve.json: no --server needed.
+    result = flctl("round", "start", "--rounds", "2", "--wait", "--json", cwd=proj, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:] + processes.log("coordinator")[-3000:]
+    doc = one_json(result.stdout)
+    assert [r["status"] for r in doc["rounds"]] == ["committed", "committed"]
+    assert all(r["num_clients"] == 2 for r in doc["rounds"])
+    assert doc["model_version"] == 3
+
+    queued = one_json(flctl("round", "start", "--json", cwd=proj, check=True).stdout)
+    assert queued == {"round_ids": [3]}
+
+    watch = one_json(flctl("round", "watch", "--json", cwd=proj, check=True).stdout)
+    types = [e["type"] for e in watch["events"]]
+    assert types.count("round.committed") >= 2 and "client.joined" in types
+
+    models = one_json(flctl("models", "ls", "--json", cwd=proj, check=True).stdout)
+    assert models["head"] >= 3
+    assert models["models"][-1]["kind"] == "initial"
+
+    assert processes.stop("c1") == 0
+    assert processes.stop("c2") == 0
+    assert processes.stop("coordinator") == 0
+    assert not serve_file.exists()
+    # models ls works with the coordinator stopped too
+    after = one_json(flctl("models", "ls", "--json", cwd=proj, check=True).stdout)
+    assert after["head"] == models["head"] or after["head"] == models["head"] + 1

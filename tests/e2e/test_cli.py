@@ -1,0 +1,70 @@
+"""The CLI's contract: help, exit codes, one JSON document, no tracebacks."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import flctl, one_json
+
+
+def test_help_smoke(tmp_path: Path) -> None:
+    result = flctl("--help", cwd=tmp_path, check=True)
+    for name in ("demo", "init", "serve", "join", "certs", "round", "models"):
+        assert name in result.stdout
+    assert flctl("round", "-h", cwd=tmp_path, check=True).stdout.count("start") >= 1
+
+
+def test_bad_config_is_a_clear_error_with_its_exit_code(tmp_path: Path) -> None:
+    (tmp_path / "flctl.toml").write_text("[rounds]\nmin_clients = 'many'\n")
+    result = flctl("models", "ls", cwd=tmp_path)
+    assert result.returncode == 10
+    assert "`rounds.min_clients` must be an integer" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    as_json = flctl("models", "ls", "--json", cwd=tmp_path)
+    assert as_json.returncode == 10
+    assert one_json(as_json.stdout)["error"]["code"] == "config"
+
+
+def test_outside_a_project(tmp_path: Path) -> None:
+    result = flctl("round", "start", "--json", cwd=tmp_path)
+    assert result.returncode == 11
+    assert "no flctl.toml" in one_json(result.stdout)["error"]["message"]
+
+
+def test_round_start_without_a_coordinator(tmp_path: Path) -> None:
+    flctl("init", "p", cwd=tmp_path, check=True)
+    result = flctl("round", "start", "--json", cwd=tmp_path / "p")
+    assert result.returncode == 31
+    assert "no running coordinator" in one_json(result.stdout)["error"]["message"]
+
+
+def test_unknown_template_and_init_json(tmp_path: Path) -> None:
+    bad = flctl("init", "p", "--template", "nope", cwd=tmp_path)
+    assert bad.returncode == 10 and "unknown template" in bad.stderr
+    good = one_json(flctl("init", "p", "--json", cwd=tmp_path, check=True).stdout)
+    assert good["template"] == "digits" and "task.py" in good["files"]
+    forced = flctl("init", "p", "--force", cwd=tmp_path)
+    assert forced.returncode == 0
+
+
+def test_insecure_refuses_a_public_address(tmp_path: Path) -> None:
+    flctl("init", "p", cwd=tmp_path, check=True)
+    result = flctl("serve", "--insecure", "--address", "0.0.0.0:0", "--no-tui", cwd=tmp_path / "p")
+    assert result.returncode == 10
+    assert "loopback only" in result.stderr
+
+
+def test_serve_without_certificates_says_what_to_run(tmp_path: Path) -> None:
+    flctl("init", "p", cwd=tmp_path, check=True)
+    result = flctl("serve", "--no-tui", cwd=tmp_path / "p")
+    assert result.returncode == 21
+    assert "flctl certs gen" in result.stderr
+
+
+@pytest.mark.parametrize("args", [("demo", "--clients", "0", "--json"), ("round", "start", "--rounds", "0", "--json")])
+def test_invalid_numbers(tmp_path: Path, args: tuple[str, ...]) -> None:
+    flctl("init", "p", cwd=tmp_path, check=True)
+    result = flctl(*args, cwd=tmp_path / "p")
+    assert result.returncode != 0
+    assert "error" in json.loads(result.stdout)
