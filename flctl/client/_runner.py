@@ -291,7 +291,7 @@ class Runner:
         partial = self._cache.partial(digest)
         offset = partial.stat().st_size if partial.exists() else 0
         with partial.open("ab") as sink:
-            await api.download(digest, sink, offset=offset)  # type: ignore[arg-type]
+            await api.download(digest, sink, offset=offset)
             sink.flush()
             os.fsync(sink.fileno())
         if await asyncio.to_thread(sha256_file, partial) != digest:

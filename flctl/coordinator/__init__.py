@@ -2,4 +2,8 @@
 
 from flctl.coordinator._coordinator import SERVE_FILE, Coordinator, read_serve_file
 
-__all__ = ["SERVE_FILE", "Coordinator", "read_serve_file"]
+__all__ = [
+    "Coordinator",
+    "SERVE_FILE",
+    "read_serve_file",
+]

@@ -33,7 +33,11 @@ from ._registry import Registry
 from ._service import AdminService, CoordinatorService, Limits
 from ._task import make_evaluator, write_initial_model
 
-__all__ = ["SERVE_FILE", "Coordinator", "read_serve_file"]
+__all__ = [
+    "Coordinator",
+    "SERVE_FILE",
+    "read_serve_file",
+]
 
 log = logging.getLogger("flctl.coordinator")
 

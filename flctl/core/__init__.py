@@ -19,9 +19,9 @@ from flctl.core.task import TaskContext, load_task
 
 __all__ = [
     "CONFIG_FILE",
-    "DEFAULT_PORT",
     "ClientConfig",
     "Config",
+    "DEFAULT_PORT",
     "DataConfig",
     "Event",
     "ProjectConfig",

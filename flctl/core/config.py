@@ -19,9 +19,9 @@ from flctl.core.errors import ConfigError, ProjectNotFoundError
 
 __all__ = [
     "CONFIG_FILE",
-    "DEFAULT_PORT",
     "ClientConfig",
     "Config",
+    "DEFAULT_PORT",
     "DataConfig",
     "ProjectConfig",
     "RoundsConfig",

@@ -46,8 +46,8 @@ from flctl.security._identity import (
 )
 
 __all__ = [
-    "SERVER_NAME",
     "CertsReport",
+    "SERVER_NAME",
     "generate_project_certs",
     "load_ca",
     "load_credentials",

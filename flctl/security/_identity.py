@@ -28,7 +28,12 @@ from cryptography.x509.oid import NameOID
 
 from flctl.core.errors import CertificateError
 
-__all__ = ["ROLE_OID", "Identity", "Role", "identity_from_pem"]
+__all__ = [
+    "Identity",
+    "ROLE_OID",
+    "Role",
+    "identity_from_pem",
+]
 
 # A private arc that needs no registration: ITU-T X.667 lets anyone who generates a UUID use
 # 2.25.<uuid as an integer> as their own OID root. flctl's root is the UUID below; arc .1 is the

@@ -80,7 +80,6 @@ class SqlStore:
     SCHEMA_VERSION: ClassVar[int] = 1
 
     def __init__(self, url: str) -> None:
-        self.url = url
         # The coordinator may call from worker threads; one lock keeps each read-modify-write
         # (next version, counters) atomic within the process, and protects the single shared
         # connection of an in-memory database.
@@ -150,6 +149,9 @@ class SqlStore:
             except sa_exc.IntegrityError as exc:
                 # A unique or foreign key constraint fired: another writer got there first.
                 raise ConflictError(f"the state changed under us: {exc.orig}") from exc
+            except sa_exc.DBAPIError as exc:
+                # The driver's own message, without the SQL statement and its parameters.
+                raise StoreError(f"database error: {exc.orig}") from exc
             except sa_exc.SQLAlchemyError as exc:
                 raise StoreError(f"database error: {exc}") from exc
             finally:

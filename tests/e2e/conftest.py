@@ -17,13 +17,17 @@ import pytest
 FLCTL = [sys.executable, "-m", "flctl"]
 
 
-def flctl(*args: str, cwd: Path, timeout: float = 240, check: bool = False) -> subprocess.CompletedProcess[str]:
+def flctl(
+    *args: str, cwd: Path, timeout: float = 240, check: bool = False
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
         [*FLCTL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"flctl {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"flctl {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -42,7 +46,11 @@ class Processes:
     def start(self, name: str, *args: str, cwd: Path) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("wb")
         proc = subprocess.Popen(
-            [*FLCTL, *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [*FLCTL, *args],
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
         )
         log.close()

@@ -62,7 +62,9 @@ def test_serve_without_certificates_says_what_to_run(tmp_path: Path) -> None:
     assert "flctl certs gen" in result.stderr
 
 
-@pytest.mark.parametrize("args", [("demo", "--clients", "0", "--json"), ("round", "start", "--rounds", "0", "--json")])
+@pytest.mark.parametrize(
+    "args", [("demo", "--clients", "0", "--json"), ("round", "start", "--rounds", "0", "--json")]
+)
 def test_invalid_numbers(tmp_path: Path, args: tuple[str, ...]) -> None:
     flctl("init", "p", cwd=tmp_path, check=True)
     result = flctl(*args, cwd=tmp_path / "p")

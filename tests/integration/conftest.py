@@ -45,7 +45,11 @@ class Project:
         for name, values in base.items():
             lines.append(f"[{name}]")
             for key, value in values.items():
-                lines.append(f"{key} = {value!r}" if not isinstance(value, bool) else f"{key} = {str(value).lower()}")
+                lines.append(
+                    f"{key} = {value!r}"
+                    if not isinstance(value, bool)
+                    else f"{key} = {str(value).lower()}"
+                )
         text = "\n".join(lines).replace("'", '"') + "\n"
         (self.root / "flctl.toml").write_text(text)
         return load_config(self.root / "flctl.toml")
@@ -58,7 +62,9 @@ def project(tmp_path: Path, certs_template: Path) -> Project:
     return Project(tmp_path)
 
 
-def make_runner(config: Config, address: str, client_id: str, *, partition: int = 0, **overrides: Any) -> Runner:
+def make_runner(
+    config: Config, address: str, client_id: str, *, partition: int = 0, **overrides: Any
+) -> Runner:
     task = load_task(config.task_path)
     context = TaskContext(
         role="client",
@@ -86,7 +92,9 @@ def admin(config: Config, address: str) -> AdminClient:
     return AdminClient(secure_channel(address, cert_pem=cert, key_pem=key, ca_pem=ca))
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, step: float = 0.05) -> None:
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float = 20.0, step: float = 0.05
+) -> None:
     """Poll a condition (sync or async) until true; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -97,4 +105,3 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, step: 
             return
         await asyncio.sleep(step)
     raise AssertionError(f"condition not met within {timeout} s")
-

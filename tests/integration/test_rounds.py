@@ -112,7 +112,9 @@ def test_model_mismatch_is_refused_with_what_differs(project: Project) -> None:
     config = project.write()
     other = project.root / "other_task.py"
     other.write_text(
-        (project.root / "tiny_task.py").read_text().replace("torch.nn.Linear(4, 2)", "torch.nn.Linear(4, 3)")
+        (project.root / "tiny_task.py")
+        .read_text()
+        .replace("torch.nn.Linear(4, 2)", "torch.nn.Linear(4, 3)")
     )
 
     async def main() -> None:
@@ -126,7 +128,9 @@ def test_model_mismatch_is_refused_with_what_differs(project: Project) -> None:
             runner = make_runner(
                 replace(config, project=ProjectConfig(task="other_task.py", seed=1)), address, "c1"
             )
-            with pytest.raises(ProtocolMismatchError, match=r"shape \[3, 4\] vs the coordinator's \[2, 4\]"):
+            with pytest.raises(
+                ProtocolMismatchError, match=r"shape \[3, 4\] vs the coordinator's \[2, 4\]"
+            ):
                 await asyncio.wait_for(runner.run(asyncio.Event()), 30)
         finally:
             await coordinator.stop()
@@ -138,7 +142,9 @@ def test_model_mismatch_is_refused_with_what_differs(project: Project) -> None:
 def test_vanished_client_fails_the_round_at_deadline_or_quorum_allows(
     project: Project, min_clients: int
 ) -> None:
-    config = project.write(rounds={"min_clients": min_clients, "deadline_s": 2.0}, task={"hang_client": "c2"})
+    config = project.write(
+        rounds={"min_clients": min_clients, "deadline_s": 2.0}, task={"hang_client": "c2"}
+    )
     task_module = load_task(config.task_path)
 
     async def main() -> None:
@@ -173,7 +179,9 @@ def test_vanished_client_fails_the_round_at_deadline_or_quorum_allows(
 
 def test_client_leaving_mid_round_ends_the_round_early(project: Project) -> None:
     """A selected client whose stream closes is not waited for until the deadline."""
-    config = project.write(rounds={"min_clients": 2, "deadline_s": 60.0}, task={"hang_client": "c2"})
+    config = project.write(
+        rounds={"min_clients": 2, "deadline_s": 60.0}, task={"hang_client": "c2"}
+    )
     task_module = load_task(config.task_path)
 
     async def main() -> None:

@@ -42,7 +42,9 @@ def test_all_is_sorted_and_complete(name: str) -> None:
 
 
 def test_packaging_lists_every_subpackage() -> None:
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
     found = {"flctl", *(m.name for m in pkgutil.walk_packages(flctl.__path__, "flctl.") if m.ispkg)}
     found.discard("flctl.templates")
     assert found <= listed, found - listed

@@ -36,13 +36,13 @@ from flctl.transport.grpc._values import from_value_map, metrics_from_map, to_va
 PROTOCOL_VERSION = 1
 
 __all__ = [
-    "PROTOCOL_VERSION",
-    "STATUS_TO_ERROR",
     "AdminClient",
     "AdminHandler",
     "CoordinatorClient",
     "CoordinatorHandler",
+    "PROTOCOL_VERSION",
     "RpcContext",
+    "STATUS_TO_ERROR",
     "ServerCredentials",
     "channel_options",
     "from_value_map",

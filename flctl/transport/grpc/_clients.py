@@ -55,7 +55,7 @@ class CoordinatorClient(_Caller):
 
     def __init__(self, channel: grpc.aio.Channel, *, identity: str = "") -> None:
         super().__init__(channel, identity=identity, role="client")
-        self._stub = pb_grpc.CoordinatorStub(channel)
+        self._stub = pb_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
 
     async def join(self, request: pb.JoinRequest, *, timeout: float = 30.0) -> pb.JoinReply:
         """Open a session; keeps the returned token for later calls."""
@@ -144,7 +144,7 @@ class AdminClient(_Caller):
 
     def __init__(self, channel: grpc.aio.Channel, *, identity: str = "admin") -> None:
         super().__init__(channel, identity=identity, role="admin")
-        self._stub = pb_grpc.AdminStub(channel)
+        self._stub = pb_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
 
     async def _call(self, method: Any, request: Any, timeout: float) -> Any:
         with map_rpc_errors():

@@ -59,10 +59,10 @@ async def start_server(
             hint="use mutual TLS (drop --insecure) or bind 127.0.0.1",
         )
     server = grpc.aio.server(options=channel_options(max_chunk_bytes))
-    pb_grpc.add_CoordinatorServicer_to_server(
+    pb_grpc.add_CoordinatorServicer_to_server(  # type: ignore[no-untyped-call]
         CoordinatorServicer(coordinator, insecure=insecure), server
     )
-    pb_grpc.add_AdminServicer_to_server(AdminServicer(admin, insecure=insecure), server)
+    pb_grpc.add_AdminServicer_to_server(AdminServicer(admin, insecure=insecure), server)  # type: ignore[no-untyped-call]
     try:
         if credentials is None:
             port = server.add_insecure_port(address)

@@ -18,7 +18,9 @@ def write(path: Path, params: dict[str, torch.Tensor]) -> Path:
 @st.composite
 def federations(draw: st.DrawFn) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
     k = draw(st.integers(1, 5))
-    shapes = draw(st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=3))
+    shapes = draw(
+        st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=3)
+    )
     dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.float16]))
     seed = draw(st.integers(0, 10_000))
     gen = torch.Generator().manual_seed(seed)
@@ -61,7 +63,10 @@ def test_identical_updates_return_that_update_and_order_does_not_matter(
     FedAvg().aggregate(base, same, folder / "same")
     for name, tensor in load_parameters(folder / "same").items():
         assert torch.allclose(tensor.double(), models[0][name].double(), atol=1e-3)
-    ups = [WeightedUpdate(write(folder / f"u{i}", m), w) for i, (m, w) in enumerate(zip(models, weights, strict=True))]
+    ups = [
+        WeightedUpdate(write(folder / f"u{i}", m), w)
+        for i, (m, w) in enumerate(zip(models, weights, strict=True))
+    ]
     FedAvg().aggregate(base, ups, folder / "fwd")
     FedAvg().aggregate(base, list(reversed(ups)), folder / "rev")
     fwd, rev = load_parameters(folder / "fwd"), load_parameters(folder / "rev")

@@ -59,7 +59,9 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str, needle: str) -> Non
 
 
 def test_int_accepted_for_float_and_task_values_kept(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, "[rounds]\ndeadline_s = 5\n[task]\nlr = 0.1\nname = 'x'\n"))
+    config = load_config(
+        write(tmp_path, "[rounds]\ndeadline_s = 5\n[task]\nlr = 0.1\nname = 'x'\n")
+    )
     assert config.rounds.deadline_s == 5.0 and isinstance(config.rounds.deadline_s, float)
     assert config.task == {"lr": 0.1, "name": "x"}
 

@@ -41,3 +41,11 @@ def test_to_dict() -> None:
         "hint": "fix it",
         "details": {"key": "x"},
     }
+
+
+def test_every_exit_code_is_documented() -> None:
+    from tests.conftest import REPO
+
+    text = (REPO / "docs" / "cli.md").read_text()
+    for cls in all_error_classes():
+        assert f"| {cls.exit_code} | `{cls.code}` | `{cls.__name__}` |" in text, cls.__name__

@@ -372,6 +372,9 @@ def test_random_bytes_only_raise_certificate_error(data: bytes) -> None:
 _LEAF = issue_certificate(generate_ca(), "c1", Role.CLIENT, sans=())
 
 
+# Corrupting a name can make e.g. a country name 8 characters long, which cryptography still
+# loads, with this warning; anything else must come out as a CertificateError.
+@pytest.mark.filterwarnings("ignore:Attribute's length must be:UserWarning")
 @settings(max_examples=150, deadline=None)
 @given(st.data())
 def test_corrupted_certificates_only_raise_certificate_error(data: st.DataObject) -> None:
@@ -387,6 +390,16 @@ def test_corrupted_certificates_only_raise_certificate_error(data: st.DataObject
         verify_certificate(pem, pem)
     except CertificateError:
         pass
+
+
+@pytest.mark.parametrize("first_byte", [0x80, 0xFF, 0x00])
+def test_non_positive_serial_is_refused(first_byte: int) -> None:
+    der = bytearray(_cert(_LEAF.cert_pem).public_bytes(serialization.Encoding.DER))
+    serial = _cert(_LEAF.cert_pem).serial_number.to_bytes(20, "big").lstrip(b"\0")
+    at = der.index(serial)
+    der[at : at + len(serial)] = bytes([first_byte]) + bytes(len(serial) - 1)
+    with pytest.raises(CertificateError, match="serial number that is not positive"):
+        identity_from_pem(_pem(bytes(der)))
 
 
 def test_key_match(ca: KeyPair) -> None:

@@ -40,7 +40,9 @@ def state_dicts(draw: st.DrawFn) -> dict[str, torch.Tensor]:
 
 @settings(max_examples=40, deadline=None)
 @given(params=state_dicts())
-def test_codec_round_trip(tmp_path_factory: pytest.TempPathFactory, params: dict[str, torch.Tensor]) -> None:
+def test_codec_round_trip(
+    tmp_path_factory: pytest.TempPathFactory, params: dict[str, torch.Tensor]
+) -> None:
     path = tmp_path_factory.mktemp("codec") / "m.safetensors"
     save_parameters(params, path)
     back = load_parameters(path)
@@ -82,10 +84,22 @@ def _raw(header: dict, data: bytes = b"") -> bytes:
         (struct.pack("<Q", 1 << 40) + b"{}", "header length"),
         (struct.pack("<Q", 4) + b"nope", "not JSON"),
         (_raw([1, 2]), "not a JSON object"),  # type: ignore[arg-type]
-        (_raw({"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unsupported dtype"),
-        (_raw({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "malformed shape"),
-        (_raw({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "do not fit"),
-        (_raw({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 40]}}, b"\0" * 4), "do not fit"),
+        (
+            _raw({"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "unsupported dtype",
+        ),
+        (
+            _raw({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "malformed shape",
+        ),
+        (
+            _raw({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "do not fit",
+        ),
+        (
+            _raw({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 40]}}, b"\0" * 4),
+            "do not fit",
+        ),
         (
             _raw(
                 {

@@ -46,14 +46,31 @@ class FakeRpcError(grpc.RpcError):
     ("code", "details", "trailing", "cls"),
     [
         (grpc.StatusCode.UNAVAILABLE, "Connection refused", (), ConnectError),
-        (grpc.StatusCode.UNAVAILABLE, "Ssl handshake failed: CERTIFICATE_VERIFY_FAILED", (), CertificateError),
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "Ssl handshake failed: CERTIFICATE_VERIFY_FAILED",
+            (),
+            CertificateError,
+        ),
         (grpc.StatusCode.UNAUTHENTICATED, "token expired", (), AuthenticationError),
-        (grpc.StatusCode.FAILED_PRECONDITION, "model differs", (("flctl-error", "protocol_mismatch"),), ProtocolMismatchError),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, "too big", (("flctl-error", "limit_exceeded"),), LimitExceededError),
+        (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "model differs",
+            (("flctl-error", "protocol_mismatch"),),
+            ProtocolMismatchError,
+        ),
+        (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "too big",
+            (("flctl-error", "limit_exceeded"),),
+            LimitExceededError,
+        ),
         (grpc.StatusCode.DATA_LOSS, "digest", (), IntegrityError),
     ],
 )
-def test_translate(code: grpc.StatusCode, details: str, trailing: tuple, cls: type[FlctlError]) -> None:
+def test_translate(
+    code: grpc.StatusCode, details: str, trailing: tuple, cls: type[FlctlError]
+) -> None:
     err = translate_rpc_error(FakeRpcError(code, details, trailing))
     assert type(err) is cls
     assert details in err.message
@@ -61,7 +78,9 @@ def test_translate(code: grpc.StatusCode, details: str, trailing: tuple, cls: ty
 
 def test_round_trip_through_status_and_code() -> None:
     for cls in all_error_classes():
-        err = translate_rpc_error(FakeRpcError(status_for(cls("m")), "m", (("flctl-error", cls.code),)))
+        err = translate_rpc_error(
+            FakeRpcError(status_for(cls("m")), "m", (("flctl-error", cls.code),))
+        )
         assert type(err) is cls
 
 
