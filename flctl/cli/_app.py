@@ -8,6 +8,9 @@ from typing import Annotated
 import typer
 
 from flctl import __version__
+from flctl.cli._certs import certs_app
+from flctl.cli._models import models_app
+from flctl.cli._options import ConfigOpt, JsonOpt, ServerOpt
 from flctl.cli._output import Output, command, settings
 
 __all__ = ["app", "main"]
@@ -24,24 +27,13 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
 )
-certs_app = typer.Typer(help="Certificates for mutual TLS.", no_args_is_help=True)
 round_app = typer.Typer(
     help="Start and watch rounds on a running coordinator.", no_args_is_help=True
 )
-models_app = typer.Typer(help="The model history in the state store.", no_args_is_help=True)
-app.add_typer(certs_app, name="certs", context_settings=_CONTEXT)
 app.add_typer(round_app, name="round", context_settings=_CONTEXT)
+# Command groups that live in their own modules (each module imports only typer at the top).
+app.add_typer(certs_app, name="certs", context_settings=_CONTEXT)
 app.add_typer(models_app, name="models", context_settings=_CONTEXT)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="Path of flctl.toml (default: nearest one upwards)."),
-]
-ServerOpt = Annotated[
-    str | None,
-    typer.Option(help="Coordinator HOST:PORT (default: from the project's .flctl/serve.json)."),
-]
 
 
 def _version(value: bool) -> None:
@@ -117,63 +109,6 @@ def init(
         return
     out.line(f"created {result.path} from template {result.template!r}: {', '.join(result.files)}")
     out.line(f"next: cd {name} && flctl certs gen --clients 3 && flctl serve")
-
-
-# ---------------------------------------------------------------------- certs
-
-
-@certs_app.command("gen")
-@command()
-def certs_gen(
-    clients: Annotated[
-        int | None, typer.Option(help="Issue client certificates c1..cN (default 3).")
-    ] = None,
-    client_id: Annotated[
-        list[str] | None, typer.Option("--client-id", help="A client identity (repeatable).")
-    ] = None,
-    san: Annotated[
-        list[str] | None,
-        typer.Option("--san", help="Extra DNS name or IP for the server certificate."),
-    ] = None,
-    days: Annotated[int, typer.Option(help="Validity of issued certificates.")] = 365,
-    force: Annotated[bool, typer.Option(help="Regenerate everything, CA included.")] = False,
-    config_path: ConfigOpt = None,
-    json_output: JsonOpt = False,
-) -> None:
-    """Write the CA, server, admin and client certificates into the project's certs folder."""
-    from flctl.cli._common import load_project
-    from flctl.core.errors import ConfigError
-    from flctl.security import generate_project_certs
-
-    config = load_project(config_path)
-    ids = list(client_id or [])
-    if clients is not None and clients < 0:
-        raise ConfigError(f"--clients must not be negative, not {clients}")
-    if not ids or clients is not None:
-        ids += [f"c{i}" for i in range(1, (3 if clients is None else clients) + 1)]
-    ids = list(dict.fromkeys(ids))
-    try:
-        report = generate_project_certs(
-            config.certs_path, ids, sans=san or [], days=days, force=force
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    out = Output(json_mode=json_output)
-    if json_output:
-        out.json(
-            {
-                "certs_dir": str(report.certs_dir),
-                "written": report.written,
-                "reused": report.reused,
-                "clients": ids,
-            }
-        )
-        return
-    out.line(f"certificates in {report.certs_dir}")
-    if report.written:
-        out.line(f"  written: {', '.join(report.written)}")
-    if report.reused:
-        out.line(f"  kept:    {', '.join(report.reused)}")
 
 
 # ---------------------------------------------------------------------- serve / join
@@ -295,23 +230,6 @@ def round_watch(
         json_output=json_output,
         since=since,
     )
-
-
-# ---------------------------------------------------------------------- models
-
-
-@models_app.command("ls")
-@command()
-def models_ls(
-    limit: Annotated[int | None, typer.Option(help="Show at most this many versions.")] = None,
-    config_path: ConfigOpt = None,
-    json_output: JsonOpt = False,
-) -> None:
-    """List model versions, newest first (works with or without a running coordinator)."""
-    from flctl.cli._common import load_project
-    from flctl.cli._models import list_models
-
-    list_models(load_project(config_path), limit=limit, json_output=json_output)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ project folder is kept for inspection (its state store, logs and certificates).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -186,10 +187,27 @@ def run_demo(options: DemoOptions) -> tuple[dict[str, Any], int]:
         total_rounds=options.rounds,
     )
 
+    async def follow(client: AdminClient, ids: list[int], done: asyncio.Event) -> None:
+        async for message in client.watch(0):
+            event = event_from_pb(message)
+            state.apply(event)
+            if not use_tui and not options.json_output:
+                out.line(event_line(event))
+            if (ids and state.all_done(ids)) or event.type == "coordinator.stopped":
+                break
+        done.set()
+
     async def main() -> dict[str, Any]:
         procs.start("coordinator", ["serve", "--address", "127.0.0.1:0", "--no-tui"], project)
-        address = await _wait_serve_file(config.state_path, procs, options.startup_timeout_s)
+        spinner = (
+            out.console.status("starting the coordinator (loading torch and the task)")
+            if use_tui
+            else contextlib.nullcontext()
+        )
+        with spinner:
+            address = await _wait_serve_file(config.state_path, procs, options.startup_timeout_s)
         out.note(f"coordinator on {address}; starting {options.clients} clients")
+        state.address = address
         for i in range(1, options.clients + 1):
             procs.start(
                 f"c{i}",
@@ -208,10 +226,11 @@ def run_demo(options: DemoOptions) -> tuple[dict[str, Any], int]:
             )
         client = admin_client(config, address)
         live: Live | None = None
+        ids: list[int] = []
+        done = asyncio.Event()
+        title = state.title
+        follower = asyncio.create_task(follow(client, ids, done))
         try:
-            await _wait_clients(client, options.clients, procs, options.startup_timeout_s)
-            reply = await client.start_round(options.rounds)
-            ids = [int(i) for i in reply.round_ids]
             if use_tui:
                 live = Live(
                     get_renderable=lambda: render_dashboard(state, now=time.time()),
@@ -219,14 +238,18 @@ def run_demo(options: DemoOptions) -> tuple[dict[str, Any], int]:
                     refresh_per_second=4,
                 )
                 live.start()
-            async for message in client.watch(0):
-                event = event_from_pb(message)
-                state.apply(event)
-                if not use_tui and not options.json_output:
-                    out.line(event_line(event))
+            state.title = f"{title}: waiting for {options.clients} clients"
+            await _wait_clients(client, options.clients, procs, options.startup_timeout_s)
+            state.title = title
+            reply = await client.start_round(options.rounds)
+            ids.extend(int(i) for i in reply.round_ids)
+            while not done.is_set():
+                for name in procs.running:
+                    if name == "coordinator":
+                        procs.check_alive(name)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), 1.0)
                 if state.all_done(ids):
-                    break
-                if event.type == "coordinator.stopped":
                     break
             if live is not None:
                 live.stop()
@@ -239,6 +262,9 @@ def run_demo(options: DemoOptions) -> tuple[dict[str, Any], int]:
                 "project_dir": str(project),
             }
         finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError, FlctlError):
+                await follower
             if live is not None:
                 live.stop()
             await client.close()

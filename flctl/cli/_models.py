@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+import typer
 from rich.table import Table
 
-from flctl.cli._output import Output
+from flctl.cli._options import ConfigOpt, JsonOpt
+from flctl.cli._output import Output, command
 from flctl.core import Config
 from flctl.core.errors import NotFoundError
-from flctl.store import ModelRecord, SqlStore
 
-__all__ = ["list_models", "model_dict"]
+if TYPE_CHECKING:
+    from flctl.store import ModelRecord
+
+__all__ = ["list_models", "model_dict", "models_app"]
+
+models_app = typer.Typer(help="The model history in the state store.", no_args_is_help=True)
 
 
 def model_dict(record: ModelRecord, head: int | None) -> dict[str, Any]:
@@ -31,6 +37,8 @@ def model_dict(record: ModelRecord, head: int | None) -> dict[str, Any]:
 
 def list_models(config: Config, *, limit: int | None, json_output: bool) -> dict[str, Any]:
     """Print the model versions, newest first; works whether or not a coordinator runs."""
+    from flctl.store import SqlStore
+
     out = Output(json_mode=json_output)
     if not (config.state_path / "state.db").is_file():
         raise NotFoundError(
@@ -74,3 +82,16 @@ def list_models(config: Config, *, limit: int | None, json_output: bool) -> dict
                 f"round={m.server_round or '-'}\t{m.kind}{head_mark}\t{metrics}"
             )
     return document
+
+
+@models_app.command("ls")
+@command()
+def models_ls(
+    limit: Annotated[int | None, typer.Option(help="Show at most this many versions.")] = None,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """List model versions, newest first (works with or without a running coordinator)."""
+    from flctl.cli._common import load_project
+
+    list_models(load_project(config_path), limit=limit, json_output=json_output)

@@ -1,0 +1,20 @@
+"""Options shared by many commands, declared once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["ConfigOpt", "JsonOpt", "ServerOpt"]
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Path of flctl.toml (default: nearest one upwards)."),
+]
+ServerOpt = Annotated[
+    str | None,
+    typer.Option(help="Coordinator HOST:PORT (default: from the project's .flctl/serve.json)."),
+]
