@@ -19,11 +19,14 @@ from flctl.tensors._spec import (
     read_spec,
     read_spec_bytes,
 )
+from flctl.tensors._stream import TensorReader, TensorWriter, torch_dtype
 
 __all__ = [
     "DTYPE_SIZES",
     "MAX_HEADER_BYTES",
+    "TensorReader",
     "TensorSpec",
+    "TensorWriter",
     "check_update",
     "fingerprint",
     "load_parameters",
@@ -32,4 +35,5 @@ __all__ = [
     "save_parameters",
     "sha256_file",
     "spec_of",
+    "torch_dtype",
 ]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from flctl.core.errors import InvalidInputError
 from flctl.tensors._spec import TensorSpec, read_spec
+from flctl.tensors._stream import TensorReader, TensorWriter
 
 if TYPE_CHECKING:
     import torch
@@ -56,31 +57,30 @@ def spec_of(parameters: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, tupl
 
 
 def save_parameters(parameters: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write a state dict as a safetensors file (tensors moved to CPU, made contiguous).
+    """Write a state dict as a safetensors file, tensor by tensor (no copy of the model).
+
+    Tensors on any device are moved to the CPU one at a time; tied or viewed tensors are
+    written as independent data, as safetensors requires.
 
     Raises:
-        InvalidInputError: A value is not a tensor, or two names share storage oddly.
+        InvalidInputError: A value is not a tensor, or has a dtype safetensors cannot hold.
     """
     import torch
-    from safetensors.torch import save_file
 
-    plain: dict[str, torch.Tensor] = {}
     for name, tensor in parameters.items():
         if not isinstance(tensor, torch.Tensor):
             raise InvalidInputError(
                 f"parameter {name!r} is a {type(tensor).__name__}, not a tensor"
             )
-        # clone() so that tied or viewed tensors become independent storage, as safetensors needs
-        plain[name] = tensor.detach().to("cpu").contiguous().clone()
-    save_file(plain, str(path))
+    with TensorWriter(path, spec_of(parameters)) as writer:
+        for name, tensor in parameters.items():
+            writer.write(name, tensor)
 
 
 def load_parameters(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file into a state dict on ``device``."""
-    from safetensors.torch import load_file
-
-    read_spec(path)  # validate the header before the library trusts it
-    return dict(load_file(str(path), device=device))
+    """Read a safetensors file into a state dict on ``device`` (one pread per tensor)."""
+    with TensorReader(path) as reader:
+        return {name: tensor.to(device) for name, tensor in reader}
 
 
 def check_update(path: Path, expected: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
@@ -95,7 +95,6 @@ def check_update(path: Path, expected: Mapping[str, TensorSpec]) -> dict[str, Te
         InvalidInputError: Names, dtypes or shapes differ from ``expected``, or a value is NaN/Inf.
     """
     import torch
-    from safetensors import safe_open
 
     specs = read_spec(path)
     missing = sorted(set(expected) - set(specs))
@@ -118,9 +117,9 @@ def check_update(path: Path, expected: Mapping[str, TensorSpec]) -> dict[str, Te
             raise InvalidInputError(
                 f"tensor {name!r}: dtype {spec.dtype} differs from the model's {want.dtype}"
             )
-    with safe_open(str(path), framework="pt") as fh:
+    with TensorReader(path) as reader:
         for name in specs:
-            tensor = fh.get_tensor(name)
+            tensor = reader.read(name)
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise InvalidInputError(f"tensor {name!r} holds NaN or Inf values")
             del tensor

@@ -210,3 +210,69 @@ def test_client_leaving_mid_round_ends_the_round_early(project: Project) -> None
             await coordinator.stop()
 
     asyncio.run(main())
+
+
+def test_roles_are_enforced_both_ways(project: Project) -> None:
+    from flctl.core.errors import PermissionDeniedError
+    from flctl.security import load_credentials
+    from flctl.transport.grpc import AdminClient, secure_channel
+
+    config = project.write()
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        try:
+            # a client certificate on the Admin service
+            cert, key, ca = load_credentials(config.certs_path, "c1")
+            rogue_admin = AdminClient(secure_channel(address, cert_pem=cert, key_pem=key, ca_pem=ca))
+            with pytest.raises(PermissionDeniedError, match="client certificate may not call the Admin"):
+                await rogue_admin.start_round(1)
+            await rogue_admin.close()
+            # an admin certificate joining as a client: refused, the runner gives up at once
+            runner = make_runner(config, address, "c1")
+            cert, key, ca = load_credentials(config.certs_path, "admin")
+            runner._options = runner._options.__class__(
+                **{**runner._options.__dict__, "cert_pem": cert, "key_pem": key}
+            )
+            with pytest.raises(PermissionDeniedError, match="admin certificate may not call the Coordinator"):
+                await asyncio.wait_for(runner.run(asyncio.Event()), 30)
+            store = coordinator.store
+            assert store is not None and store.list_rounds() == []
+        finally:
+            await coordinator.stop()
+
+    asyncio.run(main())
+
+
+def test_client_started_first_waits_for_the_coordinator(project: Project) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = project.write(server={"address": f"127.0.0.1:{port}"}, rounds={"min_clients": 1})
+    events: list[str] = []
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        runner = make_runner(config, f"127.0.0.1:{port}", "c1", backoff_cap_s=0.5, once=True)
+        runner._on_event = lambda kind, details: events.append(kind)
+        task = asyncio.create_task(runner.run(stop))
+        await wait_until(lambda: events.count("reconnecting") >= 2, timeout=20)
+        coordinator = Coordinator(config)
+        await coordinator.start()
+        client = admin(config, coordinator.bound_address)
+        try:
+            await wait_until(lambda: "joined" in events, timeout=20)
+            reply = await client.start_round(1)
+            status = await _wait_rounds(client, list(reply.round_ids))
+            assert status.rounds[0].status == "committed"
+            assert await asyncio.wait_for(task, 20) == 1  # --once: leaves after one round
+        finally:
+            stop.set()
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())
+    assert events[-1] == "left"

@@ -155,3 +155,47 @@ def test_check_update(tmp_path: Path) -> None:
 def test_save_refuses_non_tensors(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="not a tensor"):
         save_parameters({"w": [1, 2, 3]}, tmp_path / "x")  # type: ignore[dict-item]
+
+
+def test_files_interoperate_with_the_safetensors_library(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    params = {
+        "b": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3),
+        "a": torch.randn(4),
+        "flag": torch.tensor([True, False]),
+        "scalar": torch.tensor(3.5),
+    }
+    ours = tmp_path / "ours.safetensors"
+    save_parameters(params, ours)
+    theirs = load_file(str(ours))
+    for name, tensor in params.items():
+        assert torch.equal(theirs[name], tensor)
+    save_file(params, str(tmp_path / "lib.safetensors"))
+    back = load_parameters(tmp_path / "lib.safetensors")
+    for name, tensor in params.items():
+        assert torch.equal(back[name], tensor)
+
+
+def test_tied_and_non_contiguous_tensors_are_written_as_data(tmp_path: Path) -> None:
+    base = torch.randn(4, 4)
+    params = {"w": base, "tied": base, "t": base.t(), "slice": base[:, 1]}
+    save_parameters(params, tmp_path / "m")
+    back = load_parameters(tmp_path / "m")
+    for name, tensor in params.items():
+        assert torch.equal(back[name], tensor)
+
+
+def test_writer_refuses_out_of_order_and_missing(tmp_path: Path) -> None:
+    from flctl.tensors import TensorWriter
+
+    specs = {"a": ("F32", (2,)), "b": ("F32", (1,))}
+    with pytest.raises(ValueError, match="expected tensor 'a'"):
+        with TensorWriter(tmp_path / "x", specs) as writer:
+            writer.write("b", torch.zeros(1))
+    with pytest.raises(ValueError, match="never written"):
+        with TensorWriter(tmp_path / "y", specs) as writer:
+            writer.write("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="bytes, expected"):
+        with TensorWriter(tmp_path / "z", specs) as writer:
+            writer.write("a", torch.zeros(3))
