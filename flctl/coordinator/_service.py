@@ -31,7 +31,9 @@ from flctl.store import BlobStore, SqlStore
 from flctl.tensors import TensorSpec, check_update
 from flctl.transport.grpc import (
     PROTOCOL_VERSION,
+    ChunkOut,
     RpcContext,
+    UploadItem,
     metrics_from_map,
     pb,
     to_value_map,
@@ -231,7 +233,7 @@ class CoordinatorService:
 
     async def download(
         self, request: pb.DownloadRequest, ctx: RpcContext
-    ) -> AsyncIterator[pb.Chunk]:
+    ) -> AsyncIterator[ChunkOut]:
         """Stream a blob from ``offset``, one chunk at a time, straight from its file."""
         session = self._session(ctx)
         digest = self._blobs.check_digest(request.digest)
@@ -246,7 +248,7 @@ class CoordinatorService:
             for data in self._blobs.iter_chunks(
                 digest, request.offset, self._limits.max_chunk_bytes
             ):
-                yield pb.Chunk(data=data, offset=position, total_size=total)
+                yield ChunkOut(data, position, total)
                 position += len(data)
                 sent += len(data)
         finally:
@@ -297,14 +299,13 @@ class CoordinatorService:
         return None
 
     async def upload(
-        self, chunks: AsyncIterator[pb.UploadChunk], ctx: RpcContext
+        self, chunks: AsyncIterator[UploadItem | None], ctx: RpcContext
     ) -> pb.UploadReply:
         """Stream an update to a temp file, verify it, then accept it (durably) or refuse it."""
         session = self._session(ctx)
-        first = await anext(aiter(chunks), None)
-        if first is None or first.WhichOneof("msg") != "header":
+        header = await anext(aiter(chunks), None)
+        if not isinstance(header, pb.UploadHeader):
             raise InvalidInputError("an upload must start with its header")
-        header = first.header
         try:
             metrics = metrics_from_map(header.metrics, max_items=self._limits.max_metrics)
             refusal = self._check_header(header, session.client_id)
@@ -321,10 +322,9 @@ class CoordinatorService:
             received = 0
             try:
                 with handle:
-                    async for message in chunks:
-                        if message.WhichOneof("msg") != "data":
-                            raise InvalidInputError("a second header in one upload")
-                        data = message.data
+                    async for data in chunks:
+                        if data is None or isinstance(data, pb.UploadHeader):
+                            raise InvalidInputError("an upload carries one header, then data")
                         if len(data) > self._limits.max_chunk_bytes:
                             raise LimitExceededError(
                                 f"chunk of {len(data)} bytes exceeds max_chunk_bytes "

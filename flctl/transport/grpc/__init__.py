@@ -32,19 +32,33 @@ from flctl.transport.grpc._status import (
     translate_rpc_error,
 )
 from flctl.transport.grpc._values import from_value_map, metrics_from_map, to_value_map
+from flctl.transport.grpc._wire import (  # noqa: E402
+    ChunkOut,
+    UploadItem,
+    decode_chunk,
+    decode_upload,
+    encode_chunk,
+    encode_upload,
+)
 
 PROTOCOL_VERSION = 1
 
 __all__ = [
     "AdminClient",
     "AdminHandler",
+    "ChunkOut",
     "CoordinatorClient",
     "CoordinatorHandler",
     "PROTOCOL_VERSION",
     "RpcContext",
     "STATUS_TO_ERROR",
     "ServerCredentials",
+    "UploadItem",
     "channel_options",
+    "decode_chunk",
+    "decode_upload",
+    "encode_chunk",
+    "encode_upload",
     "from_value_map",
     "insecure_channel",
     "is_loopback_host",

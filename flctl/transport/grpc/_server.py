@@ -9,6 +9,7 @@ import grpc.aio
 
 from flctl.core.errors import ConfigError, ConnectError
 from flctl.transport.grpc._channel import channel_options, is_loopback_host, split_address
+from flctl.transport.grpc._proto import flctl_pb2 as pb
 from flctl.transport.grpc._proto import flctl_pb2_grpc as pb_grpc
 from flctl.transport.grpc._servicers import (
     AdminHandler,
@@ -16,8 +17,43 @@ from flctl.transport.grpc._servicers import (
     CoordinatorHandler,
     CoordinatorServicer,
 )
+from flctl.transport.grpc._wire import decode_upload, encode_chunk
 
-__all__ = ["ServerCredentials", "start_server"]
+__all__ = ["ServerCredentials", "coordinator_handlers", "start_server"]
+
+
+def coordinator_handlers(servicer: CoordinatorServicer) -> grpc.GenericRpcHandler:
+    """The Coordinator service's method table, with the hand-framed codecs on the data path."""
+    return grpc.method_handlers_generic_handler(
+        "flctl.v1.Coordinator",
+        {
+            "Join": grpc.unary_unary_rpc_method_handler(
+                servicer.Join,
+                request_deserializer=pb.JoinRequest.FromString,
+                response_serializer=pb.JoinReply.SerializeToString,
+            ),
+            "Heartbeat": grpc.unary_unary_rpc_method_handler(
+                servicer.Heartbeat,
+                request_deserializer=pb.HeartbeatRequest.FromString,
+                response_serializer=pb.HeartbeatReply.SerializeToString,
+            ),
+            "Tasks": grpc.unary_stream_rpc_method_handler(
+                servicer.Tasks,
+                request_deserializer=pb.TasksRequest.FromString,
+                response_serializer=pb.Task.SerializeToString,
+            ),
+            "Download": grpc.unary_stream_rpc_method_handler(
+                servicer.Download,
+                request_deserializer=pb.DownloadRequest.FromString,
+                response_serializer=encode_chunk,
+            ),
+            "Upload": grpc.stream_unary_rpc_method_handler(
+                servicer.Upload,
+                request_deserializer=decode_upload,
+                response_serializer=pb.UploadReply.SerializeToString,
+            ),
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -59,8 +95,8 @@ async def start_server(
             hint="use mutual TLS (drop --insecure) or bind 127.0.0.1",
         )
     server = grpc.aio.server(options=channel_options(max_chunk_bytes))
-    pb_grpc.add_CoordinatorServicer_to_server(  # type: ignore[no-untyped-call]
-        CoordinatorServicer(coordinator, insecure=insecure), server
+    server.add_generic_rpc_handlers(
+        (coordinator_handlers(CoordinatorServicer(coordinator, insecure=insecure)),)
     )
     pb_grpc.add_AdminServicer_to_server(AdminServicer(admin, insecure=insecure), server)  # type: ignore[no-untyped-call]
     try:

@@ -26,6 +26,7 @@ from flctl.security import Identity, Role, identity_from_pem
 from flctl.transport.grpc._proto import flctl_pb2 as pb
 from flctl.transport.grpc._proto import flctl_pb2_grpc as pb_grpc
 from flctl.transport.grpc._status import ERROR_METADATA_KEY, status_for
+from flctl.transport.grpc._wire import ChunkOut, UploadItem
 
 __all__ = [
     "AdminHandler",
@@ -74,13 +75,13 @@ class CoordinatorHandler(Protocol):
     def tasks(self, request: pb.TasksRequest, ctx: RpcContext) -> AsyncIterator[pb.Task]:
         """Push work to the client for as long as its session lives."""
 
-    def download(self, request: pb.DownloadRequest, ctx: RpcContext) -> AsyncIterator[pb.Chunk]:
+    def download(self, request: pb.DownloadRequest, ctx: RpcContext) -> AsyncIterator[ChunkOut]:
         """Stream a blob from an offset."""
 
     async def upload(
-        self, chunks: AsyncIterator[pb.UploadChunk], ctx: RpcContext
+        self, chunks: AsyncIterator[UploadItem | None], ctx: RpcContext
     ) -> pb.UploadReply:
-        """Receive an update (header, then bytes)."""
+        """Receive an update: the header, then data; None marks an unreadable message."""
 
 
 class AdminHandler(Protocol):
@@ -211,7 +212,7 @@ class CoordinatorServicer(_Base, pb_grpc.CoordinatorServicer):
         async for item in self._stream(context, lambda ctx: self._handler.tasks(request, ctx)):
             yield item
 
-    async def Download(self, request: Any, context: Any) -> AsyncIterator[pb.Chunk]:  # noqa: N802
+    async def Download(self, request: Any, context: Any) -> AsyncIterator[ChunkOut]:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         async for item in self._stream(context, lambda ctx: self._handler.download(request, ctx)):
             yield item
