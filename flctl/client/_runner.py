@@ -36,7 +36,6 @@ from flctl.core.errors import (
     TransportError,
 )
 from flctl.tensors import (
-    check_update,
     fingerprint,
     load_parameters,
     read_spec,
@@ -354,10 +353,13 @@ class Runner:
         """Run the user's fit in a worker thread; check and write what it returns."""
         import math
 
-        parameters = load_parameters(model_path)
-        expected = spec_of(parameters)
+        expected = {name: (s.dtype, s.shape) for name, s in read_spec(model_path).items()}
         try:
-            new_parameters, num_examples, metrics = self._client.fit(parameters, config)
+            # No reference is kept here, so a task may adopt the tensors (load_state_dict with
+            # assign=True) and the model is held once, not twice.
+            new_parameters, num_examples, metrics = self._client.fit(
+                load_parameters(model_path), config
+            )
         except Exception as exc:  # user code: report it, keep serving
             raise TaskError(f"fit raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(num_examples, int) or num_examples <= 0:
@@ -375,9 +377,8 @@ class Runner:
         if got != expected:
             raise TaskError("fit returned parameters whose names, shapes or dtypes differ")
         out = self._cache.root / "partial" / f"update-{os.getpid()}-{time.monotonic_ns()}"
-        save_parameters(new_parameters, out)
         try:
-            check_update(out, read_spec(model_path))
+            save_parameters(new_parameters, out, require_finite=True)
         except FlctlError as exc:
             out.unlink(missing_ok=True)
             raise TaskError(f"fit returned an unusable update: {exc.message}") from exc

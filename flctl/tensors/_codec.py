@@ -56,24 +56,34 @@ def spec_of(parameters: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, tupl
     return out
 
 
-def save_parameters(parameters: Mapping[str, torch.Tensor], path: Path) -> None:
+def save_parameters(
+    parameters: Mapping[str, torch.Tensor], path: Path, *, require_finite: bool = False
+) -> None:
     """Write a state dict as a safetensors file, tensor by tensor (no copy of the model).
 
     Tensors on any device are moved to the CPU one at a time; tied or viewed tensors are
     written as independent data, as safetensors requires.
 
+    Args:
+        parameters: The state dict.
+        path: Output file.
+        require_finite: Refuse NaN and Inf (checked on each tensor as it is written).
+
     Raises:
-        InvalidInputError: A value is not a tensor, or has a dtype safetensors cannot hold.
+        InvalidInputError: A value is not a tensor, has a dtype safetensors cannot hold, or
+            (with ``require_finite``) holds NaN or Inf.
     """
     import torch
 
     for name, tensor in parameters.items():
         if not isinstance(tensor, torch.Tensor):
-            raise InvalidInputError(
-                f"parameter {name!r} is a {type(tensor).__name__}, not a tensor"
-            )
+            kind = type(tensor).__name__
+            raise InvalidInputError(f"parameter {name!r} is a {kind}, not a tensor")
     with TensorWriter(path, spec_of(parameters)) as writer:
         for name, tensor in parameters.items():
+            if require_finite and tensor.is_floating_point():
+                if not bool(torch.isfinite(tensor).all()):
+                    raise InvalidInputError(f"tensor {name!r} holds NaN or Inf values")
             writer.write(name, tensor)
 
 

@@ -60,7 +60,7 @@ def test_three_rounds_commit_and_blobs_hash_to_digests(project: Project) -> None
             assert len(received) == 3
         finally:
             stop.set()
-            await asyncio.gather(*tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await client.close()
             await coordinator.stop()
 
@@ -170,7 +170,7 @@ def test_vanished_client_fails_the_round_at_deadline_or_quorum_allows(
         finally:
             task_module.release_hung_clients()
             stop.set()
-            await asyncio.gather(*tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await client.close()
             await coordinator.stop()
 
@@ -225,8 +225,12 @@ def test_roles_are_enforced_both_ways(project: Project) -> None:
         try:
             # a client certificate on the Admin service
             cert, key, ca = load_credentials(config.certs_path, "c1")
-            rogue_admin = AdminClient(secure_channel(address, cert_pem=cert, key_pem=key, ca_pem=ca))
-            with pytest.raises(PermissionDeniedError, match="client certificate may not call the Admin"):
+            rogue_admin = AdminClient(
+                secure_channel(address, cert_pem=cert, key_pem=key, ca_pem=ca)
+            )
+            with pytest.raises(
+                PermissionDeniedError, match="client certificate may not call the Admin"
+            ):
                 await rogue_admin.start_round(1)
             await rogue_admin.close()
             # an admin certificate joining as a client: refused, the runner gives up at once
@@ -235,7 +239,9 @@ def test_roles_are_enforced_both_ways(project: Project) -> None:
             runner._options = runner._options.__class__(
                 **{**runner._options.__dict__, "cert_pem": cert, "key_pem": key}
             )
-            with pytest.raises(PermissionDeniedError, match="admin certificate may not call the Coordinator"):
+            with pytest.raises(
+                PermissionDeniedError, match="admin certificate may not call the Coordinator"
+            ):
                 await asyncio.wait_for(runner.run(asyncio.Event()), 30)
             store = coordinator.store
             assert store is not None and store.list_rounds() == []
