@@ -41,7 +41,7 @@ NUM_CLASSES = 10
 # Used when a key is missing from the round's config; flctl.toml's [task] table sets them.
 DEFAULTS: dict[str, Any] = {
     "local_epochs": 2,
-    "batch_size": 32,
+    "batch_size": 16,
     "lr": 0.05,
     "momentum": 0.9,
 }
@@ -121,25 +121,26 @@ def _dirichlet_shards(
 ) -> list[np.ndarray]:
     """Split indices per class by Dirichlet proportions; every shard gets a few samples."""
     min_size = min(MIN_PARTITION_SIZE, len(labels) // num_partitions)
-    best: list[list[int]] = []
-    for _attempt in range(100):  # redraw while some client gets (almost) nothing
-        shards: list[list[int]] = [[] for _ in range(num_partitions)]
+    for _attempt in range(10):  # redraw while some client gets (almost) nothing
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
         for label in np.unique(labels):
             members = rng.permutation(np.flatnonzero(labels == label))
             shares = rng.dirichlet(np.full(num_partitions, alpha))
             cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
-            for shard, part in zip(shards, np.split(members, cuts), strict=True):
-                shard.extend(part.tolist())
-        best = shards
+            for part, piece in zip(parts, np.split(members, cuts), strict=True):
+                part.append(piece)
+        shards = [np.concatenate(part) for part in parts]
         if min(len(shard) for shard in shards) >= min_size:
-            break
-    else:
-        # Many clients and little data: top up the smallest shards from the largest.
-        while min(len(shard) for shard in best) < min_size:
-            smallest = min(best, key=len)
-            largest = max(best, key=len)
-            smallest.append(largest.pop())
-    return [np.asarray(shard, dtype=np.int64) for shard in best]
+            return shards
+    # Many clients and little data: top up the smallest shards from the largest.
+    sizes = [len(shard) for shard in shards]
+    while min(sizes) < min_size:
+        small, large = int(np.argmin(sizes)), int(np.argmax(sizes))
+        shards[small] = np.append(shards[small], shards[large][-1])
+        shards[large] = shards[large][:-1]
+        sizes[small] += 1
+        sizes[large] -= 1
+    return shards
 
 
 def load_partition(context: TaskContext) -> tuple[np.ndarray, np.ndarray]:
