@@ -55,6 +55,33 @@ MIN_PARTITION_SIZE = 10
 # ---------------------------------------------------------------------------------------------
 
 
+def _read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """Return scikit-learn's digits as (pixels (1797, 64), targets (1797,)).
+
+    ``sklearn.datasets.load_digits`` reads ``digits.csv.gz`` from inside the scikit-learn
+    package; importing scikit-learn to do so costs seconds in every process. The same file is
+    read here directly (located without importing the package), and ``load_digits`` is the
+    fallback if the file is not where this version of scikit-learn keeps it.
+    """
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as fh:
+                data = np.loadtxt(fh, delimiter=",")
+            if data.shape == (1797, 65):
+                return data[:, :-1], data[:, -1]
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.data, digits.target
+
+
 @functools.lru_cache(maxsize=4)
 def load_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Return ``(x_train, y_train, x_test, y_test)``, shuffled by ``seed``.
@@ -63,11 +90,9 @@ def load_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     The result is cached, so every call after the first is free; the arrays are read-only
     because they are shared between callers.
     """
-    from sklearn.datasets import load_digits  # imported here: only needed once per process
-
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]  # add a channel axis
-    labels = digits.target.astype(np.int64)
+    pixels, targets = _read_digits()
+    images = (pixels.reshape(-1, 8, 8) / 16.0).astype(np.float32)[:, None, :, :]  # + channel
+    labels = targets.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(labels))
     images, labels = images[order], labels[order]
     arrays = (images[:NUM_TRAIN], labels[:NUM_TRAIN], images[NUM_TRAIN:], labels[NUM_TRAIN:])
