@@ -9,6 +9,7 @@ import typer
 
 from flctl import __version__
 from flctl.cli._certs import certs_app
+from flctl.cli._dp import dp_app
 from flctl.cli._models import models_app
 from flctl.cli._options import ConfigOpt, JsonOpt, ServerOpt
 from flctl.cli._output import Output, command, settings
@@ -33,6 +34,7 @@ round_app = typer.Typer(
 app.add_typer(round_app, name="round", context_settings=_CONTEXT)
 # Command groups that live in their own modules (each module imports only typer at the top).
 app.add_typer(certs_app, name="certs", context_settings=_CONTEXT)
+app.add_typer(dp_app, name="dp", context_settings=_CONTEXT)
 app.add_typer(models_app, name="models", context_settings=_CONTEXT)
 
 
@@ -59,6 +61,16 @@ def _root(
 # ---------------------------------------------------------------------- demo / init
 
 
+def _params_variables(params: int | None) -> dict[str, str]:
+    from flctl.core.errors import ConfigError
+
+    if params is None:
+        return {}
+    if params < 1:
+        raise ConfigError(f"--params must be positive, not {params}")
+    return {"params": str(params)}
+
+
 @app.command()
 @command()
 def demo(
@@ -69,7 +81,10 @@ def demo(
     clients: Annotated[int, typer.Option(help="Number of client processes.")] = 3,
     rounds: Annotated[int, typer.Option(help="Number of FedAvg rounds.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed for data shuffling and the initial model.")] = 0,
-    template: Annotated[str, typer.Option(help="Project template.")] = "digits",
+    template: Annotated[str, typer.Option(help="Project template: digits or large.")] = "digits",
+    params: Annotated[
+        int | None, typer.Option(help="Model parameters (large template; default 125M).")
+    ] = None,
     json_output: JsonOpt = False,
     no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain lines, no live panel.")] = False,
 ) -> None:
@@ -85,6 +100,7 @@ def demo(
             template=template,
             json_output=json_output,
             tui=False if no_tui else None,
+            variables=_params_variables(params),
         )
     )
     raise typer.Exit(code)
@@ -97,12 +113,17 @@ def init(
     template: Annotated[str, typer.Option(help="Template to start from.")] = "digits",
     force: Annotated[bool, typer.Option(help="Overwrite files in a non-empty folder.")] = False,
     seed: Annotated[int, typer.Option(help="The project's seed.")] = 0,
+    params: Annotated[
+        int | None, typer.Option(help="Model parameters (large template; default 125M).")
+    ] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Create a project: flctl.toml, task.py and a .gitignore."""
     from flctl.cli._init import init_project
 
-    result = init_project(name, template=template, force=force, seed=seed)
+    result = init_project(
+        name, template=template, force=force, seed=seed, variables=_params_variables(params)
+    )
     out = Output(json_mode=json_output)
     if json_output:
         out.json({"path": str(result.path), "template": result.template, "files": result.files})

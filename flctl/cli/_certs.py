@@ -1,17 +1,46 @@
-"""``flctl certs``: certificates for mutual TLS."""
+"""``flctl certs``: certificates for mutual TLS, from the first CA to revocation.
+
+Heavy modules (``flctl.security``, ``flctl.store``) are imported inside the commands, so that
+``import flctl.cli`` stays fast.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from flctl.cli._options import ConfigOpt, JsonOpt
 from flctl.cli._output import Output, command
 
+if TYPE_CHECKING:
+    from flctl.core import Config
+    from flctl.security import CertificateEntry, IssueReport, Role
+    from flctl.store import RevocationRecord
+
 __all__ = ["certs_app"]
 
 certs_app = typer.Typer(help="Certificates for mutual TLS.", no_args_is_help=True)
+
+#: Certificates that expire within this many days are warned about.
+EXPIRY_WARNING_DAYS = 14
+# Held by a running coordinator for as long as it runs (flctl.coordinator's Coordinator).
+_COORDINATOR_LOCK = "coordinator.lock"
+_MAX_CSR_BYTES = 64 * 1024
+_SERIAL_RE = re.compile(r"[0-9a-f]{1,40}")
+
+DaysOpt = Annotated[int, typer.Option(help="Validity of the certificate, in days.")]
+ReplaceOpt = Annotated[
+    bool,
+    typer.Option(help="Issue even if the identity has an active certificate (it stays valid)."),
+]
+ClientIdOpt = Annotated[str | None, typer.Option("--client-id", help="A client identity.")]
+AdminOpt = Annotated[str | None, typer.Option("--admin", help="An operator (admin) identity.")]
 
 
 @certs_app.command("gen")
@@ -35,7 +64,7 @@ def certs_gen(
     """Write the CA, server, admin and client certificates into the project's certs folder."""
     from flctl.cli._common import load_project
     from flctl.core.errors import ConfigError
-    from flctl.security import generate_project_certs
+    from flctl.security import generate_project_certs, record_generated
 
     config = load_project(config_path)
     ids = list(client_id or [])
@@ -50,6 +79,7 @@ def certs_gen(
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    record_generated(config.certs_path, report)
     out = Output(json_mode=json_output)
     if json_output:
         out.json(
@@ -66,3 +96,402 @@ def certs_gen(
         out.line(f"  written: {', '.join(report.written)}")
     if report.reused:
         out.line(f"  kept:    {', '.join(report.reused)}")
+
+
+@certs_app.command("issue")
+@command()
+def certs_issue(
+    client_id: ClientIdOpt = None,
+    admin: AdminOpt = None,
+    days: DaysOpt = 365,
+    replace: ReplaceOpt = False,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Issue a key and certificate for a new client (--client-id) or operator (--admin)."""
+    from flctl.cli._common import load_project
+    from flctl.core.errors import ConfigError
+    from flctl.security import issue_project_certificate
+
+    name, role = _name_and_role(client_id, admin)
+    config = load_project(config_path)
+    try:
+        report = issue_project_certificate(
+            config.certs_path,
+            name,
+            role,
+            days=days,
+            replace=replace,
+            revoked=_revocations(config),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _print_issued(Output(json_mode=json_output), config.certs_path, report)
+
+
+@certs_app.command("request")
+@command()
+def certs_request(
+    client_id: ClientIdOpt = None,
+    admin: AdminOpt = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for ID.key and ID.csr (default: the project's certs)."),
+    ] = None,
+    replace: Annotated[bool, typer.Option(help="Overwrite an existing ID.key.")] = False,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """On the key holder's machine: write a new key (0600) and a signing request; no CA needed."""
+    from flctl.core.errors import ConfigError
+    from flctl.security import write_request
+
+    name, role = _name_and_role(client_id, admin)
+    folder = out_dir if out_dir is not None else _default_certs_dir(config_path)
+    try:
+        key_path, csr_path = write_request(folder, name, role, replace=replace)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    sign = f"flctl certs sign {csr_path.name} --role {role.value}"
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json(
+            {
+                "identity": name,
+                "role": role.value,
+                "key": str(key_path),
+                "csr": str(csr_path),
+                "next": sign,
+            }
+        )
+        return
+    out.line(f"key:     {key_path} (keep it here; it never leaves this machine)")
+    out.line(f"request: {csr_path}")
+    out.line(f"next: send {csr_path.name} to the operator, who runs `{sign}`,")
+    out.line(f"      and put the {name}.crt and ca.crt they send back next to {key_path.name}")
+
+
+@certs_app.command("sign")
+@command()
+def certs_sign(
+    csr_file: Annotated[
+        Path, typer.Argument(metavar="FILE.csr", help="The signing request (ID.csr).")
+    ],
+    role: Annotated[
+        str, typer.Option(metavar="client|admin", help="The role to grant: client or admin.")
+    ],
+    days: DaysOpt = 365,
+    replace: ReplaceOpt = False,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Sign a request with the project's CA; writes ID.crt (the ID from the request)."""
+    from flctl.cli._common import load_project
+    from flctl.core.errors import CertificateError, ConfigError
+    from flctl.security import Role, sign_project_request
+
+    if role not in ("client", "admin"):
+        raise ConfigError(f"--role must be client or admin, not {role!r}")
+    config = load_project(config_path)
+    try:
+        with csr_file.open("rb") as f:
+            csr_pem = f.read(_MAX_CSR_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {csr_file}: {exc.strerror or exc}") from None
+    if len(csr_pem) > _MAX_CSR_BYTES:
+        raise CertificateError(f"{csr_file} is larger than {_MAX_CSR_BYTES} bytes; not a CSR")
+    try:
+        report = sign_project_request(
+            config.certs_path,
+            csr_pem,
+            Role(role),
+            days=days,
+            replace=replace,
+            revoked=_revocations(config),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _print_issued(Output(json_mode=json_output), config.certs_path, report)
+
+
+@certs_app.command("revoke")
+@command()
+def certs_revoke(
+    identity: Annotated[str, typer.Argument(help="The client or admin identity to revoke.")],
+    serial: Annotated[
+        str | None,
+        typer.Option(help="Revoke only this certificate (hex serial, as `certs ls` shows it)."),
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Revoke an identity (every certificate of it), or one certificate with --serial."""
+    from flctl.cli._common import load_project
+    from flctl.core.errors import ConfigError, NotFoundError
+    from flctl.security import list_project_certificates
+    from flctl.store import LOCAL_AUTHOR, SqlStore, is_revoked, revoke
+
+    config = load_project(config_path)
+    serial_number = None if serial is None else _parse_serial(serial)
+    entries = [
+        e for e in list_project_certificates(config.certs_path).entries if e.name == identity
+    ]
+    if not entries:
+        raise NotFoundError(
+            f"no certificate of {identity!r} is known in {config.certs_path}",
+            hint="`flctl certs ls` lists the identities",
+        )
+    if any(e.role.value not in ("client", "admin") for e in entries):
+        raise ConfigError(
+            f"{identity!r} is the {entries[0].role.value}'s certificate; only client and admin "
+            "certificates are revoked",
+            hint="replace a compromised CA or server certificate with `flctl certs gen --force`",
+        )
+    if serial_number is not None and serial_number not in {e.serial for e in entries}:
+        raise NotFoundError(
+            f"{identity!r} has no certificate with serial {serial_number:x}",
+            hint=f"`flctl certs ls` lists the serials of {identity}",
+        )
+    with _offline(config.state_path):
+        with SqlStore.open(config.state_path) as store:
+            was_revoked = is_revoked(store, identity, serial_number)
+            record = revoke(
+                store, identity, serial=serial_number, reason=reason, author=LOCAL_AUTHOR
+            )
+    out = Output(json_mode=json_output)
+    what = "every certificate" if record.serial is None else f"serial {record.serial:x}"
+    if json_output:
+        out.json(
+            {
+                "identity": record.identity,
+                "serial": None if record.serial is None else f"{record.serial:x}",
+                "reason": record.reason,
+                "author": record.author,
+                "revoked_at": _iso(record.revoked_at),
+                "event_seq": record.event_seq,
+                "already_revoked": was_revoked,
+            }
+        )
+        return
+    note = " (it was revoked already; recorded again)" if was_revoked else ""
+    out.line(f"revoked {identity} ({what}){note}")
+    out.line(f"  recorded in {config.state_path} by {record.author}, event #{record.event_seq}")
+
+
+@certs_app.command("ls")
+@command()
+def certs_ls(config_path: ConfigOpt = None, json_output: JsonOpt = False) -> None:
+    """List certificates: identities, roles, serials, expiry, revocations."""
+    from flctl.cli._common import load_project
+    from flctl.security import list_project_certificates
+
+    config = load_project(config_path)
+    revocations = _revocation_records(config)
+    listing = list_project_certificates(
+        config.certs_path, revoked=[(r.identity, r.serial) for r in revocations]
+    )
+    now = datetime.now(UTC)
+    warnings = [*listing.problems, *_expiry_warnings(listing.entries, now)]
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json(
+            {
+                "certs_dir": str(listing.certs_dir),
+                "certificates": [_entry_dict(e, now) for e in listing.entries],
+                "revocations": [
+                    {
+                        "identity": r.identity,
+                        "serial": None if r.serial is None else f"{r.serial:x}",
+                        "reason": r.reason,
+                        "author": r.author,
+                        "revoked_at": _iso(r.revoked_at),
+                    }
+                    for r in revocations
+                ],
+                "warnings": warnings,
+            }
+        )
+        return
+    if not listing.entries:
+        out.line(f"no certificates in {listing.certs_dir}; run `flctl certs gen`")
+    else:
+        rows = [("IDENTITY", "ROLE", "STATUS", "EXPIRES (UTC)", "DAYS", "FILE", "SERIAL")]
+        for e in listing.entries:
+            rows.append(
+                (
+                    e.name,
+                    e.role.value,
+                    e.status(now),
+                    f"{e.not_after:%Y-%m-%d %H:%M}",
+                    f"{e.days_left(now):.1f}",
+                    e.file if e.is_current else f"({e.file}, replaced)",
+                    f"{e.serial:x}",
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            out.line("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for warning in warnings:
+        out.note(f"warning: {warning}")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _name_and_role(client_id: str | None, admin: str | None) -> tuple[str, Role]:
+    from flctl.core.errors import ConfigError
+    from flctl.security import Role
+
+    if (client_id is None) == (admin is None):
+        raise ConfigError("give exactly one of --client-id ID and --admin NAME")
+    if client_id is not None:
+        return client_id, Role.CLIENT
+    assert admin is not None
+    return admin, Role.ADMIN
+
+
+def _default_certs_dir(config_path: Path | None) -> Path:
+    """The project's certs folder if there is a project here, else ./certs."""
+    from flctl.core import find_project, load_config
+    from flctl.core.errors import ProjectNotFoundError
+
+    try:
+        return load_config(config_path or find_project()).certs_path
+    except ProjectNotFoundError:
+        return Path("certs")
+
+
+def _revocation_records(config: Config) -> list[RevocationRecord]:
+    """The project's revocations; none when the state database does not exist yet."""
+    from flctl.store import SqlStore, list_revocations
+
+    if not (config.state_path / "state.db").exists():
+        return []
+    with SqlStore.open(config.state_path) as store:
+        return list_revocations(store)
+
+
+def _revocations(config: Config) -> list[tuple[str, int | None]]:
+    return [(r.identity, r.serial) for r in _revocation_records(config)]
+
+
+@contextmanager
+def _offline(state_path: Path) -> Iterator[None]:
+    """Hold the coordinator's lock, or refuse when a coordinator runs on this state folder.
+
+    Holding it also keeps a coordinator from starting while the revocation is written.
+    """
+    import fcntl
+
+    from flctl.core.errors import ConflictError, StoreError
+
+    try:
+        state_path.mkdir(parents=True, exist_ok=True)
+        handle = (state_path / _COORDINATOR_LOCK).open("a")
+    except OSError as exc:
+        raise StoreError(f"cannot open {state_path / _COORDINATOR_LOCK}: {exc}") from exc
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            from flctl.coordinator import read_serve_file
+
+            running = read_serve_file(state_path) or {}
+            raise ConflictError(
+                f"a coordinator is running on {state_path} (pid {running.get('pid', '?')}, "
+                f"{running.get('address', '?')}); revoking through a running coordinator "
+                "is not available yet",
+                hint="stop the coordinator, run `flctl certs revoke` again, then restart it",
+            ) from None
+        yield
+
+
+def _parse_serial(text: str) -> int:
+    from flctl.core.errors import ConfigError
+
+    cleaned = text.strip().lower().replace(":", "")
+    cleaned = cleaned.removeprefix("0x")
+    if _SERIAL_RE.fullmatch(cleaned) is None or int(cleaned, 16) == 0:
+        raise ConfigError(
+            f"--serial must be a certificate serial in hex, as `flctl certs ls` shows it, "
+            f"not {text!r}"
+        )
+    return int(cleaned, 16)
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat()
+
+
+def _entry_dict(entry: CertificateEntry, now: datetime) -> dict[str, Any]:
+    return {
+        "identity": entry.name,
+        "role": entry.role.value,
+        "serial": f"{entry.serial:x}",
+        "fingerprint": entry.fingerprint,
+        "issuer": entry.issuer,
+        "not_before": entry.not_before.isoformat(),
+        "not_after": entry.not_after.isoformat(),
+        "days_left": round(entry.days_left(now), 2),
+        "status": entry.status(now),
+        "revoked": entry.is_revoked,
+        "current": entry.is_current,
+        "file": entry.file,
+    }
+
+
+def _expiry_warnings(entries: list[CertificateEntry], now: datetime) -> list[str]:
+    warnings = []
+    for entry in entries:
+        if not entry.is_current:
+            continue
+        status, days = entry.status(now), entry.days_left(now)
+        when = f"{entry.not_after:%Y-%m-%d %H:%M} UTC"
+        if status == "active" and days < EXPIRY_WARNING_DAYS:
+            warnings.append(
+                f"{entry.name}'s certificate ({entry.file}) expires in {days:.1f} days, on {when}"
+            )
+        elif status == "expired":
+            warnings.append(f"{entry.name}'s certificate ({entry.file}) expired on {when}")
+    return warnings
+
+
+def _print_issued(out: Output, certs_dir: Path, report: IssueReport) -> None:
+    record = report.record
+    replaced = [
+        {"serial": f"{e.serial:x}", "not_after": e.not_after.isoformat()} for e in report.replaced
+    ]
+    if out.json_mode:
+        out.json(
+            {
+                "identity": record.identity,
+                "role": record.role.value,
+                "serial": f"{record.serial:x}",
+                "fingerprint": record.fingerprint,
+                "not_after": record.not_after.isoformat(),
+                "certs_dir": str(certs_dir),
+                "written": report.written,
+                "removed": report.removed,
+                "replaced": replaced,
+            }
+        )
+        return
+    out.line(
+        f"issued {record.identity} ({record.role.value}), serial {record.serial:x}, "
+        f"valid until {record.not_after:%Y-%m-%d %H:%M} UTC"
+    )
+    out.line(f"  written in {certs_dir}: {', '.join(report.written)}")
+    if not any(name.endswith(".key") for name in report.written):
+        out.line(
+            f"  next: send {report.written[-1]} and ca.crt to {record.identity}'s machine, "
+            "next to its key"
+        )
+    if report.removed:
+        out.line(f"  removed: {', '.join(report.removed)} (the replaced certificate's key)")
+    for entry in replaced:
+        out.note(
+            f"note: the replaced certificate (serial {entry['serial']}) stays valid until "
+            f"{entry['not_after']} unless revoked: "
+            f"flctl certs revoke {record.identity} --serial {entry['serial']}"
+        )

@@ -9,11 +9,14 @@ from pathlib import Path
 
 from flctl.core.errors import ConfigError, ProjectExistsError
 
-__all__ = ["InitResult", "available_templates", "init_project"]
+__all__ = ["DEFAULT_PARAMS", "InitResult", "available_templates", "init_project"]
 
 # Template files that are written under another name.
 _RENAMES = {"gitignore": ".gitignore"}
 _RENDERED = {"flctl.toml"}
+
+#: Parameters of the ``large`` template's model when ``--params`` is not given (500 MB).
+DEFAULT_PARAMS = 125_000_000
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,12 @@ def init_project(
         raise ProjectExistsError(
             f"{path} is not empty", hint="pass --force to overwrite the template's files"
         )
-    values = {"project_name": path.resolve().name, "seed": str(seed), **(variables or {})}
+    values = {
+        "project_name": path.resolve().name,
+        "seed": str(seed),
+        "params": str(DEFAULT_PARAMS),
+        **(variables or {}),
+    }
     source = resources.files("flctl.templates").joinpath(template)
     path.mkdir(parents=True, exist_ok=True)
     written: list[str] = []

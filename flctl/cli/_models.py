@@ -1,45 +1,89 @@
-"""``flctl models ls``: the model history, read straight from the state store."""
+"""``flctl models``: the model registry, read and written straight from the state store.
+
+Reading commands (``ls``, ``show``, ``diff``, ``export``, ``verify``, ``gc --dry-run``) work
+whether or not a coordinator runs. Commands that change the store (``rollback``, ``tag``,
+``import``, ``gc``) take the coordinator's lock (``.flctl/coordinator.lock``) without waiting,
+and refuse while a coordinator holds it: its changes must go through it, serialised with its
+rounds. torch, safetensors and sqlmodel are imported inside the commands that need them, so
+``import flctl.cli`` stays light.
+"""
 
 from __future__ import annotations
 
+import enum
+import math
+import os
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 
 from flctl.cli._options import ConfigOpt, JsonOpt
 from flctl.cli._output import Output, command
 from flctl.core import Config
-from flctl.core.errors import NotFoundError
+from flctl.core.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+)
 
 if TYPE_CHECKING:
-    from flctl.store import ModelRecord
+    from flctl.store import BlobStore, ModelRecord, SqlStore
 
 __all__ = ["list_models", "model_dict", "models_app"]
 
 models_app = typer.Typer(help="The model history in the state store.", no_args_is_help=True)
 
+#: The author recorded for changes made by these commands without a coordinator.
+LOCAL_AUTHOR = "local"
+_LOCK_FILE = "coordinator.lock"
 
-def model_dict(record: ModelRecord, head: int | None) -> dict[str, Any]:
-    """A model version as the JSON object ``models ls --json`` prints."""
+RefArg = Annotated[
+    str, typer.Argument(help="A version number, a tag, `head`, or a digest prefix (6+ hex).")
+]
+
+
+class ExportFormat(enum.StrEnum):
+    """File formats ``models export`` writes."""
+
+    safetensors = "safetensors"
+    torch = "torch"
+
+
+# ---------------------------------------------------------------------- shared plumbing
+
+
+def model_dict(record: ModelRecord, head: int | None, tags: Sequence[str] = ()) -> dict[str, Any]:
+    """A model version as the JSON object the ``models`` commands print."""
     return {
         "version": record.version,
         "digest": record.digest,
         "parent": record.parent,
         "round": record.server_round,
         "kind": record.kind,
+        "status": record.status,
+        "reason": record.reason,
+        "author": record.author,
+        "source": record.source,
         "metrics": record.metrics,
+        "config_hash": record.config_hash,
+        "tags": list(tags),
         "created": record.created,
         "is_head": record.version == head,
     }
 
 
-def list_models(config: Config, *, limit: int | None, json_output: bool) -> dict[str, Any]:
-    """Print the model versions, newest first; works whether or not a coordinator runs."""
-    from flctl.store import SqlStore
+@contextmanager
+def _open_state(config: Config) -> Iterator[tuple[SqlStore, BlobStore]]:
+    """The project's database and blob store; never creates a state folder."""
+    from flctl.store import BlobStore, SqlStore
 
-    out = Output(json_mode=json_output)
     if not (config.state_path / "state.db").is_file():
         raise NotFoundError(
             f"no state store in {config.state_path}",
@@ -47,39 +91,170 @@ def list_models(config: Config, *, limit: int | None, json_output: bool) -> dict
         )
     store = SqlStore.open(config.state_path)
     try:
-        head_record = store.head()
-        head = head_record.version if head_record else None
-        models = store.list_models(limit=limit)
+        yield store, BlobStore(config.state_path / "blobs")
     finally:
         store.close()
-    document = {"models": [model_dict(m, head) for m in models], "head": head}
+
+
+@contextmanager
+def _offline_lock(config: Config) -> Iterator[None]:
+    """Hold the coordinator's lock for a change made without it, or refuse at once.
+
+    A coordinator holds this lock (fcntl) for as long as it runs; while we hold it, none can
+    start, so nothing else writes the store under us.
+
+    Raises:
+        ConflictError: A coordinator is running.
+    """
+    import fcntl
+
+    from flctl.coordinator import read_serve_file
+
+    if not (config.state_path / "state.db").is_file():
+        raise NotFoundError(
+            f"no state store in {config.state_path}",
+            hint="start the coordinator once with `flctl serve` to create it",
+        )
+    # "a", not "w": never truncate a file another process may hold open.
+    handle = (config.state_path / _LOCK_FILE).open("a")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            running = read_serve_file(config.state_path) or {}
+            pid, address = running.get("pid", "?"), running.get("address", "?")
+            raise ConflictError(
+                f"a coordinator is running (pid {pid}, address {address}): "
+                "this change must go through it",
+                hint="stop the coordinator to change the store directly",
+                details={"pid": running.get("pid"), "address": running.get("address")},
+            ) from None
+        yield
+    finally:
+        handle.close()  # closing the file releases the lock
+
+
+def _tags_by_version(store: SqlStore) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for tag in store.list_tags():
+        out.setdefault(tag.version, []).append(tag.name)
+    return out
+
+
+def _head_version(store: SqlStore) -> int | None:
+    head = store.head()
+    return None if head is None else head.version
+
+
+def _when(unix: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix))
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover - the loop always returns
+
+
+def _finite(value: float) -> float | None:
+    """A number JSON can carry: NaN and infinities become null."""
+    return value if math.isfinite(value) else None
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pairs(out: Output, title: str, rows: Sequence[tuple[str, str]]) -> None:
+    """Print ``key: value`` rows: a rich grid on a terminal, plain lines when piped."""
+    if out.is_terminal:
+        table = Table(title=title, title_justify="left", show_header=False, box=None)
+        table.add_column(style="bold")
+        table.add_column()
+        for key, value in rows:
+            table.add_row(key, value)
+        out.console.print(table)
+        return
+    out.line(title)
+    for key, value in rows:
+        out.line(f"  {key}: {value}")
+
+
+def _existing_blob(blobs: BlobStore, model: ModelRecord) -> Path:
+    path = blobs.path(model.digest)
+    if not path.is_file():
+        raise NotFoundError(
+            f"the weights of version {model.version} (blob {model.digest[:12]}) are missing",
+            hint="run `flctl models verify` to check every version",
+        )
+    return path
+
+
+# ---------------------------------------------------------------------- ls
+
+
+def list_models(
+    config: Config, *, limit: int | None, json_output: bool, include_rejected: bool = False
+) -> dict[str, Any]:
+    """Print the model versions, newest first; works whether or not a coordinator runs."""
+    out = Output(json_mode=json_output)
+    with _open_state(config) as (store, _):
+        head = _head_version(store)
+        models = store.list_models(limit=limit, include_rejected=include_rejected)
+        tags = _tags_by_version(store)
+    document = {
+        "models": [model_dict(m, head, tags.get(m.version, ())) for m in models],
+        "head": head,
+    }
     if json_output:
         out.json(document)
         return document
     metric_names = sorted({k for m in models for k in m.metrics})[:4]
     if out.is_terminal:
-        table = Table(title=f"models in {config.state_path}", title_justify="left")
-        for column in ("version", "digest", "parent", "round", "kind", *metric_names, "created"):
-            table.add_column(column, justify="right" if column != "kind" else "left")
+        table = Table(
+            title=f"models in {config.state_path}",
+            title_justify="left",
+            caption="* head",
+            caption_justify="left",
+            box=box.SIMPLE_HEAD,
+        )
+        columns = ["version", "digest", "parent", "round", "kind", "tags", *metric_names]
+        is_wide = out.console.width >= 100  # below that, the creation time is left out
+        for column in [*columns, "created"] if is_wide else columns:
+            table.add_column(
+                column,
+                justify="left" if column in ("kind", "tags") else "right",
+                no_wrap=column in ("version", "digest"),
+            )
         for m in models:
-            marker = " (head)" if m.version == head else ""
+            marker = " *" if m.version == head else ""
+            kind = m.kind if m.status == "ok" else f"{m.kind} ({m.status})"
             table.add_row(
                 f"{m.version}{marker}",
                 m.digest[:12],
                 str(m.parent or "-"),
                 str(m.server_round or "-"),
-                m.kind,
+                kind if m.source is None else f"{kind} of {m.source}",
+                ", ".join(tags.get(m.version, ())),
                 *[f"{m.metrics[k]:.4f}" if k in m.metrics else "-" for k in metric_names],
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created)),
+                *([time.strftime("%m-%d %H:%M", time.localtime(m.created))] if is_wide else []),
             )
         out.console.print(table)
     else:
         for m in models:
             metrics = " ".join(f"{k}={m.metrics[k]:.4f}" for k in metric_names if k in m.metrics)
             head_mark = " head" if m.version == head else ""
+            status = "" if m.status == "ok" else f" {m.status}"
+            names = tags.get(m.version)
+            tag_text = f"\ttags={','.join(names)}" if names else ""
             out.line(
                 f"{m.version}\t{m.digest[:12]}\tparent={m.parent or '-'}\t"
-                f"round={m.server_round or '-'}\t{m.kind}{head_mark}\t{metrics}"
+                f"round={m.server_round or '-'}\t{m.kind}{head_mark}{status}\t{metrics}{tag_text}"
             )
     return document
 
@@ -88,10 +263,676 @@ def list_models(config: Config, *, limit: int | None, json_output: bool) -> dict
 @command()
 def models_ls(
     limit: Annotated[int | None, typer.Option(help="Show at most this many versions.")] = None,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Include versions the validation gate rejected.")
+    ] = False,
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """List model versions, newest first (works with or without a running coordinator)."""
     from flctl.cli._common import load_project
 
-    list_models(load_project(config_path), limit=limit, json_output=json_output)
+    list_models(
+        load_project(config_path),
+        limit=limit,
+        json_output=json_output,
+        include_rejected=show_all,
+    )
+
+
+# ---------------------------------------------------------------------- show
+
+
+def _tensor_summary(path: Path) -> dict[str, Any]:
+    from flctl.tensors import read_spec
+
+    specs = read_spec(path)
+    dtypes: dict[str, int] = {}
+    for spec in specs.values():
+        dtypes[spec.dtype] = dtypes.get(spec.dtype, 0) + 1
+    return {
+        "count": len(specs),
+        "parameters": sum(spec.numel for spec in specs.values()),
+        "dtypes": dict(sorted(dtypes.items())),
+    }
+
+
+def show_model(config: Config, ref: str) -> dict[str, Any]:
+    """Everything the registry knows about one version, as ``models show --json`` prints it."""
+    with _open_state(config) as (store, blobs):
+        model = store.resolve_model(ref)
+        head = _head_version(store)
+        lineage = store.lineage(model.version)
+        tags = store.tags_for(model.version)
+        round_doc: dict[str, Any] | None = None
+        # A rollback restores weights that a round produced: show that round.
+        server_round = model.server_round
+        if server_round is None and model.source is not None:
+            server_round = store.get_model(model.source).server_round
+        if server_round is not None:
+            try:
+                rnd = store.get_round(server_round)
+            except NotFoundError:
+                rnd = None
+            if rnd is not None:
+                updates = store.updates_for_round(rnd.id)
+                round_doc = {
+                    "round": rnd.id,
+                    "status": rnd.status,
+                    "num_clients": rnd.num_clients,
+                    "metrics": rnd.metrics,
+                    "duration_s": rnd.duration_s,
+                    "contributors": [
+                        {
+                            "client_id": u.client_id,
+                            "num_examples": u.num_examples,
+                            "metrics": u.metrics,
+                            "digest": u.digest,
+                        }
+                        for u in updates
+                        if u.status == "accepted"
+                    ],
+                    "rejected_updates": [
+                        {"client_id": u.client_id, "reason": u.reason}
+                        for u in updates
+                        if u.status == "rejected"
+                    ],
+                }
+        path = blobs.path(model.digest)
+        present = path.is_file()
+    tensors: dict[str, Any] | None = None
+    blob_state = "present" if present else "missing"
+    if present:
+        try:
+            tensors = _tensor_summary(path)
+        except InvalidInputError:
+            blob_state = "unreadable"  # a damaged header; `models verify` says more
+    config_doc = model.config
+    rounds_config = config_doc.get("rounds")
+    strategy = rounds_config.get("strategy") if isinstance(rounds_config, dict) else None
+    return {
+        "model": model_dict(model, head, tags),
+        "lineage": [
+            {
+                "version": m.version,
+                "digest": m.digest,
+                "kind": m.kind,
+                "round": m.server_round,
+                "parent": m.parent,
+            }
+            for m in lineage
+        ],
+        "round": round_doc,
+        "strategy": strategy,
+        "config": config_doc,
+        "config_hash": model.config_hash,
+        "tensors": tensors,
+        "size_bytes": path.stat().st_size if present else None,
+        "blob": blob_state,
+    }
+
+
+@models_app.command("show")
+@command()
+def models_show(ref: RefArg, config_path: ConfigOpt = None, json_output: JsonOpt = False) -> None:
+    """Show one version: lineage, the round and clients that made it, config, tensors, size."""
+    from flctl.cli._common import load_project
+
+    doc = show_model(load_project(config_path), ref)
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json(doc)
+        return
+    m = doc["model"]
+    kind = m["kind"] if m["source"] is None else f"{m['kind']} of version {m['source']}"
+    rows = [
+        ("digest", m["digest"]),
+        ("kind", kind + (" (head)" if m["is_head"] else "")),
+        ("status", m["status"] + (f" ({m['reason']})" if m["reason"] else "")),
+        ("author", m["author"] or "-"),
+        ("created", _when(m["created"])),
+        ("tags", ", ".join(m["tags"]) or "-"),
+        ("metrics", " ".join(f"{k}={v:.4f}" for k, v in sorted(m["metrics"].items())) or "-"),
+        ("lineage", " <- ".join(f"{x['version']} ({x['kind']})" for x in doc["lineage"])),
+    ]
+    tensors = doc["tensors"]
+    if tensors is None:
+        rows.append(("weights", f"{doc['blob']} (run `flctl models verify`)"))
+    else:
+        rows.append(("tensors", f"{tensors['count']} ({tensors['parameters']:,} parameters)"))
+        rows.append(("size", _bytes(doc["size_bytes"])))
+    rows.append(("strategy", doc["strategy"] or "-"))
+    if doc["config_hash"]:
+        rows.append(("config", f"sha256 {doc['config_hash'][:12]}"))
+        for section, values in sorted(doc["config"].items()):
+            rows.append((f"  {section}", str(values)))
+    rnd = doc["round"]
+    if rnd is not None:
+        rows.append(
+            (
+                "round",
+                f"{rnd['round']} {rnd['status']}, {len(rnd['contributors'])} contributors"
+                + (f", {len(rnd['rejected_updates'])} rejected" if rnd["rejected_updates"] else ""),
+            )
+        )
+        for c in rnd["contributors"]:
+            metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(c["metrics"].items()))
+            rows.append((f"  {c['client_id']}", f"{c['num_examples']} examples {metrics}".strip()))
+    _pairs(out, f"model version {m['version']}", rows)
+
+
+# ---------------------------------------------------------------------- diff
+
+
+def _diff_tensors(path_a: Path, path_b: Path, same: bool) -> dict[str, Any]:
+    """Per-tensor L2 distance, relative change ||b-a||/||a|| and max |b-a|, one tensor at a time."""
+    from flctl.tensors import read_spec
+
+    spec_a, spec_b = read_spec(path_a), read_spec(path_b)
+    common = sorted(set(spec_a) & set(spec_b))
+    rows: list[dict[str, Any]] = []
+    sq_diff = sq_a = 0.0
+    max_abs = 0.0
+    if same:
+        # Identical bytes: nothing to read.
+        for name in common:
+            rows.append(
+                {
+                    "name": name,
+                    "shape": list(spec_a[name].shape),
+                    "dtype": spec_a[name].dtype,
+                    "l2": 0.0,
+                    "relative": 0.0,
+                    "max_abs": 0.0,
+                }
+            )
+    else:
+        import torch
+        from safetensors import safe_open
+
+        with (
+            safe_open(str(path_a), framework="pt") as fa,
+            safe_open(str(path_b), framework="pt") as fb,
+        ):
+            for name in common:
+                a, b = spec_a[name], spec_b[name]
+                row: dict[str, Any] = {"name": name, "shape": list(a.shape), "dtype": a.dtype}
+                if a.shape != b.shape:
+                    row.update(shape_b=list(b.shape), l2=None, relative=None, max_abs=None)
+                    rows.append(row)
+                    continue
+                ta = fa.get_tensor(name).to(torch.float64)
+                delta = fb.get_tensor(name).to(torch.float64) - ta
+                l2 = float(torch.linalg.vector_norm(delta))
+                norm_a = float(torch.linalg.vector_norm(ta))
+                peak = float(delta.abs().max()) if delta.numel() else 0.0
+                del ta, delta
+                sq_diff += l2 * l2
+                sq_a += norm_a * norm_a
+                max_abs = max(max_abs, peak) if math.isfinite(peak) else peak
+                relative = l2 / norm_a if norm_a > 0 else (0.0 if l2 == 0 else math.inf)
+                if b.dtype != a.dtype:
+                    row["dtype_b"] = b.dtype
+                row.update(l2=_finite(l2), relative=_finite(relative), max_abs=_finite(peak))
+                rows.append(row)
+    total_l2 = math.sqrt(sq_diff)
+    total_rel = total_l2 / math.sqrt(sq_a) if sq_a > 0 else (0.0 if total_l2 == 0 else math.inf)
+    return {
+        "tensors": rows,
+        "only_in_a": sorted(set(spec_a) - set(spec_b)),
+        "only_in_b": sorted(set(spec_b) - set(spec_a)),
+        "total": {
+            "l2": _finite(total_l2),
+            "relative": _finite(total_rel),
+            "max_abs": _finite(max_abs),
+        },
+    }
+
+
+def diff_models(config: Config, ref_a: str, ref_b: str) -> dict[str, Any]:
+    """Compare two versions, as ``models diff --json`` prints it (B relative to A)."""
+    with _open_state(config) as (store, blobs):
+        a, b = store.resolve_model(ref_a), store.resolve_model(ref_b)
+        path_a, path_b = _existing_blob(blobs, a), _existing_blob(blobs, b)
+        doc = _diff_tensors(path_a, path_b, same=a.digest == b.digest)
+    metrics: dict[str, dict[str, float | None]] = {}
+    for name in sorted(set(a.metrics) | set(b.metrics)):
+        va, vb = a.metrics.get(name), b.metrics.get(name)
+        delta = None if va is None or vb is None else _finite(vb - va)
+        metrics[name] = {"a": va, "b": vb, "delta": delta}
+    return {
+        "a": {"version": a.version, "digest": a.digest},
+        "b": {"version": b.version, "digest": b.digest},
+        "same_digest": a.digest == b.digest,
+        **doc,
+        "metrics": metrics,
+    }
+
+
+@models_app.command("diff")
+@command()
+def models_diff(
+    ref_a: Annotated[str, typer.Argument(metavar="A", help="The version to compare from.")],
+    ref_b: Annotated[str, typer.Argument(metavar="B", help="The version to compare to.")],
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Per-tensor L2 distance, relative change and max abs difference of B against A."""
+    from flctl.cli._common import load_project
+
+    doc = diff_models(load_project(config_path), ref_a, ref_b)
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json(doc)
+        return
+    title = f"version {doc['b']['version']} against version {doc['a']['version']}"
+    if doc["same_digest"]:
+        title += " (identical weights)"
+    if out.is_terminal:
+        table = Table(title=title, title_justify="left")
+        for column in ("tensor", "shape", "l2", "relative", "max abs"):
+            table.add_column(column, justify="left" if column == "tensor" else "right")
+        for t in doc["tensors"]:
+            table.add_row(
+                t["name"],
+                "x".join(map(str, t["shape"])) or "scalar",
+                _fmt(t["l2"]),
+                _fmt(t["relative"]),
+                _fmt(t["max_abs"]),
+            )
+        out.console.print(table)
+    else:
+        out.line(title)
+        for t in doc["tensors"]:
+            out.line(
+                f"  {t['name']}\tl2={_fmt(t['l2'])}\trelative={_fmt(t['relative'])}\t"
+                f"max_abs={_fmt(t['max_abs'])}"
+            )
+    total = doc["total"]
+    out.line(
+        f"total: l2={_fmt(total['l2'])} relative={_fmt(total['relative'])} "
+        f"max_abs={_fmt(total['max_abs'])}"
+    )
+    for side in ("a", "b"):
+        if doc[f"only_in_{side}"]:
+            out.line(f"only in {side.upper()}: {', '.join(doc[f'only_in_{side}'])}")
+    for name, m in doc["metrics"].items():
+        delta = "" if m["delta"] is None else f" ({m['delta']:+.4f})"
+        out.line(f"{name}: {_fmt(m['a'], '.4f')} -> {_fmt(m['b'], '.4f')}{delta}")
+
+
+# ---------------------------------------------------------------------- rollback / tag
+
+
+@models_app.command("rollback")
+@command()
+def models_rollback(
+    ref: RefArg,
+    reason: Annotated[str, typer.Option(help="Why, kept in the history.")] = "",
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Make an earlier version's weights the head again, as a new version (kind rollback).
+
+    Nothing is deleted; the next round starts from the new head. Without a running coordinator
+    only: while one runs, the change must go through it.
+    """
+    from flctl.cli._common import load_project
+    from flctl.core.events import MODEL_ROLLBACK
+
+    config = load_project(config_path)
+    with _offline_lock(config), _open_state(config) as (store, blobs):
+        target = store.resolve_model(ref)
+        path = _existing_blob(blobs, target)
+        if not blobs.verify(target.digest):
+            raise IntegrityError(
+                f"the weights of version {target.version} are corrupt (blob {path})",
+                hint="run `flctl models verify`; roll back to an intact version",
+            )
+        previous = _head_version(store)
+        new = store.set_head(target.version, author=LOCAL_AUTHOR, reason=reason)
+        store.append_event(
+            MODEL_ROLLBACK,
+            data={
+                "version": new.version,
+                "digest": new.digest,
+                "source": target.version,
+                "previous_head": previous,
+                "author": LOCAL_AUTHOR,
+                "reason": reason,
+            },
+        )
+        tags = store.tags_for(new.version)
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json(
+            {
+                "model": model_dict(new, new.version, tags),
+                "source": target.version,
+                "previous_head": previous,
+            }
+        )
+        return
+    out.line(
+        f"rolled back to version {target.version}: head is now version {new.version} "
+        f"(kind rollback, digest {new.digest[:12]}, was version {previous}); "
+        "the next round starts from it"
+    )
+
+
+@models_app.command("tag")
+@command()
+def models_tag(
+    ref: RefArg,
+    name: Annotated[str, typer.Argument(help="The tag, e.g. `best` or `paper-v1`.")],
+    force: Annotated[bool, typer.Option(help="Move the tag if it names another version.")] = False,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Give a version a name that `show`, `diff`, `export` and `rollback` accept."""
+    from flctl.cli._common import load_project
+    from flctl.core.events import MODEL_TAGGED
+
+    config = load_project(config_path)
+    with _offline_lock(config), _open_state(config) as (store, _):
+        model = store.resolve_model(ref)
+        before = {t.name: t.version for t in store.list_tags()}.get(name)
+        tag = store.add_tag(model.version, name, author=LOCAL_AUTHOR, force=force)
+        if before != model.version:
+            store.append_event(
+                MODEL_TAGGED,
+                data={
+                    "tag": name,
+                    "version": model.version,
+                    "previous": before,
+                    "author": LOCAL_AUTHOR,
+                },
+            )
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json({"tag": tag.name, "version": tag.version, "previous": before})
+        return
+    if before == model.version:
+        out.line(f"tag {name!r} already names version {model.version}")
+    elif before is None:
+        out.line(f"tagged version {model.version} as {name!r}")
+    else:
+        out.line(f"moved tag {name!r} from version {before} to version {model.version}")
+
+
+# ---------------------------------------------------------------------- export / import
+
+
+def _lineage_doc(store: SqlStore, model: ModelRecord) -> list[dict[str, Any]]:
+    return [
+        {
+            "version": m.version,
+            "digest": m.digest,
+            "kind": m.kind,
+            "round": m.server_round,
+            "metrics": m.metrics,
+        }
+        for m in store.lineage(model.version)
+    ]
+
+
+def _copy_verified(source: Path, target: Path, digest: str) -> None:
+    """Copy a blob, checking on the way that its bytes still hash to its name."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        while piece := src.read(1 << 20):
+            h.update(piece)
+            dst.write(piece)
+    if h.hexdigest() != digest:
+        raise IntegrityError(
+            f"blob {digest[:12]} is corrupt: its content hashes to {h.hexdigest()[:12]}",
+            hint="run `flctl models verify`",
+        )
+
+
+def _write_torch(source: Path, target: Path, digest: str) -> None:
+    """Write a plain state_dict with torch.save, loadable with torch.load(weights_only=True)."""
+    import torch
+
+    from flctl.tensors import load_parameters, sha256_file
+
+    if sha256_file(source) != digest:
+        raise IntegrityError(f"blob {digest[:12]} is corrupt", hint="run `flctl models verify`")
+    state = load_parameters(source)
+    torch.save(dict(state), target)
+
+
+@models_app.command("export")
+@command()
+def models_export(
+    ref: RefArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The file to write.")],
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="safetensors (the blob as is) or torch (a state_dict)."),
+    ] = ExportFormat.safetensors,
+    force: Annotated[bool, typer.Option(help="Overwrite FILE and FILE.json.")] = False,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Write a version's weights to FILE, with FILE.json holding its lineage and metrics."""
+    import json
+
+    from flctl import __version__
+    from flctl.cli._common import load_project
+    from flctl.tensors import sha256_file
+
+    config = load_project(config_path)
+    output = Path(output)
+    sidecar = output.with_name(output.name + ".json")
+    if output.is_dir():
+        raise InvalidInputError(f"{output} is a folder: give a file name with -o")
+    for path in (output, sidecar):
+        if path.exists() and not force:
+            raise ConflictError(f"{path} already exists", hint="pass --force to overwrite it")
+    if not output.parent.is_dir():
+        raise NotFoundError(f"folder {output.parent} does not exist")
+    with _open_state(config) as (store, blobs):
+        model = store.resolve_model(ref)
+        source = _existing_blob(blobs, model)
+        head = _head_version(store)
+        tags = store.tags_for(model.version)
+        lineage = _lineage_doc(store, model)
+        temp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+        try:
+            if fmt is ExportFormat.safetensors:
+                _copy_verified(source, temp, model.digest)
+            else:
+                _write_torch(source, temp, model.digest)
+            os.replace(temp, output)
+        finally:
+            temp.unlink(missing_ok=True)
+    file_sha256 = model.digest if fmt is ExportFormat.safetensors else sha256_file(output)
+    meta = {
+        **model_dict(model, head, tags),
+        "format": fmt.value,
+        "file": output.name,
+        "file_sha256": file_sha256,
+        "lineage": lineage,
+        "config": model.config,
+        "exported": time.time(),
+        "flctl": __version__,
+    }
+    sidecar.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json(
+            {
+                "model": model_dict(model, head, tags),
+                "file": str(output),
+                "sidecar": str(sidecar),
+                "format": fmt.value,
+                "bytes": output.stat().st_size,
+                "file_sha256": file_sha256,
+            }
+        )
+        return
+    out.line(
+        f"exported version {model.version} ({fmt.value}, {_bytes(output.stat().st_size)}) "
+        f"to {output}; lineage and metrics in {sidecar}"
+    )
+
+
+@models_app.command("import")
+@command()
+def models_import(
+    file: Annotated[Path, typer.Argument(help="A safetensors file with the model's tensors.")],
+    head: Annotated[bool, typer.Option("--head", help="Also make it the head model.")] = False,
+    reason: Annotated[str, typer.Option(help="A note kept in the history.")] = "",
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Add a safetensors file as a new version (kind import), checked against the head model.
+
+    Its tensor names, shapes and dtypes must match the head's and its values be finite;
+    otherwise nothing is written. It becomes head only with --head.
+    """
+    from flctl.cli._common import load_project
+    from flctl.core.events import MODEL_IMPORTED
+    from flctl.tensors import check_update, read_spec
+
+    config = load_project(config_path)
+    file = Path(file)
+    if not file.is_file():
+        raise NotFoundError(f"file {file} not found")
+    with _offline_lock(config), _open_state(config) as (store, blobs):
+        current = store.head()
+        if current is None:
+            raise NotFoundError(
+                "there is no head model to check the file against",
+                hint="start the coordinator once with `flctl serve` to create the initial model",
+            )
+        expected = read_spec(_existing_blob(blobs, current))
+        # Check the copy, not the file: it cannot change between the check and the commit.
+        temp, digest = blobs.stage_file(file)
+        try:
+            try:
+                check_update(temp, expected)
+            except InvalidInputError as exc:
+                raise InvalidInputError(
+                    f"{file} does not fit the model (head version {current.version}): "
+                    f"{exc.message}",
+                    hint="import takes a safetensors file of the same tensors "
+                    "(`flctl models export` writes one)",
+                ) from None
+            blobs.commit_temp(temp, digest)
+        finally:
+            temp.unlink(missing_ok=True)
+        model = store.import_model(
+            digest, head=head, author=LOCAL_AUTHOR, reason=reason or f"imported from {file.name}"
+        )
+        store.append_event(
+            MODEL_IMPORTED,
+            data={
+                "version": model.version,
+                "digest": model.digest,
+                "parent": model.parent,
+                "head": head,
+                "file": file.name,
+                "author": LOCAL_AUTHOR,
+            },
+        )
+        head_version = _head_version(store)
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json({"model": model_dict(model, head_version), "head": head_version})
+        return
+    where = "and made it the head" if head else f"(head stays version {head_version})"
+    out.line(f"imported {file} as version {model.version} {where}; digest {digest[:12]}")
+
+
+# ---------------------------------------------------------------------- verify / gc
+
+
+@models_app.command("verify")
+@command()
+def models_verify(config_path: ConfigOpt = None, json_output: JsonOpt = False) -> None:
+    """Re-hash every blob a version references; exit 42 if one is missing or corrupt."""
+    from flctl.cli._common import load_project
+    from flctl.store import verify_models
+
+    with _open_state(load_project(config_path)) as (store, blobs):
+        checks = verify_models(store, blobs)
+    bad = [c for c in checks if not c.is_ok]
+    doc: dict[str, Any] = {
+        "checked": len(checks),
+        "ok": len(checks) - len(bad),
+        "missing": [
+            {"digest": c.digest, "versions": list(c.versions)}
+            for c in checks
+            if c.status == "missing"
+        ],
+        "corrupt": [
+            {"digest": c.digest, "versions": list(c.versions), "size": c.size}
+            for c in checks
+            if c.status == "corrupt"
+        ],
+    }
+    error = None
+    if bad:
+        error = IntegrityError(
+            f"{len(bad)} of {len(checks)} model blobs are missing or corrupt",
+            hint="restore them from a backup, or roll back to an intact version",
+        )
+        doc["error"] = error.to_dict()
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json(doc)
+        if error is not None:
+            raise typer.Exit(error.exit_code)
+        return
+    for c in bad:
+        versions = ", ".join(map(str, c.versions))
+        out.line(f"{c.status}: blob {c.digest[:12]} (versions {versions})")
+    if error is not None:
+        raise error
+    total = sum(c.size or 0 for c in checks)
+    out.line(f"all {len(checks)} model blobs intact ({_bytes(total)})")
+
+
+@models_app.command("gc")
+@command()
+def models_gc(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only report what would be removed.")
+    ] = False,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Remove blobs that no version, open round or upload in progress references."""
+    from flctl.cli._common import load_project
+    from flctl.store import collect_garbage
+
+    config = load_project(config_path)
+    if dry_run:
+        with _open_state(config) as (store, blobs):
+            report = collect_garbage(store, blobs, dry_run=True)
+    else:
+        with _offline_lock(config), _open_state(config) as (store, blobs):
+            report = collect_garbage(store, blobs)
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json(
+            {
+                "dry_run": report.dry_run,
+                "removed": [{"digest": d, "size": s} for d, s in report.removed],
+                "bytes_freed": report.bytes_freed,
+                "kept": report.kept,
+            }
+        )
+        return
+    verb = "would remove" if dry_run else "removed"
+    for digest, size in report.removed:
+        out.line(f"{verb} {digest[:12]} ({_bytes(size)})")
+    out.line(
+        f"{verb} {len(report.removed)} unreferenced blobs, "
+        f"{'would free' if dry_run else 'freed'} {_bytes(report.bytes_freed)}; "
+        f"kept {report.kept}"
+    )

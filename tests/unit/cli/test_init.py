@@ -13,7 +13,7 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("template", available_templates())
 def test_every_template_renders_and_loads(tmp_path: Path, template: str) -> None:
-    result = init_project(tmp_path / "p", template=template, seed=7)
+    result = init_project(tmp_path / "p", template=template, seed=7, variables={"params": "20000"})
     assert {"flctl.toml", "task.py", ".gitignore"} <= set(result.files)
     config = load_config(tmp_path / "p" / "flctl.toml")
     assert config.project.seed == 7
