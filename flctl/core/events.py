@@ -17,7 +17,11 @@ __all__ = [
     "COORDINATOR_STARTED",
     "COORDINATOR_STOPPED",
     "Event",
+    "IDENTITY_REVOKED",
     "MODEL_CREATED",
+    "MODEL_IMPORTED",
+    "MODEL_ROLLBACK",
+    "MODEL_TAGGED",
     "ROUND_CANCELLED",
     "ROUND_COMMITTED",
     "ROUND_FAILED",
@@ -60,6 +64,14 @@ ROUND_FAILED = "round.failed"
 ROUND_CANCELLED = "round.cancelled"
 #: data: version, digest, kind, parent, metrics
 MODEL_CREATED = "model.created"
+#: data: serial (lower-case hex, or null for every certificate), reason, author (client_id: who)
+IDENTITY_REVOKED = "identity.revoked"
+#: data: version, digest, source (the version restored), previous_head, author, reason
+MODEL_ROLLBACK = "model.rollback"
+#: data: tag, version, previous (the version it named before, or None), author
+MODEL_TAGGED = "model.tagged"
+#: data: version, digest, parent, head (whether it became head), file, author
+MODEL_IMPORTED = "model.imported"
 
 TERMINAL_ROUND_STATUSES = frozenset({"committed", "failed", "cancelled"})
 

@@ -18,6 +18,13 @@ Keys are EC P-256 (unencrypted PKCS#8 PEM) with SHA-256 signatures. The CA has
 certificates have ``BasicConstraints(ca=False)``, ``KeyUsage(digitalSignature)``, the
 ``ExtendedKeyUsage`` of their role (serverAuth or clientAuth), subject and authority key
 identifiers and, for the server, subject alternative names.
+
+Lifecycle: :func:`generate_project_certs` makes a project's folder; later identities come from
+:func:`issue_project_certificate` (a key made by the CA side) or from a signing request made on
+the holder's machine (:func:`write_request`, :func:`generate_csr`) and signed by the CA
+(:func:`sign_project_request`, :func:`sign_csr`), so that keys never travel. Every certificate
+the CA issues is recorded in ``certs/index.json`` (:func:`read_index`), and
+:func:`list_project_certificates` says which are active, expired, replaced or revoked.
 """
 
 from flctl.security._certs import (
@@ -27,6 +34,7 @@ from flctl.security._certs import (
     issue_certificate,
     verify_certificate,
 )
+from flctl.security._csr import csr_identity, generate_csr, sign_csr
 from flctl.security._files import (
     SERVER_NAME,
     CertsReport,
@@ -35,25 +43,58 @@ from flctl.security._files import (
     load_credentials,
     load_pem_files,
 )
-from flctl.security._identity import Identity, Role, identity_from_pem
+from flctl.security._identity import (
+    CertificateInfo,
+    Identity,
+    Role,
+    certificate_info,
+    identity_from_pem,
+)
+from flctl.security._index import INDEX_FILE, IssuanceRecord, read_index
+from flctl.security._project import (
+    CertificateEntry,
+    CertsListing,
+    IssueReport,
+    issue_project_certificate,
+    list_project_certificates,
+    record_generated,
+    sign_project_request,
+    write_request,
+)
 from flctl.security._tokens import MAX_TOKEN_LENGTH, TokenClaims, TokenSigner
 
 __all__ = [
+    "CertificateEntry",
+    "CertificateInfo",
+    "CertsListing",
     "CertsReport",
+    "INDEX_FILE",
     "Identity",
+    "IssuanceRecord",
+    "IssueReport",
     "KeyPair",
     "MAX_TOKEN_LENGTH",
     "Role",
     "SERVER_NAME",
     "TokenClaims",
     "TokenSigner",
+    "certificate_info",
     "check_key_matches",
+    "csr_identity",
     "generate_ca",
+    "generate_csr",
     "generate_project_certs",
     "identity_from_pem",
     "issue_certificate",
+    "issue_project_certificate",
+    "list_project_certificates",
     "load_ca",
     "load_credentials",
     "load_pem_files",
+    "read_index",
+    "record_generated",
+    "sign_csr",
+    "sign_project_request",
     "verify_certificate",
+    "write_request",
 ]

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
     PrivateKeyTypes,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -154,6 +155,26 @@ def issue_certificate(
     if not_before is not None and not_before.tzinfo is None:
         raise ValueError(f"not_before must be timezone-aware, got {not_before!r}")
 
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build_leaf(ca, name, role, key.public_key(), sans=sans, days=days, not_before=not_before)
+    return KeyPair(cert_pem=_cert_to_pem(cert), key_pem=_key_to_pem(key))
+
+
+def build_leaf(
+    ca: KeyPair,
+    name: str,
+    role: Role,
+    public_key: CertificatePublicKeyTypes,
+    *,
+    sans: Sequence[str] = (),
+    days: int = 365,
+    not_before: datetime | None = None,
+) -> x509.Certificate:
+    """Sign a leaf certificate for ``public_key`` (arguments already checked by the caller).
+
+    Shared by :func:`issue_certificate` (a fresh key) and CSR signing (the requester's key), so
+    both produce exactly the same profile.
+    """
     ca_cert, ca_key = _load_ca_pair(ca)
     now = datetime.now(UTC)
     if ca_cert.not_valid_after_utc <= now:
@@ -166,7 +187,6 @@ def issue_certificate(
     if end <= start:
         raise ValueError(f"not_before={not_before!r} is after the CA's end of validity")
 
-    key = ec.generate_private_key(ec.SECP256R1())
     usage = (
         ExtendedKeyUsageOID.SERVER_AUTH if role is Role.SERVER else ExtendedKeyUsageOID.CLIENT_AUTH
     )
@@ -174,14 +194,14 @@ def issue_certificate(
         x509.CertificateBuilder()
         .subject_name(_subject(name, role))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_authority_key_identifier(ca_cert), critical=False)
         .add_extension(_role_extension(role), critical=False)
     )
@@ -190,8 +210,7 @@ def issue_certificate(
         builder = builder.add_extension(
             x509.SubjectAlternativeName(_general_names(names)), critical=False
         )
-    cert = builder.sign(ca_key, _hash_for(ca_key))
-    return KeyPair(cert_pem=_cert_to_pem(cert), key_pem=_key_to_pem(key))
+    return builder.sign(ca_key, _hash_for(ca_key))
 
 
 def verify_certificate(cert_pem: bytes, ca_pem: bytes, *, now: datetime | None = None) -> Identity:

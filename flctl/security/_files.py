@@ -14,9 +14,6 @@ even for a moment.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +33,14 @@ from flctl.security._certs import (
     generate_ca,
     issue_certificate,
     verify_certificate,
+)
+from flctl.security._fileio import (
+    CERT_MODE,
+    DIR_MODE,
+    KEY_MODE,
+    fsync_dir,
+    read_pem,
+    write_atomic,
 )
 from flctl.security._identity import (
     Role,
@@ -60,11 +65,6 @@ SERVER_NAME = "flctl-server"
 _CA_STEM = "ca"
 _SERVER_STEM = "server"
 _DEFAULT_SERVER_SANS = ("localhost", "127.0.0.1")
-_KEY_MODE = 0o600
-_CERT_MODE = 0o644
-_DIR_MODE = 0o700
-# A PEM certificate or key is a few KiB; anything far larger is the wrong file.
-_MAX_PEM_BYTES = 1 << 20
 _GEN_HINT = "run `flctl certs gen`"
 
 
@@ -175,12 +175,12 @@ def generate_project_certs(
 
     if not certs_dir.exists():
         try:
-            certs_dir.mkdir(mode=_DIR_MODE, parents=True)
+            certs_dir.mkdir(mode=DIR_MODE, parents=True)
         except OSError as exc:
             raise CertificateError(f"cannot create {certs_dir}: {exc.strerror or exc}") from exc
     for file_name, data, mode in pending:
-        _write_atomic(certs_dir / file_name, data, mode)
-    _fsync_dir(certs_dir)
+        write_atomic(certs_dir / file_name, data, mode)
+    fsync_dir(certs_dir)
     return CertsReport(certs_dir=certs_dir, written=[name for name, _, _ in pending], reused=reused)
 
 
@@ -199,8 +199,8 @@ def load_ca(certs_dir: Path) -> KeyPair:
     """
     certs_dir = Path(certs_dir)
     ca = KeyPair(
-        cert_pem=_read_pem(certs_dir / f"{_CA_STEM}.crt", _GEN_HINT),
-        key_pem=_read_pem(certs_dir / f"{_CA_STEM}.key", _GEN_HINT),
+        cert_pem=read_pem(certs_dir / f"{_CA_STEM}.crt", _GEN_HINT),
+        key_pem=read_pem(certs_dir / f"{_CA_STEM}.key", _GEN_HINT),
     )
     _load_ca_pair(ca)
     return ca
@@ -253,7 +253,7 @@ def load_pem_files(cert: Path, key: Path, ca: Path) -> tuple[bytes, bytes, bytes
 
 
 def _load_triple(cert: Path, key: Path, ca: Path, hint: str) -> tuple[bytes, bytes, bytes]:
-    cert_pem, key_pem, ca_pem = (_read_pem(path, hint) for path in (cert, key, ca))
+    cert_pem, key_pem, ca_pem = (read_pem(path, hint) for path in (cert, key, ca))
     cert_obj = load_certificate(cert_pem, what=str(cert))
     key_obj = load_private_key(key_pem, what=str(key))
     _require_ca(load_certificate(ca_pem, what=str(ca)))
@@ -335,51 +335,4 @@ def _has_sans(cert_pem: bytes, leaf: _Leaf) -> bool:
 def _pair_files(stem: str, pair: KeyPair) -> list[tuple[str, bytes, int]]:
     # The key goes first: a crash in between leaves a key without a certificate, which the next
     # run reports, rather than a certificate whose key is lost.
-    return [(f"{stem}.key", pair.key_pem, _KEY_MODE), (f"{stem}.crt", pair.cert_pem, _CERT_MODE)]
-
-
-def _read_pem(path: Path, hint: str) -> bytes:
-    try:
-        with path.open("rb") as f:
-            data = f.read(_MAX_PEM_BYTES + 1)
-    except FileNotFoundError:
-        raise CertificateError(f"{path} not found", hint=hint) from None
-    except OSError as exc:
-        raise CertificateError(f"cannot read {path}: {exc.strerror or exc}", hint=hint) from exc
-    if len(data) > _MAX_PEM_BYTES:
-        raise CertificateError(f"{path} is larger than {_MAX_PEM_BYTES} bytes; not a PEM file")
-    return data
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` through a temporary file created with ``mode``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(tmp, flags, mode)
-        try:
-            if mode != _KEY_MODE:
-                # A restrictive umask would hide a certificate that others must read; a key
-                # keeps the mode it was created with (umask can only narrow it).
-                os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise CertificateError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the renames durable; not every platform can open a folder, which is fine.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    return [(f"{stem}.key", pair.key_pem, KEY_MODE), (f"{stem}.crt", pair.cert_pem, CERT_MODE)]

@@ -17,7 +17,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 
 from cryptography import x509
@@ -29,9 +29,11 @@ from cryptography.x509.oid import NameOID
 from flctl.core.errors import CertificateError
 
 __all__ = [
+    "CertificateInfo",
     "Identity",
     "ROLE_OID",
     "Role",
+    "certificate_info",
     "identity_from_pem",
 ]
 
@@ -97,6 +99,42 @@ def identity_from_pem(cert_pem: bytes) -> Identity:
     """
     cert = load_certificate(cert_pem)
     return identity_from_certificate(cert)
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What ``flctl certs ls`` shows of one certificate: its identity, issuer and expiry.
+
+    Attributes:
+        identity: Name, role, fingerprint, serial and validity window.
+        issuer: The issuer's common name (its full RFC 4514 name if it has no CN).
+    """
+
+    identity: Identity
+    issuer: str
+
+    def days_left(self, now: datetime | None = None) -> float:
+        """Days until the certificate expires (negative once it has); ``now`` defaults to now."""
+        now = datetime.now(UTC) if now is None else now
+        return (self.identity.not_after - now).total_seconds() / 86400.0
+
+
+def certificate_info(cert_pem: bytes) -> CertificateInfo:
+    """Read a PEM certificate's identity and issuer, without checking who signed it.
+
+    Args:
+        cert_pem: One PEM certificate.
+
+    Returns:
+        Its :class:`CertificateInfo`.
+
+    Raises:
+        CertificateError: As :func:`identity_from_pem`.
+    """
+    cert = load_certificate(cert_pem)
+    names = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+    issuer = str(names[0].value) if names else cert.issuer.rfc4514_string()
+    return CertificateInfo(identity=identity_from_certificate(cert), issuer=issuer)
 
 
 def identity_from_certificate(cert: x509.Certificate) -> Identity:

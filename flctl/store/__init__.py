@@ -1,32 +1,65 @@
 """The coordinator's state: a SQL database of rounds, models and events, and a blob store.
 
 Callers get frozen records (:class:`ModelRecord`, :class:`RoundRecord`, ...) and plain values;
-SQLModel and SQLAlchemy never leave this package.
+SQLModel and SQLAlchemy never leave this package. The model registry (tags, lineage, rollback,
+import) is part of :class:`SqlStore`; :func:`verify_models` and :func:`collect_garbage` check
+the blobs against the versions that reference them. Revoked identities and certificates are
+kept in the ``revocations`` table (:func:`revoke`, :func:`is_revoked`, :func:`list_revocations`).
 """
 
 from flctl.store._blobs import BlobStore, sha256_file
 from flctl.store._records import (
     MODEL_KINDS,
+    MODEL_STATUSES,
     ROUND_STATUSES,
     TERMINAL,
     UPDATE_STATUSES,
     ClientRecord,
     ModelRecord,
     RoundRecord,
+    TagRecord,
     UpdateRecord,
+)
+from flctl.store._registry import (
+    BLOB_STATUSES,
+    BlobCheck,
+    GcReport,
+    collect_garbage,
+    verify_models,
+)
+from flctl.store._revocations import (
+    LOCAL_AUTHOR,
+    RevocationRecord,
+    is_revoked,
+    list_revocations,
+    revoke,
+    revoked_identities,
 )
 from flctl.store._sql import SqlStore
 
 __all__ = [
+    "BLOB_STATUSES",
+    "BlobCheck",
     "BlobStore",
     "ClientRecord",
+    "GcReport",
+    "LOCAL_AUTHOR",
     "MODEL_KINDS",
+    "MODEL_STATUSES",
     "ModelRecord",
     "ROUND_STATUSES",
+    "RevocationRecord",
     "RoundRecord",
     "SqlStore",
     "TERMINAL",
+    "TagRecord",
     "UPDATE_STATUSES",
     "UpdateRecord",
+    "collect_garbage",
+    "is_revoked",
+    "list_revocations",
+    "revoke",
+    "revoked_identities",
     "sha256_file",
+    "verify_models",
 ]

@@ -8,7 +8,9 @@ pragmas are applied by a connect listener only when the dialect is SQLite.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -17,10 +19,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, inspect, update
+from sqlalchemy import Connection, Engine, Table, create_engine, event, func, inspect, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.schema import CreateColumn
 from sqlmodel import Session, col, select
 
 from flctl.core.errors import (
@@ -31,14 +34,17 @@ from flctl.core.errors import (
     StoreError,
 )
 from flctl.core.events import Event
+from flctl.store import _revocations  # noqa: F401  (registers its table before create_all)
 from flctl.store._records import (
     MODEL_KINDS,
+    MODEL_STATUSES,
     ROUND_STATUSES,
     TERMINAL,
     UPDATE_STATUSES,
     ClientRecord,
     ModelRecord,
     RoundRecord,
+    TagRecord,
     UpdateRecord,
 )
 from flctl.store._tables import (
@@ -49,6 +55,7 @@ from flctl.store._tables import (
     RefRow,
     RoundRow,
     TableBase,
+    TagRow,
     UpdateRow,
 )
 
@@ -57,6 +64,10 @@ __all__ = ["SqlStore"]
 _HEAD = "head"
 _SCHEMA_KEY = "schema_version"
 _IN_PROGRESS = tuple(s for s in ROUND_STATUSES if s != "queued" and s not in TERMINAL)
+_DIGEST_PREFIX_RE = re.compile(r"[0-9a-f]{6,64}")
+_SHORT_HEX_RE = re.compile(r"[0-9a-f]{1,5}")
+_TAG_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+_MIN_PREFIX = 6
 
 
 class SqlStore:
@@ -77,7 +88,9 @@ class SqlStore:
         >>> store.close()
     """
 
-    SCHEMA_VERSION: ClassVar[int] = 1
+    #: 1: models, refs, rounds, updates, clients, events. 2: the registry (tags; model status,
+    #: reason, author, source, config). Older databases are migrated when opened.
+    SCHEMA_VERSION: ClassVar[int] = 2
 
     def __init__(self, url: str) -> None:
         # The coordinator may call from worker threads; one lock keeps each read-modify-write
@@ -167,7 +180,12 @@ class SqlStore:
             if "meta" in existing:
                 row = session.get(MetaRow, _SCHEMA_KEY)
                 found = row.value if row is not None else None
-                if found != str(self.SCHEMA_VERSION):
+                if row is not None and found in _MIGRATIONS:
+                    # An older database: bring it up to date in this same transaction.
+                    _migrate(session, int(row.value), self.SCHEMA_VERSION)
+                    row.value = str(self.SCHEMA_VERSION)
+                    session.add(row)
+                elif found != str(self.SCHEMA_VERSION):
                     raise SchemaMismatchError(
                         f"state database has schema version {found}, "
                         f"this flctl uses {self.SCHEMA_VERSION}",
@@ -195,6 +213,10 @@ class SqlStore:
         server_round: int | None = None,
         metrics: Mapping[str, float] | None = None,
         set_head: bool = False,
+        status: str = "ok",
+        reason: str = "",
+        author: str = "",
+        config: Mapping[str, Any] | None = None,
     ) -> ModelRecord:
         """Record a new model version (the next number, from 1).
 
@@ -205,16 +227,25 @@ class SqlStore:
             server_round: The round that produced it, if any.
             metrics: Metrics to keep with it.
             set_head: Also move ``head`` to it, in the same transaction.
+            status: ``ok`` or ``rejected`` (a rejected version never becomes head).
+            reason: Why it was rejected or written, for the user.
+            author: Who made it (``round``, an admin identity, ``local``, ``policy``).
+            config: The strategy and settings it was produced with (JSON-serialisable).
 
         Returns:
             The new version.
 
         Raises:
-            InvalidInputError: Unknown kind or malformed metrics.
+            InvalidInputError: Unknown kind or status, malformed metrics or config, or
+                ``set_head`` with a rejected status.
             NotFoundError: ``parent`` does not exist.
         """
         _check_choice("model kind", kind, MODEL_KINDS)
+        _check_choice("model status", status, MODEL_STATUSES)
+        if set_head and status == "rejected":
+            raise InvalidInputError("a rejected model version cannot become head")
         metrics_json = _dump_metrics(metrics)
+        config_json, config_hash = _dump_config(config)
         with self._session(write=True) as session:
             if parent is not None and session.get(ModelRow, parent) is None:
                 raise NotFoundError(f"model version {parent} not found")
@@ -225,6 +256,11 @@ class SqlStore:
                 parent=parent,
                 server_round=server_round,
                 metrics_json=metrics_json,
+                status=status,
+                reason=reason,
+                author=author,
+                config_json=config_json,
+                config_hash=config_hash,
             )
             if set_head:
                 _set_ref(session, _HEAD, row.version)
@@ -253,13 +289,18 @@ class SqlStore:
                 raise NotFoundError(f"model version {version} not found")
             return _model_record(row)
 
-    def list_models(self, limit: int | None = None) -> list[ModelRecord]:
+    def list_models(
+        self, limit: int | None = None, *, include_rejected: bool = True
+    ) -> list[ModelRecord]:
         """Return model versions, newest first.
 
         Args:
             limit: At most this many (the newest); None for all.
+            include_rejected: Include versions the validation gate rejected.
         """
         stmt = select(ModelRow).order_by(col(ModelRow.version).desc())
+        if not include_rejected:
+            stmt = stmt.where(col(ModelRow.status) != "rejected")
         if limit is not None:
             stmt = stmt.limit(_check_limit(limit))
         with self._session() as session:
@@ -284,6 +325,264 @@ class SqlStore:
             out = set(session.exec(select(ModelRow.digest)))
             out.update(session.exec(updates))
         return out
+
+    # -- the registry: references, lineage, tags, head moves ---------------------------------
+
+    def resolve_model(self, ref: str) -> ModelRecord:
+        """Find the model version a user means by ``ref``.
+
+        In this order: an integer is a version; ``head`` is the head; a tag's name is the
+        version it names; 6 to 64 lowercase hex characters are a digest prefix, which must
+        match one digest (several versions may share it, after a rollback: the oldest, the
+        one that produced those weights, is returned).
+
+        Args:
+            ref: What the user typed.
+
+        Returns:
+            The version.
+
+        Raises:
+            NotFoundError: Nothing matches.
+            InvalidInputError: An empty ref, a hex prefix shorter than 6 characters, or a
+                prefix that matches more than one digest.
+        """
+        ref = str(ref).strip()
+        if not ref:
+            raise InvalidInputError("empty model reference: give a version, a tag or a digest")
+        if ref.isascii() and ref.isdigit():
+            return self.get_model(int(ref))
+        with self._session() as session:
+            if ref == _HEAD:
+                head = session.get(RefRow, _HEAD)
+                if head is None:
+                    raise NotFoundError("there is no head model yet")
+                return _model_record(_get_model_row(session, head.version))
+            tag = session.get(TagRow, ref)
+            if tag is not None:
+                return _model_record(_get_model_row(session, tag.version))
+            if _DIGEST_PREFIX_RE.fullmatch(ref) is None:
+                if _SHORT_HEX_RE.fullmatch(ref):
+                    raise InvalidInputError(
+                        f"digest prefix {ref!r} is too short: give at least {_MIN_PREFIX} "
+                        "hex characters"
+                    )
+                raise NotFoundError(
+                    f"no model version, tag or digest matches {ref!r}",
+                    hint="list them with `flctl models ls --all`",
+                )
+            rows = list(
+                session.exec(
+                    select(ModelRow)
+                    .where(col(ModelRow.digest).startswith(ref))
+                    .order_by(col(ModelRow.version))
+                )
+            )
+        if not rows:
+            raise NotFoundError(
+                f"no model version has a digest starting with {ref!r}",
+                hint="list them with `flctl models ls --all`",
+            )
+        digests = {row.digest for row in rows}
+        if len(digests) > 1:
+            raise InvalidInputError(
+                f"ambiguous digest prefix {ref!r} matches versions "
+                f"{[row.version for row in rows]}: give more characters",
+                details={"versions": [row.version for row in rows]},
+            )
+        return _model_record(rows[0])
+
+    def lineage(self, version: int) -> list[ModelRecord]:
+        """Return ``version`` and its parent chain, down to the version that has no parent.
+
+        Raises:
+            NotFoundError: No such version.
+        """
+        out: list[ModelRecord] = []
+        seen: set[int] = set()
+        with self._session() as session:
+            row: ModelRow | None = _get_model_row(session, version)
+            while row is not None and row.version not in seen:
+                seen.add(row.version)
+                out.append(_model_record(row))
+                row = None if row.parent is None else session.get(ModelRow, row.parent)
+        return out
+
+    def versions_with_digest(self, digest: str) -> list[int]:
+        """Return the versions whose blob is ``digest``, ascending."""
+        stmt = (
+            select(ModelRow.version)
+            .where(col(ModelRow.digest) == digest)
+            .order_by(col(ModelRow.version))
+        )
+        with self._session() as session:
+            return [int(v) for v in session.exec(stmt)]
+
+    def add_tag(
+        self, version: int, name: str, *, author: str = "", force: bool = False
+    ) -> TagRecord:
+        """Name a model version.
+
+        Args:
+            version: The version.
+            name: A letter, then up to 63 letters, digits, ``.``, ``_`` or ``-``; not ``head``
+                and not something that reads as a digest prefix (6+ hex characters).
+            author: Who sets it.
+            force: Move the tag if it already names another version.
+
+        Returns:
+            The tag.
+
+        Raises:
+            InvalidInputError: A malformed or reserved name.
+            NotFoundError: No such version.
+            ConflictError: The tag names another version and ``force`` is not set.
+        """
+        _check_tag_name(name)
+        with self._session(write=True) as session:
+            _get_model_row(session, version)
+            row = session.get(TagRow, name)
+            if row is not None and row.version != version and not force:
+                raise ConflictError(
+                    f"tag {name!r} already names version {row.version}",
+                    hint="pass --force to move it",
+                    details={"tag": name, "version": row.version},
+                )
+            if row is None:
+                row = TagRow(name=name, version=version, author=author, created=time.time())
+                session.add(row)
+            elif row.version != version:
+                row.version, row.author, row.created = version, author, time.time()
+                session.add(row)
+            session.flush()
+            record = _tag_record(row)
+            session.commit()
+        return record
+
+    def remove_tag(self, name: str) -> TagRecord:
+        """Delete a tag (the version stays).
+
+        Returns:
+            The tag as it was.
+
+        Raises:
+            NotFoundError: No such tag.
+        """
+        with self._session(write=True) as session:
+            row = session.get(TagRow, name)
+            if row is None:
+                raise NotFoundError(f"tag {name!r} not found")
+            record = _tag_record(row)
+            session.delete(row)
+            session.commit()
+        return record
+
+    def tags_for(self, version: int) -> list[str]:
+        """Return the names of the tags on ``version``, sorted."""
+        stmt = select(TagRow.name).where(col(TagRow.version) == version).order_by(col(TagRow.name))
+        with self._session() as session:
+            return [str(name) for name in session.exec(stmt)]
+
+    def list_tags(self) -> list[TagRecord]:
+        """Return every tag, by name."""
+        with self._session() as session:
+            return [_tag_record(row) for row in session.exec(select(TagRow).order_by(TagRow.name))]
+
+    def set_head(
+        self, version: int, *, kind: str = "rollback", author: str, reason: str = ""
+    ) -> ModelRecord:
+        """Make ``version``'s weights the head again, as a NEW version; history stays.
+
+        Writes a version of kind ``kind`` whose digest, metrics and config are those of
+        ``version``, with parent = the current head and ``source`` = ``version``, and moves
+        ``head`` to it, in one transaction. The caller records the event.
+
+        Args:
+            version: The version to go back (or forward) to.
+            kind: The new version's kind (``rollback``).
+            author: Who asks (an admin identity, ``local`` or ``policy``).
+            reason: Why, for the history.
+
+        Returns:
+            The new head version.
+
+        Raises:
+            InvalidInputError: Unknown kind.
+            NotFoundError: No such version.
+            ConflictError: The head already holds those weights.
+        """
+        _check_choice("model kind", kind, MODEL_KINDS)
+        with self._session(write=True) as session:
+            target = _get_model_row(session, version)
+            ref = session.get(RefRow, _HEAD)
+            head = None if ref is None else session.get(ModelRow, ref.version)
+            if head is not None and head.digest == target.digest:
+                raise ConflictError(
+                    f"the head (version {head.version}) already holds the weights of version "
+                    f"{version} (digest {target.digest[:12]})",
+                    details={"head": head.version, "version": version},
+                )
+            row = _insert_model(
+                session,
+                digest=target.digest,
+                kind=kind,
+                parent=None if head is None else head.version,
+                server_round=None,
+                metrics_json=target.metrics,
+                status="ok",
+                reason=reason,
+                author=author,
+                config_json=target.config_json,
+                config_hash=target.config_hash,
+                source=target.version,
+            )
+            _set_ref(session, _HEAD, row.version)
+            record = _model_record(row)
+            session.commit()
+        return record
+
+    def import_model(
+        self,
+        digest: str,
+        *,
+        head: bool,
+        author: str,
+        metrics: Mapping[str, float] | None = None,
+        reason: str = "",
+    ) -> ModelRecord:
+        """Record a model brought in from outside (its blob is already in the blob store).
+
+        The new version has kind ``import`` and parent = the current head (the model it was
+        validated against); ``head`` moves to it only when asked.
+
+        Args:
+            digest: SHA-256 of its blob.
+            head: Also make it the head.
+            author: Who imports it.
+            metrics: Metrics to keep with it, if known.
+            reason: A note for the history.
+
+        Returns:
+            The new version.
+        """
+        metrics_json = _dump_metrics(metrics)
+        with self._session(write=True) as session:
+            ref = session.get(RefRow, _HEAD)
+            row = _insert_model(
+                session,
+                digest=digest,
+                kind="import",
+                parent=None if ref is None else ref.version,
+                server_round=None,
+                metrics_json=metrics_json,
+                reason=reason,
+                author=author,
+            )
+            if head:
+                _set_ref(session, _HEAD, row.version)
+            record = _model_record(row)
+            session.commit()
+        return record
 
     # -- rounds -----------------------------------------------------------------------------
 
@@ -417,12 +716,20 @@ class SqlStore:
         return record
 
     def commit_round(
-        self, round_id: int, *, digest: str, metrics: Mapping[str, float], num_clients: int
+        self,
+        round_id: int,
+        *,
+        digest: str,
+        metrics: Mapping[str, float],
+        num_clients: int,
+        status: str = "ok",
+        reason: str = "",
     ) -> ModelRecord:
         """Commit a round and its aggregate, all in one transaction.
 
-        Inserts the model (kind ``aggregate``, parent = the current head, ``server_round`` =
-        ``round_id``), moves ``head`` to it, and marks the round committed with its model
+        Inserts the model (kind ``aggregate``, author ``round``, parent = the current head,
+        ``server_round`` = ``round_id``, config = the round's config), moves ``head`` to it
+        unless ``status`` is ``rejected``, and marks the round committed with its model
         version, metrics, number of clients and end time. Nothing is written on failure.
 
         Args:
@@ -430,14 +737,19 @@ class SqlStore:
             digest: SHA-256 of the aggregated model's blob.
             metrics: The round's metrics, kept on both the round and the model.
             num_clients: Number of updates in the aggregate.
+            status: ``ok``, or ``rejected`` when the validation gate refused the aggregate:
+                the version is stored with ``reason`` but ``head`` stays where it is.
+            reason: Why it was rejected.
 
         Returns:
             The new model version.
 
         Raises:
+            InvalidInputError: Unknown status.
             NotFoundError: No such round.
             ConflictError: The round is already terminal.
         """
+        _check_choice("model status", status, MODEL_STATUSES)
         metrics_json = _dump_metrics(metrics)
         with self._session(write=True) as session:
             # The guarded update comes first so that a terminal round writes nothing at all.
@@ -452,6 +764,8 @@ class SqlStore:
                 },
             )
             ref = session.get(RefRow, _HEAD)
+            round_row = _get_round_row(session, round_id)
+            config_json, config_hash = _dump_config(_load_dict(round_row.config))
             row = _insert_model(
                 session,
                 digest=digest,
@@ -459,13 +773,19 @@ class SqlStore:
                 parent=None if ref is None else ref.version,
                 server_round=round_id,
                 metrics_json=metrics_json,
+                status=status,
+                reason=reason,
+                author="round",
+                config_json=config_json,
+                config_hash=config_hash,
             )
             session.exec(
                 update(RoundRow)
                 .where(col(RoundRow.id) == round_id)
                 .values(model_version=row.version)
             )
-            _set_ref(session, _HEAD, row.version)
+            if status == "ok":
+                _set_ref(session, _HEAD, row.version)
             record = _model_record(row)
             session.commit()
         return record
@@ -724,6 +1044,19 @@ def _check_choice(what: str, value: str, allowed: Any) -> None:
         raise InvalidInputError(f"unknown {what} {value!r}; expected one of {sorted(allowed)}")
 
 
+def _check_tag_name(name: str) -> None:
+    if not isinstance(name, str) or _TAG_RE.fullmatch(name) is None:
+        raise InvalidInputError(
+            f"invalid tag name {name!r}: a letter, then up to 63 letters, digits, '.', '_' or '-'"
+        )
+    if name == _HEAD:
+        raise InvalidInputError("'head' is reserved: it always names the head model")
+    if _DIGEST_PREFIX_RE.fullmatch(name):
+        raise InvalidInputError(
+            f"tag name {name!r} reads as a digest prefix; add a letter outside a-f"
+        )
+
+
 def _check_limit(limit: int) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise InvalidInputError(f"limit must be a non-negative integer, got {limit!r}")
@@ -745,6 +1078,14 @@ def _dump_metrics(metrics: Mapping[str, float] | None) -> str:
     return json.dumps(clean, sort_keys=True)
 
 
+def _dump_config(config: Mapping[str, Any] | None) -> tuple[str, str]:
+    """Return a config's canonical JSON and its SHA-256 ("" for an empty config)."""
+    if not config:
+        return "{}", ""
+    canonical = _dump_json(dict(config), "model config")
+    return canonical, hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def _load_dict(text: str) -> dict[str, Any]:
     value = json.loads(text) if text else {}
     return value if isinstance(value, dict) else {}
@@ -764,6 +1105,12 @@ def _insert_model(
     parent: int | None,
     server_round: int | None,
     metrics_json: str,
+    status: str = "ok",
+    reason: str = "",
+    author: str = "",
+    config_json: str = "{}",
+    config_hash: str = "",
+    source: int | None = None,
 ) -> ModelRow:
     last = session.exec(select(func.max(ModelRow.version))).one()
     row = ModelRow(
@@ -774,6 +1121,12 @@ def _insert_model(
         kind=kind,
         metrics=metrics_json,
         created=time.time(),
+        status=status,
+        reason=reason,
+        author=author,
+        source=source,
+        config_json=config_json,
+        config_hash=config_hash,
     )
     session.add(row)
     session.flush()
@@ -787,6 +1140,13 @@ def _set_ref(session: Session, name: str, version: int) -> None:
     else:
         ref.version = version
     session.flush()
+
+
+def _get_model_row(session: Session, version: int) -> ModelRow:
+    row = session.get(ModelRow, version)
+    if row is None:
+        raise NotFoundError(f"model version {version} not found")
+    return row
 
 
 def _get_round_row(session: Session, round_id: int) -> RoundRow:
@@ -821,7 +1181,17 @@ def _model_record(row: ModelRow) -> ModelRecord:
         kind=row.kind,
         metrics=_load_dict(row.metrics),
         created=row.created,
+        status=row.status,
+        reason=row.reason,
+        author=row.author,
+        source=row.source,
+        config=_load_dict(row.config_json),
+        config_hash=row.config_hash,
     )
+
+
+def _tag_record(row: TagRow) -> TagRecord:
+    return TagRecord(name=row.name, version=row.version, author=row.author, created=row.created)
 
 
 def _round_record(row: RoundRow) -> RoundRecord:
@@ -881,3 +1251,63 @@ def _event(row: EventRow) -> Event:
         client_id=row.client_id,
         data=_load_dict(row.data),
     )
+
+
+# -- schema migrations --------------------------------------------------------------------------
+
+
+def _add_missing_columns(connection: Connection, table: Table) -> list[str]:
+    """``ALTER TABLE ... ADD COLUMN`` for each column of ``table`` the database lacks.
+
+    The DDL is rendered by SQLAlchemy for the connection's dialect (SQLite, PostgreSQL), and
+    every added column is nullable or has a server default, so existing rows stay valid.
+    """
+    have = {c["name"] for c in inspect(connection).get_columns(table.name)}
+    preparer = connection.dialect.identifier_preparer
+    added = []
+    for column in table.columns:
+        if column.name in have:
+            continue
+        spec = CreateColumn(column).compile(dialect=connection.dialect)
+        connection.execute(text(f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {spec}"))
+        added.append(column.name)
+    return added
+
+
+def _migrate_1_to_2(session: Session) -> None:
+    """Add the registry: model status/reason/author/source/config columns and the tags table.
+
+    Aggregates get author ``round`` and the config of the round that produced them.
+    """
+    connection = session.connection()
+    table = TableBase.metadata.tables[ModelRow.__tablename__]
+    _add_missing_columns(connection, table)
+    TableBase.metadata.create_all(connection, tables=[TableBase.metadata.tables["tags"]])
+    produced = session.exec(
+        select(ModelRow.version, RoundRow.config).join(
+            RoundRow, col(RoundRow.id) == col(ModelRow.server_round)
+        )
+    )
+    for version, config in list(produced):
+        config_json, config_hash = _dump_config(_load_dict(config))
+        session.exec(
+            update(ModelRow)
+            .where(col(ModelRow.version) == version)
+            .values(config_json=config_json, config_hash=config_hash)
+            .execution_options(synchronize_session=False)
+        )
+    session.exec(
+        update(ModelRow)
+        .where(col(ModelRow.kind) == "aggregate", col(ModelRow.author) == "")
+        .values(author="round")
+        .execution_options(synchronize_session=False)
+    )
+
+
+#: schema version found -> the step that brings it to the next version.
+_MIGRATIONS = {"1": _migrate_1_to_2}
+
+
+def _migrate(session: Session, found: int, target: int) -> None:
+    for version in range(found, target):
+        _MIGRATIONS[str(version)](session)
