@@ -189,6 +189,51 @@ class BlobStore:
         _fsync_dir(shard)
         return digest
 
+    def stage_file(self, source: Path) -> tuple[Path, str]:
+        """Copy a file into a new temp file of this store, hashing it on the way.
+
+        The caller checks the copy (never the source, which may change meanwhile), then
+        calls :meth:`commit_temp` with the digest, or deletes the temp file.
+
+        Returns:
+            The temp file's path and the SHA-256 of its content.
+
+        Raises:
+            NotFoundError: ``source`` does not exist or is not a file.
+        """
+        source = Path(source)
+        if not source.is_file():
+            raise NotFoundError(f"file {str(source)!r} not found")
+        digest = hashlib.sha256()
+        temp, f = self.temp_file()
+        try:
+            with f, open(source, "rb") as src:
+                while piece := src.read(_PIECE):
+                    digest.update(piece)
+                    f.write(piece)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return temp, digest.hexdigest()
+
+    def remove(self, digest: str) -> int:
+        """Delete a blob (garbage collection only: blobs are otherwise immutable).
+
+        Returns:
+            The bytes freed, 0 when it did not exist.
+
+        Raises:
+            InvalidInputError: Malformed digest.
+        """
+        path = self.path(digest)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        _fsync_dir(path.parent)
+        return size
+
     def read_range(self, digest: str, offset: int, length: int) -> bytes:
         """Return up to ``length`` bytes of the blob from ``offset`` (fewer at its end).
 

@@ -10,16 +10,20 @@ from flctl.core.events import TERMINAL_ROUND_STATUSES
 __all__ = [
     "ClientRecord",
     "MODEL_KINDS",
+    "MODEL_STATUSES",
     "ModelRecord",
     "ROUND_STATUSES",
     "RoundRecord",
     "TERMINAL",
+    "TagRecord",
     "UPDATE_STATUSES",
     "UpdateRecord",
 ]
 
 #: How a model version came to be.
 MODEL_KINDS = frozenset({"initial", "aggregate", "rollback", "import"})
+#: Whether a version may become head: ``rejected`` ones were stopped by the validation gate.
+MODEL_STATUSES = frozenset({"ok", "rejected"})
 #: Every status a round can have, in the order a round normally passes through them.
 ROUND_STATUSES = (
     "queued",
@@ -49,6 +53,13 @@ class ModelRecord:
         kind: ``initial``, ``aggregate``, ``rollback`` or ``import``.
         metrics: The metrics recorded with it.
         created: Unix time it was written.
+        status: ``ok``, or ``rejected`` when the validation gate kept it from becoming head.
+        reason: Why it was rejected, or why it was written (a rollback's ``--reason``), or "".
+        author: Who made it: ``round``, an admin identity, ``local`` (a command run without a
+            coordinator) or ``policy``; "" when unknown (written before schema version 2).
+        source: For a rollback, the version whose weights it restores; otherwise None.
+        config: The strategy and settings it was produced with (a round's config), or {}.
+        config_hash: SHA-256 of ``config`` in canonical JSON, or "" when there is none.
     """
 
     version: int
@@ -57,6 +68,34 @@ class ModelRecord:
     server_round: int | None
     kind: str
     metrics: dict[str, float]
+    created: float
+    status: str = "ok"
+    reason: str = ""
+    author: str = ""
+    source: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    config_hash: str = ""
+
+    @property
+    def is_rejected(self) -> bool:
+        """Whether the validation gate rejected it (it is kept, but never became head)."""
+        return self.status == "rejected"
+
+
+@dataclass(frozen=True)
+class TagRecord:
+    """A name given to a model version.
+
+    Attributes:
+        name: The tag (unique in the store).
+        version: The version it names.
+        author: Who set it.
+        created: Unix time it was set (or last moved).
+    """
+
+    name: str
+    version: int
+    author: str
     created: float
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "RefRow",
     "RoundRow",
     "TableBase",
+    "TagRow",
     "UpdateRow",
 ]
 
@@ -55,6 +56,25 @@ class ModelRow(TableBase, table=True):
     server_round: int | None = None
     kind: str = Field(max_length=16)
     metrics: str = Field(default="{}", sa_type=Text)
+    created: float
+    # Schema version 2 (the registry). Each new column has a server default, so that an
+    # ``ALTER TABLE ... ADD COLUMN`` can add it to a version-1 database that already has rows.
+    status: str = Field(default="ok", max_length=16, sa_column_kwargs={"server_default": "ok"})
+    reason: str = Field(default="", sa_type=Text, sa_column_kwargs={"server_default": ""})
+    author: str = Field(default="", max_length=255, sa_column_kwargs={"server_default": ""})
+    source: int | None = None
+    config_json: str = Field(default="{}", sa_type=Text, sa_column_kwargs={"server_default": "{}"})
+    config_hash: str = Field(default="", max_length=64, sa_column_kwargs={"server_default": ""})
+
+
+class TagRow(TableBase, table=True):
+    """A user's name for one model version (unique; may be moved to another version)."""
+
+    __tablename__ = "tags"
+
+    name: str = Field(primary_key=True, max_length=64)
+    version: int = Field(foreign_key="models.version", index=True)
+    author: str = Field(default="", max_length=255)
     created: float
 
 

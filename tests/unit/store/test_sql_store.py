@@ -403,7 +403,7 @@ def test_sqlite_pragmas(tmp_path: Path) -> None:
         conn.close()
 
 
-@pytest.mark.parametrize("written", ["2", "garbage"])
+@pytest.mark.parametrize("written", ["99", "garbage"])
 def test_schema_mismatch_detected(tmp_path: Path, written: str) -> None:
     SqlStore.open(tmp_path).close()
     conn = sqlite3.connect(tmp_path / "state.db")
