@@ -23,6 +23,7 @@ __all__ = [
     "Config",
     "DEFAULT_PORT",
     "DataConfig",
+    "PrivacyConfig",
     "ProjectConfig",
     "RoundsConfig",
     "ServerConfig",
@@ -100,6 +101,30 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """``[privacy]``: client-level differential privacy (DP-FedAvg) and its budget.
+
+    With ``mode = "off"`` nothing below is used. Otherwise every key is checked against the
+    others at load (see :func:`parse_config`): the accountant must be able to account for the
+    combination, or the file is refused with the key named. docs/privacy.md explains each one.
+    """
+
+    mode: Literal["off", "central", "local"] = "off"
+    clip_norm: float = 1.0
+    adaptive_clip: bool = False
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    noise_multiplier: float = 0.0
+    target_delta: float = 1e-5
+    epsilon_budget: float = 0.0
+    accountant: Literal["rdp", "pld"] = "rdp"
+    sampling: Literal["poisson", "fixed"] = "poisson"
+    sampling_rate: float = 1.0
+    sample_size: int = 0
+    population: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole ``flctl.toml``.
 
@@ -113,6 +138,7 @@ class Config:
     transport: TransportConfig = field(default_factory=TransportConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     task: dict[str, ConfigValue] = field(default_factory=dict)
     root: Path = field(default=Path("."), compare=False)
 
@@ -144,6 +170,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "transport": TransportConfig,
     "client": ClientConfig,
     "data": DataConfig,
+    "privacy": PrivacyConfig,
 }
 
 # (section, key) -> (lowest allowed, highest allowed); None means unbounded on that side.
@@ -160,6 +187,15 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("client", "num_threads"): (1, 256),
     ("data", "num_partitions"): (1, 100000),
     ("data", "alpha"): (1e-6, None),
+    ("privacy", "clip_norm"): (0, None),
+    ("privacy", "target_quantile"): (0, 1),
+    ("privacy", "clip_learning_rate"): (0, None),
+    ("privacy", "noise_multiplier"): (0, None),
+    ("privacy", "target_delta"): (0, 1),
+    ("privacy", "epsilon_budget"): (0, None),
+    ("privacy", "sampling_rate"): (0, 1),
+    ("privacy", "sample_size"): (0, None),
+    ("privacy", "population"): (0, None),
 }
 
 
@@ -242,7 +278,8 @@ def parse_config(data: dict[str, Any], *, path: Path, root: Path | None = None) 
         root: The folder relative paths resolve against (defaults to the file's folder).
 
     Raises:
-        ConfigError: A key is unknown, has the wrong type or is out of range.
+        ConfigError: A key is unknown, has the wrong type or is out of range, or keys contradict
+            each other (a ``[privacy]`` combination the accountant cannot account for).
     """
     sections: dict[str, Any] = {}
     for key, raw in data.items():
@@ -261,7 +298,79 @@ def parse_config(data: dict[str, Any], *, path: Path, root: Path | None = None) 
             f"{path}: `rounds.clients_per_round` ({config.rounds.clients_per_round}) is below "
             f"`rounds.min_clients` ({config.rounds.min_clients}): no round could reach its quorum"
         )
+    _check_privacy(path, config)
     return config
+
+
+def _check_privacy(path: Path, config: Config) -> None:
+    """Refuse a ``[privacy]`` table the accountant cannot account for, naming the key."""
+    p = config.privacy
+    if p.mode == "off":
+        return
+
+    def fail(key: str, why: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(f"{path}: `privacy.{key}` {why}", hint=hint)
+
+    on = f"when `privacy.mode` is {p.mode!r}"
+    if p.noise_multiplier <= 0:
+        raise fail("noise_multiplier", f"must be greater than 0 {on}, not {p.noise_multiplier!r}")
+    if p.clip_norm <= 0:
+        what = "the initial clipping norm" if p.adaptive_clip else "the clipping norm"
+        raise fail("clip_norm", f"({what}) must be greater than 0 {on}, not {p.clip_norm!r}")
+    if not 0 < p.target_delta < 1:
+        raise fail("target_delta", f"must be strictly between 0 and 1 {on}, not {p.target_delta!r}")
+    if p.epsilon_budget <= 0:
+        raise fail("epsilon_budget", f"must be greater than 0 {on}, not {p.epsilon_budget!r}")
+    if p.adaptive_clip:
+        if p.mode == "local":
+            raise fail(
+                "adaptive_clip",
+                'is only available with `privacy.mode = "central"`: the clipping-norm '
+                "estimate is computed and noised by the coordinator",
+            )
+        if not 0 < p.target_quantile < 1:
+            raise fail(
+                "target_quantile",
+                f"must be strictly between 0 and 1 with adaptive clipping, not "
+                f"{p.target_quantile!r}",
+            )
+        if p.clip_learning_rate <= 0:
+            raise fail(
+                "clip_learning_rate",
+                f"must be greater than 0 with adaptive clipping, not {p.clip_learning_rate!r}",
+            )
+    if p.sampling == "poisson":
+        if not 0 < p.sampling_rate <= 1:
+            raise fail(
+                "sampling_rate",
+                f'must be in (0, 1] with `privacy.sampling = "poisson"`, not {p.sampling_rate!r}',
+            )
+        return
+    if p.sample_size < 1:
+        raise fail(
+            "sample_size",
+            f'must be at least 1 with `privacy.sampling = "fixed"`, not {p.sample_size!r}',
+        )
+    if p.population < p.sample_size:
+        raise fail(
+            "population",
+            f"({p.population}) must be at least `privacy.sample_size` ({p.sample_size}) with "
+            '`privacy.sampling = "fixed"`',
+            hint="population is the number of clients that may ever take part",
+        )
+    if p.sample_size < config.rounds.min_clients:
+        raise fail(
+            "sample_size",
+            f"({p.sample_size}) is below `rounds.min_clients` ({config.rounds.min_clients}): "
+            "no round could reach its quorum",
+        )
+    if p.accountant == "pld":
+        raise fail(
+            "accountant",
+            'must be "rdp" with `privacy.sampling = "fixed"`, not "pld": dp-accounting '
+            "accounts fixed-size sampling only with RDP, under replace-one adjacency",
+            hint='set accountant = "rdp", or sampling = "poisson" with a sampling_rate',
+        )
 
 
 def load_config(path: Path) -> Config:
