@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, BinaryIO
 
 from flctl.core import events as ev
 from flctl.core.errors import (
@@ -28,7 +28,7 @@ from flctl.core.errors import (
 )
 from flctl.security import TokenSigner
 from flctl.store import BlobStore, SqlStore
-from flctl.tensors import TensorSpec, check_update
+from flctl.tensors import StreamValidator, TensorSpec
 from flctl.transport.grpc import (
     PROTOCOL_VERSION,
     ChunkOut,
@@ -99,6 +99,28 @@ def _describe_spec_difference(ours: dict[str, TensorSpec], theirs_json: str, lim
         return "the descriptions match but the fingerprints do not"
     more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
     return "; ".join(problems[:limit]) + more
+
+
+class _UpdateSink:
+    """Hashes, validates and writes an update's bytes as they arrive (one pass)."""
+
+    def __init__(self, handle: BinaryIO, model_spec: dict[str, TensorSpec], size: int) -> None:
+        self._handle = handle
+        self._hash = hashlib.sha256()
+        self._validator = StreamValidator(model_spec, size)
+        self.received = 0
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self._validator.feed(data)
+        self._hash.update(data)
+        self._handle.write(data)
+        self.received += len(data)
+
+    def finish(self, digest: str) -> int:
+        self._validator.finish()
+        if self._hash.hexdigest() != digest:
+            raise IntegrityError("update bytes do not match the digest in the header")
+        return self.received
 
 
 class CoordinatorService:
@@ -317,9 +339,9 @@ class CoordinatorService:
             return pb.UploadReply(accepted=False, reason=refusal)
 
         temp, handle = self._blobs.temp_file()
+        sink = _UpdateSink(handle, self._model_spec, int(header.size))
+        started = time.perf_counter()
         try:
-            digest = hashlib.sha256()
-            received = 0
             try:
                 with handle:
                     async for data in chunks:
@@ -330,29 +352,25 @@ class CoordinatorService:
                                 f"chunk of {len(data)} bytes exceeds max_chunk_bytes "
                                 f"{self._limits.max_chunk_bytes}"
                             )
-                        received += len(data)
-                        if received > header.size:
+                        if sink.received + len(data) > header.size:
                             raise LimitExceededError(
                                 f"upload exceeds the {header.size} bytes its header announced"
                             )
-                        digest.update(data)
-                        handle.write(data)
-                if received != header.size:
-                    raise InvalidInputError(
-                        f"truncated upload: {received} of {header.size} bytes arrived"
-                    )
-                if digest.hexdigest() != header.digest:
-                    raise IntegrityError("update bytes do not match the digest in the header")
-                await asyncio.to_thread(check_update, temp, self._model_spec)
+                        # hashing, checking and writing release the GIL: off the event loop
+                        await asyncio.to_thread(sink.feed, data)
+                received = sink.finish(header.digest)
             except FlctlError as exc:
                 self._reject(header, session.client_id, exc.message)
                 raise
+            receive_s = time.perf_counter() - started
             # The round may have ended while the bytes were in flight.
             refusal = self._check_header(header, session.client_id)
             if refusal is not None:
                 self._reject(header, session.client_id, refusal)
                 return pb.UploadReply(accepted=False, reason=refusal)
+            committing = time.perf_counter()
             stored = await asyncio.to_thread(self._blobs.commit_temp, temp, header.digest)
+            commit_s = time.perf_counter() - committing
         finally:
             temp.unlink(missing_ok=True)
         record = self._store.add_update(
@@ -376,6 +394,8 @@ class CoordinatorService:
                 "metrics": metrics,
                 "size": received,
                 "digest": stored,
+                "receive_s": round(receive_s, 4),
+                "commit_s": round(commit_s, 4),
             },
         )
         self._engine.update_arrived()

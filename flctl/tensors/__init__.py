@@ -20,10 +20,12 @@ from flctl.tensors._spec import (
     read_spec_bytes,
 )
 from flctl.tensors._stream import TensorReader, TensorWriter, torch_dtype
+from flctl.tensors._validate import StreamValidator
 
 __all__ = [
     "DTYPE_SIZES",
     "MAX_HEADER_BYTES",
+    "StreamValidator",
     "TensorReader",
     "TensorSpec",
     "TensorWriter",

@@ -123,14 +123,21 @@ def read_spec(path: Path) -> dict[str, TensorSpec]:
     return _parse_header(raw, size - 8 - header_len)
 
 
-def read_spec_bytes(data: bytes) -> dict[str, TensorSpec]:
-    """Like :func:`read_spec`, for safetensors bytes in memory."""
+def read_spec_bytes(data: bytes, *, data_size: int | None = None) -> dict[str, TensorSpec]:
+    """Like :func:`read_spec`, for safetensors bytes in memory.
+
+    Args:
+        data: The file's bytes, or only its prefix and header when ``data_size`` is given.
+        data_size: Size of the data section (after the header) the offsets must fit.
+    """
     if len(data) < 8:
         raise InvalidInputError("not a safetensors file: shorter than its 8-byte prefix")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
         raise InvalidInputError(f"not a safetensors file: header length {header_len} is off")
-    return _parse_header(data[8 : 8 + header_len], len(data) - 8 - header_len)
+    if data_size is None:
+        data_size = len(data) - 8 - header_len
+    return _parse_header(data[8 : 8 + header_len], data_size)
 
 
 def fingerprint(specs: Mapping[str, TensorSpec] | Mapping[str, Any]) -> str:

@@ -1,0 +1,149 @@
+"""Checking a safetensors update while its bytes arrive, in one pass.
+
+The header comes first: it is parsed and compared with the model (names, dtypes, shapes) as
+soon as it is complete, so a wrong update is refused before its bulk is received. Every
+floating-point value is then checked for NaN and Inf as it streams by, on its raw bits (the
+exponent field all ones), which works alike for float64, float32, float16 and bfloat16 and
+needs no second read of the file.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+
+from flctl.core.errors import InvalidInputError, LimitExceededError
+from flctl.tensors._spec import MAX_HEADER_BYTES, TensorSpec, read_spec_bytes
+
+__all__ = ["StreamValidator"]
+
+# dtype -> (unsigned view, exponent mask)
+_FLOAT_BITS: dict[str, tuple[type[np.unsignedinteger], int]] = {
+    "F64": (np.uint64, 0x7FF0000000000000),
+    "F32": (np.uint32, 0x7F800000),
+    "F16": (np.uint16, 0x7C00),
+    "BF16": (np.uint16, 0x7F80),
+}
+
+
+class StreamValidator:
+    """Validates a safetensors file fed in pieces.
+
+    Args:
+        expected: The model's specs; the update must have exactly these names, dtypes and
+            shapes (offsets may differ).
+        total_size: The size the upload announced.
+
+    Raises (from :meth:`feed` and :meth:`finish`):
+        InvalidInputError: Header malformed or different from the model, a NaN or Inf, or the
+            stream ends early.
+    """
+
+    def __init__(self, expected: Mapping[str, TensorSpec], total_size: int) -> None:
+        self._expected = expected
+        self._total = total_size
+        self._received = 0
+        self._prefix = bytearray()
+        self._data_start = -1
+        # (begin, end, dtype, name) of float tensors in the data section, by begin
+        self._spans: list[tuple[int, int, str, str]] = []
+        self._span = 0
+        self._carry = b""  # bytes of an element split across two pieces
+        self.specs: dict[str, TensorSpec] | None = None
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Check the next piece of the file."""
+        view = memoryview(data)
+        start = self._received
+        self._received += len(view)
+        if self._data_start < 0:
+            self._prefix += view
+            if not self._parse_header():
+                return
+            # what followed the header in the prefix is tensor data
+            body = memoryview(bytes(self._prefix[self._data_start :]))
+            self._prefix = bytearray()
+            self._check(body, 0)
+            return
+        self._check(view, start - self._data_start)
+
+    def finish(self) -> dict[str, TensorSpec]:
+        """Confirm the whole file arrived; return its specs."""
+        if self.specs is None or self._received != self._total:
+            raise InvalidInputError(
+                f"truncated update: {self._received} of {self._total} bytes arrived"
+            )
+        return self.specs
+
+    def _parse_header(self) -> bool:
+        if len(self._prefix) < 8:
+            return False
+        (header_len,) = struct.unpack("<Q", self._prefix[:8])
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > self._total:
+            raise LimitExceededError(f"safetensors header length {header_len} is off")
+        if len(self._prefix) < 8 + header_len:
+            return False
+        # read_spec_bytes checks offsets against the data size the upload announced
+        header = bytes(self._prefix[: 8 + header_len])
+        specs = read_spec_bytes(header, data_size=self._total - 8 - header_len)
+        self._compare(specs)
+        self.specs = specs
+        self._data_start = 8 + header_len
+        self._spans = sorted(
+            (s.begin, s.end, s.dtype, s.name) for s in specs.values() if s.dtype in _FLOAT_BITS
+        )
+        return True
+
+    def _compare(self, specs: Mapping[str, TensorSpec]) -> None:
+        missing = sorted(set(self._expected) - set(specs))
+        extra = sorted(set(specs) - set(self._expected))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing tensors {missing[:5]}")
+            if extra:
+                parts.append(f"unexpected tensors {extra[:5]}")
+            raise InvalidInputError("update does not match the model: " + "; ".join(parts))
+        for name, spec in specs.items():
+            want = self._expected[name]
+            if spec.shape != want.shape:
+                raise InvalidInputError(
+                    f"tensor {name!r}: shape {list(spec.shape)} differs from the model's "
+                    f"{list(want.shape)}"
+                )
+            if spec.dtype != want.dtype:
+                raise InvalidInputError(
+                    f"tensor {name!r}: dtype {spec.dtype} differs from the model's {want.dtype}"
+                )
+
+    def _check(self, view: memoryview, offset: int) -> None:
+        """Check the data bytes [offset, offset + len(view)) of the data section."""
+        end = offset + len(view)
+        while self._span < len(self._spans):
+            begin, stop, dtype, name = self._spans[self._span]
+            if begin >= end:
+                return
+            lo, hi = max(begin, offset), min(stop, end)
+            if hi > lo:
+                self._check_floats(view[lo - offset : hi - offset], dtype, name, hi == stop)
+            if stop > end:
+                return
+            self._span += 1
+            self._carry = b""
+
+    def _check_floats(self, piece: memoryview, dtype: str, name: str, last: bool) -> None:
+        kind, mask = _FLOAT_BITS[dtype]
+        size = np.dtype(kind).itemsize
+        data: bytes | memoryview = piece
+        if self._carry:
+            data = self._carry + bytes(piece)
+            self._carry = b""
+        whole = len(data) - len(data) % size
+        if whole:
+            bits = np.frombuffer(data, dtype=kind, count=whole // size)
+            if bool(np.any((bits & kind(mask)) == kind(mask))):
+                raise InvalidInputError(f"tensor {name!r} holds NaN or Inf values")
+        if whole != len(data):
+            self._carry = bytes(data[whole:])
