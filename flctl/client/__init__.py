@@ -2,7 +2,7 @@
 
 from flctl.client._api import Client, ConfigValue, Metrics, Parameters
 from flctl.client._device import resolve_device
-from flctl.client._runner import ClientCache, JoinOptions, Runner
+from flctl.client._runner import ClientCache, JoinOptions, Runner, fetch_blob
 
 __all__ = [
     "Client",
@@ -12,5 +12,6 @@ __all__ = [
     "Metrics",
     "Parameters",
     "Runner",
+    "fetch_blob",
     "resolve_device",
 ]

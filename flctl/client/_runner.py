@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from flctl.core.errors import (
     AuthenticationError,
@@ -56,7 +57,7 @@ from flctl.transport.grpc import (
 
 from ._api import Client
 
-__all__ = ["ClientCache", "JoinOptions", "Runner"]
+__all__ = ["ClientCache", "JoinOptions", "Runner", "fetch_blob"]
 
 log = logging.getLogger("flctl.client")
 
@@ -110,6 +111,65 @@ class ClientCache:
     def has(self, digest: str) -> bool:
         """Whether ``digest`` is complete in the cache."""
         return self.path(digest).is_file()
+
+
+class _HashingSink:
+    """A file that hashes what is written to it (the digest is checked without a re-read)."""
+
+    def __init__(self, handle: BinaryIO, digest: Any) -> None:
+        self._handle = handle
+        self._digest = digest
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._digest.update(data)
+        return self._handle.write(data)
+
+
+async def fetch_blob(
+    api: CoordinatorClient,
+    cache: ClientCache,
+    digest: str,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+    timings: dict[str, float] | None = None,
+) -> Path:
+    """Return the cached path of blob ``digest``, downloading what is missing.
+
+    A blob already in the cache is never fetched again. A partial download (a killed client,
+    a dropped connection) resumes from the bytes on disk. The bytes are hashed as they arrive
+    and the blob enters the cache only if they match ``digest``. ``timings`` (if given)
+    receives ``transfer_s`` (first byte to last, hashed) and ``fsync_s`` (durability).
+
+    Raises:
+        IntegrityError: The bytes do not hash to ``digest`` (the partial file is discarded).
+    """
+    target = cache.path(digest)
+    if target.is_file():
+        return target
+    partial = cache.partial(digest)
+    hasher = hashlib.sha256()
+    offset = 0
+    if partial.exists():
+        with partial.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                hasher.update(block)
+                offset += len(block)
+    started = time.perf_counter()
+    with partial.open("ab") as handle:
+        await api.download(
+            digest, _HashingSink(handle, hasher), offset=offset, on_chunk=on_progress
+        )
+        handle.flush()
+        transferred = time.perf_counter()
+        os.fsync(handle.fileno())
+    if timings is not None:
+        timings["transfer_s"] = transferred - started
+        timings["fsync_s"] = time.perf_counter() - transferred
+    if hasher.hexdigest() != digest:
+        partial.unlink(missing_ok=True)
+        raise IntegrityError(f"downloaded blob {digest[:12]} does not match its digest")
+    os.replace(partial, target)
+    return target
 
 
 @dataclass
@@ -283,21 +343,7 @@ class Runner:
     # ------------------------------------------------------------------ one task
 
     async def _download(self, api: CoordinatorClient, digest: str) -> Path:
-        """Return the cached path of ``digest``, downloading (resumably) if needed."""
-        target = self._cache.path(digest)
-        if target.is_file():
-            return target
-        partial = self._cache.partial(digest)
-        offset = partial.stat().st_size if partial.exists() else 0
-        with partial.open("ab") as sink:
-            await api.download(digest, sink, offset=offset)
-            sink.flush()
-            os.fsync(sink.fileno())
-        if await asyncio.to_thread(sha256_file, partial) != digest:
-            partial.unlink(missing_ok=True)
-            raise IntegrityError(f"downloaded model {digest[:12]} does not match its digest")
-        os.replace(partial, target)
-        return target
+        return await fetch_blob(api, self._cache, digest)
 
     async def _fit(self, api: CoordinatorClient, reply: pb.JoinReply, task: pb.Task) -> None:
         server_round = int(task.server_round)

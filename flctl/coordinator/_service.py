@@ -29,6 +29,7 @@ from flctl.core.errors import (
 from flctl.security import TokenSigner
 from flctl.store import BlobStore, SqlStore
 from flctl.tensors import StreamValidator, TensorSpec
+from flctl.transport import Pipeline
 from flctl.transport.grpc import (
     PROTOCOL_VERSION,
     ChunkOut,
@@ -114,7 +115,6 @@ class _UpdateSink:
         self._validator.feed(data)
         self._hash.update(data)
         self._handle.write(data)
-        self.received += len(data)
 
     def finish(self, digest: str) -> int:
         self._validator.finish()
@@ -341,6 +341,7 @@ class CoordinatorService:
         temp, handle = self._blobs.temp_file()
         sink = _UpdateSink(handle, self._model_spec, int(header.size))
         started = time.perf_counter()
+        pipeline: Pipeline[bytes | memoryview] = Pipeline(sink.feed)
         try:
             try:
                 with handle:
@@ -356,8 +357,11 @@ class CoordinatorService:
                             raise LimitExceededError(
                                 f"upload exceeds the {header.size} bytes its header announced"
                             )
-                        # hashing, checking and writing release the GIL: off the event loop
-                        await asyncio.to_thread(sink.feed, data)
+                        sink.received += len(data)
+                        # hashing, checking and writing release the GIL: a worker thread does
+                        # them while the loop receives the next piece
+                        await pipeline.put(data)
+                    await pipeline.close()
                 received = sink.finish(header.digest)
             except FlctlError as exc:
                 self._reject(header, session.client_id, exc.message)
@@ -372,6 +376,7 @@ class CoordinatorService:
             stored = await asyncio.to_thread(self._blobs.commit_temp, temp, header.digest)
             commit_s = time.perf_counter() - committing
         finally:
+            pipeline.cancel()
             temp.unlink(missing_ok=True)
         record = self._store.add_update(
             server_round=int(header.server_round),

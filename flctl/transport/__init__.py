@@ -5,5 +5,6 @@ typed client wrappers, which translate gRPC statuses to :mod:`flctl.core.errors`
 """
 
 from flctl.transport._backoff import Backoff
+from flctl.transport._pipeline import Pipeline
 
-__all__ = ["Backoff"]
+__all__ = ["Backoff", "Pipeline"]

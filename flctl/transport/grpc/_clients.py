@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
 
+from flctl.core.errors import IntegrityError
+from flctl.transport._pipeline import Pipeline
 from flctl.transport.grpc._proto import flctl_pb2 as pb
 from flctl.transport.grpc._proto import flctl_pb2_grpc as pb_grpc
 from flctl.transport.grpc._servicers import IDENTITY_METADATA_KEY, ROLE_METADATA_KEY
@@ -27,6 +29,13 @@ async def wait_ready(channel: grpc.aio.Channel, timeout: float) -> None:
         await asyncio.wait_for(channel.channel_ready(), timeout)
     except TimeoutError:
         raise ConnectError(f"no coordinator answered within {timeout:.0f} s") from None
+
+
+class Sink(Protocol):
+    """Where downloaded bytes go (a file, or a file that also hashes)."""
+
+    def write(self, data: bytes | memoryview, /) -> int:
+        """Take the next piece."""
 
 
 class _Caller:
@@ -101,7 +110,7 @@ class CoordinatorClient(_Caller):
     async def download(
         self,
         digest: str,
-        sink: BinaryIO,
+        sink: Sink,
         *,
         offset: int = 0,
         on_chunk: Callable[[int, int], None] | None = None,
@@ -119,19 +128,23 @@ class CoordinatorClient(_Caller):
             timeout=timeout,
         )
         position = offset
-        with map_rpc_errors():
-            async for chunk in call:
-                if chunk.offset != position:
-                    from flctl.core.errors import IntegrityError
-
-                    raise IntegrityError(
-                        f"download of {digest[:12]} jumped from byte {position} to {chunk.offset}"
-                    )
-                sink.write(chunk.data)
-                position += len(chunk.data)
-                total = chunk.total_size
-                if on_chunk is not None:
-                    on_chunk(position, total)
+        pipeline: Pipeline[bytes | memoryview] = Pipeline(sink.write)
+        try:
+            with map_rpc_errors():
+                async for chunk in call:
+                    if chunk.offset != position:
+                        raise IntegrityError(
+                            f"download of {digest[:12]} jumped from byte {position} "
+                            f"to {chunk.offset}"
+                        )
+                    await pipeline.put(chunk.data)
+                    position += len(chunk.data)
+                    total = chunk.total_size
+                    if on_chunk is not None:
+                        on_chunk(position, total)
+            await pipeline.close()
+        finally:
+            pipeline.cancel()
         return total
 
     async def upload(
