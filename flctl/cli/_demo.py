@@ -83,6 +83,19 @@ class _Processes:
                 hint=f"see {self.logs / (name + '.log')}",
             )
 
+    def peak_rss_mib(self) -> dict[str, float]:
+        """Each running process's peak resident memory so far (VmHWM), in MiB."""
+        out: dict[str, float] = {}
+        for name, process in self.running.items():
+            try:
+                status = Path(f"/proc/{process.pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    out[name] = round(int(line.split()[1]) / 1024, 1)
+        return out
+
     def stop_all(self, timeout: float = 10.0) -> None:
         # Clients first, so the coordinator sees them leave; then the coordinator.
         order = sorted(self.running, key=lambda n: n == "coordinator")
@@ -260,6 +273,7 @@ def run_demo(options: DemoOptions) -> tuple[dict[str, Any], int]:
                 "model_version": int(status.head_version),
                 "state_dir": str(config.state_path),
                 "project_dir": str(project),
+                "peak_rss_mib": procs.peak_rss_mib(),
             }
         finally:
             follower.cancel()

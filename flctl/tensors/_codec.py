@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flctl.core.errors import InvalidInputError
-from flctl.tensors._spec import TensorSpec, read_spec
+from flctl.tensors._spec import TensorSpec, compare_specs, read_spec
 from flctl.tensors._stream import TensorReader, TensorWriter
 
 if TYPE_CHECKING:
@@ -107,26 +107,7 @@ def check_update(path: Path, expected: Mapping[str, TensorSpec]) -> dict[str, Te
     import torch
 
     specs = read_spec(path)
-    missing = sorted(set(expected) - set(specs))
-    extra = sorted(set(specs) - set(expected))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing[:5]}")
-        if extra:
-            parts.append(f"unexpected tensors {extra[:5]}")
-        raise InvalidInputError("update does not match the model: " + "; ".join(parts))
-    for name, spec in specs.items():
-        want = expected[name]
-        if spec.shape != want.shape:
-            raise InvalidInputError(
-                f"tensor {name!r}: shape {list(spec.shape)} differs from the model's "
-                f"{list(want.shape)}"
-            )
-        if spec.dtype != want.dtype:
-            raise InvalidInputError(
-                f"tensor {name!r}: dtype {spec.dtype} differs from the model's {want.dtype}"
-            )
+    compare_specs(expected, specs)
     with TensorReader(path) as reader:
         for name in specs:
             tensor = reader.read(name)

@@ -21,6 +21,7 @@ __all__ = [
     "DTYPE_SIZES",
     "MAX_HEADER_BYTES",
     "TensorSpec",
+    "compare_specs",
     "fingerprint",
     "read_spec",
     "read_spec_bytes",
@@ -138,6 +139,35 @@ def read_spec_bytes(data: bytes, *, data_size: int | None = None) -> dict[str, T
     if data_size is None:
         data_size = len(data) - 8 - header_len
     return _parse_header(data[8 : 8 + header_len], data_size)
+
+
+def compare_specs(expected: Mapping[str, TensorSpec], got: Mapping[str, TensorSpec]) -> None:
+    """Check that an update's tensors have exactly the model's names, shapes and dtypes.
+
+    Raises:
+        InvalidInputError: Naming the missing or unexpected tensors, or the first tensor whose
+            shape or dtype differs.
+    """
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:5]}")
+        if extra:
+            parts.append(f"unexpected tensors {extra[:5]}")
+        raise InvalidInputError("update does not match the model: " + "; ".join(parts))
+    for name, spec in got.items():
+        want = expected[name]
+        if spec.shape != want.shape:
+            raise InvalidInputError(
+                f"tensor {name!r}: shape {list(spec.shape)} differs from the model's "
+                f"{list(want.shape)}"
+            )
+        if spec.dtype != want.dtype:
+            raise InvalidInputError(
+                f"tensor {name!r}: dtype {spec.dtype} differs from the model's {want.dtype}"
+            )
 
 
 def fingerprint(specs: Mapping[str, TensorSpec] | Mapping[str, Any]) -> str:

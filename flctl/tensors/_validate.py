@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from flctl.core.errors import InvalidInputError, LimitExceededError
-from flctl.tensors._spec import MAX_HEADER_BYTES, TensorSpec, read_spec_bytes
+from flctl.tensors._spec import MAX_HEADER_BYTES, TensorSpec, compare_specs, read_spec_bytes
 
 __all__ = ["StreamValidator"]
 
@@ -88,35 +88,13 @@ class StreamValidator:
         # read_spec_bytes checks offsets against the data size the upload announced
         header = bytes(self._prefix[: 8 + header_len])
         specs = read_spec_bytes(header, data_size=self._total - 8 - header_len)
-        self._compare(specs)
+        compare_specs(self._expected, specs)
         self.specs = specs
         self._data_start = 8 + header_len
         self._spans = sorted(
             (s.begin, s.end, s.dtype, s.name) for s in specs.values() if s.dtype in _FLOAT_BITS
         )
         return True
-
-    def _compare(self, specs: Mapping[str, TensorSpec]) -> None:
-        missing = sorted(set(self._expected) - set(specs))
-        extra = sorted(set(specs) - set(self._expected))
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"missing tensors {missing[:5]}")
-            if extra:
-                parts.append(f"unexpected tensors {extra[:5]}")
-            raise InvalidInputError("update does not match the model: " + "; ".join(parts))
-        for name, spec in specs.items():
-            want = self._expected[name]
-            if spec.shape != want.shape:
-                raise InvalidInputError(
-                    f"tensor {name!r}: shape {list(spec.shape)} differs from the model's "
-                    f"{list(want.shape)}"
-                )
-            if spec.dtype != want.dtype:
-                raise InvalidInputError(
-                    f"tensor {name!r}: dtype {spec.dtype} differs from the model's {want.dtype}"
-                )
 
     def _check(self, view: memoryview, offset: int) -> None:
         """Check the data bytes [offset, offset + len(view)) of the data section."""
