@@ -49,6 +49,10 @@ __all__ = ["AdminService", "CoordinatorService", "Limits"]
 log = logging.getLogger("flctl.coordinator")
 
 _MAX_MODEL_SPEC_BYTES = 256 * 1024
+
+#: Transfers the coordinator serves at once; more wait their turn (see CoordinatorService).
+MAX_CONCURRENT_UPLOADS = 2
+MAX_CONCURRENT_DOWNLOADS = 2
 _STATES = frozenset({"idle", "downloading", "training", "uploading", "failed"})
 
 
@@ -152,6 +156,11 @@ class CoordinatorService:
         self._fingerprint = task_fingerprint
         self._heartbeat_interval_s = heartbeat_interval_s
         self._token_ttl_s = token_ttl_s
+        # Each transfer in flight holds its own buffers (gRPC's and ours); bounding how many run
+        # at once keeps the coordinator's memory flat in the number of clients. A stream that
+        # waits for a slot is held back by HTTP/2 flow control, not buffered.
+        self._upload_slots = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
+        self._download_slots = asyncio.Semaphore(MAX_CONCURRENT_DOWNLOADS)
 
     # ------------------------------------------------------------------ sessions
 
@@ -267,12 +276,13 @@ class CoordinatorService:
         position = request.offset
         sent = 0
         try:
-            for data in self._blobs.iter_chunks(
-                digest, request.offset, self._limits.max_chunk_bytes
-            ):
-                yield ChunkOut(data, position, total)
-                position += len(data)
-                sent += len(data)
+            async with self._download_slots:
+                for data in self._blobs.iter_chunks(
+                    digest, request.offset, self._limits.max_chunk_bytes
+                ):
+                    yield ChunkOut(data, position, total)
+                    position += len(data)
+                    sent += len(data)
         finally:
             self._store.upsert_client(session.client_id, add_bytes_down=sent)
 
@@ -338,6 +348,16 @@ class CoordinatorService:
             self._reject(header, session.client_id, refusal)
             return pb.UploadReply(accepted=False, reason=refusal)
 
+        async with self._upload_slots:
+            return await self._receive(header, chunks, session, metrics)
+
+    async def _receive(
+        self,
+        header: pb.UploadHeader,
+        chunks: AsyncIterator[UploadItem | None],
+        session: Session,
+        metrics: dict[str, float],
+    ) -> pb.UploadReply:
         temp, handle = self._blobs.temp_file()
         sink = _UpdateSink(handle, self._model_spec, int(header.size))
         started = time.perf_counter()
