@@ -38,7 +38,8 @@ def time_import(code: str, repeat: int = 3) -> float:
     return statistics.median(times)
 
 
-def run_demo(rounds: int, clients: int, folder: Path) -> tuple[dict[str, Any], float]:
+def run_demo(rounds: int, clients: int, folder: Path) -> tuple[dict[str, Any], float, float]:
+    launched = time.time()
     start = time.perf_counter()
     result = subprocess.run(
         [
@@ -61,10 +62,10 @@ def run_demo(rounds: int, clients: int, folder: Path) -> tuple[dict[str, Any], f
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"demo failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout), wall
+    return json.loads(result.stdout), wall, launched
 
 
-def phases(state_dir: Path) -> dict[str, Any]:
+def phases(state_dir: Path, launched: float) -> dict[str, Any]:
     from flctl.store import SqlStore
 
     store = SqlStore.open(state_dir)
@@ -72,11 +73,12 @@ def phases(state_dir: Path) -> dict[str, Any]:
         events = store.events_since(0, limit=1_000_000)
     finally:
         store.close()
-    first = events[0].time
     started = next(e.time for e in events if e.type == "coordinator.started")
     joined = [e.time for e in events if e.type == "client.joined"]
+    last_end = max(e.time for e in events if e.type in ("round.committed", "round.failed"))
     out: dict[str, Any] = {
-        "coordinator_ready_s": started - first,
+        "coordinator_ready_s": started - launched,
+        "rounds_total_s": last_end - max(joined) if joined else None,
         "last_client_joined_s": (max(joined) - started) if joined else None,
     }
     per_round: dict[int, dict[str, float]] = defaultdict(dict)
@@ -134,8 +136,8 @@ def main() -> None:
 
     imports = {name: time_import(code) for name, code in IMPORTS.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        doc, wall = run_demo(args.rounds, args.clients, Path(tmp))
-        detail = phases(Path(doc["state_dir"]))
+        doc, wall, launched = run_demo(args.rounds, args.clients, Path(tmp))
+        detail = phases(Path(doc["state_dir"]), launched)
     final = doc["rounds"][-1]["metrics"]
     report = {
         "machine": {"cpus": __import__("os").cpu_count(), "python": sys.version.split()[0]},
@@ -159,8 +161,13 @@ def main() -> None:
     print("\nimport / interpreter start (median of 3, separate processes):")
     for name, seconds in imports.items():
         print(f"  {name:<36} {seconds:6.2f} s")
-    print(f"\ncoordinator process start -> listening: {detail['coordinator_ready_s']:.2f} s")
-    print(f"listening -> last client joined:        {detail['last_client_joined_s']:.2f} s")
+    print(
+        f"\ndemo launched -> coordinator listening:  {detail['coordinator_ready_s']:.2f} s"
+        "  (init, certificates, coordinator process, torch, task, model v1)"
+    )
+    print(f"listening -> last client joined:         {detail['last_client_joined_s']:.2f} s")
+    print(f"last client joined -> last round ended:  {detail['rounds_total_s']:.2f} s")
+    print(f"peak RSS MiB: {doc.get('peak_rss_mib')}")
     print("\nclient phases (median over all rounds; first round in brackets):")
     for name, seconds in detail["client_phases_median_s"].items():
         first = detail["client_phases_first_round_s"].get(name, float("nan"))

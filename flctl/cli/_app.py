@@ -85,6 +85,10 @@ def demo(
     params: Annotated[
         int | None, typer.Option(help="Model parameters (large template; default 125M).")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch threads per client process (default client.num_threads, 1)."),
+    ] = None,
     json_output: JsonOpt = False,
     no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain lines, no live panel.")] = False,
 ) -> None:
@@ -101,6 +105,7 @@ def demo(
             json_output=json_output,
             tui=False if no_tui else None,
             variables=_params_variables(params),
+            threads=threads,
         )
     )
     raise typer.Exit(code)

@@ -48,6 +48,7 @@ class DemoOptions:
     template: str = "digits"
     json_output: bool = False
     tui: bool | None = None
+    threads: int | None = None
     startup_timeout_s: float = 120.0
     variables: dict[str, str] = field(default_factory=dict)
 
@@ -186,6 +187,8 @@ def run_demo(options: DemoOptions) -> tuple[dict[str, Any], int]:
     """Run the demo; return its JSON document and exit code (0 only if every round committed)."""
     if options.clients < 1 or options.rounds < 1:
         raise ConfigError("--clients and --rounds must be at least 1")
+    if options.threads is not None and options.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, not {options.threads}")
     out = Output(json_mode=options.json_output)
     use_tui = (out.is_terminal if options.tui is None else options.tui) and not options.json_output
     started = time.monotonic()
@@ -234,6 +237,7 @@ def run_demo(options: DemoOptions) -> tuple[dict[str, Any], int]:
                     str(i - 1),
                     "--num-partitions",
                     str(options.clients),
+                    *(["--threads", str(options.threads)] if options.threads else []),
                 ],
                 project,
             )
