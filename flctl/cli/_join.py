@@ -10,6 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
 from flctl.cli._common import setup_logging
 from flctl.cli._output import Output
 from flctl.client import Client, JoinOptions, Runner, resolve_device
@@ -120,7 +130,19 @@ def join(args: JoinArgs) -> int:
         once=args.once,
     )
 
+    progress = _TransferProgress(out) if out.is_terminal else None
+
     def on_event(kind: str, details: dict[str, Any]) -> None:
+        if kind == "transfer":
+            if progress is not None:
+                progress.update(details)
+            elif details["done"] == details["total"]:
+                arrow = "downloaded" if details["direction"] == "down" else "uploaded"
+                out.line(
+                    f"{time.strftime('%H:%M:%S')} round {details['server_round']}: "
+                    f"{arrow} {details['total'] / (1 << 20):.1f} MiB"
+                )
+            return
         stamp = time.strftime("%H:%M:%S")
         if kind == "joined":
             text = (
@@ -129,6 +151,8 @@ def join(args: JoinArgs) -> int:
             )
         elif kind == "round":
             text = f"round {details['server_round']}: training"
+        elif kind == "cached":
+            text = f"round {details['server_round']}: model {details['digest'][:12]} in cache"
         elif kind == "uploaded":
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(details["metrics"].items()))
             text = (
@@ -144,7 +168,10 @@ def join(args: JoinArgs) -> int:
             text = f"reconnecting in {details['delay_s']:.1f} s: {details['reason']}"
         else:
             text = f"left after {details.get('rounds', 0)} rounds"
-        out.line(f"{stamp} {text}")
+        if progress is not None:
+            progress.console.print(f"{stamp} {text}", markup=False, highlight=False)
+        else:
+            out.line(f"{stamp} {text}")
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -153,4 +180,37 @@ def join(args: JoinArgs) -> int:
             loop.add_signal_handler(sig, stop.set)
         return await Runner(client, options, on_event=on_event).run(stop)
 
-    return asyncio.run(main())
+    if progress is None:
+        return asyncio.run(main())
+    with progress.live:
+        return asyncio.run(main())
+
+
+class _TransferProgress:
+    """One rich progress bar per transfer in flight: bytes, rate, time left."""
+
+    def __init__(self, out: Output) -> None:
+        self.live = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=out.console,
+            transient=True,
+        )
+        self.console = self.live.console
+        self._tasks: dict[tuple[str, int], TaskID] = {}
+
+    def update(self, details: dict[str, Any]) -> None:
+        key = (details["direction"], details["server_round"])
+        if key not in self._tasks:
+            verb = "download" if details["direction"] == "down" else "upload"
+            self._tasks[key] = self.live.add_task(
+                f"round {details['server_round']} {verb}", total=details["total"]
+            )
+        task = self._tasks[key]
+        self.live.update(task, completed=details["done"], total=details["total"])
+        if details["done"] >= details["total"]:
+            self.live.remove_task(task)
+            del self._tasks[key]

@@ -342,15 +342,30 @@ class Runner:
 
     # ------------------------------------------------------------------ one task
 
-    async def _download(self, api: CoordinatorClient, digest: str) -> Path:
-        return await fetch_blob(api, self._cache, digest)
+    def _progress(self, direction: str, server_round: int) -> Callable[[int, int], None]:
+        """A callback that reports a transfer's bytes (for progress bars and heartbeats)."""
+
+        def report(done: int, total: int) -> None:
+            self._status.progress = done / total if total else 0.0
+            self._emit(
+                "transfer", direction=direction, server_round=server_round, done=done, total=total
+            )
+
+        return report
+
+    async def _download(self, api: CoordinatorClient, digest: str, server_round: int) -> Path:
+        if self._cache.has(digest):
+            self._emit("cached", server_round=server_round, digest=digest)
+        return await fetch_blob(
+            api, self._cache, digest, on_progress=self._progress("down", server_round)
+        )
 
     async def _fit(self, api: CoordinatorClient, reply: pb.JoinReply, task: pb.Task) -> None:
         server_round = int(task.server_round)
         self._emit("round", server_round=server_round, task_id=task.task_id)
         self._set_state("downloading", server_round)
         started = time.monotonic()
-        model_path = await self._download(api, task.model_digest)
+        model_path = await self._download(api, task.model_digest, server_round)
         self._set_state("training", server_round)
         config = from_value_map(task.config)
         try:
@@ -376,7 +391,9 @@ class Runner:
             )
             to_value_map(header.metrics, metrics)
             chunk = int(reply.limits.max_chunk_bytes) or (1 << 20)
-            answer = await api.upload(header, _file_chunks(update_path, chunk))
+            answer = await api.upload(
+                header, _file_chunks(update_path, chunk, self._progress("up", server_round))
+            )
         finally:
             update_path.unlink(missing_ok=True)
         self._set_state("idle", 0)
@@ -431,7 +448,13 @@ class Runner:
         return out, num_examples, clean
 
 
-async def _file_chunks(path: Path, chunk_size: int) -> AsyncIterator[bytes]:
+async def _file_chunks(
+    path: Path, chunk_size: int, on_progress: Callable[[int, int], None]
+) -> AsyncIterator[bytes]:
+    total = path.stat().st_size
+    done = 0
     with path.open("rb") as fh:
         while block := fh.read(chunk_size):
             yield block
+            done += len(block)
+            on_progress(done, total)

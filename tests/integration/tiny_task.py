@@ -15,13 +15,17 @@ from flctl.client import Client
 _HANG = threading.Event()
 
 
+def _features(context) -> int:  # noqa: ANN001
+    return int(context.config.get("in_features", 4))
+
+
 def build_model(context):  # noqa: ANN001, ANN201
-    return torch.nn.Linear(4, 2)
+    return torch.nn.Linear(_features(context), 2)
 
 
-def _data(seed: int, partition: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(seed: int, partition: int, features: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed * 1000 + partition)
-    x = torch.randn(64, 4, generator=gen)
+    x = torch.randn(64, features, generator=gen)
     y = (x[:, 0] > 0).long()
     return x, y
 
@@ -30,7 +34,7 @@ class TinyClient(Client):
     def __init__(self, context) -> None:  # noqa: ANN001
         self.context = context
         self.model = build_model(context)
-        self.x, self.y = _data(context.seed, context.partition_id)
+        self.x, self.y = _data(context.seed, context.partition_id, _features(context))
         self.received: list[dict[str, torch.Tensor]] = []
 
     def get_parameters(self):  # noqa: ANN201
@@ -59,7 +63,7 @@ def client_fn(context):  # noqa: ANN001, ANN201
 def server_evaluate(parameters, context):  # noqa: ANN001, ANN201
     model = build_model(context)
     model.load_state_dict(parameters)
-    x, y = _data(context.seed, 999)
+    x, y = _data(context.seed, 999, _features(context))
     with torch.no_grad():
         logits = model(x)
         loss = float(torch.nn.functional.cross_entropy(logits, y))

@@ -1,0 +1,271 @@
+"""Transfers against a real coordinator over mTLS: resumption, the client cache, and refusals.
+
+The client side is flctl's own (CoordinatorClient, fetch_blob); refusals are sent by hand so
+that each bad input arrives exactly as a hostile client would send it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from flctl.client import ClientCache, fetch_blob
+from flctl.coordinator import Coordinator
+from flctl.core.errors import (
+    FlctlError,
+    IntegrityError,
+    InvalidInputError,
+    LimitExceededError,
+    ResourceExhaustedError,
+)
+from flctl.security import load_credentials
+from flctl.store import BlobStore
+from flctl.tensors import fingerprint, read_spec, save_parameters
+from flctl.transport.grpc import PROTOCOL_VERSION, CoordinatorClient, pb, secure_channel
+
+from .conftest import Project, admin, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Harness:
+    """A coordinator, one hand-driven client session, and the head model's blob."""
+
+    def __init__(
+        self, coordinator: Coordinator, api: CoordinatorClient, blobs: BlobStore, digest: str
+    ):
+        self.coordinator, self.api, self.blobs, self.digest = coordinator, api, blobs, digest
+        self.stream: AsyncIterator[pb.Task] | None = None
+
+    def bytes_down(self) -> int:
+        store = self.coordinator.store
+        assert store is not None
+        return sum(c.bytes_down for c in store.list_clients())
+
+
+async def start(project: Project, **sections: dict) -> Harness:  # type: ignore[type-arg]
+    config = project.write(rounds={"min_clients": 1}, **sections)
+    coordinator = Coordinator(config)
+    address = await coordinator.start()
+    cert, key, ca = load_credentials(config.certs_path, "c1")
+    api = CoordinatorClient(secure_channel(address, cert_pem=cert, key_pem=key, ca_pem=ca))
+    store, blobs = coordinator.store, BlobStore(config.state_path / "blobs")
+    assert store is not None
+    head = store.head()
+    assert head is not None
+    spec = read_spec(blobs.path(head.digest))
+    await api.join(
+        pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_fingerprint=fingerprint(spec))
+    )
+    return Harness(coordinator, api, blobs, head.digest)
+
+
+async def stop(h: Harness) -> None:
+    await h.api.close()
+    await h.coordinator.stop()
+
+
+def test_download_resumes_from_the_partial_file_and_the_cache_is_never_refetched(
+    project: Project, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        h = await start(project)
+        try:
+            blob = h.blobs.path(h.digest).read_bytes()
+            cache = ClientCache(tmp_path / "cache")
+            cut = len(blob) // 3
+            cache.partial(h.digest).write_bytes(blob[:cut])  # a download that broke at 1/3
+            path = await fetch_blob(h.api, cache, h.digest)
+            assert path.read_bytes() == blob
+            assert not cache.partial(h.digest).exists()
+            await wait_until(lambda: h.bytes_down() == len(blob) - cut)
+            # already cached: no byte is served again
+            assert await fetch_blob(h.api, cache, h.digest) == path
+            await asyncio.sleep(0.2)
+            assert h.bytes_down() == len(blob) - cut
+        finally:
+            await stop(h)
+
+    asyncio.run(main())
+
+
+def test_dropped_download_resumes(project: Project, tmp_path: Path) -> None:
+    """A connection dropped mid-stream leaves a partial file the next attempt continues."""
+
+    async def main() -> None:
+        h = await start(project, transport={"max_chunk_bytes": 4096}, task={"in_features": 262144})
+        try:
+            blob = h.blobs.path(h.digest).read_bytes()
+            cache = ClientCache(tmp_path / "cache")
+            seen: list[int] = []
+            task = asyncio.create_task(
+                fetch_blob(
+                    h.api, cache, h.digest, on_progress=lambda done, total: seen.append(done)
+                )
+            )
+            await wait_until(lambda: len(seen) >= 3)
+            task.cancel()  # the stream is cut after a few chunks
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            partial = cache.partial(h.digest)
+            assert 0 < partial.stat().st_size < len(blob)
+            have = partial.stat().st_size
+            path = await fetch_blob(h.api, cache, h.digest)
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == h.digest
+            assert have > 0
+        finally:
+            await stop(h)
+
+    asyncio.run(main())
+
+
+def test_corrupt_partial_is_discarded_then_refetched(project: Project, tmp_path: Path) -> None:
+    async def main() -> None:
+        h = await start(project)
+        try:
+            cache = ClientCache(tmp_path / "cache")
+            cache.partial(h.digest).write_bytes(b"garbage that is not the model")
+            with pytest.raises(IntegrityError, match="does not match its digest"):
+                await fetch_blob(h.api, cache, h.digest)
+            assert not cache.partial(h.digest).exists() and not cache.has(h.digest)
+            await fetch_blob(h.api, cache, h.digest)
+            assert cache.has(h.digest)
+        finally:
+            await stop(h)
+
+    asyncio.run(main())
+
+
+def test_download_refusals(project: Project) -> None:
+    async def main() -> None:
+        h = await start(project)
+        try:
+            sink = bytearray()
+
+            class Sink:
+                def write(self, data: bytes | memoryview) -> int:
+                    sink.extend(data)
+                    return len(data)
+
+            for digest, needle in [
+                ("../../etc/passwd", "invalid digest"),
+                ("A" * 64, "invalid digest"),
+                ("0" * 64, "no blob"),
+            ]:
+                with pytest.raises(FlctlError, match=needle):
+                    await h.api.download(digest, Sink())
+            with pytest.raises(InvalidInputError, match="beyond the blob"):
+                await h.api.download(h.digest, Sink(), offset=10**9)
+            assert not sink
+        finally:
+            await stop(h)
+
+    asyncio.run(main())
+
+
+async def _open_round(h: Harness, project: Project) -> pb.Task:
+    """Open a round with this client selected and return its task."""
+    config = h.coordinator.config
+    # keep the stream referenced: the session lives as long as its task stream is open
+    stream = h.stream = h.api.tasks()
+    first = asyncio.ensure_future(anext(stream))
+    await wait_until(lambda: len(h.coordinator._registry.connected()) == 1)  # type: ignore[union-attr]
+    client = admin(config, h.coordinator.bound_address)
+    try:
+        await client.start_round(1)
+    finally:
+        await client.close()
+    return await asyncio.wait_for(first, 20)
+
+
+def _state_files(h: Harness) -> tuple[list[Path], list[Path]]:
+    root = h.blobs.root
+    return sorted((root / "tmp").iterdir()), sorted(
+        p for p in (root / "sha256").rglob("*") if p.is_file()
+    )
+
+
+def test_upload_refusals_leave_no_file_behind(project: Project, tmp_path: Path) -> None:
+    async def main() -> None:
+        h = await start(project, transport={"max_chunk_bytes": 65536})
+        try:
+            task = await _open_round(h, project)
+            blob = h.blobs.path(h.digest).read_bytes()
+            good = hashlib.sha256(blob).hexdigest()
+            before = _state_files(h)
+
+            def header(**fields: object) -> pb.UploadHeader:
+                values: dict[str, object] = {
+                    "server_round": task.server_round,
+                    "task_id": task.task_id,
+                    "num_examples": 10,
+                    "digest": good,
+                    "size": len(blob),
+                }
+                values.update(fields)
+                return pb.UploadHeader(**values)  # type: ignore[arg-type]
+
+            async def pieces(data: bytes, size: int = 65536) -> AsyncIterator[bytes]:
+                for i in range(0, len(data), size):
+                    yield data[i : i + size]
+
+            cases: list[tuple[pb.UploadHeader, bytes, int, type[FlctlError], str]] = [
+                (header(digest="0" * 64), blob, 65536, IntegrityError, "do not match the digest"),
+                (header(size=len(blob) + 10), blob, 65536, InvalidInputError, "truncated"),
+                (header(size=10**12), blob, 65536, LimitExceededError, "exceeds the limit"),
+                (header(digest="../" + "a" * 61), blob, 65536, InvalidInputError, "invalid digest"),
+            ]
+            for name, params, needle in [
+                (
+                    "nan",
+                    {n: t * float("nan") for n, t in _nudged(h.blobs.path(h.digest)).items()},
+                    "NaN or Inf",
+                ),
+                ("shape", {"weight": torch.zeros(3, 4), "bias": torch.zeros(3)}, "shape"),
+            ]:
+                bad = tmp_path / name
+                save_parameters(params, bad)
+                data = bad.read_bytes()
+                digest = hashlib.sha256(data).hexdigest()
+                cases.append(
+                    (header(digest=digest, size=len(data)), data, 65536, InvalidInputError, needle)
+                )
+            for head, data, size, error, needle in cases:
+                with pytest.raises(error, match=needle):
+                    await h.api.upload(head, pieces(data, size))
+            # a chunk larger than max_chunk_bytes is refused by the channel's message bound
+            with pytest.raises((ResourceExhaustedError, LimitExceededError)):
+                big = bytes(200_000)
+                await h.api.upload(
+                    header(digest=hashlib.sha256(big).hexdigest(), size=len(big)),
+                    pieces(big, len(big)),
+                )
+            assert _state_files(h) == before
+            store = h.coordinator.store
+            assert store is not None
+            assert store.updates_for_round(task.server_round) == []  # malformed: no row at all
+            refused = [e for e in store.events_since(0) if e.type == "update.rejected"]
+            assert len(refused) == len(cases) + 1 and all(e.client_id == "c1" for e in refused)
+            # and a well-formed update is still accepted afterwards
+            update = tmp_path / "update"
+            save_parameters(_nudged(h.blobs.path(h.digest)), update)
+            data = update.read_bytes()
+            reply = await h.api.upload(
+                header(digest=hashlib.sha256(data).hexdigest(), size=len(data)), pieces(data)
+            )
+            assert reply.accepted, reply.reason
+        finally:
+            await stop(h)
+
+    asyncio.run(main())
+
+
+def _nudged(path: Path) -> dict:  # type: ignore[type-arg]
+    from flctl.tensors import load_parameters
+
+    return {n: t + 0.01 if t.is_floating_point() else t for n, t in load_parameters(path).items()}
