@@ -265,7 +265,8 @@ def run_demo(options: DemoOptions) -> tuple[dict[str, Any], int]:
                     if name == "coordinator":
                         procs.check_alive(name)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(done.wait(), 1.0)
+                    async with asyncio.timeout(1.0):
+                        await done.wait()
                 if state.all_done(ids):
                     break
             if live is not None:

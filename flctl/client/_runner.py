@@ -256,8 +256,7 @@ class Runner:
                 break
             delay = self._backoff.next_delay()
             self._emit("reconnecting", reason=reason, delay_s=round(delay, 2))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+            await _wait(stop, delay)
         self._emit("left", rounds=self.rounds_done)
         return self.rounds_done
 
@@ -331,8 +330,7 @@ class Runner:
                 )
                 if reply.command == "rejoin":
                     log.info("coordinator asked us to join again")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(status.dirty.wait(), interval)
+            await _wait(status.dirty, interval)
 
     def _set_state(self, state: str, server_round: int, progress: float = 0.0) -> None:
         self._status.state = state
@@ -446,6 +444,18 @@ class Runner:
             out.unlink(missing_ok=True)
             raise TaskError(f"fit returned an unusable update: {exc.message}") from exc
         return out, num_examples, clean
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event`` at most ``timeout`` seconds.
+
+    ``asyncio.timeout`` rather than ``asyncio.wait_for``: on Python 3.11, ``wait_for`` can
+    swallow a cancellation that arrives as the event is set, which left a cancelled heartbeat
+    loop running forever (and ``join --once`` never exiting).
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
 
 
 async def _file_chunks(

@@ -9,6 +9,7 @@ present.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -125,4 +126,16 @@ def map_rpc_errors() -> Iterator[None]:
     try:
         yield
     except grpc.RpcError as exc:
+        # A call cut short because our own task is being cancelled is a cancellation, not a
+        # transport error: turning it into one would let a retry loop swallow the cancel.
+        task = _current_task()
+        if exc.code() == grpc.StatusCode.CANCELLED and task is not None and task.cancelling():
+            raise asyncio.CancelledError from exc
         raise translate_rpc_error(exc) from exc
+
+
+def _current_task() -> asyncio.Task[object] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running event loop (a synchronous caller)
+        return None
