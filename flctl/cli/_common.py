@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from flctl.coordinator import read_serve_file
 from flctl.core import Config, find_project, load_config
-from flctl.core.errors import ConnectError
+from flctl.core.errors import ConnectError, StoreError
 from flctl.security import load_credentials
 from flctl.transport.grpc import AdminClient, insecure_channel, pb, secure_channel, wait_ready
 
@@ -20,6 +22,7 @@ __all__ = [
     "admin_client",
     "coordinator_address",
     "load_project",
+    "lock_or_running",
     "retry_connect",
     "round_dict",
     "run_async",
@@ -27,6 +30,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: Held (fcntl) by a running coordinator for as long as it runs, and by commands that write
+#: its state folder without it.
+COORDINATOR_LOCK = "coordinator.lock"
 
 
 def load_project(config_path: Path | None = None) -> Config:
@@ -67,6 +74,33 @@ def coordinator_address(config: Config, server: str | None) -> tuple[str, bool]:
     return str(running["address"]), bool(running.get("insecure"))
 
 
+@contextmanager
+def lock_or_running(state_path: Path) -> Iterator[dict[str, Any] | None]:
+    """Hold the coordinator's lock (yield None), or yield the running coordinator's serve.json.
+
+    A command that changes the state folder writes it directly while it holds the lock (no
+    coordinator can start meanwhile); when a coordinator holds it, the change must go through
+    that coordinator's Admin service instead. The dict yielded then is its ``serve.json`` (pid,
+    address, insecure), empty when it has not written one yet.
+
+    Raises:
+        StoreError: The lock file cannot be opened.
+    """
+    try:
+        state_path.mkdir(parents=True, exist_ok=True)
+        # "a", not "w": never truncate a file another process may hold open.
+        handle = (state_path / COORDINATOR_LOCK).open("a")
+    except OSError as exc:
+        raise StoreError(f"cannot open {state_path / COORDINATOR_LOCK}: {exc}") from exc
+    with handle:  # closing the file releases the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            locked = False
+        yield None if locked else (read_serve_file(state_path) or {})
+
+
 def admin_client(config: Config, server: str | None, *, admin: str = "admin") -> AdminClient:
     """Open an Admin connection with the project's admin certificate."""
     address, insecure = coordinator_address(config, server)
@@ -86,12 +120,13 @@ async def retry_connect(
         try:
             return await call()
         except ConnectError as exc:
-            if time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise ConnectError(
                     f"the coordinator did not come back within {timeout:g} s: {exc.message}"
                 ) from None
             on_retry(exc.message)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
 
 

@@ -60,3 +60,51 @@ def test_init_certs_serve_join_round_start_models_ls(tmp_path: Path, processes: 
     # models ls works with the coordinator stopped too
     after = one_json(flctl("models", "ls", "--json", cwd=proj, check=True).stdout)
     assert after["head"] == models["head"] or after["head"] == models["head"] + 1
+
+
+def test_round_start_wait_gives_up_on_a_vanished_coordinator(
+    tmp_path: Path, processes: Processes
+) -> None:
+    """--wait waits --reconnect-timeout for a coordinator that went away, then exits 31."""
+    import signal
+    import subprocess
+    import sys
+
+    flctl("init", "proj", cwd=tmp_path, check=True)
+    proj = tmp_path / "proj"
+    flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
+    coordinator = processes.start(
+        "coordinator", "serve", "--address", "127.0.0.1:0", "--no-tui", cwd=proj
+    )
+    serve_file = proj / ".flctl" / "serve.json"
+    wait_for(serve_file.exists, what="serve.json", timeout=120)
+    # no client joins: the round waits for its quorum while we pull the coordinator away
+    waiter = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flctl",
+            "round",
+            "start",
+            "--wait",
+            "--reconnect-timeout",
+            "3",
+            "--json",
+        ],
+        cwd=proj,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: "round.queued" in flctl("round", "watch", "--json", cwd=proj).stdout, timeout=60
+        )
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait(10)
+        out, _ = waiter.communicate(timeout=60)
+        assert waiter.returncode == 31
+        assert "did not come back within 3 s" in one_json(out)["error"]["message"]
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
