@@ -7,8 +7,7 @@ Heavy modules (``flctl.security``, ``flctl.store``) are imported inside the comm
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -29,8 +28,6 @@ certs_app = typer.Typer(help="Certificates for mutual TLS.", no_args_is_help=Tru
 
 #: Certificates that expire within this many days are warned about.
 EXPIRY_WARNING_DAYS = 14
-# Held by a running coordinator for as long as it runs (flctl.coordinator's Coordinator).
-_COORDINATOR_LOCK = "coordinator.lock"
 _MAX_CSR_BYTES = 64 * 1024
 _SERIAL_RE = re.compile(r"[0-9a-f]{1,40}")
 
@@ -226,8 +223,12 @@ def certs_revoke(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Revoke an identity (every certificate of it), or one certificate with --serial."""
-    from flctl.cli._common import load_project
+    """Revoke an identity (every certificate of it), or one certificate with --serial.
+
+    While a coordinator runs, the revocation goes through its Admin service (recorded with the
+    admin's identity, and enforced at once); otherwise it is written to the state store.
+    """
+    from flctl.cli._common import load_project, lock_or_running
     from flctl.core.errors import ConfigError, NotFoundError
     from flctl.security import list_project_certificates
     from flctl.store import LOCAL_AUTHOR, SqlStore, is_revoked, revoke
@@ -253,30 +254,41 @@ def certs_revoke(
             f"{identity!r} has no certificate with serial {serial_number:x}",
             hint=f"`flctl certs ls` lists the serials of {identity}",
         )
-    with _offline(config.state_path):
-        with SqlStore.open(config.state_path) as store:
-            was_revoked = is_revoked(store, identity, serial_number)
-            record = revoke(
-                store, identity, serial=serial_number, reason=reason, author=LOCAL_AUTHOR
+    with lock_or_running(config.state_path) as running:
+        if running is None:
+            with SqlStore.open(config.state_path) as store:
+                was_revoked = is_revoked(store, identity, serial_number)
+                record = revoke(
+                    store, identity, serial=serial_number, reason=reason, author=LOCAL_AUTHOR
+                )
+            done = _Revoked(
+                record.serial, record.reason, record.author, record.revoked_at, record.event_seq
             )
+        else:
+            done = _revoke_online(config, identity, serial_number, reason)
+            was_revoked = done.already
     out = Output(json_mode=json_output)
-    what = "every certificate" if record.serial is None else f"serial {record.serial:x}"
+    what = "every certificate" if done.serial is None else f"serial {done.serial:x}"
+    where = "" if running is None else f" through the coordinator at {running.get('address')}"
     if json_output:
         out.json(
             {
-                "identity": record.identity,
-                "serial": None if record.serial is None else f"{record.serial:x}",
-                "reason": record.reason,
-                "author": record.author,
-                "revoked_at": _iso(record.revoked_at),
-                "event_seq": record.event_seq,
+                "identity": identity,
+                "serial": None if done.serial is None else f"{done.serial:x}",
+                "reason": done.reason,
+                "author": done.author,
+                "revoked_at": _iso(done.revoked_at),
+                "event_seq": done.event_seq,
                 "already_revoked": was_revoked,
+                "coordinator": None if running is None else running.get("address"),
             }
         )
         return
     note = " (it was revoked already; recorded again)" if was_revoked else ""
     out.line(f"revoked {identity} ({what}){note}")
-    out.line(f"  recorded in {config.state_path} by {record.author}, event #{record.event_seq}")
+    out.line(f"  recorded in {config.state_path}{where} by {done.author}, event #{done.event_seq}")
+    if running is not None:
+        out.line(f"  the coordinator refuses {identity} from now on and ended its session")
 
 
 @certs_app.command("ls")
@@ -376,35 +388,38 @@ def _revocations(config: Config) -> list[tuple[str, int | None]]:
     return [(r.identity, r.serial) for r in _revocation_records(config)]
 
 
-@contextmanager
-def _offline(state_path: Path) -> Iterator[None]:
-    """Hold the coordinator's lock, or refuse when a coordinator runs on this state folder.
+@dataclass(frozen=True)
+class _Revoked:
+    """A revocation as recorded, by the store directly or by the running coordinator."""
 
-    Holding it also keeps a coordinator from starting while the revocation is written.
-    """
-    import fcntl
+    serial: int | None
+    reason: str
+    author: str
+    revoked_at: float
+    event_seq: int
+    already: bool = False
 
-    from flctl.core.errors import ConflictError, StoreError
 
-    try:
-        state_path.mkdir(parents=True, exist_ok=True)
-        handle = (state_path / _COORDINATOR_LOCK).open("a")
-    except OSError as exc:
-        raise StoreError(f"cannot open {state_path / _COORDINATOR_LOCK}: {exc}") from exc
-    with handle:
+def _revoke_online(config: Config, identity: str, serial: int | None, reason: str) -> _Revoked:
+    """Revoke through the running coordinator's Admin service (audited as the admin)."""
+    from flctl.cli._common import admin_client, run_async
+
+    async def call() -> _Revoked:
+        client = admin_client(config, None)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            from flctl.coordinator import read_serve_file
+            reply = await client.revoke(identity, serial=serial, reason=reason)
+        finally:
+            await client.close()
+        return _Revoked(
+            int(reply.serial, 16) if reply.serial else None,
+            reply.reason,
+            reply.author,
+            reply.revoked_at_unix,
+            int(reply.event_seq),
+            reply.already_revoked,
+        )
 
-            running = read_serve_file(state_path) or {}
-            raise ConflictError(
-                f"a coordinator is running on {state_path} (pid {running.get('pid', '?')}, "
-                f"{running.get('address', '?')}); revoking through a running coordinator "
-                "is not available yet",
-                hint="stop the coordinator, run `flctl certs revoke` again, then restart it",
-            ) from None
-        yield
+    return run_async(call())
 
 
 def _parse_serial(text: str) -> int:

@@ -1,11 +1,11 @@
 """``flctl models``: the model registry, read and written straight from the state store.
 
 Reading commands (``ls``, ``show``, ``diff``, ``export``, ``verify``, ``gc --dry-run``) work
-whether or not a coordinator runs. Commands that change the store (``rollback``, ``tag``,
-``import``, ``gc``) take the coordinator's lock (``.flctl/coordinator.lock``) without waiting,
-and refuse while a coordinator holds it: its changes must go through it, serialised with its
-rounds. torch, safetensors and sqlmodel are imported inside the commands that need them, so
-``import flctl.cli`` stays light.
+whether or not a coordinator runs. Commands that change the store take the coordinator's lock
+(``.flctl/coordinator.lock``) without waiting. While a coordinator holds it, ``rollback`` and
+``tag`` go through its Admin service (serialised with its rounds, recorded with the admin's
+identity); ``import`` and ``gc`` refuse. torch, safetensors and sqlmodel are imported inside
+the commands that need them, so ``import flctl.cli`` stays light.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ models_app = typer.Typer(help="The model history in the state store.", no_args_i
 
 #: The author recorded for changes made by these commands without a coordinator.
 LOCAL_AUTHOR = "local"
-_LOCK_FILE = "coordinator.lock"
 
 RefArg = Annotated[
     str, typer.Argument(help="A version number, a tag, `head`, or a digest prefix (6+ hex).")
@@ -97,41 +96,57 @@ def _open_state(config: Config) -> Iterator[tuple[SqlStore, BlobStore]]:
 
 
 @contextmanager
-def _offline_lock(config: Config) -> Iterator[None]:
-    """Hold the coordinator's lock for a change made without it, or refuse at once.
+def _lock_or_running(config: Config) -> Iterator[dict[str, Any] | None]:
+    """Hold the coordinator's lock (yield None), or yield the running coordinator's serve.json.
 
     A coordinator holds this lock (fcntl) for as long as it runs; while we hold it, none can
     start, so nothing else writes the store under us.
 
     Raises:
-        ConflictError: A coordinator is running.
+        NotFoundError: There is no state store yet.
     """
-    import fcntl
-
-    from flctl.coordinator import read_serve_file
+    from flctl.cli._common import lock_or_running
 
     if not (config.state_path / "state.db").is_file():
         raise NotFoundError(
             f"no state store in {config.state_path}",
             hint="start the coordinator once with `flctl serve` to create it",
         )
-    # "a", not "w": never truncate a file another process may hold open.
-    handle = (config.state_path / _LOCK_FILE).open("a")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            running = read_serve_file(config.state_path) or {}
+    with lock_or_running(config.state_path) as running:
+        yield running
+
+
+@contextmanager
+def _offline_lock(config: Config) -> Iterator[None]:
+    """Hold the coordinator's lock for a change made without it, or refuse at once.
+
+    Raises:
+        ConflictError: A coordinator is running.
+    """
+    with _lock_or_running(config) as running:
+        if running is not None:
             pid, address = running.get("pid", "?"), running.get("address", "?")
             raise ConflictError(
                 f"a coordinator is running (pid {pid}, address {address}): "
                 "this change must go through it",
                 hint="stop the coordinator to change the store directly",
                 details={"pid": running.get("pid"), "address": running.get("address")},
-            ) from None
+            )
         yield
-    finally:
-        handle.close()  # closing the file releases the lock
+
+
+def _admin_call(config: Config, call: Any) -> Any:
+    """Run ``call(client)`` against the running coordinator's Admin service."""
+    from flctl.cli._common import admin_client, run_async
+
+    async def main() -> Any:
+        client = admin_client(config, None)
+        try:
+            return await call(client)
+        finally:
+            await client.close()
+
+    return run_async(main())
 
 
 def _tags_by_version(store: SqlStore) -> dict[int, list[str]]:
@@ -574,14 +589,23 @@ def models_rollback(
 ) -> None:
     """Make an earlier version's weights the head again, as a new version (kind rollback).
 
-    Nothing is deleted; the next round starts from the new head. Without a running coordinator
-    only: while one runs, the change must go through it.
+    Nothing is deleted; the next round starts from the new head. While a coordinator runs, the
+    rollback goes through it: a rollback asked during a round takes effect when that round ends.
     """
     from flctl.cli._common import load_project
-    from flctl.core.events import MODEL_ROLLBACK
 
     config = load_project(config_path)
-    with _offline_lock(config), _open_state(config) as (store, blobs):
+    with _lock_or_running(config) as running:
+        if running is not None:
+            _rollback_online(config, ref, reason, json_output)
+            return
+        _rollback_offline(config, ref, reason, json_output)
+
+
+def _rollback_offline(config: Config, ref: str, reason: str, json_output: bool) -> None:
+    from flctl.core.events import MODEL_ROLLBACK
+
+    with _open_state(config) as (store, blobs):
         target = store.resolve_model(ref)
         path = _existing_blob(blobs, target)
         if not blobs.verify(target.digest):
@@ -603,21 +627,63 @@ def models_rollback(
             },
         )
         tags = store.tags_for(new.version)
-    out = Output(json_mode=json_output)
-    if json_output:
+    _print_rollback(Output(json_mode=json_output), new, tags, target.version, previous)
+
+
+def _print_rollback(
+    out: Output, new: ModelRecord, tags: Sequence[str], source: int, previous: int | None
+) -> None:
+    if out.json_mode:
         out.json(
             {
                 "model": model_dict(new, new.version, tags),
-                "source": target.version,
+                "source": source,
                 "previous_head": previous,
+                "deferred": False,
             }
         )
         return
     out.line(
-        f"rolled back to version {target.version}: head is now version {new.version} "
+        f"rolled back to version {source}: head is now version {new.version} "
         f"(kind rollback, digest {new.digest[:12]}, was version {previous}); "
         "the next round starts from it"
     )
+
+
+def _rollback_online(config: Config, ref: str, reason: str, json_output: bool) -> None:
+    """Roll back through the running coordinator (serialised with its rounds)."""
+    from flctl.transport.grpc import AdminClient
+
+    async def call(client: AdminClient) -> Any:
+        return await client.rollback(ref, reason=reason)
+
+    reply = _admin_call(config, call)
+    out = Output(json_mode=json_output)
+    if reply.deferred:
+        server_round = int(reply.server_round)
+        if json_output:
+            out.json(
+                {
+                    "model": None,
+                    "source": int(reply.source_version),
+                    "previous_head": None,
+                    "deferred": True,
+                    "round": server_round,
+                    "digest": reply.digest,
+                    "message": reply.message,
+                }
+            )
+            return
+        out.line(
+            f"rollback to version {reply.source_version} deferred until round {server_round} "
+            f"ends: the coordinator applies it then, before the next round starts "
+            f"(digest {reply.digest[:12]})"
+        )
+        return
+    with _open_state(config) as (store, _):
+        new = store.get_model(int(reply.version))
+        tags = store.tags_for(new.version)
+    _print_rollback(out, new, tags, int(reply.source_version), int(reply.previous_head) or None)
 
 
 @models_app.command("tag")
@@ -632,32 +698,43 @@ def models_tag(
     """Give a version a name that `show`, `diff`, `export` and `rollback` accept."""
     from flctl.cli._common import load_project
     from flctl.core.events import MODEL_TAGGED
+    from flctl.transport.grpc import AdminClient
 
     config = load_project(config_path)
-    with _offline_lock(config), _open_state(config) as (store, _):
-        model = store.resolve_model(ref)
-        before = {t.name: t.version for t in store.list_tags()}.get(name)
-        tag = store.add_tag(model.version, name, author=LOCAL_AUTHOR, force=force)
-        if before != model.version:
-            store.append_event(
-                MODEL_TAGGED,
-                data={
-                    "tag": name,
-                    "version": model.version,
-                    "previous": before,
-                    "author": LOCAL_AUTHOR,
-                },
-            )
+    with _lock_or_running(config) as running:
+        if running is not None:
+
+            async def call(client: AdminClient) -> Any:
+                return await client.tag(ref, name, force=force)
+
+            reply = _admin_call(config, call)
+            version, before = int(reply.version), int(reply.previous) or None
+        else:
+            with _open_state(config) as (store, _):
+                model = store.resolve_model(ref)
+                before = {t.name: t.version for t in store.list_tags()}.get(name)
+                tag = store.add_tag(model.version, name, author=LOCAL_AUTHOR, force=force)
+                version = tag.version
+                if before != model.version:
+                    store.append_event(
+                        MODEL_TAGGED,
+                        data={
+                            "tag": name,
+                            "version": model.version,
+                            "previous": before,
+                            "author": LOCAL_AUTHOR,
+                        },
+                    )
     out = Output(json_mode=json_output)
     if json_output:
-        out.json({"tag": tag.name, "version": tag.version, "previous": before})
+        out.json({"tag": name, "version": version, "previous": before})
         return
-    if before == model.version:
-        out.line(f"tag {name!r} already names version {model.version}")
+    if before == version:
+        out.line(f"tag {name!r} already names version {version}")
     elif before is None:
-        out.line(f"tagged version {model.version} as {name!r}")
+        out.line(f"tagged version {version} as {name!r}")
     else:
-        out.line(f"moved tag {name!r} from version {before} to version {model.version}")
+        out.line(f"moved tag {name!r} from version {before} to version {version}")
 
 
 # ---------------------------------------------------------------------- export / import

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,7 +18,7 @@ from flctl.aggregation import strategy_for
 from flctl.core import Config, Event, load_task
 from flctl.core import events as ev
 from flctl.core.errors import ConfigError, ConflictError
-from flctl.security import TokenSigner, load_credentials
+from flctl.security import TokenSigner, identity_from_pem, load_credentials
 from flctl.store import BlobStore, SqlStore
 from flctl.tensors import fingerprint, read_spec, sha256_file
 from flctl.transport.grpc import (
@@ -29,11 +30,13 @@ from flctl.transport.grpc import (
 
 from ._engine import RoundEngine
 from ._events import EventLog
+from ._guard import RevocationGuard
 from ._registry import Registry
 from ._service import AdminService, CoordinatorService, Limits
 from ._task import make_evaluator, write_initial_model
 
 __all__ = [
+    "CERT_EXPIRY_WARNING_DAYS",
     "Coordinator",
     "SERVE_FILE",
     "read_serve_file",
@@ -43,6 +46,9 @@ log = logging.getLogger("flctl.coordinator")
 
 #: Written into the state folder while a coordinator runs: pid and the address it bound.
 SERVE_FILE = "serve.json"
+
+#: ``serve`` warns at start when its own certificate expires within this many days.
+CERT_EXPIRY_WARNING_DAYS = 14
 
 
 def read_serve_file(state_dir: Path) -> dict[str, Any] | None:
@@ -110,9 +116,11 @@ class Coordinator:
                 hint="use mutual TLS (drop --insecure) or bind 127.0.0.1",
             )
         credentials = None
+        cert_pem = b""
         if not self.insecure:
             cert, key, ca = load_credentials(config.certs_path, "server")
             credentials = ServerCredentials(cert, key, ca)
+            cert_pem = cert
         self._take_lock()
         store = self.store = SqlStore.open(self.state_dir)
         blobs = BlobStore(self.state_dir / "blobs")
@@ -158,6 +166,7 @@ class Coordinator:
             max_tensors=len(model_spec),
         )
         registry = self._registry = Registry()
+        guard = RevocationGuard.load(store, events)
         engine = self._engine = RoundEngine(
             config=config,
             store=store,
@@ -179,12 +188,15 @@ class Coordinator:
             task_fingerprint=fingerprint(model_spec),
             heartbeat_interval_s=config.server.heartbeat_interval_s,
             token_ttl_s=config.server.token_ttl_s,
+            guard=guard,
         )
         admin_service = AdminService(
             store=store,
+            blobs=blobs,
             events=events,
             registry=registry,
             engine=engine,
+            guard=guard,
             state_dir=str(self.state_dir),
             config_snapshot={
                 "rounds": vars(config.rounds),
@@ -213,8 +225,40 @@ class Coordinator:
                 "insecure": self.insecure,
             },
         )
+        if cert_pem:
+            self._warn_if_expiring(cert_pem, events)
         log.info("coordinator listening on %s (state %s)", self.bound_address, self.state_dir)
         return self.bound_address
+
+    def _warn_if_expiring(self, cert_pem: bytes, events: EventLog) -> None:
+        """Log and record a warning when our own certificate expires soon (or has)."""
+        identity = identity_from_pem(cert_pem)
+        days = (identity.not_after - datetime.now(UTC)).total_seconds() / 86400.0
+        if days >= CERT_EXPIRY_WARNING_DAYS:
+            return
+        when = f"{identity.not_after:%Y-%m-%d %H:%M} UTC"
+        file = self.config.certs_path / "server.crt"
+        if days < 0:
+            message = f"the coordinator's certificate ({file}) expired on {when}"
+        else:
+            message = (
+                f"the coordinator's certificate ({file}) expires in {days:.1f} days, on {when}"
+            )
+        hint = (
+            "clients refuse an expired server certificate: replace server.crt and server.key "
+            "with ones from the project's CA, then restart the coordinator"
+        )
+        log.warning("%s; %s", message, hint)
+        events.emit(
+            ev.COORDINATOR_WARNING,
+            data={
+                "message": message,
+                "hint": hint,
+                "certificate": str(file),
+                "not_after": identity.not_after.isoformat(),
+                "days_left": round(days, 2),
+            },
+        )
 
     def _write_serve_file(self) -> None:
         data = {

@@ -10,7 +10,9 @@ Rounds run one at a time, in id order. A round waits up to ``quorum_timeout_s`` 
 ``min_clients`` connected clients, sends each selected client a task, and waits until every
 selected client still connected has answered or the deadline passes; it then commits if it has
 at least ``min_clients`` accepted updates, and fails with the reason otherwise. The head model
-only moves by a committed round.
+only moves by a committed round, or by a rollback an admin asks for: one asked while a round
+runs (from selecting to evaluating) waits in :attr:`RoundEngine.pending` and is applied as soon
+as that round ends, committed or failed, before the next round reads the head.
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ from flctl.aggregation import Strategy, WeightedUpdate
 from flctl.core import Config
 from flctl.core import events as ev
 from flctl.core.errors import FlctlError, RoundFailedError
-from flctl.store import BlobStore, RoundRecord, SqlStore
+from flctl.store import BlobStore, ModelRecord, RoundRecord, SqlStore
 from flctl.tensors import sha256_file
 from flctl.transport.grpc import pb, to_value_map
 
 from ._events import EventLog
 from ._registry import Registry
 
-__all__ = ["Evaluator", "RoundEngine"]
+__all__ = ["Evaluator", "PendingRollback", "RoundEngine"]
 
 log = logging.getLogger("flctl.coordinator")
 
@@ -54,6 +56,23 @@ class _OpenRound:
     selected: dict[str, str]  # client id -> task id
     deadline: float
     changed: asyncio.Event
+
+
+@dataclass(frozen=True)
+class PendingRollback:
+    """A rollback asked for while a round ran; applied when that round ends.
+
+    Attributes:
+        source: The version whose weights become the head again.
+        author: The admin identity that asked.
+        reason: Its ``--reason``.
+        server_round: The round it waits for.
+    """
+
+    source: int
+    author: str
+    reason: str
+    server_round: int
 
 
 class RoundEngine:
@@ -81,6 +100,8 @@ class RoundEngine:
         self._stopping = False
         self._rng = random.SystemRandom()
         self.open: _OpenRound | None = None
+        self.current: int | None = None
+        self.pending: list[PendingRollback] = []
 
     # ------------------------------------------------------------------ control
 
@@ -99,6 +120,69 @@ class RoundEngine:
         self._wake.set()
         self.update_arrived()
 
+    def busy_round(self) -> int | None:
+        """The round being run (selecting, training, aggregating or evaluating), or None."""
+        if self.open is not None:
+            return self.open.server_round
+        return self.current
+
+    def rollback(
+        self, source: int, *, author: str, reason: str = ""
+    ) -> ModelRecord | PendingRollback:
+        """Make version ``source``'s weights the head: now, or when the running round ends.
+
+        Returns:
+            The new head version, or the :class:`PendingRollback` queued behind the round.
+
+        Raises:
+            NotFoundError: No such version (applied at once only).
+            ConflictError: The head already holds those weights (applied at once only).
+        """
+        busy = self.busy_round()
+        if busy is None:
+            return self._apply_rollback(source, author=author, reason=reason)
+        pending = PendingRollback(source, author, reason, busy)
+        self.pending.append(pending)
+        log.info("rollback to version %d deferred until round %d ends", source, busy)
+        return pending
+
+    def _apply_rollback(self, source: int, *, author: str, reason: str) -> ModelRecord:
+        previous = self._store.head()
+        new = self._store.set_head(source, author=author, reason=reason)
+        self._events.emit(
+            ev.MODEL_ROLLBACK,
+            data={
+                "version": new.version,
+                "digest": new.digest,
+                "source": source,
+                "previous_head": None if previous is None else previous.version,
+                "author": author,
+                "reason": reason,
+            },
+        )
+        log.info("rolled back to version %d: head is version %d", source, new.version)
+        return new
+
+    def _apply_pending(self) -> None:
+        """Apply the rollbacks that waited for the round that just ended, in order."""
+        pending, self.pending = self.pending, []
+        for item in pending:
+            try:
+                self._apply_rollback(item.source, author=item.author, reason=item.reason)
+            except FlctlError as exc:
+                log.warning("deferred rollback to version %d failed: %s", item.source, exc.message)
+                self._events.emit(
+                    ev.MODEL_ROLLBACK_FAILED,
+                    server_round=item.server_round,
+                    data={
+                        "source": item.source,
+                        "server_round": item.server_round,
+                        "author": item.author,
+                        "reason": item.reason,
+                        "error": exc.message,
+                    },
+                )
+
     async def run(self) -> None:
         """Run rounds until :meth:`stop`."""
         while not self._stopping:
@@ -107,6 +191,7 @@ class RoundEngine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            self.current = record.id
             try:
                 await self._run_round(record)
             except FlctlError as exc:
@@ -119,6 +204,8 @@ class RoundEngine:
                 self._fail(record.id, f"internal error: {type(exc).__name__}: {exc}")
             finally:
                 self.open = None
+                self.current = None
+                self._apply_pending()
         for record in self._store.open_rounds():
             self._fail(record.id, "coordinator stopped")
 

@@ -18,12 +18,14 @@ class Session:
     client_id: str
     session_id: str
     fingerprint: str
+    serial: int = 0
     queue: asyncio.Queue[pb.Task | None] = field(default_factory=asyncio.Queue)
     streaming: bool = False
     state: str = "idle"
     progress: float = 0.0
     last_seen: float = field(default_factory=time.time)
     failed_round: int = 0
+    revoked: bool = False
 
 
 class Registry:
@@ -46,6 +48,12 @@ class Registry:
             old.queue.put_nowait(None)  # end the old task stream
         self.notify()
         return old
+
+    def end(self, session: Session, *, revoked: bool = False) -> bool:
+        """Drop ``session`` and end its task stream; False if it was not the current one."""
+        session.revoked = session.revoked or revoked
+        session.queue.put_nowait(None)
+        return self.remove(session)
 
     def get(self, client_id: str) -> Session | None:
         """The client's current session."""

@@ -2,7 +2,12 @@
 
 Every inbound field is checked before it touches state; a refusal raises a flctl error, which
 the transport turns into a gRPC status with the message. Refused updates are recorded (status
-rejected, with the reason) in ``updates`` and the event log.
+rejected, with the reason) in ``updates`` and the event log. Every call of a revoked identity or
+certificate is refused first (:class:`RevocationGuard`), on both services; an open task stream,
+download or upload of an identity revoked meanwhile ends with the same refusal.
+
+Admin changes to the coordinator's state (revoke, rollback, tag) are recorded with the calling
+admin's identity; a rollback is serialised with rounds by the :class:`RoundEngine`.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,7 +33,7 @@ from flctl.core.errors import (
     ProtocolMismatchError,
 )
 from flctl.security import TokenSigner
-from flctl.store import BlobStore, SqlStore
+from flctl.store import BlobStore, ModelRecord, SqlStore, is_revoked, revoke
 from flctl.tensors import StreamValidator, TensorSpec
 from flctl.transport import Pipeline
 from flctl.transport.grpc import (
@@ -40,8 +46,9 @@ from flctl.transport.grpc import (
     to_value_map,
 )
 
-from ._engine import RoundEngine
+from ._engine import PendingRollback, RoundEngine
 from ._events import EventLog
+from ._guard import RevocationGuard
 from ._registry import Registry, Session
 
 __all__ = ["AdminService", "CoordinatorService", "Limits"]
@@ -54,6 +61,10 @@ _MAX_MODEL_SPEC_BYTES = 256 * 1024
 MAX_CONCURRENT_UPLOADS = 2
 MAX_CONCURRENT_DOWNLOADS = 2
 _STATES = frozenset({"idle", "downloading", "training", "uploading", "failed"})
+_SERIAL_RE = re.compile(r"[0-9a-f]{1,40}")
+#: Bounds of the Admin service's text fields (refs, reasons).
+_MAX_REF = 256
+_MAX_REASON = 1024
 
 
 class Limits:
@@ -144,6 +155,7 @@ class CoordinatorService:
         task_fingerprint: str,
         heartbeat_interval_s: float,
         token_ttl_s: float,
+        guard: RevocationGuard,
     ) -> None:
         self._store = store
         self._blobs = blobs
@@ -156,6 +168,7 @@ class CoordinatorService:
         self._fingerprint = task_fingerprint
         self._heartbeat_interval_s = heartbeat_interval_s
         self._token_ttl_s = token_ttl_s
+        self._guard = guard
         # Each transfer in flight holds its own buffers (gRPC's and ours); bounding how many run
         # at once keeps the coordinator's memory flat in the number of clients. A stream that
         # waits for a slot is held back by HTTP/2 flow control, not buffered.
@@ -178,6 +191,7 @@ class CoordinatorService:
 
     async def join(self, request: pb.JoinRequest, ctx: RpcContext) -> pb.JoinReply:
         """Check protocol and model, open a session, hand out a token."""
+        self._guard.check(ctx, "Join")
         if request.protocol_version != PROTOCOL_VERSION:
             raise ProtocolMismatchError(
                 f"protocol version {request.protocol_version} is not supported; "
@@ -194,7 +208,7 @@ class CoordinatorService:
             raise ProtocolMismatchError(
                 f"the client's model does not match the coordinator's task: {difference}"
             )
-        session = Session(ctx.identity, uuid.uuid4().hex, ctx.fingerprint)
+        session = Session(ctx.identity, uuid.uuid4().hex, ctx.fingerprint, ctx.serial)
         old = self._registry.add(session)
         token = self._signer.issue(
             ctx.identity, ctx.fingerprint, session.session_id, self._token_ttl_s
@@ -218,6 +232,7 @@ class CoordinatorService:
 
     async def heartbeat(self, request: pb.HeartbeatRequest, ctx: RpcContext) -> pb.HeartbeatReply:
         """Record liveness; a state change is persisted as an event."""
+        self._guard.check(ctx, "Heartbeat")
         try:
             session = self._session(ctx)
         except AuthenticationError:
@@ -239,7 +254,8 @@ class CoordinatorService:
         return pb.HeartbeatReply(command="", server_time_unix=time.time())
 
     async def tasks(self, request: pb.TasksRequest, ctx: RpcContext) -> AsyncIterator[pb.Task]:
-        """Stream tasks to the client until it leaves, joins again, or we stop."""
+        """Stream tasks to the client until it leaves, joins again, is revoked, or we stop."""
+        self._guard.check(ctx, "Tasks")
         session = self._session(ctx)
         session.streaming = True
         self._registry.notify()
@@ -248,6 +264,9 @@ class CoordinatorService:
             while True:
                 task = await session.queue.get()
                 if task is None:
+                    if session.revoked:
+                        reason = "revoked"
+                        self._guard.check(ctx, "Tasks")  # raises: the stream ends refused
                     reason = "session replaced or coordinator stopping"
                     return
                 yield task
@@ -266,6 +285,7 @@ class CoordinatorService:
         self, request: pb.DownloadRequest, ctx: RpcContext
     ) -> AsyncIterator[ChunkOut]:
         """Stream a blob from ``offset``, one chunk at a time, straight from its file."""
+        self._guard.check(ctx, "Download")
         session = self._session(ctx)
         digest = self._blobs.check_digest(request.digest)
         if not self._blobs.has(digest):
@@ -280,13 +300,31 @@ class CoordinatorService:
                 for data in self._blobs.iter_chunks(
                     digest, request.offset, self._limits.max_chunk_bytes
                 ):
+                    if session.revoked:
+                        self._guard.check(ctx, "Download")
                     yield ChunkOut(data, position, total)
                     position += len(data)
                     sent += len(data)
         finally:
             self._store.upsert_client(session.client_id, add_bytes_down=sent)
 
-    def _reject(self, header: pb.UploadHeader, client_id: str, reason: str) -> None:
+    def _reject(
+        self, header: pb.UploadHeader, client_id: str, reason: str, *, malformed: bool = False
+    ) -> None:
+        """Record a refused update: every refusal in the event log, with the identity.
+
+        A well-formed update refused for the round's state (late, duplicate, wrong round) is
+        also kept in ``updates`` with its reason; malformed input (bad digest, size, tensors,
+        values) changes no table but the event log.
+        """
+        if malformed:
+            self._events.emit(
+                ev.UPDATE_REJECTED,
+                server_round=int(header.server_round),
+                client_id=client_id,
+                data={"task_id": header.task_id[:64], "reason": reason, "malformed": True},
+            )
+            return
         self._store.add_update(
             server_round=int(header.server_round),
             client_id=client_id,
@@ -334,6 +372,7 @@ class CoordinatorService:
         self, chunks: AsyncIterator[UploadItem | None], ctx: RpcContext
     ) -> pb.UploadReply:
         """Stream an update to a temp file, verify it, then accept it (durably) or refuse it."""
+        self._guard.check(ctx, "Upload")
         session = self._session(ctx)
         header = await anext(aiter(chunks), None)
         if not isinstance(header, pb.UploadHeader):
@@ -342,14 +381,14 @@ class CoordinatorService:
             metrics = metrics_from_map(header.metrics, max_items=self._limits.max_metrics)
             refusal = self._check_header(header, session.client_id)
         except FlctlError as exc:
-            self._reject(header, session.client_id, exc.message)
+            self._reject(header, session.client_id, exc.message, malformed=True)
             raise
         if refusal is not None:
             self._reject(header, session.client_id, refusal)
             return pb.UploadReply(accepted=False, reason=refusal)
 
         async with self._upload_slots:
-            return await self._receive(header, chunks, session, metrics)
+            return await self._receive(header, chunks, session, metrics, ctx)
 
     async def _receive(
         self,
@@ -357,6 +396,7 @@ class CoordinatorService:
         chunks: AsyncIterator[UploadItem | None],
         session: Session,
         metrics: dict[str, float],
+        ctx: RpcContext,
     ) -> pb.UploadReply:
         temp, handle = self._blobs.temp_file()
         sink = _UpdateSink(handle, self._model_spec, int(header.size))
@@ -384,9 +424,11 @@ class CoordinatorService:
                     await pipeline.close()
                 received = sink.finish(header.digest)
             except FlctlError as exc:
-                self._reject(header, session.client_id, exc.message)
+                self._reject(header, session.client_id, exc.message, malformed=True)
                 raise
             receive_s = time.perf_counter() - started
+            # The identity may have been revoked while the bytes were in flight.
+            self._guard.check(ctx, "Upload")
             # The round may have ended while the bytes were in flight.
             refusal = self._check_header(header, session.client_id)
             if refusal is not None:
@@ -456,8 +498,29 @@ def round_info(record: Any) -> pb.RoundInfo:
     return info
 
 
+def _parse_serial(text: str) -> int | None:
+    """A RevokeRequest's serial: "" for every certificate, else lower-case hex."""
+    if not text:
+        return None
+    if _SERIAL_RE.fullmatch(text) is None or int(text, 16) == 0:
+        raise InvalidInputError(
+            f"serial must be a certificate serial in lower-case hex, not {text[:48]!r}"
+        )
+    return int(text, 16)
+
+
+def _bounded(label: str, value: str, limit: int) -> str:
+    if len(value) > limit:
+        raise LimitExceededError(f"{label} is longer than {limit} characters")
+    return value
+
+
 class AdminService:
-    """Implements the Admin service: rounds, status, listings and the event stream."""
+    """Implements the Admin service: reads, rounds, and changes made while the coordinator runs.
+
+    Reads: status, clients, models, the event stream. Changes (start rounds, revoke, rollback,
+    tag) are recorded with the calling admin's identity.
+    """
 
     MAX_ROUNDS_PER_START = 10_000
 
@@ -465,16 +528,20 @@ class AdminService:
         self,
         *,
         store: SqlStore,
+        blobs: BlobStore,
         events: EventLog,
         registry: Registry,
         engine: RoundEngine,
+        guard: RevocationGuard,
         state_dir: str,
         config_snapshot: dict[str, Any],
     ) -> None:
         self._store = store
+        self._blobs = blobs
         self._events = events
         self._registry = registry
         self._engine = engine
+        self._guard = guard
         self._state_dir = state_dir
         self._config_snapshot = config_snapshot
 
@@ -482,6 +549,7 @@ class AdminService:
         self, request: pb.StartRoundRequest, ctx: RpcContext
     ) -> pb.StartRoundReply:
         """Queue rounds; they run after any already queued or open."""
+        self._guard.check(ctx, "StartRound")
         if not 1 <= request.rounds <= self.MAX_ROUNDS_PER_START:
             raise InvalidInputError(
                 f"rounds must be between 1 and {self.MAX_ROUNDS_PER_START}, not {request.rounds}"
@@ -496,6 +564,7 @@ class AdminService:
 
     async def status(self, request: pb.StatusRequest, ctx: RpcContext) -> pb.StatusReply:
         """Rounds (all, or those asked for), head version, connected clients."""
+        self._guard.check(ctx, "Status")
         ids = [int(i) for i in request.round_ids] or None
         rounds = self._store.list_rounds(ids)
         head = self._store.head()
@@ -510,6 +579,7 @@ class AdminService:
         self, request: pb.ListClientsRequest, ctx: RpcContext
     ) -> pb.ListClientsReply:
         """Known clients, with live state for connected ones."""
+        self._guard.check(ctx, "ListClients")
         out = []
         for client in self._store.list_clients():
             session = self._registry.get(client.client_id)
@@ -530,6 +600,7 @@ class AdminService:
         self, request: pb.ListModelsRequest, ctx: RpcContext
     ) -> pb.ListModelsReply:
         """Model versions, newest first."""
+        self._guard.check(ctx, "ListModels")
         models = self._store.list_models(limit=request.limit or None)
         head = self._store.head()
         return pb.ListModelsReply(
@@ -540,6 +611,7 @@ class AdminService:
         """Replay events after ``since_seq``; then follow until the coordinator stops."""
         seq = int(request.since_seq)
         while True:
+            self._guard.check(ctx, "Watch")
             batch = self._store.events_since(seq, limit=500)
             for event in batch:
                 seq = event.seq
@@ -556,3 +628,117 @@ class AdminService:
             if request.no_follow or self._events.closed:
                 return
             await self._events.wait_beyond(seq, timeout=15.0)
+
+    # ------------------------------------------------------------------ changes
+
+    async def revoke(self, request: pb.RevokeRequest, ctx: RpcContext) -> pb.RevokeReply:
+        """Record a revocation with the admin's identity, enforce it, end the open session."""
+        self._guard.check(ctx, "Revoke")
+        identity = request.identity
+        serial = _parse_serial(request.serial)
+        already = is_revoked(self._store, identity, serial)
+        record = revoke(
+            self._store,
+            identity,
+            serial=serial,
+            reason=request.reason,
+            author=ctx.identity,
+            record_event=False,  # emitted through the event log, which wakes followers
+        )
+        self._guard.add(identity, serial)
+        event = self._events.emit(
+            ev.IDENTITY_REVOKED,
+            client_id=identity,
+            data={
+                "serial": None if serial is None else format(serial, "x"),
+                "reason": record.reason,
+                "author": record.author,
+            },
+        )
+        log.info("%s revoked %s (%s)", ctx.identity, identity, request.serial or "all")
+        session = self._registry.get(identity)
+        if session is not None and (serial is None or session.serial == serial):
+            self._registry.end(session, revoked=True)
+            self._store.upsert_client(identity, state="offline", seen=time.time())
+            self._events.emit(ev.CLIENT_LEFT, client_id=identity, data={"reason": "revoked"})
+            self._engine.update_arrived()
+        return pb.RevokeReply(
+            identity=record.identity,
+            serial="" if serial is None else format(serial, "x"),
+            revoked_at_unix=record.revoked_at,
+            already_revoked=already,
+            event_seq=event.seq,
+            author=record.author,
+            reason=record.reason,
+        )
+
+    async def rollback(self, request: pb.RollbackRequest, ctx: RpcContext) -> pb.RollbackReply:
+        """Roll the head back now, or (a round is running) as soon as that round ends."""
+        self._guard.check(ctx, "Rollback")
+        ref = _bounded("ref", request.ref, _MAX_REF)
+        reason = _bounded("reason", request.reason, _MAX_REASON)
+        target = self._store.resolve_model(ref)
+        if not self._blobs.has(target.digest):
+            raise NotFoundError(
+                f"the weights of version {target.version} (blob {target.digest[:12]}) are missing",
+                hint="run `flctl models verify` to check every version",
+            )
+        if not await asyncio.to_thread(self._blobs.verify, target.digest):
+            raise IntegrityError(
+                f"the weights of version {target.version} are corrupt (blob {target.digest[:12]})",
+                hint="run `flctl models verify`; roll back to an intact version",
+            )
+        # No await from here on: the engine cannot start or end a round in between.
+        result = self._engine.rollback(target.version, author=ctx.identity, reason=reason)
+        if isinstance(result, PendingRollback):
+            message = (
+                f"round {result.server_round} is running: the rollback to version "
+                f"{target.version} takes effect when it ends, before the next round starts"
+            )
+            self._events.emit(
+                ev.MODEL_ROLLBACK_DEFERRED,
+                server_round=result.server_round,
+                data={
+                    "source": target.version,
+                    "digest": target.digest,
+                    "server_round": result.server_round,
+                    "author": ctx.identity,
+                    "reason": reason,
+                },
+            )
+            return pb.RollbackReply(
+                digest=target.digest,
+                source_version=target.version,
+                deferred=True,
+                message=message,
+                server_round=result.server_round,
+            )
+        new: ModelRecord = result
+        return pb.RollbackReply(
+            version=new.version,
+            digest=new.digest,
+            source_version=target.version,
+            deferred=False,
+            message=f"head is now version {new.version}; the next round starts from it",
+            previous_head=new.parent or 0,
+        )
+
+    async def tag(self, request: pb.TagRequest, ctx: RpcContext) -> pb.TagReply:
+        """Name a version, with the admin's identity as the tag's author."""
+        self._guard.check(ctx, "Tag")
+        model = self._store.resolve_model(_bounded("ref", request.ref, _MAX_REF))
+        before = {t.name: t.version for t in self._store.list_tags()}.get(request.name)
+        tag = self._store.add_tag(
+            model.version, request.name, author=ctx.identity, force=request.force
+        )
+        if before != model.version:
+            self._events.emit(
+                ev.MODEL_TAGGED,
+                data={
+                    "tag": tag.name,
+                    "version": tag.version,
+                    "previous": before,
+                    "author": ctx.identity,
+                },
+            )
+        return pb.TagReply(version=tag.version, name=tag.name, previous=before or 0)

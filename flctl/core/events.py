@@ -16,11 +16,14 @@ __all__ = [
     "CLIENT_STATE",
     "COORDINATOR_STARTED",
     "COORDINATOR_STOPPED",
+    "COORDINATOR_WARNING",
     "Event",
     "IDENTITY_REVOKED",
     "MODEL_CREATED",
     "MODEL_IMPORTED",
     "MODEL_ROLLBACK",
+    "MODEL_ROLLBACK_DEFERRED",
+    "MODEL_ROLLBACK_FAILED",
     "MODEL_TAGGED",
     "ROUND_CANCELLED",
     "ROUND_COMMITTED",
@@ -28,6 +31,7 @@ __all__ = [
     "ROUND_QUEUED",
     "ROUND_STARTED",
     "ROUND_STATUS",
+    "SECURITY_REFUSED",
     "TASK_SENT",
     "TERMINAL_ROUND_STATUSES",
     "UPDATE_ACCEPTED",
@@ -38,6 +42,9 @@ __all__ = [
 COORDINATOR_STARTED = "coordinator.started"
 #: data: reason
 COORDINATOR_STOPPED = "coordinator.stopped"
+#: data: message, and what it is about (certificate, not_after, days_left for an expiring
+#: certificate)
+COORDINATOR_WARNING = "coordinator.warning"
 #: data: session_id
 CLIENT_JOINED = "client.joined"
 #: data: reason
@@ -68,6 +75,14 @@ MODEL_CREATED = "model.created"
 IDENTITY_REVOKED = "identity.revoked"
 #: data: version, digest, source (the version restored), previous_head, author, reason
 MODEL_ROLLBACK = "model.rollback"
+#: data: source (the version to restore), digest, server_round (the open round it waits for),
+#: author, reason
+MODEL_ROLLBACK_DEFERRED = "model.rollback_deferred"
+#: data: source, server_round, author, reason, error (a deferred rollback that could not apply)
+MODEL_ROLLBACK_FAILED = "model.rollback_failed"
+#: data: identity, reason, rpc, serial (the caller's certificate serial, hex, or null); a call
+#: refused because its certificate is revoked
+SECURITY_REFUSED = "security.refused"
 #: data: tag, version, previous (the version it named before, or None), author
 MODEL_TAGGED = "model.tagged"
 #: data: version, digest, parent, head (whether it became head), file, author

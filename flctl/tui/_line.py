@@ -11,13 +11,20 @@ from flctl.core.events import (
     CLIENT_STATE,
     COORDINATOR_STARTED,
     COORDINATOR_STOPPED,
+    COORDINATOR_WARNING,
+    IDENTITY_REVOKED,
     MODEL_CREATED,
+    MODEL_ROLLBACK,
+    MODEL_ROLLBACK_DEFERRED,
+    MODEL_ROLLBACK_FAILED,
+    MODEL_TAGGED,
     ROUND_CANCELLED,
     ROUND_COMMITTED,
     ROUND_FAILED,
     ROUND_QUEUED,
     ROUND_STARTED,
     ROUND_STATUS,
+    SECURITY_REFUSED,
     TASK_SENT,
     UPDATE_ACCEPTED,
     UPDATE_REJECTED,
@@ -201,6 +208,49 @@ def _model_created(event: Event) -> str:
     return f"{text} ({', '.join(details)})" if details else text
 
 
+def _coordinator_warning(event: Event) -> str:
+    return f"warning: {get_str(event.data, 'message', 'see the coordinator log')}"
+
+
+def _identity_revoked(event: Event) -> str:
+    serial = get_str(event.data, "serial")
+    what = f"certificate {serial} of {event.client_id}" if serial else event.client_id
+    text = f"{what} revoked by {get_str(event.data, 'author', 'unknown')}"
+    return _with_reason(text, get_str(event.data, "reason"))
+
+
+def _security_refused(event: Event) -> str:
+    rpc = get_str(event.data, "rpc", "a call")
+    text = f"refused {event.client_id} on {rpc}"
+    return _with_reason(text, get_str(event.data, "reason"))
+
+
+def _model_rollback(event: Event) -> str:
+    data = event.data
+    return (
+        f"rolled back to v{get_int(data, 'source')}: head is v{get_int(data, 'version')} "
+        f"(by {get_str(data, 'author', 'unknown')})"
+    )
+
+
+def _model_rollback_deferred(event: Event) -> str:
+    data = event.data
+    return (
+        f"rollback to v{get_int(data, 'source')} deferred until round "
+        f"{get_int(data, 'server_round')} ends (by {get_str(data, 'author', 'unknown')})"
+    )
+
+
+def _model_rollback_failed(event: Event) -> str:
+    text = f"deferred rollback to v{get_int(event.data, 'source')} failed"
+    return _with_reason(text, get_str(event.data, "error"))
+
+
+def _model_tagged(event: Event) -> str:
+    data = event.data
+    return f"tagged v{get_int(data, 'version')} as {get_str(data, 'tag')!r}"
+
+
 _DESCRIBE: dict[str, Callable[[Event], str]] = {
     COORDINATOR_STARTED: _coordinator_started,
     COORDINATOR_STOPPED: _coordinator_stopped,
@@ -217,6 +267,13 @@ _DESCRIBE: dict[str, Callable[[Event], str]] = {
     ROUND_FAILED: _round_ended("failed"),
     ROUND_CANCELLED: _round_ended("cancelled"),
     MODEL_CREATED: _model_created,
+    COORDINATOR_WARNING: _coordinator_warning,
+    IDENTITY_REVOKED: _identity_revoked,
+    SECURITY_REFUSED: _security_refused,
+    MODEL_ROLLBACK: _model_rollback,
+    MODEL_ROLLBACK_DEFERRED: _model_rollback_deferred,
+    MODEL_ROLLBACK_FAILED: _model_rollback_failed,
+    MODEL_TAGGED: _model_tagged,
 }
 
 

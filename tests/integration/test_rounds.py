@@ -114,7 +114,7 @@ def test_model_mismatch_is_refused_with_what_differs(project: Project) -> None:
     other.write_text(
         (project.root / "tiny_task.py")
         .read_text()
-        .replace("torch.nn.Linear(4, 2)", "torch.nn.Linear(4, 3)")
+        .replace("torch.nn.Linear(_features(context), 2)", "torch.nn.Linear(_features(context), 3)")
     )
 
     async def main() -> None:

@@ -205,6 +205,34 @@ class AdminClient(_Caller):
         )
         return reply
 
+    async def revoke(
+        self, identity: str, *, serial: int | None = None, reason: str = "", timeout: float = 30.0
+    ) -> pb.RevokeReply:
+        """Revoke ``identity`` (every certificate of it, or only ``serial``)."""
+        request = pb.RevokeRequest(
+            identity=identity, serial="" if serial is None else format(serial, "x"), reason=reason
+        )
+        reply: pb.RevokeReply = await self._call(self._stub.Revoke, request, timeout)
+        return reply
+
+    async def rollback(
+        self, ref: str, *, reason: str = "", timeout: float = 30.0
+    ) -> pb.RollbackReply:
+        """Roll the head back to ``ref``'s weights (deferred while a round is open)."""
+        reply: pb.RollbackReply = await self._call(
+            self._stub.Rollback, pb.RollbackRequest(ref=ref, reason=reason), timeout
+        )
+        return reply
+
+    async def tag(
+        self, ref: str, name: str, *, force: bool = False, timeout: float = 30.0
+    ) -> pb.TagReply:
+        """Name version ``ref`` as ``name`` (``force`` moves an existing tag)."""
+        reply: pb.TagReply = await self._call(
+            self._stub.Tag, pb.TagRequest(ref=ref, name=name, force=force), timeout
+        )
+        return reply
+
     async def watch(self, since_seq: int = 0, *, follow: bool = True) -> AsyncIterator[pb.Event]:
         """Replay the event log after ``since_seq``, then (with ``follow``) live events."""
         call = self._stub.Watch(

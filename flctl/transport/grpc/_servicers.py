@@ -54,6 +54,7 @@ class RpcContext:
         fingerprint: sha256 of the caller's certificate ("" with --insecure).
         token: The session token from ``authorization: Bearer`` metadata ("" when absent).
         peer: The peer's address, for logs.
+        serial: The caller's certificate serial (0 with --insecure).
     """
 
     identity: str
@@ -61,6 +62,7 @@ class RpcContext:
     fingerprint: str
     token: str
     peer: str
+    serial: int = 0
 
 
 class CoordinatorHandler(Protocol):
@@ -105,6 +107,15 @@ class AdminHandler(Protocol):
     ) -> pb.ListModelsReply:
         """List model versions."""
 
+    async def revoke(self, request: pb.RevokeRequest, ctx: RpcContext) -> pb.RevokeReply:
+        """Revoke an identity or one certificate, and end its session."""
+
+    async def rollback(self, request: pb.RollbackRequest, ctx: RpcContext) -> pb.RollbackReply:
+        """Move the head back to an earlier version's weights, serialised with rounds."""
+
+    async def tag(self, request: pb.TagRequest, ctx: RpcContext) -> pb.TagReply:
+        """Name a model version."""
+
     def watch(self, request: pb.WatchRequest, ctx: RpcContext) -> AsyncIterator[pb.Event]:
         """Replay the event log from a seq, then follow it."""
 
@@ -139,10 +150,12 @@ class _Base:
         if certs:
             identity = _identity_of(bytes(certs[0]))
             name, role, fingerprint = identity.name, identity.role.value, identity.fingerprint
+            serial = identity.serial
         elif self._insecure:
             name = metadata.get(IDENTITY_METADATA_KEY, "")
             role = metadata.get(ROLE_METADATA_KEY, self.required_role.value)
             fingerprint = ""
+            serial = 0
             if not name:
                 raise AuthenticationError(f"--insecure calls must send `{IDENTITY_METADATA_KEY}`")
         else:
@@ -152,7 +165,7 @@ class _Base:
                 f"a {role} certificate may not call the "
                 f"{'Admin' if self.required_role is Role.ADMIN else 'Coordinator'} service"
             )
-        return RpcContext(name, role, fingerprint, token, peer)
+        return RpcContext(name, role, fingerprint, token, peer, serial)
 
     async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
         if isinstance(exc, FlctlError):
@@ -246,6 +259,18 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
     async def ListModels(self, request: Any, context: Any) -> pb.ListModelsReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(context, lambda ctx: self._handler.list_models(request, ctx))
+
+    async def Revoke(self, request: Any, context: Any) -> pb.RevokeReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(context, lambda ctx: self._handler.revoke(request, ctx))
+
+    async def Rollback(self, request: Any, context: Any) -> pb.RollbackReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(context, lambda ctx: self._handler.rollback(request, ctx))
+
+    async def Tag(self, request: Any, context: Any) -> pb.TagReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(context, lambda ctx: self._handler.tag(request, ctx))
 
     async def Watch(self, request: Any, context: Any) -> AsyncIterator[pb.Event]:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""

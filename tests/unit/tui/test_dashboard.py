@@ -460,6 +460,40 @@ def test_busy_dashboard_fits_the_width(width: int) -> None:
             "22:13:20 model v4 created (aggregate, parent v3)",
         ),
         (
+            Event(1, T0, ev.COORDINATOR_WARNING, data={"message": "server.crt expires in 3 days"}),
+            "22:13:20 warning: server.crt expires in 3 days",
+        ),
+        (
+            Event(1, T0, ev.IDENTITY_REVOKED, 0, "c2", {"serial": None, "author": "admin"}),
+            "22:13:20 c2 revoked by admin",
+        ),
+        (
+            Event(1, T0, ev.IDENTITY_REVOKED, 0, "c2", {"serial": "5f", "reason": "lost laptop"}),
+            "22:13:20 certificate 5f of c2 revoked by unknown: lost laptop",
+        ),
+        (
+            Event(
+                1, T0, ev.SECURITY_REFUSED, 0, "c2", {"rpc": "Join", "reason": "identity revoked"}
+            ),
+            "22:13:20 refused c2 on Join: identity revoked",
+        ),
+        (
+            Event(1, T0, ev.MODEL_ROLLBACK, data={"source": 2, "version": 5, "author": "admin"}),
+            "22:13:20 rolled back to v2: head is v5 (by admin)",
+        ),
+        (
+            Event(1, T0, ev.MODEL_ROLLBACK_DEFERRED, 7, data={"source": 2, "server_round": 7}),
+            "22:13:20 rollback to v2 deferred until round 7 ends (by unknown)",
+        ),
+        (
+            Event(1, T0, ev.MODEL_ROLLBACK_FAILED, 7, data={"source": 2, "error": "same weights"}),
+            "22:13:20 deferred rollback to v2 failed: same weights",
+        ),
+        (
+            Event(1, T0, ev.MODEL_TAGGED, data={"tag": "best", "version": 3}),
+            "22:13:20 tagged v3 as 'best'",
+        ),
+        (
             Event(1, T0, "gpu.temperature", 2, "c1", {"celsius": 80}),
             "22:13:20 gpu.temperature round 2 client c1",
         ),

@@ -830,6 +830,194 @@ class ListModelsReply(_message.Message):
 Global___ListModelsReply: _TypeAlias = ListModelsReply  # noqa: Y015
 
 @_typing.final
+class RevokeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    identity: _builtins.str
+    """A client or admin identity (a certificate's subject CN)."""
+    serial: _builtins.str
+    """One certificate's serial in lower-case hex; empty for every certificate of the identity."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        identity: _builtins.str = ...,
+        serial: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "reason", b"reason", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeRequest: _TypeAlias = RevokeRequest  # noqa: Y015
+
+@_typing.final
+class RevokeReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    ALREADY_REVOKED_FIELD_NUMBER: _builtins.int
+    EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    identity: _builtins.str
+    serial: _builtins.str
+    """As asked: lower-case hex, or empty for every certificate."""
+    revoked_at_unix: _builtins.float
+    already_revoked: _builtins.bool
+    """It was revoked already (the request is recorded again)."""
+    event_seq: _builtins.int
+    """The identity.revoked event written with it."""
+    author: _builtins.str
+    """Who recorded it: the calling admin's identity."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        identity: _builtins.str = ...,
+        serial: _builtins.str = ...,
+        revoked_at_unix: _builtins.float = ...,
+        already_revoked: _builtins.bool = ...,
+        event_seq: _builtins.int = ...,
+        author: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_revoked", b"already_revoked", "author", b"author", "event_seq", b"event_seq", "identity", b"identity", "reason", b"reason", "revoked_at_unix", b"revoked_at_unix", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeReply: _TypeAlias = RevokeReply  # noqa: Y015
+
+@_typing.final
+class RollbackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ref: _builtins.str
+    """A version number, a tag, "head" or a digest prefix (6+ hex)."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        ref: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "ref", b"ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackRequest: _TypeAlias = RollbackRequest  # noqa: Y015
+
+@_typing.final
+class RollbackReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    SOURCE_VERSION_FIELD_NUMBER: _builtins.int
+    DEFERRED_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    PREVIOUS_HEAD_FIELD_NUMBER: _builtins.int
+    SERVER_ROUND_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The new head version (0 while deferred)."""
+    digest: _builtins.str
+    """The restored weights."""
+    source_version: _builtins.int
+    """The version whose weights are restored."""
+    deferred: _builtins.bool
+    """A round was open: the rollback takes effect when that round ends."""
+    message: _builtins.str
+    """What happened, or why it was deferred, in words."""
+    previous_head: _builtins.int
+    """The head it replaced (0 while deferred)."""
+    server_round: _builtins.int
+    """While deferred: the round it waits for."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        digest: _builtins.str = ...,
+        source_version: _builtins.int = ...,
+        deferred: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        previous_head: _builtins.int = ...,
+        server_round: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deferred", b"deferred", "digest", b"digest", "message", b"message", "previous_head", b"previous_head", "server_round", b"server_round", "source_version", b"source_version", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackReply: _TypeAlias = RollbackReply  # noqa: Y015
+
+@_typing.final
+class TagRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    ref: _builtins.str
+    """A version number, a tag, "head" or a digest prefix (6+ hex)."""
+    name: _builtins.str
+    force: _builtins.bool
+    """Move the tag if it names another version."""
+    def __init__(
+        self,
+        *,
+        ref: _builtins.str = ...,
+        name: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "name", b"name", "ref", b"ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TagRequest: _TypeAlias = TagRequest  # noqa: Y015
+
+@_typing.final
+class TagReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PREVIOUS_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    name: _builtins.str
+    previous: _builtins.int
+    """The version the tag named before (0: none)."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        name: _builtins.str = ...,
+        previous: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "previous", b"previous", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TagReply: _TypeAlias = TagReply  # noqa: Y015
+
+@_typing.final
 class WatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -312,6 +312,21 @@ class AdminStub:
                 request_serializer=flctl_dot_v1_dot_flctl__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=flctl_dot_v1_dot_flctl__pb2.ListModelsReply.FromString,
                 _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/flctl.v1.Admin/Revoke',
+                request_serializer=flctl_dot_v1_dot_flctl__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=flctl_dot_v1_dot_flctl__pb2.RevokeReply.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/flctl.v1.Admin/Rollback',
+                request_serializer=flctl_dot_v1_dot_flctl__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=flctl_dot_v1_dot_flctl__pb2.RollbackReply.FromString,
+                _registered_method=True)
+        self.Tag = channel.unary_unary(
+                '/flctl.v1.Admin/Tag',
+                request_serializer=flctl_dot_v1_dot_flctl__pb2.TagRequest.SerializeToString,
+                response_deserializer=flctl_dot_v1_dot_flctl__pb2.TagReply.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/flctl.v1.Admin/Watch',
                 request_serializer=flctl_dot_v1_dot_flctl__pb2.WatchRequest.SerializeToString,
@@ -348,6 +363,29 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Revoke(self, request, context):
+        """Revoke an identity (every certificate of it) or one certificate; recorded with the admin's
+        identity. The coordinator refuses it from then on, and ends its open session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Make an earlier version's weights the head again (a new version of kind rollback).
+        Serialised with rounds: while a round is open it is deferred until that round ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tag(self, request, context):
+        """Name a model version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Watch(self, request, context):
         """The persisted event log from since_seq (exclusive), then live events as they happen.
         """
@@ -377,6 +415,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=flctl_dot_v1_dot_flctl__pb2.ListModelsRequest.FromString,
                     response_serializer=flctl_dot_v1_dot_flctl__pb2.ListModelsReply.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=flctl_dot_v1_dot_flctl__pb2.RevokeRequest.FromString,
+                    response_serializer=flctl_dot_v1_dot_flctl__pb2.RevokeReply.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=flctl_dot_v1_dot_flctl__pb2.RollbackRequest.FromString,
+                    response_serializer=flctl_dot_v1_dot_flctl__pb2.RollbackReply.SerializeToString,
+            ),
+            'Tag': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tag,
+                    request_deserializer=flctl_dot_v1_dot_flctl__pb2.TagRequest.FromString,
+                    response_serializer=flctl_dot_v1_dot_flctl__pb2.TagReply.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -494,6 +547,87 @@ class Admin:
             '/flctl.v1.Admin/ListModels',
             flctl_dot_v1_dot_flctl__pb2.ListModelsRequest.SerializeToString,
             flctl_dot_v1_dot_flctl__pb2.ListModelsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flctl.v1.Admin/Revoke',
+            flctl_dot_v1_dot_flctl__pb2.RevokeRequest.SerializeToString,
+            flctl_dot_v1_dot_flctl__pb2.RevokeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flctl.v1.Admin/Rollback',
+            flctl_dot_v1_dot_flctl__pb2.RollbackRequest.SerializeToString,
+            flctl_dot_v1_dot_flctl__pb2.RollbackReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flctl.v1.Admin/Tag',
+            flctl_dot_v1_dot_flctl__pb2.TagRequest.SerializeToString,
+            flctl_dot_v1_dot_flctl__pb2.TagReply.FromString,
             options,
             channel_credentials,
             insecure,

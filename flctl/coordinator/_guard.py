@@ -1,0 +1,89 @@
+"""Revoked identities and certificates, as the running coordinator enforces them.
+
+The revocations are read from the store once, at start, into memory (identity -> every
+certificate, or a set of serials); ``Admin.Revoke`` adds to them while the coordinator runs. Every
+call is checked against them before it touches any state: a revoked caller gets
+PERMISSION_DENIED, and each refusal appends a ``security.refused`` event with the identity, the
+reason and the RPC.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flctl.core import events as ev
+from flctl.core.errors import PermissionDeniedError
+from flctl.store import RevocationRecord, SqlStore, list_revocations
+from flctl.transport.grpc import RpcContext
+
+from ._events import EventLog
+
+__all__ = ["RevocationGuard"]
+
+log = logging.getLogger("flctl.coordinator")
+
+
+class RevocationGuard:
+    """The revocations in force, and the check every RPC makes against them.
+
+    Args:
+        events: Where refusals are recorded.
+        records: The revocations already in the store.
+    """
+
+    def __init__(self, events: EventLog, records: Iterable[RevocationRecord] = ()) -> None:
+        self._events = events
+        self._everything: set[str] = set()
+        self._serials: dict[str, set[int]] = {}
+        for record in records:
+            self.add(record.identity, record.serial)
+
+    @classmethod
+    def load(cls, store: SqlStore, events: EventLog) -> RevocationGuard:
+        """Read every revocation from the store."""
+        return cls(events, list_revocations(store))
+
+    def add(self, identity: str, serial: int | None) -> None:
+        """Revoke ``identity`` as a whole (``serial`` None), or one certificate of it."""
+        if serial is None:
+            self._everything.add(identity)
+        else:
+            self._serials.setdefault(identity, set()).add(serial)
+
+    def reason(self, identity: str, serial: int = 0) -> str | None:
+        """Why a caller with this identity and certificate serial is refused, or None.
+
+        A serial of 0 (an ``--insecure`` caller, which has no certificate) matches only
+        revocations of the whole identity.
+        """
+        if identity in self._everything:
+            return "identity revoked"
+        if serial and serial in self._serials.get(identity, ()):
+            return f"certificate serial {serial:x} revoked"
+        return None
+
+    def check(self, ctx: RpcContext, rpc: str) -> None:
+        """Refuse a revoked caller: record a ``security.refused`` event, then raise.
+
+        Raises:
+            PermissionDeniedError: ``certificate of ID is revoked``.
+        """
+        why = self.reason(ctx.identity, ctx.serial)
+        if why is None:
+            return
+        log.info("refused %s (%s) on %s: %s", ctx.identity, ctx.peer, rpc, why)
+        self._events.emit(
+            ev.SECURITY_REFUSED,
+            client_id=ctx.identity,
+            data={
+                "identity": ctx.identity,
+                "reason": why,
+                "rpc": rpc,
+                "serial": format(ctx.serial, "x") if ctx.serial else None,
+            },
+        )
+        raise PermissionDeniedError(
+            f"certificate of {ctx.identity} is revoked",
+            hint="the operator revoked it: ask them for a new certificate",
+        )

@@ -1,0 +1,357 @@
+"""Changes made through a running coordinator's Admin service: revoke, rollback, tag.
+
+A real coordinator on 127.0.0.1:0 with mutual TLS, real clients with the tiny task, real
+SQLite and blobs; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from typing import Any
+
+import pytest
+import torch
+
+from flctl.coordinator import Coordinator
+from flctl.core import load_task
+from flctl.core.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from flctl.security import generate_project_certs, identity_from_pem, load_credentials
+from flctl.store import BlobStore, SqlStore, list_revocations, revoke
+from flctl.tensors import load_parameters
+from flctl.transport.grpc import (
+    PROTOCOL_VERSION,
+    CoordinatorClient,
+    pb,
+    secure_channel,
+)
+
+from .conftest import Project, admin, make_runner, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _store(coordinator: Coordinator) -> SqlStore:
+    assert coordinator.store is not None
+    return coordinator.store
+
+
+def _connected(coordinator: Coordinator) -> list[str]:
+    registry = coordinator._registry
+    assert registry is not None
+    return [s.client_id for s in registry.connected()]
+
+
+def _events(coordinator: Coordinator, type_: str) -> list[Any]:
+    return [e for e in _store(coordinator).events_since(0, limit=10_000) if e.type == type_]
+
+
+def _snapshot(coordinator: Coordinator) -> tuple[Any, ...]:
+    """What a refusal must leave as it was: rounds, updates, models, head, blobs."""
+    store = _store(coordinator)
+    blobs = sorted(p.name for p in (coordinator.state_dir / "blobs").rglob("*") if p.is_file())
+    rounds = store.list_rounds()
+    updates = [store.updates_for_round(r.id) for r in rounds]
+    return rounds, updates, store.list_models(), store.head(), blobs
+
+
+def _client_api(config: Any, address: str, client_id: str) -> CoordinatorClient:
+    cert, key, ca = load_credentials(config.certs_path, client_id)
+    return CoordinatorClient(secure_channel(address, cert_pem=cert, key_pem=key, ca_pem=ca))
+
+
+def _join_request() -> pb.JoinRequest:
+    return pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_fingerprint="x")
+
+
+async def _wait_rounds(client: Any, ids: list[int], timeout: float = 40.0) -> Any:
+    async def done() -> bool:
+        reply = await client.status(ids)
+        return all(r.status in ("committed", "failed", "cancelled") for r in reply.rounds)
+
+    await wait_until(done, timeout=timeout, step=0.1)
+    return await client.status(ids)
+
+
+def test_revoke_ends_the_open_session_and_refuses_every_later_call(project: Project) -> None:
+    config = project.write(rounds={"min_clients": 1})
+    c2_serial = identity_from_pem((config.certs_path / "c2.crt").read_bytes()).serial
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        stop = asyncio.Event()
+        runners = {
+            cid: make_runner(config, address, cid, partition=i)
+            for i, cid in enumerate(["c1", "c2", "c3"])
+        }
+        tasks = {cid: asyncio.create_task(r.run(stop)) for cid, r in runners.items()}
+        client = admin(config, address)
+        try:
+            await wait_until(lambda: len(_connected(coordinator)) == 3)
+            before = _snapshot(coordinator)
+
+            reply = await client.revoke("c1", reason="lost laptop")
+            assert (reply.identity, reply.serial, reply.author) == ("c1", "", "admin")
+            assert reply.reason == "lost laptop" and not reply.already_revoked
+            # its open task stream ends with the refusal: the join loop exits, it does not retry
+            with pytest.raises(PermissionDeniedError, match="certificate of c1 is revoked"):
+                await asyncio.wait_for(tasks["c1"], 15)
+            assert "c1" not in _connected(coordinator)
+
+            # a new call with its certificate is refused before anything else is looked at
+            api = _client_api(config, address, "c1")
+            try:
+                with pytest.raises(PermissionDeniedError, match="certificate of c1 is revoked"):
+                    await api.join(_join_request())
+                with pytest.raises(PermissionDeniedError, match="certificate of c1 is revoked"):
+                    await api.heartbeat(pb.HeartbeatRequest(state="idle"))
+            finally:
+                await api.close()
+            assert _snapshot(coordinator) == before
+
+            # recorded with the admin's identity, in the store and the event log
+            (record,) = list_revocations(_store(coordinator))
+            assert (record.identity, record.serial, record.author) == ("c1", None, "admin")
+            (revoked,) = _events(coordinator, "identity.revoked")
+            assert revoked.seq == reply.event_seq and revoked.client_id == "c1"
+            assert revoked.data == {"serial": None, "reason": "lost laptop", "author": "admin"}
+            refused = _events(coordinator, "security.refused")
+            assert {e.data["rpc"] for e in refused} >= {"Tasks", "Join", "Heartbeat"}
+            assert all(e.client_id == "c1" == e.data["identity"] for e in refused)
+            assert all(e.data["reason"] == "identity revoked" for e in refused)
+            # the runner left on the stream's refusal: the only Join refused is ours above
+            assert [e.data["rpc"] for e in refused].count("Join") == 1
+            left = [e for e in _events(coordinator, "client.left") if e.client_id == "c1"]
+            assert left and left[0].data["reason"] == "revoked"
+
+            # revoking again is recorded again, and says so
+            again = await client.revoke("c1")
+            assert again.already_revoked and again.event_seq > reply.event_seq
+
+            # one certificate only: another serial leaves c2 alone; its own serial ends it
+            other = await client.revoke("c2", serial=c2_serial + 1)
+            assert other.serial == format(c2_serial + 1, "x") and not other.already_revoked
+            await asyncio.sleep(0.3)
+            assert "c2" in _connected(coordinator) and not tasks["c2"].done()
+            await client.revoke("c2", serial=c2_serial)
+            with pytest.raises(PermissionDeniedError, match="certificate of c2 is revoked"):
+                await asyncio.wait_for(tasks["c2"], 15)
+            serial_refusals = [
+                e for e in _events(coordinator, "security.refused") if e.client_id == "c2"
+            ]
+            assert serial_refusals[0].data["reason"] == f"certificate serial {c2_serial:x} revoked"
+
+            # bad requests change nothing
+            with pytest.raises(InvalidInputError):
+                await client.revoke("c3", reason="x" * 2000)
+            bad = pb.RevokeRequest(identity="c3", serial="../12")
+            with pytest.raises(InvalidInputError):
+                await client._call(client._stub.Revoke, bad, 10.0)
+            assert len(list_revocations(_store(coordinator))) == 4
+
+            # the coordinator carries on with the client it still trusts
+            assert _connected(coordinator) == ["c3"]
+            ids = list((await client.start_round(1)).round_ids)
+            (info,) = (await _wait_rounds(client, ids)).rounds
+            assert info.status == "committed" and info.num_clients == 1
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())
+
+
+def test_revocations_in_the_store_are_enforced_from_the_start(project: Project) -> None:
+    config = project.write()
+    config.state_path.mkdir(parents=True, exist_ok=True)
+    with SqlStore.open(config.state_path) as store:
+        revoke(store, "c3", reason="left the consortium")
+        revoke(store, "admin")  # a revoked operator is refused on the Admin service too
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        client = admin(config, address)
+        try:
+            with pytest.raises(PermissionDeniedError, match="certificate of c3 is revoked"):
+                await asyncio.wait_for(make_runner(config, address, "c3").run(asyncio.Event()), 30)
+            with pytest.raises(PermissionDeniedError, match="certificate of admin is revoked"):
+                await client.status()
+            rpcs = [(e.client_id, e.data["rpc"]) for e in _events(coordinator, "security.refused")]
+            assert rpcs == [("c3", "Join"), ("admin", "Status")]
+            assert _store(coordinator).list_clients() == []
+        finally:
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())
+
+
+def test_rollback_with_no_round_open_moves_head_and_the_next_round_starts_from_it(
+    project: Project,
+) -> None:
+    config = project.write()
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        stop = asyncio.Event()
+        runners = [make_runner(config, address, f"c{i}", partition=i - 1) for i in (1, 2)]
+        tasks = [asyncio.create_task(r.run(stop)) for r in runners]
+        client = admin(config, address)
+        store = _store(coordinator)
+        blobs = BlobStore(coordinator.state_dir / "blobs")
+        try:
+            await wait_until(lambda: len(_connected(coordinator)) == 2)
+            ids = list((await client.start_round(2)).round_ids)
+            status = await _wait_rounds(client, ids)
+            assert [r.status for r in status.rounds] == ["committed"] * 2
+            assert status.head_version == 3
+            v1 = store.get_model(1)
+
+            reply = await client.rollback("1", reason="round 2 overfit")
+            assert not reply.deferred
+            assert (reply.version, reply.source_version, reply.previous_head) == (4, 1, 3)
+            assert reply.digest == v1.digest
+            head = store.head()
+            assert head is not None and head.version == 4
+            assert (head.kind, head.source, head.parent, head.author) == ("rollback", 1, 3, "admin")
+            assert head.reason == "round 2 overfit"
+            (event,) = _events(coordinator, "model.rollback")
+            assert event.data == {
+                "version": 4,
+                "digest": v1.digest,
+                "source": 1,
+                "previous_head": 3,
+                "author": "admin",
+                "reason": "round 2 overfit",
+            }
+
+            # refusals: the head already holds those weights; an unknown version
+            with pytest.raises(ConflictError, match="already holds the weights"):
+                await client.rollback("1")
+            with pytest.raises(NotFoundError):
+                await client.rollback("99")
+
+            # the next round starts from the rolled-back weights
+            received = len(runners[0]._client.received)  # type: ignore[attr-defined]
+            ids = list((await client.start_round(1)).round_ids)
+            (info,) = (await _wait_rounds(client, ids)).rounds
+            assert info.status == "committed"
+            sent = [e for e in _events(coordinator, "task.sent") if e.server_round == ids[0]]
+            assert {e.data["model_digest"] for e in sent} == {v1.digest}
+            got = runners[0]._client.received[received]  # type: ignore[attr-defined]
+            want = load_parameters(blobs.path(v1.digest))
+            assert got.keys() == want.keys()
+            assert all(torch.equal(got[k], want[k]) for k in want)
+            assert store.get_round(ids[0]).base_version == 4
+
+            # tags through the coordinator, with the admin as author
+            tag = await client.tag("1", "best")
+            assert (tag.version, tag.name, tag.previous) == (1, "best", 0)
+            with pytest.raises(ConflictError, match="already names version 1"):
+                await client.tag("3", "best")
+            moved = await client.tag("3", "best", force=True)
+            assert (moved.version, moved.previous) == (3, 1)
+            with pytest.raises(InvalidInputError):
+                await client.tag("3", "head")
+            assert store.resolve_model("best").version == 3
+            assert [t.author for t in store.list_tags()] == ["admin"]
+            tagged = _events(coordinator, "model.tagged")
+            assert [(e.data["version"], e.data["previous"], e.data["author"]) for e in tagged] == [
+                (1, None, "admin"),
+                (3, 1, "admin"),
+            ]
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())
+
+
+def test_rollback_during_an_open_round_is_applied_when_the_round_ends(project: Project) -> None:
+    config = project.write(
+        rounds={"min_clients": 2, "deadline_s": 30.0}, task={"hang_client": "c2"}
+    )
+    task_module = load_task(config.task_path)
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        stop = asyncio.Event()
+        runners = [make_runner(config, address, f"c{i}", partition=i - 1) for i in (1, 2)]
+        tasks = [asyncio.create_task(r.run(stop)) for r in runners]
+        client = admin(config, address)
+        store = _store(coordinator)
+        try:
+            await wait_until(lambda: len(_connected(coordinator)) == 2)
+            first = list((await client.start_round(1)).round_ids)
+            engine = coordinator._engine
+            assert engine is not None
+            await wait_until(lambda: engine.open is not None)  # c2 hangs in fit: round 1 stays open
+            v1 = store.get_model(1)
+
+            reply = await client.rollback("1", reason="undo round 1")
+            assert reply.deferred and reply.server_round == first[0]
+            assert (reply.version, reply.source_version, reply.digest) == (0, 1, v1.digest)
+            assert f"round {first[0]} is running" in reply.message
+            assert store.head().version == 1  # type: ignore[union-attr]
+            assert _events(coordinator, "model.rollback") == []
+            (deferred,) = _events(coordinator, "model.rollback_deferred")
+            assert deferred.data["author"] == "admin" and deferred.data["source"] == 1
+            second = list((await client.start_round(1)).round_ids)
+
+            task_module.release_hung_clients()
+            status = await _wait_rounds(client, first + second)
+            assert [r.status for r in status.rounds] == ["committed", "committed"]
+            # round 1 made version 2; the rollback then made version 3 (v1's weights) the head,
+            # and round 2 started from it
+            v2, v3 = store.get_model(2), store.get_model(3)
+            assert (v2.kind, v2.server_round) == ("aggregate", first[0])
+            assert (v3.kind, v3.digest, v3.parent, v3.author) == ("rollback", v1.digest, 2, "admin")
+            assert store.get_round(second[0]).base_version == 3
+            sent = [e for e in _events(coordinator, "task.sent") if e.server_round == second[0]]
+            assert {e.data["model_digest"] for e in sent} == {v1.digest}
+            (applied,) = _events(coordinator, "model.rollback")
+            committed = _events(coordinator, "round.committed")
+            started = _events(coordinator, "round.started")
+            assert committed[0].seq < applied.seq < started[1].seq
+        finally:
+            task_module.release_hung_clients()
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())
+
+
+def test_serve_warns_about_its_own_certificate_expiring(project: Project, caplog: Any) -> None:
+    shutil.rmtree(project.root / "certs")
+    generate_project_certs(project.root / "certs", ["c1"], days=5)
+    config = project.write()
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        await coordinator.start()
+        try:
+            (warning,) = _events(coordinator, "coordinator.warning")
+            assert 4 < warning.data["days_left"] < 5.1
+            assert "expires in" in warning.data["message"]
+            assert warning.data["certificate"].endswith("server.crt")
+        finally:
+            await coordinator.stop()
+
+    with caplog.at_level("WARNING", logger="flctl.coordinator"):
+        asyncio.run(main())
+    assert any("certificate" in r.getMessage() for r in caplog.records)
