@@ -293,12 +293,14 @@ class Runner:
             )
             stream_task = asyncio.create_task(self._serve_tasks(api, reply))
             stopper = asyncio.create_task(stop.wait())
+            assert heartbeats is not None
             done, _ = await asyncio.wait(
-                {stream_task, stopper}, return_when=asyncio.FIRST_COMPLETED
+                {stream_task, stopper, heartbeats}, return_when=asyncio.FIRST_COMPLETED
             )
             stopper.cancel()
-            if stream_task in done:
-                stream_task.result()  # re-raise what ended the stream
+            for finished in (stream_task, heartbeats):
+                if finished in done:
+                    finished.result()  # re-raise what ended the stream, or a refused heartbeat
         finally:
             for task in (stream_task, heartbeats):
                 if task is not None and not task.done():
@@ -320,7 +322,7 @@ class Runner:
         while True:
             status = self._status
             status.dirty.clear()
-            with contextlib.suppress(FlctlError):
+            try:
                 reply = await api.heartbeat(
                     pb.HeartbeatRequest(
                         state=status.state,
@@ -330,6 +332,10 @@ class Runner:
                 )
                 if reply.command == "rejoin":
                     log.info("coordinator asked us to join again")
+            except PermissionDeniedError:
+                raise  # revoked: leave now, even in the middle of training
+            except FlctlError as exc:  # a missed heartbeat is not fatal: the stream decides
+                log.debug("heartbeat failed: %s", exc.message)
             await _wait(status.dirty, interval)
 
     def _set_state(self, state: str, server_round: int, progress: float = 0.0) -> None:
