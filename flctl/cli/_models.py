@@ -439,77 +439,14 @@ def models_show(ref: RefArg, config_path: ConfigOpt = None, json_output: JsonOpt
 # ---------------------------------------------------------------------- diff
 
 
-def _diff_tensors(path_a: Path, path_b: Path, same: bool) -> dict[str, Any]:
-    """Per-tensor L2 distance, relative change ||b-a||/||a|| and max |b-a|, one tensor at a time."""
-    from flctl.tensors import read_spec
-
-    spec_a, spec_b = read_spec(path_a), read_spec(path_b)
-    common = sorted(set(spec_a) & set(spec_b))
-    rows: list[dict[str, Any]] = []
-    sq_diff = sq_a = 0.0
-    max_abs = 0.0
-    if same:
-        # Identical bytes: nothing to read.
-        for name in common:
-            rows.append(
-                {
-                    "name": name,
-                    "shape": list(spec_a[name].shape),
-                    "dtype": spec_a[name].dtype,
-                    "l2": 0.0,
-                    "relative": 0.0,
-                    "max_abs": 0.0,
-                }
-            )
-    else:
-        import torch
-        from safetensors import safe_open
-
-        with (
-            safe_open(str(path_a), framework="pt") as fa,
-            safe_open(str(path_b), framework="pt") as fb,
-        ):
-            for name in common:
-                a, b = spec_a[name], spec_b[name]
-                row: dict[str, Any] = {"name": name, "shape": list(a.shape), "dtype": a.dtype}
-                if a.shape != b.shape:
-                    row.update(shape_b=list(b.shape), l2=None, relative=None, max_abs=None)
-                    rows.append(row)
-                    continue
-                ta = fa.get_tensor(name).to(torch.float64)
-                delta = fb.get_tensor(name).to(torch.float64) - ta
-                l2 = float(torch.linalg.vector_norm(delta))
-                norm_a = float(torch.linalg.vector_norm(ta))
-                peak = float(delta.abs().max()) if delta.numel() else 0.0
-                del ta, delta
-                sq_diff += l2 * l2
-                sq_a += norm_a * norm_a
-                max_abs = max(max_abs, peak) if math.isfinite(peak) else peak
-                relative = l2 / norm_a if norm_a > 0 else (0.0 if l2 == 0 else math.inf)
-                if b.dtype != a.dtype:
-                    row["dtype_b"] = b.dtype
-                row.update(l2=_finite(l2), relative=_finite(relative), max_abs=_finite(peak))
-                rows.append(row)
-    total_l2 = math.sqrt(sq_diff)
-    total_rel = total_l2 / math.sqrt(sq_a) if sq_a > 0 else (0.0 if total_l2 == 0 else math.inf)
-    return {
-        "tensors": rows,
-        "only_in_a": sorted(set(spec_a) - set(spec_b)),
-        "only_in_b": sorted(set(spec_b) - set(spec_a)),
-        "total": {
-            "l2": _finite(total_l2),
-            "relative": _finite(total_rel),
-            "max_abs": _finite(max_abs),
-        },
-    }
-
-
 def diff_models(config: Config, ref_a: str, ref_b: str) -> dict[str, Any]:
     """Compare two versions, as ``models diff --json`` prints it (B relative to A)."""
     with _open_state(config) as (store, blobs):
         a, b = store.resolve_model(ref_a), store.resolve_model(ref_b)
         path_a, path_b = _existing_blob(blobs, a), _existing_blob(blobs, b)
-        doc = _diff_tensors(path_a, path_b, same=a.digest == b.digest)
+        from flctl.tensors import diff_tensors
+
+        doc = diff_tensors(path_a, path_b, same=a.digest == b.digest)
     metrics: dict[str, dict[str, float | None]] = {}
     for name in sorted(set(a.metrics) | set(b.metrics)):
         va, vb = a.metrics.get(name), b.metrics.get(name)
@@ -769,16 +706,12 @@ def _copy_verified(source: Path, target: Path, digest: str) -> None:
         )
 
 
-def _write_torch(source: Path, target: Path, digest: str) -> None:
-    """Write a plain state_dict with torch.save, loadable with torch.load(weights_only=True)."""
-    import torch
-
-    from flctl.tensors import load_parameters, sha256_file
+def _export_torch(source: Path, target: Path, digest: str) -> None:
+    from flctl.tensors import save_torch_state_dict, sha256_file
 
     if sha256_file(source) != digest:
         raise IntegrityError(f"blob {digest[:12]} is corrupt", hint="run `flctl models verify`")
-    state = load_parameters(source)
-    torch.save(dict(state), target)
+    save_torch_state_dict(source, target)
 
 
 @models_app.command("export")
@@ -822,7 +755,7 @@ def models_export(
             if fmt is ExportFormat.safetensors:
                 _copy_verified(source, temp, model.digest)
             else:
-                _write_torch(source, temp, model.digest)
+                _export_torch(source, temp, model.digest)
             os.replace(temp, output)
         finally:
             temp.unlink(missing_ok=True)

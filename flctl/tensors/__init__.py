@@ -11,6 +11,7 @@ from flctl.tensors._codec import (
     sha256_file,
     spec_of,
 )
+from flctl.tensors._diff import diff_tensors, save_torch_state_dict
 from flctl.tensors._spec import (
     DTYPE_SIZES,
     MAX_HEADER_BYTES,
@@ -32,11 +33,13 @@ __all__ = [
     "TensorWriter",
     "check_update",
     "compare_specs",
+    "diff_tensors",
     "fingerprint",
     "load_parameters",
     "read_spec",
     "read_spec_bytes",
     "save_parameters",
+    "save_torch_state_dict",
     "sha256_file",
     "spec_of",
     "torch_dtype",
