@@ -350,7 +350,10 @@ class Runner:
         """A callback that reports a transfer's bytes (for progress bars and heartbeats)."""
 
         def report(done: int, total: int) -> None:
-            self._status.progress = done / total if total else 0.0
+            progress = done / total if total else 0.0
+            if int(progress * 10) != int(self._status.progress * 10):
+                self._status.dirty.set()  # heartbeat now: the coordinator's panel shows steps
+            self._status.progress = progress
             self._emit(
                 "transfer", direction=direction, server_round=server_round, done=done, total=total
             )

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -238,16 +239,20 @@ class CoordinatorService:
         except AuthenticationError:
             return pb.HeartbeatReply(command="rejoin", server_time_unix=time.time())
         state = request.state if request.state in _STATES else "idle"
-        if state != session.state:
+        progress = min(1.0, max(0.0, request.progress)) if math.isfinite(request.progress) else 0.0
+        # A transfer's progress is logged in steps of 10 %: enough for the panels, few events.
+        step_changed = int(progress * 10) != int(session.progress * 10)
+        if state != session.state or (state in ("downloading", "uploading") and step_changed):
+            if state != session.state:
+                self._store.upsert_client(session.client_id, state=state, seen=session.last_seen)
             session.state = state
-            self._store.upsert_client(session.client_id, state=state, seen=session.last_seen)
             self._events.emit(
                 ev.CLIENT_STATE,
                 server_round=request.server_round,
                 client_id=session.client_id,
-                data={"state": state, "progress": request.progress},
+                data={"state": state, "progress": round(progress, 3)},
             )
-        session.progress = request.progress
+        session.progress = progress
         if state == "failed" and request.server_round:
             session.failed_round = int(request.server_round)
             self._engine.update_arrived()
