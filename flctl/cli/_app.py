@@ -13,6 +13,7 @@ from flctl.cli._dp import dp_app
 from flctl.cli._models import models_app
 from flctl.cli._options import ConfigOpt, JsonOpt, ServerOpt
 from flctl.cli._output import Output, command, settings
+from flctl.cli._status import RoundIdsOpt, clients_app
 
 __all__ = ["app", "main"]
 
@@ -36,6 +37,7 @@ app.add_typer(round_app, name="round", context_settings=_CONTEXT)
 app.add_typer(certs_app, name="certs", context_settings=_CONTEXT)
 app.add_typer(dp_app, name="dp", context_settings=_CONTEXT)
 app.add_typer(models_app, name="models", context_settings=_CONTEXT)
+app.add_typer(clients_app, name="clients", context_settings=_CONTEXT)
 
 
 def _version(value: bool) -> None:
@@ -232,6 +234,20 @@ def round_start(
         reconnect_timeout=reconnect_timeout,
     )
     raise typer.Exit(rounds_exit_code(result.get("rounds", [])))
+
+
+@round_app.command("status")
+@command()
+def round_status(
+    round_ids: RoundIdsOpt = None,
+    server: ServerOpt = None,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Rounds, their status, metrics and reasons; the head version; connected clients."""
+    from flctl.cli._status import round_status as show
+
+    show(server=server, config_path=config_path, round_ids=round_ids or [], json_output=json_output)
 
 
 @round_app.command("watch")

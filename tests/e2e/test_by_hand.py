@@ -49,6 +49,20 @@ def test_init_certs_serve_join_round_start_models_ls(tmp_path: Path, processes: 
     types = [e["type"] for e in watch["events"]]
     assert types.count("round.committed") >= 2 and "client.joined" in types
 
+    status = one_json(
+        flctl(
+            "round", "status", "--round", "1", "--round", "2", "--json", cwd=proj, check=True
+        ).stdout
+    )
+    assert [r["status"] for r in status["rounds"]] == ["committed", "committed"]
+    assert status["connected_clients"] == 2 and status["head"] >= 3
+    clients = one_json(flctl("clients", "ls", "--json", cwd=proj, check=True).stdout)
+    assert clients["live"] is True
+    # rounds 1-2 waited for, round 3 queued without --wait may have finished too
+    assert {c["client_id"] for c in clients["clients"]} == {"c1", "c2"}
+    assert all(c["rounds_joined"] >= 2 for c in clients["clients"])
+    assert all(c["state"] != "offline" and c["bytes_up"] > 0 for c in clients["clients"])
+
     models = one_json(flctl("models", "ls", "--json", cwd=proj, check=True).stdout)
     assert models["head"] >= 3
     assert models["models"][-1]["kind"] == "initial"
@@ -57,6 +71,8 @@ def test_init_certs_serve_join_round_start_models_ls(tmp_path: Path, processes: 
     assert processes.stop("c2") == 0
     assert processes.stop("coordinator") == 0
     assert not serve_file.exists()
+    offline = one_json(flctl("clients", "ls", "--json", cwd=proj, check=True).stdout)
+    assert offline["live"] is False and {c["state"] for c in offline["clients"]} == {"offline"}
     # models ls works with the coordinator stopped too
     after = one_json(flctl("models", "ls", "--json", cwd=proj, check=True).stdout)
     assert after["head"] == models["head"] or after["head"] == models["head"] + 1
