@@ -274,6 +274,33 @@ def round_watch(
     )
 
 
+# ---------------------------------------------------------------------- events
+
+
+@app.command("events")
+@command()
+def events(
+    type_filter: Annotated[
+        str | None,
+        typer.Option("--type", help="admin (the audit trail), a type, or a prefix like round."),
+    ] = None,
+    since: Annotated[int, typer.Option(help="Only events after this seq.")] = 0,
+    limit: Annotated[int, typer.Option(help="At most this many, the newest.")] = 1000,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """List the event log (with or without a running coordinator); --type admin: the audit trail."""
+    from flctl.cli._events import list_events
+
+    list_events(
+        type_filter=type_filter,
+        since=since,
+        limit=limit,
+        config_path=config_path,
+        json_output=json_output,
+    )
+
+
 def main() -> None:
     """Entry point of the ``flctl`` console script."""
     app()

@@ -1,0 +1,92 @@
+"""``flctl events``: the persisted event log, filtered; ``--type admin`` is the audit trail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flctl.cli._output import Output
+
+__all__ = ["ADMIN_EVENT_TYPES", "list_events", "select_events"]
+
+#: Events that record an operator's action, with the operator's identity in ``admin`` or
+#: ``author`` ("local" for a change made on the state folder with no coordinator running).
+ADMIN_EVENT_TYPES = frozenset(
+    {
+        "round.queued",
+        "identity.revoked",
+        "model.rollback",
+        "model.rollback_deferred",
+        "model.tagged",
+        "model.imported",
+    }
+)
+
+
+def select_events(events: list[Any], type_filter: str | None) -> list[Any]:
+    """Keep events of a type (``round.committed``), a prefix (``round``) or ``admin``."""
+    if not type_filter:
+        return events
+    if type_filter == "admin":
+        return [e for e in events if e.type in ADMIN_EVENT_TYPES]
+    return [e for e in events if e.type == type_filter or e.type.startswith(type_filter + ".")]
+
+
+def _actor(event: Any) -> str:
+    data = event.data or {}
+    return str(data.get("admin") or data.get("author") or "")
+
+
+def list_events(
+    *,
+    type_filter: str | None,
+    since: int,
+    limit: int,
+    config_path: Path | None,
+    json_output: bool,
+) -> None:
+    """List the event log from the state store (with or without a running coordinator)."""
+    from flctl.cli._common import load_project
+    from flctl.core.errors import InvalidInputError, NotFoundError
+    from flctl.store import SqlStore
+    from flctl.tui import event_line
+
+    if limit < 1:
+        raise InvalidInputError(f"--limit must be at least 1, not {limit}")
+    config = load_project(config_path)
+    if not (config.state_path / "state.db").is_file():
+        raise NotFoundError(f"no state store in {config.state_path}")
+    store = SqlStore.open(config.state_path)
+    try:
+        events: list[Any] = []
+        seq = since
+        while batch := store.events_since(seq, limit=5000):
+            events.extend(batch)
+            seq = batch[-1].seq
+    finally:
+        store.close()
+    chosen = select_events(events, type_filter)[-limit:]
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json(
+            {
+                "events": [
+                    {
+                        "seq": e.seq,
+                        "time": e.time,
+                        "type": e.type,
+                        "round": e.server_round,
+                        "client_id": e.client_id,
+                        "actor": _actor(e) or None,
+                        "data": e.data,
+                    }
+                    for e in chosen
+                ]
+            }
+        )
+        return
+    for event in chosen:
+        actor = _actor(event)
+        out.line(f"{event.seq}\t{event_line(event)}" + (f"\tby {actor}" if actor else ""))
+    if not chosen:
+        out.note(f"no events{' of type ' + type_filter if type_filter else ''} after seq {since}")
