@@ -1,9 +1,10 @@
 """Aggregation strategies over streamed updates."""
 
+from flctl.aggregation._dpfedavg import DpFedAvg
 from flctl.aggregation._fedavg import FedAvg, fedavg_in_memory
 from flctl.aggregation._strategy import Strategy, WeightedUpdate
 
-__all__ = ["FedAvg", "Strategy", "WeightedUpdate", "fedavg_in_memory", "strategy_for"]
+__all__ = ["DpFedAvg", "FedAvg", "Strategy", "WeightedUpdate", "fedavg_in_memory", "strategy_for"]
 
 
 def strategy_for(name: str) -> Strategy:

@@ -1,6 +1,9 @@
-"""``flctl dp epsilon`` and ``flctl dp plan``: privacy calculators that need no coordinator.
+"""``flctl dp``: privacy calculators, and the budget a project's job has spent.
 
-Both answer with dp-accounting's own accountants (flctl.privacy), imported only when a command
+``dp epsilon`` and ``dp plan`` need no project; ``dp budget`` reads the project's privacy ledger
+from its state database (no coordinator needed).
+
+All answer with dp-accounting's own accountants (flctl.privacy), imported only when a command
 runs, so that ``flctl --help`` stays fast.
 """
 
@@ -12,14 +15,16 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 import typer
 from rich.table import Table
 
-from flctl.cli._options import JsonOpt
+from flctl.cli._options import ConfigOpt, JsonOpt
 from flctl.cli._output import Output, command
 from flctl.core.errors import ConfigError, PrivacyError
 
 if TYPE_CHECKING:
+    from flctl.core import Config
     from flctl.privacy import AccountantName
+    from flctl.store import LedgerRecord
 
-__all__ = ["dp_app", "epsilon_document", "plan_document"]
+__all__ = ["budget_document", "dp_app", "epsilon_document", "plan_document"]
 
 dp_app = typer.Typer(
     help="Differential privacy: compute epsilon for a setting, or plan the noise for a target.",
@@ -209,6 +214,64 @@ def plan_document(
     }
 
 
+def budget_document(config: Config, records: list[LedgerRecord]) -> dict[str, Any]:
+    """What ``flctl dp budget --json`` prints: the privacy spent by ``records`` (the ledger).
+
+    Epsilon is recomputed from the charged rounds at the project's ``privacy.target_delta``,
+    under each accountant that can account for them (PLD: Poisson sampling only; None
+    otherwise). ``rounds_left`` counts further rounds at the current ``[privacy]`` settings
+    within ``epsilon_budget`` (None with ``mode = "off"``, or for ``local``, which the
+    coordinator does not run yet).
+
+    Raises:
+        PrivacyError: The ledger mixes adjacency notions with the current settings.
+    """
+    from flctl.privacy import ACCOUNTANTS, Accountant, SampledGaussianRound
+
+    p = config.privacy
+    accountant = Accountant(
+        p.target_delta, [SampledGaussianRound(**r.mechanism_args()) for r in records]
+    )
+    mechanism = None
+    if p.mode == "central":
+        if p.sampling == "fixed":
+            mechanism = SampledGaussianRound(
+                p.noise_multiplier, "fixed", population=p.population, sample_size=p.sample_size
+            )
+        else:
+            mechanism = SampledGaussianRound(p.noise_multiplier, "poisson", p.sampling_rate)
+    usable = set(accountant.accountants)
+    if mechanism is not None and mechanism.adjacency == "replace_one":
+        usable.discard("pld")
+    per: dict[str, dict[str, Any] | None] = {}
+    for name in ACCOUNTANTS:
+        if name not in usable:
+            per[name] = None
+            continue
+        spent = accountant.epsilon(name)
+        per[name] = {
+            "epsilon_spent": spent,
+            "remaining": max(p.epsilon_budget - spent, 0.0) if p.mode != "off" else None,
+            "rounds_left": (
+                None
+                if mechanism is None
+                else accountant.rounds_left(mechanism, p.epsilon_budget, name)
+            ),
+        }
+    return {
+        "mode": p.mode,
+        "mechanism": None
+        if mechanism is None
+        else mechanism.to_dict() | {"clip_norm": p.clip_norm},
+        "delta": p.target_delta,
+        "budget": p.epsilon_budget if p.mode != "off" else None,
+        "enforced_by": p.accountant if p.mode == "central" else None,
+        "rounds_charged": len(records),
+        "last_round": records[-1].round_id if records else None,
+        "accountants": per,
+    }
+
+
 def _render(out: Output, title: str, document: dict[str, Any]) -> None:
     """A two-column table on a terminal, ``key: value`` lines when piped."""
     rows = [
@@ -289,3 +352,32 @@ def dp_plan(
         out.json(document)
         return
     _render(out, f"noise for epsilon {epsilon:g} after {rounds} rounds ({accountant})", document)
+
+
+@dp_app.command("budget")
+@command()
+def dp_budget(config_path: ConfigOpt = None, json_output: JsonOpt = False) -> None:
+    """The privacy this project's job has spent, the budget left and rounds left (its ledger)."""
+    from flctl.cli._common import load_project
+    from flctl.store import SqlStore, ledger
+
+    config = load_project(config_path)
+    records = []
+    if (config.state_path / "state.db").exists():
+        with SqlStore.open(config.state_path) as store:
+            records = ledger(store)
+    document = budget_document(config, records)
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json(document)
+        return
+    flat: dict[str, Any] = {
+        k: v for k, v in document.items() if k not in ("mechanism", "accountants")
+    }
+    for name, numbers in document["accountants"].items():
+        if numbers is None:
+            flat[f"{name}"] = "n/a for this sampling"
+            continue
+        for key, value in numbers.items():
+            flat[f"{name} {key.replace('_', ' ')}"] = "-" if value is None else value
+    _render(out, "privacy budget", flat)

@@ -14,7 +14,13 @@ from rich.live import Live
 from flctl.cli._common import admin_client, retry_connect, round_dict
 from flctl.cli._output import Output
 from flctl.core import Config, Event
-from flctl.core.errors import ConnectError, InvalidInputError, RoundCancelledError, RoundFailedError
+from flctl.core.errors import (
+    BudgetExhaustedError,
+    ConnectError,
+    InvalidInputError,
+    RoundCancelledError,
+    RoundFailedError,
+)
 from flctl.core.events import TERMINAL_ROUND_STATUSES
 from flctl.transport.grpc import AdminClient, pb
 from flctl.tui import DashboardState, event_line, render_dashboard
@@ -143,9 +149,19 @@ def start_rounds(
 
 
 def rounds_exit_code(rounds: list[dict[str, Any]]) -> int:
-    """0 when every round committed; RoundFailedError's or RoundCancelledError's code otherwise."""
+    """0 when every round committed; a failure's or a cancellation's exit code otherwise.
+
+    Failed rounds that the coordinator all refused for the privacy budget give
+    BudgetExhaustedError's code; any other failure gives RoundFailedError's.
+    """
     statuses = {row["status"] for row in rounds}
     if "failed" in statuses:
+        failed = [row for row in rounds if row["status"] == "failed"]
+        if all(
+            str(row.get("reason", "")).startswith(BudgetExhaustedError.reason_prefix)
+            for row in failed
+        ):
+            return BudgetExhaustedError.exit_code
         return RoundFailedError.exit_code
     if statuses - {"committed"}:
         return RoundCancelledError.exit_code

@@ -13,6 +13,13 @@ at least ``min_clients`` accepted updates, and fails with the reason otherwise. 
 only moves by a committed round, or by a rollback an admin asks for: one asked while a round
 runs (from selecting to evaluating) waits in :attr:`RoundEngine.pending` and is applied as soon
 as that round ends, committed or failed, before the next round reads the head.
+
+With ``[privacy] mode = "central"`` (docs/privacy.md), before a round selects anyone the engine
+computes the epsilon the privacy ledger would reach with this round; above ``epsilon_budget``
+the round fails ("privacy budget exhausted: ...") with a ``privacy.refused`` event and nothing
+is sent. Otherwise clients are sampled as ``privacy.sampling`` says (no over-selection), the
+updates are aggregated with :class:`~flctl.aggregation.DpFedAvg`, and the round is charged to
+the ``dp_ledger`` table as soon as the noisy aggregate exists, whatever happens next.
 """
 
 from __future__ import annotations
@@ -23,16 +30,17 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flctl.aggregation import Strategy, WeightedUpdate
+from flctl.aggregation import DpFedAvg, Strategy, WeightedUpdate
 from flctl.core import Config
 from flctl.core import events as ev
-from flctl.core.errors import FlctlError, RoundFailedError
-from flctl.store import BlobStore, ModelRecord, RoundRecord, SqlStore
+from flctl.core.errors import BudgetExhaustedError, FlctlError, RoundFailedError
+from flctl.privacy import Accountant, AccountantName, SampledGaussianRound
+from flctl.store import BlobStore, LedgerRecord, ModelRecord, RoundRecord, SqlStore, charge, ledger
 from flctl.tensors import sha256_file
 from flctl.transport.grpc import pb, to_value_map
 
@@ -248,6 +256,17 @@ class RoundEngine:
                 pass
 
     def _select(self, connected: list[str]) -> list[str]:
+        privacy = self._config.privacy
+        if privacy.mode == "central":
+            # the accountant's sampling, exactly: no over-selection, from the OS's CSPRNG
+            if privacy.sampling == "poisson":
+                return [c for c in connected if self._rng.random() < privacy.sampling_rate]
+            if len(connected) < privacy.sample_size:
+                raise RoundFailedError(
+                    f"fixed-size sampling needs {privacy.sample_size} connected clients, "
+                    f"{len(connected)} are connected"
+                )
+            return sorted(self._rng.sample(connected, privacy.sample_size))
         count = self._config.rounds.clients_per_round
         if count <= 0 or count >= len(connected):
             return list(connected)
@@ -257,6 +276,9 @@ class RoundEngine:
         server_round = record.id
         rounds = self._config.rounds
         started = time.time()
+        mechanism = self._mechanism()
+        if mechanism is not None and not await self._within_budget(server_round, mechanism):
+            return
         self._status(server_round, "selecting", started=started)
         try:
             connected = await self._wait_for_quorum(server_round)
@@ -264,6 +286,13 @@ class RoundEngine:
             self._fail(server_round, exc.message)
             return
         selected = self._select(connected)
+        if mechanism is not None and len(selected) < rounds.min_clients:
+            self._fail(
+                server_round,
+                f"privacy sampling selected {len(selected)} of {len(connected)} connected "
+                f"clients, fewer than min_clients ({rounds.min_clients})",
+            )
+            return
         head = self._store.head()
         if head is None:  # pragma: no cover - the coordinator writes version 1 at start
             raise RoundFailedError("no head model")
@@ -329,7 +358,17 @@ class RoundEngine:
             WeightedUpdate(self._blobs.path(u.digest), u.num_examples, u.client_id)
             for u in accepted
         ]
-        digest = await asyncio.to_thread(self._aggregate, base_path, updates)
+        if mechanism is None:
+            digest = await asyncio.to_thread(self._aggregate, base_path, updates)
+        else:
+            strategy = DpFedAvg(
+                self._config.privacy.clip_norm,
+                mechanism.noise_multiplier,
+                self._denominator(len(connected)),
+            )
+            digest = await asyncio.to_thread(self._aggregate, base_path, updates, strategy)
+            # the noisy aggregate exists: the round is spent, whether it commits or not
+            await self._charge(server_round, mechanism)
 
         metrics: dict[str, float] = {}
         if self._evaluator is not None and rounds.evaluate == "server":
@@ -392,15 +431,121 @@ class RoundEngine:
             except TimeoutError:
                 pass
 
+    def _mechanism(self) -> SampledGaussianRound | None:
+        """This job's round as the accountant charges it; None without privacy.
+
+        Raises:
+            RoundFailedError: ``mode = "local"``, which the coordinator does not run yet: a
+                round must not pass for private when no client adds noise.
+        """
+        p = self._config.privacy
+        if p.mode == "local":
+            raise RoundFailedError(
+                'privacy.mode = "local" is not supported by the coordinator yet; '
+                'use "central" (docs/privacy.md)'
+            )
+        if p.mode != "central":
+            return None
+        if p.sampling == "fixed":
+            return SampledGaussianRound(
+                p.noise_multiplier, "fixed", population=p.population, sample_size=p.sample_size
+            )
+        return SampledGaussianRound(p.noise_multiplier, "poisson", p.sampling_rate)
+
+    def _denominator(self, connected: int) -> float:
+        """The expected number of clients per round, that DP-FedAvg divides the sum by.
+
+        Fixed-size sampling: ``sample_size``. Poisson: ``sampling_rate * population``, with the
+        number of clients connected at selection standing for an undeclared population.
+        """
+        p = self._config.privacy
+        if p.sampling == "fixed":
+            return float(p.sample_size)
+        return p.sampling_rate * float(p.population or connected)
+
+    def _accountant(self) -> Accountant:
+        return Accountant(
+            self._config.privacy.target_delta,
+            [SampledGaussianRound(**r.mechanism_args()) for r in ledger(self._store)],
+        )
+
+    async def _within_budget(self, server_round: int, mechanism: SampledGaussianRound) -> bool:
+        """Whether this round keeps epsilon within budget; if not, fail it with the reason."""
+        p = self._config.privacy
+
+        accountant = self._accountant()  # the store is read here, the arithmetic in a thread
+        reached = await asyncio.to_thread(
+            accountant.epsilon_after, mechanism, accountant=p.accountant
+        )
+        if reached <= p.epsilon_budget:
+            return True
+        reason = (
+            f"{BudgetExhaustedError.reason_prefix}: epsilon would reach {reached:.6g} > budget "
+            f"{p.epsilon_budget:g} ({p.accountant}, delta {p.target_delta:g})"
+        )
+        self._events.emit(
+            ev.PRIVACY_REFUSED,
+            server_round=server_round,
+            data={
+                "reason": reason,
+                "epsilon": reached,
+                "budget": p.epsilon_budget,
+                "accountant": p.accountant,
+                "delta": p.target_delta,
+            },
+        )
+        self._fail(server_round, reason)
+        return False
+
+    async def _charge(self, server_round: int, mechanism: SampledGaussianRound) -> LedgerRecord:
+        """Append the round to the privacy ledger, with the epsilon the ledger reaches."""
+        accountant = self._accountant()
+        accountant.charge(mechanism)
+        try:
+            spent = await asyncio.to_thread(accountant.epsilons)
+        except asyncio.CancelledError:
+            # the noisy aggregate exists: charge it even when the coordinator is stopping
+            self._write_charge(server_round, mechanism, accountant.epsilons())
+            raise
+        return self._write_charge(server_round, mechanism, spent)
+
+    def _write_charge(
+        self,
+        server_round: int,
+        mechanism: SampledGaussianRound,
+        spent: Mapping[AccountantName, float | None],
+    ) -> LedgerRecord:
+        p = self._config.privacy
+        rdp = spent["rdp"]
+        assert rdp is not None  # RDP accounts for every sampling
+        record = charge(
+            self._store,
+            server_round,
+            mechanism="central",
+            noise_multiplier=mechanism.noise_multiplier,
+            sampling=mechanism.sampling,
+            sampling_rate=mechanism.rate,
+            population=mechanism.population,
+            sample_size=mechanism.sample_size,
+            clip_norm=p.clip_norm,
+            epsilon_rdp=rdp,
+            epsilon_pld=spent["pld"],
+            delta=p.target_delta,
+        )
+        log.info("round %d charged to the privacy ledger: epsilon %s", server_round, spent)
+        return record
+
     def _still_working(self, client_id: str, server_round: int) -> bool:
         session = self._registry.get(client_id)
         return session is not None and session.streaming and session.failed_round != server_round
 
-    def _aggregate(self, base: Path, updates: list[WeightedUpdate]) -> str:
+    def _aggregate(
+        self, base: Path, updates: list[WeightedUpdate], strategy: Strategy | None = None
+    ) -> str:
         temp, handle = self._blobs.temp_file()
         handle.close()
         try:
-            self._strategy.aggregate(base, updates, temp)
+            (strategy or self._strategy).aggregate(base, updates, temp)
             return self._blobs.commit_temp(temp, sha256_file(temp))
         finally:
             temp.unlink(missing_ok=True)

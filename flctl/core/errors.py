@@ -263,6 +263,8 @@ class BudgetExhaustedError(PrivacyError):
 
     exit_code = 61
     code = "budget_exhausted"
+    reason_prefix = "privacy budget exhausted"
+    """How the reason of a round the coordinator refused for its budget begins."""
 
 
 class StoreError(FlctlError):

@@ -25,6 +25,7 @@ __all__ = [
     "MODEL_ROLLBACK_DEFERRED",
     "MODEL_ROLLBACK_FAILED",
     "MODEL_TAGGED",
+    "PRIVACY_REFUSED",
     "ROUND_CANCELLED",
     "ROUND_COMMITTED",
     "ROUND_FAILED",
@@ -83,6 +84,9 @@ MODEL_ROLLBACK_FAILED = "model.rollback_failed"
 #: data: identity, reason, rpc, serial (the caller's certificate serial, hex, or null); a call
 #: refused because its certificate is revoked
 SECURITY_REFUSED = "security.refused"
+#: data: reason, epsilon (what the round would reach), budget, accountant, delta; a round
+#: refused before it started because it would exceed ``privacy.epsilon_budget``
+PRIVACY_REFUSED = "privacy.refused"
 #: data: tag, version, previous (the version it named before, or None), author
 MODEL_TAGGED = "model.tagged"
 #: data: version, digest, parent, head (whether it became head), file, author

@@ -511,10 +511,13 @@ def _rdp_fits(
 
     orders, step = _rdp_curve(mechanism)
     spent = [(m, count) for m, count in spent if count > 0]
-    base = _rdp_total(spent)[1] if spent else 0 * step
+    # no "0 * step" for an empty ledger: the curve may hold inf at large orders, and 0 * inf
+    # is NaN, which compute_epsilon then reads as "fits" at every k
+    base = _rdp_total(spent)[1] if spent else None
 
     def fits(k: int) -> bool:
-        return float(compute_epsilon(orders, base + k * step, delta)[0]) <= budget
+        total = k * step if base is None else base + k * step
+        return float(compute_epsilon(orders, total, delta)[0]) <= budget
 
     return fits
 

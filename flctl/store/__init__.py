@@ -4,10 +4,12 @@ Callers get frozen records (:class:`ModelRecord`, :class:`RoundRecord`, ...) and
 SQLModel and SQLAlchemy never leave this package. The model registry (tags, lineage, rollback,
 import) is part of :class:`SqlStore`; :func:`verify_models` and :func:`collect_garbage` check
 the blobs against the versions that reference them. Revoked identities and certificates are
-kept in the ``revocations`` table (:func:`revoke`, :func:`is_revoked`, :func:`list_revocations`).
+kept in the ``revocations`` table (:func:`revoke`, :func:`is_revoked`, :func:`list_revocations`);
+rounds charged to the privacy budget in the ``dp_ledger`` table (:func:`charge`, :func:`ledger`).
 """
 
 from flctl.store._blobs import BlobStore, sha256_file
+from flctl.store._ledger import LedgerRecord, charge, ledger
 from flctl.store._records import (
     MODEL_KINDS,
     MODEL_STATUSES,
@@ -44,6 +46,7 @@ __all__ = [
     "ClientRecord",
     "GcReport",
     "LOCAL_AUTHOR",
+    "LedgerRecord",
     "MODEL_KINDS",
     "MODEL_STATUSES",
     "ModelRecord",
@@ -55,8 +58,10 @@ __all__ = [
     "TagRecord",
     "UPDATE_STATUSES",
     "UpdateRecord",
+    "charge",
     "collect_garbage",
     "is_revoked",
+    "ledger",
     "list_revocations",
     "revoke",
     "revoked_identities",

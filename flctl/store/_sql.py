@@ -34,7 +34,10 @@ from flctl.core.errors import (
     StoreError,
 )
 from flctl.core.events import Event
-from flctl.store import _revocations  # noqa: F401  (registers its table before create_all)
+from flctl.store import (
+    _ledger,  # noqa: F401  (registers its table before create_all)
+    _revocations,  # noqa: F401  (registers its table before create_all)
+)
 from flctl.store._records import (
     MODEL_KINDS,
     MODEL_STATUSES,

@@ -133,3 +133,61 @@ def test_missing_required_option_is_a_usage_error() -> None:
 def test_dp_without_a_command_shows_help() -> None:
     result = runner.invoke(app, ["dp"])
     assert "epsilon" in result.output and "plan" in result.output
+
+
+def test_budget_reads_the_ledger_without_a_coordinator(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from flctl.privacy import epsilon, rounds_left
+    from flctl.store import SqlStore, charge
+
+    (tmp_path / "flctl.toml").write_text(
+        '[project]\nname = "p"\n'
+        '[privacy]\nmode = "central"\nnoise_multiplier = 1.0\nclip_norm = 1.0\n'
+        'target_delta = 1e-5\nepsilon_budget = 10.0\nsampling = "poisson"\nsampling_rate = 0.5\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    code, empty = run_json(["dp", "budget"])
+    assert code == 0 and empty["rounds_charged"] == 0
+    assert empty["accountants"]["rdp"]["epsilon_spent"] == 0.0  # type: ignore[index]
+    with SqlStore.open(tmp_path / ".flctl") as store:
+        for r in (1, 2):
+            charge(
+                store,
+                r,
+                mechanism="central",
+                noise_multiplier=1.0,
+                sampling="poisson",
+                sampling_rate=0.5,
+                clip_norm=1.0,
+                epsilon_rdp=epsilon(1.0, r, 1e-5, sampling_rate=0.5),
+                delta=1e-5,
+            )
+    code, doc = run_json(["dp", "budget"])
+    assert code == 0
+    assert (doc["mode"], doc["delta"], doc["budget"], doc["rounds_charged"]) == (
+        "central",
+        1e-5,
+        10.0,
+        2,
+    )
+    rdp = doc["accountants"]["rdp"]  # type: ignore[index]
+    assert rdp["epsilon_spent"] == pytest.approx(epsilon(1.0, 2, 1e-5, sampling_rate=0.5), rel=1e-9)
+    assert rdp["remaining"] == pytest.approx(10.0 - rdp["epsilon_spent"])
+    assert rdp["rounds_left"] == rounds_left(10.0, 1e-5, 1.0, sampling_rate=0.5, rounds_done=2)
+    pld = doc["accountants"]["pld"]  # type: ignore[index]
+    assert pld["epsilon_spent"] == pytest.approx(
+        epsilon(1.0, 2, 1e-5, sampling_rate=0.5, accountant="pld"), rel=1e-6
+    )
+    text = runner.invoke(app, ["dp", "budget"])
+    assert text.exit_code == 0 and "rdp epsilon spent" in text.stdout
+
+
+def test_round_start_exit_code_for_budget_refusals() -> None:
+    from flctl.cli._rounds import rounds_exit_code
+
+    refused = {"status": "failed", "reason": "privacy budget exhausted: epsilon would reach 3 > 2"}
+    other = {"status": "failed", "reason": "the deadline passed with 1 of 2 required updates"}
+    ok = {"status": "committed"}
+    assert rounds_exit_code([ok, refused]) == 61
+    assert rounds_exit_code([refused, refused]) == 61
+    assert rounds_exit_code([ok, other, refused]) == 81
+    assert rounds_exit_code([ok, ok]) == 0

@@ -262,3 +262,11 @@ def test_rounds_left_edges() -> None:
     assert rounds_left(1e4, DELTA, 50.0, sampling_rate=0.01, max_rounds=1000) == 1000
     spent = Accountant(DELTA, [SampledGaussianRound(0.5, sampling_rate=1.0)] * 5)
     assert spent.rounds_left(SampledGaussianRound(0.5, sampling_rate=1.0), 1.0) == 0
+
+
+def test_rounds_left_with_an_empty_ledger_and_inf_in_the_rdp_curve() -> None:
+    # at q = 0.5, z = 1 some RDP orders are inf: an empty ledger must not make them NaN
+    step = SampledGaussianRound(1.0, sampling_rate=0.5)
+    left = Accountant(DELTA).rounds_left(step, 10.0)
+    assert reference(1.0, 0.5, left, "rdp") <= 10.0 < reference(1.0, 0.5, left + 1, "rdp")
+    assert left == rounds_left(10.0, DELTA, 1.0, sampling_rate=0.5)

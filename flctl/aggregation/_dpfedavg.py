@@ -1,0 +1,111 @@
+"""DP-FedAvg with central noise: clipped deltas, equal weights, noise added by the coordinator."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flctl.aggregation._strategy import Strategy, WeightedUpdate
+from flctl.core.errors import InconsistentUpdatesError, NotEnoughUpdatesError, PrivacyError
+from flctl.privacy import clip_factor, delta_norm, gaussian_noise_like, noise_std, secure_generator
+from flctl.tensors import TensorReader, TensorWriter, read_spec, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DpFedAvg"]
+
+
+class DpFedAvg(Strategy):
+    """Client-level DP-FedAvg with central Gaussian noise (McMahan et al., 2018).
+
+    For each update, the delta ``update - base`` is clipped to L2 norm ``clip_norm`` over all its
+    floating-point tensors together (the norm is computed streaming, :func:`flctl.privacy.
+    delta_norm`). The clipped deltas are averaged with **equal weights** over a **fixed
+    denominator**, not over the number of updates received and not weighted by
+    ``num_examples``: a client's example count is private, and a weight that depends on it (or
+    on how many clients answered) would change the sum's sensitivity, which must stay
+    ``clip_norm`` for the noise to give the accounted guarantee. The denominator is the
+    expected number of clients per round: ``sampling_rate * population`` with Poisson sampling,
+    ``sample_size`` with fixed-size sampling. Gaussian noise of std
+    ``noise_multiplier * clip_norm / denominator`` is added to the average, tensor by tensor,
+    from :func:`flctl.privacy.secure_generator` (seeded by the OS, never by the project seed).
+    The new model is ``base + noisy average``; integer tensors (counters) are copied from the
+    base model, never from a client.
+
+    Memory: one accumulator plus one tensor per update read at a time (``pread``), as FedAvg.
+
+    Args:
+        clip_norm: ``C``, > 0.
+        noise_multiplier: ``z``, >= 0 (0 only in tests: no privacy).
+        denominator: What the sum of clipped deltas is divided by, > 0.
+        generator: Where the noise comes from; None draws a fresh secure generator per round.
+            Tests may pass a seeded one.
+    """
+
+    name = "dpfedavg"
+
+    def __init__(
+        self,
+        clip_norm: float,
+        noise_multiplier: float,
+        denominator: float,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.clip_norm = float(clip_norm)
+        self.noise_multiplier = float(noise_multiplier)
+        self.denominator = float(denominator)
+        self.std = noise_std(self.noise_multiplier, self.clip_norm, self.denominator)
+        self._generator = generator
+        self.last_clip_factors: list[float] = []
+        """The clip factor of each update in the last :meth:`aggregate` (for metrics and tests)."""
+
+    def aggregate(self, base: Path, updates: Sequence[WeightedUpdate], out: Path) -> None:
+        """Write ``base + (sum of clipped deltas) / denominator + noise`` to ``out``."""
+        import torch
+
+        if not updates:
+            raise NotEnoughUpdatesError("no updates to aggregate")
+        base_spec = read_spec(base)
+        shape_of = {n: (s.dtype, s.shape) for n, s in base_spec.items()}
+        for update in updates:
+            theirs = read_spec(update.path)
+            if {n: (s.dtype, s.shape) for n, s in theirs.items()} != shape_of:
+                raise InconsistentUpdatesError(
+                    f"update from {update.client_id or update.path.name!r} does not match the "
+                    "model's tensor names, shapes or dtypes"
+                )
+        factors = []
+        for update in updates:
+            norm = delta_norm(update.path, base)
+            if not math.isfinite(norm):  # pragma: no cover - delta_norm raises first
+                raise PrivacyError(f"update from {update.client_id!r} has a non-finite norm")
+            factors.append(clip_factor(norm, self.clip_norm))
+        self.last_clip_factors = factors
+        generator = self._generator or secure_generator()
+        with ExitStack() as stack:
+            base_reader = stack.enter_context(TensorReader(base))
+            readers = [stack.enter_context(TensorReader(u.path)) for u in updates]
+            writer = stack.enter_context(TensorWriter(out, shape_of))
+            for name, spec in base_spec.items():
+                dtype = torch_dtype(spec.dtype)
+                base_tensor = base_reader.read(name)
+                if not dtype.is_floating_point:
+                    writer.write(name, base_tensor)
+                    continue
+                acc = torch.zeros(spec.shape, dtype=torch.float64)
+                base64 = base_tensor.to(torch.float64)
+                del base_tensor
+                for reader, factor in zip(readers, factors, strict=True):
+                    tensor = reader.read(name)
+                    acc.add_(tensor.to(torch.float64).sub_(base64), alpha=factor)
+                    del tensor
+                acc.div_(self.denominator)
+                if self.std > 0:
+                    acc.add_(gaussian_noise_like(acc, self.std, generator))
+                acc.add_(base64)
+                writer.write(name, acc.to(dtype))
+                del acc, base64
