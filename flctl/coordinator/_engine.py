@@ -533,6 +533,20 @@ class RoundEngine:
             delta=p.target_delta,
         )
         log.info("round %d charged to the privacy ledger: epsilon %s", server_round, spent)
+        chosen = spent.get(p.accountant)
+        self._events.emit(
+            ev.PRIVACY_CHARGED,
+            server_round=server_round,
+            data={
+                "epsilon": chosen if chosen is not None else rdp,
+                "accountant": p.accountant if chosen is not None else "rdp",
+                "epsilon_rdp": rdp,
+                "epsilon_pld": spent["pld"],
+                "budget": p.epsilon_budget,
+                "delta": p.target_delta,
+                "noise_multiplier": mechanism.noise_multiplier,
+            },
+        )
         return record
 
     def _still_working(self, client_id: str, server_round: int) -> bool:

@@ -25,6 +25,7 @@ __all__ = [
     "MODEL_ROLLBACK_DEFERRED",
     "MODEL_ROLLBACK_FAILED",
     "MODEL_TAGGED",
+    "PRIVACY_CHARGED",
     "PRIVACY_REFUSED",
     "ROUND_CANCELLED",
     "ROUND_COMMITTED",
@@ -87,6 +88,9 @@ SECURITY_REFUSED = "security.refused"
 #: data: reason, epsilon (what the round would reach), budget, accountant, delta; a round
 #: refused before it started because it would exceed ``privacy.epsilon_budget``
 PRIVACY_REFUSED = "privacy.refused"
+#: data: epsilon (after the round, under the configured accountant), epsilon_rdp, epsilon_pld,
+#: budget, accountant, delta, noise_multiplier; a round charged to the privacy ledger
+PRIVACY_CHARGED = "privacy.charged"
 #: data: tag, version, previous (the version it named before, or None), author
 MODEL_TAGGED = "model.tagged"
 #: data: version, digest, parent, head (whether it became head), file, author

@@ -98,6 +98,11 @@ def _header(state: DashboardState) -> Text:
         (str(state.connected_clients), "bold"),
         (" clients connected" if state.connected_clients != 1 else " client connected", "dim"),
     )
+    if state.privacy is not None:
+        epsilon, budget, accountant = state.privacy
+        text.append("  ·  ε ", style="dim")
+        text.append(f"{epsilon:.3f}", style="bold")
+        text.append(f" of {budget:g} ({accountant})", style="dim")
     if state.state_dir:
         text.append("  ·  state ", style="dim")
         text.append(state.state_dir)

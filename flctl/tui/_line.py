@@ -18,6 +18,8 @@ from flctl.core.events import (
     MODEL_ROLLBACK_DEFERRED,
     MODEL_ROLLBACK_FAILED,
     MODEL_TAGGED,
+    PRIVACY_CHARGED,
+    PRIVACY_REFUSED,
     ROUND_CANCELLED,
     ROUND_COMMITTED,
     ROUND_FAILED,
@@ -225,6 +227,19 @@ def _security_refused(event: Event) -> str:
     return _with_reason(text, get_str(event.data, "reason"))
 
 
+def _privacy_charged(event: Event) -> str:
+    epsilon = get_float(event.data, "epsilon")
+    budget = get_float(event.data, "budget")
+    accountant = get_str(event.data, "accountant", "rdp")
+    spent = "?" if epsilon is None else f"{epsilon:.4f}"
+    of = "" if budget is None else f" of {budget:g}"
+    return f"round {event.server_round} charged: epsilon {spent}{of} ({accountant})"
+
+
+def _privacy_refused(event: Event) -> str:
+    return _with_reason(f"round {event.server_round} refused", get_str(event.data, "reason"))
+
+
 def _model_rollback(event: Event) -> str:
     data = event.data
     return (
@@ -270,6 +285,8 @@ _DESCRIBE: dict[str, Callable[[Event], str]] = {
     COORDINATOR_WARNING: _coordinator_warning,
     IDENTITY_REVOKED: _identity_revoked,
     SECURITY_REFUSED: _security_refused,
+    PRIVACY_CHARGED: _privacy_charged,
+    PRIVACY_REFUSED: _privacy_refused,
     MODEL_ROLLBACK: _model_rollback,
     MODEL_ROLLBACK_DEFERRED: _model_rollback_deferred,
     MODEL_ROLLBACK_FAILED: _model_rollback_failed,

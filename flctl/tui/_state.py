@@ -13,6 +13,7 @@ from flctl.core.events import (
     COORDINATOR_STARTED,
     COORDINATOR_STOPPED,
     MODEL_CREATED,
+    PRIVACY_CHARGED,
     ROUND_CANCELLED,
     ROUND_COMMITTED,
     ROUND_FAILED,
@@ -150,6 +151,8 @@ class DashboardState:
         self.rounds: dict[int, RoundView] = {}
         self.clients: dict[str, ClientView] = {}
         self.head_version: int | None = None
+        #: epsilon spent, budget and accountant, from the latest privacy.charged event
+        self.privacy: tuple[float, float, str] | None = None
         self.last_events: deque[str] = deque(maxlen=LAST_EVENTS)
         self._last_seq = 0
 
@@ -297,6 +300,12 @@ class DashboardState:
         if version is not None and is_head:
             self.head_version = version
 
+    def _privacy_charged(self, event: Event) -> None:
+        epsilon = get_float(event.data, "epsilon")
+        budget = get_float(event.data, "budget")
+        if epsilon is not None and budget is not None:
+            self.privacy = (epsilon, budget, get_str(event.data, "accountant") or "rdp")
+
     def _noop(self, event: Event) -> None:
         """Known types with nothing to fold beyond ``last_seen`` and the footer line."""
 
@@ -314,6 +323,7 @@ _HANDLERS = {
     ROUND_FAILED: DashboardState._round_failed,
     ROUND_CANCELLED: DashboardState._round_cancelled,
     MODEL_CREATED: DashboardState._model_created,
+    PRIVACY_CHARGED: DashboardState._privacy_charged,
     TASK_SENT: DashboardState._noop,
     UPDATE_REJECTED: DashboardState._noop,
     COORDINATOR_STOPPED: DashboardState._noop,

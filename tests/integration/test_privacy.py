@@ -101,9 +101,15 @@ def test_budget_for_three_rounds_refuses_the_fourth(project: Project) -> None:
         want = reference.get_epsilon(DELTA)
         assert math.isclose(rows[-1].epsilon_rdp, want, rel_tol=1e-9)
         assert rows[-1].epsilon_rdp <= budget
-        types = [e.type for e in store.events_since(0, limit=10_000)]
+        events = store.events_since(0, limit=10_000)
+        types = [e.type for e in events]
         assert types.count("privacy.refused") == 1
         assert types.count("round.committed") == 3
+        # each charge is in the event log too, for round watch and the panels
+        charged = [e for e in events if e.type == "privacy.charged"]
+        assert [e.server_round for e in charged] == [r.round_id for r in rows]
+        assert math.isclose(charged[-1].data["epsilon"], rows[-1].epsilon_rdp, rel_tol=1e-12)
+        assert charged[-1].data["budget"] == budget
     finally:
         store.close()
 

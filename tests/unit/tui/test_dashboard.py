@@ -512,3 +512,34 @@ def test_all_is_sorted_and_complete() -> None:
     assert flctl.tui.__all__ == sorted(flctl.tui.__all__)
     public = {name for name in vars(flctl.tui) if not name.startswith("_")}
     assert set(flctl.tui.__all__) == public
+
+
+def test_privacy_spent_against_budget_in_header_and_lines() -> None:
+    import io
+
+    from rich.console import Console
+
+    from flctl.core import Event
+    from flctl.tui import DashboardState, event_line, render_dashboard
+
+    state = DashboardState(title="t")
+    charged = Event(
+        seq=1,
+        time=0.0,
+        type="privacy.charged",
+        server_round=3,
+        data={"epsilon": 1.2345, "budget": 3.0, "accountant": "rdp"},
+    )
+    state.apply(charged)
+    console = Console(file=io.StringIO(), width=120, force_terminal=False, color_system=None)
+    console.print(render_dashboard(state, now=0.0))
+    assert "ε 1.234 of 3 (rdp)" in console.file.getvalue()  # type: ignore[attr-defined]
+    assert "round 3 charged: epsilon 1.2345 of 3 (rdp)" in event_line(charged)
+    refused = Event(
+        seq=2,
+        time=0.0,
+        type="privacy.refused",
+        server_round=4,
+        data={"reason": "privacy budget exhausted"},
+    )
+    assert "round 4 refused: privacy budget exhausted" in event_line(refused)
