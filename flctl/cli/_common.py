@@ -16,7 +16,7 @@ from flctl.coordinator import read_serve_file
 from flctl.core import Config, find_project, load_config
 from flctl.core.errors import ConnectError, StoreError
 from flctl.security import load_credentials
-from flctl.transport.grpc import AdminClient, insecure_channel, pb, secure_channel, wait_ready
+from flctl.transport.grpc import AdminClient, insecure_channel, pb, secure_channel
 
 __all__ = [
     "admin_client",
@@ -146,8 +146,3 @@ def round_dict(info: pb.RoundInfo) -> dict[str, Any]:
     if info.model_version:
         out["model_version"] = int(info.model_version)
     return out
-
-
-async def wait_admin_ready(client: AdminClient, timeout: float) -> None:
-    """Wait for the admin channel to connect."""
-    await wait_ready(client.channel, timeout)

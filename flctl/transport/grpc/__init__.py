@@ -16,7 +16,7 @@ from flctl.transport.grpc._channel import (  # noqa: E402
     secure_channel,
     split_address,
 )
-from flctl.transport.grpc._clients import AdminClient, CoordinatorClient, wait_ready
+from flctl.transport.grpc._clients import AdminClient, CoordinatorClient
 from flctl.transport.grpc._proto import flctl_pb2 as pb
 from flctl.transport.grpc._server import ServerCredentials, start_server
 from flctl.transport.grpc._servicers import (
@@ -72,5 +72,4 @@ __all__ = [
     "status_for",
     "to_value_map",
     "translate_rpc_error",
-    "wait_ready",
 ]

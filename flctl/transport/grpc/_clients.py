@@ -16,19 +16,7 @@ from flctl.transport.grpc._servicers import IDENTITY_METADATA_KEY, ROLE_METADATA
 from flctl.transport.grpc._status import map_rpc_errors
 from flctl.transport.grpc._wire import UploadItem, decode_chunk, encode_upload
 
-__all__ = ["AdminClient", "CoordinatorClient", "wait_ready"]
-
-
-async def wait_ready(channel: grpc.aio.Channel, timeout: float) -> None:
-    """Wait until the channel connects (TLS handshake included), or raise a flctl error."""
-    import asyncio
-
-    from flctl.core.errors import ConnectError
-
-    try:
-        await asyncio.wait_for(channel.channel_ready(), timeout)
-    except TimeoutError:
-        raise ConnectError(f"no coordinator answered within {timeout:.0f} s") from None
+__all__ = ["AdminClient", "CoordinatorClient", "Sink"]
 
 
 class Sink(Protocol):
