@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from flctl.core import Config
     from flctl.security import CertificateEntry, IssueReport, Role
     from flctl.store import RevocationRecord
+    from flctl.transport.grpc import AdminClient
 
 __all__ = ["certs_app"]
 
@@ -402,14 +403,10 @@ class _Revoked:
 
 def _revoke_online(config: Config, identity: str, serial: int | None, reason: str) -> _Revoked:
     """Revoke through the running coordinator's Admin service (audited as the admin)."""
-    from flctl.cli._common import admin_client, run_async
+    from flctl.cli._common import call_admin
 
-    async def call() -> _Revoked:
-        client = admin_client(config, None)
-        try:
-            reply = await client.revoke(identity, serial=serial, reason=reason)
-        finally:
-            await client.close()
+    async def call(client: AdminClient) -> _Revoked:
+        reply = await client.revoke(identity, serial=serial, reason=reason)
         return _Revoked(
             int(reply.serial, 16) if reply.serial else None,
             reply.reason,
@@ -419,7 +416,7 @@ def _revoke_online(config: Config, identity: str, serial: int | None, reason: st
             reply.already_revoked,
         )
 
-    return run_async(call())
+    return call_admin(config, None, call)
 
 
 def _parse_serial(text: str) -> int:

@@ -20,6 +20,7 @@ from flctl.transport.grpc import AdminClient, insecure_channel, pb, secure_chann
 
 __all__ = [
     "admin_client",
+    "call_admin",
     "coordinator_address",
     "load_project",
     "lock_or_running",
@@ -108,6 +109,21 @@ def admin_client(config: Config, server: str | None, *, admin: str = "admin") ->
         return AdminClient(insecure_channel(address), identity=admin)
     cert, key, ca = load_credentials(config.certs_path, admin)
     return AdminClient(secure_channel(address, cert_pem=cert, key_pem=key, ca_pem=ca))
+
+
+def call_admin(
+    config: Config, server: str | None, call: Callable[[AdminClient], Awaitable[T]]
+) -> T:
+    """Open an Admin connection, run ``call(client)`` to completion, close the connection."""
+
+    async def main() -> T:
+        client = admin_client(config, server)
+        try:
+            return await call(client)
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
 
 
 async def retry_connect(

@@ -135,20 +135,6 @@ def _offline_lock(config: Config) -> Iterator[None]:
         yield
 
 
-def _admin_call(config: Config, call: Any) -> Any:
-    """Run ``call(client)`` against the running coordinator's Admin service."""
-    from flctl.cli._common import admin_client, run_async
-
-    async def main() -> Any:
-        client = admin_client(config, None)
-        try:
-            return await call(client)
-        finally:
-            await client.close()
-
-    return run_async(main())
-
-
 def _tags_by_version(store: SqlStore) -> dict[int, list[str]]:
     out: dict[int, list[str]] = {}
     for tag in store.list_tags():
@@ -589,12 +575,13 @@ def _print_rollback(
 
 def _rollback_online(config: Config, ref: str, reason: str, json_output: bool) -> None:
     """Roll back through the running coordinator (serialised with its rounds)."""
+    from flctl.cli._common import call_admin
     from flctl.transport.grpc import AdminClient
 
     async def call(client: AdminClient) -> Any:
         return await client.rollback(ref, reason=reason)
 
-    reply = _admin_call(config, call)
+    reply = call_admin(config, None, call)
     out = Output(json_mode=json_output)
     if reply.deferred:
         server_round = int(reply.server_round)
@@ -644,7 +631,9 @@ def models_tag(
             async def call(client: AdminClient) -> Any:
                 return await client.tag(ref, name, force=force)
 
-            reply = _admin_call(config, call)
+            from flctl.cli._common import call_admin
+
+            reply = call_admin(config, None, call)
             version, before = int(reply.version), int(reply.previous) or None
         else:
             with _open_state(config) as (store, _):

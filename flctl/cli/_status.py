@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated, Any
 
@@ -23,20 +22,12 @@ def round_status(
     *, server: str | None, config_path: Any, round_ids: list[int], json_output: bool
 ) -> dict[str, Any]:
     """Print rounds (all, or ``round_ids``), the head version and connected clients."""
-    from flctl.cli._common import admin_client, load_project, round_dict
+    from flctl.cli._common import call_admin, load_project, round_dict
 
     config = load_project(config_path)
     out = Output(json_mode=json_output)
-
-    async def main() -> Any:
-        client = admin_client(config, server)
-        try:
-            return await client.status(round_ids)
-        finally:
-            await client.close()
-
-    reply = asyncio.run(main())
-    document = {
+    reply = call_admin(config, server, lambda client: client.status(round_ids))
+    document: dict[str, Any] = {
         "rounds": [round_dict(r) for r in reply.rounds],
         "head": int(reply.head_version) or None,
         "connected_clients": int(reply.connected_clients),
@@ -77,19 +68,11 @@ def round_status(
 
 def _client_rows(config: Any, server: str | None) -> tuple[list[dict[str, Any]], bool]:
     """Clients from the running coordinator (live states), else from the store (offline)."""
-    from flctl.cli._common import admin_client
+    from flctl.cli._common import call_admin
     from flctl.coordinator import read_serve_file
 
     if server or read_serve_file(config.state_path):
-
-        async def main() -> Any:
-            client = admin_client(config, server)
-            try:
-                return await client.list_clients()
-            finally:
-                await client.close()
-
-        reply = asyncio.run(main())
+        reply = call_admin(config, server, lambda client: client.list_clients())
         return [
             {
                 "client_id": c.client_id,

@@ -30,12 +30,12 @@ from flctl.core.errors import (
     DeadlineExceededError,
     FlctlError,
     IntegrityError,
-    InvalidInputError,
     PermissionDeniedError,
     ProtocolMismatchError,
     TaskError,
     TransportError,
 )
+from flctl.store import BlobStore
 from flctl.tensors import (
     fingerprint,
     load_parameters,
@@ -100,9 +100,7 @@ class ClientCache:
 
     def path(self, digest: str) -> Path:
         """Where a complete blob lives."""
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise InvalidInputError(f"invalid digest {digest[:80]!r}")
-        return self.root / "blobs" / digest
+        return self.root / "blobs" / BlobStore.check_digest(digest)
 
     def partial(self, digest: str) -> Path:
         """Where an interrupted download of ``digest`` is kept."""
