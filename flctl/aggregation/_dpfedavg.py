@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flctl.aggregation._strategy import Strategy, WeightedUpdate
-from flctl.core.errors import InconsistentUpdatesError, NotEnoughUpdatesError, PrivacyError
-from flctl.privacy import clip_factor, delta_norm, gaussian_noise_like, noise_std, secure_generator
-from flctl.tensors import TensorReader, TensorWriter, read_spec, torch_dtype
+from flctl.aggregation._updates import open_updates
+from flctl.core.errors import InvalidInputError, NotEnoughUpdatesError, PrivacyError
+from flctl.privacy import clip_factor, gaussian_noise_like, noise_std, secure_generator
+from flctl.tensors import TensorReader, TensorWriter, UpdateReader, read_spec, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -23,18 +24,18 @@ class DpFedAvg(Strategy):
     """Client-level DP-FedAvg with central Gaussian noise (McMahan et al., 2018).
 
     For each update, the delta ``update - base`` is clipped to L2 norm ``clip_norm`` over all its
-    floating-point tensors together (the norm is computed streaming, :func:`flctl.privacy.
-    delta_norm`). The clipped deltas are averaged with **equal weights** over a **fixed
-    denominator**, not over the number of updates received and not weighted by
-    ``num_examples``: a client's example count is private, and a weight that depends on it (or
-    on how many clients answered) would change the sum's sensitivity, which must stay
-    ``clip_norm`` for the noise to give the accounted guarantee. The denominator is the
-    expected number of clients per round: ``sampling_rate * population`` with Poisson sampling,
-    ``sample_size`` with fixed-size sampling. Gaussian noise of std
-    ``noise_multiplier * clip_norm / denominator`` is added to the average, tensor by tensor,
-    from :func:`flctl.privacy.secure_generator` (seeded by the OS, never by the project seed).
-    The new model is ``base + noisy average``; integer tensors (counters) are copied from the
-    base model, never from a client.
+    floating-point tensors together (the norm is computed streaming, in float64, as
+    :func:`flctl.privacy.delta_norm` does). A delta-encoded update's delta is used as it arrived
+    (cast to float64), with no subtraction. The clipped deltas are averaged with **equal weights**
+    over a **fixed denominator**, not over the number of updates received and not weighted by
+    ``num_examples``: a client's example count is private, and a weight that depends on it (or on
+    how many clients answered) would change the sum's sensitivity, which must stay ``clip_norm`` for
+    the noise to give the accounted guarantee. The denominator is the expected number of clients per
+    round: ``sampling_rate * population`` with Poisson sampling, ``sample_size`` with fixed-size
+    sampling. Gaussian noise of std ``noise_multiplier * clip_norm / denominator`` is added to the
+    average, tensor by tensor, from :func:`flctl.privacy.secure_generator` (seeded by the OS, never
+    by the project seed). The new model is ``base + noisy average``; integer tensors (counters) are
+    copied from the base model, never from a client.
 
     Memory: one accumulator plus one tensor per update read at a time (``pread``), as FedAvg.
 
@@ -71,24 +72,17 @@ class DpFedAvg(Strategy):
             raise NotEnoughUpdatesError("no updates to aggregate")
         base_spec = read_spec(base)
         shape_of = {n: (s.dtype, s.shape) for n, s in base_spec.items()}
-        for update in updates:
-            theirs = read_spec(update.path)
-            if {n: (s.dtype, s.shape) for n, s in theirs.items()} != shape_of:
-                raise InconsistentUpdatesError(
-                    f"update from {update.client_id or update.path.name!r} does not match the "
-                    "model's tensor names, shapes or dtypes"
-                )
-        factors = []
-        for update in updates:
-            norm = delta_norm(update.path, base)
-            if not math.isfinite(norm):  # pragma: no cover - delta_norm raises first
-                raise PrivacyError(f"update from {update.client_id!r} has a non-finite norm")
-            factors.append(clip_factor(norm, self.clip_norm))
-        self.last_clip_factors = factors
-        generator = self._generator or secure_generator()
         with ExitStack() as stack:
             base_reader = stack.enter_context(TensorReader(base))
-            readers = [stack.enter_context(TensorReader(u.path)) for u in updates]
+            readers = open_updates(stack, base_reader, updates)
+            factors = []
+            for reader, update in zip(readers, updates, strict=True):
+                norm = _delta_norm(reader, base_reader)
+                if not math.isfinite(norm):  # pragma: no cover - _delta_norm raises first
+                    raise PrivacyError(f"update from {update.client_id!r} has a non-finite norm")
+                factors.append(clip_factor(norm, self.clip_norm))
+            self.last_clip_factors = factors
+            generator = self._generator or secure_generator()
             writer = stack.enter_context(TensorWriter(out, shape_of))
             for name, spec in base_spec.items():
                 dtype = torch_dtype(spec.dtype)
@@ -100,12 +94,28 @@ class DpFedAvg(Strategy):
                 base64 = base_tensor.to(torch.float64)
                 del base_tensor
                 for reader, factor in zip(readers, factors, strict=True):
-                    tensor = reader.read(name)
-                    acc.add_(tensor.to(torch.float64).sub_(base64), alpha=factor)
-                    del tensor
+                    delta = reader.read_delta(name, dtype=torch.float64, base_tensor=base64)
+                    acc.add_(delta, alpha=factor)
+                    del delta
                 acc.div_(self.denominator)
                 if self.std > 0:
                     acc.add_(gaussian_noise_like(acc, self.std, generator))
                 acc.add_(base64)
                 writer.write(name, acc.to(dtype))
                 del acc, base64
+
+
+def _delta_norm(update: UpdateReader, base: TensorReader) -> float:
+    """The L2 norm of an update's delta over every floating-point tensor, in float64."""
+    import torch
+
+    total = 0.0
+    for name, spec in base.specs.items():
+        if not torch_dtype(spec.dtype).is_floating_point:
+            continue
+        delta = update.read_delta(name, dtype=torch.float64).reshape(-1)
+        total += float(torch.dot(delta, delta))
+        del delta
+    if not math.isfinite(total):
+        raise InvalidInputError(f"{update.path.name} holds NaN or Inf values")
+    return math.sqrt(total)

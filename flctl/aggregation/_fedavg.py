@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flctl.aggregation._strategy import Strategy, WeightedUpdate
+from flctl.aggregation._updates import open_updates
 from flctl.core.errors import InconsistentUpdatesError, NotEnoughUpdatesError
 from flctl.tensors import TensorReader, TensorWriter, read_spec, torch_dtype
 
@@ -27,6 +28,11 @@ class FedAvg(Strategy):
     memory map that would keep K models resident), added to one accumulator and dropped, and
     the result is written tensor by tensor: peak memory is one accumulator plus one tensor,
     whatever the number of clients.
+
+    Updates may come in any encoding (:class:`flctl.tensors.UpdateEncoding`): each is read back
+    as the client's values (base + delta for a delta, in float32 from half precision), so the
+    average is that of the models the clients trained, up to the encoding's rounding. When
+    some update is a delta, the base tensor is read once per tensor and shared.
     """
 
     name = "fedavg"
@@ -45,16 +51,13 @@ class FedAvg(Strategy):
                     f"update from {update.client_id or update.path.name!r} has "
                     f"num_examples={update.num_examples}"
                 )
-            theirs = read_spec(update.path)
-            if {n: (s.dtype, s.shape) for n, s in theirs.items()} != shape_of:
-                raise InconsistentUpdatesError(
-                    f"update from {update.client_id or update.path.name!r} does not match the "
-                    "model's tensor names, shapes or dtypes"
-                )
         total = float(sum(u.num_examples for u in updates))
         heaviest = max(range(len(updates)), key=lambda i: updates[i].num_examples)
         with ExitStack() as stack:
-            readers = [stack.enter_context(TensorReader(u.path)) for u in updates]
+            base_reader = stack.enter_context(TensorReader(base))
+            # every update is checked against the model before the output file exists
+            readers = open_updates(stack, base_reader, updates)
+            has_delta = any(reader.is_delta for reader in readers)
             writer = stack.enter_context(TensorWriter(out, shape_of))
             for name, spec in base_spec.items():
                 dtype = torch_dtype(spec.dtype)
@@ -65,12 +68,13 @@ class FedAvg(Strategy):
                 # terms loses at most about K float32 ulps; float64 models keep float64
                 acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
                 acc = torch.zeros(spec.shape, dtype=acc_dtype)
+                base_tensor = base_reader.read(name).to(acc_dtype) if has_delta else None
                 for reader, update in zip(readers, updates, strict=True):
-                    tensor = reader.read(name)
+                    tensor = reader.read(name, dtype=acc_dtype, base_tensor=base_tensor)
                     acc.add_(tensor, alpha=update.num_examples / total)
                     del tensor
                 writer.write(name, acc.to(dtype))
-                del acc
+                del acc, base_tensor
 
 
 def fedavg_in_memory(

@@ -12,12 +12,21 @@ from flctl.tensors._codec import (
     spec_of,
 )
 from flctl.tensors._diff import diff_tensors, save_torch_state_dict
+from flctl.tensors._encoding import (
+    UPDATE_DTYPES,
+    UPDATE_ENCODINGS,
+    UpdateEncoding,
+    UpdateReader,
+    encode_update,
+    expected_update_spec,
+)
 from flctl.tensors._spec import (
     DTYPE_SIZES,
     MAX_HEADER_BYTES,
     TensorSpec,
     compare_specs,
     fingerprint,
+    read_metadata,
     read_spec,
     read_spec_bytes,
 )
@@ -31,11 +40,18 @@ __all__ = [
     "TensorReader",
     "TensorSpec",
     "TensorWriter",
+    "UPDATE_DTYPES",
+    "UPDATE_ENCODINGS",
+    "UpdateEncoding",
+    "UpdateReader",
     "check_update",
     "compare_specs",
     "diff_tensors",
+    "encode_update",
+    "expected_update_spec",
     "fingerprint",
     "load_parameters",
+    "read_metadata",
     "read_spec",
     "read_spec_bytes",
     "save_parameters",

@@ -23,6 +23,7 @@ __all__ = [
     "TensorSpec",
     "compare_specs",
     "fingerprint",
+    "read_metadata",
     "read_spec",
     "read_spec_bytes",
 ]
@@ -65,6 +66,21 @@ class TensorSpec:
 
 
 def _parse_header(raw: bytes, data_size: int) -> dict[str, TensorSpec]:
+    return _parse_header_and_metadata(raw, data_size)[0]
+
+
+def _parse_metadata(header: dict[str, Any]) -> dict[str, str]:
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise InvalidInputError("not a safetensors file: __metadata__ is not a map of strings")
+    return metadata
+
+
+def _parse_header_and_metadata(
+    raw: bytes, data_size: int
+) -> tuple[dict[str, TensorSpec], dict[str, str]]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -103,7 +119,7 @@ def _parse_header(raw: bytes, data_size: int) -> dict[str, TensorSpec]:
     for (_, prev_end), (begin, _) in zip(spans, spans[1:], strict=False):
         if begin < prev_end:
             raise InvalidInputError("not a safetensors file: tensor data overlaps")
-    return specs
+    return specs, _parse_metadata(header)
 
 
 def read_spec(path: Path) -> dict[str, TensorSpec]:
@@ -112,6 +128,22 @@ def read_spec(path: Path) -> dict[str, TensorSpec]:
     Raises:
         InvalidInputError: The file is truncated, its header malformed or inconsistent.
     """
+    return _read_header(path)[0]
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """Read the ``__metadata__`` strings of a safetensors file (empty when it has none).
+
+    The whole header is validated, as :func:`read_spec` does.
+
+    Raises:
+        InvalidInputError: The file is truncated, its header malformed or inconsistent, or
+            ``__metadata__`` is not a map of strings to strings.
+    """
+    return _read_header(path)[1]
+
+
+def _read_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
     size = path.stat().st_size
     with path.open("rb") as fh:
         prefix = fh.read(8)
@@ -121,7 +153,7 @@ def read_spec(path: Path) -> dict[str, TensorSpec]:
         if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
             raise InvalidInputError(f"not a safetensors file: header length {header_len} is off")
         raw = fh.read(header_len)
-    return _parse_header(raw, size - 8 - header_len)
+    return _parse_header_and_metadata(raw, size - 8 - header_len)
 
 
 def read_spec_bytes(data: bytes, *, data_size: int | None = None) -> dict[str, TensorSpec]:

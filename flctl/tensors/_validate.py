@@ -3,8 +3,9 @@
 The header comes first: it is parsed and compared with the model (names, dtypes, shapes) as
 soon as it is complete, so a wrong update is refused before its bulk is received. Every
 floating-point value is then checked for NaN and Inf as it streams by, on its raw bits (the
-exponent field all ones), which works alike for float64, float32, float16 and bfloat16 and
-needs no second read of the file.
+exponent field all ones, per dtype: 11 bits for float64, 8 for float32 and bfloat16, 5 for
+float16), which works alike for the model's dtype and the half-precision dtypes updates may
+travel in (``client.update_dtype``), and needs no second read of the file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from collections.abc import Mapping
 import numpy as np
 
 from flctl.core.errors import InvalidInputError, LimitExceededError
-from flctl.tensors._spec import MAX_HEADER_BYTES, TensorSpec, compare_specs, read_spec_bytes
+from flctl.tensors._spec import (
+    MAX_HEADER_BYTES,
+    TensorSpec,
+    _parse_header_and_metadata,
+    compare_specs,
+)
 
 __all__ = ["StreamValidator"]
 
@@ -32,17 +38,29 @@ class StreamValidator:
     """Validates a safetensors file fed in pieces.
 
     Args:
-        expected: The model's specs; the update must have exactly these names, dtypes and
-            shapes (offsets may differ).
+        expected: The specs the update must have: exactly these names, dtypes and shapes
+            (offsets may differ). For an update in another encoding than the model's own,
+            :func:`flctl.tensors.expected_update_spec` gives them.
         total_size: The size the upload announced.
+        metadata: When given, the ``flctl.*`` keys of the file's ``__metadata__`` must be
+            exactly these (``UpdateEncoding.to_metadata()``), so that a file whose encoding
+            differs from what its upload header announced is refused with its header.
 
     Raises (from :meth:`feed` and :meth:`finish`):
-        InvalidInputError: Header malformed or different from the model, a NaN or Inf, or the
-            stream ends early.
+        InvalidInputError: Header malformed or different from the model, metadata different
+            from ``metadata``, a NaN or Inf, or the stream ends early.
     """
 
-    def __init__(self, expected: Mapping[str, TensorSpec], total_size: int) -> None:
+    def __init__(
+        self,
+        expected: Mapping[str, TensorSpec],
+        total_size: int,
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         self._expected = expected
+        self._want_metadata = None if metadata is None else dict(metadata)
+        self._metadata: dict[str, str] | None = None
         self._total = total_size
         self._received = 0
         self._prefix = bytearray()
@@ -52,6 +70,17 @@ class StreamValidator:
         self._span = 0
         self._carry = b""  # bytes of an element split across two pieces
         self.specs: dict[str, TensorSpec] | None = None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The file's ``__metadata__`` strings (empty when it has none).
+
+        Raises:
+            RuntimeError: The header has not arrived yet.
+        """
+        if self._metadata is None:
+            raise RuntimeError("the update's header has not arrived yet")
+        return dict(self._metadata)
 
     def feed(self, data: bytes | memoryview) -> None:
         """Check the next piece of the file."""
@@ -85,11 +114,18 @@ class StreamValidator:
             raise LimitExceededError(f"safetensors header length {header_len} is off")
         if len(self._prefix) < 8 + header_len:
             return False
-        # read_spec_bytes checks offsets against the data size the upload announced
-        header = bytes(self._prefix[: 8 + header_len])
-        specs = read_spec_bytes(header, data_size=self._total - 8 - header_len)
+        # offsets are checked against the data size the upload announced
+        header = bytes(self._prefix[8 : 8 + header_len])
+        specs, metadata = _parse_header_and_metadata(header, self._total - 8 - header_len)
+        if self._want_metadata is not None:
+            ours = {k: v for k, v in metadata.items() if k.startswith("flctl.")}
+            if ours != self._want_metadata:
+                raise InvalidInputError(
+                    f"update metadata {ours} differs from its upload header's {self._want_metadata}"
+                )
         compare_specs(self._expected, specs)
         self.specs = specs
+        self._metadata = metadata
         self._data_start = 8 + header_len
         self._spans = sorted(
             (s.begin, s.end, s.dtype, s.name) for s in specs.values() if s.dtype in _FLOAT_BITS

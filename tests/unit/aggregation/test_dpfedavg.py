@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from flctl.aggregation import DpFedAvg, WeightedUpdate
 from flctl.core.errors import InconsistentUpdatesError, NotEnoughUpdatesError, PrivacyError
-from flctl.tensors import load_parameters, save_parameters
+from flctl.tensors import encode_update, load_parameters, save_parameters
 
 
 def write(path: Path, params: dict[str, torch.Tensor]) -> Path:
@@ -125,3 +125,42 @@ def test_errors(tmp_path: Path) -> None:
         DpFedAvg(1.0, 1.0, 1.0).aggregate(base, [WeightedUpdate(other, 1)], tmp_path / "out")
     with pytest.raises(PrivacyError):
         DpFedAvg(1.0, 1.0, 0.0)
+
+
+def test_a_delta_encoded_update_is_clipped_as_its_full_twin(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(3)
+    base = {
+        "w": torch.randn(6, 5, generator=gen, dtype=torch.float64),
+        "count": torch.tensor(4, dtype=torch.int64),
+    }
+    trained = {"w": base["w"] + 3.0 * torch.randn(6, 5, generator=gen, dtype=torch.float64)}
+    trained["count"] = torch.tensor(50, dtype=torch.int64)
+    base_path = write(tmp_path / "base", base)
+    full = write(tmp_path / "full", trained)
+    # "float32" keeps the model's float64: the delta is exact up to one float64 rounding
+    encode_update(base_path, trained, tmp_path / "d64", encoding="delta", dtype="float32")
+    encode_update(base_path, trained, tmp_path / "dbf", encoding="delta", dtype="bfloat16")
+    outs = {}
+    factors = {}
+    for name, path in (("full", full), ("d64", tmp_path / "d64"), ("dbf", tmp_path / "dbf")):
+        strategy = DpFedAvg(1.0, 0.0, 1.0)
+        strategy.aggregate(base_path, [WeightedUpdate(path, 1, name)], tmp_path / f"out-{name}")
+        outs[name] = load_parameters(tmp_path / f"out-{name}")
+        factors[name] = strategy.last_clip_factors[0]
+    assert factors["d64"] == pytest.approx(factors["full"], rel=1e-12)
+    torch.testing.assert_close(outs["d64"]["w"], outs["full"]["w"], rtol=1e-12, atol=1e-12)
+    # a bfloat16 delta is clipped as it arrived: its contribution is still at most C
+    assert _norm(outs["dbf"], base) <= 1.0 * (1 + 1e-9)
+    assert factors["dbf"] == pytest.approx(factors["full"], rel=2.0**-7)
+    assert all(out["count"].item() == 4 for out in outs.values())
+
+
+def test_a_delta_from_another_model_is_refused(tmp_path: Path) -> None:
+    base = write(tmp_path / "base", {"w": torch.zeros(3)})
+    stale = write(tmp_path / "stale", {"w": torch.ones(3)})
+    encode_update(stale, {"w": torch.ones(3)}, tmp_path / "u", encoding="delta", dtype="float16")
+    with pytest.raises(InconsistentUpdatesError, match="'c1'.*not from this round's model"):
+        DpFedAvg(1.0, 0.0, 1.0).aggregate(
+            base, [WeightedUpdate(tmp_path / "u", 1, "c1")], tmp_path / "out"
+        )
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,13 @@ from hypothesis import strategies as st
 
 from flctl.aggregation import FedAvg, WeightedUpdate, fedavg_in_memory, strategy_for
 from flctl.core.errors import InconsistentUpdatesError, NotEnoughUpdatesError
-from flctl.tensors import load_parameters, save_parameters
+from flctl.tensors import (
+    TensorReader,
+    UpdateReader,
+    encode_update,
+    load_parameters,
+    save_parameters,
+)
 
 
 def write(path: Path, params: dict[str, torch.Tensor]) -> Path:
@@ -72,6 +78,85 @@ def test_identical_updates_return_that_update_and_order_does_not_matter(
     fwd, rev = load_parameters(folder / "fwd"), load_parameters(folder / "rev")
     for name in fwd:
         assert torch.allclose(fwd[name].double(), rev[name].double(), atol=1e-3)
+
+
+ENCODINGS = st.tuples(
+    st.sampled_from(["full", "delta"]), st.sampled_from(["float32", "float16", "bfloat16"])
+)
+# per-element rounding of each travel dtype (relative to the travelled value), docs/benchmarks.md
+UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+@settings(max_examples=40, deadline=None)
+@given(fed=federations(), encodings=st.lists(ENCODINGS, min_size=5, max_size=5))
+def test_mixed_encodings_average_the_rebuilt_models(
+    tmp_path_factory: pytest.TempPathFactory,
+    fed: tuple[list[dict[str, torch.Tensor]], list[int]],
+    encodings: list[tuple[str, str]],
+) -> None:
+    models, weights = fed
+    folder = tmp_path_factory.mktemp("agg")
+    # a base near the clients' models, as a round's start is
+    base_model = {n: (t.double() + 0.5).to(t.dtype) for n, t in models[0].items()}
+    base = write(folder / "base", base_model)
+    updates = []
+    for i, (model, weight) in enumerate(zip(models, weights, strict=True)):
+        encoding, dtype = encodings[i]
+        encode_update(base, model, folder / f"u{i}", encoding=encoding, dtype=dtype)
+        updates.append(WeightedUpdate(folder / f"u{i}", weight, f"c{i}"))
+    FedAvg().aggregate(base, updates, folder / "out")
+    got = load_parameters(folder / "out")
+    rebuilt = []
+    with TensorReader(base) as reader:
+        for update in updates:
+            with UpdateReader(update.path, reader) as u:
+                rebuilt.append({n: u.read(n) for n in base_model})
+    want = fedavg_in_memory(rebuilt, weights)
+    exact = fedavg_in_memory(models, weights)
+    is_half_model = models[0]["t0"].dtype == torch.float16
+    tol = 1e-2 if is_half_model else 1e-6
+    total = float(sum(weights))
+    for name, tensor in got.items():
+        assert tensor.dtype == models[0][name].dtype
+        # the streaming mean is the mean of what the coordinator rebuilt
+        assert torch.allclose(tensor.double(), want[name].double(), atol=tol, rtol=tol)
+        # and within the encodings' rounding of the mean of what the clients trained
+        limit = torch.zeros(tensor.shape, dtype=torch.float64)
+        # one encoding per client (k <= 5 clients)
+        for model, weight, (encoding, dtype) in zip(models, weights, encodings, strict=False):
+            travelled = model[name].double() - (
+                base_model[name].double() if encoding == "delta" else 0.0
+            )
+            limit += (weight / total) * UNIT_ROUNDOFF.get(dtype, 0.0) * travelled.abs()
+        error = (tensor.double() - exact[name].double()).abs()
+        assert bool((error <= limit * 1.001 + tol * (1 + exact[name].double().abs())).all())
+
+
+def test_a_delta_from_another_model_is_refused(tmp_path: Path) -> None:
+    base = write(tmp_path / "base", {"w": torch.zeros(3)})
+    stale = write(tmp_path / "stale", {"w": torch.ones(3)})
+    encode_update(stale, {"w": torch.ones(3)}, tmp_path / "u", encoding="delta", dtype="float16")
+    ok = WeightedUpdate(write(tmp_path / "ok", {"w": torch.ones(3)}), 1, "c1")
+    with pytest.raises(InconsistentUpdatesError, match="'c2'.*not from this round's model"):
+        FedAvg().aggregate(base, [ok, WeightedUpdate(tmp_path / "u", 1, "c2")], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_integer_tensors_of_a_delta_update_are_its_own(tmp_path: Path) -> None:
+    base_model = {"n": torch.tensor(0), "w": torch.zeros(2)}
+    base = write(tmp_path / "base", base_model)
+    encode_update(
+        base,
+        {"n": torch.tensor(9), "w": torch.full((2,), 2.0)},
+        tmp_path / "b",
+        encoding="delta",
+        dtype="bfloat16",
+    )
+    a = WeightedUpdate(write(tmp_path / "a", {"n": torch.tensor(5), "w": torch.ones(2)}), 1)
+    FedAvg().aggregate(base, [a, WeightedUpdate(tmp_path / "b", 3)], tmp_path / "out")
+    out = load_parameters(tmp_path / "out")
+    assert int(out["n"]) == 9
+    assert torch.equal(out["w"], torch.full((2,), 1.75))
 
 
 def test_weighting_by_num_examples(tmp_path: Path) -> None:

@@ -6,7 +6,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flctl.core.errors import InvalidInputError
-from flctl.tensors import StreamValidator, check_update, read_spec, save_parameters
+from flctl.tensors import (
+    StreamValidator,
+    UpdateEncoding,
+    check_update,
+    encode_update,
+    expected_update_spec,
+    read_spec,
+    save_parameters,
+    sha256_file,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -88,3 +97,51 @@ def test_truncated_and_garbage(tmp_path: Path) -> None:
         )
     with pytest.raises(InvalidInputError):
         StreamValidator(spec, 20).feed(b"\xff" * 20)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_updates_and_their_metadata(tmp_path: Path, dtype: str) -> None:
+    base = {"w": torch.randn(5, 7), "n": torch.tensor([2], dtype=torch.int64)}
+    save_parameters(base, tmp_path / "model")
+    trained = {"w": base["w"] + 0.01, "n": base["n"]}
+    encode_update(tmp_path / "model", trained, tmp_path / "u", encoding="delta", dtype=dtype)
+    data = (tmp_path / "u").read_bytes()
+    model_spec = read_spec(tmp_path / "model")
+    expected = expected_update_spec(model_spec, "delta", dtype)
+    announced = UpdateEncoding("delta", dtype, sha256_file(tmp_path / "model"))
+    validator = StreamValidator(expected, len(data), metadata=announced.to_metadata())
+    with pytest.raises(RuntimeError, match="not arrived"):
+        validator.metadata  # noqa: B018
+    feed_all(validator, data, [13])
+    assert validator.metadata == announced.to_metadata()
+    # the model's own spec refuses the half-precision file at its header
+    with pytest.raises(InvalidInputError, match=f"dtype {'F16' if dtype == 'float16' else 'BF16'}"):
+        feed_all(StreamValidator(model_spec, len(data)), data, [4096])
+    # a header that announced another encoding than the file's is refused
+    other = UpdateEncoding("full", dtype).to_metadata()
+    with pytest.raises(InvalidInputError, match="differs from its upload header"):
+        feed_all(StreamValidator(expected, len(data), metadata=other), data, [4096])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bits"),
+    [
+        (torch.float16, [0x7C00, 0xFC00, 0x7E00]),  # +Inf, -Inf, NaN: exponent 5 bits all ones
+        (torch.bfloat16, [0x7F80, 0xFF80, 0x7FC0]),  # exponent 8 bits all ones
+    ],
+)
+def test_half_precision_nan_and_inf_bits(
+    tmp_path: Path, dtype: torch.dtype, bits: list[int]
+) -> None:
+    # the largest finite values pass: their exponent is one below all ones
+    largest = 0x7BFF if dtype == torch.float16 else 0x7F7F
+    finite = torch.tensor([largest, largest | 0x8000], dtype=torch.int32).to(torch.int16)
+    save_parameters({"w": finite.view(dtype)}, tmp_path / "ok")
+    data = (tmp_path / "ok").read_bytes()
+    feed_all(StreamValidator(read_spec(tmp_path / "ok"), len(data)), data, [3])
+    for pattern in bits:
+        values = torch.tensor([0, pattern], dtype=torch.int32).to(torch.int16)
+        save_parameters({"w": values.view(dtype)}, tmp_path / "bad")
+        data = (tmp_path / "bad").read_bytes()
+        with pytest.raises(InvalidInputError, match="NaN or Inf"):
+            feed_all(StreamValidator(read_spec(tmp_path / "bad"), len(data)), data, [3])

@@ -1,0 +1,40 @@
+"""Opening a round's updates for a strategy, whatever their encoding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+
+from flctl.aggregation._strategy import WeightedUpdate
+from flctl.core.errors import InconsistentUpdatesError, InvalidInputError
+from flctl.tensors import TensorReader, UpdateEncoding, UpdateReader, read_metadata, sha256_file
+
+__all__ = ["open_updates"]
+
+
+def open_updates(
+    stack: ExitStack, base: TensorReader, updates: Sequence[WeightedUpdate]
+) -> list[UpdateReader]:
+    """Open an :class:`~flctl.tensors.UpdateReader` per update on ``stack``.
+
+    Each update is checked against the base model in its own encoding before any output is
+    written. The base's digest, which a delta must name, is hashed once, and only when some
+    update is a delta.
+
+    Raises:
+        InconsistentUpdatesError: Naming the client whose update does not match the model, or
+            is a delta from another model.
+    """
+    digest: str | None = None
+    readers: list[UpdateReader] = []
+    for update in updates:
+        try:
+            if digest is None:
+                encoding = UpdateEncoding.from_metadata(read_metadata(update.path))
+                if encoding.encoding == "delta":
+                    digest = sha256_file(base.path)
+            readers.append(stack.enter_context(UpdateReader(update.path, base, digest)))
+        except (InvalidInputError, InconsistentUpdatesError) as exc:
+            who = update.client_id or update.path.name
+            raise InconsistentUpdatesError(f"update from {who!r}: {exc.message}") from exc
+    return readers
