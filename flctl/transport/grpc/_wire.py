@@ -27,11 +27,17 @@ __all__ = [
 
 
 class ChunkOut(NamedTuple):
-    """One piece of a blob: its bytes, where they start, and the blob's total size."""
+    """One piece of a blob: its bytes, where they start, and the blob's total size.
+
+    ``codec`` is "" for raw bytes, or the codec of the one compressed frame in ``data``, which
+    then holds ``raw_size`` bytes; ``offset`` always counts uncompressed bytes.
+    """
 
     data: bytes | memoryview
     offset: int
     total_size: int
+    codec: str = ""
+    raw_size: int = 0
 
 
 #: What an upload stream carries: the header first, then data (as bytes or a view).
@@ -40,6 +46,9 @@ UploadItem = pb.UploadHeader | bytes | memoryview
 _CHUNK_DATA = 0x0A  # field 1, length-delimited
 _CHUNK_OFFSET = 0x10  # field 2, varint
 _CHUNK_TOTAL = 0x18  # field 3, varint
+_CHUNK_CODEC = 0x22  # field 4, length-delimited
+_CHUNK_RAW_SIZE = 0x28  # field 5, varint
+_CHUNK_TAGS = (_CHUNK_DATA, _CHUNK_OFFSET, _CHUNK_TOTAL, _CHUNK_CODEC, _CHUNK_RAW_SIZE)
 _UPLOAD_HEADER = 0x0A  # UploadChunk.header, field 1, length-delimited
 _UPLOAD_DATA = 0x12  # UploadChunk.data, field 2, length-delimited
 
@@ -78,6 +87,11 @@ def encode_chunk(chunk: ChunkOut) -> bytes:
         parts += [bytes((_CHUNK_OFFSET,)), _varint(chunk.offset)]
     if chunk.total_size:
         parts += [bytes((_CHUNK_TOTAL,)), _varint(chunk.total_size)]
+    if chunk.codec:
+        codec = chunk.codec.encode()
+        parts += [bytes((_CHUNK_CODEC,)), _varint(len(codec)), codec]
+    if chunk.raw_size:
+        parts += [bytes((_CHUNK_RAW_SIZE,)), _varint(chunk.raw_size)]
     return b"".join(parts)
 
 
@@ -86,29 +100,37 @@ def decode_chunk(raw: bytes) -> ChunkOut:
     view = memoryview(raw)
     try:
         data: bytes | memoryview = b""
-        offset = total = 0
+        offset = total = raw_size = 0
+        codec = ""
         pos = 0
         expected = _CHUNK_DATA
         while pos < len(view):
             tag = view[pos]
-            if tag < expected or tag not in (_CHUNK_DATA, _CHUNK_OFFSET, _CHUNK_TOTAL):
+            if tag < expected or tag not in _CHUNK_TAGS:
                 raise ValueError("not canonical")
             pos += 1
-            if tag == _CHUNK_DATA:
+            if tag in (_CHUNK_DATA, _CHUNK_CODEC):
                 length, pos = _read_varint(view, pos)
                 if pos + length > len(view):
                     raise ValueError("truncated")
-                data = view[pos : pos + length]
+                if tag == _CHUNK_DATA:
+                    data = view[pos : pos + length]
+                else:
+                    codec = bytes(view[pos : pos + length]).decode()  # bad UTF-8: ValueError
                 pos += length
             elif tag == _CHUNK_OFFSET:
                 offset, pos = _read_varint(view, pos)
-            else:
+            elif tag == _CHUNK_TOTAL:
                 total, pos = _read_varint(view, pos)
+            else:
+                raw_size, pos = _read_varint(view, pos)
             expected = tag + 1
-        return ChunkOut(data, offset, total)
+        return ChunkOut(data, offset, total, codec, raw_size)
     except ValueError:
         message = pb.Chunk.FromString(raw)
-        return ChunkOut(message.data, message.offset, message.total_size)
+        return ChunkOut(
+            message.data, message.offset, message.total_size, message.codec, message.raw_size
+        )
 
 
 def encode_upload(item: UploadItem) -> bytes:

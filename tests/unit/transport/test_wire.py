@@ -13,16 +13,28 @@ from flctl.transport.grpc._server import coordinator_handlers
 from flctl.transport.grpc._servicers import CoordinatorServicer
 
 u64 = st.integers(0, 2**64 - 1)
+codecs = st.sampled_from(["", "zstd", "zstd-shuffle4"]) | st.text(max_size=20)
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.binary(max_size=3000), offset=u64, total=u64)
-def test_chunk_encoding_equals_generated_code(data: bytes, offset: int, total: int) -> None:
-    ours = encode_chunk(ChunkOut(data, offset, total))
-    theirs = pb.Chunk(data=data, offset=offset, total_size=total).SerializeToString()
+@given(data=st.binary(max_size=3000), offset=u64, total=u64, codec=codecs, raw_size=u64)
+def test_chunk_encoding_equals_generated_code(
+    data: bytes, offset: int, total: int, codec: str, raw_size: int
+) -> None:
+    ours = encode_chunk(ChunkOut(data, offset, total, codec, raw_size))
+    theirs = pb.Chunk(
+        data=data, offset=offset, total_size=total, codec=codec, raw_size=raw_size
+    ).SerializeToString()
     assert ours == theirs
     back = decode_chunk(ours)
     assert bytes(back.data) == data and back.offset == offset and back.total_size == total
+    assert back.codec == codec and back.raw_size == raw_size
+
+
+def test_chunk_without_codec_fields_encodes_as_before() -> None:
+    # a raw chunk carries no codec bytes: older peers read it unchanged
+    assert encode_chunk(ChunkOut(b"ab", 3, 5)) == b"\x0a\x02ab\x10\x03\x18\x05"
+    assert encode_chunk(ChunkOut(b"ab", 3, 5, "zstd", 9)).endswith(b"\x22\x04zstd\x28\x09")
 
 
 @settings(max_examples=200, deadline=None)
@@ -32,7 +44,7 @@ def test_chunk_decoder_accepts_any_valid_encoding(data: bytes, offset: int, tota
     msg = (
         pb.Chunk(total_size=total).SerializeToString() + pb.Chunk(offset=offset).SerializeToString()
     )
-    msg += pb.Chunk(data=data).SerializeToString() + b"\x20\x07"  # field 4, varint
+    msg += pb.Chunk(data=data).SerializeToString() + b"\x30\x07"  # field 6, varint
     back = decode_chunk(msg)
     assert bytes(back.data) == data and back.offset == offset and back.total_size == total
 
