@@ -128,6 +128,8 @@ def join(args: JoinArgs) -> int:
         insecure=args.insecure,
         cache_dir=config.client_cache_path / args.client_id,
         once=args.once,
+        update_encoding=config.client.update_encoding,
+        update_dtype=config.client.update_dtype,
     )
 
     progress = _TransferProgress(out) if out.is_terminal else None

@@ -2,7 +2,14 @@
 
 from flctl.client._api import Client, ConfigValue, Metrics, Parameters
 from flctl.client._device import resolve_device
-from flctl.client._runner import ClientCache, JoinOptions, Runner, fetch_blob
+from flctl.client._runner import (
+    ClientCache,
+    JoinOptions,
+    PendingUpload,
+    PendingUploads,
+    Runner,
+    fetch_blob,
+)
 
 __all__ = [
     "Client",
@@ -11,6 +18,8 @@ __all__ = [
     "JoinOptions",
     "Metrics",
     "Parameters",
+    "PendingUpload",
+    "PendingUploads",
     "Runner",
     "fetch_blob",
     "resolve_device",

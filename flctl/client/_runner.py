@@ -26,10 +26,12 @@ from typing import Any, BinaryIO
 from flctl.core.errors import (
     AuthenticationError,
     CertificateError,
+    ConflictError,
     ConnectError,
     DeadlineExceededError,
     FlctlError,
     IntegrityError,
+    NotFoundError,
     PermissionDeniedError,
     ProtocolMismatchError,
     TaskError,
@@ -37,14 +39,23 @@ from flctl.core.errors import (
 )
 from flctl.store import BlobStore
 from flctl.tensors import (
+    encode_update,
     fingerprint,
     load_parameters,
     read_spec,
-    save_parameters,
     sha256_file,
     spec_of,
 )
-from flctl.transport import Backoff
+from flctl.transport import (
+    CODEC_NONE,
+    CODECS,
+    LEVELS,
+    SAMPLE_BYTES,
+    Backoff,
+    Decision,
+    choose_codec,
+    compress_chunks,
+)
 from flctl.transport.grpc import (
     PROTOCOL_VERSION,
     CoordinatorClient,
@@ -57,7 +68,10 @@ from flctl.transport.grpc import (
 
 from ._api import Client
 
-__all__ = ["ClientCache", "JoinOptions", "Runner", "fetch_blob"]
+__all__ = ["ClientCache", "JoinOptions", "PendingUpload", "PendingUploads", "Runner", "fetch_blob"]
+
+#: BeginUpload + Upload attempts within one session (a lost race, a dropped upload).
+_UPLOAD_ATTEMPTS = 5
 
 log = logging.getLogger("flctl.client")
 
@@ -75,6 +89,10 @@ class JoinOptions:
         once: Leave after one round.
         max_tls_failures: Consecutive refused handshakes before giving up.
         connect_timeout_s: How long one connection attempt may take.
+        update_encoding: ``"full"`` (the trained model) or ``"delta"`` (trained minus the
+            round's model), ``client.update_encoding``.
+        update_dtype: ``"float32"`` (the model's own dtype), ``"float16"`` or ``"bfloat16"``,
+            ``client.update_dtype``.
     """
 
     server: str
@@ -88,6 +106,13 @@ class JoinOptions:
     max_tls_failures: int = 3
     connect_timeout_s: float = 10.0
     backoff_cap_s: float = 10.0
+    update_encoding: str = "full"
+    update_dtype: str = "float32"
+
+    @property
+    def wire_update_dtype(self) -> str:
+        """``UploadHeader.dtype``: empty for the model's own dtype (``"float32"``)."""
+        return "" if self.update_dtype == "float32" else self.update_dtype
 
 
 class ClientCache:
@@ -109,6 +134,71 @@ class ClientCache:
     def has(self, digest: str) -> bool:
         """Whether ``digest`` is complete in the cache."""
         return self.path(digest).is_file()
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """An update written and not yet answered by the coordinator: its header and its bytes."""
+
+    header: pb.UploadHeader
+    path: Path
+
+
+class PendingUploads:
+    """Updates waiting for the coordinator's answer, kept across restarts of the client.
+
+    ``<cache>/uploads/<task_id>.safetensors`` holds the update and ``<task_id>.header`` its
+    serialized header (written after the update, temp -> rename: a header means a whole
+    update). When the task arrives again (the connection dropped, the client was killed, the
+    coordinator restarted), the upload resumes instead of the client training again.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _paths(self, task_id: str) -> tuple[Path, Path]:
+        if not task_id or not all(c.isalnum() or c in "-_" for c in task_id):
+            raise IntegrityError(f"task id {task_id[:40]!r} is not a plain name")
+        return self.root / f"{task_id}.safetensors", self.root / f"{task_id}.header"
+
+    def save(self, task_id: str, header: pb.UploadHeader, update: Path) -> PendingUpload:
+        """Keep ``update`` (moved, not copied) and its header for ``task_id``."""
+        data_path, header_path = self._paths(task_id)
+        os.replace(update, data_path)
+        temp = header_path.with_suffix(".tmp")
+        temp.write_bytes(header.SerializeToString())
+        os.replace(temp, header_path)
+        return PendingUpload(header, data_path)
+
+    def load(self, task_id: str) -> PendingUpload | None:
+        """The pending update of ``task_id``, if one is whole on disk."""
+        data_path, header_path = self._paths(task_id)
+        try:
+            header = pb.UploadHeader.FromString(header_path.read_bytes())
+            size = data_path.stat().st_size
+        except (OSError, ValueError):
+            return None
+        if header.task_id != task_id or size != header.size:
+            self.discard(task_id)
+            return None
+        return PendingUpload(header, data_path)
+
+    def discard(self, task_id: str) -> None:
+        """Forget a task's update (answered, or no longer wanted)."""
+        for path in self._paths(task_id):
+            path.unlink(missing_ok=True)
+
+    def discard_before(self, server_round: int) -> None:
+        """Forget updates of rounds before ``server_round`` (they can no longer be accepted)."""
+        for header_path in self.root.glob("*.header"):
+            try:
+                header = pb.UploadHeader.FromString(header_path.read_bytes())
+            except (OSError, ValueError):
+                header = pb.UploadHeader()
+            if header.server_round < server_round:
+                header_path.unlink(missing_ok=True)
+                header_path.with_suffix(".safetensors").unlink(missing_ok=True)
 
 
 class _HashingSink:
@@ -200,9 +290,12 @@ class Runner:
         self._options = options
         self._on_event = on_event or (lambda kind, details: None)
         self._cache = ClientCache(options.cache_dir)
+        self._pending = PendingUploads(options.cache_dir / "uploads")
         self._backoff = Backoff(cap=options.backoff_cap_s, rng=rng or random.Random())
         self._status = _Status()
         self.rounds_done = 0
+        #: The last JoinReply: the negotiated codecs, compression mode and level, the limits.
+        self.join_reply: pb.JoinReply | None = None
         spec = spec_of(client.get_parameters())
         self._fingerprint = fingerprint(spec)
         self._spec_json = json.dumps({k: [d, list(s)] for k, (d, s) in spec.items()})
@@ -268,7 +361,7 @@ class Runner:
                 protocol_version=PROTOCOL_VERSION,
                 task_fingerprint=self._fingerprint,
                 client_version="flctl",
-                codecs=["none"],
+                codecs=list(CODECS),  # every codec this build reads and writes
             )
             to_value_map(request.properties, {"model_spec": self._spec_json})
             try:
@@ -285,6 +378,7 @@ class Runner:
                     ) from None
                 raise
             self._backoff.reset()
+            self.join_reply = reply
             self._emit("joined", client_id=reply.client_id, server=self._options.server)
             heartbeats = asyncio.create_task(
                 self._heartbeats(api, max(0.1, reply.heartbeat_interval_s))
@@ -368,57 +462,143 @@ class Runner:
     async def _fit(self, api: CoordinatorClient, reply: pb.JoinReply, task: pb.Task) -> None:
         server_round = int(task.server_round)
         self._emit("round", server_round=server_round, task_id=task.task_id)
-        self._set_state("downloading", server_round)
         started = time.monotonic()
-        model_path = await self._download(api, task.model_digest, server_round)
-        self._set_state("training", server_round)
-        config = from_value_map(task.config)
-        try:
-            update_path, num_examples, metrics = await asyncio.to_thread(
-                self._train, model_path, config
-            )
-        except TaskError as exc:
-            # the client loop is one of the three places that catch broadly: report, carry on
-            log.error("round %d: %s", server_round, exc.message)
-            self._emit("failed", server_round=server_round, reason=exc.message)
-            self._set_state("failed", server_round)
-            return
-        try:
-            self._set_state("uploading", server_round)
-            size = update_path.stat().st_size
-            header = pb.UploadHeader(
-                server_round=server_round,
-                task_id=task.task_id,
-                num_examples=num_examples,
-                digest=await asyncio.to_thread(sha256_file, update_path),
-                size=size,
-                codec="none",
-            )
-            to_value_map(header.metrics, metrics)
-            chunk = int(reply.limits.max_chunk_bytes) or (1 << 20)
-            answer = await api.upload(
-                header, _file_chunks(update_path, chunk, self._progress("up", server_round))
-            )
-        finally:
-            update_path.unlink(missing_ok=True)
+        self._pending.discard_before(server_round)
+        pending = self._pending.load(task.task_id)
+        if pending is None:
+            self._set_state("downloading", server_round)
+            model_path = await self._download(api, task.model_digest, server_round)
+            self._set_state("training", server_round)
+            config = from_value_map(task.config)
+            try:
+                update_path, num_examples, metrics = await asyncio.to_thread(
+                    self._train, model_path, config
+                )
+            except TaskError as exc:
+                # the client loop is one of the three places that catch broadly: report, go on
+                log.error("round %d: %s", server_round, exc.message)
+                self._emit("failed", server_round=server_round, reason=exc.message)
+                self._set_state("failed", server_round)
+                return
+            try:
+                size = update_path.stat().st_size
+                header = pb.UploadHeader(
+                    server_round=server_round,
+                    task_id=task.task_id,
+                    num_examples=num_examples,
+                    digest=await asyncio.to_thread(sha256_file, update_path),
+                    size=size,
+                    codec="none",
+                    encoding=self._options.update_encoding,
+                    dtype=self._options.wire_update_dtype,
+                    base_digest=(
+                        task.model_digest if self._options.update_encoding == "delta" else ""
+                    ),
+                )
+                to_value_map(header.metrics, metrics)
+                # kept until the coordinator answers: a killed client resumes the upload
+                pending = self._pending.save(task.task_id, header, update_path)
+            finally:
+                update_path.unlink(missing_ok=True)
+        else:
+            self._emit("pending", server_round=server_round, task_id=task.task_id)
+        self._set_state("uploading", server_round)
+        chunk = int(reply.limits.max_chunk_bytes) or (1 << 20)
+        answer = await self._send(api, reply, pending, chunk)
+        self._pending.discard(task.task_id)
         self._set_state("idle", 0)
+        header = pending.header
         if answer.accepted:
             self.rounds_done += 1
             self._emit(
                 "uploaded",
                 server_round=server_round,
-                num_examples=num_examples,
-                metrics=metrics,
-                size=size,
+                num_examples=int(header.num_examples),
+                metrics=from_value_map(header.metrics),
+                size=int(header.size),
                 seconds=round(time.monotonic() - started, 3),
             )
         else:
             self._emit("rejected", server_round=server_round, reason=answer.reason)
 
+    async def _send(
+        self, api: CoordinatorClient, reply: pb.JoinReply, pending: PendingUpload, chunk: int
+    ) -> pb.UploadReply:
+        """Upload ``pending`` from the offset the coordinator confirms; retry a lost race.
+
+        ``BeginUpload`` finds the upload this identity began earlier for the same update (a
+        dropped connection, a killed client, a restarted coordinator), so only the bytes the
+        coordinator does not hold are sent again. The codec is chosen once per update, from
+        its first MiB, the negotiated compression and this session's measured link rate.
+        """
+        header = pending.header
+        server_round = int(header.server_round)
+        decision = await asyncio.to_thread(self._choose_codec, reply, api, pending.path)
+        if decision.codec != CODEC_NONE:
+            self._emit(
+                "compressing",
+                server_round=server_round,
+                codec=decision.codec,
+                ratio=round(decision.ratio, 3),
+                reason=decision.reason,
+            )
+        level = reply.compression_level if reply.compression_level in LEVELS else 1
+        last: FlctlError | None = None
+        for attempt in range(_UPLOAD_ATTEMPTS):
+            begun = await api.begin_upload(header)
+            if not begun.accepted:
+                return begun
+            offset = int(begun.committed_offset)
+            if offset:
+                self._emit("resumed", server_round=server_round, offset=offset, size=header.size)
+            resume = pb.UploadHeader()
+            resume.CopyFrom(header)
+            resume.upload_id = begun.upload_id
+            resume.offset = offset
+            resume.codec = decision.codec
+            try:
+                return await api.upload(
+                    resume,
+                    _file_chunks(
+                        pending.path,
+                        chunk,
+                        self._progress("up", server_round),
+                        offset=offset,
+                        codec=decision.codec,
+                        level=level,
+                    ),
+                )
+            except (ConflictError, NotFoundError) as exc:
+                # the coordinator still holds the stream that broke, or the upload was dropped
+                last = exc
+                await asyncio.sleep(0.2 * (attempt + 1))
+        assert last is not None
+        raise last
+
+    @staticmethod
+    def _choose_codec(reply: pb.JoinReply, api: CoordinatorClient, path: Path) -> Decision:
+        codecs = [c for c in reply.codecs if c != CODEC_NONE and c in CODECS]
+        if not codecs or reply.compression not in ("auto", "zstd"):
+            return Decision(CODEC_NONE, "compression is off", 1.0, 0.0, 0.0, api.link.rate, 1.0)
+        with path.open("rb") as handle:
+            sample = handle.read(SAMPLE_BYTES)
+        level = reply.compression_level if reply.compression_level in LEVELS else 1
+        return choose_codec(
+            reply.compression,
+            sample,
+            link_bytes_per_s=api.link.rate,
+            level=level,
+            codecs=codecs,
+        )
+
     def _train(
         self, model_path: Path, config: dict[str, Any]
     ) -> tuple[Path, int, dict[str, float]]:
-        """Run the user's fit in a worker thread; check and write what it returns."""
+        """Run the user's fit in a worker thread; check and write what it returns.
+
+        The update is written in the configured encoding (``client.update_encoding`` and
+        ``update_dtype``); the default, full in the model's dtype, is the plain model file.
+        """
         import math
 
         expected = {name: (s.dtype, s.shape) for name, s in read_spec(model_path).items()}
@@ -445,11 +625,22 @@ class Runner:
         if got != expected:
             raise TaskError("fit returned parameters whose names, shapes or dtypes differ")
         out = self._cache.root / "partial" / f"update-{os.getpid()}-{time.monotonic_ns()}"
+        # the cache names a blob by its digest, which a delta records as its base
+        is_cached = model_path.parent == self._cache.root / "blobs"
         try:
-            save_parameters(new_parameters, out, require_finite=True)
+            encode_update(
+                model_path,
+                new_parameters,
+                out,
+                encoding=self._options.update_encoding,
+                dtype=self._options.update_dtype,
+                base_digest=model_path.name if is_cached else None,
+            )
         except FlctlError as exc:
             out.unlink(missing_ok=True)
-            raise TaskError(f"fit returned an unusable update: {exc.message}") from exc
+            raise TaskError(
+                f"fit returned an unusable update: {exc.message}", hint=exc.hint
+            ) from exc
         return out, num_examples, clean
 
 
@@ -466,12 +657,22 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
 
 
 async def _file_chunks(
-    path: Path, chunk_size: int, on_progress: Callable[[int, int], None]
+    path: Path,
+    chunk_size: int,
+    on_progress: Callable[[int, int], None],
+    *,
+    offset: int = 0,
+    codec: str = CODEC_NONE,
+    level: int = 1,
 ) -> AsyncIterator[bytes]:
+    """The file from ``offset`` in chunks (each one compressed frame with a codec)."""
     total = path.stat().st_size
-    done = 0
+    done = offset
     with path.open("rb") as fh:
-        while block := fh.read(chunk_size):
-            yield block
-            done += len(block)
-            on_progress(done, total)
+        fh.seek(offset)
+        blocks = iter(lambda: fh.read(chunk_size), b"")
+        async with contextlib.aclosing(compress_chunks(blocks, codec, level)) as stream:
+            async for payload, _, raw_size in stream:
+                yield payload
+                done += raw_size
+                on_progress(done, total)

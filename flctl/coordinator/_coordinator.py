@@ -34,6 +34,7 @@ from ._guard import RevocationGuard
 from ._registry import Registry
 from ._service import AdminService, CoordinatorService, Limits
 from ._task import make_evaluator, write_initial_model
+from ._uploads import PartialUploads
 
 __all__ = [
     "CERT_EXPIRY_WARNING_DAYS",
@@ -125,16 +126,10 @@ class Coordinator:
         store = self.store = SqlStore.open(self.state_dir)
         blobs = BlobStore(self.state_dir / "blobs")
         blobs.clean_temp()
+        uploads = PartialUploads(self.state_dir / "uploads")
         events = self.events = EventLog(store)
         for listener in self._listeners:
             events.subscribe(listener)
-        for record in store.open_rounds():
-            store.fail_round(record.id, "coordinator restarted")
-            events.emit(
-                ev.ROUND_FAILED,
-                server_round=record.id,
-                data={"reason": "coordinator restarted", "duration_s": None},
-            )
 
         task = await asyncio.to_thread(load_task, config.task_path)
         head = store.head()
@@ -175,7 +170,23 @@ class Coordinator:
             registry=registry,
             strategy=strategy_for(config.rounds.strategy),
             evaluator=make_evaluator(task, config),
+            uploads=uploads,
         )
+        # The round open when the coordinator stopped carries on if it can; others fail.
+        resumed: int | None = None
+        for record in store.open_rounds():
+            why = engine.resumable(record) if resumed is None else "coordinator restarted"
+            if why is None:
+                engine.resume(record)
+                resumed = record.id
+                continue
+            store.fail_round(record.id, why)
+            events.emit(
+                ev.ROUND_FAILED,
+                server_round=record.id,
+                data={"reason": why, "duration_s": None},
+            )
+        uploads.discard_except(resumed)
         coordinator_service = CoordinatorService(
             store=store,
             blobs=blobs,
@@ -189,6 +200,8 @@ class Coordinator:
             heartbeat_interval_s=config.server.heartbeat_interval_s,
             token_ttl_s=config.server.token_ttl_s,
             guard=guard,
+            uploads=uploads,
+            transport=config.transport,
         )
         admin_service = AdminService(
             store=store,

@@ -20,6 +20,15 @@ the round fails ("privacy budget exhausted: ...") with a ``privacy.refused`` eve
 is sent. Otherwise clients are sampled as ``privacy.sampling`` says (no over-selection), the
 updates are aggregated with :class:`~flctl.aggregation.DpFedAvg`, and the round is charged to
 the ``dp_ledger`` table as soon as the noisy aggregate exists, whatever happens next.
+
+A restarted coordinator resumes the round that was open when it stopped (:meth:`resume`): the
+selected clients, their task ids and the deadline are persisted when training starts, and
+updates are durable once acknowledged, so the round carries on waiting (clients that have not
+reconnected yet are given ``rounds.rejoin_grace_s`` to come back) and commits as it would
+have. The same grace applies to any selected client whose task stream closes mid-round: the
+round waits that long for it to rejoin (its task is sent again) before going on without it.
+A client whose task stream opens while it is selected and has not reported is sent its task
+again.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +55,7 @@ from flctl.transport.grpc import pb, to_value_map
 
 from ._events import EventLog
 from ._registry import Registry
+from ._uploads import PartialUploads
 
 __all__ = ["Evaluator", "PendingRollback", "RoundEngine"]
 
@@ -64,6 +74,9 @@ class _OpenRound:
     selected: dict[str, str]  # client id -> task id
     deadline: float
     changed: asyncio.Event
+    model_size: int = 0
+    #: selected clients without an open task stream, and since when (rejoin grace)
+    absent_since: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,7 @@ class RoundEngine:
         registry: Registry,
         strategy: Strategy,
         evaluator: Evaluator | None,
+        uploads: PartialUploads | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -104,6 +118,8 @@ class RoundEngine:
         self._registry = registry
         self._strategy = strategy
         self._evaluator = evaluator
+        self._uploads = uploads
+        self._resume: RoundRecord | None = None
         self._wake = asyncio.Event()
         self._stopping = False
         self._rng = random.SystemRandom()
@@ -116,6 +132,31 @@ class RoundEngine:
     def notify(self) -> None:
         """A round was queued: look at the queue again."""
         self._wake.set()
+
+    def resume(self, record: RoundRecord) -> None:
+        """Carry on with ``record`` (open when the coordinator stopped) before queued rounds."""
+        self._resume = record
+
+    def task_for(self, client_id: str) -> pb.Task | None:
+        """The open round's task for ``client_id``, if selected and it has not reported."""
+        open_round = self.open
+        if open_round is None or client_id not in open_round.selected:
+            return None
+        if self._store.has_accepted_update(open_round.server_round, client_id):
+            return None
+        return self._task(open_round, client_id)
+
+    def _task(self, open_round: _OpenRound, client_id: str) -> pb.Task:
+        task = pb.Task(
+            server_round=open_round.server_round,
+            task_id=open_round.selected[client_id],
+            kind="fit",
+            model_digest=open_round.base_digest,
+            model_size=open_round.model_size,
+            deadline_unix=open_round.deadline,
+        )
+        to_value_map(task.config, {**self._config.task, "server_round": open_round.server_round})
+        return task
 
     def update_arrived(self) -> None:
         """An update was accepted, or a selected client went away."""
@@ -194,14 +235,18 @@ class RoundEngine:
     async def run(self) -> None:
         """Run rounds until :meth:`stop`."""
         while not self._stopping:
-            record = self._store.next_queued_round()
+            resumed, self._resume = self._resume, None
+            record = resumed or self._store.next_queued_round()
             if record is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             self.current = record.id
             try:
-                await self._run_round(record)
+                if resumed is not None:
+                    await self._resume_round(record)
+                else:
+                    await self._run_round(record)
             except FlctlError as exc:
                 self._fail(record.id, exc.message)
             except asyncio.CancelledError:
@@ -213,6 +258,8 @@ class RoundEngine:
             finally:
                 self.open = None
                 self.current = None
+                if self._uploads is not None:
+                    self._uploads.discard_round(record.id)
                 self._apply_pending()
         for record in self._store.open_rounds():
             self._fail(record.id, "coordinator stopped")
@@ -298,13 +345,17 @@ class RoundEngine:
             raise RoundFailedError("no head model")
         deadline = time.time() + rounds.deadline_s
         tasks = {client_id: uuid.uuid4().hex for client_id in selected}
-        self.open = _OpenRound(server_round, head.digest, tasks, deadline, asyncio.Event())
+        model_size = self._blobs.size(head.digest)
+        self.open = _OpenRound(
+            server_round, head.digest, tasks, deadline, asyncio.Event(), model_size
+        )
         self._store.set_round_status(
             server_round,
             "training",
             base_version=head.version,
             selected=selected,
             deadline=deadline,
+            tasks=tasks,
         )
         self._events.emit(
             ev.ROUND_STARTED,
@@ -316,28 +367,95 @@ class RoundEngine:
                 "min_clients": rounds.min_clients,
             },
         )
-        model_size = self._blobs.size(head.digest)
-        for client_id, task_id in tasks.items():
-            session = self._registry.get(client_id)
-            if session is None:
-                continue
-            task = pb.Task(
-                server_round=server_round,
-                task_id=task_id,
-                kind="fit",
-                model_digest=head.digest,
-                model_size=model_size,
-                deadline_unix=deadline,
-            )
-            to_value_map(task.config, {**self._config.task, "server_round": server_round})
-            session.queue.put_nowait(task)
-            self._events.emit(
-                ev.TASK_SENT,
-                server_round=server_round,
-                client_id=client_id,
-                data={"task_id": task_id, "kind": "fit", "model_digest": head.digest},
-            )
+        for client_id in tasks:
+            self._send_task(client_id)
+        await self._finish_round(server_round, head, started, mechanism, len(connected))
 
+    def _send_task(self, client_id: str) -> None:
+        open_round = self.open
+        session = self._registry.get(client_id)
+        if open_round is None or session is None or not session.streaming:
+            return  # its task stream sends the task when it opens
+        session.queue.put_nowait(self._task(open_round, client_id))
+        self._events.emit(
+            ev.TASK_SENT,
+            server_round=open_round.server_round,
+            client_id=client_id,
+            data={
+                "task_id": open_round.selected[client_id],
+                "kind": "fit",
+                "model_digest": open_round.base_digest,
+            },
+        )
+
+    async def _resume_round(self, record: RoundRecord) -> None:
+        """Carry on with a round a stopped coordinator left in training (see :meth:`resume`)."""
+        server_round = record.id
+        head = self._store.head()
+        if head is None or record.deadline is None:  # pragma: no cover - checked by resumable
+            raise RoundFailedError("coordinator restarted")
+        self._status(server_round, "training")
+        self.open = _OpenRound(
+            server_round,
+            head.digest,
+            dict(record.tasks),
+            record.deadline,
+            asyncio.Event(),
+            self._blobs.size(head.digest),
+            absent_since=dict.fromkeys(record.tasks, time.time()),
+        )
+        accepted = len(self._store.updates_for_round(server_round, status="accepted"))
+        self._events.emit(
+            ev.ROUND_RESUMED,
+            server_round=server_round,
+            data={
+                "selected": sorted(record.tasks),
+                "accepted": accepted,
+                "deadline_unix": record.deadline,
+            },
+        )
+        log.info("round %d resumed with %d accepted updates", server_round, accepted)
+        for client_id, session in self._registry.items():
+            if session.streaming and (task := self.task_for(client_id)) is not None:
+                session.queue.put_nowait(task)
+        await self._finish_round(
+            server_round, head, record.started or time.time(), None, len(record.tasks)
+        )
+
+    def resumable(self, record: RoundRecord) -> str | None:
+        """Why ``record`` (open at a restart) cannot be resumed, or None if it can."""
+        head = self._store.head()
+        if record.status not in ("training", "aggregating", "evaluating"):
+            return f"coordinator restarted while {record.status}"
+        if not record.tasks or record.deadline is None:
+            return "coordinator restarted (the round's tasks were not recorded)"
+        if self._config.privacy.mode != "off":
+            return "coordinator restarted (rounds with differential privacy are not resumed)"
+        if head is None or head.version != record.base_version:
+            return "coordinator restarted (the head model moved)"
+        accepted = self._store.updates_for_round(record.id, status="accepted")
+        for update in accepted:
+            if not update.digest or not self._blobs.has(update.digest):
+                return f"coordinator restarted (the update of {update.client_id} is missing)"
+        if time.time() >= record.deadline and len(accepted) < self._config.rounds.min_clients:
+            return (
+                f"coordinator restarted after the deadline with {len(accepted)} of "
+                f"{self._config.rounds.min_clients} required updates"
+            )
+        return None
+
+    async def _finish_round(
+        self,
+        server_round: int,
+        head: ModelRecord,
+        started: float,
+        mechanism: SampledGaussianRound | None,
+        connected: int,
+    ) -> None:
+        """Wait for the updates, then aggregate, evaluate and commit (or fail)."""
+        rounds = self._config.rounds
+        assert self.open is not None
+        deadline = self.open.deadline
         accepted = await self._wait_for_updates(server_round)
         self.open = None
         if len(accepted) < rounds.min_clients:
@@ -364,7 +482,7 @@ class RoundEngine:
             strategy = DpFedAvg(
                 self._config.privacy.clip_norm,
                 mechanism.noise_multiplier,
-                self._denominator(len(connected)),
+                self._denominator(connected),
             )
             digest = await asyncio.to_thread(self._aggregate, base_path, updates, strategy)
             # the noisy aggregate exists: the round is spent, whether it commits or not
@@ -414,20 +532,32 @@ class RoundEngine:
     async def _wait_for_updates(self, server_round: int) -> list[Any]:
         open_round = self.open
         assert open_round is not None
+        grace = self._config.rounds.rejoin_grace_s
         while True:
             open_round.changed.clear()
             accepted = self._store.updates_for_round(server_round, status="accepted")
             reported = {u.client_id for u in accepted}
-            outstanding = [
-                client_id
-                for client_id in open_round.selected
-                if client_id not in reported and self._still_working(client_id, server_round)
-            ]
-            remaining = open_round.deadline - time.time()
-            if not outstanding or remaining <= 0 or self._stopping:
+            now = time.time()
+            wake_at = open_round.deadline
+            outstanding = []
+            for client_id in open_round.selected:
+                if client_id in reported:
+                    continue
+                session = self._registry.get(client_id)
+                if session is not None and session.streaming:
+                    open_round.absent_since.pop(client_id, None)
+                    if session.failed_round != server_round:
+                        outstanding.append(client_id)
+                    continue
+                # gone: it may come back (reconnect, restart) within the grace
+                back_by = open_round.absent_since.setdefault(client_id, now) + grace
+                if now < back_by:
+                    outstanding.append(client_id)
+                    wake_at = min(wake_at, back_by + 0.01)
+            if not outstanding or now >= open_round.deadline or self._stopping:
                 return accepted
             try:
-                await asyncio.wait_for(open_round.changed.wait(), remaining)
+                await asyncio.wait_for(open_round.changed.wait(), wake_at - now)
             except TimeoutError:
                 pass
 
@@ -548,10 +678,6 @@ class RoundEngine:
             },
         )
         return record
-
-    def _still_working(self, client_id: str, server_round: int) -> bool:
-        session = self._registry.get(client_id)
-        return session is not None and session.streaming and session.failed_round != server_round
 
     def _aggregate(
         self, base: Path, updates: list[WeightedUpdate], strategy: Strategy | None = None

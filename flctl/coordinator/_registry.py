@@ -67,6 +67,10 @@ class Registry:
             return True
         return False
 
+    def items(self) -> list[tuple[str, Session]]:
+        """Every session, by client id."""
+        return sorted(self._sessions.items())
+
     def connected(self) -> list[Session]:
         """Sessions whose task stream is open, by client id."""
         return sorted(

@@ -13,19 +13,24 @@ admin's identity; a rollback is serialised with rounds by the :class:`RoundEngin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, BinaryIO
 
+from flctl.core import TransportConfig
 from flctl.core import events as ev
 from flctl.core.errors import (
     AuthenticationError,
+    ConflictError,
     FlctlError,
     IntegrityError,
     InvalidInputError,
@@ -35,8 +40,19 @@ from flctl.core.errors import (
 )
 from flctl.security import TokenSigner
 from flctl.store import BlobStore, ModelRecord, SqlStore, is_revoked, revoke
-from flctl.tensors import StreamValidator, TensorSpec
-from flctl.transport import Pipeline
+from flctl.tensors import StreamValidator, TensorSpec, UpdateEncoding, expected_update_spec
+from flctl.transport import (
+    CODEC_NONE,
+    CODECS,
+    SAMPLE_BYTES,
+    Decision,
+    LinkMeter,
+    Pipeline,
+    choose_codec,
+    compress_chunks,
+    decompress_chunk,
+    negotiate_codecs,
+)
 from flctl.transport.grpc import (
     PROTOCOL_VERSION,
     ChunkOut,
@@ -51,6 +67,7 @@ from ._engine import PendingRollback, RoundEngine
 from ._events import EventLog
 from ._guard import RevocationGuard
 from ._registry import Registry, Session
+from ._uploads import PartialUpload, PartialUploads
 
 __all__ = ["AdminService", "CoordinatorService", "Limits"]
 
@@ -121,22 +138,52 @@ def _describe_spec_difference(ours: dict[str, TensorSpec], theirs_json: str, lim
 class _UpdateSink:
     """Hashes, validates and writes an update's bytes as they arrive (one pass)."""
 
-    def __init__(self, handle: BinaryIO, model_spec: dict[str, TensorSpec], size: int) -> None:
-        self._handle = handle
+    def __init__(
+        self,
+        spec: dict[str, TensorSpec],
+        size: int,
+        metadata: dict[str, str],
+        *,
+        codec: str = "none",
+        max_chunk: int = 1 << 20,
+    ) -> None:
+        self.handle: BinaryIO | None = None
+        self._size = size
+        self._codec = codec or "none"
+        self._max_chunk = max_chunk
         self._hash = hashlib.sha256()
-        self._validator = StreamValidator(model_spec, size)
+        self._validator = StreamValidator(spec, size, metadata=metadata)
         self.received = 0
 
+    def replay(self, path: Path, length: int, block: int = 1 << 20) -> None:
+        """Hash and check the first ``length`` bytes already in ``path`` (no write)."""
+        with open(path, "rb") as handle:
+            done = 0
+            while done < length:
+                data = handle.read(min(block, length - done))
+                if not data:
+                    raise IntegrityError("the upload's part file is shorter than recorded")
+                self._validator.feed(data)
+                self._hash.update(data)
+                done += len(data)
+        self.received = length
+
     def feed(self, data: bytes | memoryview) -> None:
+        """Take the next data message (one compressed frame, with a codec): in a worker."""
+        if self._codec != "none":
+            data = decompress_chunk(data, max_size=self._max_chunk, codec=self._codec)
+        if self.received + len(data) > self._size:
+            raise LimitExceededError(f"upload exceeds the {self._size} bytes its header announced")
         self._validator.feed(data)
         self._hash.update(data)
-        self._handle.write(data)
+        assert self.handle is not None
+        self.handle.write(data)
+        self.received += len(data)
 
-    def finish(self, digest: str) -> int:
+    def finish(self, digest: str) -> None:
         self._validator.finish()
         if self._hash.hexdigest() != digest:
             raise IntegrityError("update bytes do not match the digest in the header")
-        return self.received
 
 
 class CoordinatorService:
@@ -157,12 +204,15 @@ class CoordinatorService:
         heartbeat_interval_s: float,
         token_ttl_s: float,
         guard: RevocationGuard,
+        uploads: PartialUploads,
+        transport: TransportConfig | None = None,
     ) -> None:
         self._store = store
         self._blobs = blobs
         self._events = events
         self._registry = registry
         self._engine = engine
+        self._uploads = uploads
         self._signer = signer
         self._limits = limits
         self._model_spec = model_spec
@@ -175,6 +225,9 @@ class CoordinatorService:
         # waits for a slot is held back by HTTP/2 flow control, not buffered.
         self._upload_slots = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
         self._download_slots = asyncio.Semaphore(MAX_CONCURRENT_DOWNLOADS)
+        # transport.compression and the link rate measured per client, for "auto".
+        self._transport = transport or TransportConfig()
+        self._links: dict[str, LinkMeter] = {}
 
     # ------------------------------------------------------------------ sessions
 
@@ -209,6 +262,7 @@ class CoordinatorService:
             raise ProtocolMismatchError(
                 f"the client's model does not match the coordinator's task: {difference}"
             )
+        codecs = negotiate_codecs(self._transport.compression, list(request.codecs))
         session = Session(ctx.identity, uuid.uuid4().hex, ctx.fingerprint, ctx.serial)
         old = self._registry.add(session)
         token = self._signer.issue(
@@ -227,8 +281,11 @@ class CoordinatorService:
             session_token=token,
             heartbeat_interval_s=self._heartbeat_interval_s,
             limits=self._limits.to_pb(),
-            codecs=["none"],
+            codecs=codecs,
             token_expires_unix=now + self._token_ttl_s,
+            # "none" when the client speaks no compressing codec we would use
+            compression=self._transport.compression if len(codecs) > 1 else "none",
+            compression_level=self._transport.compression_level,
         )
 
     async def heartbeat(self, request: pb.HeartbeatRequest, ctx: RpcContext) -> pb.HeartbeatReply:
@@ -264,6 +321,10 @@ class CoordinatorService:
         session = self._session(ctx)
         session.streaming = True
         self._registry.notify()
+        # selected for the open round and not reported (reconnected, or we restarted): again
+        pending = self._engine.task_for(session.client_id)
+        if pending is not None:
+            session.queue.put_nowait(pending)
         reason = "disconnected"
         try:
             while True:
@@ -289,7 +350,13 @@ class CoordinatorService:
     async def download(
         self, request: pb.DownloadRequest, ctx: RpcContext
     ) -> AsyncIterator[ChunkOut]:
-        """Stream a blob from ``offset``, one chunk at a time, straight from its file."""
+        """Stream a blob from ``offset``, one chunk at a time, straight from its file.
+
+        Chunks are compressed when the client accepts a codec and ``transport.compression``
+        says so ("auto": when a sample of the blob shows it pays for the link rate measured
+        on this client's earlier downloads); reading and compressing then run in a worker
+        thread, one chunk ahead. ``bytes_down`` counts the bytes sent on the wire.
+        """
         self._guard.check(ctx, "Download")
         session = self._session(ctx)
         digest = self._blobs.check_digest(request.digest)
@@ -300,17 +367,42 @@ class CoordinatorService:
             raise InvalidInputError(f"offset {request.offset} is beyond the blob's {total} bytes")
         position = request.offset
         sent = 0
+        held = 0.0  # seconds the link held us back (flow control): the link-rate measure
+        link = self._links.setdefault(session.client_id, LinkMeter())
+        mode, level = self._transport.compression, self._transport.compression_level
+        codecs = negotiate_codecs(mode, list(request.codecs))[1:]  # compressing, both speak
         try:
             async with self._download_slots:
-                for data in self._blobs.iter_chunks(
-                    digest, request.offset, self._limits.max_chunk_bytes
-                ):
-                    if session.revoked:
-                        self._guard.check(ctx, "Download")
-                    yield ChunkOut(data, position, total)
-                    position += len(data)
-                    sent += len(data)
+                codec = CODEC_NONE
+                if codecs and position < total:
+
+                    def decide() -> Decision:  # reads and compresses a sample: off the loop
+                        sample = b""
+                        if mode == "auto":
+                            sample = next(self._blobs.iter_chunks(digest, position, SAMPLE_BYTES))
+                        return choose_codec(
+                            mode, sample, link_bytes_per_s=link.rate, level=level, codecs=codecs
+                        )
+
+                    decision = await asyncio.to_thread(decide)
+                    codec = decision.codec
+                    log.debug("download of %s: %s", digest[:12], decision.reason)
+                chunks = self._blobs.iter_chunks(digest, position, self._limits.max_chunk_bytes)
+                stream = compress_chunks(chunks, codec, level, keep_smaller=True)
+                async with contextlib.aclosing(stream):  # a client gone: stop the worker too
+                    async for data, used, raw_size in stream:
+                        if session.revoked:
+                            self._guard.check(ctx, "Download")
+                        started = time.perf_counter()
+                        if used == CODEC_NONE:
+                            yield ChunkOut(data, position, total)
+                        else:
+                            yield ChunkOut(data, position, total, used, raw_size)
+                        held += time.perf_counter() - started  # resumed once gRPC sent it
+                        position += raw_size
+                        sent += len(data)
         finally:
+            link.observe(sent, held)
             self._store.upsert_client(session.client_id, add_bytes_down=sent)
 
     def _reject(
@@ -349,7 +441,7 @@ class CoordinatorService:
         if len(header.task_id) > self._limits.max_string_bytes:
             raise LimitExceededError("task_id is too long")
         self._blobs.check_digest(header.digest)
-        if header.codec not in ("", "none"):
+        if header.codec not in ("", *negotiate_codecs(self._transport.compression, CODECS)):
             raise InvalidInputError(f"codec {header.codec!r} was not negotiated")
         if header.size > self._limits.max_update_bytes:
             raise LimitExceededError(
@@ -358,6 +450,9 @@ class CoordinatorService:
             )
         if header.num_examples <= 0 or header.num_examples > 1 << 40:
             raise InvalidInputError(f"num_examples must be positive, not {header.num_examples}")
+        encoding = UpdateEncoding.from_header(header.encoding, header.dtype, header.base_digest)
+        if encoding.base_digest:
+            self._blobs.check_digest(encoding.base_digest)
         open_round = self._engine.open
         if open_round is None or open_round.server_round != header.server_round:
             current = open_round.server_round if open_round else "none"
@@ -367,111 +462,249 @@ class CoordinatorService:
             return f"{client_id} was not selected for round {header.server_round}"
         if expected_task != header.task_id:
             return f"task {header.task_id[:16]!r} is not this client's task for the round"
+        if encoding.base_digest and encoding.base_digest != open_round.base_digest:
+            return (
+                f"the delta is relative to model {encoding.base_digest[:12]}, not to round "
+                f"{header.server_round}'s model {open_round.base_digest[:12]}"
+            )
         if time.time() > open_round.deadline:
             return f"late: round {header.server_round}'s deadline has passed"
         if self._store.has_accepted_update(int(header.server_round), client_id):
             return f"duplicate: an update for round {header.server_round} was already accepted"
         return None
 
+    def _record_of(self, header: pb.UploadHeader, client_id: str) -> PartialUpload:
+        """The header as an upload record (not yet stored), for matching earlier uploads."""
+        return PartialUpload(
+            upload_id="",
+            client_id=client_id,
+            server_round=int(header.server_round),
+            task_id=header.task_id,
+            digest=header.digest,
+            size=int(header.size),
+            num_examples=int(header.num_examples),
+            codec=header.codec or "none",
+            encoding=header.encoding or "full",
+            dtype=header.dtype,
+            base_digest=header.base_digest,
+            created=0.0,
+        )
+
+    def _checked_header(
+        self, header: pb.UploadHeader, client_id: str
+    ) -> tuple[dict[str, float], str | None]:
+        """Metrics and round-state refusal of a header; malformed ones are refused (raised)."""
+        try:
+            metrics = metrics_from_map(header.metrics, max_items=self._limits.max_metrics)
+            refusal = self._check_header(header, client_id)
+        except FlctlError as exc:
+            self._reject(header, client_id, exc.message, malformed=True)
+            raise
+        if refusal is not None:
+            self._reject(header, client_id, refusal)
+        return metrics, refusal
+
+    async def begin_upload(self, header: pb.UploadHeader, ctx: RpcContext) -> pb.UploadReply:
+        """Open an upload, or find the one this identity began for the same update."""
+        self._guard.check(ctx, "BeginUpload")
+        session = self._session(ctx)
+        if header.upload_id:  # another identity's upload id is refused before anything else
+            self._uploads.get(header.upload_id, session.client_id)
+        _, refusal = self._checked_header(header, session.client_id)
+        if refusal is not None:
+            return pb.UploadReply(accepted=False, reason=refusal)
+        wanted = self._record_of(header, session.client_id)
+        if header.upload_id:
+            record = self._uploads.get(header.upload_id, session.client_id)
+            if not record.matches(wanted):
+                raise InvalidInputError(
+                    f"upload {record.upload_id} was begun for another update "
+                    "(round, task, digest or size differ)"
+                )
+        else:
+            found = self._uploads.find(wanted)
+            record = found or self._uploads.begin(
+                **{k: v for k, v in vars(wanted).items() if k not in ("upload_id", "created")}
+            )
+        held = self._uploads.held(record.upload_id)
+        if held:
+            self._events.emit(
+                ev.UPLOAD_RESUMED,
+                server_round=record.server_round,
+                client_id=session.client_id,
+                data={"upload_id": record.upload_id, "offset": held, "size": record.size},
+            )
+        return pb.UploadReply(accepted=True, upload_id=record.upload_id, committed_offset=held)
+
     async def upload(
         self, chunks: AsyncIterator[UploadItem | None], ctx: RpcContext
     ) -> pb.UploadReply:
-        """Stream an update to a temp file, verify it, then accept it (durably) or refuse it."""
+        """Stream an update's bytes to its part file; when whole, verify and accept it.
+
+        The header names the upload (from :meth:`begin_upload`; none: one is begun here) and
+        the offset the data starts at, which must be the bytes the coordinator holds.
+        """
         self._guard.check(ctx, "Upload")
         session = self._session(ctx)
         header = await anext(aiter(chunks), None)
         if not isinstance(header, pb.UploadHeader):
             raise InvalidInputError("an upload must start with its header")
-        try:
-            metrics = metrics_from_map(header.metrics, max_items=self._limits.max_metrics)
-            refusal = self._check_header(header, session.client_id)
-        except FlctlError as exc:
-            self._reject(header, session.client_id, exc.message, malformed=True)
-            raise
+        if header.upload_id:  # another identity's upload id is refused before anything else
+            self._uploads.get(header.upload_id, session.client_id)
+        metrics, refusal = self._checked_header(header, session.client_id)
         if refusal is not None:
-            self._reject(header, session.client_id, refusal)
             return pb.UploadReply(accepted=False, reason=refusal)
+        if not header.upload_id:
+            begun = await self.begin_upload(header, ctx)
+            upload_id = begun.upload_id
+        else:
+            upload_id = header.upload_id
+        record = self._uploads.get(upload_id, session.client_id)
+        if not record.matches(self._record_of(header, session.client_id)):
+            raise InvalidInputError(
+                f"upload {upload_id} was begun for another update "
+                "(round, task, digest or size differ)"
+            )
+        if not self._uploads.acquire(upload_id):
+            raise ConflictError(f"upload {upload_id} is already being received on another stream")
+        try:
+            held = self._uploads.held(upload_id)
+            if header.offset != held:
+                raise ConflictError(
+                    f"upload {upload_id} holds {held} bytes: resume from offset {held}, "
+                    f"not {header.offset}"
+                )
+            async with self._upload_slots:
+                return await self._receive(record, header, chunks, session, metrics, ctx)
+        finally:
+            self._uploads.release(upload_id)
+            # the round may have ended while the bytes were in flight
+            open_round = self._engine.open
+            if open_round is None or open_round.server_round != record.server_round:
+                self._uploads.discard(upload_id)
 
-        async with self._upload_slots:
-            return await self._receive(header, chunks, session, metrics, ctx)
+    def _update_format(self, record: PartialUpload) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+        """The tensors an update must hold in its encoding, and the metadata it must carry."""
+        encoding = UpdateEncoding.from_header(record.encoding, record.dtype, record.base_digest)
+        spec = expected_update_spec(self._model_spec, encoding.encoding, encoding.dtype)
+        return spec, encoding.to_metadata()
 
     async def _receive(
         self,
+        record: PartialUpload,
         header: pb.UploadHeader,
         chunks: AsyncIterator[UploadItem | None],
         session: Session,
         metrics: dict[str, float],
         ctx: RpcContext,
     ) -> pb.UploadReply:
-        temp, handle = self._blobs.temp_file()
-        sink = _UpdateSink(handle, self._model_spec, int(header.size))
+        upload_id = record.upload_id
+        part = self._uploads.part_path(upload_id)
         started = time.perf_counter()
-        pipeline: Pipeline[bytes | memoryview] = Pipeline(sink.feed)
         try:
+            spec, metadata = self._update_format(record)
+            sink = _UpdateSink(
+                spec,
+                record.size,
+                metadata,
+                codec=header.codec,
+                max_chunk=self._limits.max_chunk_bytes,
+            )
+            held = int(header.offset)
+            if held:
+                # bytes from earlier streams: hashed and checked again, never trusted
+                await asyncio.to_thread(sink.replay, part, held)
+            pipeline: Pipeline[bytes | memoryview] = Pipeline(sink.feed)
             try:
-                with handle:
-                    async for data in chunks:
-                        if data is None or isinstance(data, pb.UploadHeader):
-                            raise InvalidInputError("an upload carries one header, then data")
-                        if len(data) > self._limits.max_chunk_bytes:
-                            raise LimitExceededError(
-                                f"chunk of {len(data)} bytes exceeds max_chunk_bytes "
-                                f"{self._limits.max_chunk_bytes}"
-                            )
-                        if sink.received + len(data) > header.size:
-                            raise LimitExceededError(
-                                f"upload exceeds the {header.size} bytes its header announced"
-                            )
-                        sink.received += len(data)
-                        # hashing, checking and writing release the GIL: a worker thread does
-                        # them while the loop receives the next piece
-                        await pipeline.put(data)
-                    await pipeline.close()
-                received = sink.finish(header.digest)
-            except FlctlError as exc:
-                self._reject(header, session.client_id, exc.message, malformed=True)
-                raise
-            receive_s = time.perf_counter() - started
-            # The identity may have been revoked while the bytes were in flight.
-            self._guard.check(ctx, "Upload")
-            # The round may have ended while the bytes were in flight.
-            refusal = self._check_header(header, session.client_id)
-            if refusal is not None:
-                self._reject(header, session.client_id, refusal)
-                return pb.UploadReply(accepted=False, reason=refusal)
-            committing = time.perf_counter()
-            stored = await asyncio.to_thread(self._blobs.commit_temp, temp, header.digest)
-            commit_s = time.perf_counter() - committing
-        finally:
-            pipeline.cancel()
-            temp.unlink(missing_ok=True)
-        record = self._store.add_update(
-            server_round=int(header.server_round),
+                with open(part, "ab") as handle:
+                    sink.handle = handle
+                    try:
+                        async for data in chunks:
+                            if data is None or isinstance(data, pb.UploadHeader):
+                                raise InvalidInputError("an upload carries one header, then data")
+                            if len(data) > self._limits.max_chunk_bytes:
+                                raise LimitExceededError(
+                                    f"chunk of {len(data)} bytes exceeds max_chunk_bytes "
+                                    f"{self._limits.max_chunk_bytes}"
+                                )
+                            # decompressing, hashing, checking and writing release the GIL: a
+                            # worker thread does them while the loop receives the next piece
+                            await pipeline.put(data)
+                    finally:
+                        # what arrived is on disk before the stream's end is answered, however
+                        # it ends: the next stream resumes from the part file's length
+                        await pipeline.close()
+                if sink.received < record.size:
+                    raise _Incomplete(
+                        f"the stream ended at byte {sink.received} of {record.size}: "
+                        f"upload {upload_id} is kept, resume from offset {sink.received}"
+                    )
+                sink.finish(record.digest)
+            finally:
+                pipeline.cancel()
+        except _Incomplete as exc:
+            raise InvalidInputError(str(exc)) from None
+        except FlctlError as exc:
+            self._uploads.discard(upload_id)
+            self._reject(header, session.client_id, exc.message, malformed=True)
+            raise
+        receive_s = time.perf_counter() - started
+        # The identity may have been revoked while the bytes were in flight.
+        self._guard.check(ctx, "Upload")
+        # The round may have ended while the bytes were in flight.
+        refusal = self._check_header(header, session.client_id)
+        if refusal is not None:
+            self._uploads.discard(upload_id)
+            self._reject(header, session.client_id, refusal)
+            return pb.UploadReply(accepted=False, reason=refusal)
+        committing = time.perf_counter()
+        stored = await asyncio.to_thread(self._commit_part, upload_id, record.digest)
+        commit_s = time.perf_counter() - committing
+        received = record.size
+        update = self._store.add_update(
+            server_round=record.server_round,
             client_id=session.client_id,
-            task_id=header.task_id,
+            task_id=record.task_id,
             status="accepted",
             digest=stored,
             size=received,
-            num_examples=int(header.num_examples),
+            num_examples=record.num_examples,
             metrics=metrics,
         )
+        self._uploads.forget(upload_id)
         self._store.upsert_client(session.client_id, add_rounds=1, add_bytes_up=received)
         self._events.emit(
             ev.UPDATE_ACCEPTED,
-            server_round=record.server_round,
+            server_round=update.server_round,
             client_id=session.client_id,
             data={
-                "task_id": header.task_id,
-                "num_examples": record.num_examples,
+                "task_id": record.task_id,
+                "num_examples": update.num_examples,
                 "metrics": metrics,
                 "size": received,
                 "digest": stored,
+                "upload_id": upload_id,
+                "resumed_from": int(header.offset),
                 "receive_s": round(receive_s, 4),
                 "commit_s": round(commit_s, 4),
             },
         )
         self._engine.update_arrived()
-        return pb.UploadReply(accepted=True, upload_id="", committed_offset=received)
+        return pb.UploadReply(accepted=True, upload_id=upload_id, committed_offset=received)
+
+    def _commit_part(self, upload_id: str, digest: str) -> str:
+        """Move a verified part file into the blob store (same file system: a rename)."""
+        temp, handle = self._blobs.temp_file()
+        handle.close()
+        try:
+            os.replace(self._uploads.part_path(upload_id), temp)
+            return self._blobs.commit_temp(temp, digest)
+        finally:
+            temp.unlink(missing_ok=True)
+
+
+class _Incomplete(Exception):
+    """A stream ended before the bytes its header announced: the part file is kept."""
 
 
 def model_info(record: Any) -> pb.ModelInfo:

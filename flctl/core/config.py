@@ -70,25 +70,43 @@ class RoundsConfig:
     clients_per_round: int = 0
     deadline_s: float = 120.0
     quorum_timeout_s: float = 60.0
+    #: how long the open round waits for a selected client that disconnected to come back
+    rejoin_grace_s: float = 15.0
     evaluate: Literal["server", "none"] = "server"
 
 
 @dataclass(frozen=True)
 class TransportConfig:
-    """``[transport]``: chunking and message bounds on both ends of every channel."""
+    """``[transport]``: chunking, message bounds and compression on both ends of every channel.
+
+    ``compression`` is the coordinator's policy, announced at Join and applied to both
+    directions: "auto" compresses a blob only when a sample of it shows that compressing
+    beats sending raw over the measured link (never float32 weights on loopback), "zstd"
+    always compresses, "none" never does. ``compression_level`` is the zstd level (1..19).
+    """
 
     max_chunk_bytes: int = 1 << 20
     max_update_bytes: int = 0
-    compression: Literal["none"] = "none"
+    compression: Literal["auto", "zstd", "none"] = "auto"
+    compression_level: int = 1
 
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """``[client]``: settings a data owner controls on its own machine."""
+    """``[client]``: settings a data owner controls on its own machine.
+
+    ``update_encoding`` and ``update_dtype`` choose how a trained model travels back: the whole
+    model (``"full"``) or its difference from the round's base model (``"delta"``), in the
+    model's own dtype (``"float32"``: lossless) or cast to ``"float16"`` / ``"bfloat16"`` (half
+    the bytes, with the rounding error docs/benchmarks.md measures). The coordinator rebuilds
+    the model's dtype before aggregating.
+    """
 
     device: str = "auto"
     num_threads: int = 1
     cache_dir: str = ".flctl-client"
+    update_encoding: Literal["full", "delta"] = "full"
+    update_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 @dataclass(frozen=True)
@@ -182,8 +200,10 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("rounds", "clients_per_round"): (0, None),
     ("rounds", "deadline_s"): (0.5, 86400 * 7),
     ("rounds", "quorum_timeout_s"): (0, 86400 * 7),
+    ("rounds", "rejoin_grace_s"): (0, 86400),
     ("transport", "max_chunk_bytes"): (4096, 4 << 20),
     ("transport", "max_update_bytes"): (0, None),
+    ("transport", "compression_level"): (1, 19),
     ("client", "num_threads"): (1, 256),
     ("data", "num_partitions"): (1, 100000),
     ("data", "alpha"): (1e-6, None),

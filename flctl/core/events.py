@@ -31,6 +31,7 @@ __all__ = [
     "ROUND_COMMITTED",
     "ROUND_FAILED",
     "ROUND_QUEUED",
+    "ROUND_RESUMED",
     "ROUND_STARTED",
     "ROUND_STATUS",
     "SECURITY_REFUSED",
@@ -38,6 +39,7 @@ __all__ = [
     "TERMINAL_ROUND_STATUSES",
     "UPDATE_ACCEPTED",
     "UPDATE_REJECTED",
+    "UPLOAD_RESUMED",
 ]
 
 #: data: address, pid, state_dir, head_version
@@ -57,12 +59,16 @@ CLIENT_STATE = "client.state"
 ROUND_QUEUED = "round.queued"
 #: data: base_version, selected (client ids), deadline_unix, min_clients
 ROUND_STARTED = "round.started"
+#: data: selected (client ids), accepted (updates already held), deadline_unix
+ROUND_RESUMED = "round.resumed"
 #: data: status (selecting | training | aggregating | evaluating)
 ROUND_STATUS = "round.status"
 #: data: task_id, kind, model_digest
 TASK_SENT = "task.sent"
-#: data: task_id, num_examples, metrics, size, digest
+#: data: task_id, num_examples, metrics, size, digest, upload_id, resumed_from
 UPDATE_ACCEPTED = "update.accepted"
+#: data: upload_id, offset (bytes the coordinator already held), size
+UPLOAD_RESUMED = "upload.resumed"
 #: data: task_id, reason
 UPDATE_REJECTED = "update.rejected"
 #: data: model_version, metrics, num_clients, duration_s

@@ -117,6 +117,7 @@ class RoundRecord:
         reason: Why it failed or was cancelled, or "".
         deadline: Unix time its training phase ends, or None.
         config: Per-round settings given when it was queued.
+        tasks: Client id -> task id of the selected clients ({} before selection).
     """
 
     id: int
@@ -132,6 +133,7 @@ class RoundRecord:
     reason: str
     deadline: float | None
     config: dict[str, Any] = field(default_factory=dict)
+    tasks: dict[str, str] = field(default_factory=dict)
 
     @property
     def duration_s(self) -> float | None:

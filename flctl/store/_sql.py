@@ -93,7 +93,7 @@ class SqlStore:
 
     #: 1: models, refs, rounds, updates, clients, events. 2: the registry (tags; model status,
     #: reason, author, source, config). Older databases are migrated when opened.
-    SCHEMA_VERSION: ClassVar[int] = 2
+    SCHEMA_VERSION: ClassVar[int] = 3
 
     def __init__(self, url: str) -> None:
         # The coordinator may call from worker threads; one lock keeps each read-modify-write
@@ -678,6 +678,7 @@ class SqlStore:
         selected: Sequence[str] | None = None,
         deadline: float | None = None,
         ended: float | None = None,
+        tasks: Mapping[str, str] | None = None,
     ) -> RoundRecord:
         """Move a round to ``status`` and set the fields given (None leaves a field as is).
 
@@ -708,6 +709,8 @@ class SqlStore:
             values["selected"] = json.dumps([str(c) for c in selected])
         if deadline is not None:
             values["deadline"] = deadline
+        if tasks is not None:
+            values["tasks"] = json.dumps({str(k): str(v) for k, v in tasks.items()})
         if ended is None and status in TERMINAL:
             ended = time.time()
         if ended is not None:
@@ -1213,6 +1216,7 @@ def _round_record(row: RoundRow) -> RoundRecord:
         reason=row.reason,
         deadline=row.deadline,
         config=_load_dict(row.config),
+        tasks={str(k): str(v) for k, v in _load_dict(row.tasks or "{}").items()},
     )
 
 
@@ -1307,8 +1311,13 @@ def _migrate_1_to_2(session: Session) -> None:
     )
 
 
+def _migrate_2_to_3(session: Session) -> None:
+    """Add rounds.tasks (the selected clients' task ids, for resuming a round after a restart)."""
+    _add_missing_columns(session.connection(), TableBase.metadata.tables[RoundRow.__tablename__])
+
+
 #: schema version found -> the step that brings it to the next version.
-_MIGRATIONS = {"1": _migrate_1_to_2}
+_MIGRATIONS = {"1": _migrate_1_to_2, "2": _migrate_2_to_3}
 
 
 def _migrate(session: Session, found: int, target: int) -> None:

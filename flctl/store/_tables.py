@@ -96,6 +96,9 @@ class RoundRow(TableBase, table=True):
     reason: str = Field(default="", sa_type=Text)
     deadline: float | None = None
     config: str = Field(default="{}", sa_type=Text)
+    #: client id -> task id of the selected clients (schema 3): a restarted coordinator
+    #: resumes the round with the same tasks.
+    tasks: str | None = Field(default=None, sa_type=Text)
 
 
 class UpdateRow(TableBase, table=True):

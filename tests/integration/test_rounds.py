@@ -178,9 +178,10 @@ def test_vanished_client_fails_the_round_at_deadline_or_quorum_allows(
 
 
 def test_client_leaving_mid_round_ends_the_round_early(project: Project) -> None:
-    """A selected client whose stream closes is not waited for until the deadline."""
+    """A selected client whose stream closes is waited for rejoin_grace_s, not the deadline."""
     config = project.write(
-        rounds={"min_clients": 2, "deadline_s": 60.0}, task={"hang_client": "c2"}
+        rounds={"min_clients": 2, "deadline_s": 60.0, "rejoin_grace_s": 1.0},
+        task={"hang_client": "c2"},
     )
     task_module = load_task(config.task_path)
 

@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from flctl.client import ClientCache, fetch_blob
+from flctl.client import ClientCache, PendingUploads, fetch_blob
 from flctl.coordinator import Coordinator
 from flctl.core.errors import (
+    ConflictError,
     FlctlError,
     IntegrityError,
     InvalidInputError,
     LimitExceededError,
+    PermissionDeniedError,
     ResourceExhaustedError,
 )
 from flctl.security import load_credentials
@@ -216,7 +218,6 @@ def test_upload_refusals_leave_no_file_behind(project: Project, tmp_path: Path) 
 
             cases: list[tuple[pb.UploadHeader, bytes, int, type[FlctlError], str]] = [
                 (header(digest="0" * 64), blob, 65536, IntegrityError, "do not match the digest"),
-                (header(size=len(blob) + 10), blob, 65536, InvalidInputError, "truncated"),
                 (header(size=10**12), blob, 65536, LimitExceededError, "exceeds the limit"),
                 (header(digest="../" + "a" * 61), blob, 65536, InvalidInputError, "invalid digest"),
             ]
@@ -238,6 +239,12 @@ def test_upload_refusals_leave_no_file_behind(project: Project, tmp_path: Path) 
             for head, data, size, error, needle in cases:
                 with pytest.raises(error, match=needle):
                     await h.api.upload(head, pieces(data, size))
+            # a stream that ends short of its announced size is refused, and its bytes kept in
+            # the upload's part file for a later stream to resume (no blob, no row, no refusal)
+            with pytest.raises(InvalidInputError, match="resume from offset"):
+                await h.api.upload(header(size=len(blob) + 10), pieces(blob))
+            parts = list((h.coordinator.state_dir / "uploads").glob("*.part"))
+            assert [p.stat().st_size for p in parts] == [len(blob)]
             # a chunk larger than max_chunk_bytes is refused by the channel's message bound
             with pytest.raises((ResourceExhaustedError, LimitExceededError)):
                 big = bytes(200_000)
@@ -270,3 +277,259 @@ def _nudged(path: Path) -> dict:  # type: ignore[type-arg]
     from flctl.tensors import load_parameters
 
     return {n: t + 0.01 if t.is_floating_point() else t for n, t in load_parameters(path).items()}
+
+
+async def _update_bytes(h: Harness, tmp_path: Path) -> tuple[bytes, str]:
+    update = tmp_path / "update"
+    save_parameters(_nudged(h.blobs.path(h.digest)), update)
+    data = update.read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def test_dropped_upload_resumes_from_the_offset_the_coordinator_confirms(
+    project: Project, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        h = await start(project, transport={"max_chunk_bytes": 4096}, task={"in_features": 20000})
+        try:
+            task = await _open_round(h, project)
+            data, digest = await _update_bytes(h, tmp_path)
+            header = pb.UploadHeader(
+                server_round=task.server_round,
+                task_id=task.task_id,
+                num_examples=10,
+                digest=digest,
+                size=len(data),
+            )
+            begun = await h.api.begin_upload(header)
+            assert begun.accepted and begun.committed_offset == 0 and len(begun.upload_id) == 32
+            uploads = h.coordinator.state_dir / "uploads"
+            part = uploads / f"{begun.upload_id}.part"
+            half = len(data) // 2
+            cut = asyncio.Event()
+
+            async def first_half() -> AsyncIterator[bytes]:
+                for i in range(0, half, 4096):
+                    yield data[i : min(i + 4096, half)]
+                await cut.wait()  # the connection "drops" here: the call is cancelled
+
+            first = header.__deepcopy__()
+            first.upload_id, first.offset = begun.upload_id, 0
+            call = asyncio.create_task(h.api.upload(first, first_half()))
+            # what arrived reaches the file (a write buffer may hold the last few KiB until the
+            # stream ends, when it is flushed)
+            await wait_until(lambda: part.exists() and part.stat().st_size >= half - 16384)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            # the part file survives; BeginUpload without the id finds it by its header
+            again = await h.api.begin_upload(header)
+            assert again.upload_id == begun.upload_id
+            assert again.committed_offset == half
+
+            # resuming from any other offset is refused and changes nothing
+            wrong = header.__deepcopy__()
+            wrong.upload_id, wrong.offset = begun.upload_id, 0
+            with pytest.raises(ConflictError, match=f"resume from offset {half}"):
+                await h.api.upload(wrong, _pieces(data))
+            assert part.stat().st_size == half
+
+            rest = header.__deepcopy__()
+            rest.upload_id, rest.offset = begun.upload_id, half
+            reply = await h.api.upload(rest, _pieces(data[half:]))
+            assert reply.accepted, reply.reason
+            store = h.coordinator.store
+            assert store is not None
+            accepted = store.updates_for_round(task.server_round, status="accepted")
+            assert [u.digest for u in accepted] == [digest]
+            assert hashlib.sha256(h.blobs.path(digest).read_bytes()).hexdigest() == digest
+            events = {e.type: e.data for e in store.events_since(0)}
+            assert events["upload.resumed"]["offset"] == half
+            assert events["update.accepted"]["resumed_from"] == half
+            assert list(uploads.iterdir()) == []  # the part file became the blob
+        finally:
+            await stop(h)
+
+    asyncio.run(main())
+
+
+def test_an_upload_id_is_bound_to_the_identity_that_began_it(
+    project: Project, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        h = await start(project)
+        try:
+            task = await _open_round(h, project)
+            data, digest = await _update_bytes(h, tmp_path)
+            header = pb.UploadHeader(
+                server_round=task.server_round,
+                task_id=task.task_id,
+                num_examples=10,
+                digest=digest,
+                size=len(data),
+            )
+            begun = await h.api.begin_upload(header)
+            config = h.coordinator.config
+            cert, key, ca = load_credentials(config.certs_path, "c2")
+            other = CoordinatorClient(
+                secure_channel(h.coordinator.bound_address, cert_pem=cert, key_pem=key, ca_pem=ca)
+            )
+            try:
+                spec = read_spec(h.blobs.path(h.digest))
+                await other.join(
+                    pb.JoinRequest(
+                        protocol_version=PROTOCOL_VERSION, task_fingerprint=fingerprint(spec)
+                    )
+                )
+                stolen = header.__deepcopy__()
+                stolen.upload_id = begun.upload_id
+                with pytest.raises(PermissionDeniedError, match="another identity"):
+                    await other.begin_upload(stolen)
+                with pytest.raises(PermissionDeniedError, match="another identity"):
+                    await other.upload(stolen, _pieces(data))
+            finally:
+                await other.close()
+            assert (
+                h.coordinator.state_dir.joinpath("uploads", f"{begun.upload_id}.part")
+                .stat()
+                .st_size
+                == 0
+            )
+        finally:
+            await stop(h)
+
+    asyncio.run(main())
+
+
+async def _pieces(data: bytes, size: int = 4096) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def test_a_restarted_client_resumes_its_pending_upload_without_training_again(
+    project: Project, tmp_path: Path
+) -> None:
+    """What a client killed mid-upload left on disk is picked up by the next ``join``."""
+    from .conftest import make_runner
+
+    async def main() -> None:
+        h = await start(project, transport={"max_chunk_bytes": 4096}, task={"in_features": 20000})
+        try:
+            # first life, played by hand: the task, the update, half of it sent, then death
+            task = await _open_round(h, project)
+            data, digest = await _update_bytes(h, tmp_path)
+            header = pb.UploadHeader(
+                server_round=task.server_round,
+                task_id=task.task_id,
+                num_examples=10,
+                digest=digest,
+                size=len(data),
+            )
+            begun = await h.api.begin_upload(header)
+            half = len(data) // 2
+            part = h.coordinator.state_dir / "uploads" / f"{begun.upload_id}.part"
+            first = header.__deepcopy__()
+            first.upload_id = begun.upload_id
+            cut = asyncio.Event()
+
+            async def first_half() -> AsyncIterator[bytes]:
+                async for piece in _pieces(data[:half]):
+                    yield piece
+                await cut.wait()
+
+            call = asyncio.create_task(h.api.upload(first, first_half()))
+            await wait_until(lambda: part.exists() and part.stat().st_size >= half - 16384)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await h.api.close()  # the session ends with the process
+            config = h.coordinator.config
+            cache_dir = config.root / ".cache" / "c1"
+            update = tmp_path / "pending"
+            update.write_bytes(data)
+            PendingUploads(cache_dir / "uploads").save(task.task_id, header, update)
+
+            # second life: a real runner with the same cache folder
+            runner = make_runner(config, h.coordinator.bound_address, "c1", once=True)
+            seen: list[tuple[str, dict]] = []  # type: ignore[type-arg]
+            runner._on_event = lambda kind, details: seen.append((kind, details))
+            stop_event = asyncio.Event()
+            run = asyncio.create_task(runner.run(stop_event))
+            await asyncio.sleep(8)
+            print("SEEN", seen, h.coordinator.store.events_since(0)[-8:])
+            assert await asyncio.wait_for(run, 60) == 1
+            kinds = [k for k, _ in seen]
+            assert "pending" in kinds and "uploaded" in kinds
+            resumed = [d for k, d in seen if k == "resumed"]
+            assert resumed and resumed[0]["offset"] == part_size_at_cut(h, digest, half)
+            assert runner._client.received == []  # type: ignore[attr-defined]  # no training
+            store = h.coordinator.store
+            assert store is not None
+            accepted = store.updates_for_round(task.server_round, status="accepted")
+            assert [u.digest for u in accepted] == [digest]
+            assert list((cache_dir / "uploads").iterdir()) == []
+        finally:
+            await h.coordinator.stop()
+
+    asyncio.run(main())
+
+
+def part_size_at_cut(h: Harness, digest: str, half: int) -> int:
+    """The offset the coordinator confirmed: the resumed event says how much it held."""
+    store = h.coordinator.store
+    assert store is not None
+    held = [e.data["offset"] for e in store.events_since(0) if e.type == "upload.resumed"]
+    assert held and 0 < held[0] <= half
+    return int(held[0])
+
+
+def test_compressed_upload_is_accepted_and_a_bad_frame_leaves_nothing(
+    project: Project, tmp_path: Path
+) -> None:
+    from flctl.transport import compress_chunk
+
+    async def main() -> None:
+        h = await start(
+            project,
+            transport={"max_chunk_bytes": 4096, "compression": "zstd"},
+            task={"in_features": 4000},
+        )
+        try:
+            task = await _open_round(h, project)
+            data, digest = await _update_bytes(h, tmp_path)
+            header = pb.UploadHeader(
+                server_round=task.server_round,
+                task_id=task.task_id,
+                num_examples=10,
+                digest=digest,
+                size=len(data),
+                codec="zstd",
+            )
+            before = _state_files(h)
+
+            async def frames(corrupt_at: int = -1) -> AsyncIterator[bytes]:
+                for n, i in enumerate(range(0, len(data), 4096)):
+                    frame = bytearray(compress_chunk(data[i : i + 4096], 1, codec="zstd"))
+                    if n == corrupt_at:
+                        frame[len(frame) // 2] ^= 0xFF
+                    yield bytes(frame)
+
+            with pytest.raises(IntegrityError, match="zstd"):
+                await h.api.upload(header, frames(corrupt_at=3))
+            assert _state_files(h) == before
+            assert list((h.coordinator.state_dir / "uploads").iterdir()) == []
+            store = h.coordinator.store
+            assert store is not None
+            assert store.updates_for_round(task.server_round) == []
+            # a codec the coordinator does not speak is refused with the header
+            odd = header.__deepcopy__()
+            odd.codec = "lz4"
+            with pytest.raises(InvalidInputError, match="not negotiated"):
+                await h.api.begin_upload(odd)
+            reply = await h.api.upload(header, frames())
+            assert reply.accepted, reply.reason
+            assert hashlib.sha256(h.blobs.path(digest).read_bytes()).hexdigest() == digest
+        finally:
+            await stop(h)
+
+    asyncio.run(main())

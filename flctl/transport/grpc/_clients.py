@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
 import grpc.aio
 
-from flctl.core.errors import IntegrityError
+from flctl.core.errors import FlctlError, IntegrityError, InvalidInputError, LimitExceededError
+from flctl.transport._compression import (
+    CODEC_NONE,
+    COMPRESSING_CODECS,
+    LinkMeter,
+    decompress_chunk,
+)
 from flctl.transport._pipeline import Pipeline
 from flctl.transport.grpc._proto import flctl_pb2 as pb
 from flctl.transport.grpc._proto import flctl_pb2_grpc as pb_grpc
@@ -54,6 +61,8 @@ class CoordinatorClient(_Caller):
     def __init__(self, channel: grpc.aio.Channel, *, identity: str = "") -> None:
         super().__init__(channel, identity=identity, role="client")
         self._stub = pb_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+        #: The link rate measured on this session's downloads (for choosing upload codecs).
+        self.link = LinkMeter()
         # The data path uses the hand-framed codecs (same wire bytes, fewer copies).
         self._download = channel.unary_stream(
             "/flctl.v1.Coordinator/Download",
@@ -103,20 +112,49 @@ class CoordinatorClient(_Caller):
         offset: int = 0,
         on_chunk: Callable[[int, int], None] | None = None,
         timeout: float | None = None,
+        codecs: Sequence[str] = COMPRESSING_CODECS,
+        max_chunk_bytes: int = 4 << 20,
     ) -> int:
         """Write blob ``digest`` from ``offset`` into ``sink``; return the blob's total size.
 
-        ``on_chunk(bytes_so_far, total)`` is called after each chunk. The caller verifies the
-        digest.
+        ``on_chunk(bytes_so_far, total)`` is called after each chunk (uncompressed bytes). The
+        caller verifies the digest. ``codecs`` are the compressed codecs this download accepts;
+        a compressed chunk is decompressed in the sink's worker thread and may hold at most
+        ``max_chunk_bytes`` (default: the largest chunk a coordinator may announce). The rate
+        the bytes arrived at (first chunk to last) updates :attr:`link`.
+
+        Raises:
+            IntegrityError: A chunk is out of place or a frame is corrupt.
+            LimitExceededError: A frame holds more than ``max_chunk_bytes``.
+            InvalidInputError: A chunk has a codec this download did not accept.
         """
         total = 0
+        accepted = set(codecs) & set(COMPRESSING_CODECS)
         call = self._download(
-            pb.DownloadRequest(digest=digest, offset=offset),
+            pb.DownloadRequest(digest=digest, offset=offset, codecs=sorted(accepted)),
             metadata=self.metadata(),
             timeout=timeout,
         )
+
+        def write(item: tuple[bytes | memoryview, str, int, int]) -> None:
+            data, codec, raw_size, at = item
+            if codec:
+                try:
+                    data = decompress_chunk(data, max_size=raw_size, codec=codec)
+                except FlctlError as exc:
+                    where = f"download of {digest[:12]}, chunk at byte {at}"
+                    raise type(exc)(f"{where}: {exc.message}") from None
+                if len(data) != raw_size:
+                    raise IntegrityError(
+                        f"download of {digest[:12]}: a {codec} frame holds {len(data)} bytes, "
+                        f"not the {raw_size} its chunk announced"
+                    )
+            sink.write(data)
+
         position = offset
-        pipeline: Pipeline[bytes | memoryview] = Pipeline(sink.write)
+        first = last = 0.0
+        on_wire = 0  # bytes after the first chunk: the first one's time is the call's latency
+        pipeline: Pipeline[tuple[bytes | memoryview, str, int, int]] = Pipeline(write)
         try:
             with map_rpc_errors():
                 async for chunk in call:
@@ -125,15 +163,46 @@ class CoordinatorClient(_Caller):
                             f"download of {digest[:12]} jumped from byte {position} "
                             f"to {chunk.offset}"
                         )
-                    await pipeline.put(chunk.data)
-                    position += len(chunk.data)
+                    codec = "" if chunk.codec == CODEC_NONE else chunk.codec
+                    size = len(chunk.data)
+                    if codec:
+                        if codec not in accepted:
+                            raise InvalidInputError(
+                                f"download of {digest[:12]} came with codec {codec!r}, which "
+                                "this client did not accept"
+                            )
+                        if chunk.raw_size > max_chunk_bytes:
+                            raise LimitExceededError(
+                                f"download of {digest[:12]}: a chunk announces "
+                                f"{chunk.raw_size} bytes, more than the {max_chunk_bytes} allowed"
+                            )
+                        size = chunk.raw_size
+                    await pipeline.put((chunk.data, codec, size, position))
+                    last = time.perf_counter()
+                    if first:
+                        on_wire += len(chunk.data)
+                    else:
+                        first = last
+                    position += size
                     total = chunk.total_size
                     if on_chunk is not None:
                         on_chunk(position, total)
             await pipeline.close()
         finally:
             pipeline.cancel()
+            call.cancel()
+        self.link.observe(on_wire, last - first)
         return total
+
+    async def begin_upload(
+        self, header: pb.UploadHeader, *, timeout: float = 30.0
+    ) -> pb.UploadReply:
+        """Open an upload (or find the one begun earlier): its id and the bytes already held."""
+        with map_rpc_errors():
+            reply: pb.UploadReply = await self._stub.BeginUpload(
+                header, metadata=self.metadata(), timeout=timeout
+            )
+        return reply
 
     async def upload(
         self, header: pb.UploadHeader, data: AsyncIterable[bytes], *, timeout: float | None = None

@@ -52,6 +52,11 @@ def coordinator_handlers(servicer: CoordinatorServicer) -> grpc.GenericRpcHandle
                 request_deserializer=decode_upload,
                 response_serializer=pb.UploadReply.SerializeToString,
             ),
+            "BeginUpload": grpc.unary_unary_rpc_method_handler(
+                servicer.BeginUpload,
+                request_deserializer=pb.UploadHeader.FromString,
+                response_serializer=pb.UploadReply.SerializeToString,
+            ),
         },
     )
 

@@ -85,6 +85,9 @@ class CoordinatorHandler(Protocol):
     ) -> pb.UploadReply:
         """Receive an update: the header, then data; None marks an unreadable message."""
 
+    async def begin_upload(self, request: pb.UploadHeader, ctx: RpcContext) -> pb.UploadReply:
+        """Open an upload or find the one begun earlier; say how many bytes are held."""
+
 
 class AdminHandler(Protocol):
     """What the coordinator implements for the ``Admin`` service."""
@@ -233,6 +236,10 @@ class CoordinatorServicer(_Base, pb_grpc.CoordinatorServicer):
     async def Upload(self, request_iterator: Any, context: Any) -> pb.UploadReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(context, lambda ctx: self._handler.upload(request_iterator, ctx))
+
+    async def BeginUpload(self, request: Any, context: Any) -> pb.UploadReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(context, lambda ctx: self._handler.begin_upload(request, ctx))
 
 
 class AdminServicer(_Base, pb_grpc.AdminServicer):

@@ -41,6 +41,9 @@ def test_defaults_when_empty(tmp_path: Path) -> None:
         ("[rounds]\nmin_clent = 2\n", "unknown key `rounds.min_clent`"),
         ("[roundz]\n", "unknown table [roundz]"),
         ("[rounds]\nstrategy = 'fedmagic'\n", "`rounds.strategy` must be one of"),
+        ("[client]\nupdate_encoding = 'sparse'\n", "`client.update_encoding` must be one of"),
+        ("[client]\nupdate_dtype = 'float8'\n", "`client.update_dtype` must be one of"),
+        ("[client]\nupdate_dtype = 16\n", "`client.update_dtype` must be one of"),
         ("[server]\ninsecure = 1\n", "`server.insecure` must be true or false"),
         ("[rounds]\ndeadline_s = nan\n", "`rounds.deadline_s` must be finite"),
         ("[task]\nlr = [1, 2]\n", "`task.lr` must be a boolean, number or string"),
@@ -56,6 +59,31 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str, needle: str) -> Non
         load_config(path)
     assert needle in info.value.message
     assert str(path) in info.value.message
+
+
+def test_update_encoding_defaults_lossless_and_accepts_delta_in_half(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")).client.update_encoding == "full"
+    assert load_config(write(tmp_path, "")).client.update_dtype == "float32"
+    config = load_config(
+        write(tmp_path, "[client]\nupdate_encoding = 'delta'\nupdate_dtype = 'bfloat16'\n")
+    )
+    assert (config.client.update_encoding, config.client.update_dtype) == ("delta", "bfloat16")
+
+
+def test_compression_defaults_to_auto_and_is_checked(tmp_path: Path) -> None:
+    transport = load_config(write(tmp_path, "")).transport
+    assert (transport.compression, transport.compression_level) == ("auto", 1)
+    config = load_config(
+        write(tmp_path, "[transport]\ncompression = 'zstd'\ncompression_level = 19\n")
+    )
+    assert (config.transport.compression, config.transport.compression_level) == ("zstd", 19)
+    for text, needle in [
+        ("compression = 'gzip'", "`transport.compression` must be one of 'auto', 'zstd', 'none'"),
+        ("compression_level = 0", "`transport.compression_level` must be between 1 and 19"),
+        ("compression_level = 22", "`transport.compression_level` must be between 1 and 19"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config(write(tmp_path, f"[transport]\n{text}\n"))
 
 
 def test_int_accepted_for_float_and_task_values_kept(tmp_path: Path) -> None:

@@ -127,7 +127,7 @@ class JoinRequest(_message.Message):
     client_version: _builtins.str
     @_builtins.property
     def codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Codecs the client can read and write ("none", later "zstd")."""
+        """Codecs the client can read and write: "none", "zstd", "zstd-shuffle4"."""
 
     @_builtins.property
     def properties(self) -> _containers.MessageMap[_builtins.str, Global___Value]: ...
@@ -159,15 +159,22 @@ class JoinReply(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     CODECS_FIELD_NUMBER: _builtins.int
     TOKEN_EXPIRES_UNIX_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
+    COMPRESSION_LEVEL_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     session_id: _builtins.str
     session_token: _builtins.str
     heartbeat_interval_s: _builtins.float
     token_expires_unix: _builtins.float
+    compression: _builtins.str
+    """transport.compression: "none", "zstd" (always) or "auto" (when it pays for the link)."""
+    compression_level: _builtins.int
     @_builtins.property
     def limits(self) -> Global___Limits: ...
     @_builtins.property
-    def codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Codecs both ends speak; the client may compress its uploads with any of them."""
+
     def __init__(
         self,
         *,
@@ -178,10 +185,12 @@ class JoinReply(_message.Message):
         limits: Global___Limits | None = ...,
         codecs: _abc.Iterable[_builtins.str] | None = ...,
         token_expires_unix: _builtins.float = ...,
+        compression: _builtins.str = ...,
+        compression_level: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "codecs", b"codecs", "heartbeat_interval_s", b"heartbeat_interval_s", "limits", b"limits", "session_id", b"session_id", "session_token", b"session_token", "token_expires_unix", b"token_expires_unix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "codecs", b"codecs", "compression", b"compression", "compression_level", b"compression_level", "heartbeat_interval_s", b"heartbeat_interval_s", "limits", b"limits", "session_id", b"session_id", "session_token", b"session_token", "token_expires_unix", b"token_expires_unix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -345,17 +354,23 @@ class DownloadRequest(_message.Message):
 
     DIGEST_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    CODECS_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
     offset: _builtins.int
+    @_builtins.property
+    def codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Codecs the client accepts for this download (empty: none)."""
+
     def __init__(
         self,
         *,
         digest: _builtins.str = ...,
         offset: _builtins.int = ...,
+        codecs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codecs", b"codecs", "digest", b"digest", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -368,21 +383,31 @@ class Chunk(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    CODEC_FIELD_NUMBER: _builtins.int
+    RAW_SIZE_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
+    """The chunk's bytes, compressed when codec is set."""
     offset: _builtins.int
-    """Offset of data[0] in the blob."""
+    """Offset of the chunk's first (uncompressed) byte in the blob."""
     total_size: _builtins.int
     """Size of the whole blob (uncompressed)."""
+    codec: _builtins.str
+    """"" (raw), "zstd" (data is one zstd frame of raw_size bytes) or "zstd-shuffle4" (one zstd
+    frame of the chunk's bytes regrouped into 4 byte planes).
+    """
+    raw_size: _builtins.int
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
         offset: _builtins.int = ...,
         total_size: _builtins.int = ...,
+        codec: _builtins.str = ...,
+        raw_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "data", b"data", "offset", b"offset", "raw_size", b"raw_size", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,6 +446,10 @@ class UploadHeader(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     CODEC_FIELD_NUMBER: _builtins.int
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    BASE_DIGEST_FIELD_NUMBER: _builtins.int
     server_round: _builtins.int
     task_id: _builtins.str
     num_examples: _builtins.int
@@ -428,8 +457,21 @@ class UploadHeader(_message.Message):
     """sha256 of the update's safetensors bytes."""
     size: _builtins.int
     codec: _builtins.str
+    """"none" or a negotiated codec ("zstd", "zstd-shuffle4"): then each data message is one
+    frame of one chunk.
+    """
     upload_id: _builtins.str
-    """Empty to start an upload; the id from an earlier reply to resume it."""
+    """The id BeginUpload gave (Upload); empty in a BeginUpload that starts afresh."""
+    offset: _builtins.int
+    """Upload: the (uncompressed) byte of the update its first data message starts at; it must
+    equal the committed_offset the coordinator last confirmed.
+    """
+    encoding: _builtins.str
+    """"full" (the trained weights) or "delta" (trained minus the round's base model)."""
+    dtype: _builtins.str
+    """The dtype floating-point tensors travel in: "" (the model's), "float16" or "bfloat16"."""
+    base_digest: _builtins.str
+    """For a delta: the digest of the model it is relative to (the task's model_digest)."""
     @_builtins.property
     def metrics(self) -> _containers.MessageMap[_builtins.str, Global___Value]: ...
     def __init__(
@@ -443,10 +485,14 @@ class UploadHeader(_message.Message):
         size: _builtins.int = ...,
         codec: _builtins.str = ...,
         upload_id: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        encoding: _builtins.str = ...,
+        dtype: _builtins.str = ...,
+        base_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "digest", b"digest", "metrics", b"metrics", "num_examples", b"num_examples", "server_round", b"server_round", "size", b"size", "task_id", b"task_id", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_digest", b"base_digest", "codec", b"codec", "digest", b"digest", "dtype", b"dtype", "encoding", b"encoding", "metrics", b"metrics", "num_examples", b"num_examples", "offset", b"offset", "server_round", b"server_round", "size", b"size", "task_id", b"task_id", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -61,6 +61,11 @@ class CoordinatorStub:
                 request_serializer=flctl_dot_v1_dot_flctl__pb2.UploadChunk.SerializeToString,
                 response_deserializer=flctl_dot_v1_dot_flctl__pb2.UploadReply.FromString,
                 _registered_method=True)
+        self.BeginUpload = channel.unary_unary(
+                '/flctl.v1.Coordinator/BeginUpload',
+                request_serializer=flctl_dot_v1_dot_flctl__pb2.UploadHeader.SerializeToString,
+                response_deserializer=flctl_dot_v1_dot_flctl__pb2.UploadReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -99,6 +104,17 @@ class CoordinatorServicer:
 
     def Upload(self, request_iterator, context):
         """An update: first message a header, then the bytes. Streamed to disk, never whole in memory.
+        The header names an upload id from BeginUpload and the offset its data starts at.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BeginUpload(self, request, context):
+        """Open an upload, or find one begun earlier (same identity, round, task and digest): the
+        reply carries its id and the bytes the coordinator already holds on disk, so an upload cut
+        off by a dropped connection, a killed client or a restarted coordinator carries on from
+        there. Refusals (late, wrong round, duplicate) come back as accepted=false with a reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +146,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'Upload': grpc.stream_unary_rpc_method_handler(
                     servicer.Upload,
                     request_deserializer=flctl_dot_v1_dot_flctl__pb2.UploadChunk.FromString,
+                    response_serializer=flctl_dot_v1_dot_flctl__pb2.UploadReply.SerializeToString,
+            ),
+            'BeginUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginUpload,
+                    request_deserializer=flctl_dot_v1_dot_flctl__pb2.UploadHeader.FromString,
                     response_serializer=flctl_dot_v1_dot_flctl__pb2.UploadReply.SerializeToString,
             ),
     }
@@ -269,6 +290,33 @@ class Coordinator:
             target,
             '/flctl.v1.Coordinator/Upload',
             flctl_dot_v1_dot_flctl__pb2.UploadChunk.SerializeToString,
+            flctl_dot_v1_dot_flctl__pb2.UploadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flctl.v1.Coordinator/BeginUpload',
+            flctl_dot_v1_dot_flctl__pb2.UploadHeader.SerializeToString,
             flctl_dot_v1_dot_flctl__pb2.UploadReply.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,180 @@
+"""A coordinator killed with SIGKILL in the middle of an upload, then started again.
+
+The round that was open resumes (same tasks, same deadline), the client's task comes back on
+its new task stream, and the upload carries on from the bytes the first process had written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from flctl.client import ClientCache, fetch_blob
+from flctl.security import load_credentials
+from flctl.tensors import fingerprint, load_parameters, save_parameters, spec_of
+from flctl.transport.grpc import (
+    PROTOCOL_VERSION,
+    AdminClient,
+    CoordinatorClient,
+    pb,
+    secure_channel,
+)
+
+from .conftest import Processes, flctl, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+TINY_TASK = Path(__file__).resolve().parents[1] / "integration" / "tiny_task.py"
+FEATURES = 20000
+CONFIG = f"""
+[project]
+task = "tiny_task.py"
+seed = 1
+
+[server]
+heartbeat_interval_s = 0.5
+
+[rounds]
+min_clients = 1
+deadline_s = 120.0
+quorum_timeout_s = 60.0
+
+[transport]
+max_chunk_bytes = 4096
+
+[task]
+in_features = {FEATURES}
+"""
+
+
+def _serve(processes: Processes, name: str, proj: Path) -> tuple[int, str]:
+    proc = processes.start(name, "serve", "--address", "127.0.0.1:0", "--no-tui", cwd=proj)
+    serve_file = proj / ".flctl" / "serve.json"
+
+    def ready() -> dict | None:  # type: ignore[type-arg]
+        try:
+            info = json.loads(serve_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return info if info.get("pid") == proc.pid else None
+
+    info = wait_for(ready, what=f"{name} listening", timeout=120)
+    return proc.pid, info["address"]
+
+
+def _channel(proj: Path, identity: str, address: str):  # noqa: ANN202
+    cert, key, ca = load_credentials(proj / "certs", identity)
+    return secure_channel(address, cert_pem=cert, key_pem=key, ca_pem=ca)
+
+
+async def _join(proj: Path, address: str) -> tuple[CoordinatorClient, AsyncIterator[pb.Task]]:
+    api = CoordinatorClient(_channel(proj, "c1", address))
+    spec = spec_of(torch.nn.Linear(FEATURES, 2).state_dict())
+    await api.join(
+        pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_fingerprint=fingerprint(spec))
+    )
+    return api, api.tasks()
+
+
+async def _pieces(data: bytes, hang: bool = False) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), 4096):
+        yield data[i : i + 4096]
+    if hang:
+        await asyncio.Event().wait()
+
+
+def test_sigkill_mid_upload_then_restart_resumes_the_round_and_the_upload(
+    tmp_path: Path, processes: Processes
+) -> None:
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "flctl.toml").write_text(CONFIG)
+    shutil.copy(TINY_TASK, proj / "tiny_task.py")
+    flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
+    pid, address = _serve(processes, "coordinator", proj)
+    uploads = proj / ".flctl" / "uploads"
+
+    async def first_life() -> tuple[pb.Task, pb.UploadHeader, bytes, int]:
+        api, tasks = await _join(proj, address)
+        admin = AdminClient(_channel(proj, "admin", address))
+        try:
+            first = asyncio.ensure_future(anext(tasks))
+            await asyncio.sleep(0.5)  # the task stream is open: the client can be selected
+            await admin.start_round(1)
+            task = await asyncio.wait_for(first, 60)
+            model = await fetch_blob(api, ClientCache(tmp_path / "cache"), task.model_digest)
+            nudged = {n: t + 0.01 for n, t in load_parameters(model).items()}
+            save_parameters(nudged, tmp_path / "update")
+            data = (tmp_path / "update").read_bytes()
+            header = pb.UploadHeader(
+                server_round=task.server_round,
+                task_id=task.task_id,
+                num_examples=10,
+                digest=hashlib.sha256(data).hexdigest(),
+                size=len(data),
+            )
+            begun = await api.begin_upload(header)
+            half = len(data) // 2
+            first_part = header.__deepcopy__()
+            first_part.upload_id = begun.upload_id
+            call = asyncio.ensure_future(api.upload(first_part, _pieces(data[:half], hang=True)))
+            part = uploads / f"{begun.upload_id}.part"
+            for _ in range(600):
+                if part.exists() and part.stat().st_size >= half - 16384:
+                    break
+                await asyncio.sleep(0.05)
+            held = part.stat().st_size
+            assert 0 < held <= half
+            os.kill(pid, signal.SIGKILL)  # no clean-up of any kind
+            with pytest.raises(BaseException):  # noqa: B017,PT011 - the connection is gone
+                await asyncio.wait_for(call, 30)
+            return task, header, data, held
+        finally:
+            await admin.close()
+            await api.close()
+
+    task, header, data, held = asyncio.run(first_life())
+    assert processes.procs["coordinator"].wait(30) == -signal.SIGKILL
+    pid, address = _serve(processes, "coordinator-2", proj)
+
+    async def second_life() -> dict:  # type: ignore[type-arg]
+        api, tasks = await _join(proj, address)
+        admin = AdminClient(_channel(proj, "admin", address))
+        try:
+            again = await asyncio.wait_for(anext(tasks), 60)  # the resumed round's task
+            assert (again.server_round, again.task_id) == (task.server_round, task.task_id)
+            begun = await api.begin_upload(header)
+            assert begun.accepted and begun.committed_offset == held
+            rest = header.__deepcopy__()
+            rest.upload_id, rest.offset = begun.upload_id, held
+            reply = await api.upload(rest, _pieces(data[held:]))
+            assert reply.accepted, reply.reason
+            for _ in range(600):
+                status = await admin.status([task.server_round])
+                if status.rounds[0].status in ("committed", "failed"):
+                    break
+                await asyncio.sleep(0.1)
+            events = [e async for e in admin.watch(0, follow=False)]
+            return {
+                "status": status.rounds[0].status,
+                "reason": status.rounds[0].reason,
+                "types": [e.type for e in events],
+            }
+        finally:
+            await admin.close()
+            await api.close()
+
+    result = asyncio.run(second_life())
+    assert result["status"] == "committed", result["reason"]
+    assert "round.resumed" in result["types"] and "upload.resumed" in result["types"]
+    assert list(uploads.iterdir()) == []
+    assert processes.stop("coordinator-2") == 0
