@@ -265,6 +265,9 @@ class _Status:
     state: str = "idle"
     server_round: int = 0
     progress: float = 0.0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    bytes_per_s: float = 0.0
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -420,6 +423,9 @@ class Runner:
                         state=status.state,
                         server_round=status.server_round,
                         progress=status.progress,
+                        bytes_done=status.bytes_done,
+                        bytes_total=status.bytes_total,
+                        bytes_per_s=status.bytes_per_s,
                     )
                 )
                 if reply.command == "rejoin":
@@ -434,18 +440,28 @@ class Runner:
         self._status.state = state
         self._status.server_round = server_round
         self._status.progress = progress
+        self._status.bytes_done = self._status.bytes_total = 0
+        self._status.bytes_per_s = 0.0
         self._status.dirty.set()
 
     # ------------------------------------------------------------------ one task
 
     def _progress(self, direction: str, server_round: int) -> Callable[[int, int], None]:
         """A callback that reports a transfer's bytes (for progress bars and heartbeats)."""
+        first: list[float] = []  # (time, bytes) of the first report: the rate is since then
 
         def report(done: int, total: int) -> None:
             progress = done / total if total else 0.0
-            if int(progress * 10) != int(self._status.progress * 10):
-                self._status.dirty.set()  # heartbeat now: the coordinator's panel shows steps
-            self._status.progress = progress
+            status = self._status
+            now = time.monotonic()
+            if not first:
+                first.extend((now, float(done)))
+            elif now > first[0]:
+                status.bytes_per_s = (done - first[1]) / (now - first[0])
+            if int(progress * 10) != int(status.progress * 10):
+                status.dirty.set()  # heartbeat now: the coordinator's panel shows steps
+            status.progress = progress
+            status.bytes_done, status.bytes_total = done, total
             self._emit(
                 "transfer", direction=direction, server_round=server_round, done=done, total=total
             )

@@ -303,11 +303,19 @@ class CoordinatorService:
             if state != session.state:
                 self._store.upsert_client(session.client_id, state=state, seen=session.last_seen)
             session.state = state
+            data: dict[str, Any] = {"state": state, "progress": round(progress, 3)}
+            if state in ("downloading", "uploading") and request.bytes_total:
+                rate = request.bytes_per_s
+                data.update(
+                    bytes_done=min(int(request.bytes_done), int(request.bytes_total)),
+                    bytes_total=int(request.bytes_total),
+                    bytes_per_s=round(rate, 1) if math.isfinite(rate) and rate >= 0 else 0.0,
+                )
             self._events.emit(
                 ev.CLIENT_STATE,
                 server_round=request.server_round,
                 client_id=session.client_id,
-                data={"state": state, "progress": round(progress, 3)},
+                data=data,
             )
         session.progress = progress
         if state == "failed" and request.server_round:

@@ -53,7 +53,8 @@ COORDINATOR_WARNING = "coordinator.warning"
 CLIENT_JOINED = "client.joined"
 #: data: reason
 CLIENT_LEFT = "client.left"
-#: data: state (idle | downloading | training | uploading | offline), progress (0..1)
+#: data: state (idle | downloading | training | uploading | offline), progress (0..1); while
+#: transferring also bytes_done, bytes_total, bytes_per_s
 CLIENT_STATE = "client.state"
 #: data: {} (the round id is the event's server_round)
 ROUND_QUEUED = "round.queued"

@@ -11,6 +11,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from flctl.tui._data import format_rate
 from flctl.tui._line import format_ago, format_duration, format_metric, plural
 from flctl.tui._state import ClientView, DashboardState, RoundView
 
@@ -244,6 +245,8 @@ def _client_state(client: ClientView) -> Text:
     text = Text(client.state, style=_CLIENT_STYLES.get(client.state, ""))
     if client.progress is not None and client.state != "idle":
         text.append(f" {client.progress:.0%}")
+    if client.bytes_per_s and client.state in ("downloading", "uploading"):
+        text.append(f" {format_rate(client.bytes_per_s)}", style="dim")
     return text
 
 

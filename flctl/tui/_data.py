@@ -6,7 +6,30 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["get_float", "get_int", "get_metrics", "get_str", "get_str_list"]
+__all__ = [
+    "format_bytes",
+    "format_rate",
+    "get_float",
+    "get_int",
+    "get_metrics",
+    "get_str",
+    "get_str_list",
+]
+
+
+def format_bytes(count: float) -> str:
+    """``count`` bytes in binary units: ``512 B``, ``3.2 MiB``, ``1.4 GiB``."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"  # pragma: no cover - the loop returns at GiB
+
+
+def format_rate(bytes_per_s: float) -> str:
+    """A transfer rate: ``312.0 MiB/s``."""
+    return f"{format_bytes(bytes_per_s)}/s"
 
 
 def get_str(data: Mapping[str, Any], key: str, default: str = "") -> str:

@@ -32,7 +32,15 @@ from flctl.core.events import (
     UPDATE_REJECTED,
     Event,
 )
-from flctl.tui._data import get_float, get_int, get_metrics, get_str, get_str_list
+from flctl.tui._data import (
+    format_bytes,
+    format_rate,
+    get_float,
+    get_int,
+    get_metrics,
+    get_str,
+    get_str_list,
+)
 
 __all__ = [
     "event_line",
@@ -124,7 +132,14 @@ def _client_left(event: Event) -> str:
 def _client_state(event: Event) -> str:
     text = f"client {event.client_id} {get_str(event.data, 'state', 'unknown')}"
     progress = get_float(event.data, "progress")
-    return f"{text} ({progress:.0%})" if progress is not None else text
+    if progress is None:
+        return text
+    done, total = get_float(event.data, "bytes_done"), get_float(event.data, "bytes_total")
+    rate = get_float(event.data, "bytes_per_s")
+    if done is None or not total:
+        return f"{text} ({progress:.0%})"
+    moved = f"{format_bytes(done)} of {format_bytes(total)}"
+    return f"{text} ({progress:.0%}, {moved}" + (f", {format_rate(rate)})" if rate else ")")
 
 
 def _round_queued(event: Event) -> str:

@@ -100,6 +100,7 @@ class ClientView:
         rounds_joined: How many of its updates were accepted.
         connected: Whether it is joined now.
         progress: Progress of its current task (0..1), when it reported one.
+        bytes_per_s: Its transfer rate while downloading or uploading, when reported.
     """
 
     client_id: str
@@ -108,6 +109,7 @@ class ClientView:
     rounds_joined: int = 0
     connected: bool = True
     progress: float | None = None
+    bytes_per_s: float | None = None
 
 
 class DashboardState:
@@ -251,6 +253,7 @@ class DashboardState:
         client.state = get_str(event.data, "state", client.state)
         client.connected = client.state != "offline"
         client.progress = get_float(event.data, "progress")
+        client.bytes_per_s = get_float(event.data, "bytes_per_s")
 
     def _round_queued(self, event: Event) -> None:
         self._round(event.server_round)

@@ -192,6 +192,31 @@ def test_client_lifecycle() -> None:
     assert (client.state, client.connected, client.progress) == ("idle", True, None)
 
 
+def test_a_transfer_shows_its_bytes_and_rate() -> None:
+    log = Log()
+    log.add(ev.CLIENT_JOINED, 0, client_id="c1")
+    moving = log.add(
+        ev.CLIENT_STATE,
+        1,
+        client_id="c1",
+        state="uploading",
+        progress=0.5,
+        bytes_done=256 * 2**20,
+        bytes_total=512 * 2**20,
+        bytes_per_s=300 * 2**20,
+    )
+    state = fold(log.events)
+    assert state.clients["c1"].bytes_per_s == 300 * 2**20
+    assert "uploading 50% 300.0 MiB/s" in render(state)
+    assert event_line(moving).endswith(
+        "client c1 uploading (50%, 256.0 MiB of 512.0 MiB, 300.0 MiB/s)"
+    )
+    # training reports no rate: none is shown
+    state.apply(log.add(ev.CLIENT_STATE, 2, client_id="c1", state="training", progress=0.0))
+    assert state.clients["c1"].bytes_per_s is None
+    assert "MiB/s" not in render(state)
+
+
 def test_events_from_a_client_not_seen_joining_create_it() -> None:
     state = DashboardState()
     state.apply(Event(7, T0, ev.UPDATE_ACCEPTED, 4, "late", {}))

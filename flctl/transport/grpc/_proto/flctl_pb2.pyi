@@ -225,11 +225,18 @@ class HeartbeatRequest(_message.Message):
     SERVER_ROUND_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
+    BYTES_DONE_FIELD_NUMBER: _builtins.int
+    BYTES_TOTAL_FIELD_NUMBER: _builtins.int
+    BYTES_PER_S_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """idle | downloading | training | uploading"""
     server_round: _builtins.int
     progress: _builtins.float
     """0..1 within the current state"""
+    bytes_done: _builtins.int
+    """While downloading or uploading: bytes moved so far, of how many, and the rate."""
+    bytes_total: _builtins.int
+    bytes_per_s: _builtins.float
     @_builtins.property
     def resources(self) -> _containers.MessageMap[_builtins.str, Global___Value]: ...
     def __init__(
@@ -239,10 +246,13 @@ class HeartbeatRequest(_message.Message):
         server_round: _builtins.int = ...,
         progress: _builtins.float = ...,
         resources: _abc.Mapping[_builtins.str, Global___Value] | None = ...,
+        bytes_done: _builtins.int = ...,
+        bytes_total: _builtins.int = ...,
+        bytes_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress", "resources", b"resources", "server_round", b"server_round", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_per_s", b"bytes_per_s", "bytes_total", b"bytes_total", "progress", b"progress", "resources", b"resources", "server_round", b"server_round", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
