@@ -152,13 +152,25 @@ def serve(
         bool, typer.Option(help="Plaintext instead of mutual TLS (loopback addresses only).")
     ] = False,
     no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain log lines, no panel.")] = False,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="On SIGTERM or Ctrl-C, seconds the running round gets to commit "
+            "before it is failed (0: stop at once). A second signal stops at once.",
+        ),
+    ] = 30.0,
     config_path: ConfigOpt = None,
 ) -> None:
-    """Run the coordinator until SIGTERM or Ctrl-C."""
+    """Run the coordinator until SIGTERM or Ctrl-C (which drain the running round first)."""
     from flctl.cli._serve import serve as run_serve
 
     run_serve(
-        config_path=config_path, address=address, insecure=insecure, tui=False if no_tui else None
+        config_path=config_path,
+        address=address,
+        insecure=insecure,
+        tui=False if no_tui else None,
+        drain_timeout=drain_timeout,
     )
 
 

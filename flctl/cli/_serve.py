@@ -1,4 +1,10 @@
-"""``flctl serve``: run the coordinator in the foreground until SIGTERM or Ctrl-C."""
+"""``flctl serve``: run the coordinator in the foreground until SIGTERM or Ctrl-C.
+
+The first signal drains: no new round starts (queued rounds stay queued for the next start),
+the running round gets ``--drain-timeout`` seconds to commit, then it is failed cleanly, every
+client's session is ended (they back off and reconnect to the next coordinator) and the
+process exits 0. A second signal stops at once.
+"""
 
 from __future__ import annotations
 
@@ -19,11 +25,16 @@ from flctl.tui import DashboardState, event_line, render_dashboard
 __all__ = ["serve"]
 
 
-async def _serve(coordinator: Coordinator, out: Output, *, tui: bool) -> None:
+async def _serve(coordinator: Coordinator, out: Output, *, tui: bool, drain_timeout: float) -> None:
     stop = asyncio.Event()
+    now = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        (now if stop.is_set() else stop).set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     state = DashboardState(title="flctl serve")
     live: Live | None = None
 
@@ -44,6 +55,13 @@ async def _serve(coordinator: Coordinator, out: Output, *, tui: bool) -> None:
     try:
         await coordinator.start()
         await stop.wait()
+        if drain_timeout > 0:
+            drain = asyncio.create_task(coordinator.drain(drain_timeout))
+            second = asyncio.create_task(now.wait())
+            await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+            second.cancel()
+            if not drain.done():
+                drain.cancel()
     finally:
         with contextlib.suppress(Exception):
             await coordinator.stop("signal" if stop.is_set() else "error")
@@ -52,7 +70,12 @@ async def _serve(coordinator: Coordinator, out: Output, *, tui: bool) -> None:
 
 
 def serve(
-    *, config_path: Path | None, address: str | None, insecure: bool, tui: bool | None
+    *,
+    config_path: Path | None,
+    address: str | None,
+    insecure: bool,
+    tui: bool | None,
+    drain_timeout: float = 30.0,
 ) -> None:
     """Start the coordinator and serve until stopped.
 
@@ -61,10 +84,11 @@ def serve(
         address: Overrides ``server.address``.
         insecure: Plaintext on loopback instead of mutual TLS.
         tui: Live panel (default: when stdout is a terminal).
+        drain_timeout: Seconds the running round gets to end after the first signal.
     """
     config = load_project(config_path)
     out = Output()
     use_tui = out.is_terminal if tui is None else tui
     setup_logging(logging.WARNING if use_tui else logging.INFO)
     coordinator = Coordinator(config, address=address, insecure=insecure or None)
-    asyncio.run(_serve(coordinator, out, tui=use_tui))
+    asyncio.run(_serve(coordinator, out, tui=use_tui, drain_timeout=drain_timeout))

@@ -17,11 +17,12 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from flctl.core.errors import (
     AuthenticationError,
@@ -74,6 +75,8 @@ __all__ = ["ClientCache", "JoinOptions", "PendingUpload", "PendingUploads", "Run
 _UPLOAD_ATTEMPTS = 5
 
 log = logging.getLogger("flctl.client")
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -487,7 +490,7 @@ class Runner:
             self._set_state("training", server_round)
             config = from_value_map(task.config)
             try:
-                update_path, num_examples, metrics = await asyncio.to_thread(
+                update_path, num_examples, metrics = await _in_daemon_thread(
                     self._train, model_path, config
                 )
             except TaskError as exc:
@@ -658,6 +661,36 @@ class Runner:
                 f"fit returned an unusable update: {exc.message}", hint=exc.hint
             ) from exc
         return out, num_examples, clean
+
+
+async def _in_daemon_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run ``fn(*args)`` in a daemon thread and await its result.
+
+    The user's fit runs here rather than in the default executor, whose threads the
+    interpreter joins at exit: a client told to leave (SIGTERM) while a fit hangs then exits
+    instead of waiting for it.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            outcome: tuple[_T | None, BaseException | None] = (fn(*args), None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the client left
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=work, name="flctl-fit", daemon=True).start()
+    return await future
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:

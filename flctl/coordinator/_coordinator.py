@@ -82,6 +82,7 @@ class Coordinator:
         self._lock: IO[str] | None = None
         self._server: Any = None
         self._engine_task: asyncio.Task[None] | None = None
+        self._reaper_task: asyncio.Task[None] | None = None
         self.store: SqlStore | None = None
         self.events: EventLog | None = None
         self._engine: RoundEngine | None = None
@@ -228,6 +229,7 @@ class Coordinator:
         self.bound_address = f"{host}:{port}"
         self._write_serve_file()
         self._engine_task = asyncio.create_task(engine.run(), name="flctl-round-engine")
+        self._reaper_task = asyncio.create_task(self._reap(), name="flctl-heartbeat-reaper")
         events.emit(
             ev.COORDINATOR_STARTED,
             data={
@@ -284,8 +286,58 @@ class Coordinator:
         temp.write_text(json.dumps(data))
         os.replace(temp, self.state_dir / SERVE_FILE)
 
+    async def _reap(self) -> None:
+        """End the sessions of clients silent for ``server.heartbeat_timeout_s``."""
+        timeout = self.config.server.heartbeat_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            registry, store, events = self._registry, self.store, self.events
+            if registry is None or store is None or events is None:
+                continue
+            now = time.time()
+            for client_id, session in registry.items():
+                silent = now - session.last_seen
+                if silent <= timeout or not registry.end(session):
+                    continue
+                log.info("%s silent for %.1f s: dropped", client_id, silent)
+                store.upsert_client(client_id, state="offline", seen=session.last_seen)
+                events.emit(
+                    ev.CLIENT_LEFT,
+                    client_id=client_id,
+                    data={"reason": f"no heartbeat for {silent:.1f} s (timeout {timeout:g} s)"},
+                )
+                if self._engine is not None:
+                    self._engine.update_arrived()
+
+    async def drain(self, timeout: float) -> bool:
+        """Start no new round; give the running one ``timeout`` seconds to end.
+
+        Returns:
+            Whether the running round (if any) ended in time; call :meth:`stop` either way.
+        """
+        engine, task = self._engine, self._engine_task
+        if engine is None or task is None:
+            return True
+        busy = engine.drain()
+        if self.events is not None:
+            self.events.emit(
+                ev.COORDINATOR_DRAINING,
+                server_round=busy or 0,
+                data={"timeout_s": timeout, "server_round": busy},
+            )
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def stop(self, reason: str = "stopped") -> None:
         """Stop serving: fail the open round, end every stream, close the state."""
+        if self._reaper_task is not None:
+            self._reaper_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper_task
+            self._reaper_task = None
         if self._engine is not None:
             self._engine.stop()
         if self._registry is not None:

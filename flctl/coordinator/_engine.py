@@ -122,6 +122,7 @@ class RoundEngine:
         self._resume: RoundRecord | None = None
         self._wake = asyncio.Event()
         self._stopping = False
+        self._draining = False
         self._rng = random.SystemRandom()
         self.open: _OpenRound | None = None
         self.current: int | None = None
@@ -162,6 +163,12 @@ class RoundEngine:
         """An update was accepted, or a selected client went away."""
         if self.open is not None:
             self.open.changed.set()
+
+    def drain(self) -> int | None:
+        """Start no new round (queued ones stay queued); return the round still running."""
+        self._draining = True
+        self._wake.set()
+        return self.busy_round()
 
     def stop(self) -> None:
         """Stop after (or during) the current round; it is failed if still open."""
@@ -235,6 +242,8 @@ class RoundEngine:
     async def run(self) -> None:
         """Run rounds until :meth:`stop`."""
         while not self._stopping:
+            if self._draining:
+                return
             resumed, self._resume = self._resume, None
             record = resumed or self._store.next_queued_round()
             if record is None:
@@ -458,6 +467,9 @@ class RoundEngine:
         deadline = self.open.deadline
         accepted = await self._wait_for_updates(server_round)
         self.open = None
+        if self._stopping and len(accepted) < rounds.min_clients:
+            self._fail(server_round, "coordinator stopped")
+            return
         if len(accepted) < rounds.min_clients:
             late = time.time() >= deadline
             why = "the deadline passed" if late else "selected clients left"

@@ -14,6 +14,7 @@ __all__ = [
     "CLIENT_JOINED",
     "CLIENT_LEFT",
     "CLIENT_STATE",
+    "COORDINATOR_DRAINING",
     "COORDINATOR_STARTED",
     "COORDINATOR_STOPPED",
     "COORDINATOR_WARNING",
@@ -46,6 +47,8 @@ __all__ = [
 COORDINATOR_STARTED = "coordinator.started"
 #: data: reason
 COORDINATOR_STOPPED = "coordinator.stopped"
+#: data: timeout_s, server_round (the round given that long to end, or null)
+COORDINATOR_DRAINING = "coordinator.draining"
 #: data: message, and what it is about (certificate, not_after, days_left for an expiring
 #: certificate)
 COORDINATOR_WARNING = "coordinator.warning"

@@ -9,6 +9,7 @@ from flctl.core.events import (
     CLIENT_JOINED,
     CLIENT_LEFT,
     CLIENT_STATE,
+    COORDINATOR_DRAINING,
     COORDINATOR_STARTED,
     COORDINATOR_STOPPED,
     COORDINATOR_WARNING,
@@ -115,6 +116,15 @@ def _coordinator_started(event: Event) -> str:
     text = f"coordinator started on {address}" if address else "coordinator started"
     head = get_int(data, "head_version")
     return f"{text}, head model v{head}" if head is not None else f"{text}, no model yet"
+
+
+def _coordinator_draining(event: Event) -> str:
+    timeout = get_float(event.data, "timeout_s")
+    server_round = get_int(event.data, "server_round")
+    if server_round is None:
+        return "coordinator draining: no round running, stopping"
+    limit = f" {timeout:g} s" if timeout is not None else ""
+    return f"coordinator draining: round {server_round} gets{limit} to end, no new round starts"
 
 
 def _coordinator_stopped(event: Event) -> str:
@@ -283,6 +293,7 @@ def _model_tagged(event: Event) -> str:
 
 _DESCRIBE: dict[str, Callable[[Event], str]] = {
     COORDINATOR_STARTED: _coordinator_started,
+    COORDINATOR_DRAINING: _coordinator_draining,
     COORDINATOR_STOPPED: _coordinator_stopped,
     CLIENT_JOINED: _client_joined,
     CLIENT_LEFT: _client_left,

@@ -11,9 +11,10 @@ import pytest
 from flctl.coordinator import Coordinator
 from flctl.core import load_task
 from flctl.core.errors import CertificateError, ProtocolMismatchError
-from flctl.security import generate_project_certs
+from flctl.security import generate_project_certs, load_credentials
 from flctl.store import BlobStore, SqlStore
-from flctl.tensors import sha256_file
+from flctl.tensors import fingerprint, read_spec, sha256_file
+from flctl.transport.grpc import PROTOCOL_VERSION, CoordinatorClient, pb, secure_channel
 
 from .conftest import Project, admin, make_runner, wait_until
 
@@ -283,3 +284,43 @@ def test_client_started_first_waits_for_the_coordinator(project: Project) -> Non
 
     asyncio.run(main())
     assert events[-1] == "left"
+
+
+def test_a_client_silent_past_the_heartbeat_timeout_is_dropped(project: Project) -> None:
+    """Its task stream is still open, but it stopped heartbeating: offline, out of the round."""
+    config = project.write(server={"heartbeat_timeout_s": 1.0}, rounds={"min_clients": 1})
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        cert, key, ca = load_credentials(config.certs_path, "c1")
+        api = CoordinatorClient(secure_channel(address, cert_pem=cert, key_pem=key, ca_pem=ca))
+        try:
+            store = coordinator.store
+            assert store is not None
+            head = store.head()
+            assert head is not None
+            spec = read_spec(BlobStore(config.state_path / "blobs").path(head.digest))
+            await api.join(
+                pb.JoinRequest(
+                    protocol_version=PROTOCOL_VERSION, task_fingerprint=fingerprint(spec)
+                )
+            )
+            stream = api.tasks()
+            pending = asyncio.ensure_future(anext(stream))
+            await wait_until(lambda: len(coordinator._registry.connected()) == 1)  # type: ignore[union-attr]
+            # no heartbeat is ever sent: within a few seconds the session is ended
+            await wait_until(
+                lambda: any(e.type == "client.left" for e in store.events_since(0)), timeout=15
+            )
+            left = [e for e in store.events_since(0) if e.type == "client.left"]
+            assert left[0].client_id == "c1" and "no heartbeat" in left[0].data["reason"]
+            assert coordinator._registry.connected() == []  # type: ignore[union-attr]
+            assert [c.state for c in store.list_clients()] == ["offline"]
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pending, 5)  # the stream was ended by the coordinator
+        finally:
+            await api.close()
+            await coordinator.stop()
+
+    asyncio.run(main())

@@ -1,7 +1,8 @@
 """A tiny task for integration tests: a linear model on synthetic data, milliseconds per round.
 
 Behaviour switches come from the [task] table, so tests can make a client misbehave:
-``hang_client`` (this client id never finishes fit), ``nan_client`` (returns NaN).
+``hang_client`` (this client id never finishes fit), ``nan_client`` (returns NaN),
+``fit_sleep_s`` (every fit takes at least that long).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class TinyClient(Client):
         self.received.append({k: v.clone() for k, v in parameters.items()})
         if config.get("hang_client") == self.context.client_id:
             _HANG.wait(60)
+        _HANG.wait(float(config.get("fit_sleep_s", 0.0)))
         self.model.load_state_dict(parameters)
         opt = torch.optim.SGD(self.model.parameters(), lr=float(config.get("lr", 0.1)))
         loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
