@@ -262,6 +262,31 @@ def round_status(
     show(server=server, config_path=config_path, round_ids=round_ids or [], json_output=json_output)
 
 
+@round_app.command("cancel")
+@command()
+def round_cancel(
+    round_ids: Annotated[
+        list[int] | None, typer.Argument(help="Rounds to cancel (default: the running one).")
+    ] = None,
+    queued: Annotated[bool, typer.Option(help="Also cancel every queued round.")] = False,
+    reason: Annotated[str, typer.Option(help="Why, recorded with the rounds.")] = "",
+    server: ServerOpt = None,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Cancel the running round (before it aggregates) and/or queued rounds."""
+    from flctl.cli._status import round_cancel as cancel
+
+    cancel(
+        server=server,
+        config_path=config_path,
+        round_ids=round_ids or [],
+        queued=queued,
+        reason=reason,
+        json_output=json_output,
+    )
+
+
 @round_app.command("watch")
 @command()
 def round_watch(

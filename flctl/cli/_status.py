@@ -11,7 +11,7 @@ from rich.table import Table
 from flctl.cli._options import ConfigOpt, JsonOpt, ServerOpt
 from flctl.cli._output import Output, command
 
-__all__ = ["MIB", "RoundIdsOpt", "clients_app", "clients_ls", "round_status"]
+__all__ = ["MIB", "RoundIdsOpt", "clients_app", "clients_ls", "round_cancel", "round_status"]
 
 MIB = 1 << 20
 
@@ -63,6 +63,33 @@ def round_status(
                 f"{row['round']}\t{row['status']}\t{row['num_clients']}\t{row['duration_s']:.1f}s{reason}"
             )
         out.line(f"head {document['head']}; {document['connected_clients']} clients connected")
+    return document
+
+
+def round_cancel(
+    *,
+    server: str | None,
+    config_path: Any,
+    round_ids: list[int],
+    queued: bool,
+    reason: str,
+    json_output: bool,
+) -> dict[str, Any]:
+    """Cancel rounds through the running coordinator; print what was cancelled."""
+    from flctl.cli._common import call_admin, load_project
+
+    config = load_project(config_path)
+    out = Output(json_mode=json_output)
+    reply = call_admin(
+        config,
+        server,
+        lambda client: client.cancel_round(round_ids, queued=queued, reason=reason),
+    )
+    document = {"cancelled": [int(r) for r in reply.cancelled], "message": reply.message}
+    if json_output:
+        out.json(document)
+    else:
+        out.line(reply.message)
     return document
 
 

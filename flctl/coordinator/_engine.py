@@ -123,6 +123,7 @@ class RoundEngine:
         self._wake = asyncio.Event()
         self._stopping = False
         self._draining = False
+        self._cancel: tuple[int, str] | None = None  # (round, reason) asked to end
         self._rng = random.SystemRandom()
         self.open: _OpenRound | None = None
         self.current: int | None = None
@@ -163,6 +164,27 @@ class RoundEngine:
         """An update was accepted, or a selected client went away."""
         if self.open is not None:
             self.open.changed.set()
+
+    def cancel(self, server_round: int, reason: str) -> str | None:
+        """Ask the running round to end as cancelled; return why it cannot, or None.
+
+        The round ends at its next step: while selecting or training at once, never once it
+        aggregates (its model is being made; it commits or fails as it would have).
+        """
+        if self.busy_round() != server_round:
+            return f"round {server_round} is not running"
+        record = self._store.get_round(server_round)
+        if record.status in ("aggregating", "evaluating"):
+            return f"round {server_round} is {record.status}: too late to cancel"
+        self._cancel = (server_round, reason)
+        self._registry.notify()
+        self.update_arrived()
+        return None
+
+    def _cancelled(self, server_round: int) -> str | None:
+        if self._cancel is not None and self._cancel[0] == server_round:
+            return self._cancel[1]
+        return None
 
     def drain(self) -> int | None:
         """Start no new round (queued ones stay queued); return the round still running."""
@@ -267,6 +289,7 @@ class RoundEngine:
             finally:
                 self.open = None
                 self.current = None
+                self._cancel = None
                 if self._uploads is not None:
                     self._uploads.discard_round(record.id)
                 self._apply_pending()
@@ -300,6 +323,8 @@ class RoundEngine:
             if len(connected) >= rounds.min_clients:
                 return connected
             remaining = deadline - time.monotonic()
+            if self._cancelled(server_round) is not None:
+                return connected
             if remaining <= 0 or self._stopping:
                 raise RoundFailedError(
                     f"not enough clients: {len(connected)} connected, min_clients is "
@@ -340,6 +365,9 @@ class RoundEngine:
             connected = await self._wait_for_quorum(server_round)
         except RoundFailedError as exc:
             self._fail(server_round, exc.message)
+            return
+        if (reason := self._cancelled(server_round)) is not None:
+            self._fail(server_round, reason, status="cancelled")
             return
         selected = self._select(connected)
         if mechanism is not None and len(selected) < rounds.min_clients:
@@ -467,6 +495,9 @@ class RoundEngine:
         deadline = self.open.deadline
         accepted = await self._wait_for_updates(server_round)
         self.open = None
+        if (reason := self._cancelled(server_round)) is not None:
+            self._fail(server_round, reason, status="cancelled")
+            return
         if self._stopping and len(accepted) < rounds.min_clients:
             self._fail(server_round, "coordinator stopped")
             return
@@ -566,7 +597,12 @@ class RoundEngine:
                 if now < back_by:
                     outstanding.append(client_id)
                     wake_at = min(wake_at, back_by + 0.01)
-            if not outstanding or now >= open_round.deadline or self._stopping:
+            if (
+                not outstanding
+                or now >= open_round.deadline
+                or self._stopping
+                or self._cancelled(server_round) is not None
+            ):
                 return accepted
             try:
                 await asyncio.wait_for(open_round.changed.wait(), wake_at - now)

@@ -969,6 +969,46 @@ class AdminService:
             previous_head=new.parent or 0,
         )
 
+    async def cancel_round(
+        self, request: pb.CancelRoundRequest, ctx: RpcContext
+    ) -> pb.CancelRoundReply:
+        """Cancel the running round and/or queued rounds, with the admin's identity."""
+        self._guard.check(ctx, "CancelRound")
+        given = _bounded("reason", request.reason, _MAX_REASON)
+        reason = f"cancelled by {ctx.identity}" + (f": {given}" if given else "")
+        wanted = [int(i) for i in request.round_ids]
+        running = self._engine.busy_round()
+        if not wanted:
+            if running is None and not request.queued:
+                raise NotFoundError("no round is running", hint="name queued rounds, or --queued")
+            wanted = [running] if running is not None else []
+        if request.queued:
+            wanted += [r.id for r in self._store.list_rounds() if r.status == "queued"]
+        cancelled: list[int] = []
+        notes: list[str] = []
+        for server_round in dict.fromkeys(wanted):
+            record = self._store.get_round(server_round)  # NotFoundError for an unknown id
+            if server_round == running:
+                why_not = self._engine.cancel(server_round, reason)
+                if why_not is None:
+                    cancelled.append(server_round)
+                else:
+                    notes.append(why_not)
+            elif record.status == "queued":
+                self._store.fail_round(server_round, reason, status="cancelled")
+                self._events.emit(
+                    ev.ROUND_CANCELLED,
+                    server_round=server_round,
+                    data={"reason": reason, "duration_s": None},
+                )
+                cancelled.append(server_round)
+            else:
+                notes.append(f"round {server_round} is already {record.status}")
+        done = ", ".join(str(r) for r in cancelled) or "none"
+        message = f"cancelled: {done}" + ("; " + "; ".join(notes) if notes else "")
+        log.info("%s: %s", ctx.identity, message)
+        return pb.CancelRoundReply(cancelled=cancelled, message=message)
+
     async def tag(self, request: pb.TagRequest, ctx: RpcContext) -> pb.TagReply:
         """Name a version, with the admin's identity as the tag's author."""
         self._guard.check(ctx, "Tag")

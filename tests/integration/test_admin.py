@@ -7,6 +7,7 @@ SQLite and blobs; nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from typing import Any
 
@@ -355,3 +356,43 @@ def test_serve_warns_about_its_own_certificate_expiring(project: Project, caplog
     with caplog.at_level("WARNING", logger="flctl.coordinator"):
         asyncio.run(main())
     assert any("certificate" in r.getMessage() for r in caplog.records)
+
+
+def test_round_cancel_ends_the_running_round_and_queued_ones(project: Project) -> None:
+    """Training (a client hangs): cancel it and the queue; both end cancelled, with the admin."""
+    config = project.write(
+        rounds={"min_clients": 1, "deadline_s": 60.0}, task={"hang_client": "c1"}
+    )
+    task_module = load_task(config.task_path)
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        stop = asyncio.Event()
+        runner = asyncio.create_task(make_runner(config, address, "c1").run(stop))
+        client = admin(config, address)
+        try:
+            await wait_until(lambda: len(coordinator._registry.connected()) == 1)  # type: ignore[union-attr]
+            first, second = (await client.start_round(2)).round_ids
+            await wait_until(lambda: coordinator._engine.open is not None)  # type: ignore[union-attr]
+            with pytest.raises(NotFoundError):
+                await client.cancel_round([999])
+            reply = await client.cancel_round(queued=True, reason="wrong data")
+            assert list(reply.cancelled) == [first, second]
+            status = await _wait_rounds(client, [first, second])
+            assert [r.status for r in status.rounds] == ["cancelled", "cancelled"]
+            assert all(r.reason == "cancelled by admin: wrong data" for r in status.rounds)
+            again = await client.cancel_round([first])
+            assert list(again.cancelled) == [] and "already cancelled" in again.message
+            store = coordinator.store
+            assert store is not None
+            assert store.head().version == 1  # type: ignore[union-attr]  # nothing committed
+        finally:
+            task_module.release_hung_clients()
+            stop.set()
+            with contextlib.suppress(Exception):
+                await runner
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())

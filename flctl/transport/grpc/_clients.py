@@ -290,6 +290,19 @@ class AdminClient(_Caller):
         )
         return reply
 
+    async def cancel_round(
+        self,
+        round_ids: list[int] | None = None,
+        *,
+        queued: bool = False,
+        reason: str = "",
+        timeout: float = 30.0,
+    ) -> pb.CancelRoundReply:
+        """Cancel rounds (none given: the running one; ``queued``: every queued one too)."""
+        request = pb.CancelRoundRequest(round_ids=round_ids or [], queued=queued, reason=reason)
+        reply: pb.CancelRoundReply = await self._call(self._stub.CancelRound, request, timeout)
+        return reply
+
     async def watch(self, since_seq: int = 0, *, follow: bool = True) -> AsyncIterator[pb.Event]:
         """Replay the event log after ``since_seq``, then (with ``follow``) live events."""
         call = self._stub.Watch(

@@ -116,6 +116,11 @@ class AdminHandler(Protocol):
     async def rollback(self, request: pb.RollbackRequest, ctx: RpcContext) -> pb.RollbackReply:
         """Move the head back to an earlier version's weights, serialised with rounds."""
 
+    async def cancel_round(
+        self, request: pb.CancelRoundRequest, ctx: RpcContext
+    ) -> pb.CancelRoundReply:
+        """Cancel the running round and/or queued rounds."""
+
     async def tag(self, request: pb.TagRequest, ctx: RpcContext) -> pb.TagReply:
         """Name a model version."""
 
@@ -278,6 +283,10 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
     async def Tag(self, request: Any, context: Any) -> pb.TagReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(context, lambda ctx: self._handler.tag(request, ctx))
+
+    async def CancelRound(self, request: Any, context: Any) -> pb.CancelRoundReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(context, lambda ctx: self._handler.cancel_round(request, ctx))
 
     async def Watch(self, request: Any, context: Any) -> AsyncIterator[pb.Event]:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""

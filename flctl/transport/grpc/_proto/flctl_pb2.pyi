@@ -1048,6 +1048,61 @@ class TagRequest(_message.Message):
 Global___TagRequest: _TypeAlias = TagRequest  # noqa: Y015
 
 @_typing.final
+class CancelRoundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_IDS_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    queued: _builtins.bool
+    """Also every queued round."""
+    reason: _builtins.str
+    @_builtins.property
+    def round_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Rounds to cancel; empty: the running round."""
+
+    def __init__(
+        self,
+        *,
+        round_ids: _abc.Iterable[_builtins.int] | None = ...,
+        queued: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queued", b"queued", "reason", b"reason", "round_ids", b"round_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRoundRequest: _TypeAlias = CancelRoundRequest  # noqa: Y015
+
+@_typing.final
+class CancelRoundReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    """What happened, in words (including rounds that could not be cancelled, and why)."""
+    @_builtins.property
+    def cancelled(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The rounds cancelled (the running one ends as soon as its current step allows)."""
+
+    def __init__(
+        self,
+        *,
+        cancelled: _abc.Iterable[_builtins.int] | None = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRoundReply: _TypeAlias = CancelRoundReply  # noqa: Y015
+
+@_typing.final
 class TagReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -375,6 +375,11 @@ class AdminStub:
                 request_serializer=flctl_dot_v1_dot_flctl__pb2.TagRequest.SerializeToString,
                 response_deserializer=flctl_dot_v1_dot_flctl__pb2.TagReply.FromString,
                 _registered_method=True)
+        self.CancelRound = channel.unary_unary(
+                '/flctl.v1.Admin/CancelRound',
+                request_serializer=flctl_dot_v1_dot_flctl__pb2.CancelRoundRequest.SerializeToString,
+                response_deserializer=flctl_dot_v1_dot_flctl__pb2.CancelRoundReply.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/flctl.v1.Admin/Watch',
                 request_serializer=flctl_dot_v1_dot_flctl__pb2.WatchRequest.SerializeToString,
@@ -434,6 +439,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelRound(self, request, context):
+        """Cancel the running round (before it aggregates) and/or queued rounds; recorded with the
+        admin's identity. A cancelled round ends with status cancelled and its reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Watch(self, request, context):
         """The persisted event log from since_seq (exclusive), then live events as they happen.
         """
@@ -478,6 +491,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Tag,
                     request_deserializer=flctl_dot_v1_dot_flctl__pb2.TagRequest.FromString,
                     response_serializer=flctl_dot_v1_dot_flctl__pb2.TagReply.SerializeToString,
+            ),
+            'CancelRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRound,
+                    request_deserializer=flctl_dot_v1_dot_flctl__pb2.CancelRoundRequest.FromString,
+                    response_serializer=flctl_dot_v1_dot_flctl__pb2.CancelRoundReply.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -676,6 +694,33 @@ class Admin:
             '/flctl.v1.Admin/Tag',
             flctl_dot_v1_dot_flctl__pb2.TagRequest.SerializeToString,
             flctl_dot_v1_dot_flctl__pb2.TagReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flctl.v1.Admin/CancelRound',
+            flctl_dot_v1_dot_flctl__pb2.CancelRoundRequest.SerializeToString,
+            flctl_dot_v1_dot_flctl__pb2.CancelRoundReply.FromString,
             options,
             channel_credentials,
             insecure,
