@@ -32,6 +32,7 @@ def round_status(
         "head": int(reply.head_version) or None,
         "connected_clients": int(reply.connected_clients),
         "state_dir": reply.state_dir,
+        "open_round": _open_round(reply),
     }
     if json_output:
         out.json(document)
@@ -63,7 +64,52 @@ def round_status(
                 f"{row['round']}\t{row['status']}\t{row['num_clients']}\t{row['duration_s']:.1f}s{reason}"
             )
         out.line(f"head {document['head']}; {document['connected_clients']} clients connected")
+    for line in _explain(document["open_round"]):
+        out.line(line)
     return document
+
+
+def _open_round(reply: Any) -> dict[str, Any] | None:
+    """The StatusReply's open round as JSON (None when no round is in training)."""
+    if not reply.HasField("open_round"):
+        return None
+    o = reply.open_round
+    return {
+        "round": int(o.server_round),
+        "deadline_unix": o.deadline_unix,
+        "seconds_left": max(0.0, round(o.deadline_unix - time.time(), 1)),
+        "min_clients": int(o.min_clients),
+        "at_deadline": o.at_deadline,
+        "participants": [
+            {
+                "client_id": p.client_id,
+                "state": p.state,
+                "progress": round(p.progress, 3),
+                "bytes_per_s": round(p.bytes_per_s, 1),
+            }
+            for p in o.participants
+        ],
+    }
+
+
+def _explain(open_round: dict[str, Any] | None) -> list[str]:
+    """Why the open round is where it is: who reported, who is busy, who is gone, what next."""
+    from flctl.tui._data import format_rate
+
+    if open_round is None:
+        return []
+    lines = [
+        f"round {open_round['round']} in training: deadline in "
+        f"{open_round['seconds_left']:.0f} s; at the deadline: {open_round['at_deadline']}"
+    ]
+    for p in open_round["participants"]:
+        detail = p["state"]
+        if p["state"] in ("downloading", "uploading", "training") and p["progress"]:
+            detail += f" {p['progress']:.0%}"
+        if p["bytes_per_s"]:
+            detail += f" {format_rate(p['bytes_per_s'])}"
+        lines.append(f"  {p['client_id']}: {detail}")
+    return lines
 
 
 def round_cancel(

@@ -135,6 +135,11 @@ class RoundEngine:
         """A round was queued: look at the queue again."""
         self._wake.set()
 
+    @property
+    def min_clients(self) -> int:
+        """The quorum a round needs to commit."""
+        return self._config.rounds.min_clients
+
     def resume(self, record: RoundRecord) -> None:
         """Carry on with ``record`` (open when the coordinator stopped) before queued rounds."""
         self._resume = record

@@ -23,6 +23,7 @@ class Session:
     streaming: bool = False
     state: str = "idle"
     progress: float = 0.0
+    bytes_per_s: float = 0.0
     last_seen: float = field(default_factory=time.time)
     failed_round: int = 0
     revoked: bool = False

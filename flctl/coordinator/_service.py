@@ -318,6 +318,11 @@ class CoordinatorService:
                 data=data,
             )
         session.progress = progress
+        session.bytes_per_s = (
+            request.bytes_per_s
+            if math.isfinite(request.bytes_per_s) and request.bytes_per_s > 0
+            else 0.0
+        )
         if state == "failed" and request.server_round:
             session.failed_round = int(request.server_round)
             self._engine.update_arrived()
@@ -819,6 +824,47 @@ class AdminService:
             head_version=head.version if head else 0,
             connected_clients=len(self._registry.connected()),
             state_dir=self._state_dir,
+            open_round=self._open_round(),
+        )
+
+    def _open_round(self) -> pb.OpenRound | None:
+        """Where each selected client of the round in training stands, and what comes next."""
+        open_round = self._engine.open
+        if open_round is None:
+            return None
+        server_round = open_round.server_round
+        reported = {
+            u.client_id for u in self._store.updates_for_round(server_round, status="accepted")
+        }
+        participants = []
+        for client_id in sorted(open_round.selected):
+            session = self._registry.get(client_id)
+            if client_id in reported:
+                state, progress, rate = "reported", 1.0, 0.0
+            elif session is None or not session.streaming:
+                state, progress, rate = "offline", 0.0, 0.0
+            elif session.failed_round == server_round:
+                state, progress, rate = "failed", 0.0, 0.0
+            else:
+                state, progress, rate = session.state, session.progress, session.bytes_per_s
+            participants.append(
+                pb.Participant(
+                    client_id=client_id, state=state, progress=progress, bytes_per_s=rate
+                )
+            )
+        need = self._engine.min_clients
+        have = len(reported)
+        at_deadline = (
+            f"commit with the {have} updates received"
+            if have >= need
+            else f"fail: {have} of the {need} required updates so far"
+        )
+        return pb.OpenRound(
+            server_round=server_round,
+            deadline_unix=open_round.deadline,
+            min_clients=need,
+            participants=participants,
+            at_deadline=at_deadline,
         )
 
     async def list_clients(

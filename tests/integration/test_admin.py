@@ -396,3 +396,49 @@ def test_round_cancel_ends_the_running_round_and_queued_ones(project: Project) -
             await coordinator.stop()
 
     asyncio.run(main())
+
+
+def test_status_explains_the_open_round(project: Project) -> None:
+    """c1 reports, c2 hangs in training: status says so, and what the deadline will do."""
+    config = project.write(
+        rounds={"min_clients": 2, "deadline_s": 60.0}, task={"hang_client": "c2"}
+    )
+    task_module = load_task(config.task_path)
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        stop = asyncio.Event()
+        runners = [
+            asyncio.create_task(make_runner(config, address, c, partition=i).run(stop))
+            for i, c in enumerate(["c1", "c2"])
+        ]
+        client = admin(config, address)
+        try:
+            await wait_until(lambda: len(coordinator._registry.connected()) == 2)  # type: ignore[union-attr]
+            (first,) = (await client.start_round(1)).round_ids
+
+            async def explained() -> Any:
+                reply = await client.status()
+                o = reply.open_round
+                states = {p.client_id: p.state for p in o.participants}
+                return reply if states == {"c1": "reported", "c2": "training"} else None
+
+            await wait_until(explained)
+            reply = await client.status()
+            o = reply.open_round
+            assert o.server_round == first and o.min_clients == 2
+            assert o.at_deadline == "fail: 1 of the 2 required updates so far"
+            assert o.deadline_unix > reply.rounds[0].created_unix
+            await client.cancel_round()
+            await _wait_rounds(client, [first])
+            assert not (await client.status()).HasField("open_round")
+        finally:
+            task_module.release_hung_clients()
+            stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*runners)
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())

@@ -694,11 +694,16 @@ class StatusReply(_message.Message):
     HEAD_VERSION_FIELD_NUMBER: _builtins.int
     CONNECTED_CLIENTS_FIELD_NUMBER: _builtins.int
     STATE_DIR_FIELD_NUMBER: _builtins.int
+    OPEN_ROUND_FIELD_NUMBER: _builtins.int
     head_version: _builtins.int
     connected_clients: _builtins.int
     state_dir: _builtins.str
     @_builtins.property
     def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundInfo]: ...
+    @_builtins.property
+    def open_round(self) -> Global___OpenRound:
+        """The round in training, if any: where each selected client stands."""
+
     def __init__(
         self,
         *,
@@ -706,14 +711,79 @@ class StatusReply(_message.Message):
         head_version: _builtins.int = ...,
         connected_clients: _builtins.int = ...,
         state_dir: _builtins.str = ...,
+        open_round: Global___OpenRound | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["open_round", b"open_round"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_clients", b"connected_clients", "head_version", b"head_version", "rounds", b"rounds", "state_dir", b"state_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_clients", b"connected_clients", "head_version", b"head_version", "open_round", b"open_round", "rounds", b"rounds", "state_dir", b"state_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusReply: _TypeAlias = StatusReply  # noqa: Y015
+
+@_typing.final
+class Participant(_message.Message):
+    """A selected client of the open round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    state: _builtins.str
+    """reported | downloading | training | uploading | idle | failed | offline"""
+    progress: _builtins.float
+    bytes_per_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        client_id: _builtins.str = ...,
+        state: _builtins.str = ...,
+        progress: _builtins.float = ...,
+        bytes_per_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_per_s", b"bytes_per_s", "client_id", b"client_id", "progress", b"progress", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Participant: _TypeAlias = Participant  # noqa: Y015
+
+@_typing.final
+class OpenRound(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_ROUND_FIELD_NUMBER: _builtins.int
+    DEADLINE_UNIX_FIELD_NUMBER: _builtins.int
+    MIN_CLIENTS_FIELD_NUMBER: _builtins.int
+    PARTICIPANTS_FIELD_NUMBER: _builtins.int
+    AT_DEADLINE_FIELD_NUMBER: _builtins.int
+    server_round: _builtins.int
+    deadline_unix: _builtins.float
+    min_clients: _builtins.int
+    at_deadline: _builtins.str
+    """What happens at the deadline, in words ("commit with 2 updates", "fail: 1 of 2 ...")."""
+    @_builtins.property
+    def participants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Participant]: ...
+    def __init__(
+        self,
+        *,
+        server_round: _builtins.int = ...,
+        deadline_unix: _builtins.float = ...,
+        min_clients: _builtins.int = ...,
+        participants: _abc.Iterable[Global___Participant] | None = ...,
+        at_deadline: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_deadline", b"at_deadline", "deadline_unix", b"deadline_unix", "min_clients", b"min_clients", "participants", b"participants", "server_round", b"server_round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenRound: _TypeAlias = OpenRound  # noqa: Y015
 
 @_typing.final
 class ListClientsRequest(_message.Message):
