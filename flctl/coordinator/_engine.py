@@ -75,6 +75,8 @@ class _OpenRound:
     deadline: float
     changed: asyncio.Event
     model_size: int = 0
+    #: accepted updates that end the wait (N of N + over_selection); 0: every selected client
+    target: int = 0
     #: selected clients without an open task stream, and since when (rejoin grace)
     absent_since: dict[str, float] = field(default_factory=dict)
 
@@ -353,10 +355,24 @@ class RoundEngine:
                     f"{len(connected)} are connected"
                 )
             return sorted(self._rng.sample(connected, privacy.sample_size))
-        count = self._config.rounds.clients_per_round
-        if count <= 0 or count >= len(connected):
+        rounds = self._config.rounds
+        count = rounds.clients_per_round
+        if rounds.fraction_per_round:
+            count = max(rounds.min_clients, math.ceil(rounds.fraction_per_round * len(connected)))
+        if count <= 0:
             return list(connected)
-        return sorted(self._rng.sample(connected, count))
+        # over-selection: ask count + k, commit with the first count to report
+        asked = count + rounds.over_selection
+        if asked >= len(connected):
+            return list(connected)
+        return sorted(self._rng.sample(connected, asked))
+
+    def _target(self, selected: int) -> int:
+        """How many updates end the wait early: all selected, or the N of N + over_selection."""
+        rounds = self._config.rounds
+        if not rounds.over_selection or self._config.privacy.mode != "off":
+            return selected
+        return max(rounds.min_clients, selected - rounds.over_selection)
 
     async def _run_round(self, record: RoundRecord) -> None:
         server_round = record.id
@@ -389,7 +405,13 @@ class RoundEngine:
         tasks = {client_id: uuid.uuid4().hex for client_id in selected}
         model_size = self._blobs.size(head.digest)
         self.open = _OpenRound(
-            server_round, head.digest, tasks, deadline, asyncio.Event(), model_size
+            server_round,
+            head.digest,
+            tasks,
+            deadline,
+            asyncio.Event(),
+            model_size,
+            target=self._target(len(tasks)),
         )
         self._store.set_round_status(
             server_round,
@@ -445,6 +467,7 @@ class RoundEngine:
             asyncio.Event(),
             self._blobs.size(head.digest),
             absent_since=dict.fromkeys(record.tasks, time.time()),
+            target=self._target(len(record.tasks)),
         )
         accepted = len(self._store.updates_for_round(server_round, status="accepted"))
         self._events.emit(
@@ -602,6 +625,9 @@ class RoundEngine:
                 if now < back_by:
                     outstanding.append(client_id)
                     wake_at = min(wake_at, back_by + 0.01)
+            if open_round.target and len(accepted) >= open_round.target:
+                # over-selection: the first N to report make the round
+                return sorted(accepted, key=lambda u: u.id)[: open_round.target]
             if (
                 not outstanding
                 or now >= open_round.deadline

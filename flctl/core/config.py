@@ -68,6 +68,10 @@ class RoundsConfig:
     strategy: Literal["fedavg"] = "fedavg"
     min_clients: int = 2
     clients_per_round: int = 0
+    #: select this fraction of the connected clients (rounded up); 0: clients_per_round decides
+    fraction_per_round: float = 0.0
+    #: select this many more than the round needs and commit with the first to report
+    over_selection: int = 0
     deadline_s: float = 120.0
     quorum_timeout_s: float = 60.0
     #: how long the open round waits for a selected client that disconnected to come back
@@ -198,6 +202,8 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("server", "token_ttl_s"): (10, 86400 * 7),
     ("rounds", "min_clients"): (1, None),
     ("rounds", "clients_per_round"): (0, None),
+    ("rounds", "fraction_per_round"): (0, 1),
+    ("rounds", "over_selection"): (0, None),
     ("rounds", "deadline_s"): (0.5, 86400 * 7),
     ("rounds", "quorum_timeout_s"): (0, 86400 * 7),
     ("rounds", "rejoin_grace_s"): (0, 86400),
@@ -317,6 +323,16 @@ def parse_config(data: dict[str, Any], *, path: Path, root: Path | None = None) 
         raise ConfigError(
             f"{path}: `rounds.clients_per_round` ({config.rounds.clients_per_round}) is below "
             f"`rounds.min_clients` ({config.rounds.min_clients}): no round could reach its quorum"
+        )
+    if config.rounds.clients_per_round and config.rounds.fraction_per_round:
+        raise ConfigError(
+            f"{path}: `rounds.clients_per_round` and `rounds.fraction_per_round` both select: "
+            "set one of them"
+        )
+    if config.rounds.over_selection and config.privacy.mode != "off":
+        raise ConfigError(
+            f"{path}: `rounds.over_selection` cannot be used with privacy: the accountant "
+            "models the sampling, and over-selection would change it"
         )
     _check_privacy(path, config)
     return config

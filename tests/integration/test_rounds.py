@@ -324,3 +324,48 @@ def test_a_client_silent_past_the_heartbeat_timeout_is_dropped(project: Project)
             await coordinator.stop()
 
     asyncio.run(main())
+
+
+def test_over_selection_commits_with_the_first_n_to_report(project: Project) -> None:
+    """Ask 2 + 1; c3 never finishes: the round commits with c1 and c2, without the deadline."""
+    config = project.write(
+        rounds={
+            "min_clients": 2,
+            "clients_per_round": 2,
+            "over_selection": 1,
+            "deadline_s": 120.0,
+        },
+        task={"hang_client": "c3"},
+    )
+    task_module = load_task(config.task_path)
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        stop = asyncio.Event()
+        runners = [
+            asyncio.create_task(make_runner(config, address, c, partition=i).run(stop))
+            for i, c in enumerate(["c1", "c2", "c3"])
+        ]
+        client = admin(config, address)
+        try:
+            await wait_until(lambda: len(coordinator._registry.connected()) == 3)  # type: ignore[union-attr]
+            reply = await client.start_round(1)
+            status = await _wait_rounds(client, list(reply.round_ids), timeout=60)
+            assert status.rounds[0].status == "committed"
+            assert status.rounds[0].num_clients == 2
+            store = coordinator.store
+            assert store is not None
+            started = [e for e in store.events_since(0) if e.type == "round.started"]
+            assert sorted(started[0].data["selected"]) == ["c1", "c2", "c3"]
+            accepted = store.updates_for_round(reply.round_ids[0], status="accepted")
+            assert sorted(u.client_id for u in accepted) == ["c1", "c2"]
+        finally:
+            task_module.release_hung_clients()
+            stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*runners)
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())

@@ -48,6 +48,16 @@ def test_defaults_when_empty(tmp_path: Path) -> None:
         ("[rounds]\ndeadline_s = nan\n", "`rounds.deadline_s` must be finite"),
         ("[task]\nlr = [1, 2]\n", "`task.lr` must be a boolean, number or string"),
         ("[rounds]\nmin_clients = 3\nclients_per_round = 2\n", "below `rounds.min_clients`"),
+        (
+            "[rounds]\nclients_per_round = 4\nfraction_per_round = 0.5\n",
+            "both select: set one of them",
+        ),
+        ("[rounds]\nfraction_per_round = 1.5\n", "`rounds.fraction_per_round` must be between"),
+        (
+            "[rounds]\nover_selection = 2\n[privacy]\nmode = \"central\"\n"
+            "noise_multiplier = 1.0\nepsilon_budget = 10.0\n",
+            "`rounds.over_selection` cannot be used with privacy",
+        ),
         ("[transport]\nmax_chunk_bytes = 1\n", "`transport.max_chunk_bytes` must be between"),
         ("rounds = 3\n", "[rounds] must be a table"),
         ("this is = not toml = at all\n", "not valid TOML"),
