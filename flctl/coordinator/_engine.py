@@ -300,10 +300,33 @@ class RoundEngine:
                 if self._uploads is not None:
                     self._uploads.discard_round(record.id)
                 self._apply_pending()
+            if not self._stopping and not self._draining:
+                self._retry(record.id)
         for record in self._store.open_rounds():
             self._fail(record.id, "coordinator stopped")
 
     # ------------------------------------------------------------------ one round
+
+    def _retry(self, server_round: int) -> None:
+        """Queue a failed round again, up to ``rounds.retries`` times (a new round id)."""
+        record = self._store.get_round(server_round)
+        if record.status != "failed" or record.reason.startswith(
+            BudgetExhaustedError.reason_prefix
+        ):
+            return
+        attempt = int(record.config.get("attempt", 0) or 0)
+        if attempt >= self._config.rounds.retries:
+            return
+        first = int(record.config.get("retry_of", 0) or 0) or server_round
+        (new,) = self._store.create_rounds(
+            1, {**record.config, "attempt": attempt + 1, "retry_of": first}
+        )
+        log.info("round %d failed: queued again as round %d", server_round, new)
+        self._events.emit(
+            ev.ROUND_QUEUED,
+            server_round=new,
+            data={"retry_of": server_round, "attempt": attempt + 1, "reason": record.reason},
+        )
 
     def _status(self, server_round: int, status: str, **fields: Any) -> RoundRecord:
         record = self._store.set_round_status(server_round, status, **fields)

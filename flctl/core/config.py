@@ -74,6 +74,8 @@ class RoundsConfig:
     over_selection: int = 0
     deadline_s: float = 120.0
     quorum_timeout_s: float = 60.0
+    #: a failed round is queued again this many times (not cancelled or budget-refused ones)
+    retries: int = 0
     #: how long the open round waits for a selected client that disconnected to come back
     rejoin_grace_s: float = 15.0
     evaluate: Literal["server", "none"] = "server"
@@ -207,6 +209,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("rounds", "deadline_s"): (0.5, 86400 * 7),
     ("rounds", "quorum_timeout_s"): (0, 86400 * 7),
     ("rounds", "rejoin_grace_s"): (0, 86400),
+    ("rounds", "retries"): (0, 100),
     ("transport", "max_chunk_bytes"): (4096, 4 << 20),
     ("transport", "max_update_bytes"): (0, None),
     ("transport", "compression_level"): (1, 19),

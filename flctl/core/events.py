@@ -59,7 +59,8 @@ CLIENT_LEFT = "client.left"
 #: data: state (idle | downloading | training | uploading | offline), progress (0..1); while
 #: transferring also bytes_done, bytes_total, bytes_per_s
 CLIENT_STATE = "client.state"
-#: data: {} (the round id is the event's server_round)
+#: data: {} (the round id is the event's server_round); a retry also has retry_of (the failed
+#: round), attempt and reason
 ROUND_QUEUED = "round.queued"
 #: data: base_version, selected (client ids), deadline_unix, min_clients
 ROUND_STARTED = "round.started"

@@ -153,7 +153,11 @@ def _client_state(event: Event) -> str:
 
 
 def _round_queued(event: Event) -> str:
-    return f"round {event.server_round} queued"
+    retry_of = get_int(event.data, "retry_of")
+    if retry_of is None:
+        return f"round {event.server_round} queued"
+    attempt = get_int(event.data, "attempt")
+    return f"round {event.server_round} queued: retry {attempt or '?'} of failed round {retry_of}"
 
 
 def _round_started(event: Event) -> str:

@@ -369,3 +369,35 @@ def test_over_selection_commits_with_the_first_n_to_report(project: Project) -> 
             await coordinator.stop()
 
     asyncio.run(main())
+
+
+def test_a_failed_round_is_retried_as_configured(project: Project) -> None:
+    """rounds.retries = 1: the round that fails for lack of quorum is queued once more."""
+    config = project.write(
+        rounds={"min_clients": 2, "quorum_timeout_s": 0.5, "retries": 1},
+    )
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        client = admin(config, address)
+        try:
+            reply = await client.start_round(1)
+            (first,) = reply.round_ids
+            store = coordinator.store
+            assert store is not None
+            await wait_until(
+                lambda: [r.status for r in store.list_rounds()] == ["failed", "failed"],
+                timeout=30,
+            )
+            second = store.list_rounds()[1]
+            assert second.config["retry_of"] == first and second.config["attempt"] == 1
+            queued = [e for e in store.events_since(0) if e.type == "round.queued"]
+            assert [e.data.get("retry_of") for e in queued] == [None, first]
+            await asyncio.sleep(1.0)
+            assert len(store.list_rounds()) == 2  # retried once, not again
+        finally:
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())
