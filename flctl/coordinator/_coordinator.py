@@ -162,7 +162,12 @@ class Coordinator:
             max_tensors=len(model_spec),
         )
         registry = self._registry = Registry()
-        guard = RevocationGuard.load(store, events)
+        guard = RevocationGuard.load(
+            store,
+            events,
+            rate_per_s=config.server.rate_limit_per_s,
+            burst=config.server.rate_limit_burst,
+        )
         engine = self._engine = RoundEngine(
             config=config,
             store=store,

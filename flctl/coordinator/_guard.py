@@ -5,15 +5,21 @@ certificate, or a set of serials); ``Admin.Revoke`` adds to them while the coord
 call is checked against them before it touches any state: a revoked caller gets
 PERMISSION_DENIED, and each refusal appends a ``security.refused`` event with the identity, the
 reason and the RPC.
+
+Each identity also has a token bucket (``server.rate_limit_per_s`` calls per second, bursts of
+``server.rate_limit_burst``): a call beyond it is RESOURCE_EXHAUSTED before it touches any
+state, recorded as ``security.refused`` (at most one event per identity per second, so a flood
+does not flood the log).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 from flctl.core import events as ev
-from flctl.core.errors import PermissionDeniedError
+from flctl.core.errors import PermissionDeniedError, ResourceExhaustedError
 from flctl.store import RevocationRecord, SqlStore, list_revocations
 from flctl.transport.grpc import RpcContext
 
@@ -32,17 +38,62 @@ class RevocationGuard:
         records: The revocations already in the store.
     """
 
-    def __init__(self, events: EventLog, records: Iterable[RevocationRecord] = ()) -> None:
+    def __init__(
+        self,
+        events: EventLog,
+        records: Iterable[RevocationRecord] = (),
+        *,
+        rate_per_s: float = 0.0,
+        burst: int = 1,
+    ) -> None:
         self._events = events
         self._everything: set[str] = set()
         self._serials: dict[str, set[int]] = {}
         for record in records:
             self.add(record.identity, record.serial)
+        self._rate = rate_per_s
+        self._burst = float(max(1, burst))
+        self._buckets: dict[str, tuple[float, float]] = {}  # identity -> (tokens, at)
+        self._last_logged: dict[str, float] = {}
 
     @classmethod
-    def load(cls, store: SqlStore, events: EventLog) -> RevocationGuard:
+    def load(
+        cls, store: SqlStore, events: EventLog, *, rate_per_s: float = 0.0, burst: int = 1
+    ) -> RevocationGuard:
         """Read every revocation from the store."""
-        return cls(events, list_revocations(store))
+        return cls(events, list_revocations(store), rate_per_s=rate_per_s, burst=burst)
+
+    def admit(self, ctx: RpcContext, rpc: str) -> None:
+        """The check at the start of every call: the rate limit, then the revocations.
+
+        Raises:
+            ResourceExhaustedError: The identity made more calls than its bucket allows.
+            PermissionDeniedError: The identity or certificate is revoked.
+        """
+        if self._rate > 0:
+            now = time.monotonic()
+            tokens, at = self._buckets.get(ctx.identity, (self._burst, now))
+            tokens = min(self._burst, tokens + (now - at) * self._rate)
+            if tokens < 1.0:
+                self._buckets[ctx.identity] = (tokens, now)
+                self._refuse_rate(ctx, rpc, now)
+            self._buckets[ctx.identity] = (tokens - 1.0, now)
+        self.check(ctx, rpc)
+
+    def _refuse_rate(self, ctx: RpcContext, rpc: str, now: float) -> None:
+        why = f"rate limit: more than {self._rate:g} calls/s (burst {self._burst:g})"
+        if now - self._last_logged.get(ctx.identity, -1e9) >= 1.0:
+            self._last_logged[ctx.identity] = now
+            log.info("refused %s (%s) on %s: %s", ctx.identity, ctx.peer, rpc, why)
+            self._events.emit(
+                ev.SECURITY_REFUSED,
+                client_id=ctx.identity,
+                data={"identity": ctx.identity, "reason": why, "rpc": rpc, "serial": None},
+            )
+        raise ResourceExhaustedError(
+            f"{ctx.identity}: {why}",
+            hint="slow down: retry after a short wait (server.rate_limit_per_s)",
+        )
 
     def add(self, identity: str, serial: int | None) -> None:
         """Revoke ``identity`` as a whole (``serial`` None), or one certificate of it."""

@@ -245,7 +245,7 @@ class CoordinatorService:
 
     async def join(self, request: pb.JoinRequest, ctx: RpcContext) -> pb.JoinReply:
         """Check protocol and model, open a session, hand out a token."""
-        self._guard.check(ctx, "Join")
+        self._guard.admit(ctx, "Join")
         if request.protocol_version != PROTOCOL_VERSION:
             raise ProtocolMismatchError(
                 f"protocol version {request.protocol_version} is not supported; "
@@ -290,7 +290,7 @@ class CoordinatorService:
 
     async def heartbeat(self, request: pb.HeartbeatRequest, ctx: RpcContext) -> pb.HeartbeatReply:
         """Record liveness; a state change is persisted as an event."""
-        self._guard.check(ctx, "Heartbeat")
+        self._guard.admit(ctx, "Heartbeat")
         try:
             session = self._session(ctx)
         except AuthenticationError:
@@ -330,7 +330,7 @@ class CoordinatorService:
 
     async def tasks(self, request: pb.TasksRequest, ctx: RpcContext) -> AsyncIterator[pb.Task]:
         """Stream tasks to the client until it leaves, joins again, is revoked, or we stop."""
-        self._guard.check(ctx, "Tasks")
+        self._guard.admit(ctx, "Tasks")
         session = self._session(ctx)
         session.streaming = True
         self._registry.notify()
@@ -370,7 +370,7 @@ class CoordinatorService:
         on this client's earlier downloads); reading and compressing then run in a worker
         thread, one chunk ahead. ``bytes_down`` counts the bytes sent on the wire.
         """
-        self._guard.check(ctx, "Download")
+        self._guard.admit(ctx, "Download")
         session = self._session(ctx)
         digest = self._blobs.check_digest(request.digest)
         if not self._blobs.has(digest):
@@ -519,7 +519,7 @@ class CoordinatorService:
 
     async def begin_upload(self, header: pb.UploadHeader, ctx: RpcContext) -> pb.UploadReply:
         """Open an upload, or find the one this identity began for the same update."""
-        self._guard.check(ctx, "BeginUpload")
+        self._guard.admit(ctx, "BeginUpload")
         session = self._session(ctx)
         if header.upload_id:  # another identity's upload id is refused before anything else
             self._uploads.get(header.upload_id, session.client_id)
@@ -557,7 +557,7 @@ class CoordinatorService:
         The header names the upload (from :meth:`begin_upload`; none: one is begun here) and
         the offset the data starts at, which must be the bytes the coordinator holds.
         """
-        self._guard.check(ctx, "Upload")
+        self._guard.admit(ctx, "Upload")
         session = self._session(ctx)
         header = await anext(aiter(chunks), None)
         if not isinstance(header, pb.UploadHeader):
@@ -800,7 +800,7 @@ class AdminService:
         self, request: pb.StartRoundRequest, ctx: RpcContext
     ) -> pb.StartRoundReply:
         """Queue rounds; they run after any already queued or open."""
-        self._guard.check(ctx, "StartRound")
+        self._guard.admit(ctx, "StartRound")
         if not 1 <= request.rounds <= self.MAX_ROUNDS_PER_START:
             raise InvalidInputError(
                 f"rounds must be between 1 and {self.MAX_ROUNDS_PER_START}, not {request.rounds}"
@@ -815,7 +815,7 @@ class AdminService:
 
     async def status(self, request: pb.StatusRequest, ctx: RpcContext) -> pb.StatusReply:
         """Rounds (all, or those asked for), head version, connected clients."""
-        self._guard.check(ctx, "Status")
+        self._guard.admit(ctx, "Status")
         ids = [int(i) for i in request.round_ids] or None
         rounds = self._store.list_rounds(ids)
         head = self._store.head()
@@ -871,7 +871,7 @@ class AdminService:
         self, request: pb.ListClientsRequest, ctx: RpcContext
     ) -> pb.ListClientsReply:
         """Known clients, with live state for connected ones."""
-        self._guard.check(ctx, "ListClients")
+        self._guard.admit(ctx, "ListClients")
         out = []
         for client in self._store.list_clients():
             session = self._registry.get(client.client_id)
@@ -892,7 +892,7 @@ class AdminService:
         self, request: pb.ListModelsRequest, ctx: RpcContext
     ) -> pb.ListModelsReply:
         """Model versions, newest first."""
-        self._guard.check(ctx, "ListModels")
+        self._guard.admit(ctx, "ListModels")
         models = self._store.list_models(limit=request.limit or None)
         head = self._store.head()
         return pb.ListModelsReply(
@@ -902,6 +902,7 @@ class AdminService:
     async def watch(self, request: pb.WatchRequest, ctx: RpcContext) -> AsyncIterator[pb.Event]:
         """Replay events after ``since_seq``; then follow until the coordinator stops."""
         seq = int(request.since_seq)
+        self._guard.admit(ctx, "Watch")
         while True:
             self._guard.check(ctx, "Watch")
             batch = self._store.events_since(seq, limit=500)
@@ -925,7 +926,7 @@ class AdminService:
 
     async def revoke(self, request: pb.RevokeRequest, ctx: RpcContext) -> pb.RevokeReply:
         """Record a revocation with the admin's identity, enforce it, end the open session."""
-        self._guard.check(ctx, "Revoke")
+        self._guard.admit(ctx, "Revoke")
         identity = request.identity
         serial = _parse_serial(request.serial)
         already = is_revoked(self._store, identity, serial)
@@ -966,7 +967,7 @@ class AdminService:
 
     async def rollback(self, request: pb.RollbackRequest, ctx: RpcContext) -> pb.RollbackReply:
         """Roll the head back now, or (a round is running) as soon as that round ends."""
-        self._guard.check(ctx, "Rollback")
+        self._guard.admit(ctx, "Rollback")
         ref = _bounded("ref", request.ref, _MAX_REF)
         reason = _bounded("reason", request.reason, _MAX_REASON)
         target = self._store.resolve_model(ref)
@@ -1019,7 +1020,7 @@ class AdminService:
         self, request: pb.CancelRoundRequest, ctx: RpcContext
     ) -> pb.CancelRoundReply:
         """Cancel the running round and/or queued rounds, with the admin's identity."""
-        self._guard.check(ctx, "CancelRound")
+        self._guard.admit(ctx, "CancelRound")
         given = _bounded("reason", request.reason, _MAX_REASON)
         reason = f"cancelled by {ctx.identity}" + (f": {given}" if given else "")
         wanted = [int(i) for i in request.round_ids]
@@ -1057,7 +1058,7 @@ class AdminService:
 
     async def tag(self, request: pb.TagRequest, ctx: RpcContext) -> pb.TagReply:
         """Name a version, with the admin's identity as the tag's author."""
-        self._guard.check(ctx, "Tag")
+        self._guard.admit(ctx, "Tag")
         model = self._store.resolve_model(_bounded("ref", request.ref, _MAX_REF))
         before = {t.name: t.version for t in self._store.list_tags()}.get(request.name)
         tag = self._store.add_tag(

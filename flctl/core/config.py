@@ -58,6 +58,9 @@ class ServerConfig:
     insecure: bool = False
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 30.0
+    #: calls per second each identity may make (token bucket); 0 turns the limit off
+    rate_limit_per_s: float = 20.0
+    rate_limit_burst: int = 40
     token_ttl_s: float = 3600.0
 
 
@@ -202,6 +205,8 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("server", "heartbeat_interval_s"): (0.1, 3600),
     ("server", "heartbeat_timeout_s"): (0.5, 86400),
     ("server", "token_ttl_s"): (10, 86400 * 7),
+    ("server", "rate_limit_per_s"): (0, 1e6),
+    ("server", "rate_limit_burst"): (1, 1_000_000),
     ("rounds", "min_clients"): (1, None),
     ("rounds", "clients_per_round"): (0, None),
     ("rounds", "fraction_per_round"): (0, 1),

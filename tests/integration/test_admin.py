@@ -21,6 +21,7 @@ from flctl.core.errors import (
     InvalidInputError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
 )
 from flctl.security import generate_project_certs, identity_from_pem, load_credentials
 from flctl.store import BlobStore, SqlStore, list_revocations, revoke
@@ -438,6 +439,34 @@ def test_status_explains_the_open_round(project: Project) -> None:
             stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.gather(*runners)
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())
+
+
+def test_calls_beyond_an_identitys_rate_limit_are_refused(project: Project) -> None:
+    config = project.write(server={"rate_limit_per_s": 1.0, "rate_limit_burst": 3})
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        client = admin(config, address)
+        try:
+            for _ in range(3):
+                await client.status()  # the burst
+            with pytest.raises(ResourceExhaustedError, match="rate limit"):
+                await client.status()
+            with pytest.raises(ResourceExhaustedError):
+                await client.list_models()  # every RPC draws from the same bucket
+            store = coordinator.store
+            assert store is not None
+            refused = [e for e in store.events_since(0) if e.type == "security.refused"]
+            assert len(refused) == 1  # one event per identity per second, not one per call
+            assert refused[0].client_id == "admin" and "rate limit" in refused[0].data["reason"]
+            await asyncio.sleep(1.1)  # the bucket refills
+            await client.status()
+        finally:
             await client.close()
             await coordinator.stop()
 
