@@ -229,6 +229,7 @@ class Coordinator:
             admin_service,
             credentials=credentials,
             max_chunk_bytes=config.transport.max_chunk_bytes,
+            allow_admin_clients=config.server.allow_admin_clients,
         )
         host, _ = split_address(self.address)
         self.bound_address = f"{host}:{port}"

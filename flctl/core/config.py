@@ -61,6 +61,8 @@ class ServerConfig:
     #: calls per second each identity may make (token bucket); 0 turns the limit off
     rate_limit_per_s: float = 20.0
     rate_limit_burst: int = 40
+    #: let admin certificates call the Coordinator service (run a client as an operator)
+    allow_admin_clients: bool = False
     token_ttl_s: float = 3600.0
 
 

@@ -401,3 +401,34 @@ def test_a_failed_round_is_retried_as_configured(project: Project) -> None:
             await coordinator.stop()
 
     asyncio.run(main())
+
+
+def test_admin_certificates_may_join_as_clients_only_when_configured(project: Project) -> None:
+    """server.allow_admin_clients = true: an operator's admin certificate runs a client."""
+    config = project.write(server={"allow_admin_clients": True}, rounds={"min_clients": 1})
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        try:
+            runner = make_runner(config, address, "c1", once=True)
+            cert, key, _ = load_credentials(config.certs_path, "admin")
+            runner._options = runner._options.__class__(
+                **{**runner._options.__dict__, "cert_pem": cert, "key_pem": key}
+            )
+            run = asyncio.create_task(runner.run(asyncio.Event()))
+            await wait_until(lambda: len(coordinator._registry.connected()) == 1)  # type: ignore[union-attr]
+            assert coordinator._registry.connected()[0].client_id == "admin"  # type: ignore[union-attr]
+            client = admin(config, address)
+            try:
+                await client.start_round(1)
+            finally:
+                await client.close()
+            assert await asyncio.wait_for(run, 60) == 1
+            store = coordinator.store
+            assert store is not None
+            assert [u.client_id for u in store.updates_for_round(1, status="accepted")] == ["admin"]
+        finally:
+            await coordinator.stop()
+
+    asyncio.run(main())

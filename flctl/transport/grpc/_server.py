@@ -77,6 +77,7 @@ async def start_server(
     *,
     credentials: ServerCredentials | None,
     max_chunk_bytes: int = 1 << 20,
+    allow_admin_clients: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
     """Bind ``address`` and start serving; return the server and the port actually bound.
 
@@ -87,6 +88,7 @@ async def start_server(
         credentials: Server certificate, key and client CA; ``None`` means ``--insecure``,
             which only loopback addresses accept.
         max_chunk_bytes: The largest data chunk; bounds every message both ways.
+        allow_admin_clients: Let admin certificates call the Coordinator service too.
 
     Raises:
         ConfigError: ``--insecure`` on a non-loopback address.
@@ -101,7 +103,11 @@ async def start_server(
         )
     server = grpc.aio.server(options=channel_options(max_chunk_bytes))
     server.add_generic_rpc_handlers(
-        (coordinator_handlers(CoordinatorServicer(coordinator, insecure=insecure)),)
+        (
+            coordinator_handlers(
+                CoordinatorServicer(coordinator, insecure=insecure, allow_admin=allow_admin_clients)
+            ),
+        )
     )
     pb_grpc.add_AdminServicer_to_server(AdminServicer(admin, insecure=insecure), server)  # type: ignore[no-untyped-call]
     try:

@@ -145,6 +145,8 @@ class _Base:
     """Builds the :class:`RpcContext` and maps errors for every method of a service."""
 
     required_role: Role
+    #: Other roles this service accepts besides ``required_role``.
+    also_allowed: frozenset[str] = frozenset()
 
     def __init__(self, *, insecure: bool) -> None:
         self._insecure = insecure
@@ -168,7 +170,7 @@ class _Base:
                 raise AuthenticationError(f"--insecure calls must send `{IDENTITY_METADATA_KEY}`")
         else:
             raise AuthenticationError("no client certificate was presented")
-        if role != self.required_role.value:
+        if role != self.required_role.value and role not in self.also_allowed:
             raise PermissionDeniedError(
                 f"a {role} certificate may not call the "
                 f"{'Admin' if self.required_role is Role.ADMIN else 'Coordinator'} service"
@@ -216,9 +218,13 @@ class CoordinatorServicer(_Base, pb_grpc.CoordinatorServicer):
 
     required_role = Role.CLIENT
 
-    def __init__(self, handler: CoordinatorHandler, *, insecure: bool = False) -> None:
+    def __init__(
+        self, handler: CoordinatorHandler, *, insecure: bool = False, allow_admin: bool = False
+    ) -> None:
         super().__init__(insecure=insecure)
         self._handler = handler
+        # an operator may run a client with its admin certificate when the config allows it
+        self.also_allowed = frozenset({Role.ADMIN.value}) if allow_admin else frozenset()
 
     async def Join(self, request: Any, context: Any) -> pb.JoinReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
