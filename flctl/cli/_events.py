@@ -19,6 +19,7 @@ ADMIN_EVENT_TYPES = frozenset(
         "model.rollback_deferred",
         "model.tagged",
         "model.imported",
+        "round.cancelled",
     }
 )
 
