@@ -20,6 +20,7 @@ ADMIN_EVENT_TYPES = frozenset(
         "model.tagged",
         "model.imported",
         "round.cancelled",
+        "client.evicted",
     }
 )
 

@@ -11,7 +11,15 @@ from rich.table import Table
 from flctl.cli._options import ConfigOpt, JsonOpt, ServerOpt
 from flctl.cli._output import Output, command
 
-__all__ = ["MIB", "RoundIdsOpt", "clients_app", "clients_ls", "round_cancel", "round_status"]
+__all__ = [
+    "MIB",
+    "RoundIdsOpt",
+    "clients_app",
+    "clients_evict",
+    "clients_ls",
+    "round_cancel",
+    "round_status",
+]
 
 MIB = 1 << 20
 
@@ -208,3 +216,24 @@ def clients_ls(
 RoundIdsOpt = Annotated[
     list[int] | None, typer.Option("--round", help="Only this round (repeatable).")
 ]
+
+
+@clients_app.command("evict")
+@command()
+def clients_evict(
+    client_id: Annotated[str, typer.Argument(help="The client whose session to end.")],
+    reason: Annotated[str, typer.Option(help="Why, recorded with the eviction.")] = "",
+    server: ServerOpt = None,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """End a client's session (it may join again: `flctl certs revoke` keeps it out)."""
+    from flctl.cli._common import call_admin, load_project
+
+    config = load_project(config_path)
+    out = Output(json_mode=json_output)
+    reply = call_admin(config, server, lambda client: client.evict(client_id, reason=reason))
+    if json_output:
+        out.json({"client_id": client_id, "evicted": reply.evicted, "message": reply.message})
+    else:
+        out.line(reply.message)

@@ -876,6 +876,8 @@ class AdminService:
         for client in self._store.list_clients():
             session = self._registry.get(client.client_id)
             state = session.state if session is not None and session.streaming else "offline"
+            if self._guard.reason(client.client_id) is not None:
+                state = "revoked"
             out.append(
                 pb.ClientInfo(
                     client_id=client.client_id,
@@ -1014,6 +1016,32 @@ class AdminService:
             deferred=False,
             message=f"head is now version {new.version}; the next round starts from it",
             previous_head=new.parent or 0,
+        )
+
+    async def evict(self, request: pb.EvictRequest, ctx: RpcContext) -> pb.EvictReply:
+        """End a client's session with the admin's identity; it may join again."""
+        self._guard.admit(ctx, "Evict")
+        client_id = _bounded("client_id", request.client_id, 255)
+        given = _bounded("reason", request.reason, _MAX_REASON)
+        session = self._registry.get(client_id)
+        if session is None:
+            return pb.EvictReply(evicted=False, message=f"{client_id} has no open session")
+        self._registry.end(session)
+        self._store.upsert_client(client_id, state="offline", seen=time.time())
+        reason = f"evicted by {ctx.identity}" + (f": {given}" if given else "")
+        self._events.emit(
+            ev.CLIENT_EVICTED, client_id=client_id, data={"admin": ctx.identity, "reason": given}
+        )
+        self._events.emit(
+            ev.CLIENT_LEFT,
+            client_id=client_id,
+            data={"reason": reason, "admin": ctx.identity},
+        )
+        self._engine.update_arrived()
+        log.info("%s evicted %s", ctx.identity, client_id)
+        return pb.EvictReply(
+            evicted=True,
+            message=f"{client_id}'s session ended; its token no longer works (it may join again)",
         )
 
     async def cancel_round(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "CLIENT_EVICTED",
     "CLIENT_JOINED",
     "CLIENT_LEFT",
     "CLIENT_STATE",
@@ -56,6 +57,8 @@ COORDINATOR_WARNING = "coordinator.warning"
 CLIENT_JOINED = "client.joined"
 #: data: reason
 CLIENT_LEFT = "client.left"
+#: data: admin (who evicted it), reason
+CLIENT_EVICTED = "client.evicted"
 #: data: state (idle | downloading | training | uploading | offline), progress (0..1); while
 #: transferring also bytes_done, bytes_total, bytes_per_s
 CLIENT_STATE = "client.state"

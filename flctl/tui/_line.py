@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 from flctl.core.events import (
+    CLIENT_EVICTED,
     CLIENT_JOINED,
     CLIENT_LEFT,
     CLIENT_STATE,
@@ -133,6 +134,13 @@ def _coordinator_stopped(event: Event) -> str:
 
 def _client_joined(event: Event) -> str:
     return f"client {event.client_id} joined"
+
+
+def _client_evicted(event: Event) -> str:
+    admin = get_str(event.data, "admin", "an admin")
+    return _with_reason(
+        f"client {event.client_id} evicted by {admin}", get_str(event.data, "reason")
+    )
 
 
 def _client_left(event: Event) -> str:
@@ -301,6 +309,7 @@ _DESCRIBE: dict[str, Callable[[Event], str]] = {
     COORDINATOR_STOPPED: _coordinator_stopped,
     CLIENT_JOINED: _client_joined,
     CLIENT_LEFT: _client_left,
+    CLIENT_EVICTED: _client_evicted,
     CLIENT_STATE: _client_state,
     ROUND_QUEUED: _round_queued,
     ROUND_STARTED: _round_started,

@@ -471,3 +471,43 @@ def test_calls_beyond_an_identitys_rate_limit_are_refused(project: Project) -> N
             await coordinator.stop()
 
     asyncio.run(main())
+
+
+def test_evict_ends_a_session_and_its_token_and_is_audited(project: Project) -> None:
+    config = project.write(rounds={"min_clients": 1})
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        stop = asyncio.Event()
+        runner = make_runner(config, address, "c1", backoff_cap_s=0.5)
+        task = asyncio.create_task(runner.run(stop))
+        client = admin(config, address)
+        try:
+            await wait_until(lambda: len(coordinator._registry.connected()) == 1)  # type: ignore[union-attr]
+            session = coordinator._registry.get("c1")  # type: ignore[union-attr]
+            assert session is not None
+            reply = await client.evict("c1", reason="maintenance")
+            assert reply.evicted and "may join again" in reply.message
+            assert not (await client.evict("nobody")).evicted
+            store = coordinator.store
+            assert store is not None
+            evicted = [e for e in store.events_since(0) if e.type == "client.evicted"]
+            assert evicted[0].client_id == "c1"
+            assert evicted[0].data == {"admin": "admin", "reason": "maintenance"}
+            # the client joins again by itself, with a new session
+            await wait_until(
+                lambda: (
+                    (s := coordinator._registry.get("c1")) is not None  # type: ignore[union-attr]
+                    and s.streaming
+                    and s.session_id != session.session_id
+                )
+            )
+        finally:
+            stop.set()
+            with contextlib.suppress(Exception):
+                await task
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())

@@ -290,6 +290,14 @@ class AdminClient(_Caller):
         )
         return reply
 
+    async def evict(
+        self, client_id: str, *, reason: str = "", timeout: float = 30.0
+    ) -> pb.EvictReply:
+        """End ``client_id``'s session (it may join again; revoke it to keep it out)."""
+        request = pb.EvictRequest(client_id=client_id, reason=reason)
+        reply: pb.EvictReply = await self._call(self._stub.Evict, request, timeout)
+        return reply
+
     async def cancel_round(
         self,
         round_ids: list[int] | None = None,

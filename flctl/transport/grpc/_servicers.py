@@ -121,6 +121,9 @@ class AdminHandler(Protocol):
     ) -> pb.CancelRoundReply:
         """Cancel the running round and/or queued rounds."""
 
+    async def evict(self, request: pb.EvictRequest, ctx: RpcContext) -> pb.EvictReply:
+        """End a client's session."""
+
     async def tag(self, request: pb.TagRequest, ctx: RpcContext) -> pb.TagReply:
         """Name a model version."""
 
@@ -289,6 +292,10 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
     async def Tag(self, request: Any, context: Any) -> pb.TagReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(context, lambda ctx: self._handler.tag(request, ctx))
+
+    async def Evict(self, request: Any, context: Any) -> pb.EvictReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(context, lambda ctx: self._handler.evict(request, ctx))
 
     async def CancelRound(self, request: Any, context: Any) -> pb.CancelRoundReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""

@@ -380,6 +380,11 @@ class AdminStub:
                 request_serializer=flctl_dot_v1_dot_flctl__pb2.CancelRoundRequest.SerializeToString,
                 response_deserializer=flctl_dot_v1_dot_flctl__pb2.CancelRoundReply.FromString,
                 _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/flctl.v1.Admin/Evict',
+                request_serializer=flctl_dot_v1_dot_flctl__pb2.EvictRequest.SerializeToString,
+                response_deserializer=flctl_dot_v1_dot_flctl__pb2.EvictReply.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/flctl.v1.Admin/Watch',
                 request_serializer=flctl_dot_v1_dot_flctl__pb2.WatchRequest.SerializeToString,
@@ -447,6 +452,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evict(self, request, context):
+        """End a client's session (its token stops working; it may join again): recorded with the
+        admin's identity. To keep it out, revoke it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Watch(self, request, context):
         """The persisted event log from since_seq (exclusive), then live events as they happen.
         """
@@ -496,6 +509,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.CancelRound,
                     request_deserializer=flctl_dot_v1_dot_flctl__pb2.CancelRoundRequest.FromString,
                     response_serializer=flctl_dot_v1_dot_flctl__pb2.CancelRoundReply.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=flctl_dot_v1_dot_flctl__pb2.EvictRequest.FromString,
+                    response_serializer=flctl_dot_v1_dot_flctl__pb2.EvictReply.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -721,6 +739,33 @@ class Admin:
             '/flctl.v1.Admin/CancelRound',
             flctl_dot_v1_dot_flctl__pb2.CancelRoundRequest.SerializeToString,
             flctl_dot_v1_dot_flctl__pb2.CancelRoundReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flctl.v1.Admin/Evict',
+            flctl_dot_v1_dot_flctl__pb2.EvictRequest.SerializeToString,
+            flctl_dot_v1_dot_flctl__pb2.EvictReply.FromString,
             options,
             channel_credentials,
             insecure,
