@@ -112,6 +112,12 @@ def translate_rpc_error(exc: grpc.RpcError) -> FlctlError:
             cls = _BY_CODE.get(value if isinstance(value, str) else value.decode())
             if cls is not None:
                 return cls(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        # gRPC's own message bound (one chunk plus 64 KiB on both channel ends)
+        return LimitExceededError(
+            f"a message exceeded the channel's size limit ({details})",
+            hint="send data in chunks of at most max_chunk_bytes (the JoinReply's limits)",
+        )
     if code == grpc.StatusCode.UNAVAILABLE and is_tls_failure(details):
         return CertificateError(
             f"the TLS handshake failed: {details}",
