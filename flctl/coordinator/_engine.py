@@ -79,6 +79,8 @@ class _OpenRound:
     target: int = 0
     #: selected clients without an open task stream, and since when (rejoin grace)
     absent_since: dict[str, float] = field(default_factory=dict)
+    #: clients whose update was accepted (kept in memory: the upload path asks on every call)
+    reported: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ class RoundEngine:
         open_round = self.open
         if open_round is None or client_id not in open_round.selected:
             return None
-        if self._store.has_accepted_update(open_round.server_round, client_id):
+        if client_id in open_round.reported:
             return None
         return self._task(open_round, client_id)
 
@@ -167,10 +169,16 @@ class RoundEngine:
         to_value_map(task.config, {**self._config.task, "server_round": open_round.server_round})
         return task
 
-    def update_arrived(self) -> None:
-        """An update was accepted, or a selected client went away."""
+    def update_arrived(self, client_id: str = "") -> None:
+        """An update from ``client_id`` was accepted, or (no id) a selected client went away."""
         if self.open is not None:
+            if client_id:
+                self.open.reported.add(client_id)
             self.open.changed.set()
+
+    def has_reported(self, client_id: str) -> bool:
+        """Whether the open round already holds an accepted update of ``client_id``."""
+        return self.open is not None and client_id in self.open.reported
 
     def cancel(self, server_round: int, reason: str) -> str | None:
         """Ask the running round to end as cancelled; return why it cannot, or None.
@@ -491,8 +499,12 @@ class RoundEngine:
             self._blobs.size(head.digest),
             absent_since=dict.fromkeys(record.tasks, time.time()),
             target=self._target(len(record.tasks)),
+            reported={
+                u.client_id
+                for u in self._store.updates_for_round(server_round, status="accepted")
+            },
         )
-        accepted = len(self._store.updates_for_round(server_round, status="accepted"))
+        accepted = len(self.open.reported)
         self._events.emit(
             ev.ROUND_RESUMED,
             server_round=server_round,
@@ -629,8 +641,7 @@ class RoundEngine:
         grace = self._config.rounds.rejoin_grace_s
         while True:
             open_round.changed.clear()
-            accepted = self._store.updates_for_round(server_round, status="accepted")
-            reported = {u.client_id for u in accepted}
+            reported = open_round.reported
             now = time.time()
             wake_at = open_round.deadline
             outstanding = []
@@ -648,8 +659,9 @@ class RoundEngine:
                 if now < back_by:
                     outstanding.append(client_id)
                     wake_at = min(wake_at, back_by + 0.01)
-            if open_round.target and len(accepted) >= open_round.target:
+            if open_round.target and len(reported) >= open_round.target:
                 # over-selection: the first N to report make the round
+                accepted = self._store.updates_for_round(server_round, status="accepted")
                 return sorted(accepted, key=lambda u: u.id)[: open_round.target]
             if (
                 not outstanding
@@ -657,7 +669,7 @@ class RoundEngine:
                 or self._stopping
                 or self._cancelled(server_round) is not None
             ):
-                return accepted
+                return self._store.updates_for_round(server_round, status="accepted")
             try:
                 await asyncio.wait_for(open_round.changed.wait(), wake_at - now)
             except TimeoutError:

@@ -228,6 +228,7 @@ class CoordinatorService:
         # transport.compression and the link rate measured per client, for "auto".
         self._transport = transport or TransportConfig()
         self._links: dict[str, LinkMeter] = {}
+        self._codec_cache: dict[tuple[str, tuple[str, ...], int], Decision] = {}
 
     # ------------------------------------------------------------------ sessions
 
@@ -300,8 +301,6 @@ class CoordinatorService:
         # A transfer's progress is logged in steps of 10 %: enough for the panels, few events.
         step_changed = int(progress * 10) != int(session.progress * 10)
         if state != session.state or (state in ("downloading", "uploading") and step_changed):
-            if state != session.state:
-                self._store.upsert_client(session.client_id, state=state, seen=session.last_seen)
             session.state = state
             data: dict[str, Any] = {"state": state, "progress": round(progress, 3)}
             if state in ("downloading", "uploading") and request.bytes_total:
@@ -397,7 +396,16 @@ class CoordinatorService:
                             mode, sample, link_bytes_per_s=link.rate, level=level, codecs=codecs
                         )
 
-                    decision = await asyncio.to_thread(decide)
+                    # one sample per blob and link-rate class: a round sends the same model to
+                    # every client, and measuring it for each would cost more than it tells
+                    key = (digest, tuple(codecs), round(math.log2(max(link.rate, 1.0)) * 2))
+                    cached = self._codec_cache.get(key)
+                    if cached is None:
+                        cached = await asyncio.to_thread(decide)
+                        if len(self._codec_cache) > 256:
+                            self._codec_cache.clear()
+                        self._codec_cache[key] = cached
+                    decision = cached
                     codec = decision.codec
                     log.debug("download of %s: %s", digest[:12], decision.reason)
                 chunks = self._blobs.iter_chunks(digest, position, self._limits.max_chunk_bytes)
@@ -482,7 +490,7 @@ class CoordinatorService:
             )
         if time.time() > open_round.deadline:
             return f"late: round {header.server_round}'s deadline has passed"
-        if self._store.has_accepted_update(int(header.server_round), client_id):
+        if self._engine.has_reported(client_id):
             return f"duplicate: an update for round {header.server_round} was already accepted"
         return None
 
@@ -702,7 +710,7 @@ class CoordinatorService:
                 "commit_s": round(commit_s, 4),
             },
         )
-        self._engine.update_arrived()
+        self._engine.update_arrived(session.client_id)
         return pb.UploadReply(accepted=True, upload_id=upload_id, committed_offset=received)
 
     def _commit_part(self, upload_id: str, digest: str) -> str:

@@ -78,6 +78,15 @@ class PartialUploads:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._active: set[str] = set()
+        # the records, read once: every BeginUpload looks them up, and re-reading the folder
+        # each time would cost a file per upload in progress
+        self._index: dict[str, PartialUpload] = {}
+        for path in sorted(self.root.glob("*.json")):
+            record = self._read(path.stem)
+            if record is None:
+                self.discard(path.stem)
+            else:
+                self._index[record.upload_id] = record
 
     # ------------------------------------------------------------------ paths
 
@@ -91,16 +100,8 @@ class PartialUploads:
     # ------------------------------------------------------------------ records
 
     def all(self) -> list[PartialUpload]:
-        """Every readable record (unreadable ones are removed with their part file)."""
-        out = []
-        for path in sorted(self.root.glob("*.json")):
-            upload_id = path.stem
-            record = self._read(upload_id)
-            if record is None:
-                self.discard(upload_id)
-            else:
-                out.append(record)
-        return out
+        """Every upload begun and not finished (unreadable records were removed at start)."""
+        return sorted(self._index.values(), key=lambda r: r.upload_id)
 
     def _read(self, upload_id: str) -> PartialUpload | None:
         try:
@@ -120,7 +121,7 @@ class PartialUploads:
         """
         if _ID_RE.fullmatch(upload_id) is None:
             raise InvalidInputError(f"upload id {upload_id[:40]!r} is malformed")
-        record = self._read(upload_id)
+        record = self._index.get(upload_id)
         if record is None:
             raise NotFoundError(
                 f"no upload {upload_id}: it finished, was refused, or its round ended",
@@ -148,6 +149,7 @@ class PartialUploads:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, target)
+        self._index[record.upload_id] = record
         return record
 
     def held(self, upload_id: str) -> int:
@@ -174,11 +176,13 @@ class PartialUploads:
 
     def discard(self, upload_id: str) -> None:
         """Remove an upload's record and bytes."""
+        self._index.pop(upload_id, None)
         self._record_path(upload_id).unlink(missing_ok=True)
         self.part_path(upload_id).unlink(missing_ok=True)
 
     def forget(self, upload_id: str) -> None:
         """Remove the record of an upload whose part file was moved into the blob store."""
+        self._index.pop(upload_id, None)
         self._record_path(upload_id).unlink(missing_ok=True)
 
     def discard_round(self, server_round: int) -> int:
