@@ -80,6 +80,10 @@ MAX_CONCURRENT_UPLOADS = 2
 MAX_CONCURRENT_DOWNLOADS = 2
 _STATES = frozenset({"idle", "downloading", "training", "uploading", "failed"})
 _SERIAL_RE = re.compile(r"[0-9a-f]{1,40}")
+#: The largest round id, sequence number or version the store can hold (SQLite's INTEGER).
+MAX_ID = (1 << 63) - 1
+#: Uploads one identity may have begun and not finished at once (a new one drops the oldest).
+MAX_UPLOADS_PER_IDENTITY = 4
 #: Bounds of the Admin service's text fields (refs, reasons).
 _MAX_REF = 256
 _MAX_REASON = 1024
@@ -232,21 +236,33 @@ class CoordinatorService:
 
     # ------------------------------------------------------------------ sessions
 
-    def _session(self, ctx: RpcContext) -> Session:
-        if not ctx.token:
-            raise AuthenticationError("this call needs a session token: call Join first")
-        claims = self._signer.verify(ctx.token, fingerprint=ctx.fingerprint)
-        if claims.subject != ctx.identity:
-            raise AuthenticationError("session token was issued to another identity")
-        session = self._registry.get(ctx.identity)
-        if session is None or session.session_id != claims.session_id:
-            raise AuthenticationError("session is no longer open: join again")
+    def _session(self, ctx: RpcContext, rpc: str = "", *, record: bool = True) -> Session:
+        """The caller's open session, from its token; a refusal is recorded (``record``)."""
+        try:
+            if not ctx.token:
+                raise AuthenticationError("this call needs a session token: call Join first")
+            claims = self._signer.verify(ctx.token, fingerprint=ctx.fingerprint)
+            if claims.subject != ctx.identity:
+                raise AuthenticationError("session token was issued to another identity")
+            session = self._registry.get(ctx.identity)
+            if session is None or session.session_id != claims.session_id:
+                raise AuthenticationError("session is no longer open: join again")
+        except AuthenticationError as exc:
+            if record:
+                self._refused(ctx, rpc, exc.message)
+            raise
         session.last_seen = time.time()
         return session
 
-    async def join(self, request: pb.JoinRequest, ctx: RpcContext) -> pb.JoinReply:
-        """Check protocol and model, open a session, hand out a token."""
-        self._guard.admit(ctx, "Join")
+    def _refused(self, ctx: RpcContext, rpc: str, reason: str) -> None:
+        """Record a refusal that no other table shows, with the caller's identity."""
+        self._events.emit(
+            ev.SECURITY_REFUSED,
+            client_id=ctx.identity,
+            data={"identity": ctx.identity, "reason": reason, "rpc": rpc, "serial": None},
+        )
+
+    def _check_join(self, request: pb.JoinRequest) -> None:
         if request.protocol_version != PROTOCOL_VERSION:
             raise ProtocolMismatchError(
                 f"protocol version {request.protocol_version} is not supported; "
@@ -263,6 +279,15 @@ class CoordinatorService:
             raise ProtocolMismatchError(
                 f"the client's model does not match the coordinator's task: {difference}"
             )
+
+    async def join(self, request: pb.JoinRequest, ctx: RpcContext) -> pb.JoinReply:
+        """Check protocol and model, open a session, hand out a token."""
+        self._guard.admit(ctx, "Join")
+        try:
+            self._check_join(request)
+        except ProtocolMismatchError as exc:
+            self._refused(ctx, "Join", exc.message)
+            raise
         codecs = negotiate_codecs(self._transport.compression, list(request.codecs))
         session = Session(ctx.identity, uuid.uuid4().hex, ctx.fingerprint, ctx.serial)
         old = self._registry.add(session)
@@ -293,9 +318,10 @@ class CoordinatorService:
         """Record liveness; a state change is persisted as an event."""
         self._guard.admit(ctx, "Heartbeat")
         try:
-            session = self._session(ctx)
+            session = self._session(ctx, "Heartbeat", record=False)
         except AuthenticationError:
             return pb.HeartbeatReply(command="rejoin", server_time_unix=time.time())
+        _check_id("server_round", request.server_round)
         state = request.state if request.state in _STATES else "idle"
         progress = min(1.0, max(0.0, request.progress)) if math.isfinite(request.progress) else 0.0
         # A transfer's progress is logged in steps of 10 %: enough for the panels, few events.
@@ -330,7 +356,7 @@ class CoordinatorService:
     async def tasks(self, request: pb.TasksRequest, ctx: RpcContext) -> AsyncIterator[pb.Task]:
         """Stream tasks to the client until it leaves, joins again, is revoked, or we stop."""
         self._guard.admit(ctx, "Tasks")
-        session = self._session(ctx)
+        session = self._session(ctx, "Tasks")
         session.streaming = True
         self._registry.notify()
         # selected for the open round and not reported (reconnected, or we restarted): again
@@ -370,7 +396,7 @@ class CoordinatorService:
         thread, one chunk ahead. ``bytes_down`` counts the bytes sent on the wire.
         """
         self._guard.admit(ctx, "Download")
-        session = self._session(ctx)
+        session = self._session(ctx, "Download")
         digest = self._blobs.check_digest(request.digest)
         if not self._blobs.has(digest):
             raise NotFoundError(f"no blob {digest[:12]}")
@@ -435,6 +461,9 @@ class CoordinatorService:
         also kept in ``updates`` with its reason; malformed input (bad digest, size, tensors,
         values) changes no table but the event log.
         """
+        if header.server_round > MAX_ID:  # refused as malformed; the log cannot hold it
+            malformed = True
+            header = pb.UploadHeader(task_id=header.task_id)
         if malformed:
             self._events.emit(
                 ev.UPDATE_REJECTED,
@@ -459,6 +488,7 @@ class CoordinatorService:
 
     def _check_header(self, header: pb.UploadHeader, client_id: str) -> str | None:
         """Validate the header's fields; return a round-state refusal reason, or None."""
+        _check_id("server_round", header.server_round)
         if len(header.task_id) > self._limits.max_string_bytes:
             raise LimitExceededError("task_id is too long")
         self._blobs.check_digest(header.digest)
@@ -528,7 +558,7 @@ class CoordinatorService:
     async def begin_upload(self, header: pb.UploadHeader, ctx: RpcContext) -> pb.UploadReply:
         """Open an upload, or find the one this identity began for the same update."""
         self._guard.admit(ctx, "BeginUpload")
-        session = self._session(ctx)
+        session = self._session(ctx, "BeginUpload")
         if header.upload_id:  # another identity's upload id is refused before anything else
             self._uploads.get(header.upload_id, session.client_id)
         _, refusal = self._checked_header(header, session.client_id)
@@ -566,7 +596,7 @@ class CoordinatorService:
         the offset the data starts at, which must be the bytes the coordinator holds.
         """
         self._guard.admit(ctx, "Upload")
-        session = self._session(ctx)
+        session = self._session(ctx, "Upload")
         header = await anext(aiter(chunks), None)
         if not isinstance(header, pb.UploadHeader):
             raise InvalidInputError("an upload must start with its header")
@@ -603,6 +633,10 @@ class CoordinatorService:
             open_round = self._engine.open
             if open_round is None or open_round.server_round != record.server_round:
                 self._uploads.discard(upload_id)
+            elif self._uploads.holds(upload_id):
+                # kept for resuming: an identity's unfinished uploads holding bytes are bounded
+                # (disk), the oldest idle ones go
+                self._uploads.trim(session.client_id, MAX_UPLOADS_PER_IDENTITY, spare=upload_id)
 
     def _update_format(self, record: PartialUpload) -> tuple[dict[str, TensorSpec], dict[str, str]]:
         """The tensors an update must hold in its encoding, and the metadata it must carry."""
@@ -768,6 +802,21 @@ def _parse_serial(text: str) -> int | None:
     return int(text, 16)
 
 
+def _check_id(label: str, value: int) -> int:
+    """A round id, sequence number or version from the wire, within what the store holds."""
+    if value > MAX_ID:
+        raise InvalidInputError(f"{label} {value} is out of range (at most {MAX_ID})")
+    return int(value)
+
+
+def _ref(text: str) -> str:
+    """A model ref from the wire: bounded, and a version number within range."""
+    ref = _bounded("ref", text, _MAX_REF)
+    if ref.isascii() and ref.isdigit() and int(ref) > MAX_ID:
+        raise NotFoundError(f"no model version {ref[:24]}")
+    return ref
+
+
 def _bounded(label: str, value: str, limit: int) -> str:
     if len(value) > limit:
         raise LimitExceededError(f"{label} is longer than {limit} characters")
@@ -824,7 +873,7 @@ class AdminService:
     async def status(self, request: pb.StatusRequest, ctx: RpcContext) -> pb.StatusReply:
         """Rounds (all, or those asked for), head version, connected clients."""
         self._guard.admit(ctx, "Status")
-        ids = [int(i) for i in request.round_ids] or None
+        ids = [_check_id("round id", i) for i in request.round_ids] or None
         rounds = self._store.list_rounds(ids)
         head = self._store.head()
         return pb.StatusReply(
@@ -911,7 +960,7 @@ class AdminService:
 
     async def watch(self, request: pb.WatchRequest, ctx: RpcContext) -> AsyncIterator[pb.Event]:
         """Replay events after ``since_seq``; then follow until the coordinator stops."""
-        seq = int(request.since_seq)
+        seq = _check_id("since_seq", request.since_seq)
         self._guard.admit(ctx, "Watch")
         while True:
             self._guard.check(ctx, "Watch")
@@ -978,7 +1027,7 @@ class AdminService:
     async def rollback(self, request: pb.RollbackRequest, ctx: RpcContext) -> pb.RollbackReply:
         """Roll the head back now, or (a round is running) as soon as that round ends."""
         self._guard.admit(ctx, "Rollback")
-        ref = _bounded("ref", request.ref, _MAX_REF)
+        ref = _ref(request.ref)
         reason = _bounded("reason", request.reason, _MAX_REASON)
         target = self._store.resolve_model(ref)
         if not self._blobs.has(target.digest):
@@ -1059,7 +1108,7 @@ class AdminService:
         self._guard.admit(ctx, "CancelRound")
         given = _bounded("reason", request.reason, _MAX_REASON)
         reason = f"cancelled by {ctx.identity}" + (f": {given}" if given else "")
-        wanted = [int(i) for i in request.round_ids]
+        wanted = [_check_id("round id", i) for i in request.round_ids]
         running = self._engine.busy_round()
         if not wanted:
             if running is None and not request.queued:
@@ -1095,7 +1144,7 @@ class AdminService:
     async def tag(self, request: pb.TagRequest, ctx: RpcContext) -> pb.TagReply:
         """Name a version, with the admin's identity as the tag's author."""
         self._guard.admit(ctx, "Tag")
-        model = self._store.resolve_model(_bounded("ref", request.ref, _MAX_REF))
+        model = self._store.resolve_model(_ref(request.ref))
         before = {t.name: t.version for t in self._store.list_tags()}.get(request.name)
         tag = self._store.add_tag(
             model.version, request.name, author=ctx.identity, force=request.force

@@ -131,6 +131,31 @@ class PartialUploads:
             raise PermissionDeniedError(f"upload {upload_id} belongs to another identity")
         return record
 
+    def holds(self, upload_id: str) -> bool:
+        """Whether the upload is still begun (not finished, refused or dropped)."""
+        return upload_id in self._index
+
+    def trim(self, client_id: str, keep: int, *, spare: str = "") -> int:
+        """Drop ``client_id``'s oldest idle uploads down to ``keep``; return how many."""
+        idle = sorted(
+            (
+                r
+                for r in self._index.values()
+                if r.client_id == client_id
+                and r.upload_id not in self._active
+                and r.upload_id != spare
+            ),
+            key=lambda r: r.created,
+        )
+        mine = sum(1 for r in self._index.values() if r.client_id == client_id)
+        dropped = 0
+        for record in idle:
+            if mine - dropped <= keep:
+                break
+            self.discard(record.upload_id)
+            dropped += 1
+        return dropped
+
     def find(self, wanted: PartialUpload) -> PartialUpload | None:
         """An earlier upload of the same update by the same identity."""
         for record in self.all():

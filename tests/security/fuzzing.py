@@ -428,41 +428,6 @@ def is_admin_change(
     return False
 
 
-# ---------------------------------------------------------------------------------- known bugs
-
-#: SQLite's integers are signed 64-bit; protobuf's uint64 fields go up to 2**64 - 1.
-_BIG = 2**63
-
-
-def known_bug(call: Call) -> str | None:
-    """The reported product bug behind an INTERNAL answer to ``call``, if it is one of them.
-
-    Each has a strict-xfail regression test in tests/security/test_fuzz.py; once it is fixed,
-    that test passes, fails as XPASS, and its line here goes with its marker.
-    """
-    target = call.target
-    try:
-        message: Any = target.request.FromString(call.messages[0])
-    except DecodeError:
-        return None
-    method = target.method
-    if method == "Upload":
-        if message.WhichOneof("msg") != "header":
-            return None
-        message, method = message.header, "BeginUpload"
-    if method in ("Status", "CancelRound") and any(i >= _BIG for i in message.round_ids):
-        return f"{method}: a round id of 2**63 or more"
-    if method == "Watch" and message.since_seq >= _BIG:
-        return "Watch: since_seq of 2**63 or more"
-    if method in ("Heartbeat", "BeginUpload") and message.server_round >= _BIG:
-        return f"{target.method}: server_round of 2**63 or more"
-    if method in ("Rollback", "Tag"):
-        ref = message.ref.strip()
-        if ref.isascii() and ref.isdigit() and int(ref) >= _BIG:
-            return f"{method}: a version of 2**63 or more"
-    return None
-
-
 # ---------------------------------------------------------------------------------- sending
 
 #: How gRPC answers a request that does not parse (before any flctl code runs): UNKNOWN.
@@ -490,7 +455,6 @@ class Tally:
     skipped: int = 0
     rejoins: int = 0
     unexpected: list[str] = field(default_factory=list)
-    known: Counter[str] = field(default_factory=Counter)
 
     @property
     def sent(self) -> int:
@@ -599,11 +563,7 @@ class Fuzzer:
             outcome.status is grpc.StatusCode.UNKNOWN
             and not outcome.details.startswith(GRPC_PARSE_FAILURE)
         ):
-            bug = known_bug(call) if outcome.status is grpc.StatusCode.INTERNAL else None
-            if bug is not None:
-                self.tally.known[bug] += 1
-            else:
-                outcome.problem = f"{target.method} ({call.origin}): {outcome.details}"
+            outcome.problem = f"{target.method} ({call.origin}): {outcome.details}"
         if outcome.status is grpc.StatusCode.DEADLINE_EXCEEDED and not target.follows:
             outcome.problem = f"{target.method} ({call.origin}) hung"
         if outcome.problem is not None:

@@ -111,7 +111,7 @@ def _assert_not_internal(fuzzer: Fuzzer, call: Any) -> None:
     assert before.changes(fuzzer.view()) == []
 
 
-def _known_bugs(fuzzer: Fuzzer) -> dict[str, Any]:
+def _huge_ids(fuzzer: Fuzzer) -> dict[str, Any]:
     arena = fuzzer.arena
     admin = arena.admin()
     task = arena.members["c1"].task
@@ -139,11 +139,6 @@ def _known_bugs(fuzzer: Fuzzer) -> dict[str, Any]:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a uint64 field of 2**63 or more overflows SQLite's INTEGER: INTERNAL "
-    "(fuzzing.known_bug lists them)",
-)
 @pytest.mark.parametrize(
     "case",
     [
@@ -158,7 +153,7 @@ def _known_bugs(fuzzer: Fuzzer) -> dict[str, Any]:
     ],
 )
 def test_ids_beyond_sqlite_integers_are_refused_not_internal(fuzzer: Fuzzer, case: str) -> None:
-    _assert_not_internal(fuzzer, _known_bugs(fuzzer)[case]())
+    _assert_not_internal(fuzzer, _huge_ids(fuzzer)[case]())
 
 
 def test_begun_uploads_are_discarded_when_their_round_ends(fuzzer: Fuzzer) -> None:

@@ -9,6 +9,7 @@ answered ``accepted = false`` and also recorded as a ``rejected`` row in ``updat
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
+from flctl.coordinator._service import MAX_UPLOADS_PER_IDENTITY
 from flctl.core.errors import (
     ConflictError,
     FlctlError,
@@ -465,7 +467,12 @@ def test_a_truncated_stream_is_refused_and_kept_for_resuming(arena: Arena) -> No
     )
     part = f"uploads/{begun.upload_id}.part"
     changes = before.changes(arena.snapshot())
-    assert changes == [f"file {part}: 0 -> {sent} bytes"]
+    # the only other change allowed: c1's oldest idle uploads beyond the per-identity cap go
+    dropped = [c for c in changes if c.endswith("-> None bytes")]
+    assert [c for c in changes if c not in dropped] == [f"file {part}: 0 -> {sent} bytes"]
+    assert all(c.startswith("file uploads/") for c in dropped)
+    records = [json.loads(p.read_text()) for p in (arena.state_dir / "uploads").glob("*.json")]
+    assert sum(r["client_id"] == "c1" for r in records) <= MAX_UPLOADS_PER_IDENTITY
     assert arena.refusal_events(before, "update.rejected") == []
 
 

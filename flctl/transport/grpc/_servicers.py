@@ -175,7 +175,7 @@ class _Base:
             raise AuthenticationError("no client certificate was presented")
         if role != self.required_role.value and role not in self.also_allowed:
             raise PermissionDeniedError(
-                f"a {role} certificate may not call the "
+                f"{'an' if role[:1] in 'aeiou' else 'a'} {role} certificate may not call the "
                 f"{'Admin' if self.required_role is Role.ADMIN else 'Coordinator'} service"
             )
         return RpcContext(name, role, fingerprint, token, peer, serial)
