@@ -230,6 +230,7 @@ class Coordinator:
             credentials=credentials,
             max_chunk_bytes=config.transport.max_chunk_bytes,
             allow_admin_clients=config.server.allow_admin_clients,
+            on_refused=self._record_refusal,
         )
         host, _ = split_address(self.address)
         self.bound_address = f"{host}:{port}"
@@ -291,6 +292,15 @@ class Coordinator:
         temp = self.state_dir / f".{SERVE_FILE}.tmp"
         temp.write_text(json.dumps(data))
         os.replace(temp, self.state_dir / SERVE_FILE)
+
+    def _record_refusal(self, identity: str, rpc: str, reason: str) -> None:
+        """A caller the transport refused for its role, in the event log."""
+        if self.events is not None:
+            self.events.emit(
+                ev.SECURITY_REFUSED,
+                client_id=identity,
+                data={"identity": identity, "reason": reason, "rpc": rpc, "serial": None},
+            )
 
     async def _reap(self) -> None:
         """End the sessions of clients silent for ``server.heartbeat_timeout_s``."""

@@ -159,6 +159,7 @@ def test_a_client_certificate_may_not_call_the_admin_service(arena: Arena, rpc: 
         "a client certificate may not call the Admin service",
     )
     arena.assert_unchanged(before)
+    _assert_refused_event(arena, before, "c1", rpc)
 
 
 @pytest.mark.parametrize("rpc", ["Join", "BeginUpload", "Upload", "Download"])
@@ -182,6 +183,7 @@ def test_an_admin_certificate_may_not_call_the_coordinator_service(arena: Arena,
         "admin certificate may not call the Coordinator service",
     )
     arena.assert_unchanged(before)
+    _assert_refused_event(arena, before, "admin", rpc)
 
 
 class _Discard:

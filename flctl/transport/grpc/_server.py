@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -78,6 +79,7 @@ async def start_server(
     credentials: ServerCredentials | None,
     max_chunk_bytes: int = 1 << 20,
     allow_admin_clients: bool = False,
+    on_refused: Callable[[str, str, str], None] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Bind ``address`` and start serving; return the server and the port actually bound.
 
@@ -89,6 +91,7 @@ async def start_server(
             which only loopback addresses accept.
         max_chunk_bytes: The largest data chunk; bounds every message both ways.
         allow_admin_clients: Let admin certificates call the Coordinator service too.
+        on_refused: Told ``(identity, rpc, reason)`` of each caller refused for its role.
 
     Raises:
         ConfigError: ``--insecure`` on a non-loopback address.
@@ -105,11 +108,17 @@ async def start_server(
     server.add_generic_rpc_handlers(
         (
             coordinator_handlers(
-                CoordinatorServicer(coordinator, insecure=insecure, allow_admin=allow_admin_clients)
+                CoordinatorServicer(
+                    coordinator,
+                    insecure=insecure,
+                    allow_admin=allow_admin_clients,
+                    on_refused=on_refused,
+                )
             ),
         )
     )
-    pb_grpc.add_AdminServicer_to_server(AdminServicer(admin, insecure=insecure), server)  # type: ignore[no-untyped-call]
+    servicer = AdminServicer(admin, insecure=insecure, on_refused=on_refused)
+    pb_grpc.add_AdminServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     try:
         if credentials is None:
             port = server.add_insecure_port(address)

@@ -151,10 +151,14 @@ class _Base:
     #: Other roles this service accepts besides ``required_role``.
     also_allowed: frozenset[str] = frozenset()
 
-    def __init__(self, *, insecure: bool) -> None:
+    def __init__(
+        self, *, insecure: bool, on_refused: Callable[[str, str, str], None] | None = None
+    ) -> None:
         self._insecure = insecure
+        # (identity, rpc, reason) of a caller refused here, before any handler: for the log
+        self._on_refused = on_refused
 
-    def _context(self, context: grpc.aio.ServicerContext[Any, Any]) -> RpcContext:
+    def _context(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str = "") -> RpcContext:
         metadata = _metadata(context)
         auth = metadata.get("authorization", "")
         token = auth[7:] if auth.startswith("Bearer ") else ""
@@ -174,10 +178,13 @@ class _Base:
         else:
             raise AuthenticationError("no client certificate was presented")
         if role != self.required_role.value and role not in self.also_allowed:
-            raise PermissionDeniedError(
+            refusal = PermissionDeniedError(
                 f"{'an' if role[:1] in 'aeiou' else 'a'} {role} certificate may not call the "
                 f"{'Admin' if self.required_role is Role.ADMIN else 'Coordinator'} service"
             )
+            if self._on_refused is not None:
+                self._on_refused(name, rpc, refusal.message)
+            raise refusal
         return RpcContext(name, role, fingerprint, token, peer, serial)
 
     async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
@@ -193,9 +200,10 @@ class _Base:
         self,
         context: grpc.aio.ServicerContext[Any, Any],
         call: Callable[[RpcContext], Awaitable[T]],
+        rpc: str = "",
     ) -> T:
         try:
-            return await call(self._context(context))
+            return await call(self._context(context, rpc))
         except Exception as exc:  # the servicer is one of the three places that catch broadly
             if isinstance(exc, grpc.aio.AbortError):
                 raise
@@ -206,9 +214,10 @@ class _Base:
         self,
         context: grpc.aio.ServicerContext[Any, Any],
         call: Callable[[RpcContext], AsyncIterator[T]],
+        rpc: str = "",
     ) -> AsyncIterator[T]:
         try:
-            async for item in call(self._context(context)):
+            async for item in call(self._context(context, rpc)):
                 yield item
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
@@ -222,38 +231,53 @@ class CoordinatorServicer(_Base, pb_grpc.CoordinatorServicer):
     required_role = Role.CLIENT
 
     def __init__(
-        self, handler: CoordinatorHandler, *, insecure: bool = False, allow_admin: bool = False
+        self,
+        handler: CoordinatorHandler,
+        *,
+        insecure: bool = False,
+        allow_admin: bool = False,
+        on_refused: Callable[[str, str, str], None] | None = None,
     ) -> None:
-        super().__init__(insecure=insecure)
+        super().__init__(insecure=insecure, on_refused=on_refused)
         self._handler = handler
         # an operator may run a client with its admin certificate when the config allows it
         self.also_allowed = frozenset({Role.ADMIN.value}) if allow_admin else frozenset()
 
     async def Join(self, request: Any, context: Any) -> pb.JoinReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.join(request, ctx))
+        return await self._unary(context, lambda ctx: self._handler.join(request, ctx), "Join")
 
     async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.heartbeat(request, ctx))
+        return await self._unary(
+            context, lambda ctx: self._handler.heartbeat(request, ctx), "Heartbeat"
+        )
 
     async def Tasks(self, request: Any, context: Any) -> AsyncIterator[pb.Task]:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        async for item in self._stream(context, lambda ctx: self._handler.tasks(request, ctx)):
+        async for item in self._stream(
+            context, lambda ctx: self._handler.tasks(request, ctx), "Tasks"
+        ):
             yield item
 
     async def Download(self, request: Any, context: Any) -> AsyncIterator[ChunkOut]:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        async for item in self._stream(context, lambda ctx: self._handler.download(request, ctx)):
+        async for item in self._stream(
+            context, lambda ctx: self._handler.download(request, ctx), "Download"
+        ):
             yield item
 
     async def Upload(self, request_iterator: Any, context: Any) -> pb.UploadReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.upload(request_iterator, ctx))
+        return await self._unary(
+            context, lambda ctx: self._handler.upload(request_iterator, ctx), "Upload"
+        )
 
     async def BeginUpload(self, request: Any, context: Any) -> pb.UploadReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.begin_upload(request, ctx))
+        return await self._unary(
+            context, lambda ctx: self._handler.begin_upload(request, ctx), "BeginUpload"
+        )
 
 
 class AdminServicer(_Base, pb_grpc.AdminServicer):
@@ -261,47 +285,65 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
 
     required_role = Role.ADMIN
 
-    def __init__(self, handler: AdminHandler, *, insecure: bool = False) -> None:
-        super().__init__(insecure=insecure)
+    def __init__(
+        self,
+        handler: AdminHandler,
+        *,
+        insecure: bool = False,
+        on_refused: Callable[[str, str, str], None] | None = None,
+    ) -> None:
+        super().__init__(insecure=insecure, on_refused=on_refused)
         self._handler = handler
 
     async def StartRound(self, request: Any, context: Any) -> pb.StartRoundReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.start_round(request, ctx))
+        return await self._unary(
+            context, lambda ctx: self._handler.start_round(request, ctx), "StartRound"
+        )
 
     async def Status(self, request: Any, context: Any) -> pb.StatusReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.status(request, ctx))
+        return await self._unary(context, lambda ctx: self._handler.status(request, ctx), "Status")
 
     async def ListClients(self, request: Any, context: Any) -> pb.ListClientsReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.list_clients(request, ctx))
+        return await self._unary(
+            context, lambda ctx: self._handler.list_clients(request, ctx), "ListClients"
+        )
 
     async def ListModels(self, request: Any, context: Any) -> pb.ListModelsReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.list_models(request, ctx))
+        return await self._unary(
+            context, lambda ctx: self._handler.list_models(request, ctx), "ListModels"
+        )
 
     async def Revoke(self, request: Any, context: Any) -> pb.RevokeReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.revoke(request, ctx))
+        return await self._unary(context, lambda ctx: self._handler.revoke(request, ctx), "Revoke")
 
     async def Rollback(self, request: Any, context: Any) -> pb.RollbackReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.rollback(request, ctx))
+        return await self._unary(
+            context, lambda ctx: self._handler.rollback(request, ctx), "Rollback"
+        )
 
     async def Tag(self, request: Any, context: Any) -> pb.TagReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.tag(request, ctx))
+        return await self._unary(context, lambda ctx: self._handler.tag(request, ctx), "Tag")
 
     async def Evict(self, request: Any, context: Any) -> pb.EvictReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.evict(request, ctx))
+        return await self._unary(context, lambda ctx: self._handler.evict(request, ctx), "Evict")
 
     async def CancelRound(self, request: Any, context: Any) -> pb.CancelRoundReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.cancel_round(request, ctx))
+        return await self._unary(
+            context, lambda ctx: self._handler.cancel_round(request, ctx), "CancelRound"
+        )
 
     async def Watch(self, request: Any, context: Any) -> AsyncIterator[pb.Event]:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        async for item in self._stream(context, lambda ctx: self._handler.watch(request, ctx)):
+        async for item in self._stream(
+            context, lambda ctx: self._handler.watch(request, ctx), "Watch"
+        ):
             yield item
