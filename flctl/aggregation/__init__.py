@@ -2,9 +2,18 @@
 
 from flctl.aggregation._dpfedavg import DpFedAvg
 from flctl.aggregation._fedavg import FedAvg, fedavg_in_memory
+from flctl.aggregation._localdpfedavg import LocalDpFedAvg
 from flctl.aggregation._strategy import Strategy, WeightedUpdate
 
-__all__ = ["DpFedAvg", "FedAvg", "Strategy", "WeightedUpdate", "fedavg_in_memory", "strategy_for"]
+__all__ = [
+    "DpFedAvg",
+    "FedAvg",
+    "LocalDpFedAvg",
+    "Strategy",
+    "WeightedUpdate",
+    "fedavg_in_memory",
+    "strategy_for",
+]
 
 
 def strategy_for(name: str) -> Strategy:

@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING
 from flctl.aggregation._strategy import Strategy, WeightedUpdate
 from flctl.aggregation._updates import open_updates
 from flctl.core.errors import InvalidInputError, NotEnoughUpdatesError, PrivacyError
-from flctl.privacy import clip_factor, gaussian_noise_like, noise_std, secure_generator
+from flctl.privacy import (
+    AdaptiveClipping,
+    clip_factor,
+    gaussian_noise_like,
+    noise_std,
+    secure_generator,
+)
 from flctl.tensors import TensorReader, TensorWriter, UpdateReader, read_spec, torch_dtype
 
 if TYPE_CHECKING:
@@ -39,12 +45,18 @@ class DpFedAvg(Strategy):
 
     Memory: one accumulator plus one tensor per update read at a time (``pread``), as FedAvg.
 
+    With ``adaptive`` (adaptive clipping, :class:`flctl.privacy.AdaptiveClipping`), the
+    strategy also releases the noised fraction of updates whose norm was at most ``clip_norm``
+    (:attr:`last_unclipped_fraction`), from the same generator; ``noise_multiplier`` is then the
+    deltas' share of the noise (``AdaptiveClipping.update_noise_multiplier``).
+
     Args:
         clip_norm: ``C``, > 0.
         noise_multiplier: ``z``, >= 0 (0 only in tests: no privacy).
         denominator: What the sum of clipped deltas is divided by, > 0.
         generator: Where the noise comes from; None draws a fresh secure generator per round.
             Tests may pass a seeded one.
+        adaptive: Release the noised unclipped fraction too (adaptive clipping).
     """
 
     name = "dpfedavg"
@@ -55,14 +67,20 @@ class DpFedAvg(Strategy):
         noise_multiplier: float,
         denominator: float,
         generator: torch.Generator | None = None,
+        adaptive: AdaptiveClipping | None = None,
     ) -> None:
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.denominator = float(denominator)
         self.std = noise_std(self.noise_multiplier, self.clip_norm, self.denominator)
         self._generator = generator
+        self.adaptive = adaptive
         self.last_clip_factors: list[float] = []
         """The clip factor of each update in the last :meth:`aggregate` (for metrics and tests)."""
+        self.last_norms: list[float] = []
+        """The norm of each update's delta in the last :meth:`aggregate` (private: not released)."""
+        self.last_unclipped_fraction: float | None = None
+        """With ``adaptive``: the noised fraction of unclipped updates of the last round."""
 
     def aggregate(self, base: Path, updates: Sequence[WeightedUpdate], out: Path) -> None:
         """Write ``base + (sum of clipped deltas) / denominator + noise`` to ``out``."""
@@ -75,14 +93,21 @@ class DpFedAvg(Strategy):
         with ExitStack() as stack:
             base_reader = stack.enter_context(TensorReader(base))
             readers = open_updates(stack, base_reader, updates)
-            factors = []
+            factors, norms = [], []
             for reader, update in zip(readers, updates, strict=True):
                 norm = _delta_norm(reader, base_reader)
                 if not math.isfinite(norm):  # pragma: no cover - _delta_norm raises first
                     raise PrivacyError(f"update from {update.client_id!r} has a non-finite norm")
+                norms.append(norm)
                 factors.append(clip_factor(norm, self.clip_norm))
             self.last_clip_factors = factors
+            self.last_norms = norms
             generator = self._generator or secure_generator()
+            if self.adaptive is not None:
+                unclipped = sum(1 for norm in norms if norm <= self.clip_norm)
+                self.last_unclipped_fraction = self.adaptive.noisy_fraction(
+                    unclipped, len(norms), self.denominator, generator
+                )
             writer = stack.enter_context(TensorWriter(out, shape_of))
             for name, spec in base_spec.items():
                 dtype = torch_dtype(spec.dtype)

@@ -220,26 +220,43 @@ def budget_document(config: Config, records: list[LedgerRecord]) -> dict[str, An
     Epsilon is recomputed from the charged rounds at the project's ``privacy.target_delta``,
     under each accountant that can account for them (PLD: Poisson sampling only; None
     otherwise). ``rounds_left`` counts further rounds at the current ``[privacy]`` settings
-    within ``epsilon_budget`` (None with ``mode = "off"``, or for ``local``, which the
-    coordinator does not run yet).
+    within ``epsilon_budget`` (None with ``mode = "off"``). With ``mode = "local"`` a round is
+    each client's own release, unsampled (``flctl.privacy.local_round``); with adaptive
+    clipping the clip norm shown is the one the next round starts from.
 
     Raises:
         PrivacyError: The ledger mixes adjacency notions with the current settings.
     """
-    from flctl.privacy import ACCOUNTANTS, Accountant, SampledGaussianRound
+    from flctl.privacy import ACCOUNTANTS, Accountant, SampledGaussianRound, local_round
 
     p = config.privacy
     accountant = Accountant(
         p.target_delta, [SampledGaussianRound(**r.mechanism_args()) for r in records]
     )
     mechanism = None
-    if p.mode == "central":
+    described: dict[str, Any] | None = None
+    clip_norm = p.clip_norm
+    if p.adaptive_clip:
+        clip_norm = next(
+            (r.next_clip_norm for r in reversed(records) if r.next_clip_norm is not None),
+            p.clip_norm,
+        )
+    if p.mode == "local":
+        mechanism = local_round(p.noise_multiplier)
+        described = {
+            "noise_multiplier": p.noise_multiplier,
+            "sampling": "none",
+            "sampling_rate": 1.0,
+            "sensitivity": "2 * clip_norm",
+        }
+    elif p.mode == "central":
         if p.sampling == "fixed":
             mechanism = SampledGaussianRound(
                 p.noise_multiplier, "fixed", population=p.population, sample_size=p.sample_size
             )
         else:
             mechanism = SampledGaussianRound(p.noise_multiplier, "poisson", p.sampling_rate)
+        described = mechanism.to_dict()
     usable = set(accountant.accountants)
     if mechanism is not None and mechanism.adjacency == "replace_one":
         usable.discard("pld")
@@ -260,12 +277,10 @@ def budget_document(config: Config, records: list[LedgerRecord]) -> dict[str, An
         }
     return {
         "mode": p.mode,
-        "mechanism": None
-        if mechanism is None
-        else mechanism.to_dict() | {"clip_norm": p.clip_norm},
+        "mechanism": None if described is None else described | {"clip_norm": clip_norm},
         "delta": p.target_delta,
         "budget": p.epsilon_budget if p.mode != "off" else None,
-        "enforced_by": p.accountant if p.mode == "central" else None,
+        "enforced_by": p.accountant if p.mode != "off" else None,
         "rounds_charged": len(records),
         "last_round": records[-1].round_id if records else None,
         "accountants": per,

@@ -130,6 +130,7 @@ def join(args: JoinArgs) -> int:
         once=args.once,
         update_encoding=config.client.update_encoding,
         update_dtype=config.client.update_dtype,
+        privacy=config.privacy,
     )
 
     progress = _TransferProgress(out) if out.is_terminal else None

@@ -20,6 +20,7 @@ from flctl.core.errors import (
     InvalidInputError,
     RoundCancelledError,
     RoundFailedError,
+    RoundRejectedError,
 )
 from flctl.core.events import TERMINAL_ROUND_STATUSES
 from flctl.transport.grpc import AdminClient, pb
@@ -149,10 +150,12 @@ def start_rounds(
 
 
 def rounds_exit_code(rounds: list[dict[str, Any]]) -> int:
-    """0 when every round committed; a failure's or a cancellation's exit code otherwise.
+    """0 when every round committed; a failure's, cancellation's or rejection's code otherwise.
 
     Failed rounds that the coordinator all refused for the privacy budget give
-    BudgetExhaustedError's code; any other failure gives RoundFailedError's.
+    BudgetExhaustedError's code; any other failure gives RoundFailedError's. Without failures,
+    a cancelled round gives RoundCancelledError's code, then a round whose model the
+    validation gate rejected (stored, but not the head) RoundRejectedError's.
     """
     statuses = {row["status"] for row in rounds}
     if "failed" in statuses:
@@ -163,8 +166,10 @@ def rounds_exit_code(rounds: list[dict[str, Any]]) -> int:
         ):
             return BudgetExhaustedError.exit_code
         return RoundFailedError.exit_code
-    if statuses - {"committed"}:
+    if statuses - {"committed", "rejected"}:
         return RoundCancelledError.exit_code
+    if "rejected" in statuses:
+        return RoundRejectedError.exit_code
     return 0
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+from flctl.core.config import PrivacyConfig
+from flctl.core.dp import TaskPrivacy, split_task
 from flctl.core.errors import (
     AuthenticationError,
     CertificateError,
@@ -38,11 +40,14 @@ from flctl.core.errors import (
     TaskError,
     TransportError,
 )
+from flctl.privacy import privatize_update
 from flctl.store import BlobStore
 from flctl.tensors import (
+    UpdateEncoding,
     encode_update,
     fingerprint,
     load_parameters,
+    read_metadata,
     read_spec,
     sha256_file,
     spec_of,
@@ -96,6 +101,10 @@ class JoinOptions:
             round's model), ``client.update_encoding``.
         update_dtype: ``"float32"`` (the model's own dtype), ``"float16"`` or ``"bfloat16"``,
             ``client.update_dtype``.
+        privacy: This client's own ``[privacy]`` table. With ``mode`` other than ``"off"`` the
+            client refuses tasks of a coordinator whose privacy mode differs (and local-DP
+            tasks that noise less than its ``noise_multiplier``); with ``"off"`` it applies
+            whatever the task asks (local DP: clip and noise before upload, always).
     """
 
     server: str
@@ -111,6 +120,7 @@ class JoinOptions:
     backoff_cap_s: float = 10.0
     update_encoding: str = "full"
     update_dtype: str = "float32"
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @property
     def wire_update_dtype(self) -> str:
@@ -480,6 +490,14 @@ class Runner:
 
     async def _fit(self, api: CoordinatorClient, reply: pb.JoinReply, task: pb.Task) -> None:
         server_round = int(task.server_round)
+        privacy, config = split_task(from_value_map(task.config))
+        refusal = privacy.refusal(self._options.privacy)
+        if refusal is not None:
+            # a privacy mismatch repeats every round: leave rather than upload against it
+            raise ProtocolMismatchError(
+                f"round {server_round}: {refusal}",
+                hint="make privacy.mode agree with the coordinator's (docs/privacy.md)",
+            )
         self._emit("round", server_round=server_round, task_id=task.task_id)
         started = time.monotonic()
         self._pending.discard_before(server_round)
@@ -488,10 +506,9 @@ class Runner:
             self._set_state("downloading", server_round)
             model_path = await self._download(api, task.model_digest, server_round)
             self._set_state("training", server_round)
-            config = from_value_map(task.config)
             try:
                 update_path, num_examples, metrics = await _in_daemon_thread(
-                    self._train, model_path, config
+                    self._train, model_path, config, privacy
                 )
             except TaskError as exc:
                 # the client loop is one of the three places that catch broadly: report, go on
@@ -501,6 +518,9 @@ class Runner:
                 return
             try:
                 size = update_path.stat().st_size
+                # the header says what the file holds (local DP writes a delta whatever
+                # client.update_encoding says)
+                written = UpdateEncoding.from_metadata(read_metadata(update_path))
                 header = pb.UploadHeader(
                     server_round=server_round,
                     task_id=task.task_id,
@@ -508,11 +528,9 @@ class Runner:
                     digest=await asyncio.to_thread(sha256_file, update_path),
                     size=size,
                     codec="none",
-                    encoding=self._options.update_encoding,
-                    dtype=self._options.wire_update_dtype,
-                    base_digest=(
-                        task.model_digest if self._options.update_encoding == "delta" else ""
-                    ),
+                    encoding=written.encoding,
+                    dtype=written.wire_dtype,
+                    base_digest=task.model_digest if written.encoding == "delta" else "",
                 )
                 to_value_map(header.metrics, metrics)
                 # kept until the coordinator answers: a killed client resumes the upload
@@ -611,12 +629,15 @@ class Runner:
         )
 
     def _train(
-        self, model_path: Path, config: dict[str, Any]
+        self, model_path: Path, config: dict[str, Any], privacy: TaskPrivacy | None = None
     ) -> tuple[Path, int, dict[str, float]]:
         """Run the user's fit in a worker thread; check and write what it returns.
 
         The update is written in the configured encoding (``client.update_encoding`` and
         ``update_dtype``); the default, full in the model's dtype, is the plain model file.
+        When the task asks for local DP (``privacy``), the update is instead the delta clipped
+        to the task's ``clip_norm`` plus Gaussian noise (:func:`flctl.privacy.privatize_update`,
+        noise from the OS-seeded generator), in ``update_dtype``: nothing un-noised leaves.
         """
         import math
 
@@ -647,14 +668,25 @@ class Runner:
         # the cache names a blob by its digest, which a delta records as its base
         is_cached = model_path.parent == self._cache.root / "blobs"
         try:
-            encode_update(
-                model_path,
-                new_parameters,
-                out,
-                encoding=self._options.update_encoding,
-                dtype=self._options.update_dtype,
-                base_digest=model_path.name if is_cached else None,
-            )
+            if privacy is not None and privacy.is_local:
+                privatize_update(
+                    model_path,
+                    new_parameters,
+                    out,
+                    clip_norm=privacy.clip_norm,
+                    noise_multiplier=privacy.noise_multiplier,
+                    dtype=self._options.update_dtype,
+                    base_digest=model_path.name if is_cached else None,
+                )
+            else:
+                encode_update(
+                    model_path,
+                    new_parameters,
+                    out,
+                    encoding=self._options.update_encoding,
+                    dtype=self._options.update_dtype,
+                    base_digest=model_path.name if is_cached else None,
+                )
         except FlctlError as exc:
             out.unlink(missing_ok=True)
             raise TaskError(

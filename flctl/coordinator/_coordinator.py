@@ -186,6 +186,7 @@ class Coordinator:
                 engine.resume(record)
                 resumed = record.id
                 continue
+            engine.charge_released(record.id)  # local DP: accepted noised updates count
             store.fail_round(record.id, why)
             events.emit(
                 ev.ROUND_FAILED,

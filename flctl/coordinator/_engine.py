@@ -1,7 +1,7 @@
 """The round engine: an explicit state machine, every transition persisted as it happens.
 
 ```
-queued -> selecting -> training -> aggregating -> evaluating -> committed
+queued -> selecting -> training -> aggregating -> evaluating -> committed | rejected (reason)
               |            |             |              |
               +------------+-------------+--------------+-----> failed (reason) | cancelled
 ```
@@ -14,12 +14,26 @@ only moves by a committed round, or by a rollback an admin asks for: one asked w
 runs (from selecting to evaluating) waits in :attr:`RoundEngine.pending` and is applied as soon
 as that round ends, committed or failed, before the next round reads the head.
 
+With a ``[gate]`` (docs/registry.md), the aggregate must pass the validation gate
+(``_gate.py``) before the round commits: one that holds NaN or Inf, or whose metric regressed
+past ``gate.max_regression``, is stored as a version with status ``rejected`` and the round
+ends ``rejected`` with the reason (``model.rejected`` and ``round.rejected`` events); the head
+stays. After ``gate.rollback_after`` rejected rounds in a row the engine rolls back to the best
+version, with author ``policy`` (a ``model.rollback`` event like any other).
+
 With ``[privacy] mode = "central"`` (docs/privacy.md), before a round selects anyone the engine
 computes the epsilon the privacy ledger would reach with this round; above ``epsilon_budget``
 the round fails ("privacy budget exhausted: ...") with a ``privacy.refused`` event and nothing
 is sent. Otherwise clients are sampled as ``privacy.sampling`` says (no over-selection), the
 updates are aggregated with :class:`~flctl.aggregation.DpFedAvg`, and the round is charged to
-the ``dp_ledger`` table as soon as the noisy aggregate exists, whatever happens next.
+the ``dp_ledger`` table as soon as the noisy aggregate exists, whatever happens next. With
+``adaptive_clip`` the clip norm moves after each charged round (the ledger keeps it).
+
+With ``mode = "local"`` the same budget check runs before each round; the task tells each
+client to clip and noise its own update (:class:`~flctl.core.dp.TaskPrivacy`), the updates are
+averaged with :class:`~flctl.aggregation.LocalDpFedAvg`, and the round is charged as soon as
+one noised update has been accepted (at the latest when the wait for updates ends, and at the
+next start for a round a crash interrupted: :meth:`charge_released`).
 
 A restarted coordinator resumes the round that was open when it stopped (:meth:`resume`): the
 selected clients, their task ids and the deadline are persisted when training starts, and
@@ -44,22 +58,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flctl.aggregation import DpFedAvg, Strategy, WeightedUpdate
+from flctl.aggregation import DpFedAvg, LocalDpFedAvg, Strategy, WeightedUpdate
 from flctl.core import Config
 from flctl.core import events as ev
+from flctl.core.dp import TaskPrivacy
 from flctl.core.errors import BudgetExhaustedError, FlctlError, RoundFailedError
-from flctl.privacy import Accountant, AccountantName, SampledGaussianRound
+from flctl.privacy import (
+    Accountant,
+    AccountantName,
+    AdaptiveClipping,
+    SampledGaussianRound,
+    default_count_stddev,
+    local_round,
+)
 from flctl.store import BlobStore, LedgerRecord, ModelRecord, RoundRecord, SqlStore, charge, ledger
 from flctl.tensors import sha256_file
 from flctl.transport.grpc import pb, to_value_map
 
 from ._events import EventLog
+from ._gate import (
+    Verdict,
+    best_version,
+    check_metrics,
+    metric_value,
+    non_finite_tensors,
+    reference_version,
+    rejected_streak,
+)
 from ._registry import Registry
 from ._uploads import PartialUploads
 
 __all__ = ["Evaluator", "PendingRollback", "RoundEngine"]
 
 log = logging.getLogger("flctl.coordinator")
+
+#: The author of the rollbacks the validation gate's policy makes (``gate.rollback_after``).
+POLICY_AUTHOR = "policy"
 
 #: Server-side evaluation: model file -> (loss, metrics). Runs in a worker thread.
 Evaluator = Callable[[Path], tuple[float, dict[str, float]]]
@@ -166,7 +200,15 @@ class RoundEngine:
             model_size=open_round.model_size,
             deadline_unix=open_round.deadline,
         )
-        to_value_map(task.config, {**self._config.task, "server_round": open_round.server_round})
+        to_value_map(
+            task.config,
+            {
+                **self._config.task,
+                "server_round": open_round.server_round,
+                # the client applies these (local DP: clip and noise before upload)
+                **TaskPrivacy.of(self._config.privacy).task_entries(),
+            },
+        )
         return task
 
     def update_arrived(self, client_id: str = "") -> None:
@@ -429,6 +471,8 @@ class RoundEngine:
                 f"clients, fewer than min_clients ({rounds.min_clients})",
             )
             return
+        # adaptive clipping's noise split, checked before any client trains for nothing
+        self._adaptive(self._denominator(len(connected)))
         head = self._store.head()
         if head is None:  # pragma: no cover - the coordinator writes version 1 at start
             raise RoundFailedError("no head model")
@@ -500,8 +544,7 @@ class RoundEngine:
             absent_since=dict.fromkeys(record.tasks, time.time()),
             target=self._target(len(record.tasks)),
             reported={
-                u.client_id
-                for u in self._store.updates_for_round(server_round, status="accepted")
+                u.client_id for u in self._store.updates_for_round(server_round, status="accepted")
             },
         )
         accepted = len(self.open.reported)
@@ -556,8 +599,18 @@ class RoundEngine:
         rounds = self._config.rounds
         assert self.open is not None
         deadline = self.open.deadline
-        accepted = await self._wait_for_updates(server_round)
+        is_local = mechanism is not None and self._config.privacy.mode == "local"
+        try:
+            accepted = await self._wait_for_updates(server_round)
+        except BaseException:
+            if is_local:  # stopped while waiting: the noised updates already accepted count
+                self.charge_released(server_round)
+            raise
         self.open = None
+        if is_local and accepted:
+            assert mechanism is not None
+            # noised updates left their clients: the round is spent, whatever happens next
+            await self._charge(server_round, mechanism, clip_norm=self._config.privacy.clip_norm)
         if (reason := self._cancelled(server_round)) is not None:
             self._fail(server_round, reason, status="cancelled")
             return
@@ -584,25 +637,55 @@ class RoundEngine:
         ]
         if mechanism is None:
             digest = await asyncio.to_thread(self._aggregate, base_path, updates)
+        elif is_local:
+            local = LocalDpFedAvg()
+            digest = await asyncio.to_thread(self._aggregate, base_path, updates, local)
         else:
+            denominator = self._denominator(connected)
+            clip_norm = self._clip_norm()
+            adaptive = self._adaptive(denominator)
+            z = mechanism.noise_multiplier
             strategy = DpFedAvg(
-                self._config.privacy.clip_norm,
-                mechanism.noise_multiplier,
-                self._denominator(connected),
+                clip_norm,
+                z if adaptive is None else adaptive.update_noise_multiplier(z),
+                denominator,
+                adaptive=adaptive,
             )
             digest = await asyncio.to_thread(self._aggregate, base_path, updates, strategy)
+            fraction = strategy.last_unclipped_fraction
             # the noisy aggregate exists: the round is spent, whether it commits or not
-            await self._charge(server_round, mechanism)
+            await self._charge(
+                server_round,
+                mechanism,
+                clip_norm=clip_norm,
+                unclipped_fraction=fraction,
+                next_clip_norm=(
+                    None
+                    if adaptive is None or fraction is None
+                    else adaptive.next_clip_norm(clip_norm, fraction)
+                ),
+            )
 
+        gate = self._config.gate
+        # the gate's first check: the aggregate of finite updates can still overflow
+        non_finite = ""
+        if gate.mode != "off":
+            non_finite = await asyncio.to_thread(non_finite_tensors, self._blobs.path(digest))
         metrics: dict[str, float] = {}
         if self._evaluator is not None and rounds.evaluate == "server":
-            self._status(server_round, "evaluating")
-            loss, server_metrics = await asyncio.to_thread(
-                self._evaluator, self._blobs.path(digest)
-            )
-            metrics = {"loss": float(loss), **{k: float(v) for k, v in server_metrics.items()}}
+            if not non_finite:  # evaluating a model that holds NaN or Inf tells nothing
+                self._status(server_round, "evaluating")
+                loss, server_metrics = await asyncio.to_thread(
+                    self._evaluator, self._blobs.path(digest)
+                )
+                metrics = {"loss": float(loss), **{k: float(v) for k, v in server_metrics.items()}}
         else:
             metrics = _weighted_client_metrics(accepted)
+        if gate.mode != "off":
+            verdict = Verdict(non_finite) if non_finite else self._check_metrics(metrics, head)
+            if verdict.is_rejected:
+                self._reject(server_round, digest, metrics, len(accepted), started, verdict)
+                return
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             raise RoundFailedError(f"evaluation returned non-finite metrics: {', '.join(bad)}")
@@ -634,6 +717,123 @@ class RoundEngine:
             },
         )
         log.info("round %d committed: model version %d %s", server_round, model.version, metrics)
+
+    # ------------------------------------------------------------------ validation gate
+
+    def _check_metrics(self, metrics: Mapping[str, float], head: ModelRecord) -> Verdict:
+        """The gate's verdict on a round's metrics, against the reference version."""
+        gate = self._config.gate
+        reference = None
+        if gate.mode == "metric":
+            models = [] if gate.against == "head" else self._store.list_models()
+            reference = reference_version(gate, head=head, models=models)
+        return check_metrics(gate, metrics, reference)
+
+    def _reject(
+        self,
+        server_round: int,
+        digest: str,
+        metrics: Mapping[str, float],
+        num_clients: int,
+        started: float,
+        verdict: Verdict,
+    ) -> None:
+        """Store the aggregate as a rejected version; the head stays; then the policy."""
+        kept = {k: v for k, v in metrics.items() if math.isfinite(v)}  # JSON has no NaN
+        model = self._store.commit_round(
+            server_round,
+            digest=digest,
+            metrics=kept,
+            num_clients=num_clients,
+            status="rejected",
+            reason=verdict.reason,
+        )
+        self._events.emit(
+            ev.MODEL_REJECTED,
+            server_round=server_round,
+            data={
+                "version": model.version,
+                "digest": model.digest,
+                "parent": model.parent,
+                "metrics": kept,
+                **verdict.event_data(self._config.gate),
+            },
+        )
+        self._events.emit(
+            ev.ROUND_REJECTED,
+            server_round=server_round,
+            data={
+                "model_version": model.version,
+                "metrics": kept,
+                "num_clients": num_clients,
+                "duration_s": time.time() - started,
+                "reason": verdict.reason,
+            },
+        )
+        log.warning(
+            "round %d rejected by the validation gate: model version %d kept, head stays: %s",
+            server_round,
+            model.version,
+            verdict.reason,
+        )
+        self._rollback_policy(server_round)
+
+    def _rollback_policy(self, server_round: int) -> None:
+        """After ``gate.rollback_after`` rejected rounds in a row, roll back to the best version.
+
+        It acts at every multiple of ``rollback_after``, so when it cannot (the head already
+        holds the best weights, no version has the metric) it says so once per streak of that
+        length instead of once per round. A rollback an admin asked for during this round
+        takes precedence: it is applied when the round ends.
+        """
+        gate = self._config.gate
+        head = self._store.head()
+        if not gate.rollback_after or head is None:
+            return
+        models = self._store.list_models()
+        streak = rejected_streak(models, head)
+        if not streak or len(streak) % gate.rollback_after:
+            return
+        if any(p.server_round == server_round for p in self.pending):
+            log.info(
+                "rollback policy skipped: a rollback asked for during round %d comes first",
+                server_round,
+            )
+            return
+        rounds = ", ".join(str(m.server_round) for m in streak[-gate.rollback_after :])
+        best = best_version(models, gate.metric, gate.better)
+        why = ""
+        if best is None:
+            why = f"no version has a finite {gate.metric!r}"
+        elif best.digest == head.digest:
+            why = f"the head (version {head.version}) already holds the best version's weights"
+        if best is None or why:
+            message = (
+                f"rollback policy: {len(streak)} rounds in a row rejected by the validation "
+                f"gate (last {rounds}), but {why}: the head stays"
+            )
+            log.warning("%s", message)
+            self._events.emit(
+                ev.COORDINATOR_WARNING,
+                server_round=server_round,
+                data={"message": message, "author": POLICY_AUTHOR},
+            )
+            return
+        value = metric_value(best, gate.metric)
+        reason = (
+            f"rollback_after: {gate.rollback_after} rounds in a row rejected by the validation "
+            f"gate (rounds {rounds}); version {best.version} has the best {gate.metric} "
+            f"({value:.4f})"
+        )
+        try:
+            self._apply_rollback(best.version, author=POLICY_AUTHOR, reason=reason)
+        except FlctlError as exc:  # the store refused: report it, the round itself is over
+            log.warning("rollback policy failed: %s", exc.message)
+            self._events.emit(
+                ev.COORDINATOR_WARNING,
+                server_round=server_round,
+                data={"message": f"rollback policy failed: {exc.message}", "author": POLICY_AUTHOR},
+            )
 
     async def _wait_for_updates(self, server_round: int) -> list[Any]:
         open_round = self.open
@@ -678,16 +878,11 @@ class RoundEngine:
     def _mechanism(self) -> SampledGaussianRound | None:
         """This job's round as the accountant charges it; None without privacy.
 
-        Raises:
-            RoundFailedError: ``mode = "local"``, which the coordinator does not run yet: a
-                round must not pass for private when no client adds noise.
+        Local DP: each participating client's own release (:func:`flctl.privacy.local_round`).
         """
         p = self._config.privacy
         if p.mode == "local":
-            raise RoundFailedError(
-                'privacy.mode = "local" is not supported by the coordinator yet; '
-                'use "central" (docs/privacy.md)'
-            )
+            return local_round(p.noise_multiplier)
         if p.mode != "central":
             return None
         if p.sampling == "fixed":
@@ -706,6 +901,58 @@ class RoundEngine:
         if p.sampling == "fixed":
             return float(p.sample_size)
         return p.sampling_rate * float(p.population or connected)
+
+    def _clip_norm(self) -> float:
+        """The clip norm of the next central round: with adaptive clipping, the ledger's latest.
+
+        The ledger row of each charged round keeps the clip norm the next round starts from,
+        so a restarted coordinator carries on from it; without one, ``clip_norm`` (the start).
+        """
+        p = self._config.privacy
+        if p.adaptive_clip:
+            for row in reversed(ledger(self._store)):
+                if row.next_clip_norm is not None:
+                    return row.next_clip_norm
+        return p.clip_norm
+
+    def _adaptive(self, denominator: float) -> AdaptiveClipping | None:
+        """Adaptive clipping's rule for a round of ``denominator`` expected clients, or None.
+
+        Raises:
+            PrivacyError: The count's noise (``clip_count_stddev``, or expected clients / 20)
+                would take the whole ``noise_multiplier``.
+        """
+        p = self._config.privacy
+        if p.mode != "central" or not p.adaptive_clip:
+            return None
+        stddev = p.clip_count_stddev or default_count_stddev(denominator)
+        adaptive = AdaptiveClipping(p.target_quantile, p.clip_learning_rate, stddev)
+        adaptive.update_noise_multiplier(p.noise_multiplier)  # fail before any noise is drawn
+        return adaptive
+
+    def charge_released(self, server_round: int) -> LedgerRecord | None:
+        """Charge a local-DP round whose clients' noised updates were accepted, if not yet.
+
+        For a round that ends outside the normal path: the coordinator stopped while it waited
+        for updates, or (called at start) a crash interrupted it. Synchronous: it must not be
+        lost to a cancellation.
+        """
+        p = self._config.privacy
+        mechanism = self._mechanism()
+        if p.mode != "local" or mechanism is None:
+            return None
+        if not self._store.updates_for_round(server_round, status="accepted"):
+            return None
+        records = ledger(self._store)
+        if any(r.round_id == server_round for r in records):
+            return None
+        accountant = Accountant(
+            p.target_delta, [SampledGaussianRound(**r.mechanism_args()) for r in records]
+        )
+        accountant.charge(mechanism)
+        return self._write_charge(
+            server_round, mechanism, accountant.epsilons(), clip_norm=p.clip_norm
+        )
 
     def _accountant(self) -> Accountant:
         return Accountant(
@@ -741,40 +988,69 @@ class RoundEngine:
         self._fail(server_round, reason)
         return False
 
-    async def _charge(self, server_round: int, mechanism: SampledGaussianRound) -> LedgerRecord:
+    async def _charge(
+        self,
+        server_round: int,
+        mechanism: SampledGaussianRound,
+        *,
+        clip_norm: float,
+        unclipped_fraction: float | None = None,
+        next_clip_norm: float | None = None,
+    ) -> LedgerRecord:
         """Append the round to the privacy ledger, with the epsilon the ledger reaches."""
         accountant = self._accountant()
         accountant.charge(mechanism)
+
+        def write(spent: Mapping[AccountantName, float | None]) -> LedgerRecord:
+            return self._write_charge(
+                server_round,
+                mechanism,
+                spent,
+                clip_norm=clip_norm,
+                unclipped_fraction=unclipped_fraction,
+                next_clip_norm=next_clip_norm,
+            )
+
         try:
             spent = await asyncio.to_thread(accountant.epsilons)
         except asyncio.CancelledError:
-            # the noisy aggregate exists: charge it even when the coordinator is stopping
-            self._write_charge(server_round, mechanism, accountant.epsilons())
+            # the noisy release exists: charge it even when the coordinator is stopping
+            write(accountant.epsilons())
             raise
-        return self._write_charge(server_round, mechanism, spent)
+        return write(spent)
 
     def _write_charge(
         self,
         server_round: int,
         mechanism: SampledGaussianRound,
         spent: Mapping[AccountantName, float | None],
+        *,
+        clip_norm: float,
+        unclipped_fraction: float | None = None,
+        next_clip_norm: float | None = None,
     ) -> LedgerRecord:
         p = self._config.privacy
         rdp = spent["rdp"]
         assert rdp is not None  # RDP accounts for every sampling
+        is_local = p.mode == "local"
+        # local: the row keeps the clients' z and no sampling; mechanism_args() rebuilds
+        # local_round(z) from it
+        noise_multiplier = p.noise_multiplier if is_local else mechanism.noise_multiplier
         record = charge(
             self._store,
             server_round,
-            mechanism="central",
-            noise_multiplier=mechanism.noise_multiplier,
+            mechanism="local" if is_local else "central",
+            noise_multiplier=noise_multiplier,
             sampling=mechanism.sampling,
             sampling_rate=mechanism.rate,
             population=mechanism.population,
             sample_size=mechanism.sample_size,
-            clip_norm=p.clip_norm,
+            clip_norm=clip_norm,
             epsilon_rdp=rdp,
             epsilon_pld=spent["pld"],
             delta=p.target_delta,
+            unclipped_fraction=unclipped_fraction,
+            next_clip_norm=next_clip_norm,
         )
         log.info("round %d charged to the privacy ledger: epsilon %s", server_round, spent)
         chosen = spent.get(p.accountant)
@@ -788,7 +1064,10 @@ class RoundEngine:
                 "epsilon_pld": spent["pld"],
                 "budget": p.epsilon_budget,
                 "delta": p.target_delta,
-                "noise_multiplier": mechanism.noise_multiplier,
+                "noise_multiplier": noise_multiplier,
+                "mechanism": record.mechanism,
+                "clip_norm": clip_norm,
+                **({} if next_clip_norm is None else {"next_clip_norm": next_clip_norm}),
             },
         )
         return record

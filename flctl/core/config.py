@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -23,6 +24,7 @@ __all__ = [
     "Config",
     "DEFAULT_PORT",
     "DataConfig",
+    "GateConfig",
     "PrivacyConfig",
     "ProjectConfig",
     "RoundsConfig",
@@ -130,6 +132,28 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """``[gate]``: the validation gate a round's aggregate passes before it becomes head.
+
+    ``mode = "finite"`` refuses an aggregate holding NaN or Inf (in a tensor or a metric);
+    ``mode = "metric"`` also refuses one whose ``metric`` is worse than the reference version's
+    (``against``: the best version so far, or the head) by more than ``max_regression``
+    (absolute). A refused aggregate is stored with status ``rejected`` and its reason; the head
+    does not move. After ``rollback_after`` rejected rounds in a row (0: never) the coordinator
+    rolls back to the best version by ``metric``, with author ``policy``. Its own table, not
+    ``[rounds]``: the gate does not change how a model is trained, so it stays out of each
+    version's config hash. docs/registry.md explains each key.
+    """
+
+    mode: Literal["off", "finite", "metric"] = "off"
+    metric: str = "accuracy"
+    better: Literal["higher", "lower"] = "higher"
+    max_regression: float = 0.0
+    against: Literal["best", "head"] = "best"
+    rollback_after: int = 0
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """``[privacy]``: client-level differential privacy (DP-FedAvg) and its budget.
 
@@ -143,6 +167,7 @@ class PrivacyConfig:
     adaptive_clip: bool = False
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
+    clip_count_stddev: float = 0.0
     noise_multiplier: float = 0.0
     target_delta: float = 1e-5
     epsilon_budget: float = 0.0
@@ -168,6 +193,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     task: dict[str, ConfigValue] = field(default_factory=dict)
     root: Path = field(default=Path("."), compare=False)
 
@@ -200,6 +226,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "client": ClientConfig,
     "data": DataConfig,
     "privacy": PrivacyConfig,
+    "gate": GateConfig,
 }
 
 # (section, key) -> (lowest allowed, highest allowed); None means unbounded on that side.
@@ -226,12 +253,15 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("privacy", "clip_norm"): (0, None),
     ("privacy", "target_quantile"): (0, 1),
     ("privacy", "clip_learning_rate"): (0, None),
+    ("privacy", "clip_count_stddev"): (0, None),
     ("privacy", "noise_multiplier"): (0, None),
     ("privacy", "target_delta"): (0, 1),
     ("privacy", "epsilon_budget"): (0, None),
     ("privacy", "sampling_rate"): (0, 1),
     ("privacy", "sample_size"): (0, None),
     ("privacy", "population"): (0, None),
+    ("gate", "max_regression"): (0, None),
+    ("gate", "rollback_after"): (0, 1000),
 }
 
 
@@ -345,7 +375,20 @@ def parse_config(data: dict[str, Any], *, path: Path, root: Path | None = None) 
             "models the sampling, and over-selection would change it"
         )
     _check_privacy(path, config)
+    _check_gate(path, config)
     return config
+
+
+def _check_gate(path: Path, config: Config) -> None:
+    """Refuse a ``[gate]`` table whose keys contradict each other."""
+    g = config.gate
+    if not g.metric.strip():
+        raise ConfigError(f"{path}: `gate.metric` must name a metric, not {g.metric!r}")
+    if g.rollback_after and g.mode == "off":
+        raise ConfigError(
+            f'{path}: `gate.rollback_after` ({g.rollback_after}) needs `gate.mode` "finite" or '
+            '"metric": with the gate off no round is ever rejected',
+        )
 
 
 def _check_privacy(path: Path, config: Config) -> None:
@@ -385,6 +428,7 @@ def _check_privacy(path: Path, config: Config) -> None:
                 "clip_learning_rate",
                 f"must be greater than 0 with adaptive clipping, not {p.clip_learning_rate!r}",
             )
+        _check_count_stddev(p, fail)
     if p.sampling == "poisson":
         if not 0 < p.sampling_rate <= 1:
             raise fail(
@@ -417,6 +461,36 @@ def _check_privacy(path: Path, config: Config) -> None:
             "accounts fixed-size sampling only with RDP, under replace-one adjacency",
             hint='set accountant = "rdp", or sampling = "poisson" with a sampling_rate',
         )
+
+
+def _check_count_stddev(p: PrivacyConfig, fail: Callable[..., ConfigError]) -> None:
+    """Adaptive clipping splits ``noise_multiplier``: the count's share must leave some over.
+
+    The deltas get ``z_delta = (z^-2 - (2 * sigma_b)^-2)^-1/2``, which needs ``2 * sigma_b > z``.
+    With ``clip_count_stddev = 0`` (expected clients per round / 20) the check waits for the
+    round when the expected number of clients is not known yet (Poisson, no population).
+    """
+    expected = None
+    if p.sampling == "fixed":
+        expected = float(p.sample_size)
+    elif p.population:
+        expected = p.sampling_rate * p.population
+    stddev = p.clip_count_stddev or (expected / 20 if expected else None)
+    if stddev is None or 2 * stddev > p.noise_multiplier:
+        return
+    what = (
+        f"({p.clip_count_stddev:g})"
+        if p.clip_count_stddev
+        else f"(0: the expected clients per round / 20 = {stddev:g})"
+    )
+    raise fail(
+        "clip_count_stddev",
+        f"{what} must be more than half of `privacy.noise_multiplier` ({p.noise_multiplier:g}) "
+        "with adaptive clipping: the count of unclipped updates takes its share of the noise "
+        "from it, and would take all of it",
+        hint="set clip_count_stddev above noise_multiplier / 2 (docs/privacy.md, adaptive "
+        "clipping)",
+    )
 
 
 def load_config(path: Path) -> Config:

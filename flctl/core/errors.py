@@ -29,7 +29,8 @@ FlctlError                                  1
 │  └─ ConflictError                        73
 ├─ RoundError                              80
 │  ├─ RoundFailedError                     81
-│  └─ RoundCancelledError                  82
+│  ├─ RoundCancelledError                  82
+│  └─ RoundRejectedError                   83
 └─ TaskError                               90
 ```
 
@@ -68,6 +69,7 @@ __all__ = [
     "RoundCancelledError",
     "RoundError",
     "RoundFailedError",
+    "RoundRejectedError",
     "SchemaMismatchError",
     "SecurityError",
     "StoreError",
@@ -314,6 +316,13 @@ class RoundCancelledError(RoundError):
 
     exit_code = 82
     code = "round_cancelled"
+
+
+class RoundRejectedError(RoundError):
+    """A round's aggregate was refused by the validation gate: stored, but not made head."""
+
+    exit_code = 83
+    code = "round_rejected"
 
 
 class TaskError(FlctlError):

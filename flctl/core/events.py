@@ -23,6 +23,7 @@ __all__ = [
     "IDENTITY_REVOKED",
     "MODEL_CREATED",
     "MODEL_IMPORTED",
+    "MODEL_REJECTED",
     "MODEL_ROLLBACK",
     "MODEL_ROLLBACK_DEFERRED",
     "MODEL_ROLLBACK_FAILED",
@@ -33,6 +34,7 @@ __all__ = [
     "ROUND_COMMITTED",
     "ROUND_FAILED",
     "ROUND_QUEUED",
+    "ROUND_REJECTED",
     "ROUND_RESUMED",
     "ROUND_STARTED",
     "ROUND_STATUS",
@@ -81,6 +83,9 @@ UPLOAD_RESUMED = "upload.resumed"
 UPDATE_REJECTED = "update.rejected"
 #: data: model_version, metrics, num_clients, duration_s
 ROUND_COMMITTED = "round.committed"
+#: data: model_version (stored, status rejected; the head did not move), metrics, num_clients,
+#: duration_s, reason (the validation gate's)
+ROUND_REJECTED = "round.rejected"
 #: data: reason, duration_s
 ROUND_FAILED = "round.failed"
 #: data: reason, duration_s
@@ -109,8 +114,15 @@ PRIVACY_CHARGED = "privacy.charged"
 MODEL_TAGGED = "model.tagged"
 #: data: version, digest, parent, head (whether it became head), file, author
 MODEL_IMPORTED = "model.imported"
+#: data: version, digest, parent, metrics, reason, check (the check that failed: "finite" or
+#: "metric"), metric, value, reference (the reference version's value), reference_version,
+#: against, max_regression (each null where it does not apply); an aggregate the validation
+#: gate kept from becoming head (docs/registry.md)
+MODEL_REJECTED = "model.rejected"
 
-TERMINAL_ROUND_STATUSES = frozenset({"committed", "failed", "cancelled"})
+#: A round ends committed (its model is the head), rejected (its model was stored but the
+#: validation gate kept it from the head), failed or cancelled (no model).
+TERMINAL_ROUND_STATUSES = frozenset({"committed", "rejected", "failed", "cancelled"})
 
 
 @dataclass(frozen=True)

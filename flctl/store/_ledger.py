@@ -1,10 +1,13 @@
 """The privacy ledger: one row per round charged to the privacy budget (``dp_ledger`` table).
 
 A round is charged once noised information about the clients left the aggregator (central DP:
-once the noisy aggregate is computed), whether the round then commits or fails. Each row keeps
-the round's mechanism (noise multiplier, sampling) and the epsilon the whole ledger reached
-after it, at the job's ``target_delta``, under RDP and (Poisson sampling only) PLD. Rows are
-never deleted: the ledger is the job's record of the privacy it spent.
+once the noisy aggregate is computed) or the clients (local DP: once any noised update was
+accepted), whether the round then commits or fails. Each row keeps the round's mechanism
+(noise multiplier, sampling) and the epsilon the whole ledger reached after it, at the job's
+``target_delta``, under RDP and (Poisson sampling only) PLD. With adaptive clipping it also
+keeps the noised fraction of unclipped updates and the clip norm the next round starts from,
+so a restarted coordinator carries on with it. Rows are never deleted: the ledger is the job's
+record of the privacy it spent.
 
 The table is defined on the store's own table base, and :mod:`flctl.store._sql` imports this
 module, so ``SqlStore`` creates it with the others (``CREATE TABLE IF NOT EXISTS``: databases
@@ -49,6 +52,10 @@ class LedgerRow(TableBase, table=True):
     epsilon_pld: float | None = None
     delta: float
     created: float
+    # Schema version 4 (local DP and adaptive clipping): nullable, so that ``ALTER TABLE ...
+    # ADD COLUMN`` can add them to a database that already has rows.
+    unclipped_fraction: float | None = None
+    next_clip_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -59,9 +66,10 @@ class LedgerRecord:
         id: Its row id, from 1 (the order rounds were charged in).
         round_id: The round charged.
         mechanism: ``central`` or ``local``.
-        noise_multiplier: The round's ``z``.
+        noise_multiplier: The round's ``z`` (local: the std of each client's noise over ``C``).
         sampling: ``poisson`` or ``fixed``.
-        sampling_rate: ``q`` (fixed sampling: ``sample_size / population``).
+        sampling_rate: ``q`` (fixed sampling: ``sample_size / population``; local: 1.0, as
+            accounted: the coordinator chose the sample, so it amplifies nothing).
         population: Fixed sampling: ``N``; None for Poisson.
         sample_size: Fixed sampling: ``M``; None for Poisson.
         clip_norm: The clipping norm the round used.
@@ -69,6 +77,9 @@ class LedgerRecord:
         epsilon_pld: The same under the PLD accountant; None where PLD cannot account for it.
         delta: The delta both epsilons are at.
         created: Unix time it was charged.
+        unclipped_fraction: Adaptive clipping: the noised fraction of updates whose norm was at
+            most ``clip_norm``; None otherwise.
+        next_clip_norm: Adaptive clipping: the clip norm the next round starts from.
     """
 
     id: int
@@ -84,9 +95,21 @@ class LedgerRecord:
     epsilon_pld: float | None
     delta: float
     created: float
+    unclipped_fraction: float | None = None
+    next_clip_norm: float | None = None
 
     def mechanism_args(self) -> dict[str, Any]:
-        """The round's mechanism as ``flctl.privacy.SampledGaussianRound`` takes it (keywords)."""
+        """The round's mechanism as ``flctl.privacy.SampledGaussianRound`` takes it (keywords).
+
+        A local round is each client's own release, as ``flctl.privacy.local_round`` accounts
+        it: a Gaussian mechanism of sensitivity ``2C`` (noise multiplier ``z / 2``), unsampled.
+        """
+        if self.mechanism == "local":
+            return {
+                "noise_multiplier": self.noise_multiplier / 2,
+                "sampling": "poisson",
+                "sampling_rate": 1.0,
+            }
         if self.sampling == "fixed":
             return {
                 "noise_multiplier": self.noise_multiplier,
@@ -115,6 +138,8 @@ def charge(
     epsilon_pld: float | None = None,
     population: int | None = None,
     sample_size: int | None = None,
+    unclipped_fraction: float | None = None,
+    next_clip_norm: float | None = None,
 ) -> LedgerRecord:
     """Append one charged round to the ledger.
 
@@ -134,9 +159,12 @@ def charge(
         ("epsilon_rdp", epsilon_rdp),
         ("delta", delta),
         *([("epsilon_pld", epsilon_pld)] if epsilon_pld is not None else []),
+        *([("next_clip_norm", next_clip_norm)] if next_clip_norm is not None else []),
     ):
         if not math.isfinite(value) or value < 0:
             raise InvalidInputError(f"{label} must be a finite number >= 0, not {value!r}")
+    if unclipped_fraction is not None and not math.isfinite(unclipped_fraction):
+        raise InvalidInputError(f"unclipped_fraction must be finite, not {unclipped_fraction!r}")
     row = LedgerRow(
         round_id=round_id,
         mechanism=mechanism,
@@ -150,6 +178,8 @@ def charge(
         epsilon_pld=None if epsilon_pld is None else float(epsilon_pld),
         delta=float(delta),
         created=time.time(),
+        unclipped_fraction=None if unclipped_fraction is None else float(unclipped_fraction),
+        next_clip_norm=None if next_clip_norm is None else float(next_clip_norm),
     )
     with store._session(write=True) as session:
         session.add(row)
@@ -182,4 +212,6 @@ def _record(row: LedgerRow) -> LedgerRecord:
         epsilon_pld=row.epsilon_pld,
         delta=row.delta,
         created=row.created,
+        unclipped_fraction=row.unclipped_fraction,
+        next_clip_norm=row.next_clip_norm,
     )

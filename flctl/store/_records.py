@@ -32,6 +32,7 @@ ROUND_STATUSES = (
     "aggregating",
     "evaluating",
     "committed",
+    "rejected",
     "failed",
     "cancelled",
 )

@@ -92,8 +92,9 @@ class SqlStore:
     """
 
     #: 1: models, refs, rounds, updates, clients, events. 2: the registry (tags; model status,
-    #: reason, author, source, config). Older databases are migrated when opened.
-    SCHEMA_VERSION: ClassVar[int] = 3
+    #: reason, author, source, config). 3: rounds.tasks. 4: dp_ledger.unclipped_fraction and
+    #: next_clip_norm (adaptive clipping). Older databases are migrated when opened.
+    SCHEMA_VERSION: ClassVar[int] = 4
 
     def __init__(self, url: str) -> None:
         # The coordinator may call from worker threads; one lock keeps each read-modify-write
@@ -683,19 +684,20 @@ class SqlStore:
         """Move a round to ``status`` and set the fields given (None leaves a field as is).
 
         A terminal status (``failed``, ``cancelled``) sets ``ended`` to now unless given.
-        ``committed`` is refused here: only :meth:`commit_round` commits, with its model.
+        ``committed`` and ``rejected`` are refused here: only :meth:`commit_round` ends a round
+        with its model.
 
         Returns:
             The round as updated.
 
         Raises:
-            InvalidInputError: Unknown status, or ``committed``.
+            InvalidInputError: Unknown status, or ``committed`` or ``rejected``.
             NotFoundError: No such round.
             ConflictError: The round is already terminal.
         """
         _check_choice("round status", status, ROUND_STATUSES)
-        if status == "committed":
-            raise InvalidInputError("a round is committed only by commit_round, with its model")
+        if status in ("committed", "rejected"):
+            raise InvalidInputError(f"a round is {status} only by commit_round, with its model")
         values: dict[str, Any] = {"status": status}
         if reason is not None:
             values["reason"] = reason
@@ -735,8 +737,9 @@ class SqlStore:
 
         Inserts the model (kind ``aggregate``, author ``round``, parent = the current head,
         ``server_round`` = ``round_id``, config = the round's config), moves ``head`` to it
-        unless ``status`` is ``rejected``, and marks the round committed with its model
-        version, metrics, number of clients and end time. Nothing is written on failure.
+        unless ``status`` is ``rejected``, and ends the round with its model version, metrics,
+        number of clients and end time: as ``committed``, or as ``rejected`` (with ``reason``)
+        when the gate refused the model. Nothing is written on failure.
 
         Args:
             round_id: The round.
@@ -763,10 +766,11 @@ class SqlStore:
                 session,
                 round_id,
                 {
-                    "status": "committed",
+                    "status": "committed" if status == "ok" else "rejected",
                     "metrics": metrics_json,
                     "num_clients": num_clients,
                     "ended": time.time(),
+                    **({"reason": reason} if status == "rejected" else {}),
                 },
             )
             ref = session.get(RefRow, _HEAD)
@@ -1316,8 +1320,18 @@ def _migrate_2_to_3(session: Session) -> None:
     _add_missing_columns(session.connection(), TableBase.metadata.tables[RoundRow.__tablename__])
 
 
+def _migrate_3_to_4(session: Session) -> None:
+    """Add dp_ledger.unclipped_fraction and next_clip_norm (adaptive clipping).
+
+    A database without a ledger gets the whole table from ``create_all`` afterwards.
+    """
+    connection = session.connection()
+    if inspect(connection).has_table("dp_ledger"):
+        _add_missing_columns(connection, TableBase.metadata.tables["dp_ledger"])
+
+
 #: schema version found -> the step that brings it to the next version.
-_MIGRATIONS = {"1": _migrate_1_to_2, "2": _migrate_2_to_3}
+_MIGRATIONS = {"1": _migrate_1_to_2, "2": _migrate_2_to_3, "3": _migrate_3_to_4}
 
 
 def _migrate(session: Session, found: int, target: int) -> None:

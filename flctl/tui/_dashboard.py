@@ -34,6 +34,7 @@ _SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
 _ROUND_STYLES = {
     "committed": "green",
+    "rejected": "magenta",
     "failed": "red",
     "cancelled": "yellow",
     "queued": "dim",
@@ -190,7 +191,7 @@ def _round_status(view: RoundView, now: float) -> Text:
 
 
 def _round_clients(view: RoundView) -> str:
-    if view.status == "committed":
+    if view.status in ("committed", "rejected"):
         return str(view.num_clients)
     if view.selected:
         return f"{len(view.reported)}/{len(view.selected)}"

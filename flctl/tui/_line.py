@@ -16,6 +16,7 @@ from flctl.core.events import (
     COORDINATOR_WARNING,
     IDENTITY_REVOKED,
     MODEL_CREATED,
+    MODEL_REJECTED,
     MODEL_ROLLBACK,
     MODEL_ROLLBACK_DEFERRED,
     MODEL_ROLLBACK_FAILED,
@@ -26,6 +27,7 @@ from flctl.core.events import (
     ROUND_COMMITTED,
     ROUND_FAILED,
     ROUND_QUEUED,
+    ROUND_REJECTED,
     ROUND_STARTED,
     ROUND_STATUS,
     SECURITY_REFUSED,
@@ -207,7 +209,7 @@ def _update_rejected(event: Event) -> str:
     return _with_reason(text, get_str(event.data, "reason"))
 
 
-def _round_committed(event: Event) -> str:
+def _round_summary(event: Event, status: str) -> str:
     data = event.data
     parts = []
     num_clients = get_int(data, "num_clients")
@@ -216,11 +218,29 @@ def _round_committed(event: Event) -> str:
     metrics = format_metrics(get_metrics(data))
     if metrics:
         parts.append(metrics)
-    text = f"round {event.server_round} committed"
+    text = f"round {event.server_round} {status}"
     if parts:
         text += ": " + ", ".join(parts)
     duration = get_float(data, "duration_s")
     return f"{text} ({format_duration(duration)})" if duration is not None else text
+
+
+def _round_committed(event: Event) -> str:
+    return _round_summary(event, "committed")
+
+
+def _round_rejected(event: Event) -> str:
+    text = _round_summary(event, "rejected")
+    version = get_int(event.data, "model_version")
+    kept = f"model v{version} kept" if version is not None else "model kept"
+    return f"{text}; {kept}, head stays"
+
+
+def _model_rejected(event: Event) -> str:
+    version = get_int(event.data, "version")
+    name = f"model v{version}" if version is not None else "model"
+    text = f"{name} rejected by the validation gate"
+    return _with_reason(text, get_str(event.data, "reason"))
 
 
 def _round_ended(status: str) -> Callable[[Event], str]:
@@ -318,9 +338,11 @@ _DESCRIBE: dict[str, Callable[[Event], str]] = {
     UPDATE_ACCEPTED: _update_accepted,
     UPDATE_REJECTED: _update_rejected,
     ROUND_COMMITTED: _round_committed,
+    ROUND_REJECTED: _round_rejected,
     ROUND_FAILED: _round_ended("failed"),
     ROUND_CANCELLED: _round_ended("cancelled"),
     MODEL_CREATED: _model_created,
+    MODEL_REJECTED: _model_rejected,
     COORDINATOR_WARNING: _coordinator_warning,
     IDENTITY_REVOKED: _identity_revoked,
     SECURITY_REFUSED: _security_refused,

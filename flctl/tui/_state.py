@@ -13,11 +13,13 @@ from flctl.core.events import (
     COORDINATOR_STARTED,
     COORDINATOR_STOPPED,
     MODEL_CREATED,
+    MODEL_REJECTED,
     PRIVACY_CHARGED,
     ROUND_CANCELLED,
     ROUND_COMMITTED,
     ROUND_FAILED,
     ROUND_QUEUED,
+    ROUND_REJECTED,
     ROUND_STARTED,
     ROUND_STATUS,
     TASK_SENT,
@@ -46,6 +48,7 @@ _ROUND_TYPES = frozenset(
         ROUND_STATUS,
         UPDATE_ACCEPTED,
         ROUND_COMMITTED,
+        ROUND_REJECTED,
         ROUND_FAILED,
         ROUND_CANCELLED,
     }
@@ -59,14 +62,14 @@ class RoundView:
     Attributes:
         server_round: The round's id, from 1.
         status: ``queued``, ``selecting``, ``training``, ``aggregating``, ``evaluating``,
-            ``committed``, ``failed`` or ``cancelled``.
-        num_clients: How many updates the committed model aggregates (0 until committed).
+            ``committed``, ``rejected``, ``failed`` or ``cancelled``.
+        num_clients: How many updates the round's model aggregates (0 until it has one).
         selected: Client ids selected for the round.
         reported: Client ids whose update was accepted, in arrival order.
-        metrics: The committed round's metrics.
+        metrics: The metrics of the round's model (committed or rejected).
         duration_s: How long the round ran, once it ended.
-        reason: Why the round failed or was cancelled.
-        model_version: The version the round committed.
+        reason: Why the round failed, was cancelled, or its model was rejected by the gate.
+        model_version: The version the round committed (or stored as rejected).
         started: Unix time the round started.
         deadline: Unix time updates are due.
     """
@@ -85,7 +88,7 @@ class RoundView:
 
     @property
     def is_done(self) -> bool:
-        """Whether the round reached a terminal status (committed, failed or cancelled)."""
+        """Whether the round reached a terminal status (committed, rejected, failed, cancelled)."""
         return self.status in TERMINAL_ROUND_STATUSES
 
 
@@ -199,7 +202,7 @@ class DashboardState:
             self.last_events.append(event_line(event))
 
     def is_round_done(self, server_round: int) -> bool:
-        """Return whether the round is committed, failed or cancelled.
+        """Return whether the round is committed, rejected, failed or cancelled.
 
         Args:
             server_round: The round's id.
@@ -285,6 +288,15 @@ class DashboardState:
         if view.model_version is not None:
             self.head_version = view.model_version
 
+    def _round_rejected(self, event: Event) -> None:
+        view = self._round(event.server_round)
+        view.status = "rejected"  # its model is stored, but the head did not move
+        view.model_version = get_int(event.data, "model_version")
+        view.metrics = get_metrics(event.data)
+        view.num_clients = get_int(event.data, "num_clients") or len(view.reported)
+        view.duration_s = get_float(event.data, "duration_s")
+        view.reason = get_str(event.data, "reason")
+
     def _round_ended(self, event: Event, status: str) -> None:
         view = self._round(event.server_round)
         view.status = status
@@ -323,9 +335,11 @@ _HANDLERS = {
     ROUND_STATUS: DashboardState._round_status,
     UPDATE_ACCEPTED: DashboardState._update_accepted,
     ROUND_COMMITTED: DashboardState._round_committed,
+    ROUND_REJECTED: DashboardState._round_rejected,
     ROUND_FAILED: DashboardState._round_failed,
     ROUND_CANCELLED: DashboardState._round_cancelled,
     MODEL_CREATED: DashboardState._model_created,
+    MODEL_REJECTED: DashboardState._noop,
     PRIVACY_CHARGED: DashboardState._privacy_charged,
     TASK_SENT: DashboardState._noop,
     UPDATE_REJECTED: DashboardState._noop,

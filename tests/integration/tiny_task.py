@@ -2,7 +2,10 @@
 
 Behaviour switches come from the [task] table, so tests can make a client misbehave:
 ``hang_client`` (this client id never finishes fit), ``nan_client`` (returns NaN),
-``fit_sleep_s`` (every fit takes at least that long).
+``fit_sleep_s`` (every fit takes at least that long), ``sabotage_from_round`` (from that round
+on every client returns finite but bad weights, as ``sabotage`` says: ``"invert"``, the trained
+weights times -1000, so the loss explodes; ``"overflow"``, every value 3e38, so the model's
+outputs overflow and the evaluated loss is NaN).
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ class TinyClient(Client):
         state = self.model.state_dict()
         if config.get("nan_client") == self.context.client_id:
             state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+        sabotage_from = int(config.get("sabotage_from_round", 0))
+        if sabotage_from and int(config.get("server_round", 0)) >= sabotage_from:
+            if config.get("sabotage", "invert") == "overflow":
+                state = {k: torch.full_like(v, 3e38) for k, v in state.items()}
+            else:
+                state = {k: v * -1000.0 for k, v in state.items()}
         return state, len(self.x), {"train_loss": loss.item()}
 
 

@@ -191,3 +191,69 @@ def test_round_start_exit_code_for_budget_refusals() -> None:
     assert rounds_exit_code([refused, refused]) == 61
     assert rounds_exit_code([ok, other, refused]) == 81
     assert rounds_exit_code([ok, ok]) == 0
+
+
+def test_budget_of_a_local_job_counts_each_client_release(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from flctl.privacy import Accountant, local_round
+    from flctl.store import SqlStore, charge
+
+    (tmp_path / "flctl.toml").write_text(
+        '[project]\nname = "p"\n'
+        '[privacy]\nmode = "local"\nnoise_multiplier = 4.0\nclip_norm = 0.5\n'
+        "target_delta = 1e-5\nepsilon_budget = 10.0\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with SqlStore.open(tmp_path / ".flctl") as store:
+        charge(
+            store,
+            1,
+            mechanism="local",
+            noise_multiplier=4.0,
+            sampling="poisson",
+            sampling_rate=1.0,
+            clip_norm=0.5,
+            epsilon_rdp=1.0,
+            delta=1e-5,
+        )
+    code, doc = run_json(["dp", "budget"])
+    assert code == 0
+    assert doc["mechanism"] == {
+        "noise_multiplier": 4.0,
+        "sampling": "none",
+        "sampling_rate": 1.0,
+        "sensitivity": "2 * clip_norm",
+        "clip_norm": 0.5,
+    }
+    assert doc["enforced_by"] == "rdp"
+    acc = Accountant(1e-5, [local_round(4.0)])
+    rdp = doc["accountants"]["rdp"]  # type: ignore[index]
+    assert rdp["epsilon_spent"] == pytest.approx(acc.epsilon("rdp"), rel=1e-9)
+    assert rdp["rounds_left"] == acc.rounds_left(local_round(4.0), 10.0)
+
+
+def test_budget_shows_the_clip_norm_adaptive_clipping_reached(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from flctl.store import SqlStore, charge
+
+    (tmp_path / "flctl.toml").write_text(
+        '[project]\nname = "p"\n'
+        '[privacy]\nmode = "central"\nnoise_multiplier = 1.0\nclip_norm = 1.0\n'
+        "adaptive_clip = true\nclip_count_stddev = 1.0\n"
+        'target_delta = 1e-5\nepsilon_budget = 10.0\nsampling = "poisson"\nsampling_rate = 0.5\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    with SqlStore.open(tmp_path / ".flctl") as store:
+        charge(
+            store,
+            1,
+            mechanism="central",
+            noise_multiplier=1.0,
+            sampling="poisson",
+            sampling_rate=0.5,
+            clip_norm=1.0,
+            epsilon_rdp=1.0,
+            delta=1e-5,
+            unclipped_fraction=0.9,
+            next_clip_norm=0.92,
+        )
+    code, doc = run_json(["dp", "budget"])
+    assert code == 0 and doc["mechanism"]["clip_norm"] == 0.92  # type: ignore[index]

@@ -54,7 +54,7 @@ def test_defaults_when_empty(tmp_path: Path) -> None:
         ),
         ("[rounds]\nfraction_per_round = 1.5\n", "`rounds.fraction_per_round` must be between"),
         (
-            "[rounds]\nover_selection = 2\n[privacy]\nmode = \"central\"\n"
+            '[rounds]\nover_selection = 2\n[privacy]\nmode = "central"\n'
             "noise_multiplier = 1.0\nepsilon_budget = 10.0\n",
             "`rounds.over_selection` cannot be used with privacy",
         ),
@@ -118,3 +118,34 @@ def test_missing_file_and_find_project(tmp_path: Path) -> None:
 def test_parse_config_root(tmp_path: Path) -> None:
     config = parse_config({"project": {"state_dir": "st"}}, path=tmp_path / "x.toml", root=tmp_path)
     assert config.state_path == (tmp_path / "st").resolve()
+
+
+def test_gate_is_off_by_default_and_parsed(tmp_path: Path) -> None:
+    from flctl.core import GateConfig
+
+    assert load_config(write(tmp_path, "")).gate == GateConfig()
+    assert GateConfig().mode == "off" and GateConfig().rollback_after == 0
+    text = (
+        "[gate]\nmode = 'metric'\nmetric = 'loss'\nbetter = 'lower'\nmax_regression = 0.05\n"
+        "against = 'head'\nrollback_after = 3\n"
+    )
+    gate = load_config(write(tmp_path, text)).gate
+    assert gate == GateConfig("metric", "loss", "lower", 0.05, "head", 3)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[gate]\nmode = 'strict'\n", "`gate.mode` must be one of"),
+        ("[gate]\nbetter = 'max'\n", "`gate.better` must be one of"),
+        ("[gate]\nagainst = 'last'\n", "`gate.against` must be one of"),
+        ("[gate]\nmax_regression = -0.1\n", "`gate.max_regression` must be at least 0"),
+        ("[gate]\nmode = 'metric'\nmetric = ' '\n", "`gate.metric` must name a metric"),
+        ("[gate]\nrollback_after = 2\n", '`gate.rollback_after` (2) needs `gate.mode` "finite"'),
+        ("[gate]\nmode = 'finite'\nrollback_after = -1\n", "`gate.rollback_after` must be"),
+    ],
+)
+def test_bad_gate_settings_are_refused(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert needle in info.value.message

@@ -137,3 +137,37 @@ def test_fixed_pld_error_has_a_hint(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text))
     assert info.value.hint is not None and "rdp" in info.value.hint
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        (
+            {"clip_count_stddev": 0.5},
+            "`privacy.clip_count_stddev` (0.5) must be more than half of "
+            "`privacy.noise_multiplier` (1.1)",
+        ),
+        (
+            {"sampling": '"fixed"', "sample_size": 10, "population": 1000},
+            "`privacy.clip_count_stddev` (0: the expected clients per round / 20 = 0.5) must be "
+            "more than half",
+        ),
+        ({"sampling_rate": 0.01, "population": 1000}, "expected clients per round / 20 = 0.5"),
+        ({"clip_count_stddev": -1.0}, "`privacy.clip_count_stddev` must be at least 0"),
+    ],
+)
+def test_adaptive_clipping_needs_room_for_the_count_noise(
+    tmp_path: Path, changes: dict[str, object], needle: str
+) -> None:
+    text = with_keys(CENTRAL, adaptive_clip="true", **changes)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert needle in info.value.message
+
+
+def test_adaptive_clipping_with_enough_count_noise_loads(tmp_path: Path) -> None:
+    explicit = with_keys(CENTRAL, adaptive_clip="true", clip_count_stddev=0.6)
+    assert load_config(write(tmp_path, explicit)).privacy.clip_count_stddev == 0.6
+    # 0.2 * 1000 clients / 20 = 10 > 1.1 / 2
+    default = with_keys(CENTRAL, adaptive_clip="true", population=1000)
+    assert load_config(write(tmp_path, default)).privacy.clip_count_stddev == 0.0

@@ -80,3 +80,94 @@ def test_ledger_survives_reopen(tmp_path: Path) -> None:
         assert [(r.round_id, r.mechanism) for r in ledger(sql)] == [(3, "local")]
     finally:
         sql.close()
+
+
+def test_adaptive_clipping_columns_round_trip(store: SqlStore) -> None:
+    row = charge(
+        store,
+        1,
+        mechanism="central",
+        noise_multiplier=1.0,
+        sampling="poisson",
+        sampling_rate=0.5,
+        clip_norm=0.8,
+        epsilon_rdp=0.5,
+        delta=1e-5,
+        unclipped_fraction=-0.25,  # a noised fraction may leave [0, 1]
+        next_clip_norm=0.9,
+    )
+    assert ledger(store) == [row]
+    assert (row.clip_norm, row.unclipped_fraction, row.next_clip_norm) == (0.8, -0.25, 0.9)
+    with pytest.raises(InvalidInputError, match="next_clip_norm"):
+        charge(
+            store,
+            2,
+            mechanism="central",
+            noise_multiplier=1.0,
+            sampling="poisson",
+            sampling_rate=0.5,
+            clip_norm=0.8,
+            epsilon_rdp=0.5,
+            delta=1e-5,
+            next_clip_norm=float("inf"),
+        )
+
+
+def test_a_schema_3_ledger_gains_the_adaptive_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    sql = SqlStore.open(tmp_path / "state")
+    charge(
+        sql,
+        1,
+        mechanism="central",
+        noise_multiplier=1.0,
+        sampling="poisson",
+        sampling_rate=0.5,
+        clip_norm=1.0,
+        epsilon_rdp=0.5,
+        delta=1e-5,
+    )
+    sql.close()
+    # make it the database a schema-3 flctl wrote: no adaptive columns
+    conn = sqlite3.connect(tmp_path / "state" / "state.db")
+    with conn:
+        conn.execute("ALTER TABLE dp_ledger DROP COLUMN unclipped_fraction")
+        conn.execute("ALTER TABLE dp_ledger DROP COLUMN next_clip_norm")
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    conn.close()
+    with SqlStore.open(tmp_path / "state") as sql:
+        (old,) = ledger(sql)
+        assert (old.round_id, old.epsilon_rdp, old.next_clip_norm) == (1, 0.5, None)
+        charge(
+            sql,
+            2,
+            mechanism="central",
+            noise_multiplier=1.0,
+            sampling="poisson",
+            sampling_rate=0.5,
+            clip_norm=1.0,
+            epsilon_rdp=0.7,
+            delta=1e-5,
+            next_clip_norm=1.1,
+        )
+        assert [r.next_clip_norm for r in ledger(sql)] == [None, 1.1]
+    conn = sqlite3.connect(tmp_path / "state" / "state.db")
+    try:
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        assert version == (str(SqlStore.SCHEMA_VERSION),) == ("4",)
+    finally:
+        conn.close()
+
+
+def test_a_schema_3_database_without_a_ledger_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    SqlStore.open(tmp_path / "state").close()
+    conn = sqlite3.connect(tmp_path / "state" / "state.db")
+    with conn:
+        conn.execute("DROP TABLE dp_ledger")
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    conn.close()
+    with SqlStore.open(tmp_path / "state") as sql:
+        assert ledger(sql) == []

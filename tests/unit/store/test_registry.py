@@ -70,6 +70,15 @@ def test_rejected_commit_is_stored_but_head_stays(store: SqlStore) -> None:
     assert head is not None and head.version == 3
     assert [m.version for m in store.list_models(include_rejected=False)] == [3, 2, 1]
     assert [m.version for m in store.list_models()] == [4, 3, 2, 1]
+    ended = store.get_round(server_round)
+    assert (ended.status, ended.reason, ended.model_version) == (
+        "rejected",
+        "accuracy regressed",
+        4,
+    )
+    assert ended.is_terminal
+    with pytest.raises(InvalidInputError, match="commit_round"):
+        store.set_round_status(server_round, "rejected")
     with pytest.raises(InvalidInputError, match="rejected"):
         store.add_model(digest=D1, kind="import", status="rejected", set_head=True)
 

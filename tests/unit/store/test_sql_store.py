@@ -163,11 +163,15 @@ def test_terminal_status_sets_ended(store: SqlStore) -> None:
     assert rnd.ended is not None and rnd.ended > 1.0
 
 
-@pytest.mark.parametrize("terminal", ["failed", "cancelled", "committed"])
+@pytest.mark.parametrize("terminal", ["failed", "cancelled", "committed", "rejected"])
 def test_set_round_status_refuses_terminal_round(store: SqlStore, terminal: str) -> None:
     (rid,) = store.create_rounds(1)
     if terminal == "committed":
         store.commit_round(rid, digest=D1, metrics={}, num_clients=1)
+    elif terminal == "rejected":
+        store.commit_round(
+            rid, digest=D1, metrics={}, num_clients=1, status="rejected", reason="gate"
+        )
     else:
         store.fail_round(rid, "x", status=terminal)
     before = store.get_round(rid)

@@ -252,6 +252,36 @@ def test_cancelled_round_and_status_changes() -> None:
     assert state.is_round_done(1)
 
 
+GATE_REASON = "accuracy 0.4000 is 0.5000 worse than 0.9000 of version 2 (the best version)"
+
+
+def test_rejected_round_is_done_keeps_its_reason_and_the_head_stays() -> None:
+    log = Log()
+    log.add(ev.COORDINATOR_STARTED, 0, head_version=2)
+    log.add(ev.ROUND_STARTED, 1, server_round=3, selected=["c1", "c2"])
+    log.add(ev.UPDATE_ACCEPTED, 2, server_round=3, client_id="c1")
+    log.add(ev.UPDATE_ACCEPTED, 2, server_round=3, client_id="c2")
+    log.add(ev.MODEL_REJECTED, 3, server_round=3, version=3, parent=2, reason=GATE_REASON)
+    log.add(
+        ev.ROUND_REJECTED,
+        3,
+        server_round=3,
+        model_version=3,
+        metrics={"accuracy": 0.4, "loss": 1.5},
+        num_clients=2,
+        duration_s=2.0,
+        reason=GATE_REASON,
+    )
+    state = fold(log.events)
+    view = state.rounds[3]
+    assert (view.status, view.reason, view.model_version) == ("rejected", GATE_REASON, 3)
+    assert state.is_round_done(3) and state.head_version == 2
+    output = render(state, width=140)
+    assert "head model v2" in output
+    assert GATE_REASON[:40] in row(output, "3 rejected 2 0.4000 1.5000 2.0 s")
+    assert f"model v3 rejected by the validation gate: {GATE_REASON}" in "".join(state.last_events)
+
+
 def test_malformed_data_is_tolerated() -> None:
     log = Log()
     log.add(ev.COORDINATOR_STARTED, 0, address=None, head_version="x")
@@ -479,6 +509,27 @@ def test_busy_dashboard_fits_the_width(width: int) -> None:
         (
             Event(1, T0, ev.ROUND_CANCELLED, 4, data={"reason": "by operator"}),
             "22:13:20 round 4 cancelled: by operator",
+        ),
+        (
+            Event(
+                1,
+                T0,
+                ev.ROUND_REJECTED,
+                4,
+                data={
+                    "model_version": 5,
+                    "metrics": {"accuracy": 0.4},
+                    "num_clients": 2,
+                    "duration_s": 2.0,
+                    "reason": GATE_REASON,
+                },
+            ),
+            "22:13:20 round 4 rejected: 2 clients, accuracy 0.4000 (2.0 s); model v5 kept, "
+            "head stays",
+        ),
+        (
+            Event(1, T0, ev.MODEL_REJECTED, 4, data={"version": 5, "reason": GATE_REASON}),
+            f"22:13:20 model v5 rejected by the validation gate: {GATE_REASON}",
         ),
         (
             Event(1, T0, ev.MODEL_CREATED, data={"version": 4, "kind": "aggregate", "parent": 3}),
