@@ -169,8 +169,24 @@ def join(args: JoinArgs) -> int:
             text = f"round {details['server_round']}: training failed: {details['reason']}"
         elif kind == "reconnecting":
             text = f"reconnecting in {details['delay_s']:.1f} s: {details['reason']}"
-        else:
+        elif kind == "pending":
+            text = (
+                f"round {details['server_round']}: resuming the upload of the update kept on disk"
+            )
+        elif kind == "resumed":
+            text = (
+                f"round {details['server_round']}: the coordinator holds {details['offset']} of "
+                f"{details['size']} bytes: resuming from there"
+            )
+        elif kind == "compressing":
+            text = (
+                f"round {details['server_round']}: uploading with {details['codec']} "
+                f"({details['reason']})"
+            )
+        elif kind == "left":
             text = f"left after {details.get('rounds', 0)} rounds"
+        else:
+            return
         if progress is not None:
             progress.console.print(f"{stamp} {text}", markup=False, highlight=False)
         else:

@@ -1,0 +1,118 @@
+"""Crash safety: ``flctl serve`` killed with SIGKILL at seeded points of a job, then restarted.
+
+A few trials of the chaos harness (tests/chaos/harness.py): each runs a 3-round job with a
+coordinator and three clients as subprocesses, kills the coordinator at seeded moments
+(mid-upload, mid-training, while aggregating, right after a commit, ...) and restarts it on
+the same port each time. Every data invariant of crash safety (tests/chaos/invariants.py) must
+hold in every trial; two known gaps (the event log and deferred rollbacks) are tracked by an
+expected failure; ``bench/chaos.py`` runs many more trials.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.harness import TrialResult, TrialSpec, run_trial
+from tests.chaos.invariants import KillPoint, StateReader, check_invariants
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+#: Two jobs of 3 rounds, each killed 3 times at the moments its seed draws (bench/chaos.py
+#: draws many more). The first: mid-upload, while clients train, right after a commit; it also
+#: asks for a rollback while round 1 runs, which the coordinator defers until that round ends.
+#: The second: after an update was accepted, while aggregating, and at a moment when the
+#: tables hold a change (an accepted update, an ended round) that the event log does not yet.
+TRIALS = (
+    TrialSpec(seed=3, kills=3, rollback=True),
+    TrialSpec(seed=54, kills=3, triggers=("selecting", "accepted", "aggregating", "unlogged")),
+)
+
+
+@pytest.fixture(scope="module")
+def trials(tmp_path_factory: pytest.TempPathFactory) -> list[TrialResult]:
+    root = tmp_path_factory.mktemp("chaos")
+    return [run_trial(spec, root / f"trial-{spec.seed}") for spec in TRIALS]
+
+
+def _report(trials: list[TrialResult]) -> str:
+    return "\n".join(t.describe() for t in trials)
+
+
+#: Invariants a kill can still break (open in issue 5): an event written in its own
+#: transaction after the change it describes is lost when the kill falls in between, and a
+#: rollback deferred behind a round lives only in memory.
+KNOWN_GAPS = frozenset({"event_log_complete", "deferred_rollbacks_resolved"})
+
+
+def test_every_data_invariant_holds_in_every_trial(trials: list[TrialResult]) -> None:
+    """Acknowledged updates, blobs, head, rounds and partial files: these must always hold."""
+    assert [t.error for t in trials] == [""] * len(TRIALS), _report(trials)
+    broken = [
+        (t.seed, c.name, c.detail)
+        for t in trials
+        for c in t.checks
+        if not c.held and c.name not in KNOWN_GAPS
+    ]
+    assert broken == [], _report(trials)
+    checked = {c.name for t in trials for c in t.checks}
+    assert {"acknowledged_updates_recorded", "models_intact", "no_partial_files"} <= checked
+
+
+@pytest.mark.xfail(
+    reason="open (issue 5): events are written after their change, in another transaction, "
+    "and a deferred rollback is kept in memory only; a kill in between loses them",
+    strict=False,
+)
+def test_the_event_log_and_deferred_rollbacks_survive_every_kill(
+    trials: list[TrialResult],
+) -> None:
+    broken = [(t.seed, c.name, c.detail) for t in trials for c in t.checks if not c.held]
+    assert broken == [], _report(trials)
+
+
+def test_each_trial_killed_the_coordinator_and_rounds_were_resumed(
+    trials: list[TrialResult],
+) -> None:
+    assert all(any(k.fired for k in t.kills) for t in trials), _report(trials)
+    # a kill inside a round whose deadline allows it: the restarted coordinator resumes it
+    assert sum(t.resumed for t in trials) >= 1, _report(trials)
+    assert sum(t.committed for t in trials) >= 1, _report(trials)
+
+
+def test_the_checks_catch_a_broken_state(trials: list[TrialResult], tmp_path: Path) -> None:
+    """The invariants are not vacuous: break a finished trial's state and they say so."""
+    source = Path(trials[0].folder) / "proj" / ".flctl"
+    state = tmp_path / "state"
+    shutil.copytree(source, state)
+    reader = StateReader(state)
+    head_digest = reader.query(
+        "SELECT digest FROM models WHERE version = (SELECT version FROM refs WHERE name = 'head')"
+    )[0][0]
+    blob = reader.blob_path(head_digest)
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    (state / "uploads" / "0123.part").write_bytes(b"half an update")
+    checks = check_invariants(
+        reader,
+        rounds=len(reader.rounds()) + 1,  # one more round queued than the state holds
+        acknowledged={"c9": {1}},  # a client told "accepted" for an update nobody recorded
+        kills=[KillPoint(reader.last_seq(), 1, "training")],  # no outcome after this point
+        clients_alive={"c1": True, "c2": False},
+    )
+    broken = {c.name for c in checks if not c.held}
+    made = {
+        "acknowledged_updates_recorded",
+        "models_intact",
+        "no_open_round",
+        "open_round_resumed_or_failed",
+        "no_partial_files",
+        "clients_stayed",
+    }
+    already = {c.name for c in trials[0].checks if not c.held}  # reported by the test above
+    assert made <= broken, checks
+    assert broken - made <= already, checks
