@@ -5,10 +5,12 @@ In one run, on 127.0.0.1 with the project's certificates:
 - raw ceiling: a bare grpc.aio server in its own process; a client-stream and a
   server-stream of 1 MiB byte chunks (identity serializers, no hashing);
 - flctl: `flctl serve` in its own process with a model of the same size; this process joins
-  as a client and times Download (first byte to verified digest, fsync included) and Upload
-  (first byte sent to the coordinator's "accepted": streamed to disk, hashed, every tensor
-  checked against the model, fsynced and renamed into the blob store). The coordinator's
-  fsync+rename time is printed on its own line.
+  as a client and times Download (first byte to last byte hashed; the client's fsync is
+  printed on its own line) and Upload (BeginUpload, then first byte sent to the
+  coordinator's "accepted": streamed to its part file, hashed, every tensor checked against
+  the model, fsynced and renamed into the blob store). The coordinator's fsync+rename time is
+  printed on its own line. Each run uploads a different update (its own digest), as rounds
+  do, and the page cache is written back before each run.
 
     python bench/transfer.py [--size-mb 500] [--repeat 3] [--json]
 """
@@ -118,7 +120,7 @@ async def raw_ceiling(certs: Path, size: int, repeat: int) -> dict[str, list[flo
         proc.wait()
 
 
-def make_update(base: Path, out: Path) -> None:
+def make_update(base: Path, out: Path, step: float = 1e-3) -> None:
     """A valid update of the model: every float tensor nudged, written tensor by tensor."""
     from flctl.tensors import TensorReader, TensorWriter
 
@@ -127,7 +129,7 @@ def make_update(base: Path, out: Path) -> None:
         TensorWriter(out, {n: (s.dtype, s.shape) for n, s in reader.specs.items()}) as writer,
     ):
         for name, tensor in reader:
-            writer.write(name, tensor.add_(1e-3) if tensor.is_floating_point() else tensor)
+            writer.write(name, tensor.add_(step) if tensor.is_floating_point() else tensor)
 
 
 async def flctl_transfers(project: Path, address: str, repeat: int) -> dict[str, Any]:
@@ -159,13 +161,19 @@ async def flctl_transfers(project: Path, address: str, repeat: int) -> dict[str,
     first_task = asyncio.ensure_future(anext(tasks))
     await asyncio.sleep(0.2)  # let the Tasks stream open before the round selects clients
 
-    update = project / "update.safetensors"
-    make_update(blobs.path(head.digest), update)
-    update_digest = sha256_file(update)
-    size = update.stat().st_size
+    # One update per run, each with its own digest, as in real rounds: every accepted upload
+    # is then fsynced (a digest already in the blob store would skip that). The page cache is
+    # written back (os.sync) before each timed run, outside the timings.
+    updates = [project / f"update-{i}.safetensors" for i in range(repeat)]
+    for i, path in enumerate(updates):
+        make_update(blobs.path(head.digest), path, 1e-3 * (i + 1))
+    digests = [sha256_file(path) for path in updates]
+    size = updates[0].stat().st_size
     result: dict[str, Any] = {"size": size, "download": [], "upload": [], "commit": []}
     try:
         for i in range(repeat):
+            update, update_digest = updates[i], digests[i]
+            os.sync()
             reply = await admin.start_round(1)
             task = await first_task if i == 0 else await anext(tasks)
             cache = ClientCache(project / f".bench-cache-{i}")
@@ -174,7 +182,7 @@ async def flctl_transfers(project: Path, address: str, repeat: int) -> dict[str,
             result["download"].append(timings["transfer_s"])
             result.setdefault("download_fsync", []).append(timings["fsync_s"])
 
-            async def chunks():  # noqa: ANN202
+            async def chunks(update: Path = update):  # noqa: ANN202
                 with update.open("rb") as fh:
                     while block := fh.read(MiB):
                         yield block
@@ -186,7 +194,14 @@ async def flctl_transfers(project: Path, address: str, repeat: int) -> dict[str,
                 digest=update_digest,
                 size=size,
             )
+            # as `flctl join` sends an update: BeginUpload (the upload's id, the offset the
+            # coordinator holds: 0 here), then Upload from that offset
             start = time.perf_counter()
+            begun = await api.begin_upload(header)
+            if not begun.accepted:
+                raise SystemExit(f"upload refused: {begun.reason}")
+            header.upload_id = begun.upload_id
+            header.offset = begun.committed_offset
             answer = await api.upload(header, chunks())
             result["upload"].append(time.perf_counter() - start)
             if not answer.accepted:
@@ -281,6 +296,12 @@ def main() -> None:
         "client_download_s": statistics.median(ours["download"]),
         "coordinator_peak_rss_mib": coordinator_rss,
         "repeat": args.repeat,
+        # every run's seconds, in order (load on a shared machine shows up as outliers)
+        "runs": {
+            key: ours.get(key, [])
+            for key in ("upload", "commit", "receive", "download", "download_fsync")
+        }
+        | {"raw_upload": raw["upload"], "raw_download": raw["download"]},
     }
     report["upload_ratio"] = (
         report["flctl_upload_mib_s"]["median"] / report["raw_upload_mib_s"]["median"]
