@@ -107,6 +107,9 @@ def build_client(args: JoinArgs, config: Config) -> tuple[Client, TaskContext]:
 
 def join(args: JoinArgs) -> int:
     """Join the coordinator and serve rounds; return the number of rounds served."""
+    from flctl.core._memory import return_large_buffers
+
+    return_large_buffers()
     setup_logging()
     out = Output()
     config = _config(args)

@@ -86,6 +86,9 @@ def serve(
         tui: Live panel (default: when stdout is a terminal).
         drain_timeout: Seconds the running round gets to end after the first signal.
     """
+    from flctl.core._memory import return_large_buffers
+
+    return_large_buffers()
     config = load_project(config_path)
     out = Output()
     use_tui = out.is_terminal if tui is None else tui

@@ -751,6 +751,9 @@ class CoordinatorService:
         """Move a verified part file into the blob store (same file system: a rename)."""
         temp, handle = self._blobs.temp_file()
         handle.close()
+        # rename onto a free name: replacing an existing file makes ext4 start writing the data
+        # back at once (0.1-0.3 s per 500 MB measured), before commit_temp's own fsync
+        temp.unlink()
         try:
             os.replace(self._uploads.part_path(upload_id), temp)
             return self._blobs.commit_temp(temp, digest)
