@@ -559,24 +559,12 @@ class CoordinatorService:
         """Open an upload, or find the one this identity began for the same update."""
         self._guard.admit(ctx, "BeginUpload")
         session = self._session(ctx, "BeginUpload")
-        if header.upload_id:  # another identity's upload id is refused before anything else
-            self._uploads.get(header.upload_id, session.client_id)
+        # another identity's upload id is refused before anything else is read
+        named = self._uploads.get(header.upload_id, session.client_id) if header.upload_id else None
         _, refusal = self._checked_header(header, session.client_id)
         if refusal is not None:
             return pb.UploadReply(accepted=False, reason=refusal)
-        wanted = self._record_of(header, session.client_id)
-        if header.upload_id:
-            record = self._uploads.get(header.upload_id, session.client_id)
-            if not record.matches(wanted):
-                raise InvalidInputError(
-                    f"upload {record.upload_id} was begun for another update "
-                    "(round, task, digest or size differ)"
-                )
-        else:
-            found = self._uploads.find(wanted)
-            record = found or self._uploads.begin(
-                **{k: v for k, v in vars(wanted).items() if k not in ("upload_id", "created")}
-            )
+        record = self._open_upload(header, session.client_id, named)
         held = self._uploads.held(record.upload_id)
         if held:
             self._events.emit(
@@ -586,6 +574,22 @@ class CoordinatorService:
                 data={"upload_id": record.upload_id, "offset": held, "size": record.size},
             )
         return pb.UploadReply(accepted=True, upload_id=record.upload_id, committed_offset=held)
+
+    def _open_upload(
+        self, header: pb.UploadHeader, client_id: str, named: PartialUpload | None
+    ) -> PartialUpload:
+        """The upload for this update: ``named`` (checked), one begun earlier, or a new one."""
+        wanted = self._record_of(header, client_id)
+        if named is not None:
+            if not named.matches(wanted):
+                raise InvalidInputError(
+                    f"upload {named.upload_id} was begun for another update "
+                    "(round, task, digest or size differ)"
+                )
+            return named
+        return self._uploads.find(wanted) or self._uploads.begin(
+            **{k: v for k, v in vars(wanted).items() if k not in ("upload_id", "created")}
+        )
 
     async def upload(
         self, chunks: AsyncIterator[UploadItem | None], ctx: RpcContext
@@ -600,22 +604,13 @@ class CoordinatorService:
         header = await anext(aiter(chunks), None)
         if not isinstance(header, pb.UploadHeader):
             raise InvalidInputError("an upload must start with its header")
-        if header.upload_id:  # another identity's upload id is refused before anything else
-            self._uploads.get(header.upload_id, session.client_id)
+        # another identity's upload id is refused before anything else is read
+        named = self._uploads.get(header.upload_id, session.client_id) if header.upload_id else None
         metrics, refusal = self._checked_header(header, session.client_id)
         if refusal is not None:
             return pb.UploadReply(accepted=False, reason=refusal)
-        if not header.upload_id:
-            begun = await self.begin_upload(header, ctx)
-            upload_id = begun.upload_id
-        else:
-            upload_id = header.upload_id
-        record = self._uploads.get(upload_id, session.client_id)
-        if not record.matches(self._record_of(header, session.client_id)):
-            raise InvalidInputError(
-                f"upload {upload_id} was begun for another update "
-                "(round, task, digest or size differ)"
-            )
+        record = self._open_upload(header, session.client_id, named)
+        upload_id = record.upload_id
         if not self._uploads.acquire(upload_id):
             raise ConflictError(f"upload {upload_id} is already being received on another stream")
         try:
