@@ -536,19 +536,20 @@ def _rollback_offline(config: Config, ref: str, reason: str, json_output: bool) 
                 f"the weights of version {target.version} are corrupt (blob {path})",
                 hint="run `flctl models verify`; roll back to an intact version",
             )
-        previous = _head_version(store)
-        new = store.set_head(target.version, author=LOCAL_AUTHOR, reason=reason)
-        store.append_event(
-            MODEL_ROLLBACK,
-            data={
-                "version": new.version,
-                "digest": new.digest,
-                "source": target.version,
-                "previous_head": previous,
-                "author": LOCAL_AUTHOR,
-                "reason": reason,
-            },
-        )
+        with store.transaction():  # the new head and its event, or neither
+            previous = _head_version(store)
+            new = store.set_head(target.version, author=LOCAL_AUTHOR, reason=reason)
+            store.append_event(
+                MODEL_ROLLBACK,
+                data={
+                    "version": new.version,
+                    "digest": new.digest,
+                    "source": target.version,
+                    "previous_head": previous,
+                    "author": LOCAL_AUTHOR,
+                    "reason": reason,
+                },
+            )
         tags = store.tags_for(new.version)
     _print_rollback(Output(json_mode=json_output), new, tags, target.version, previous)
 
@@ -638,19 +639,20 @@ def models_tag(
         else:
             with _open_state(config) as (store, _):
                 model = store.resolve_model(ref)
-                before = {t.name: t.version for t in store.list_tags()}.get(name)
-                tag = store.add_tag(model.version, name, author=LOCAL_AUTHOR, force=force)
-                version = tag.version
-                if before != model.version:
-                    store.append_event(
-                        MODEL_TAGGED,
-                        data={
-                            "tag": name,
-                            "version": model.version,
-                            "previous": before,
-                            "author": LOCAL_AUTHOR,
-                        },
-                    )
+                with store.transaction():
+                    before = {t.name: t.version for t in store.list_tags()}.get(name)
+                    tag = store.add_tag(model.version, name, author=LOCAL_AUTHOR, force=force)
+                    version = tag.version
+                    if before != model.version:
+                        store.append_event(
+                            MODEL_TAGGED,
+                            data={
+                                "tag": name,
+                                "version": model.version,
+                                "previous": before,
+                                "author": LOCAL_AUTHOR,
+                            },
+                        )
     out = Output(json_mode=json_output)
     if json_output:
         out.json({"tag": name, "version": version, "previous": before})
@@ -824,20 +826,24 @@ def models_import(
             blobs.commit_temp(temp, digest)
         finally:
             temp.unlink(missing_ok=True)
-        model = store.import_model(
-            digest, head=head, author=LOCAL_AUTHOR, reason=reason or f"imported from {file.name}"
-        )
-        store.append_event(
-            MODEL_IMPORTED,
-            data={
-                "version": model.version,
-                "digest": model.digest,
-                "parent": model.parent,
-                "head": head,
-                "file": file.name,
-                "author": LOCAL_AUTHOR,
-            },
-        )
+        with store.transaction():
+            model = store.import_model(
+                digest,
+                head=head,
+                author=LOCAL_AUTHOR,
+                reason=reason or f"imported from {file.name}",
+            )
+            store.append_event(
+                MODEL_IMPORTED,
+                data={
+                    "version": model.version,
+                    "digest": model.digest,
+                    "parent": model.parent,
+                    "head": head,
+                    "file": file.name,
+                    "author": LOCAL_AUTHOR,
+                },
+            )
         head_version = _head_version(store)
     out = Output(json_mode=json_output)
     if json_output:

@@ -28,7 +28,7 @@ from flctl.transport.grpc import (
     start_server,
 )
 
-from ._engine import RoundEngine
+from ._engine import RoundEngine, end_round
 from ._events import EventLog
 from ._guard import RevocationGuard
 from ._registry import Registry
@@ -142,17 +142,18 @@ class Coordinator:
                 digest = blobs.commit_temp(temp, sha256_file(temp))
             finally:
                 temp.unlink(missing_ok=True)
-            head = store.add_model(digest=digest, kind="initial", set_head=True)
-            events.emit(
-                ev.MODEL_CREATED,
-                data={
-                    "version": head.version,
-                    "digest": digest,
-                    "kind": "initial",
-                    "parent": None,
-                    "head": True,
-                },
-            )
+            with store.transaction():
+                head = store.add_model(digest=digest, kind="initial", set_head=True)
+                events.emit(
+                    ev.MODEL_CREATED,
+                    data={
+                        "version": head.version,
+                        "digest": digest,
+                        "kind": "initial",
+                        "parent": None,
+                        "head": True,
+                    },
+                )
         model_spec = read_spec(blobs.path(head.digest))
         model_size = blobs.size(head.digest)
         max_update = config.transport.max_update_bytes or (model_size + model_size // 4 + (1 << 20))
@@ -187,13 +188,11 @@ class Coordinator:
                 resumed = record.id
                 continue
             engine.charge_released(record.id)  # local DP: accepted noised updates count
-            store.fail_round(record.id, why)
-            events.emit(
-                ev.ROUND_FAILED,
-                server_round=record.id,
-                data={"reason": why, "duration_s": None},
-            )
+            end_round(store, events, record.id, why)
         uploads.discard_except(resumed)
+        # Rollbacks deferred behind a round that is over now (a restart ended it) apply now;
+        # those waiting for the resumed round, when it ends.
+        engine.apply_pending(keep_round=resumed)
         coordinator_service = CoordinatorService(
             store=store,
             blobs=blobs,
@@ -317,7 +316,7 @@ class Coordinator:
                 if silent <= timeout or not registry.end(session):
                     continue
                 log.info("%s silent for %.1f s: dropped", client_id, silent)
-                store.upsert_client(client_id, state="offline", seen=session.last_seen)
+                store.bump_client(client_id, state="offline", seen=session.last_seen)
                 events.emit(
                     ev.CLIENT_LEFT,
                     client_id=client_id,

@@ -71,7 +71,16 @@ from flctl.privacy import (
     default_count_stddev,
     local_round,
 )
-from flctl.store import BlobStore, LedgerRecord, ModelRecord, RoundRecord, SqlStore, charge, ledger
+from flctl.store import (
+    BlobStore,
+    LedgerRecord,
+    ModelRecord,
+    PendingRollbackRecord,
+    RoundRecord,
+    SqlStore,
+    charge,
+    ledger,
+)
 from flctl.tensors import sha256_file
 from flctl.transport.grpc import pb, to_value_map
 
@@ -88,7 +97,7 @@ from ._gate import (
 from ._registry import Registry
 from ._uploads import PartialUploads
 
-__all__ = ["Evaluator", "PendingRollback", "RoundEngine"]
+__all__ = ["Evaluator", "PendingRollback", "RoundEngine", "end_round"]
 
 log = logging.getLogger("flctl.coordinator")
 
@@ -117,21 +126,8 @@ class _OpenRound:
     reported: set[str] = field(default_factory=set)
 
 
-@dataclass(frozen=True)
-class PendingRollback:
-    """A rollback asked for while a round ran; applied when that round ends.
-
-    Attributes:
-        source: The version whose weights become the head again.
-        author: The admin identity that asked.
-        reason: Its ``--reason``.
-        server_round: The round it waits for.
-    """
-
-    source: int
-    author: str
-    reason: str
-    server_round: int
+#: A rollback asked for while a round ran (kept in the store: it survives a restart).
+PendingRollback = PendingRollbackRecord
 
 
 class RoundEngine:
@@ -165,7 +161,6 @@ class RoundEngine:
         self._rng = random.SystemRandom()
         self.open: _OpenRound | None = None
         self.current: int | None = None
-        self.pending: list[PendingRollback] = []
 
     # ------------------------------------------------------------------ control
 
@@ -261,62 +256,99 @@ class RoundEngine:
             return self.open.server_round
         return self.current
 
+    @property
+    def pending(self) -> list[PendingRollback]:
+        """Rollbacks waiting for the running round to end (read from the store)."""
+        return self._store.pending_rollbacks()
+
     def rollback(
         self, source: int, *, author: str, reason: str = ""
     ) -> ModelRecord | PendingRollback:
         """Make version ``source``'s weights the head: now, or when the running round ends.
 
+        A deferred rollback is stored with its ``model.rollback_deferred`` event, in one
+        transaction, so that a coordinator restarted before the round ends still applies it.
+
         Returns:
             The new head version, or the :class:`PendingRollback` queued behind the round.
 
         Raises:
-            NotFoundError: No such version (applied at once only).
+            NotFoundError: No such version.
             ConflictError: The head already holds those weights (applied at once only).
         """
         busy = self.busy_round()
         if busy is None:
             return self._apply_rollback(source, author=author, reason=reason)
-        pending = PendingRollback(source, author, reason, busy)
-        self.pending.append(pending)
+        with self._store.transaction():
+            target = self._store.get_model(source)
+            pending = self._store.defer_rollback(
+                source, author=author, reason=reason, server_round=busy
+            )
+            self._events.emit(
+                ev.MODEL_ROLLBACK_DEFERRED,
+                server_round=busy,
+                data={
+                    "source": source,
+                    "digest": target.digest,
+                    "server_round": busy,
+                    "author": author,
+                    "reason": reason,
+                },
+            )
         log.info("rollback to version %d deferred until round %d ends", source, busy)
         return pending
 
-    def _apply_rollback(self, source: int, *, author: str, reason: str) -> ModelRecord:
-        previous = self._store.head()
-        new = self._store.set_head(source, author=author, reason=reason)
-        self._events.emit(
-            ev.MODEL_ROLLBACK,
-            data={
-                "version": new.version,
-                "digest": new.digest,
-                "source": source,
-                "previous_head": None if previous is None else previous.version,
-                "author": author,
-                "reason": reason,
-            },
-        )
+    def _apply_rollback(
+        self, source: int, *, author: str, reason: str, pending_id: int | None = None
+    ) -> ModelRecord:
+        """Move the head, record the event and drop the pending row: one transaction."""
+        with self._store.transaction():
+            previous = self._store.head()
+            new = self._store.set_head(source, author=author, reason=reason)
+            self._events.emit(
+                ev.MODEL_ROLLBACK,
+                data={
+                    "version": new.version,
+                    "digest": new.digest,
+                    "source": source,
+                    "previous_head": None if previous is None else previous.version,
+                    "author": author,
+                    "reason": reason,
+                },
+            )
+            if pending_id is not None:
+                self._store.drop_pending_rollback(pending_id)
         log.info("rolled back to version %d: head is version %d", source, new.version)
         return new
 
-    def _apply_pending(self) -> None:
-        """Apply the rollbacks that waited for the round that just ended, in order."""
-        pending, self.pending = self.pending, []
-        for item in pending:
+    def apply_pending(self, *, keep_round: int | None = None) -> None:
+        """Apply the deferred rollbacks in order, but those waiting for ``keep_round``.
+
+        ``keep_round`` is a round still open (resumed after a restart). A rollback that cannot
+        apply is dropped with a ``model.rollback_failed`` event.
+        """
+        for item in self._store.pending_rollbacks():
+            if keep_round is not None and item.server_round == keep_round:
+                continue
             try:
-                self._apply_rollback(item.source, author=item.author, reason=item.reason)
+                self._apply_rollback(
+                    item.source, author=item.author, reason=item.reason, pending_id=item.id
+                )
             except FlctlError as exc:
                 log.warning("deferred rollback to version %d failed: %s", item.source, exc.message)
-                self._events.emit(
-                    ev.MODEL_ROLLBACK_FAILED,
-                    server_round=item.server_round,
-                    data={
-                        "source": item.source,
-                        "server_round": item.server_round,
-                        "author": item.author,
-                        "reason": item.reason,
-                        "error": exc.message,
-                    },
-                )
+                with self._store.transaction():
+                    self._events.emit(
+                        ev.MODEL_ROLLBACK_FAILED,
+                        server_round=item.server_round,
+                        data={
+                            "source": item.source,
+                            "server_round": item.server_round,
+                            "author": item.author,
+                            "reason": item.reason,
+                            "error": exc.message,
+                        },
+                    )
+                    self._store.drop_pending_rollback(item.id)
 
     async def run(self) -> None:
         """Run rounds until :meth:`stop`."""
@@ -349,7 +381,7 @@ class RoundEngine:
                 self._cancel = None
                 if self._uploads is not None:
                     self._uploads.discard_round(record.id)
-                self._apply_pending()
+                self.apply_pending()
             if not self._stopping and not self._draining:
                 self._retry(record.id)
         for record in self._store.open_rounds():
@@ -368,32 +400,29 @@ class RoundEngine:
         if attempt >= self._config.rounds.retries:
             return
         first = int(record.config.get("retry_of", 0) or 0) or server_round
-        (new,) = self._store.create_rounds(
-            1, {**record.config, "attempt": attempt + 1, "retry_of": first}
-        )
+        with self._store.transaction():
+            (new,) = self._store.create_rounds(
+                1, {**record.config, "attempt": attempt + 1, "retry_of": first}
+            )
+            self._events.emit(
+                ev.ROUND_QUEUED,
+                server_round=new,
+                data={"retry_of": server_round, "attempt": attempt + 1, "reason": record.reason},
+            )
         log.info("round %d failed: queued again as round %d", server_round, new)
-        self._events.emit(
-            ev.ROUND_QUEUED,
-            server_round=new,
-            data={"retry_of": server_round, "attempt": attempt + 1, "reason": record.reason},
-        )
 
     def _status(self, server_round: int, status: str, **fields: Any) -> RoundRecord:
-        record = self._store.set_round_status(server_round, status, **fields)
-        self._events.emit(ev.ROUND_STATUS, server_round=server_round, data={"status": status})
+        with self._store.transaction():
+            record = self._store.set_round_status(server_round, status, **fields)
+            self._events.emit(ev.ROUND_STATUS, server_round=server_round, data={"status": status})
         return record
 
     def _fail(self, server_round: int, reason: str, *, status: str = "failed") -> None:
         try:
-            record = self._store.fail_round(server_round, reason, status=status)
+            end_round(self._store, self._events, server_round, reason, status=status)
         except FlctlError:
             return  # already terminal
         log.info("round %d %s: %s", server_round, status, reason)
-        self._events.emit(
-            ev.ROUND_CANCELLED if status == "cancelled" else ev.ROUND_FAILED,
-            server_round=server_round,
-            data={"reason": reason, "duration_s": record.duration_s},
-        )
 
     async def _wait_for_quorum(self, server_round: int) -> list[str]:
         rounds = self._config.rounds
@@ -488,24 +517,25 @@ class RoundEngine:
             model_size,
             target=self._target(len(tasks)),
         )
-        self._store.set_round_status(
-            server_round,
-            "training",
-            base_version=head.version,
-            selected=selected,
-            deadline=deadline,
-            tasks=tasks,
-        )
-        self._events.emit(
-            ev.ROUND_STARTED,
-            server_round=server_round,
-            data={
-                "base_version": head.version,
-                "selected": selected,
-                "deadline_unix": deadline,
-                "min_clients": rounds.min_clients,
-            },
-        )
+        with self._store.transaction():
+            self._store.set_round_status(
+                server_round,
+                "training",
+                base_version=head.version,
+                selected=selected,
+                deadline=deadline,
+                tasks=tasks,
+            )
+            self._events.emit(
+                ev.ROUND_STARTED,
+                server_round=server_round,
+                data={
+                    "base_version": head.version,
+                    "selected": selected,
+                    "deadline_unix": deadline,
+                    "min_clients": rounds.min_clients,
+                },
+            )
         for client_id in tasks:
             self._send_task(client_id)
         await self._finish_round(server_round, head, started, mechanism, len(connected))
@@ -525,15 +555,28 @@ class RoundEngine:
                 "kind": "fit",
                 "model_digest": open_round.base_digest,
             },
+            durable=False,
         )
 
     async def _resume_round(self, record: RoundRecord) -> None:
-        """Carry on with a round a stopped coordinator left in training (see :meth:`resume`)."""
+        """Carry on with a round a stopped coordinator left open (see :meth:`resume`).
+
+        A round stopped while selecting sent no task yet: it selects again from the clients
+        that come back. One stopped later keeps its tasks, deadline and accepted updates.
+        """
         server_round = record.id
+        if record.status == "selecting":
+            self._events.emit(
+                ev.ROUND_RESUMED,
+                server_round=server_round,
+                data={"selected": [], "accepted": 0, "reselect": True},
+            )
+            log.info("round %d resumed: selecting again", server_round)
+            await self._run_round(record)
+            return
         head = self._store.head()
         if head is None or record.deadline is None:  # pragma: no cover - checked by resumable
             raise RoundFailedError("coordinator restarted")
-        self._status(server_round, "training")
         self.open = _OpenRound(
             server_round,
             head.digest,
@@ -548,15 +591,17 @@ class RoundEngine:
             },
         )
         accepted = len(self.open.reported)
-        self._events.emit(
-            ev.ROUND_RESUMED,
-            server_round=server_round,
-            data={
-                "selected": sorted(record.tasks),
-                "accepted": accepted,
-                "deadline_unix": record.deadline,
-            },
-        )
+        with self._store.transaction():
+            self._status(server_round, "training")
+            self._events.emit(
+                ev.ROUND_RESUMED,
+                server_round=server_round,
+                data={
+                    "selected": sorted(record.tasks),
+                    "accepted": accepted,
+                    "deadline_unix": record.deadline,
+                },
+            )
         log.info("round %d resumed with %d accepted updates", server_round, accepted)
         for client_id, session in self._registry.items():
             if session.streaming and (task := self.task_for(client_id)) is not None:
@@ -568,6 +613,8 @@ class RoundEngine:
     def resumable(self, record: RoundRecord) -> str | None:
         """Why ``record`` (open at a restart) cannot be resumed, or None if it can."""
         head = self._store.head()
+        if record.status == "selecting":
+            return None  # no task was sent: select again
         if record.status not in ("training", "aggregating", "evaluating"):
             return f"coordinator restarted while {record.status}"
         if not record.tasks or record.deadline is None:
@@ -690,32 +737,32 @@ class RoundEngine:
         if bad:
             raise RoundFailedError(f"evaluation returned non-finite metrics: {', '.join(bad)}")
 
-        model = self._store.commit_round(
-            server_round, digest=digest, metrics=metrics, num_clients=len(accepted)
-        )
-        duration = time.time() - started
-        self._events.emit(
-            ev.MODEL_CREATED,
-            server_round=server_round,
-            data={
-                "version": model.version,
-                "digest": model.digest,
-                "kind": model.kind,
-                "parent": model.parent,
-                "metrics": metrics,
-                "head": True,
-            },
-        )
-        self._events.emit(
-            ev.ROUND_COMMITTED,
-            server_round=server_round,
-            data={
-                "model_version": model.version,
-                "metrics": metrics,
-                "num_clients": len(accepted),
-                "duration_s": duration,
-            },
-        )
+        with self._store.transaction():  # the model, the head and their events, or nothing
+            model = self._store.commit_round(
+                server_round, digest=digest, metrics=metrics, num_clients=len(accepted)
+            )
+            self._events.emit(
+                ev.MODEL_CREATED,
+                server_round=server_round,
+                data={
+                    "version": model.version,
+                    "digest": model.digest,
+                    "kind": model.kind,
+                    "parent": model.parent,
+                    "metrics": metrics,
+                    "head": True,
+                },
+            )
+            self._events.emit(
+                ev.ROUND_COMMITTED,
+                server_round=server_round,
+                data={
+                    "model_version": model.version,
+                    "metrics": metrics,
+                    "num_clients": len(accepted),
+                    "duration_s": time.time() - started,
+                },
+            )
         log.info("round %d committed: model version %d %s", server_round, model.version, metrics)
 
     # ------------------------------------------------------------------ validation gate
@@ -740,36 +787,37 @@ class RoundEngine:
     ) -> None:
         """Store the aggregate as a rejected version; the head stays; then the policy."""
         kept = {k: v for k, v in metrics.items() if math.isfinite(v)}  # JSON has no NaN
-        model = self._store.commit_round(
-            server_round,
-            digest=digest,
-            metrics=kept,
-            num_clients=num_clients,
-            status="rejected",
-            reason=verdict.reason,
-        )
-        self._events.emit(
-            ev.MODEL_REJECTED,
-            server_round=server_round,
-            data={
-                "version": model.version,
-                "digest": model.digest,
-                "parent": model.parent,
-                "metrics": kept,
-                **verdict.event_data(self._config.gate),
-            },
-        )
-        self._events.emit(
-            ev.ROUND_REJECTED,
-            server_round=server_round,
-            data={
-                "model_version": model.version,
-                "metrics": kept,
-                "num_clients": num_clients,
-                "duration_s": time.time() - started,
-                "reason": verdict.reason,
-            },
-        )
+        with self._store.transaction():
+            model = self._store.commit_round(
+                server_round,
+                digest=digest,
+                metrics=kept,
+                num_clients=num_clients,
+                status="rejected",
+                reason=verdict.reason,
+            )
+            self._events.emit(
+                ev.MODEL_REJECTED,
+                server_round=server_round,
+                data={
+                    "version": model.version,
+                    "digest": model.digest,
+                    "parent": model.parent,
+                    "metrics": kept,
+                    **verdict.event_data(self._config.gate),
+                },
+            )
+            self._events.emit(
+                ev.ROUND_REJECTED,
+                server_round=server_round,
+                data={
+                    "model_version": model.version,
+                    "metrics": kept,
+                    "num_clients": num_clients,
+                    "duration_s": time.time() - started,
+                    "reason": verdict.reason,
+                },
+            )
         log.warning(
             "round %d rejected by the validation gate: model version %d kept, head stays: %s",
             server_round,
@@ -794,7 +842,7 @@ class RoundEngine:
         streak = rejected_streak(models, head)
         if not streak or len(streak) % gate.rollback_after:
             return
-        if any(p.server_round == server_round for p in self.pending):
+        if any(p.server_round == server_round for p in self._store.pending_rollbacks()):
             log.info(
                 "rollback policy skipped: a rollback asked for during round %d comes first",
                 server_round,
@@ -1036,6 +1084,34 @@ class RoundEngine:
         # local: the row keeps the clients' z and no sampling; mechanism_args() rebuilds
         # local_round(z) from it
         noise_multiplier = p.noise_multiplier if is_local else mechanism.noise_multiplier
+        with self._store.transaction():  # the ledger row and its event, or neither
+            record = self._charge_row(
+                server_round,
+                mechanism,
+                spent,
+                noise_multiplier=noise_multiplier,
+                clip_norm=clip_norm,
+                unclipped_fraction=unclipped_fraction,
+                next_clip_norm=next_clip_norm,
+            )
+        log.info("round %d charged to the privacy ledger: epsilon %s", server_round, spent)
+        return record
+
+    def _charge_row(
+        self,
+        server_round: int,
+        mechanism: SampledGaussianRound,
+        spent: Mapping[AccountantName, float | None],
+        *,
+        noise_multiplier: float,
+        clip_norm: float,
+        unclipped_fraction: float | None,
+        next_clip_norm: float | None,
+    ) -> LedgerRecord:
+        p = self._config.privacy
+        rdp = spent["rdp"]
+        assert rdp is not None
+        is_local = p.mode == "local"
         record = charge(
             self._store,
             server_round,
@@ -1052,7 +1128,6 @@ class RoundEngine:
             unclipped_fraction=unclipped_fraction,
             next_clip_norm=next_clip_norm,
         )
-        log.info("round %d charged to the privacy ledger: epsilon %s", server_round, spent)
         chosen = spent.get(p.accountant)
         self._events.emit(
             ev.PRIVACY_CHARGED,
@@ -1088,3 +1163,24 @@ def _weighted_client_metrics(updates: list[Any]) -> dict[str, float]:
     total = sum(u.num_examples for u in updates) or 1
     keys = set.intersection(*(set(u.metrics) for u in updates)) if updates else set()
     return {k: sum(u.metrics[k] * u.num_examples for u in updates) / total for k in sorted(keys)}
+
+
+def end_round(
+    store: SqlStore, events: EventLog, server_round: int, reason: str, *, status: str = "failed"
+) -> RoundRecord:
+    """Fail (or cancel) a round with its ``round.failed`` (``round.cancelled``) event.
+
+    Both are written in one transaction.
+
+    Raises:
+        ConflictError: The round is already terminal.
+        NotFoundError: No such round.
+    """
+    with store.transaction():
+        record = store.fail_round(server_round, reason, status=status)
+        events.emit(
+            ev.ROUND_CANCELLED if status == "cancelled" else ev.ROUND_FAILED,
+            server_round=server_round,
+            data={"reason": reason, "duration_s": record.duration_s},
+        )
+    return record

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flctl.core.events import Event
@@ -28,6 +28,10 @@ class EventLog:
         self._listeners: list[Callable[[Event], None]] = []
         self.last_seq = store.last_event_seq()
         self.closed = False
+        # Every event reaches followers once its transaction commits, whoever wrote it: an
+        # event written with the change it describes (``store.transaction()``) is announced
+        # only if that change landed.
+        store.on_events = self._published
 
     def subscribe(self, listener: Callable[[Event], None]) -> None:
         """Call ``listener`` with every event emitted from now on."""
@@ -40,19 +44,28 @@ class EventLog:
         server_round: int = 0,
         client_id: str = "",
         data: Mapping[str, Any] | None = None,
+        durable: bool = True,
     ) -> Event:
-        """Persist one event and wake followers."""
-        event = self._store.append_event(
-            type, server_round=server_round, client_id=client_id, data=data or {}
+        """Persist one event; followers hear of it when its transaction commits.
+
+        Called inside ``store.transaction()``, the event lands with the rest of that
+        transaction's writes, or not at all. ``durable=False`` for the informational ones a
+        client produces many times a round (state changes, tasks sent, sessions): their commit
+        does not wait for the disk, they still survive a killed process.
+        """
+        return self._store.append_event(
+            type, server_round=server_round, client_id=client_id, data=data or {}, durable=durable
         )
-        self.last_seq = event.seq
-        for listener in self._listeners:
-            try:
-                listener(event)
-            except Exception:  # a broken panel must not break the coordinator
-                log.exception("event listener failed")
+
+    def _published(self, events: Sequence[Event]) -> None:
+        self.last_seq = max(self.last_seq, events[-1].seq)
+        for event in events:
+            for listener in self._listeners:
+                try:
+                    listener(event)
+                except Exception:  # a broken panel must not break the coordinator
+                    log.exception("event listener failed")
         self._wake()
-        return event
 
     def _wake(self) -> None:
         # Swap in a fresh Event: waiters hold the old one, which stays set.

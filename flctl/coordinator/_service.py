@@ -39,7 +39,7 @@ from flctl.core.errors import (
     ProtocolMismatchError,
 )
 from flctl.security import TokenSigner
-from flctl.store import BlobStore, ModelRecord, SqlStore, is_revoked, revoke
+from flctl.store import BlobStore, ModelRecord, SqlStore, WriteBehind, is_revoked, revoke
 from flctl.tensors import StreamValidator, TensorSpec, UpdateEncoding, expected_update_spec
 from flctl.transport import (
     CODEC_NONE,
@@ -63,7 +63,7 @@ from flctl.transport.grpc import (
     to_value_map,
 )
 
-from ._engine import PendingRollback, RoundEngine
+from ._engine import PendingRollback, RoundEngine, end_round
 from ._events import EventLog
 from ._guard import RevocationGuard
 from ._registry import Registry, Session
@@ -152,6 +152,7 @@ class _UpdateSink:
         max_chunk: int = 1 << 20,
     ) -> None:
         self.handle: BinaryIO | None = None
+        self.writeback: WriteBehind | None = None
         self._size = size
         self._codec = codec or "none"
         self._max_chunk = max_chunk
@@ -180,8 +181,9 @@ class _UpdateSink:
             raise LimitExceededError(f"upload exceeds the {self._size} bytes its header announced")
         self._validator.feed(data)
         self._hash.update(data)
-        assert self.handle is not None
+        assert self.handle is not None and self.writeback is not None
         self.handle.write(data)
+        self.writeback.wrote(len(data))
         self.received += len(data)
 
     def finish(self, digest: str) -> None:
@@ -300,6 +302,7 @@ class CoordinatorService:
             ev.CLIENT_JOINED,
             client_id=ctx.identity,
             data={"session_id": session.session_id, "replaced": old is not None},
+            durable=False,
         )
         return pb.JoinReply(
             client_id=ctx.identity,
@@ -341,6 +344,7 @@ class CoordinatorService:
                 server_round=request.server_round,
                 client_id=session.client_id,
                 data=data,
+                durable=False,
             )
         session.progress = progress
         session.bytes_per_s = (
@@ -377,9 +381,12 @@ class CoordinatorService:
         finally:
             session.streaming = False
             if self._registry.remove(session):
-                self._store.upsert_client(session.client_id, state="offline", seen=time.time())
+                self._store.bump_client(session.client_id, state="offline", seen=time.time())
                 self._events.emit(
-                    ev.CLIENT_LEFT, client_id=session.client_id, data={"reason": reason}
+                    ev.CLIENT_LEFT,
+                    client_id=session.client_id,
+                    data={"reason": reason},
+                    durable=False,
                 )
             self._engine.update_arrived()
 
@@ -450,7 +457,7 @@ class CoordinatorService:
                         sent += len(data)
         finally:
             link.observe(sent, held)
-            self._store.upsert_client(session.client_id, add_bytes_down=sent)
+            self._store.bump_client(session.client_id, add_bytes_down=sent)
 
     def _reject(
         self, header: pb.UploadHeader, client_id: str, reason: str, *, malformed: bool = False
@@ -472,19 +479,20 @@ class CoordinatorService:
                 data={"task_id": header.task_id[:64], "reason": reason, "malformed": True},
             )
             return
-        self._store.add_update(
-            server_round=int(header.server_round),
-            client_id=client_id,
-            task_id=header.task_id[: self._limits.max_string_bytes],
-            status="rejected",
-            reason=reason,
-        )
-        self._events.emit(
-            ev.UPDATE_REJECTED,
-            server_round=int(header.server_round),
-            client_id=client_id,
-            data={"task_id": header.task_id[:64], "reason": reason},
-        )
+        with self._store.transaction():
+            self._store.add_update(
+                server_round=int(header.server_round),
+                client_id=client_id,
+                task_id=header.task_id[: self._limits.max_string_bytes],
+                status="rejected",
+                reason=reason,
+            )
+            self._events.emit(
+                ev.UPDATE_REJECTED,
+                server_round=int(header.server_round),
+                client_id=client_id,
+                data={"task_id": header.task_id[:64], "reason": reason},
+            )
 
     def _check_header(self, header: pb.UploadHeader, client_id: str) -> str | None:
         """Validate the header's fields; return a round-state refusal reason, or None."""
@@ -651,6 +659,7 @@ class CoordinatorService:
         upload_id = record.upload_id
         part = self._uploads.part_path(upload_id)
         started = time.perf_counter()
+        wire = 0  # bytes of this stream on the wire (compressed, when a codec is on)
         try:
             spec, metadata = self._update_format(record)
             sink = _UpdateSink(
@@ -667,7 +676,7 @@ class CoordinatorService:
             pipeline: Pipeline[bytes | memoryview] = Pipeline(sink.feed)
             try:
                 with open(part, "ab") as handle:
-                    sink.handle = handle
+                    sink.handle, sink.writeback = handle, WriteBehind(handle)
                     try:
                         async for data in chunks:
                             if data is None or isinstance(data, pb.UploadHeader):
@@ -679,6 +688,7 @@ class CoordinatorService:
                                 )
                             # decompressing, hashing, checking and writing release the GIL: a
                             # worker thread does them while the loop receives the next piece
+                            wire += len(data)
                             await pipeline.put(data)
                     finally:
                         # what arrived is on disk before the stream's end is answered, however
@@ -711,34 +721,42 @@ class CoordinatorService:
         stored = await asyncio.to_thread(self._commit_part, upload_id, record.digest)
         commit_s = time.perf_counter() - committing
         received = record.size
-        update = self._store.add_update(
-            server_round=record.server_round,
-            client_id=session.client_id,
-            task_id=record.task_id,
-            status="accepted",
-            digest=stored,
-            size=received,
-            num_examples=record.num_examples,
-            metrics=metrics,
-        )
+        # The update, the client's counters and the update.accepted event land together: an
+        # acknowledged update always has its event, even when the coordinator dies next.
+        with self._store.transaction():
+            update = self._store.add_update(
+                server_round=record.server_round,
+                client_id=session.client_id,
+                task_id=record.task_id,
+                status="accepted",
+                digest=stored,
+                size=received,
+                num_examples=record.num_examples,
+                metrics=metrics,
+            )
+            # bytes on the wire: this stream's, plus the part an earlier stream brought
+            # (counted as held: a refused or cut stream changes no table)
+            moved = wire + int(header.offset)
+            self._store.bump_client(session.client_id, add_rounds=1, add_bytes_up=moved)
+            self._events.emit(
+                ev.UPDATE_ACCEPTED,
+                server_round=update.server_round,
+                client_id=session.client_id,
+                data={
+                    "task_id": record.task_id,
+                    "num_examples": update.num_examples,
+                    "metrics": metrics,
+                    "size": received,
+                    "digest": stored,
+                    "upload_id": upload_id,
+                    "resumed_from": int(header.offset),
+                    "codec": header.codec or "none",
+                    "wire_bytes": moved,
+                    "receive_s": round(receive_s, 4),
+                    "commit_s": round(commit_s, 4),
+                },
+            )
         self._uploads.forget(upload_id)
-        self._store.upsert_client(session.client_id, add_rounds=1, add_bytes_up=received)
-        self._events.emit(
-            ev.UPDATE_ACCEPTED,
-            server_round=update.server_round,
-            client_id=session.client_id,
-            data={
-                "task_id": record.task_id,
-                "num_examples": update.num_examples,
-                "metrics": metrics,
-                "size": received,
-                "digest": stored,
-                "upload_id": upload_id,
-                "resumed_from": int(header.offset),
-                "receive_s": round(receive_s, 4),
-                "commit_s": round(commit_s, 4),
-            },
-        )
         self._engine.update_arrived(session.client_id)
         return pb.UploadReply(accepted=True, upload_id=upload_id, committed_offset=received)
 
@@ -987,30 +1005,33 @@ class AdminService:
         identity = request.identity
         serial = _parse_serial(request.serial)
         already = is_revoked(self._store, identity, serial)
-        record = revoke(
-            self._store,
-            identity,
-            serial=serial,
-            reason=request.reason,
-            author=ctx.identity,
-            record_event=False,  # emitted through the event log, which wakes followers
-        )
+        with self._store.transaction():
+            record = revoke(
+                self._store,
+                identity,
+                serial=serial,
+                reason=request.reason,
+                author=ctx.identity,
+                record_event=False,  # emitted through the event log, which wakes followers
+            )
+            event = self._events.emit(
+                ev.IDENTITY_REVOKED,
+                client_id=identity,
+                data={
+                    "serial": None if serial is None else format(serial, "x"),
+                    "reason": record.reason,
+                    "author": record.author,
+                },
+            )
         self._guard.add(identity, serial)
-        event = self._events.emit(
-            ev.IDENTITY_REVOKED,
-            client_id=identity,
-            data={
-                "serial": None if serial is None else format(serial, "x"),
-                "reason": record.reason,
-                "author": record.author,
-            },
-        )
         log.info("%s revoked %s (%s)", ctx.identity, identity, request.serial or "all")
         session = self._registry.get(identity)
         if session is not None and (serial is None or session.serial == serial):
             self._registry.end(session, revoked=True)
-            self._store.upsert_client(identity, state="offline", seen=time.time())
-            self._events.emit(ev.CLIENT_LEFT, client_id=identity, data={"reason": "revoked"})
+            self._store.bump_client(identity, state="offline", seen=time.time())
+            self._events.emit(
+                ev.CLIENT_LEFT, client_id=identity, data={"reason": "revoked"}, durable=False
+            )
             self._engine.update_arrived()
         return pb.RevokeReply(
             identity=record.identity,
@@ -1045,17 +1066,6 @@ class AdminService:
                 f"round {result.server_round} is running: the rollback to version "
                 f"{target.version} takes effect when it ends, before the next round starts"
             )
-            self._events.emit(
-                ev.MODEL_ROLLBACK_DEFERRED,
-                server_round=result.server_round,
-                data={
-                    "source": target.version,
-                    "digest": target.digest,
-                    "server_round": result.server_round,
-                    "author": ctx.identity,
-                    "reason": reason,
-                },
-            )
             return pb.RollbackReply(
                 digest=target.digest,
                 source_version=target.version,
@@ -1082,7 +1092,7 @@ class AdminService:
         if session is None:
             return pb.EvictReply(evicted=False, message=f"{client_id} has no open session")
         self._registry.end(session)
-        self._store.upsert_client(client_id, state="offline", seen=time.time())
+        self._store.bump_client(client_id, state="offline", seen=time.time())
         reason = f"evicted by {ctx.identity}" + (f": {given}" if given else "")
         self._events.emit(
             ev.CLIENT_EVICTED, client_id=client_id, data={"admin": ctx.identity, "reason": given}
@@ -1091,6 +1101,7 @@ class AdminService:
             ev.CLIENT_LEFT,
             client_id=client_id,
             data={"reason": reason, "admin": ctx.identity},
+            durable=False,
         )
         self._engine.update_arrived()
         log.info("%s evicted %s", ctx.identity, client_id)
@@ -1125,12 +1136,7 @@ class AdminService:
                 else:
                     notes.append(why_not)
             elif record.status == "queued":
-                self._store.fail_round(server_round, reason, status="cancelled")
-                self._events.emit(
-                    ev.ROUND_CANCELLED,
-                    server_round=server_round,
-                    data={"reason": reason, "duration_s": None},
-                )
+                end_round(self._store, self._events, server_round, reason, status="cancelled")
                 cancelled.append(server_round)
             else:
                 notes.append(f"round {server_round} is already {record.status}")
@@ -1144,17 +1150,18 @@ class AdminService:
         self._guard.admit(ctx, "Tag")
         model = self._store.resolve_model(_ref(request.ref))
         before = {t.name: t.version for t in self._store.list_tags()}.get(request.name)
-        tag = self._store.add_tag(
-            model.version, request.name, author=ctx.identity, force=request.force
-        )
-        if before != model.version:
-            self._events.emit(
-                ev.MODEL_TAGGED,
-                data={
-                    "tag": tag.name,
-                    "version": tag.version,
-                    "previous": before,
-                    "author": ctx.identity,
-                },
+        with self._store.transaction():
+            tag = self._store.add_tag(
+                model.version, request.name, author=ctx.identity, force=request.force
             )
+            if before != model.version:
+                self._events.emit(
+                    ev.MODEL_TAGGED,
+                    data={
+                        "tag": tag.name,
+                        "version": tag.version,
+                        "previous": before,
+                        "author": ctx.identity,
+                    },
+                )
         return pb.TagReply(version=tag.version, name=tag.name, previous=before or 0)

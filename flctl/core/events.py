@@ -69,7 +69,8 @@ CLIENT_STATE = "client.state"
 ROUND_QUEUED = "round.queued"
 #: data: base_version, selected (client ids), deadline_unix, min_clients
 ROUND_STARTED = "round.started"
-#: data: selected (client ids), accepted (updates already held), deadline_unix
+#: data: selected (client ids), accepted (updates already held), deadline_unix; or, for a
+#: round stopped while selecting, reselect: true (it selects again; round.started follows)
 ROUND_RESUMED = "round.resumed"
 #: data: status (selecting | training | aggregating | evaluating)
 ROUND_STATUS = "round.status"

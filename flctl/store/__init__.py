@@ -8,7 +8,7 @@ kept in the ``revocations`` table (:func:`revoke`, :func:`is_revoked`, :func:`li
 rounds charged to the privacy budget in the ``dp_ledger`` table (:func:`charge`, :func:`ledger`).
 """
 
-from flctl.store._blobs import BlobStore, sha256_file
+from flctl.store._blobs import BlobStore, WriteBehind, sha256_file
 from flctl.store._ledger import LedgerRecord, charge, ledger
 from flctl.store._records import (
     MODEL_KINDS,
@@ -18,6 +18,7 @@ from flctl.store._records import (
     UPDATE_STATUSES,
     ClientRecord,
     ModelRecord,
+    PendingRollbackRecord,
     RoundRecord,
     TagRecord,
     UpdateRecord,
@@ -50,6 +51,7 @@ __all__ = [
     "MODEL_KINDS",
     "MODEL_STATUSES",
     "ModelRecord",
+    "PendingRollbackRecord",
     "ROUND_STATUSES",
     "RevocationRecord",
     "RoundRecord",
@@ -58,6 +60,7 @@ __all__ = [
     "TagRecord",
     "UPDATE_STATUSES",
     "UpdateRecord",
+    "WriteBehind",
     "charge",
     "collect_garbage",
     "is_revoked",

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import re
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from flctl.core.errors import InvalidInputError, NotFoundError, StoreError
 
-__all__ = ["BlobStore", "sha256_file"]
+__all__ = ["BlobStore", "WriteBehind", "sha256_file"]
 
 _PIECE = 1 << 20
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
@@ -37,6 +39,57 @@ def sha256_file(path: Path) -> str:
         while n := f.readinto(buffer):
             digest.update(view[:n])
     return digest.hexdigest()
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):  # pragma: no cover - every glibc and musl has it
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return cast("Callable[[int, int, int, int], int]", function)
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writing the range back; do not wait
+
+
+class WriteBehind:
+    """Starts the disk writing a file back while it is still being written (Linux).
+
+    A file written at network speed and fsynced at the end makes the fsync wait for all of it
+    (0.5-0.8 s for 500 MB here); asking the kernel to start writing each finished stretch
+    back right away leaves the final fsync little to do. Elsewhere it does nothing.
+
+    Args:
+        handle: The file being written (appended to).
+        every: Bytes between two requests.
+    """
+
+    def __init__(self, handle: BinaryIO, every: int = 8 << 20) -> None:
+        self._handle = handle
+        self._every = every
+        self._started = handle.tell()
+        self._written = self._started
+
+    def wrote(self, count: int) -> None:
+        """``count`` more bytes were written to the handle."""
+        self._written += count
+        if _SYNC_FILE_RANGE is None or self._written - self._started < self._every:
+            return
+        self._handle.flush()
+        # a failure only means the fsync at the end does all the work, as without this
+        _SYNC_FILE_RANGE(
+            self._handle.fileno(),
+            self._started,
+            self._written - self._started,
+            _SYNC_FILE_RANGE_WRITE,
+        )
+        self._started = self._written
 
 
 def _fsync_dir(path: Path) -> None:

@@ -185,7 +185,7 @@ def charge(
         session.add(row)
         session.flush()
         record = _record(row)
-        session.commit()
+        store._commit(session)
     return record
 
 

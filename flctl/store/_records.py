@@ -12,6 +12,7 @@ __all__ = [
     "MODEL_KINDS",
     "MODEL_STATUSES",
     "ModelRecord",
+    "PendingRollbackRecord",
     "ROUND_STATUSES",
     "RoundRecord",
     "TERMINAL",
@@ -203,3 +204,24 @@ class ClientRecord:
     rounds_joined: int
     bytes_up: int
     bytes_down: int
+
+
+@dataclass(frozen=True)
+class PendingRollbackRecord:
+    """A rollback asked for while a round ran; applied when that round ends.
+
+    Attributes:
+        id: Row id, from 1.
+        source: The version whose weights become the head again.
+        author: The admin identity that asked.
+        reason: Its ``--reason``.
+        server_round: The round it waits for.
+        created: Unix time it was asked for.
+    """
+
+    id: int
+    source: int
+    author: str
+    reason: str
+    server_round: int
+    created: float

@@ -152,7 +152,7 @@ def revoke(
             session.add(event)
         session.flush()
         record = _record(row, (event.seq or 0) if event is not None else 0)
-        session.commit()
+        store._commit(session)
     return record
 
 

@@ -13,13 +13,25 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event, func, inspect, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    case,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    text,
+    update,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
@@ -46,6 +58,7 @@ from flctl.store._records import (
     UPDATE_STATUSES,
     ClientRecord,
     ModelRecord,
+    PendingRollbackRecord,
     RoundRecord,
     TagRecord,
     UpdateRecord,
@@ -55,6 +68,7 @@ from flctl.store._tables import (
     EventRow,
     MetaRow,
     ModelRow,
+    PendingRollbackRow,
     RefRow,
     RoundRow,
     TableBase,
@@ -65,6 +79,8 @@ from flctl.store._tables import (
 __all__ = ["SqlStore"]
 
 _HEAD = "head"
+_EVENTS = EventRow.__table__  # type: ignore[attr-defined]
+_CLIENTS = ClientRow.__table__  # type: ignore[attr-defined]
 _SCHEMA_KEY = "schema_version"
 _IN_PROGRESS = tuple(s for s in ROUND_STATUSES if s != "queued" and s not in TERMINAL)
 _DIGEST_PREFIX_RE = re.compile(r"[0-9a-f]{6,64}")
@@ -93,8 +109,9 @@ class SqlStore:
 
     #: 1: models, refs, rounds, updates, clients, events. 2: the registry (tags; model status,
     #: reason, author, source, config). 3: rounds.tasks. 4: dp_ledger.unclipped_fraction and
-    #: next_clip_norm (adaptive clipping). Older databases are migrated when opened.
-    SCHEMA_VERSION: ClassVar[int] = 4
+    #: next_clip_norm (adaptive clipping). 5: pending_rollbacks (rollbacks deferred behind a
+    #: running round survive a restart). Older databases are migrated when opened.
+    SCHEMA_VERSION: ClassVar[int] = 5
 
     def __init__(self, url: str) -> None:
         # The coordinator may call from worker threads; one lock keeps each read-modify-write
@@ -105,6 +122,13 @@ class SqlStore:
         # the write lock up front (BEGIN IMMEDIATE), so another process's commit between our
         # read and our write makes us wait (busy_timeout) instead of failing.
         self._is_write = False
+        self._durable = True
+        # The session of the open :meth:`transaction`, and the events written in the current
+        # transaction, handed to :attr:`on_events` once it commits.
+        self._batch: Session | None = None
+        self._unpublished: list[Event] = []
+        #: Called (on the committing thread) with the events of each committed transaction.
+        self.on_events: Callable[[Sequence[Event]], None] | None = None
         try:
             self._engine = _make_engine(url)
         except sa_exc.SQLAlchemyError as exc:
@@ -156,10 +180,23 @@ class SqlStore:
     # -- plumbing ---------------------------------------------------------------------------
 
     @contextmanager
-    def _session(self, *, write: bool = False) -> Iterator[Session]:
-        """One short transaction; SQLAlchemy errors become flctl store errors, once, here."""
+    def _session(self, *, write: bool = False, durable: bool = True) -> Iterator[Session]:
+        """One short transaction; SQLAlchemy errors become flctl store errors, once, here.
+
+        Inside :meth:`transaction` every call shares the one open session (same thread: the
+        lock is reentrant and held for the whole transaction).
+
+        ``durable=False`` (SQLite): the commit does not wait for the disk (``synchronous =
+        NORMAL``). It still survives the process being killed; only a power loss may take it,
+        and the next durable commit makes it durable too (one WAL file, written in order).
+        Used for what is only informational: client state events, transfer counters.
+        """
         with self._lock:
+            if self._batch is not None:
+                yield self._batch
+                return
             self._is_write = write
+            self._durable = durable
             try:
                 with Session(self._engine, expire_on_commit=False) as session:
                     yield session
@@ -173,8 +210,61 @@ class SqlStore:
                 raise StoreError(f"database error: {exc}") from exc
             finally:
                 self._is_write = False
+                self._durable = True
+                self._unpublished.clear()  # committed ones were published; the rest never were
+
+    def _commit(self, session: Session) -> None:
+        """Commit, then hand the events written to :attr:`on_events`.
+
+        Inside :meth:`transaction` it only flushes: the outer transaction commits.
+        """
+        if session is self._batch:
+            session.flush()
+            return
+        session.commit()
+        self._publish()
+
+    def _publish(self) -> None:
+        events, self._unpublished = self._unpublished, []
+        if events and self.on_events is not None:
+            self.on_events(events)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group store calls into one transaction: all of their writes land, or none does.
+
+        The coordinator writes a change and the events that describe it together, so that a
+        crash can never leave one without the other. Nested uses join the outer transaction.
+        Hold it briefly and never across an ``await``: other threads wait for it.
+
+        Example:
+            >>> store = SqlStore("sqlite://")
+            >>> with store.transaction():
+            ...     v = store.add_model(digest="ab" * 32, kind="initial", set_head=True).version
+            ...     e = store.append_event("model.created", data={"version": v})
+            >>> store.last_event_seq()
+            1
+            >>> store.close()
+        """
+        with self._lock:
+            if self._batch is not None:
+                yield
+                return
+            with self._session(write=True) as session:
+                self._batch = session
+                try:
+                    yield
+                    session.commit()
+                finally:
+                    self._batch = None
+                self._publish()  # before _session's exit, which drops unpublished events
 
     def _sqlite_begin(self, connection: Connection) -> None:
+        if self._is_write:
+            synchronous = "FULL" if self._durable else "NORMAL"
+            if connection.info.get("synchronous") != synchronous:  # per connection
+                connection.exec_driver_sql(f"PRAGMA synchronous={synchronous}")
+                connection.info["synchronous"] = synchronous
         connection.exec_driver_sql("BEGIN IMMEDIATE" if self._is_write else "BEGIN")
 
     def _init_schema(self) -> None:
@@ -204,7 +294,7 @@ class SqlStore:
             TableBase.metadata.create_all(session.connection())
             if "meta" not in existing:
                 session.add(MetaRow(key=_SCHEMA_KEY, value=str(self.SCHEMA_VERSION)))
-            session.commit()
+            self._commit(session)
 
     # -- models and refs --------------------------------------------------------------------
 
@@ -269,7 +359,7 @@ class SqlStore:
             if set_head:
                 _set_ref(session, _HEAD, row.version)
             record = _model_record(row)
-            session.commit()
+            self._commit(session)
         return record
 
     def head(self) -> ModelRecord | None:
@@ -460,7 +550,7 @@ class SqlStore:
                 session.add(row)
             session.flush()
             record = _tag_record(row)
-            session.commit()
+            self._commit(session)
         return record
 
     def remove_tag(self, name: str) -> TagRecord:
@@ -478,7 +568,7 @@ class SqlStore:
                 raise NotFoundError(f"tag {name!r} not found")
             record = _tag_record(row)
             session.delete(row)
-            session.commit()
+            self._commit(session)
         return record
 
     def tags_for(self, version: int) -> list[str]:
@@ -542,8 +632,45 @@ class SqlStore:
             )
             _set_ref(session, _HEAD, row.version)
             record = _model_record(row)
-            session.commit()
+            self._commit(session)
         return record
+
+    def defer_rollback(
+        self, source: int, *, author: str, reason: str, server_round: int
+    ) -> PendingRollbackRecord:
+        """Remember a rollback to ``source`` to apply when round ``server_round`` ends.
+
+        Raises:
+            NotFoundError: No such version.
+        """
+        row = PendingRollbackRow(
+            source=source,
+            author=author,
+            reason=reason,
+            server_round=server_round,
+            created=time.time(),
+        )
+        with self._session(write=True) as session:
+            _get_model_row(session, source)
+            session.add(row)
+            session.flush()
+            record = _pending_record(row)
+            self._commit(session)
+        return record
+
+    def pending_rollbacks(self) -> list[PendingRollbackRecord]:
+        """Return the deferred rollbacks not yet applied, in the order they were asked for."""
+        stmt = select(PendingRollbackRow).order_by(col(PendingRollbackRow.id))
+        with self._session() as session:
+            return [_pending_record(row) for row in session.exec(stmt)]
+
+    def drop_pending_rollback(self, pending_id: int) -> None:
+        """Forget a deferred rollback (applied, or failed); unknown ids are ignored."""
+        with self._session(write=True) as session:
+            row = session.get(PendingRollbackRow, pending_id)
+            if row is not None:
+                session.delete(row)
+            self._commit(session)
 
     def import_model(
         self,
@@ -585,7 +712,7 @@ class SqlStore:
             if head:
                 _set_ref(session, _HEAD, row.version)
             record = _model_record(row)
-            session.commit()
+            self._commit(session)
         return record
 
     # -- rounds -----------------------------------------------------------------------------
@@ -614,7 +741,7 @@ class SqlStore:
             session.add_all(rows)
             session.flush()
             ids = [_row_id(row.id) for row in rows]
-            session.commit()
+            self._commit(session)
         return sorted(ids)
 
     def get_round(self, round_id: int) -> RoundRecord:
@@ -720,7 +847,7 @@ class SqlStore:
         with self._session(write=True) as session:
             _guarded_round_update(session, round_id, values)
             record = _round_record(_get_round_row(session, round_id))
-            session.commit()
+            self._commit(session)
         return record
 
     def commit_round(
@@ -797,7 +924,7 @@ class SqlStore:
             if status == "ok":
                 _set_ref(session, _HEAD, row.version)
             record = _model_record(row)
-            session.commit()
+            self._commit(session)
         return record
 
     def fail_round(self, round_id: int, reason: str, *, status: str = "failed") -> RoundRecord:
@@ -855,7 +982,7 @@ class SqlStore:
             session.add(row)
             session.flush()
             record = _update_record(row)
-            session.commit()
+            self._commit(session)
         return record
 
     def updates_for_round(self, server_round: int, status: str | None = None) -> list[UpdateRecord]:
@@ -952,8 +1079,60 @@ class SqlStore:
             session.flush()
             session.refresh(row)
             record = _client_record(row)
-            session.commit()
+            self._commit(session)
         return record
+
+    def bump_client(
+        self,
+        client_id: str,
+        *,
+        state: str | None = None,
+        seen: float | None = None,
+        add_rounds: int = 0,
+        add_bytes_up: int = 0,
+        add_bytes_down: int = 0,
+    ) -> None:
+        """:meth:`upsert_client` for the hot paths: one UPDATE, nothing read back.
+
+        Not durable on its own (counters and state are informational); a client not seen
+        before is created through :meth:`upsert_client`.
+        """
+        for name, value in (
+            ("add_rounds", add_rounds),
+            ("add_bytes_up", add_bytes_up),
+            ("add_bytes_down", add_bytes_down),
+        ):
+            if value < 0:
+                raise InvalidInputError(f"{name} must be >= 0, got {value!r}")
+        values: dict[str, Any] = {}
+        if add_rounds:
+            values["rounds_joined"] = _CLIENTS.c.rounds_joined + add_rounds
+        if add_bytes_up:
+            values["bytes_up"] = _CLIENTS.c.bytes_up + add_bytes_up
+        if add_bytes_down:
+            values["bytes_down"] = _CLIENTS.c.bytes_down + add_bytes_down
+        if state is not None:
+            values["state"] = state
+        if seen is not None:
+            last = _CLIENTS.c.last_seen
+            values["last_seen"] = case((last < seen, seen), else_=last)  # never backwards
+        if not values:
+            return
+        with self._session(write=True, durable=False) as session:
+            result = session.connection().execute(
+                update(_CLIENTS).where(_CLIENTS.c.client_id == client_id).values(**values)
+            )
+            found = result.rowcount > 0
+            self._commit(session)
+        if not found:
+            self.upsert_client(
+                client_id,
+                state=state,
+                seen=seen,
+                add_rounds=add_rounds,
+                add_bytes_up=add_bytes_up,
+                add_bytes_down=add_bytes_down,
+            )
 
     def list_clients(self) -> list[ClientRecord]:
         """Return every known client, by id."""
@@ -970,6 +1149,7 @@ class SqlStore:
         server_round: int = 0,
         client_id: str = "",
         data: Mapping[str, Any] | None = None,
+        durable: bool = True,
     ) -> Event:
         """Append one event to the log.
 
@@ -978,6 +1158,8 @@ class SqlStore:
             server_round: The round it concerns, or 0.
             client_id: The client it concerns, or "".
             data: Type-specific details (JSON-serialisable).
+            durable: False for an informational event whose commit need not wait for the
+                disk (see :meth:`_session`); inside :meth:`transaction` the transaction decides.
 
         Returns:
             The event with its ``seq`` and ``time``.
@@ -986,18 +1168,28 @@ class SqlStore:
             InvalidInputError: ``data`` is not JSON-serialisable.
         """
         data_dict = dict(data or {})
-        row = EventRow(
-            time=time.time(),
-            type=type,
-            server_round=server_round,
-            client_id=client_id,
-            data=_dump_json(data_dict, "event data"),
-        )
-        with self._session(write=True) as session:
-            session.add(row)
-            session.flush()
-            event_ = _event(row)
-            session.commit()
+        now = time.time()
+        values = {
+            "time": now,
+            "type": type,
+            "server_round": server_round,
+            "client_id": client_id,
+            "data": _dump_json(data_dict, "event data"),
+        }
+        with self._session(write=True, durable=durable) as session:
+            # Core INSERT: the ORM's unit of work costs more than the insert itself here
+            result = session.connection().execute(insert(_EVENTS).values(**values))
+            (seq,) = result.inserted_primary_key or (None,)
+            event_ = Event(
+                seq=_row_id(seq),
+                time=now,
+                type=type,
+                server_round=server_round,
+                client_id=client_id,
+                data=data_dict,
+            )
+            self._unpublished.append(event_)
+            self._commit(session)
         return event_
 
     def events_since(self, seq: int, limit: int = 1000) -> list[Event]:
@@ -1224,6 +1416,17 @@ def _round_record(row: RoundRow) -> RoundRecord:
     )
 
 
+def _pending_record(row: PendingRollbackRow) -> PendingRollbackRecord:
+    return PendingRollbackRecord(
+        id=_row_id(row.id),
+        source=row.source,
+        author=row.author,
+        reason=row.reason,
+        server_round=row.server_round,
+        created=row.created,
+    )
+
+
 def _update_record(row: UpdateRow) -> UpdateRecord:
     return UpdateRecord(
         id=_row_id(row.id),
@@ -1330,8 +1533,17 @@ def _migrate_3_to_4(session: Session) -> None:
         _add_missing_columns(connection, TableBase.metadata.tables["dp_ledger"])
 
 
+def _migrate_4_to_5(session: Session) -> None:
+    """Nothing to alter: ``create_all`` adds the pending_rollbacks table afterwards."""
+
+
 #: schema version found -> the step that brings it to the next version.
-_MIGRATIONS = {"1": _migrate_1_to_2, "2": _migrate_2_to_3, "3": _migrate_3_to_4}
+_MIGRATIONS = {
+    "1": _migrate_1_to_2,
+    "2": _migrate_2_to_3,
+    "3": _migrate_3_to_4,
+    "4": _migrate_4_to_5,
+}
 
 
 def _migrate(session: Session, found: int, target: int) -> None:

@@ -15,6 +15,7 @@ __all__ = [
     "EventRow",
     "MetaRow",
     "ModelRow",
+    "PendingRollbackRow",
     "RefRow",
     "RoundRow",
     "TableBase",
@@ -146,3 +147,20 @@ class EventRow(TableBase, table=True):
     server_round: int = Field(default=0, index=True)
     client_id: str = Field(default="", max_length=255)
     data: str = Field(default="{}", sa_type=Text)
+
+
+class PendingRollbackRow(TableBase, table=True):
+    """A rollback asked for while a round ran, applied when that round ends (schema 5).
+
+    Kept in the database so that a coordinator killed before the round ends still applies it
+    after a restart; the row goes in the same transaction as the rollback (or its failure).
+    """
+
+    __tablename__ = "pending_rollbacks"
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: int
+    author: str = Field(default="", max_length=255)
+    reason: str = Field(default="", sa_type=Text)
+    server_round: int
+    created: float

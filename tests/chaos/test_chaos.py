@@ -3,9 +3,9 @@
 A few trials of the chaos harness (tests/chaos/harness.py): each runs a 3-round job with a
 coordinator and three clients as subprocesses, kills the coordinator at seeded moments
 (mid-upload, mid-training, while aggregating, right after a commit, ...) and restarts it on
-the same port each time. Every data invariant of crash safety (tests/chaos/invariants.py) must
-hold in every trial; two known gaps (the event log and deferred rollbacks) are tracked by an
-expected failure; ``bench/chaos.py`` runs many more trials.
+the same port each time. Every invariant of crash safety (tests/chaos/invariants.py) must hold
+in every trial, the event log's completeness and deferred rollbacks included; ``bench/chaos.py``
+runs many more trials.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 #: draws many more). The first: mid-upload, while clients train, right after a commit; it also
 #: asks for a rollback while round 1 runs, which the coordinator defers until that round ends.
 #: The second: after an update was accepted, while aggregating, and at a moment when the
-#: tables hold a change (an accepted update, an ended round) that the event log does not yet.
+#: tables hold a change (an accepted update, an ended round) that the event log does not yet
+#: (a change and its events share one transaction, so that moment should never come).
 TRIALS = (
     TrialSpec(seed=3, kills=3, rollback=True),
     TrialSpec(seed=54, kills=3, triggers=("selecting", "accepted", "aggregating", "unlogged")),
@@ -41,36 +42,19 @@ def _report(trials: list[TrialResult]) -> str:
     return "\n".join(t.describe() for t in trials)
 
 
-#: Invariants a kill can still break (open in issue 5): an event written in its own
-#: transaction after the change it describes is lost when the kill falls in between, and a
-#: rollback deferred behind a round lives only in memory.
-KNOWN_GAPS = frozenset({"event_log_complete", "deferred_rollbacks_resolved"})
-
-
-def test_every_data_invariant_holds_in_every_trial(trials: list[TrialResult]) -> None:
-    """Acknowledged updates, blobs, head, rounds and partial files: these must always hold."""
+def test_every_invariant_holds_in_every_trial(trials: list[TrialResult]) -> None:
+    """Acknowledged updates, blobs, head, rounds, partial files, the event log, rollbacks."""
     assert [t.error for t in trials] == [""] * len(TRIALS), _report(trials)
-    broken = [
-        (t.seed, c.name, c.detail)
-        for t in trials
-        for c in t.checks
-        if not c.held and c.name not in KNOWN_GAPS
-    ]
-    assert broken == [], _report(trials)
-    checked = {c.name for t in trials for c in t.checks}
-    assert {"acknowledged_updates_recorded", "models_intact", "no_partial_files"} <= checked
-
-
-@pytest.mark.xfail(
-    reason="open (issue 5): events are written after their change, in another transaction, "
-    "and a deferred rollback is kept in memory only; a kill in between loses them",
-    strict=False,
-)
-def test_the_event_log_and_deferred_rollbacks_survive_every_kill(
-    trials: list[TrialResult],
-) -> None:
     broken = [(t.seed, c.name, c.detail) for t in trials for c in t.checks if not c.held]
     assert broken == [], _report(trials)
+    checked = {c.name for t in trials for c in t.checks}
+    assert {
+        "acknowledged_updates_recorded",
+        "models_intact",
+        "no_partial_files",
+        "event_log_complete",
+        "deferred_rollbacks_resolved",
+    } <= checked
 
 
 def test_each_trial_killed_the_coordinator_and_rounds_were_resumed(

@@ -178,3 +178,111 @@ def test_sigkill_mid_upload_then_restart_resumes_the_round_and_the_upload(
     assert "round.resumed" in result["types"] and "upload.resumed" in result["types"]
     assert list(uploads.iterdir()) == []
     assert processes.stop("coordinator-2") == 0
+
+
+def test_a_rollback_deferred_behind_a_round_survives_sigkill(
+    tmp_path: Path, processes: Processes
+) -> None:
+    """Asked for while a round runs, then the coordinator is killed: applied after restart."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "flctl.toml").write_text(CONFIG)
+    shutil.copy(TINY_TASK, proj / "tiny_task.py")
+    flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
+    # a first life writes version 1; an imported version 2 (not head) is the rollback target
+    _serve(processes, "coordinator", proj)
+    assert processes.stop("coordinator") == 0
+    flctl("models", "export", "1", "-o", str(tmp_path / "v1.safetensors"), cwd=proj, check=True)
+    nudged = {n: t + 0.5 for n, t in load_parameters(tmp_path / "v1.safetensors").items()}
+    save_parameters(nudged, tmp_path / "v2.safetensors")
+    flctl("models", "import", str(tmp_path / "v2.safetensors"), cwd=proj, check=True)
+    pid, address = _serve(processes, "coordinator-2", proj)
+
+    async def open_round() -> int:
+        api, tasks = await _join(proj, address)
+        admin = AdminClient(_channel(proj, "admin", address))
+        try:
+            first = asyncio.ensure_future(anext(tasks))
+            await asyncio.sleep(0.5)
+            await admin.start_round(1)
+            task = await asyncio.wait_for(first, 60)  # the round is open; c1 never answers
+            return int(task.server_round)
+        finally:
+            await admin.close()
+            await api.close()
+
+    server_round = asyncio.run(open_round())
+    deferred = flctl("models", "rollback", "2", "--reason", "undo", "--json", cwd=proj)
+    assert deferred.returncode == 0, deferred.stderr
+    assert json.loads(deferred.stdout)["deferred"] is True
+    os.kill(pid, signal.SIGKILL)
+    assert processes.procs["coordinator-2"].wait(30) == -signal.SIGKILL
+    _pid, address = _serve(processes, "coordinator-3", proj)
+
+    async def end_round() -> list[pb.Event]:
+        admin = AdminClient(_channel(proj, "admin", address))
+        try:
+            await admin.cancel_round([server_round], reason="test over")
+            for _ in range(300):
+                events = [e async for e in admin.watch(0, follow=False)]
+                if any(e.type in ("model.rollback", "model.rollback_failed") for e in events):
+                    return events
+                await asyncio.sleep(0.1)
+            raise AssertionError("the deferred rollback was never resolved")
+        finally:
+            await admin.close()
+
+    events = asyncio.run(end_round())
+    types = [e.type for e in events]
+    assert "round.resumed" in types and "model.rollback_deferred" in types
+    (applied,) = [e for e in events if e.type == "model.rollback"]
+    data = json.loads(applied.data_json)
+    assert (data["source"], data["author"], data["reason"]) == (2, "admin", "undo")
+    ended = next(e for e in events if e.type == "round.cancelled")
+    assert ended.seq < applied.seq
+    listed = json.loads(flctl("models", "ls", "--json", cwd=proj, check=True).stdout)
+    assert listed["head"] == data["version"]
+    assert processes.stop("coordinator-3") == 0
+
+
+def test_a_round_killed_while_selecting_selects_again_after_restart(
+    tmp_path: Path, processes: Processes
+) -> None:
+    """No task had gone out: the restarted coordinator selects again instead of failing it."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "flctl.toml").write_text(CONFIG)
+    shutil.copy(TINY_TASK, proj / "tiny_task.py")
+    flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
+    pid, address = _serve(processes, "coordinator", proj)
+    started = flctl("round", "start", "--json", cwd=proj, check=True)
+    (server_round,) = json.loads(started.stdout)["round_ids"]
+
+    def selecting() -> bool:
+        status = json.loads(flctl("round", "status", "--json", cwd=proj, check=True).stdout)
+        return any(
+            r["round"] == server_round and r["status"] == "selecting" for r in status["rounds"]
+        )
+
+    wait_for(selecting, what="round selecting", timeout=60)  # no client: it waits for quorum
+    os.kill(pid, signal.SIGKILL)
+    assert processes.procs["coordinator"].wait(30) == -signal.SIGKILL
+    _pid, address = _serve(processes, "coordinator-2", proj)
+
+    async def second_life() -> tuple[pb.Task, list[str]]:
+        api, tasks = await _join(proj, address)
+        admin = AdminClient(_channel(proj, "admin", address))
+        try:
+            task = await asyncio.wait_for(anext(tasks), 60)
+            await admin.cancel_round([server_round], reason="test over")
+            events = [e async for e in admin.watch(0, follow=False)]
+            return task, [e.type for e in events if e.server_round == server_round]
+        finally:
+            await admin.close()
+            await api.close()
+
+    task, types = asyncio.run(second_life())
+    assert task.server_round == server_round
+    assert "round.failed" not in types
+    assert types.index("round.resumed") < types.index("round.started")
+    assert processes.stop("coordinator-2") == 0
