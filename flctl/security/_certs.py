@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     CertificatePublicKeyTypes,
@@ -281,9 +281,8 @@ def _load_ca_pair(ca: KeyPair) -> tuple[x509.Certificate, CertificateIssuerPriva
         ec.EllipticCurvePrivateKey
         | rsa.RSAPrivateKey
         | ed25519.Ed25519PrivateKey
-        | ed448.Ed448PrivateKey
-        | dsa.DSAPrivateKey,
-    ):  # pragma: no cover - only an X25519/X448 key in a CA certificate gets here
+        | ed448.Ed448PrivateKey,
+    ):  # DSA (deprecated by the crypto library) and X25519/X448 keys do not sign here
         raise CertificateError(f"CA key of type {type(ca_key).__name__} cannot sign certificates")
     return ca_cert, ca_key
 
@@ -358,8 +357,7 @@ def _authority_key_identifier(ca_cert: x509.Certificate) -> x509.AuthorityKeyIde
             ec.EllipticCurvePublicKey
             | rsa.RSAPublicKey
             | ed25519.Ed25519PublicKey
-            | ed448.Ed448PublicKey
-            | dsa.DSAPublicKey,
+            | ed448.Ed448PublicKey,
         ):  # pragma: no cover - _load_ca_pair already refused such a CA
             raise CertificateError("the CA's public key cannot identify an issuer") from None
         return x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key)
