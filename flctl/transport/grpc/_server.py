@@ -2,63 +2,103 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message_factory import GetMessageClass
 
 from flctl.core.errors import ConfigError, ConnectError
 from flctl.transport.grpc._channel import channel_options, is_loopback_host, split_address
 from flctl.transport.grpc._proto import flctl_pb2 as pb
-from flctl.transport.grpc._proto import flctl_pb2_grpc as pb_grpc
 from flctl.transport.grpc._servicers import (
     AdminHandler,
     AdminServicer,
     CoordinatorHandler,
     CoordinatorServicer,
 )
-from flctl.transport.grpc._wire import decode_upload, encode_chunk
+from flctl.transport.grpc._tolerant import tolerant
+from flctl.transport.grpc._wire import encode_chunk, parse_upload
 
-__all__ = ["ServerCredentials", "coordinator_handlers", "start_server"]
+__all__ = [
+    "ServerCredentials",
+    "admin_handlers",
+    "coordinator_handlers",
+    "method_handlers",
+    "start_server",
+]
+
+#: The method handler for each shape: (client streaming, server streaming).
+_SHAPES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def method_handlers(
+    service: str,
+    servicer: object,
+    *,
+    decoders: Mapping[str, Callable[[bytes], Any]] | None = None,
+    encoders: Mapping[str, Callable[[Any], bytes]] | None = None,
+) -> dict[str, grpc.RpcMethodHandler]:
+    """The method handlers of the proto ``service`` (its short name), from its descriptor.
+
+    Each method is served by ``servicer``'s method of the same name, with the shape the proto
+    declares and the generated codecs unless ``decoders``/``encoders`` name others. Every
+    request decoder is wrapped by :func:`tolerant`: bytes that do not parse reach the servicer
+    as a ``Malformed`` request, which it refuses with ``INVALID_ARGUMENT``.
+    """
+    descriptor = pb.DESCRIPTOR.services_by_name[service]
+    decoders, encoders = decoders or {}, encoders or {}
+    unknown = (set(decoders) | set(encoders)) - set(descriptor.methods_by_name)
+    if unknown:
+        raise ValueError(f"{service} has no method {sorted(unknown)}")
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in descriptor.methods:
+        request = GetMessageClass(method.input_type)
+        response = GetMessageClass(method.output_type)
+        make = _SHAPES[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=tolerant(
+                decoders.get(method.name, request.FromString), method.input_type.name
+            ),
+            response_serializer=encoders.get(method.name, response.SerializeToString),
+        )
+    return handlers
+
+
+def _coordinator_methods(servicer: CoordinatorServicer) -> dict[str, grpc.RpcMethodHandler]:
+    # the data path keeps the hand-framed codecs (same wire bytes, fewer copies)
+    return method_handlers(
+        "Coordinator",
+        servicer,
+        decoders={"Upload": parse_upload},
+        encoders={"Download": encode_chunk},
+    )
+
+
+def _full_name(service: str) -> str:
+    full_name: str = pb.DESCRIPTOR.services_by_name[service].full_name
+    return full_name
 
 
 def coordinator_handlers(servicer: CoordinatorServicer) -> grpc.GenericRpcHandler:
     """The Coordinator service's method table, with the hand-framed codecs on the data path."""
     return grpc.method_handlers_generic_handler(
-        "flctl.v1.Coordinator",
-        {
-            "Join": grpc.unary_unary_rpc_method_handler(
-                servicer.Join,
-                request_deserializer=pb.JoinRequest.FromString,
-                response_serializer=pb.JoinReply.SerializeToString,
-            ),
-            "Heartbeat": grpc.unary_unary_rpc_method_handler(
-                servicer.Heartbeat,
-                request_deserializer=pb.HeartbeatRequest.FromString,
-                response_serializer=pb.HeartbeatReply.SerializeToString,
-            ),
-            "Tasks": grpc.unary_stream_rpc_method_handler(
-                servicer.Tasks,
-                request_deserializer=pb.TasksRequest.FromString,
-                response_serializer=pb.Task.SerializeToString,
-            ),
-            "Download": grpc.unary_stream_rpc_method_handler(
-                servicer.Download,
-                request_deserializer=pb.DownloadRequest.FromString,
-                response_serializer=encode_chunk,
-            ),
-            "Upload": grpc.stream_unary_rpc_method_handler(
-                servicer.Upload,
-                request_deserializer=decode_upload,
-                response_serializer=pb.UploadReply.SerializeToString,
-            ),
-            "BeginUpload": grpc.unary_unary_rpc_method_handler(
-                servicer.BeginUpload,
-                request_deserializer=pb.UploadHeader.FromString,
-                response_serializer=pb.UploadReply.SerializeToString,
-            ),
-        },
+        _full_name("Coordinator"), _coordinator_methods(servicer)
+    )
+
+
+def admin_handlers(servicer: AdminServicer) -> grpc.GenericRpcHandler:
+    """The Admin service's method table."""
+    return grpc.method_handlers_generic_handler(
+        _full_name("Admin"), method_handlers("Admin", servicer)
     )
 
 
@@ -105,20 +145,17 @@ async def start_server(
             hint="use mutual TLS (drop --insecure) or bind 127.0.0.1",
         )
     server = grpc.aio.server(options=channel_options(max_chunk_bytes))
-    server.add_generic_rpc_handlers(
-        (
-            coordinator_handlers(
-                CoordinatorServicer(
-                    coordinator,
-                    insecure=insecure,
-                    allow_admin=allow_admin_clients,
-                    on_refused=on_refused,
-                )
-            ),
-        )
+    coordinator_servicer = CoordinatorServicer(
+        coordinator, insecure=insecure, allow_admin=allow_admin_clients, on_refused=on_refused
     )
-    servicer = AdminServicer(admin, insecure=insecure, on_refused=on_refused)
-    pb_grpc.add_AdminServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    admin_servicer = AdminServicer(admin, insecure=insecure, on_refused=on_refused)
+    for service, methods in (
+        (_full_name("Coordinator"), _coordinator_methods(coordinator_servicer)),
+        (_full_name("Admin"), method_handlers("Admin", admin_servicer)),
+    ):
+        # generic for any caller, registered for the generated stubs' registered methods
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, methods),))
+        server.add_registered_method_handlers(service, methods)
     try:
         if credentials is None:
             port = server.add_insecure_port(address)

@@ -3,7 +3,9 @@
 The generated servicer classes are subclassed here and delegate to handler objects that know
 nothing of grpc (the coordinator implements :class:`CoordinatorHandler` and
 :class:`AdminHandler`). The caller's identity comes from its verified client certificate; with
-``--insecure`` (loopback only) it comes from ``x-flctl-identity`` metadata instead.
+``--insecure`` (loopback only) it comes from ``x-flctl-identity`` metadata instead. A request
+that did not decode (a ``Malformed`` from the server's tolerant deserializers) is refused with
+``INVALID_ARGUMENT`` after the identity and role checks and before any handler runs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flctl.security import Identity, Role, identity_from_pem
 from flctl.transport.grpc._proto import flctl_pb2 as pb
 from flctl.transport.grpc._proto import flctl_pb2_grpc as pb_grpc
 from flctl.transport.grpc._status import ERROR_METADATA_KEY, status_for
+from flctl.transport.grpc._tolerant import refuse_malformed, refusing_malformed
 from flctl.transport.grpc._wire import ChunkOut, UploadItem
 
 __all__ = [
@@ -201,9 +204,12 @@ class _Base:
         context: grpc.aio.ServicerContext[Any, Any],
         call: Callable[[RpcContext], Awaitable[T]],
         rpc: str = "",
+        request: object = None,
     ) -> T:
         try:
-            return await call(self._context(context, rpc))
+            ctx = self._context(context, rpc)
+            refuse_malformed(request)
+            return await call(ctx)
         except Exception as exc:  # the servicer is one of the three places that catch broadly
             if isinstance(exc, grpc.aio.AbortError):
                 raise
@@ -215,9 +221,12 @@ class _Base:
         context: grpc.aio.ServicerContext[Any, Any],
         call: Callable[[RpcContext], AsyncIterator[T]],
         rpc: str = "",
+        request: object = None,
     ) -> AsyncIterator[T]:
         try:
-            async for item in call(self._context(context, rpc)):
+            ctx = self._context(context, rpc)
+            refuse_malformed(request)
+            async for item in call(ctx):
                 yield item
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
@@ -245,38 +254,42 @@ class CoordinatorServicer(_Base, pb_grpc.CoordinatorServicer):
 
     async def Join(self, request: Any, context: Any) -> pb.JoinReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.join(request, ctx), "Join")
+        return await self._unary(
+            context, lambda ctx: self._handler.join(request, ctx), "Join", request
+        )
 
     async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(
-            context, lambda ctx: self._handler.heartbeat(request, ctx), "Heartbeat"
+            context, lambda ctx: self._handler.heartbeat(request, ctx), "Heartbeat", request
         )
 
     async def Tasks(self, request: Any, context: Any) -> AsyncIterator[pb.Task]:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         async for item in self._stream(
-            context, lambda ctx: self._handler.tasks(request, ctx), "Tasks"
+            context, lambda ctx: self._handler.tasks(request, ctx), "Tasks", request
         ):
             yield item
 
     async def Download(self, request: Any, context: Any) -> AsyncIterator[ChunkOut]:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         async for item in self._stream(
-            context, lambda ctx: self._handler.download(request, ctx), "Download"
+            context, lambda ctx: self._handler.download(request, ctx), "Download", request
         ):
             yield item
 
     async def Upload(self, request_iterator: Any, context: Any) -> pb.UploadReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(
-            context, lambda ctx: self._handler.upload(request_iterator, ctx), "Upload"
+            context,
+            lambda ctx: self._handler.upload(refusing_malformed(request_iterator), ctx),
+            "Upload",
         )
 
     async def BeginUpload(self, request: Any, context: Any) -> pb.UploadReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(
-            context, lambda ctx: self._handler.begin_upload(request, ctx), "BeginUpload"
+            context, lambda ctx: self._handler.begin_upload(request, ctx), "BeginUpload", request
         )
 
 
@@ -298,52 +311,60 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
     async def StartRound(self, request: Any, context: Any) -> pb.StartRoundReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(
-            context, lambda ctx: self._handler.start_round(request, ctx), "StartRound"
+            context, lambda ctx: self._handler.start_round(request, ctx), "StartRound", request
         )
 
     async def Status(self, request: Any, context: Any) -> pb.StatusReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.status(request, ctx), "Status")
+        return await self._unary(
+            context, lambda ctx: self._handler.status(request, ctx), "Status", request
+        )
 
     async def ListClients(self, request: Any, context: Any) -> pb.ListClientsReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(
-            context, lambda ctx: self._handler.list_clients(request, ctx), "ListClients"
+            context, lambda ctx: self._handler.list_clients(request, ctx), "ListClients", request
         )
 
     async def ListModels(self, request: Any, context: Any) -> pb.ListModelsReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(
-            context, lambda ctx: self._handler.list_models(request, ctx), "ListModels"
+            context, lambda ctx: self._handler.list_models(request, ctx), "ListModels", request
         )
 
     async def Revoke(self, request: Any, context: Any) -> pb.RevokeReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.revoke(request, ctx), "Revoke")
+        return await self._unary(
+            context, lambda ctx: self._handler.revoke(request, ctx), "Revoke", request
+        )
 
     async def Rollback(self, request: Any, context: Any) -> pb.RollbackReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(
-            context, lambda ctx: self._handler.rollback(request, ctx), "Rollback"
+            context, lambda ctx: self._handler.rollback(request, ctx), "Rollback", request
         )
 
     async def Tag(self, request: Any, context: Any) -> pb.TagReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.tag(request, ctx), "Tag")
+        return await self._unary(
+            context, lambda ctx: self._handler.tag(request, ctx), "Tag", request
+        )
 
     async def Evict(self, request: Any, context: Any) -> pb.EvictReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
-        return await self._unary(context, lambda ctx: self._handler.evict(request, ctx), "Evict")
+        return await self._unary(
+            context, lambda ctx: self._handler.evict(request, ctx), "Evict", request
+        )
 
     async def CancelRound(self, request: Any, context: Any) -> pb.CancelRoundReply:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(
-            context, lambda ctx: self._handler.cancel_round(request, ctx), "CancelRound"
+            context, lambda ctx: self._handler.cancel_round(request, ctx), "CancelRound", request
         )
 
     async def Watch(self, request: Any, context: Any) -> AsyncIterator[pb.Event]:  # noqa: N802
         """See proto/flctl/v1/flctl.proto."""
         async for item in self._stream(
-            context, lambda ctx: self._handler.watch(request, ctx), "Watch"
+            context, lambda ctx: self._handler.watch(request, ctx), "Watch", request
         ):
             yield item

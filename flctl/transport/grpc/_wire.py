@@ -23,6 +23,7 @@ __all__ = [
     "decode_upload",
     "encode_chunk",
     "encode_upload",
+    "parse_upload",
 ]
 
 
@@ -140,8 +141,13 @@ def encode_upload(item: UploadItem) -> bytes:
     return b"".join((bytes((_UPLOAD_DATA,)), _varint(len(item)), item))
 
 
-def decode_upload(raw: bytes) -> UploadItem | None:
-    """Parse one ``UploadChunk``: its header, its data (a view, no copy), or None if empty."""
+def parse_upload(raw: bytes) -> UploadItem | None:
+    """Parse one ``UploadChunk``: its header, its data (a view, no copy), or None if empty.
+
+    Raises:
+        DecodeError: ``raw`` is not an ``UploadChunk`` (the server's tolerant decoder turns
+            this into a ``Malformed`` request).
+    """
     view = memoryview(raw)
     if len(view) and view[0] == _UPLOAD_DATA:
         try:
@@ -150,13 +156,18 @@ def decode_upload(raw: bytes) -> UploadItem | None:
             length, pos = -1, 0
         if pos + length == len(view):
             return view[pos:]
-    try:
-        message = pb.UploadChunk.FromString(raw)
-    except DecodeError:
-        return None
+    message = pb.UploadChunk.FromString(raw)
     kind = message.WhichOneof("msg")
     if kind == "header":
         return message.header
     if kind == "data":
         return message.data
     return None
+
+
+def decode_upload(raw: bytes) -> UploadItem | None:
+    """Parse one ``UploadChunk`` as :func:`parse_upload` does; None also if it is unreadable."""
+    try:
+        return parse_upload(raw)
+    except DecodeError:
+        return None
