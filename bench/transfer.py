@@ -105,15 +105,19 @@ async def raw_ceiling(certs: Path, size: int, repeat: int) -> dict[str, list[flo
                 for _ in range(size // MiB):
                     yield payload
 
-            out: dict[str, list[float]] = {"upload": [], "download": []}
+            out: dict[str, list[float]] = {}
             for _ in range(repeat):
-                start = time.perf_counter()
-                await up(chunks())
-                out["upload"].append(time.perf_counter() - start)
-                start = time.perf_counter()
-                async for _ in down(b""):
-                    pass
-                out["download"].append(time.perf_counter() - start)
+                for key in ("upload", "download"):
+                    server, client = cpu_s(proc.pid), time.process_time()
+                    start = time.perf_counter()
+                    if key == "upload":
+                        await up(chunks())
+                    else:
+                        async for _ in down(b""):
+                            pass
+                    out.setdefault(key, []).append(time.perf_counter() - start)
+                    out.setdefault(f"{key}_server_cpu", []).append(cpu_s(proc.pid) - server)
+                    out.setdefault(f"{key}_client_cpu", []).append(time.process_time() - client)
             return out
     finally:
         proc.terminate()
@@ -132,7 +136,9 @@ def make_update(base: Path, out: Path, step: float = 1e-3) -> None:
             writer.write(name, tensor.add_(step) if tensor.is_floating_point() else tensor)
 
 
-async def flctl_transfers(project: Path, address: str, repeat: int) -> dict[str, Any]:
+async def flctl_transfers(
+    project: Path, address: str, repeat: int, serve_pid: int
+) -> dict[str, Any]:
     from flctl.client import ClientCache, fetch_blob
     from flctl.core import load_config
     from flctl.security import load_credentials
@@ -178,7 +184,10 @@ async def flctl_transfers(project: Path, address: str, repeat: int) -> dict[str,
             task = await first_task if i == 0 else await anext(tasks)
             cache = ClientCache(project / f".bench-cache-{i}")
             timings: dict[str, float] = {}
+            server, client = cpu_s(serve_pid), time.process_time()
             await fetch_blob(api, cache, task.model_digest, timings=timings)
+            result.setdefault("download_server_cpu", []).append(cpu_s(serve_pid) - server)
+            result.setdefault("download_client_cpu", []).append(time.process_time() - client)
             result["download"].append(timings["transfer_s"])
             result.setdefault("download_fsync", []).append(timings["fsync_s"])
 
@@ -196,6 +205,7 @@ async def flctl_transfers(project: Path, address: str, repeat: int) -> dict[str,
             )
             # as `flctl join` sends an update: BeginUpload (the upload's id, the offset the
             # coordinator holds: 0 here), then Upload from that offset
+            server, client = cpu_s(serve_pid), time.process_time()
             start = time.perf_counter()
             begun = await api.begin_upload(header)
             if not begun.accepted:
@@ -204,6 +214,8 @@ async def flctl_transfers(project: Path, address: str, repeat: int) -> dict[str,
             header.offset = begun.committed_offset
             answer = await api.upload(header, chunks())
             result["upload"].append(time.perf_counter() - start)
+            result.setdefault("upload_server_cpu", []).append(cpu_s(serve_pid) - server)
+            result.setdefault("upload_client_cpu", []).append(time.process_time() - client)
             if not answer.accepted:
                 raise SystemExit(f"upload refused: {answer.reason}")
             async for event in admin.watch(0, follow=False):
@@ -221,6 +233,12 @@ async def flctl_transfers(project: Path, address: str, repeat: int) -> dict[str,
         await api.close()
         await admin.close()
     return result
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of process ``pid``, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -267,7 +285,7 @@ def main() -> None:
                     raise SystemExit((project / "serve.log").read_text()[-3000:])
                 time.sleep(0.2)
             address = json.loads(serve_file.read_text())["address"]
-            ours = asyncio.run(flctl_transfers(project, address, args.repeat))
+            ours = asyncio.run(flctl_transfers(project, address, args.repeat, serve.pid))
             coordinator_rss = peak_rss_mib(serve.pid)
         finally:
             serve.send_signal(signal.SIGTERM)
@@ -295,6 +313,13 @@ def main() -> None:
         "client_upload_s": statistics.median(ours["upload"]),
         "client_download_s": statistics.median(ours["download"]),
         "coordinator_peak_rss_mib": coordinator_rss,
+        # CPU seconds per transfer (median), receiver and sender: the 2 cores are shared
+        "cpu_s": {
+            f"{who}_{key}_{end}": statistics.median(runs[f"{key}_{end}_cpu"])
+            for who, runs in (("raw", raw), ("flctl", ours))
+            for key in ("upload", "download")
+            for end in ("server", "client")
+        },
         "repeat": args.repeat,
         # every run's seconds, in order (load on a shared machine shows up as outliers)
         "runs": {
@@ -326,6 +351,13 @@ def main() -> None:
         ("flctl Download (hashed, before fsync)", "flctl_download_mib_s"),
     ]:
         print(f"  {label:<38} {report[key]['best']:7.0f} / {report[key]['median']:7.0f}")
+    cpu = report["cpu_s"]
+    for who in ("raw", "flctl"):
+        print(
+            f"  {who} CPU s (median): upload server {cpu[f'{who}_upload_server']:.2f}"
+            f" client {cpu[f'{who}_upload_client']:.2f}; download server"
+            f" {cpu[f'{who}_download_server']:.2f} client {cpu[f'{who}_download_client']:.2f}"
+        )
     print(f"  coordinator fsync + rename     {report['coordinator_fsync_rename_s']:.3f} s (median)")
     print(f"  client download fsync          {report['client_download_fsync_s']:.3f} s (median)")
     print(
