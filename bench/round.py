@@ -15,9 +15,9 @@ per round:
   update in its encoding, hashing it);
 - upload: ``uploading`` -> ``update.accepted`` (codec choice, BeginUpload, the transfer,
   the coordinator's checks, fsync and rename into the blob store);
-- aggregate: ``aggregating`` -> ``evaluating`` or, without server evaluation,
-  -> ``round.committed``, which then includes the commit (one SQLite transaction: no event
-  marks the end of aggregation before it);
+- aggregate: ``round.committed``'s ``aggregate_s``, timed by the coordinator (reading the
+  updates, writing, hashing and storing the new model); from a state database written before
+  that field existed, ``aggregating`` -> ``evaluating`` or -> ``round.committed``;
 - evaluate: ``evaluating`` -> ``round.committed`` (server evaluation and the commit).
 
 Client states travel in heartbeats, which are sent as soon as the state changes.
@@ -336,6 +336,8 @@ def phases(
         elif e.type in ("round.committed", "round.failed"):
             marks[r]["ended"] = e.time
             marks[r]["metrics"] = e.data.get("metrics", {})
+            if e.data.get("aggregate_s") is not None:  # measured by the coordinator itself
+                marks[r]["aggregate_s"] = e.data["aggregate_s"]
         elif e.type == "task.sent":
             per_client[(r, e.client_id)]["task_sent"] = e.time
         elif e.type == "client.state":
@@ -392,8 +394,9 @@ def phases(
                 "round": r,
                 "total_s": m["ended"] - m["started"],
                 "until_last_update_s": last_update - m["started"],
-                "aggregate_s": (after_aggregate - m["aggregating"]) if "aggregating" in m else None,
-                "aggregate_includes_commit": "evaluating" not in m,
+                "aggregate_s": m.get("aggregate_s")
+                or ((after_aggregate - m["aggregating"]) if "aggregating" in m else None),
+                "aggregate_includes_commit": "aggregate_s" not in m and "evaluating" not in m,
                 "evaluate_commit_s": (m["ended"] - m["evaluating"]) if "evaluating" in m else None,
                 "metrics": m.get("metrics", {}),
                 "clients": clients_out,

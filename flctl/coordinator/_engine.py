@@ -677,6 +677,7 @@ class RoundEngine:
             return
 
         self._status(server_round, "aggregating")
+        aggregating = time.perf_counter()
         base_path = self._blobs.path(head.digest)
         updates = [
             WeightedUpdate(self._blobs.path(u.digest), u.num_examples, u.client_id)
@@ -713,18 +714,22 @@ class RoundEngine:
                 ),
             )
 
+        aggregate_s = time.perf_counter() - aggregating
         gate = self._config.gate
         # the gate's first check: the aggregate of finite updates can still overflow
         non_finite = ""
         if gate.mode != "off":
             non_finite = await asyncio.to_thread(non_finite_tensors, self._blobs.path(digest))
         metrics: dict[str, float] = {}
+        evaluate_s: float | None = None
         if self._evaluator is not None and rounds.evaluate == "server":
             if not non_finite:  # evaluating a model that holds NaN or Inf tells nothing
                 self._status(server_round, "evaluating")
+                evaluating = time.perf_counter()
                 loss, server_metrics = await asyncio.to_thread(
                     self._evaluator, self._blobs.path(digest)
                 )
+                evaluate_s = time.perf_counter() - evaluating
                 metrics = {"loss": float(loss), **{k: float(v) for k, v in server_metrics.items()}}
         else:
             metrics = _weighted_client_metrics(accepted)
@@ -761,6 +766,10 @@ class RoundEngine:
                     "metrics": metrics,
                     "num_clients": len(accepted),
                     "duration_s": time.time() - started,
+                    # the coordinator's phases: aggregation (reading the updates, writing,
+                    # hashing and storing the new model) and server-side evaluation
+                    "aggregate_s": round(aggregate_s, 4),
+                    "evaluate_s": None if evaluate_s is None else round(evaluate_s, 4),
                 },
             )
         log.info("round %d committed: model version %d %s", server_round, model.version, metrics)

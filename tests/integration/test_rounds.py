@@ -78,6 +78,11 @@ def test_three_rounds_commit_and_blobs_hash_to_digests(project: Project) -> None
         events = store.events_since(0, limit=10_000)
         types = [e.type for e in events]
         assert types.count("round.committed") == 3
+        # each commit says how long the coordinator's own phases took (this project evaluates
+        # on the server)
+        for event in (e for e in events if e.type == "round.committed"):
+            assert 0.0 < event.data["aggregate_s"] < event.data["duration_s"]
+            assert 0.0 < event.data["evaluate_s"] < event.data["duration_s"]
         assert "coordinator.stopped" in types
     finally:
         store.close()
