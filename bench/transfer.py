@@ -141,6 +141,7 @@ async def flctl_transfers(
 ) -> dict[str, Any]:
     from flctl.client import ClientCache, fetch_blob
     from flctl.core import load_config
+    from flctl.core._memory import return_large_buffers
     from flctl.security import load_credentials
     from flctl.store import BlobStore
     from flctl.tensors import fingerprint, read_spec, sha256_file
@@ -152,6 +153,7 @@ async def flctl_transfers(
         secure_channel,
     )
 
+    return_large_buffers()  # as `flctl join` does at start (the raw ceiling has run by now)
     config = load_config(project / "flctl.toml")
     cert, key, ca = load_credentials(config.certs_path, "c1")
     acert, akey, _ = load_credentials(config.certs_path, "admin")

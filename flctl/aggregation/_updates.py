@@ -33,7 +33,9 @@ def open_updates(
                 encoding = UpdateEncoding.from_metadata(read_metadata(update.path))
                 if encoding.encoding == "delta":
                     digest = sha256_file(base.path)
-            readers.append(stack.enter_context(UpdateReader(update.path, base, digest)))
+            # an update is read once per pass, tensor by tensor: its pages need not stay cached
+            reader = UpdateReader(update.path, base, digest, drop_cache=True)
+            readers.append(stack.enter_context(reader))
         except (InvalidInputError, InconsistentUpdatesError) as exc:
             who = update.client_id or update.path.name
             raise InconsistentUpdatesError(f"update from {who!r}: {exc.message}") from exc

@@ -41,7 +41,7 @@ from flctl.core.errors import (
     TransportError,
 )
 from flctl.privacy import privatize_update
-from flctl.store import BlobStore
+from flctl.store import BlobStore, WriteBehind
 from flctl.tensors import (
     UpdateEncoding,
     encode_update,
@@ -215,15 +215,22 @@ class PendingUploads:
 
 
 class _HashingSink:
-    """A file that hashes what is written to it (the digest is checked without a re-read)."""
+    """A file that hashes what is written to it (the digest is checked without a re-read).
+
+    What is written starts going to disk at once (:class:`WriteBehind`), so the fsync that
+    makes the download durable has little left to do.
+    """
 
     def __init__(self, handle: BinaryIO, digest: Any) -> None:
         self._handle = handle
         self._digest = digest
+        self._writeback = WriteBehind(handle)
 
     def write(self, data: bytes | memoryview) -> int:
         self._digest.update(data)
-        return self._handle.write(data)
+        written = self._handle.write(data)
+        self._writeback.wrote(len(data))
+        return written
 
 
 async def fetch_blob(

@@ -676,7 +676,9 @@ class CoordinatorService:
             pipeline: Pipeline[bytes | memoryview] = Pipeline(sink.feed)
             try:
                 with open(part, "ab") as handle:
-                    sink.handle, sink.writeback = handle, WriteBehind(handle)
+                    # the update is read again only when the round aggregates: its pages
+                    # leave the page cache as they reach the disk
+                    sink.handle, sink.writeback = handle, WriteBehind(handle, drop=True)
                     try:
                         async for data in chunks:
                             if data is None or isinstance(data, pb.UploadHeader):

@@ -287,18 +287,27 @@ class UpdateReader:
         base: A reader on the round's base model (not closed by this reader).
         base_digest: The sha256 of the base; computed from ``base`` when a delta needs it and
             it is not given.
+        drop_cache: Drop each tensor from the page cache once read (see
+            :class:`TensorReader`).
 
     Raises:
         InconsistentUpdatesError: The update's tensors do not match the model in its
             encoding, its metadata is unreadable, or a delta is relative to another model.
     """
 
-    def __init__(self, path: Path, base: TensorReader, base_digest: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        base: TensorReader,
+        base_digest: str | None = None,
+        *,
+        drop_cache: bool = False,
+    ) -> None:
         self.path = path
         self._base = base
         try:
             self.encoding = UpdateEncoding.from_metadata(read_metadata(path))
-            self._reader = TensorReader(path)
+            self._reader = TensorReader(path, drop_cache=drop_cache)
         except InvalidInputError as exc:
             raise InconsistentUpdatesError(f"{path.name}: {exc.message}") from exc
         try:

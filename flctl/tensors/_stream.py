@@ -50,10 +50,14 @@ class TensorReader:
 
     Args:
         path: The file; its header is validated on open.
+        drop_cache: Each tensor's bytes leave the page cache once read (a file read once, such
+            as an update being aggregated: the next reads reuse those pages instead of taking
+            fresh memory; see :class:`~flctl.store.WriteBehind`).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, drop_cache: bool = False) -> None:
         self.path = path
+        self._drop_cache = drop_cache and hasattr(os, "posix_fadvise")
         self.specs = read_spec(path)
         with path.open("rb") as fh:
             (header_len,) = struct.unpack("<Q", fh.read(8))
@@ -86,6 +90,8 @@ class TensorReader:
             if chunk <= 0:
                 raise InvalidInputError(f"{self.path.name}: truncated tensor {name!r}")
             done += chunk
+        if self._drop_cache and size:
+            os.posix_fadvise(self._fd, self._data_start + spec.begin, size, os.POSIX_FADV_DONTNEED)
         dtype = torch_dtype(spec.dtype)
         if size == 0:
             return torch.empty(spec.shape, dtype=dtype)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from flctl.core.errors import InvalidInputError
 from flctl.tensors import (
+    TensorReader,
     check_update,
     fingerprint,
     load_parameters,
@@ -199,3 +200,19 @@ def test_writer_refuses_out_of_order_and_missing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="bytes, expected"):
         with TensorWriter(tmp_path / "z", specs) as writer:
             writer.write("a", torch.zeros(3))
+
+
+@settings(max_examples=20, deadline=None)
+@given(params=state_dicts())
+def test_a_reader_that_drops_the_cache_reads_the_same_tensors(
+    tmp_path_factory: pytest.TempPathFactory, params: dict[str, torch.Tensor]
+) -> None:
+    path = tmp_path_factory.mktemp("drop") / "m.safetensors"
+    save_parameters(params, path)
+    with TensorReader(path) as cached, TensorReader(path, drop_cache=True) as dropping:
+        for name, tensor in params.items():
+            # twice: a dropped tensor is read again from the disk
+            for _ in range(2):
+                got = dropping.read(name)
+                assert got.dtype == tensor.dtype and got.shape == tensor.shape
+                assert torch.equal(got, tensor) and torch.equal(got, cached.read(name))
