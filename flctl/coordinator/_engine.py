@@ -434,7 +434,12 @@ class RoundEngine:
             remaining = deadline - time.monotonic()
             if self._cancelled(server_round) is not None:
                 return connected
-            if remaining <= 0 or self._stopping:
+            if self._stopping:
+                raise RoundFailedError(
+                    f"coordinator stopped while waiting for clients: {len(connected)} "
+                    f"connected, min_clients is {rounds.min_clients}"
+                )
+            if remaining <= 0:
                 raise RoundFailedError(
                     f"not enough clients: {len(connected)} connected, min_clients is "
                     f"{rounds.min_clients} (waited {rounds.quorum_timeout_s:g} s)"

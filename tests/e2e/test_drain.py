@@ -92,3 +92,30 @@ def test_sigterm_fails_a_round_that_does_not_end_within_the_drain_timeout(
     status, reason = _rounds(proj)[1]
     assert status == "failed" and reason == "coordinator stopped"
     assert "coordinator.draining" in _events(proj)
+
+
+def test_sigterm_while_a_round_waits_for_clients_says_so(
+    tmp_path: Path, processes: Processes
+) -> None:
+    proj = _project(tmp_path, "")
+    processes.start(
+        "coordinator",
+        "serve",
+        "--address",
+        "127.0.0.1:0",
+        "--no-tui",
+        "--drain-timeout",
+        "1",
+        cwd=proj,
+    )
+    wait_for((proj / ".flctl" / "serve.json").exists, what="serve.json", timeout=120)
+    # no client joins: round 1 waits for its quorum
+    flctl("round", "start", "--rounds", "2", cwd=proj, check=True)
+    wait_for(lambda: _rounds(proj).get(1, ("",))[0] == "selecting", what="round 1 selecting")
+    processes.procs["coordinator"].send_signal(signal.SIGTERM)
+    assert processes.procs["coordinator"].wait(60) == 0
+    rounds = _rounds(proj)
+    status, reason = rounds[1]
+    assert status == "failed"
+    assert reason.startswith("coordinator stopped while waiting for clients: 0 connected"), reason
+    assert rounds[2] == ("queued", "")  # the queue waits for the next start
