@@ -267,7 +267,10 @@ def main() -> None:
             capture_output=True,
         )
         text = (project / "flctl.toml").read_text().replace("min_clients = 2", "min_clients = 1")
-        (project / "flctl.toml").write_text(text.replace("depth = 8", "depth = 5"))
+        text = text.replace("depth = 8", "depth = 5")
+        # the goal compares uncompressed transfers ("auto" could pick zstd for a slow link)
+        assert "[transport]" not in text
+        (project / "flctl.toml").write_text(text + '\n[transport]\ncompression = "none"\n')
         subprocess.run(
             [*flctl, "certs", "gen", "--clients", "1"], cwd=project, check=True, capture_output=True
         )

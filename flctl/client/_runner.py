@@ -67,8 +67,10 @@ from flctl.transport.grpc import (
     CoordinatorClient,
     from_value_map,
     insecure_channel,
+    is_loopback_host,
     pb,
     secure_channel,
+    split_address,
     to_value_map,
 )
 
@@ -577,7 +579,9 @@ class Runner:
         """
         header = pending.header
         server_round = int(header.server_round)
-        decision = await asyncio.to_thread(self._choose_codec, reply, api, pending.path)
+        decision = await asyncio.to_thread(
+            self._choose_codec, reply, api, pending.path, self._server_is_local()
+        )
         if decision.codec != CODEC_NONE:
             self._emit(
                 "compressing",
@@ -619,8 +623,16 @@ class Runner:
         assert last is not None
         raise last
 
+    def _server_is_local(self) -> bool:
+        try:
+            return is_loopback_host(split_address(self._options.server)[0])
+        except FlctlError:
+            return False
+
     @staticmethod
-    def _choose_codec(reply: pb.JoinReply, api: CoordinatorClient, path: Path) -> Decision:
+    def _choose_codec(
+        reply: pb.JoinReply, api: CoordinatorClient, path: Path, loopback: bool = False
+    ) -> Decision:
         codecs = [c for c in reply.codecs if c != CODEC_NONE and c in CODECS]
         if not codecs or reply.compression not in ("auto", "zstd"):
             return Decision(CODEC_NONE, "compression is off", 1.0, 0.0, 0.0, api.link.rate, 1.0)
@@ -633,6 +645,7 @@ class Runner:
             link_bytes_per_s=api.link.rate,
             level=level,
             codecs=codecs,
+            loopback=loopback,
         )
 
     def _train(

@@ -58,6 +58,7 @@ from flctl.transport.grpc import (
     ChunkOut,
     RpcContext,
     UploadItem,
+    is_loopback_peer,
     metrics_from_map,
     pb,
     to_value_map,
@@ -234,7 +235,7 @@ class CoordinatorService:
         # transport.compression and the link rate measured per client, for "auto".
         self._transport = transport or TransportConfig()
         self._links: dict[str, LinkMeter] = {}
-        self._codec_cache: dict[tuple[str, tuple[str, ...], int], Decision] = {}
+        self._codec_cache: dict[tuple[str, tuple[str, ...], int, bool], Decision] = {}
 
     # ------------------------------------------------------------------ sessions
 
@@ -416,6 +417,7 @@ class CoordinatorService:
         link = self._links.setdefault(session.client_id, LinkMeter())
         mode, level = self._transport.compression, self._transport.compression_level
         codecs = negotiate_codecs(mode, list(request.codecs))[1:]  # compressing, both speak
+        loopback = is_loopback_peer(ctx.peer)
         try:
             async with self._download_slots:
                 codec = CODEC_NONE
@@ -426,12 +428,18 @@ class CoordinatorService:
                         if mode == "auto":
                             sample = next(self._blobs.iter_chunks(digest, position, SAMPLE_BYTES))
                         return choose_codec(
-                            mode, sample, link_bytes_per_s=link.rate, level=level, codecs=codecs
+                            mode,
+                            sample,
+                            link_bytes_per_s=link.rate,
+                            level=level,
+                            codecs=codecs,
+                            loopback=loopback,
                         )
 
                     # one sample per blob and link-rate class: a round sends the same model to
                     # every client, and measuring it for each would cost more than it tells
-                    key = (digest, tuple(codecs), round(math.log2(max(link.rate, 1.0)) * 2))
+                    rate_class = round(math.log2(max(link.rate, 1.0)) * 2)
+                    key = (digest, tuple(codecs), rate_class, loopback)
                     cached = self._codec_cache.get(key)
                     if cached is None:
                         cached = await asyncio.to_thread(decide)

@@ -18,6 +18,10 @@ transfer, where compressing, sending and decompressing overlap::
     raw        = size / link
     compressed = max(size / compress_rate, size * ratio / link, size / decompress_rate)
 
+Between two processes of one machine (a loopback peer) "auto" never compresses: the link is
+those processes' own CPUs, so compressing and decompressing can only take time from it, and
+the rate a sender measures there is the receiver's pace (hashing, writing), not a network's.
+
 It compresses only when ``compressed <= (1 - margin) * raw`` with a 10 % margin, so data that
 shrinks by less than 10 % is never compressed whatever the link, and a link faster than the
 compressor never is. The link rate comes from a :class:`LinkMeter` fed by earlier transfers
@@ -318,11 +322,13 @@ def choose_codec(
     link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S,
     level: int = 1,
     codecs: Sequence[str] = COMPRESSING_CODECS,
+    loopback: bool = False,
 ) -> Decision:
     """Pick the codec for one blob under ``transport.compression`` = ``mode``.
 
     ``"none"`` never compresses, ``"zstd"`` always uses plain zstd (if the peer reads it),
-    ``"auto"`` asks :func:`should_compress`. ``codecs`` are those negotiated with the peer.
+    ``"auto"`` asks :func:`should_compress`, except for a ``loopback`` peer (on this machine),
+    where it never compresses. ``codecs`` are those negotiated with the peer.
 
     Raises:
         ValueError: Unknown ``mode``.
@@ -334,6 +340,12 @@ def choose_codec(
             return Decision(CODEC_ZSTD, "compression is on")
         return Decision(CODEC_NONE, "the peer does not read zstd")
     if mode == "auto":
+        if loopback:
+            return Decision(
+                CODEC_NONE,
+                "the peer is on this machine: compressing would take the CPU the link runs on",
+                link_bytes_per_s=link_bytes_per_s,
+            )
         return should_compress(sample, link_bytes_per_s, level, codecs=codecs)
     raise ValueError(f"mode must be 'auto', 'zstd' or 'none', got {mode!r}")
 

@@ -13,6 +13,7 @@ from flctl.transport.grpc._channel import (  # noqa: E402
     channel_options,
     insecure_channel,
     is_loopback_host,
+    is_loopback_peer,
     secure_channel,
     split_address,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "from_value_map",
     "insecure_channel",
     "is_loopback_host",
+    "is_loopback_peer",
     "is_tls_failure",
     "map_rpc_errors",
     "metrics_from_map",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from urllib.parse import unquote
 
 import grpc
 import grpc.aio
@@ -14,6 +15,7 @@ __all__ = [
     "channel_options",
     "insecure_channel",
     "is_loopback_host",
+    "is_loopback_peer",
     "secure_channel",
     "split_address",
 ]
@@ -55,6 +57,20 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback_peer(peer: str) -> bool:
+    """Say whether a gRPC peer string (``ipv4:127.0.0.1:5``, ``ipv6:[::1]:5``) is this machine.
+
+    A Unix socket counts as this machine; anything unreadable does not.
+    """
+    scheme, _, rest = unquote(peer).partition(":")
+    if scheme == "unix":
+        return True
+    if scheme not in ("ipv4", "ipv6"):
+        return False
+    host = rest.rpartition(":")[0] if rest.rpartition(":")[2].isdigit() else rest
+    return is_loopback_host(host.strip("[]"))
 
 
 def secure_channel(

@@ -27,6 +27,7 @@ from flctl.transport import (
     should_compress,
 )
 from flctl.transport._compression import _shuffle4
+from flctl.transport.grpc import is_loopback_peer
 
 MiB = 1 << 20
 LOOPBACK = 750 * MiB
@@ -195,3 +196,33 @@ def test_compress_chunks_stops_early_without_leaks() -> None:
         assert first[1] == "zstd"
 
     asyncio.run(main())
+
+
+def test_auto_never_compresses_for_a_peer_on_this_machine() -> None:
+    # even where compressing would pay on a network (zeros over a slow link), a loopback
+    # peer's "link" is the CPUs that compressing would take
+    slow = 20 * MiB
+    assert should_compress(bytes(MiB), slow).codec != "none"
+    decision = choose_codec("auto", bytes(MiB), link_bytes_per_s=slow, loopback=True)
+    assert decision.codec == "none" and "this machine" in decision.reason
+    # an explicit "zstd" is obeyed wherever the peer is
+    assert choose_codec("zstd", bytes(MiB), loopback=True).codec == "zstd"
+
+
+@pytest.mark.parametrize(
+    ("peer", "local"),
+    [
+        ("ipv4:127.0.0.1:50000", True),
+        ("ipv4:127.8.9.10:1", True),
+        ("ipv6:[::1]:50000", True),
+        ("ipv6:%5B::1%5D:50000", True),
+        ("unix:/tmp/flctl.sock", True),
+        ("ipv4:10.0.0.7:50000", False),
+        ("ipv6:[2001:db8::1]:443", False),
+        ("ipv4:not-an-address:1", False),
+        ("", False),
+        ("garbage", False),
+    ],
+)
+def test_loopback_peers_are_recognised(peer: str, local: bool) -> None:
+    assert is_loopback_peer(peer) is local
