@@ -430,6 +430,8 @@ def is_admin_change(
 
 # ---------------------------------------------------------------------------------- sending
 
+#: What gRPC core reports when it resets a stream itself (no handler code involved).
+GRPC_CORE_INTERNAL = "Internal error from Core"
 #: What flctl answers for an unexpected exception in a handler: a bug.
 FLCTL_INTERNAL = "internal error (see the coordinator's log)"
 
@@ -558,8 +560,12 @@ class Fuzzer:
         self.tally.statuses[(target.method, outcome.status.name)] += 1
         self.tally.origins[call.origin] += 1
         # a request that does not parse is refused INVALID_ARGUMENT ("malformed <Type>"), so
-        # UNKNOWN, like INTERNAL, means an exception escaped a handler
-        if outcome.status in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        # UNKNOWN, like flctl's own INTERNAL, means an exception escaped a handler. gRPC core's
+        # "Internal error from Core" is the transport's: a client stream still sending when the
+        # server has answered and reset it (seen now and then on refused Upload streams)
+        if outcome.status is grpc.StatusCode.UNKNOWN or (
+            outcome.status is grpc.StatusCode.INTERNAL and outcome.details != GRPC_CORE_INTERNAL
+        ):
             outcome.problem = f"{target.method} ({call.origin}): {outcome.details}"
         if outcome.status is grpc.StatusCode.DEADLINE_EXCEEDED and not target.follows:
             outcome.problem = f"{target.method} ({call.origin}) hung"
