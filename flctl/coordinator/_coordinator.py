@@ -61,6 +61,23 @@ def read_serve_file(state_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+#: How long a starting coordinator waits for an offline command holding the state folder.
+LOCK_WAIT_S = 10.0
+
+
+def _is_alive(pid: object) -> bool:
+    """Whether ``pid`` (from a serve.json) names a live process."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
 class Coordinator:
     """One coordinator over one state folder.
 
@@ -94,18 +111,37 @@ class Coordinator:
         if self.events is not None:
             self.events.subscribe(listener)
 
-    def _take_lock(self) -> None:
+    async def _take_lock(self) -> None:
+        """Hold the state folder's lock, or refuse: one coordinator per state folder.
+
+        A running coordinator (its ``serve.json`` names a live process) is refused at once. A
+        lock held by anything else is an offline command (``models rollback``, ``tag``,
+        ``import``) changing the state folder: it holds the lock for a moment, so this waits
+        up to :data:`LOCK_WAIT_S` for it.
+        """
+        wait_s = LOCK_WAIT_S
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        handle = (self.state_dir / "coordinator.lock").open("w")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            running = read_serve_file(self.state_dir) or {}
-            raise ConflictError(
-                f"another coordinator holds {self.state_dir} "
-                f"(pid {running.get('pid', '?')}, {running.get('address', '?')})"
-            ) from None
+        # "a", not "w": never truncate a file another process holds open
+        handle = (self.state_dir / "coordinator.lock").open("a")
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                running = read_serve_file(self.state_dir) or {}
+                coordinator = _is_alive(running.get("pid"))
+                if coordinator or time.monotonic() >= deadline:
+                    handle.close()
+                    holder = (
+                        f"another coordinator holds {self.state_dir} "
+                        f"(pid {running.get('pid', '?')}, {running.get('address', '?')})"
+                        if coordinator
+                        else f"another flctl command has held {self.state_dir} for "
+                        f"{wait_s:g} s (no coordinator is running there)"
+                    )
+                    raise ConflictError(holder) from None
+                await asyncio.sleep(0.1)
         self._lock = handle
 
     async def start(self) -> str:
@@ -123,7 +159,7 @@ class Coordinator:
             cert, key, ca = load_credentials(config.certs_path, "server")
             credentials = ServerCredentials(cert, key, ca)
             cert_pem = cert
-        self._take_lock()
+        await self._take_lock()
         store = self.store = SqlStore.open(self.state_dir)
         blobs = BlobStore(self.state_dir / "blobs")
         blobs.clean_temp()
