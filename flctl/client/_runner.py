@@ -636,8 +636,10 @@ class Runner:
         codecs = [c for c in reply.codecs if c != CODEC_NONE and c in CODECS]
         if not codecs or reply.compression not in ("auto", "zstd"):
             return Decision(CODEC_NONE, "compression is off", 1.0, 0.0, 0.0, api.link.rate, 1.0)
-        with path.open("rb") as handle:
-            sample = handle.read(SAMPLE_BYTES)
+        sample = b""
+        if reply.compression == "auto" and not loopback:  # only "auto" over a network samples
+            with path.open("rb") as handle:
+                sample = handle.read(SAMPLE_BYTES)
         level = reply.compression_level if reply.compression_level in LEVELS else 1
         return choose_codec(
             reply.compression,

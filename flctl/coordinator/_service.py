@@ -425,7 +425,7 @@ class CoordinatorService:
 
                     def decide() -> Decision:  # reads and compresses a sample: off the loop
                         sample = b""
-                        if mode == "auto":
+                        if mode == "auto" and not loopback:  # a loopback peer needs none
                             sample = next(self._blobs.iter_chunks(digest, position, SAMPLE_BYTES))
                         return choose_codec(
                             mode,
