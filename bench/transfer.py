@@ -178,13 +178,15 @@ async def flctl_transfers(
     digests = [sha256_file(path) for path in updates]
     size = updates[0].stat().st_size
     result: dict[str, Any] = {"size": size, "download": [], "upload": [], "commit": []}
+    # one cache across the runs, as a client joined for many rounds has: it keeps the last two
+    # models (client.cache_models) and removes the older one before fetching the next
+    cache = ClientCache(project / ".bench-cache")
     try:
         for i in range(repeat):
             update, update_digest = updates[i], digests[i]
             os.sync()
             reply = await admin.start_round(1)
             task = await first_task if i == 0 else await anext(tasks)
-            cache = ClientCache(project / f".bench-cache-{i}")
             timings: dict[str, float] = {}
             server, client = cpu_s(serve_pid), time.process_time()
             await fetch_blob(api, cache, task.model_digest, timings=timings)

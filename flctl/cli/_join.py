@@ -130,6 +130,7 @@ def join(args: JoinArgs) -> int:
         ca_pem=ca,
         insecure=args.insecure,
         cache_dir=config.client_cache_path / args.client_id,
+        cache_models=config.client.cache_models,
         once=args.once,
         update_encoding=config.client.update_encoding,
         update_dtype=config.client.update_dtype,

@@ -96,6 +96,7 @@ class JoinOptions:
         cert_pem, key_pem, ca_pem: Our certificate, its key, the CA we trust.
         insecure: Plaintext (loopback only).
         cache_dir: Content-addressed model cache (and partial downloads).
+        cache_models: How many models the cache keeps (``client.cache_models``).
         once: Leave after one round.
         max_tls_failures: Consecutive refused handshakes before giving up.
         connect_timeout_s: How long one connection attempt may take.
@@ -120,6 +121,7 @@ class JoinOptions:
     max_tls_failures: int = 3
     connect_timeout_s: float = 10.0
     backoff_cap_s: float = 10.0
+    cache_models: int = 2
     update_encoding: str = "full"
     update_dtype: str = "float32"
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -131,12 +133,51 @@ class JoinOptions:
 
 
 class ClientCache:
-    """Blobs this client already holds, by digest; partial downloads resume from their size."""
+    """Blobs this client already holds, by digest; partial downloads resume from their size.
 
-    def __init__(self, root: Path) -> None:
+    The cache is bounded: it keeps the ``keep`` most recently used models (``client.cache_models``).
+    Before a new blob is fetched, :meth:`make_room` removes the least recently used ones beyond
+    ``keep - 1`` and partial downloads of other digests (a model the coordinator has moved past),
+    so a client running many rounds of a large model holds at most ``keep`` of them on disk.
+    """
+
+    def __init__(self, root: Path, *, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError("a client cache keeps at least one model")
         self.root = root
+        self.keep = keep
         (root / "blobs").mkdir(parents=True, exist_ok=True)
         (root / "partial").mkdir(parents=True, exist_ok=True)
+
+    def used(self, digest: str) -> None:
+        """Mark ``digest`` as just used (the eviction order is least recently used first)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.path(digest))
+
+    def make_room(self, digest: str) -> list[str]:
+        """Evict what fetching ``digest`` makes surplus; return the evicted digests.
+
+        Keeps the ``keep - 1`` most recently used complete blobs (the new one makes ``keep``) and
+        the partial download of ``digest`` itself; removes partial downloads of other digests and
+        training outputs left by a client process that no longer runs.
+        """
+        blobs: list[tuple[float, Path]] = []
+        for path in (self.root / "blobs").iterdir():
+            with contextlib.suppress(OSError):
+                blobs.append((path.stat().st_mtime, path))
+        blobs.sort(reverse=True)
+        evicted = []
+        for _, path in blobs[max(self.keep - 1, 0) :]:
+            if path.name != digest:
+                path.unlink(missing_ok=True)
+                evicted.append(path.name)
+        keep_partial = self.partial(digest).name
+        for path in (self.root / "partial").iterdir():
+            if path.name.endswith(".part") and path.name != keep_partial:
+                path.unlink(missing_ok=True)
+            elif path.name.startswith("update-") and not _pid_alive(path.name):
+                path.unlink(missing_ok=True)
+        return evicted
 
     def path(self, digest: str) -> Path:
         """Where a complete blob lives."""
@@ -149,6 +190,23 @@ class ClientCache:
     def has(self, digest: str) -> bool:
         """Whether ``digest`` is complete in the cache."""
         return self.path(digest).is_file()
+
+
+def _pid_alive(name: str) -> bool:
+    """Whether the process that named a training output ``update-<pid>-<ns>`` still runs."""
+    try:
+        pid = int(name.split("-")[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -255,7 +313,9 @@ async def fetch_blob(
     """
     target = cache.path(digest)
     if target.is_file():
+        cache.used(digest)
         return target
+    cache.make_room(digest)
     partial = cache.partial(digest)
     hasher = hashlib.sha256()
     offset = 0
@@ -314,7 +374,7 @@ class Runner:
         self._client = client
         self._options = options
         self._on_event = on_event or (lambda kind, details: None)
-        self._cache = ClientCache(options.cache_dir)
+        self._cache = ClientCache(options.cache_dir, keep=options.cache_models)
         self._pending = PendingUploads(options.cache_dir / "uploads")
         self._backoff = Backoff(cap=options.backoff_cap_s, rng=rng or random.Random())
         self._status = _Status()

@@ -113,11 +113,15 @@ class ClientConfig:
     model's own dtype (``"float32"``: lossless) or cast to ``"float16"`` / ``"bfloat16"`` (half
     the bytes, with the rounding error docs/benchmarks.md measures). The coordinator rebuilds
     the model's dtype before aggregating.
+
+    ``cache_models`` bounds the client's model cache (``<cache_dir>/<client id>``): the most
+    recently used models it keeps on disk; older ones are removed before a new one is fetched.
     """
 
     device: str = "auto"
     num_threads: int = 1
     cache_dir: str = ".flctl-client"
+    cache_models: int = 2
     update_encoding: Literal["full", "delta"] = "full"
     update_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
@@ -248,6 +252,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("transport", "max_update_bytes"): (0, None),
     ("transport", "compression_level"): (1, 19),
     ("client", "num_threads"): (1, 256),
+    ("client", "cache_models"): (1, 10000),
     ("data", "num_partitions"): (1, 100000),
     ("data", "alpha"): (1e-6, None),
     ("privacy", "clip_norm"): (0, None),

@@ -59,6 +59,11 @@ def test_three_rounds_commit_and_blobs_hash_to_digests(project: Project) -> None
             # each round started from the previous round's model
             received = runners[0]._client.received  # type: ignore[attr-defined]
             assert len(received) == 3
+            # the client's cache is bounded (client.cache_models = 2): the model of round 1
+            # was removed before the model of round 3 was fetched
+            by_version = {m.version: m.digest for m in models.models}
+            cached = {p.name for p in (config.root / ".cache" / "c1" / "blobs").iterdir()}
+            assert cached == {by_version[2], by_version[3]}
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)

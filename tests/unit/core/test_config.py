@@ -44,6 +44,7 @@ def test_defaults_when_empty(tmp_path: Path) -> None:
         ("[client]\nupdate_encoding = 'sparse'\n", "`client.update_encoding` must be one of"),
         ("[client]\nupdate_dtype = 'float8'\n", "`client.update_dtype` must be one of"),
         ("[client]\nupdate_dtype = 16\n", "`client.update_dtype` must be one of"),
+        ("[client]\ncache_models = 0\n", "`client.cache_models` must be between 1 and"),
         ("[server]\ninsecure = 1\n", "`server.insecure` must be true or false"),
         ("[rounds]\ndeadline_s = nan\n", "`rounds.deadline_s` must be finite"),
         ("[task]\nlr = [1, 2]\n", "`task.lr` must be a boolean, number or string"),
