@@ -160,6 +160,11 @@ def join(args: JoinArgs) -> int:
             text = f"round {details['server_round']}: training"
         elif kind == "cached":
             text = f"round {details['server_round']}: model {details['digest'][:12]} in cache"
+        elif kind == "download_resumed":
+            text = (
+                f"round {details['server_round']}: resuming the download of model "
+                f"{details['digest'][:12]} from byte {details['offset']}"
+            )
         elif kind == "uploaded":
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(details["metrics"].items()))
             text = (

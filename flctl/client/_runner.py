@@ -553,6 +553,13 @@ class Runner:
     async def _download(self, api: CoordinatorClient, digest: str, server_round: int) -> Path:
         if self._cache.has(digest):
             self._emit("cached", server_round=server_round, digest=digest)
+        else:
+            with contextlib.suppress(OSError):
+                held = self._cache.partial(digest).stat().st_size
+                if held:
+                    self._emit(
+                        "download_resumed", server_round=server_round, digest=digest, offset=held
+                    )
         return await fetch_blob(
             api, self._cache, digest, on_progress=self._progress("down", server_round)
         )

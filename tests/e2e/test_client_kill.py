@@ -1,0 +1,271 @@
+"""`flctl join` killed with SIGKILL in the middle of a download and of an upload, then run again.
+
+A TCP relay between the client and the coordinator holds back the bytes of one direction after
+a budget, so the transfer stops part-way at a known point whatever the machine's speed; the
+client is killed there. The next `flctl join` (straight to the coordinator) must carry on from
+the bytes already on disk: the client's partial download, the coordinator's part file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .conftest import Processes, flctl, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+TINY_TASK = Path(__file__).resolve().parents[1] / "integration" / "tiny_task.py"
+FEATURES = 250_000  # Linear(250000, 2): a 2 MB model, so a transfer has a middle
+MODEL_BYTES = (FEATURES * 2 + 2) * 4
+CONFIG = f"""
+[project]
+task = "tiny_task.py"
+seed = 3
+
+[server]
+heartbeat_interval_s = 0.5
+
+[rounds]
+min_clients = 1
+deadline_s = 180.0
+quorum_timeout_s = 120.0
+rejoin_grace_s = 120.0
+
+[transport]
+max_chunk_bytes = 65536
+
+[task]
+in_features = {FEATURES}
+"""
+
+
+class Relay:
+    """Forwards TCP connections on 127.0.0.1 to ``port``; after ``budget`` bytes in one
+    direction ("down": coordinator to client, "up": client to coordinator) it holds the rest
+    back until :meth:`release`."""
+
+    def __init__(self, port: int, direction: str, budget: int) -> None:
+        self._port = port
+        self._direction = direction
+        self._left = budget
+        self._cond = threading.Condition()
+        self._released = False
+        self._closing = False
+        self.held_back = threading.Event()  # the budget is spent and bytes are waiting
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self._port))
+            self._sockets += [client, server]
+            for src, dst, direction in ((client, server, "up"), (server, client, "down")):
+                threading.Thread(
+                    target=self._pump, args=(src, dst, direction == self._direction), daemon=True
+                ).start()
+
+    def _allow(self, want: int) -> int:
+        with self._cond:
+            while not self._released and self._left <= 0 and not self._closing:
+                self.held_back.set()
+                self._cond.wait(0.5)
+            if self._released or self._closing:
+                return want
+            allowed = min(want, self._left)
+            self._left -= allowed
+            return allowed
+
+    def _pump(self, src: socket.socket, dst: socket.socket, budgeted: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                while data:
+                    n = self._allow(len(data)) if budgeted else len(data)
+                    if self._closing:
+                        return
+                    dst.sendall(data[:n])
+                    data = data[n:]
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def release(self) -> None:
+        with self._cond:
+            self._released = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        for sock in self._sockets:
+            sock.close()
+
+
+def _project(tmp_path: Path) -> Path:
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "flctl.toml").write_text(CONFIG)
+    shutil.copy(TINY_TASK, proj / "tiny_task.py")
+    flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
+    return proj
+
+
+def _serve(processes: Processes, proj: Path) -> str:
+    proc = processes.start("coordinator", "serve", "--address", "127.0.0.1:0", "--no-tui", cwd=proj)
+    serve_file = proj / ".flctl" / "serve.json"
+
+    def ready() -> dict | None:  # type: ignore[type-arg]
+        try:
+            info = json.loads(serve_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return info if info.get("pid") == proc.pid else None
+
+    return str(wait_for(ready, what="coordinator listening", timeout=120)["address"])
+
+
+def _kill(processes: Processes, name: str) -> None:
+    proc = processes.procs[name]
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+
+
+def _size_when(path_of: Callable[[], list[Path]], what: str) -> int:
+    """The size of the one file ``path_of`` finds, once it has some bytes and stops growing."""
+    last = [-1]
+
+    def settled() -> int | None:
+        paths = path_of()
+        if len(paths) != 1:
+            return None
+        size = paths[0].stat().st_size
+        if size > 0 and size == last[0]:
+            return size
+        last[0] = size
+        return None
+
+    return int(wait_for(settled, what=what, timeout=120, step=0.3))
+
+
+def _bytes_down(proj: Path) -> int:
+    result = flctl("clients", "ls", "--json", cwd=proj, check=True)
+    (row,) = json.loads(result.stdout)["clients"]
+    return int(row["bytes_down"])
+
+
+def _round_status(proj: Path) -> dict:  # type: ignore[type-arg]
+    result = flctl("round", "status", "--json", cwd=proj, check=True)
+    rounds = json.loads(result.stdout)["rounds"]
+    return rounds[0]
+
+
+def test_a_client_killed_mid_download_resumes_from_its_partial_file(
+    tmp_path: Path, processes: Processes
+) -> None:
+    proj = _project(tmp_path)
+    address = _serve(processes, proj)
+    port = int(address.rsplit(":", 1)[1])
+    relay = Relay(port, "down", budget=MODEL_BYTES // 2)
+    cache = proj / ".flctl-client" / "c1"
+    try:
+        relay_address = f"127.0.0.1:{relay.port}"
+        processes.start("c1", "join", "--server", relay_address, "--client-id", "c1", cwd=proj)
+        wait_for(lambda: "joined" in processes.log("c1"), what="c1 joined", timeout=120)
+        flctl("round", "start", "--json", cwd=proj, check=True)
+        assert relay.held_back.wait(120), "the download never reached the relay's budget"
+        held = _size_when(lambda: list((cache / "partial").glob("*.part")), "a partial download")
+        _kill(processes, "c1")
+        assert 0 < held < MODEL_BYTES
+    finally:
+        relay.release()
+        relay.close()
+
+    (partial,) = (cache / "partial").glob("*.part")
+    assert partial.stat().st_size == held  # nothing was lost or added by the kill
+    digest = partial.name.removesuffix(".part")
+    # the coordinator adds a download's bytes to the client's count when its stream ends: the
+    # first process's, once the relay has closed its connections
+    before = wait_for(lambda: _bytes_down(proj), what="the first download counted", step=0.3)
+
+    processes.start("c1-again", "join", "--server", address, "--client-id", "c1", cwd=proj)
+    wait_for(
+        lambda: _round_status(proj)["status"] in ("committed", "failed"),
+        what="the round to end",
+        timeout=180,
+        step=0.5,
+    )
+    assert _round_status(proj)["status"] == "committed"
+    log = processes.log("c1-again")
+    assert f"resuming the download of model {digest[:12]} from byte {held}" in log, log
+    blob = cache / "blobs" / digest
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == digest
+    # the second process fetched only what the first had not written
+    assert _bytes_down(proj) - before == blob.stat().st_size - held
+    assert list((cache / "partial").glob("*.part")) == []
+
+
+def test_a_client_killed_mid_upload_resumes_from_the_coordinators_part_file(
+    tmp_path: Path, processes: Processes
+) -> None:
+    proj = _project(tmp_path)
+    address = _serve(processes, proj)
+    port = int(address.rsplit(":", 1)[1])
+    # what goes up before the update (handshake, Join, the task stream, heartbeats) is a few
+    # kilobytes: half the model's bytes stop the upload about half-way
+    relay = Relay(port, "up", budget=MODEL_BYTES // 2)
+    uploads = proj / ".flctl" / "uploads"
+    try:
+        relay_address = f"127.0.0.1:{relay.port}"
+        processes.start("c1", "join", "--server", relay_address, "--client-id", "c1", cwd=proj)
+        wait_for(lambda: "joined" in processes.log("c1"), what="c1 joined", timeout=120)
+        flctl("round", "start", "--json", cwd=proj, check=True)
+        assert relay.held_back.wait(120), "the upload never reached the relay's budget"
+        held = _size_when(lambda: list(uploads.glob("*.part")), "the coordinator's part file")
+        _kill(processes, "c1")
+    finally:
+        relay.release()
+        relay.close()
+    assert 0 < held < MODEL_BYTES
+    # the client kept its update and the header naming it, for the next process
+    kept = list((proj / ".flctl-client" / "c1" / "uploads").glob("*.header"))
+    assert len(kept) == 1
+
+    processes.start("c1-again", "join", "--server", address, "--client-id", "c1", cwd=proj)
+    wait_for(
+        lambda: _round_status(proj)["status"] in ("committed", "failed"),
+        what="the round to end",
+        timeout=180,
+        step=0.5,
+    )
+    status = _round_status(proj)
+    assert status["status"] == "committed", status
+    log = processes.log("c1-again")
+    assert "resuming the upload of the update kept on disk" in log, log
+    assert "the coordinator holds " in log and " bytes: resuming from there" in log, log
+    said = int(log.split("the coordinator holds ", 1)[1].split(" ", 1)[0])
+    assert held <= said < MODEL_BYTES + 4096  # at least what was on disk when the client died
+    assert list(uploads.iterdir()) == []
+    events = json.loads(flctl("events", "--json", cwd=proj, check=True).stdout)
+    types = [e["type"] for e in (events["events"] if isinstance(events, dict) else events)]
+    assert "upload.resumed" in types
