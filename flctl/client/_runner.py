@@ -69,6 +69,7 @@ from flctl.transport.grpc import (
     insecure_channel,
     is_loopback_host,
     pb,
+    probe_certificate,
     secure_channel,
     split_address,
     to_value_map,
@@ -436,6 +437,33 @@ class Runner:
         self._emit("left", rounds=self.rounds_done)
         return self.rounds_done
 
+    async def _check_refusal(self, exc: FlctlError) -> None:
+        """Raise CertificateError if the coordinator refuses our certificate (see _session).
+
+        Returns when it accepts it or cannot be reached: the caller raises a connection error,
+        which the client retries.
+        """
+        o = self._options
+        verdict = await asyncio.to_thread(
+            probe_certificate,
+            o.server,
+            cert_pem=o.cert_pem,
+            key_pem=o.key_pem,
+            ca_pem=o.ca_pem,
+            timeout=o.connect_timeout_s,
+        )
+        if verdict != "refused":
+            # accepted: the connection dropped for another reason; unknown: the coordinator is
+            # not reachable now. Either way a retry, not a refusal.
+            log.info("the TLS handshake was cut (%s); our certificate: %s", exc.message, verdict)
+            return
+        raise CertificateError(
+            "the coordinator closed the connection right after the TLS handshake: it does not "
+            f"accept this certificate ({exc.message})",
+            hint="check that the certificate was issued by the coordinator's CA, "
+            "is still valid and is not revoked",
+        )
+
     async def _session(self, stop: asyncio.Event) -> None:
         channel = self._channel()
         api = CoordinatorClient(channel, identity=self._options.client_id)
@@ -451,17 +479,17 @@ class Runner:
             to_value_map(request.properties, {"model_spec": self._spec_json})
             try:
                 reply = await api.join(request, timeout=self._options.connect_timeout_s)
-            except ConnectError as exc:
+            except (ConnectError, CertificateError) as exc:
                 # With TLS 1.3 the server checks our certificate after the client's side of
-                # the handshake is done; a refusal then reaches us only as a closed socket.
-                if "socket closed" in exc.message.lower():
-                    raise CertificateError(
-                        "the coordinator closed the connection during the TLS handshake "
-                        f"(it did not accept this certificate): {exc.message}",
-                        hint="check that the certificate was issued by the coordinator's CA, "
-                        "is still valid and is not revoked",
-                    ) from None
-                raise
+                # the handshake is done; a refusal then reaches us only as a closed socket,
+                # in the same words as a connection that dropped (mid-handshake, gRPC even
+                # calls it a handshake failure). One handshake of our own tells them apart.
+                if "socket closed" not in exc.message.lower() or self._options.insecure:
+                    raise
+                await self._check_refusal(exc)
+                raise ConnectError(
+                    f"the connection closed during the TLS handshake: {exc.message}"
+                ) from None
             self._backoff.reset()
             self.join_reply = reply
             self._emit("joined", client_id=reply.client_id, server=self._options.server)

@@ -1,9 +1,10 @@
 """`flctl join` killed with SIGKILL in the middle of a download and of an upload, then run again.
 
-A TCP relay between the client and the coordinator holds back the bytes of one direction after
-a budget, so the transfer stops part-way at a known point whatever the machine's speed; the
-client is killed there. The next `flctl join` (straight to the coordinator) must carry on from
-the bytes already on disk: the client's partial download, the coordinator's part file.
+A TCP relay (tests/relay.py) between the client and the coordinator holds back the bytes of
+one direction after a budget, so the transfer stops part-way at a known point whatever the
+machine's speed; the client is killed there. The next `flctl join` (straight to the
+coordinator) must carry on from the bytes already on disk: the client's partial download, the
+coordinator's part file.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import json
 import os
 import shutil
 import signal
-import socket
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from tests.relay import Relay
 
 from .conftest import Processes, flctl, wait_for
 
@@ -47,79 +48,6 @@ max_chunk_bytes = 65536
 [task]
 in_features = {FEATURES}
 """
-
-
-class Relay:
-    """Forwards TCP connections on 127.0.0.1 to ``port``; after ``budget`` bytes in one
-    direction ("down": coordinator to client, "up": client to coordinator) it holds the rest
-    back until :meth:`release`."""
-
-    def __init__(self, port: int, direction: str, budget: int) -> None:
-        self._port = port
-        self._direction = direction
-        self._left = budget
-        self._cond = threading.Condition()
-        self._released = False
-        self._closing = False
-        self.held_back = threading.Event()  # the budget is spent and bytes are waiting
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._sockets: list[socket.socket] = [self._listener]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self._port))
-            self._sockets += [client, server]
-            for src, dst, direction in ((client, server, "up"), (server, client, "down")):
-                threading.Thread(
-                    target=self._pump, args=(src, dst, direction == self._direction), daemon=True
-                ).start()
-
-    def _allow(self, want: int) -> int:
-        with self._cond:
-            while not self._released and self._left <= 0 and not self._closing:
-                self.held_back.set()
-                self._cond.wait(0.5)
-            if self._released or self._closing:
-                return want
-            allowed = min(want, self._left)
-            self._left -= allowed
-            return allowed
-
-    def _pump(self, src: socket.socket, dst: socket.socket, budgeted: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                while data:
-                    n = self._allow(len(data)) if budgeted else len(data)
-                    if self._closing:
-                        return
-                    dst.sendall(data[:n])
-                    data = data[n:]
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def release(self) -> None:
-        with self._cond:
-            self._released = True
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        for sock in self._sockets:
-            sock.close()
 
 
 def _project(tmp_path: Path) -> Path:
@@ -186,7 +114,7 @@ def test_a_client_killed_mid_download_resumes_from_its_partial_file(
     proj = _project(tmp_path)
     address = _serve(processes, proj)
     port = int(address.rsplit(":", 1)[1])
-    relay = Relay(port, "down", budget=MODEL_BYTES // 2)
+    relay = Relay(port, direction="down", budget=MODEL_BYTES // 2)
     cache = proj / ".flctl-client" / "c1"
     try:
         relay_address = f"127.0.0.1:{relay.port}"
@@ -233,7 +161,7 @@ def test_a_client_killed_mid_upload_resumes_from_the_coordinators_part_file(
     port = int(address.rsplit(":", 1)[1])
     # what goes up before the update (handshake, Join, the task stream, heartbeats) is a few
     # kilobytes: half the model's bytes stop the upload about half-way
-    relay = Relay(port, "up", budget=MODEL_BYTES // 2)
+    relay = Relay(port, direction="up", budget=MODEL_BYTES // 2)
     uploads = proj / ".flctl" / "uploads"
     try:
         relay_address = f"127.0.0.1:{relay.port}"

@@ -14,6 +14,7 @@ from flctl.transport.grpc._channel import (  # noqa: E402
     insecure_channel,
     is_loopback_host,
     is_loopback_peer,
+    probe_certificate,
     secure_channel,
     split_address,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "map_rpc_errors",
     "metrics_from_map",
     "pb",
+    "probe_certificate",
     "secure_channel",
     "split_address",
     "start_server",

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
+import ssl
+import tempfile
+from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote
 
 import grpc
@@ -16,6 +22,7 @@ __all__ = [
     "insecure_channel",
     "is_loopback_host",
     "is_loopback_peer",
+    "probe_certificate",
     "secure_channel",
     "split_address",
 ]
@@ -98,3 +105,58 @@ def insecure_channel(target: str, *, max_chunk_bytes: int = 1 << 20) -> grpc.aio
     if not is_loopback_host(host):
         raise ConfigError(f"--insecure connects to loopback addresses only, not {target!r}")
     return grpc.aio.insecure_channel(target, options=channel_options(max_chunk_bytes))
+
+
+#: What an HTTP/2 client sends first: the connection preface and an empty SETTINGS frame.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def probe_certificate(
+    target: str, *, cert_pem: bytes, key_pem: bytes, ca_pem: bytes, timeout: float = 5.0
+) -> Literal["accepted", "refused", "unknown"]:
+    """Say whether the coordinator at ``target`` accepts our client certificate.
+
+    With TLS 1.3 the server checks the client's certificate after the client has finished its
+    side of the handshake, and gRPC reports a refusal only as "Socket closed", the same words
+    as a connection that dropped for any other reason. This makes one handshake of its own and
+    sends the HTTP/2 preface: a coordinator that accepts the certificate answers with its
+    SETTINGS frame; one that refuses it closes the connection at once. "unknown": the
+    coordinator could not be reached, or its own certificate is not one we trust (gRPC says
+    so in its own words).
+    """
+    host, port = split_address(target)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.set_alpn_protocols(["h2"])
+    try:
+        context.load_verify_locations(cadata=ca_pem.decode("ascii"))
+        # the ssl module loads a key pair from files only: a private folder, gone at once
+        with tempfile.TemporaryDirectory(prefix="flctl-probe-") as folder:
+            cert_file, key_file = Path(folder, "cert.pem"), Path(folder, "key.pem")
+            cert_file.write_bytes(cert_pem)
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(key_pem)
+            context.load_cert_chain(cert_file, key_file)
+    except (OSError, ValueError, ssl.SSLError):
+        return "unknown"
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return "unknown"
+    with raw:
+        raw.settimeout(timeout)
+        try:
+            tls = context.wrap_socket(raw, server_hostname=host)
+        except (OSError, ssl.SSLError):
+            return "unknown"  # the handshake itself failed: not the refusal gRPC hides
+        with tls:
+            try:
+                tls.sendall(_H2_PREFACE)
+                answer = tls.recv(9)
+            except TimeoutError:
+                return "unknown"
+            except (ConnectionError, ssl.SSLError):
+                return "refused"  # closed (or reset, or an alert) right after the handshake
+            except OSError:
+                return "unknown"
+            return "accepted" if answer else "refused"
