@@ -122,15 +122,16 @@ def test_a_client_killed_mid_download_resumes_from_its_partial_file(
         wait_for(lambda: "joined" in processes.log("c1"), what="c1 joined", timeout=120)
         flctl("round", "start", "--json", cwd=proj, check=True)
         assert relay.held_back.wait(120), "the download never reached the relay's budget"
-        held = _size_when(lambda: list((cache / "partial").glob("*.part")), "a partial download")
+        seen = _size_when(lambda: list((cache / "partial").glob("*.part")), "a partial download")
         _kill(processes, "c1")
-        assert 0 < held < MODEL_BYTES
+        assert 0 < seen < MODEL_BYTES
     finally:
         relay.release()
         relay.close()
 
     (partial,) = (cache / "partial").glob("*.part")
-    assert partial.stat().st_size == held  # nothing was lost or added by the kill
+    held = partial.stat().st_size  # what the killed process had written
+    assert seen <= held < MODEL_BYTES
     digest = partial.name.removesuffix(".part")
     # the coordinator adds a download's bytes to the client's count when its stream ends: the
     # first process's, once the relay has closed its connections
