@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+from flctl.core._process import process_alive
 from flctl.core.config import PrivacyConfig
 from flctl.core.dp import TaskPrivacy, split_task
 from flctl.core.errors import (
@@ -199,15 +200,7 @@ def _pid_alive(name: str) -> bool:
         pid = int(name.split("-")[1])
     except (IndexError, ValueError):
         return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid == os.getpid() or process_alive(pid)
 
 
 @dataclass(frozen=True)

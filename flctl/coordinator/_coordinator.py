@@ -17,6 +17,7 @@ from typing import IO, Any
 from flctl.aggregation import strategy_for
 from flctl.core import Config, Event, load_task
 from flctl.core import events as ev
+from flctl.core._process import process_alive
 from flctl.core.errors import ConfigError, ConflictError
 from flctl.security import TokenSigner, identity_from_pem, load_credentials
 from flctl.store import BlobStore, SqlStore
@@ -63,19 +64,6 @@ def read_serve_file(state_dir: Path) -> dict[str, Any] | None:
 
 #: How long a starting coordinator waits for an offline command holding the state folder.
 LOCK_WAIT_S = 10.0
-
-
-def _is_alive(pid: object) -> bool:
-    """Whether ``pid`` (from a serve.json) names a live process."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 class Coordinator:
@@ -130,7 +118,7 @@ class Coordinator:
                 break
             except BlockingIOError:
                 running = read_serve_file(self.state_dir) or {}
-                coordinator = _is_alive(running.get("pid"))
+                coordinator = process_alive(running.get("pid"))
                 if coordinator or time.monotonic() >= deadline:
                     handle.close()
                     holder = (
