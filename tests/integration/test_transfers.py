@@ -11,6 +11,8 @@ import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
+import grpc.aio
 import pytest
 import torch
 
@@ -23,11 +25,13 @@ from flctl.core.errors import (
     InvalidInputError,
     LimitExceededError,
     PermissionDeniedError,
+    TransportError,
 )
 from flctl.security import load_credentials
 from flctl.store import BlobStore
 from flctl.tensors import fingerprint, read_spec, save_parameters
 from flctl.transport.grpc import PROTOCOL_VERSION, CoordinatorClient, pb, secure_channel
+from flctl.transport.grpc._status import GRPC_CORE_INTERNAL
 
 from .conftest import Project, admin, wait_until
 
@@ -528,6 +532,49 @@ def test_compressed_upload_is_accepted_and_a_bad_frame_leaves_nothing(
             reply = await h.api.upload(header, frames())
             assert reply.accepted, reply.reason
             assert hashlib.sha256(h.blobs.path(digest).read_bytes()).hexdigest() == digest
+        finally:
+            await stop(h)
+
+    asyncio.run(main())
+
+
+def test_a_status_replaced_by_grpc_core_is_recovered_from_begin_upload(project: Project) -> None:
+    """grpc.aio can replace a refusal's status with INTERNAL "Internal error from Core" when a
+    write in flight fails after it (a race, grpc issue 36066). The real coordinator is asked
+    again with BeginUpload; only the stream's outcome is forced here."""
+
+    async def main() -> None:
+        h = await start(project)
+        try:
+            task = await _open_round(h, project)
+
+            def replaced(*args: object, **kwargs: object) -> object:
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.INTERNAL,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    details=GRPC_CORE_INTERNAL,
+                )
+
+            h.api._upload = replaced  # type: ignore[method-assign]
+
+            async def nothing() -> AsyncIterator[bytes]:
+                return
+                yield b""
+
+            header = pb.UploadHeader(
+                server_round=task.server_round,
+                task_id=task.task_id,
+                num_examples=10,
+                digest="A" * 64,  # refused by BeginUpload as by Upload
+                size=100,
+            )
+            with pytest.raises(InvalidInputError, match="invalid digest"):
+                await h.api.upload(header, nothing())
+            # a header the coordinator accepts: the transport error stands (the caller resumes)
+            header.digest = hashlib.sha256(b"x" * 100).hexdigest()
+            with pytest.raises(TransportError, match=GRPC_CORE_INTERNAL):
+                await h.api.upload(header, nothing())
         finally:
             await stop(h)
 

@@ -9,7 +9,13 @@ from typing import Any, Protocol
 import grpc
 import grpc.aio
 
-from flctl.core.errors import FlctlError, IntegrityError, InvalidInputError, LimitExceededError
+from flctl.core.errors import (
+    FlctlError,
+    IntegrityError,
+    InvalidInputError,
+    LimitExceededError,
+    TransportError,
+)
 from flctl.transport._compression import (
     CODEC_NONE,
     COMPRESSING_CODECS,
@@ -20,7 +26,7 @@ from flctl.transport._pipeline import Pipeline
 from flctl.transport.grpc._proto import flctl_pb2 as pb
 from flctl.transport.grpc._proto import flctl_pb2_grpc as pb_grpc
 from flctl.transport.grpc._servicers import IDENTITY_METADATA_KEY, ROLE_METADATA_KEY
-from flctl.transport.grpc._status import map_rpc_errors
+from flctl.transport.grpc._status import GRPC_CORE_INTERNAL, map_rpc_errors
 from flctl.transport.grpc._wire import UploadItem, decode_chunk, encode_upload
 
 __all__ = ["AdminClient", "CoordinatorClient", "Sink"]
@@ -214,10 +220,28 @@ class CoordinatorClient(_Caller):
             async for piece in data:
                 yield piece
 
-        with map_rpc_errors():
-            reply: pb.UploadReply = await self._upload(
-                messages(), metadata=self.metadata(), timeout=timeout
-            )
+        try:
+            with map_rpc_errors():
+                reply: pb.UploadReply = await self._upload(
+                    messages(), metadata=self.metadata(), timeout=timeout
+                )
+        except TransportError as exc:
+            if GRPC_CORE_INTERNAL not in exc.message:
+                raise
+            # grpc.aio can replace the status of a stream the coordinator ended early (a
+            # refusal) with this one, when a write still in flight fails after the status came
+            # (grpc issue 36066). BeginUpload checks the same header: a refusal it raises is
+            # the coordinator's own answer; if it has none, the transport error stands.
+            again = pb.UploadHeader()
+            again.CopyFrom(header)
+            again.upload_id, again.offset = "", 0
+            try:
+                await self.begin_upload(again)
+            except TransportError:
+                pass
+            except FlctlError as refusal:
+                raise refusal from None
+            raise
         return reply
 
 

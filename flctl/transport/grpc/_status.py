@@ -84,6 +84,10 @@ STATUS_TO_ERROR: dict[grpc.StatusCode, type[FlctlError]] = {
 
 _BY_CODE: dict[str, type[FlctlError]] = {cls.code: cls for cls in all_error_classes()}
 
+#: The details grpc.aio gives a call whose status it replaced after a failed write (an
+#: INTERNAL status that no flctl servicer sends).
+GRPC_CORE_INTERNAL = "Internal error from Core"
+
 # Substrings of grpc's own messages that mean the TLS handshake, not the network, failed.
 _TLS_MARKERS = ("handshake", "ssl", "certificate", "tls", "alert")
 
