@@ -94,3 +94,20 @@ def wait_for(predicate, timeout: float = 120, step: float = 0.1, what: str = "co
             return value
         time.sleep(step)
     raise AssertionError(f"{what} not met within {timeout} s")
+
+
+def serve(processes: Processes, name: str, proj: Path) -> tuple[int, str]:
+    """Start ``flctl serve`` on a free loopback port in ``proj``; its pid and address once it
+    listens (its serve.json names it)."""
+    proc = processes.start(name, "serve", "--address", "127.0.0.1:0", "--no-tui", cwd=proj)
+    serve_file = proj / ".flctl" / "serve.json"
+
+    def ready() -> dict[str, Any] | None:
+        try:
+            info = json.loads(serve_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) and info.get("pid") == proc.pid else None
+
+    info = wait_for(ready, what=f"{name} listening", timeout=120)
+    return proc.pid, str(info["address"])

@@ -21,7 +21,7 @@ import pytest
 
 from tests.relay import Relay
 
-from .conftest import Processes, flctl, wait_for
+from .conftest import Processes, flctl, serve, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -57,20 +57,6 @@ def _project(tmp_path: Path) -> Path:
     shutil.copy(TINY_TASK, proj / "tiny_task.py")
     flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
     return proj
-
-
-def _serve(processes: Processes, proj: Path) -> str:
-    proc = processes.start("coordinator", "serve", "--address", "127.0.0.1:0", "--no-tui", cwd=proj)
-    serve_file = proj / ".flctl" / "serve.json"
-
-    def ready() -> dict | None:  # type: ignore[type-arg]
-        try:
-            info = json.loads(serve_file.read_text())
-        except (OSError, ValueError):
-            return None
-        return info if info.get("pid") == proc.pid else None
-
-    return str(wait_for(ready, what="coordinator listening", timeout=120)["address"])
 
 
 def _kill(processes: Processes, name: str) -> None:
@@ -112,7 +98,7 @@ def test_a_client_killed_mid_download_resumes_from_its_partial_file(
     tmp_path: Path, processes: Processes
 ) -> None:
     proj = _project(tmp_path)
-    address = _serve(processes, proj)
+    _, address = serve(processes, "coordinator", proj)
     port = int(address.rsplit(":", 1)[1])
     relay = Relay(port, direction="down", budget=MODEL_BYTES // 2)
     cache = proj / ".flctl-client" / "c1"
@@ -158,7 +144,7 @@ def test_a_client_killed_mid_upload_resumes_from_the_coordinators_part_file(
     tmp_path: Path, processes: Processes
 ) -> None:
     proj = _project(tmp_path)
-    address = _serve(processes, proj)
+    _, address = serve(processes, "coordinator", proj)
     port = int(address.rsplit(":", 1)[1])
     # what goes up before the update (handshake, Join, the task stream, heartbeats) is a few
     # kilobytes: half the model's bytes stop the upload about half-way

@@ -29,7 +29,7 @@ from flctl.transport.grpc import (
     secure_channel,
 )
 
-from .conftest import Processes, flctl, wait_for
+from .conftest import Processes, flctl, serve, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -54,21 +54,6 @@ max_chunk_bytes = 4096
 [task]
 in_features = {FEATURES}
 """
-
-
-def _serve(processes: Processes, name: str, proj: Path) -> tuple[int, str]:
-    proc = processes.start(name, "serve", "--address", "127.0.0.1:0", "--no-tui", cwd=proj)
-    serve_file = proj / ".flctl" / "serve.json"
-
-    def ready() -> dict | None:  # type: ignore[type-arg]
-        try:
-            info = json.loads(serve_file.read_text())
-        except (OSError, ValueError):
-            return None
-        return info if info.get("pid") == proc.pid else None
-
-    info = wait_for(ready, what=f"{name} listening", timeout=120)
-    return proc.pid, info["address"]
 
 
 def _channel(proj: Path, identity: str, address: str):  # noqa: ANN202
@@ -100,7 +85,7 @@ def test_sigkill_mid_upload_then_restart_resumes_the_round_and_the_upload(
     (proj / "flctl.toml").write_text(CONFIG)
     shutil.copy(TINY_TASK, proj / "tiny_task.py")
     flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
-    pid, address = _serve(processes, "coordinator", proj)
+    pid, address = serve(processes, "coordinator", proj)
     uploads = proj / ".flctl" / "uploads"
 
     async def first_life() -> tuple[pb.Task, pb.UploadHeader, bytes, int]:
@@ -144,7 +129,7 @@ def test_sigkill_mid_upload_then_restart_resumes_the_round_and_the_upload(
 
     task, header, data, held = asyncio.run(first_life())
     assert processes.procs["coordinator"].wait(30) == -signal.SIGKILL
-    pid, address = _serve(processes, "coordinator-2", proj)
+    pid, address = serve(processes, "coordinator-2", proj)
 
     async def second_life() -> dict:  # type: ignore[type-arg]
         api, tasks = await _join(proj, address)
@@ -190,13 +175,13 @@ def test_a_rollback_deferred_behind_a_round_survives_sigkill(
     shutil.copy(TINY_TASK, proj / "tiny_task.py")
     flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
     # a first life writes version 1; an imported version 2 (not head) is the rollback target
-    _serve(processes, "coordinator", proj)
+    serve(processes, "coordinator", proj)
     assert processes.stop("coordinator") == 0
     flctl("models", "export", "1", "-o", str(tmp_path / "v1.safetensors"), cwd=proj, check=True)
     nudged = {n: t + 0.5 for n, t in load_parameters(tmp_path / "v1.safetensors").items()}
     save_parameters(nudged, tmp_path / "v2.safetensors")
     flctl("models", "import", str(tmp_path / "v2.safetensors"), cwd=proj, check=True)
-    pid, address = _serve(processes, "coordinator-2", proj)
+    pid, address = serve(processes, "coordinator-2", proj)
 
     async def open_round() -> int:
         api, tasks = await _join(proj, address)
@@ -217,7 +202,7 @@ def test_a_rollback_deferred_behind_a_round_survives_sigkill(
     assert json.loads(deferred.stdout)["deferred"] is True
     os.kill(pid, signal.SIGKILL)
     assert processes.procs["coordinator-2"].wait(30) == -signal.SIGKILL
-    _pid, address = _serve(processes, "coordinator-3", proj)
+    _pid, address = serve(processes, "coordinator-3", proj)
 
     async def end_round() -> list[pb.Event]:
         admin = AdminClient(_channel(proj, "admin", address))
@@ -254,7 +239,7 @@ def test_a_round_killed_while_selecting_selects_again_after_restart(
     (proj / "flctl.toml").write_text(CONFIG)
     shutil.copy(TINY_TASK, proj / "tiny_task.py")
     flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
-    pid, address = _serve(processes, "coordinator", proj)
+    pid, address = serve(processes, "coordinator", proj)
     started = flctl("round", "start", "--json", cwd=proj, check=True)
     (server_round,) = json.loads(started.stdout)["round_ids"]
 
@@ -267,7 +252,7 @@ def test_a_round_killed_while_selecting_selects_again_after_restart(
     wait_for(selecting, what="round selecting", timeout=60)  # no client: it waits for quorum
     os.kill(pid, signal.SIGKILL)
     assert processes.procs["coordinator"].wait(30) == -signal.SIGKILL
-    _pid, address = _serve(processes, "coordinator-2", proj)
+    _pid, address = serve(processes, "coordinator-2", proj)
 
     async def second_life() -> tuple[pb.Task, list[str]]:
         api, tasks = await _join(proj, address)
