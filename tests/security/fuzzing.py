@@ -44,6 +44,7 @@ from flctl.core.errors import FlctlError
 from flctl.store import BlobStore
 from flctl.transport import compress_chunk
 from flctl.transport.grpc import pb, secure_channel
+from flctl.transport.grpc._status import GRPC_CORE_INTERNAL  # gRPC core resetting a stream
 from tests.security.arena import Arena, Snapshot, digest_of, update_like
 
 # ---------------------------------------------------------------------------------- arena
@@ -430,8 +431,6 @@ def is_admin_change(
 
 # ---------------------------------------------------------------------------------- sending
 
-#: What gRPC core reports when it resets a stream itself (no handler code involved).
-GRPC_CORE_INTERNAL = "Internal error from Core"
 #: What flctl answers for an unexpected exception in a handler: a bug.
 FLCTL_INTERNAL = "internal error (see the coordinator's log)"
 
