@@ -82,6 +82,39 @@ def _size_when(path_of: Callable[[], list[Path]], what: str) -> int:
     return int(wait_for(settled, what=what, timeout=120, step=0.3))
 
 
+def _kill_half_way(
+    processes: Processes,
+    proj: Path,
+    relay: Relay,
+    part_files: Callable[[], list[Path]],
+    transfer: str,
+) -> int:
+    """Join c1 through ``relay``, start a round, and SIGKILL c1 once the relay holds the
+    ``transfer`` back and its one part file (``part_files``) stops growing: that file's size."""
+    try:
+        processes.start("c1", "join", "--server", relay.address, "--client-id", "c1", cwd=proj)
+        wait_for(lambda: "joined" in processes.log("c1"), what="c1 joined", timeout=120)
+        flctl("round", "start", "--json", cwd=proj, check=True)
+        assert relay.held_back.wait(120), f"the {transfer} never reached the relay's budget"
+        size = _size_when(part_files, f"the {transfer}'s part file")
+        _kill(processes, "c1")
+    finally:
+        relay.release()
+        relay.close()
+    return size
+
+
+def _rejoin_until_the_round_ends(processes: Processes, proj: Path, address: str) -> None:
+    """Run ``flctl join`` for c1 again, straight to the coordinator, until the round ends."""
+    processes.start("c1-again", "join", "--server", address, "--client-id", "c1", cwd=proj)
+    wait_for(
+        lambda: _round_status(proj)["status"] in ("committed", "failed"),
+        what="the round to end",
+        timeout=180,
+        step=0.5,
+    )
+
+
 def _bytes_down(proj: Path) -> int:
     result = flctl("clients", "ls", "--json", cwd=proj, check=True)
     (row,) = json.loads(result.stdout)["clients"]
@@ -102,18 +135,10 @@ def test_a_client_killed_mid_download_resumes_from_its_partial_file(
     port = int(address.rsplit(":", 1)[1])
     relay = Relay(port, direction="down", budget=MODEL_BYTES // 2)
     cache = proj / ".flctl-client" / "c1"
-    try:
-        relay_address = f"127.0.0.1:{relay.port}"
-        processes.start("c1", "join", "--server", relay_address, "--client-id", "c1", cwd=proj)
-        wait_for(lambda: "joined" in processes.log("c1"), what="c1 joined", timeout=120)
-        flctl("round", "start", "--json", cwd=proj, check=True)
-        assert relay.held_back.wait(120), "the download never reached the relay's budget"
-        seen = _size_when(lambda: list((cache / "partial").glob("*.part")), "a partial download")
-        _kill(processes, "c1")
-        assert 0 < seen < MODEL_BYTES
-    finally:
-        relay.release()
-        relay.close()
+    seen = _kill_half_way(
+        processes, proj, relay, lambda: list((cache / "partial").glob("*.part")), "download"
+    )
+    assert 0 < seen < MODEL_BYTES
 
     (partial,) = (cache / "partial").glob("*.part")
     held = partial.stat().st_size  # what the killed process had written
@@ -123,13 +148,7 @@ def test_a_client_killed_mid_download_resumes_from_its_partial_file(
     # first process's, once the relay has closed its connections
     before = wait_for(lambda: _bytes_down(proj), what="the first download counted", step=0.3)
 
-    processes.start("c1-again", "join", "--server", address, "--client-id", "c1", cwd=proj)
-    wait_for(
-        lambda: _round_status(proj)["status"] in ("committed", "failed"),
-        what="the round to end",
-        timeout=180,
-        step=0.5,
-    )
+    _rejoin_until_the_round_ends(processes, proj, address)
     assert _round_status(proj)["status"] == "committed"
     log = processes.log("c1-again")
     assert f"resuming the download of model {digest[:12]} from byte {held}" in log, log
@@ -150,29 +169,13 @@ def test_a_client_killed_mid_upload_resumes_from_the_coordinators_part_file(
     # kilobytes: half the model's bytes stop the upload about half-way
     relay = Relay(port, direction="up", budget=MODEL_BYTES // 2)
     uploads = proj / ".flctl" / "uploads"
-    try:
-        relay_address = f"127.0.0.1:{relay.port}"
-        processes.start("c1", "join", "--server", relay_address, "--client-id", "c1", cwd=proj)
-        wait_for(lambda: "joined" in processes.log("c1"), what="c1 joined", timeout=120)
-        flctl("round", "start", "--json", cwd=proj, check=True)
-        assert relay.held_back.wait(120), "the upload never reached the relay's budget"
-        held = _size_when(lambda: list(uploads.glob("*.part")), "the coordinator's part file")
-        _kill(processes, "c1")
-    finally:
-        relay.release()
-        relay.close()
+    held = _kill_half_way(processes, proj, relay, lambda: list(uploads.glob("*.part")), "upload")
     assert 0 < held < MODEL_BYTES
     # the client kept its update and the header naming it, for the next process
     kept = list((proj / ".flctl-client" / "c1" / "uploads").glob("*.header"))
     assert len(kept) == 1
 
-    processes.start("c1-again", "join", "--server", address, "--client-id", "c1", cwd=proj)
-    wait_for(
-        lambda: _round_status(proj)["status"] in ("committed", "failed"),
-        what="the round to end",
-        timeout=180,
-        step=0.5,
-    )
+    _rejoin_until_the_round_ends(processes, proj, address)
     status = _round_status(proj)
     assert status["status"] == "committed", status
     log = processes.log("c1-again")
