@@ -131,3 +131,12 @@ class Pipeline(Generic[T]):
         self._cancelled = True
         with contextlib.suppress(queue.Full):
             self._items.put_nowait(_STOP)
+
+    async def cancel_and_wait(self) -> None:
+        """Stop, and wait for the worker to finish the piece in hand (not the queued ones).
+
+        For a caller about to close what the worker writes to: after this, nothing does.
+        """
+        self.cancel()
+        if self._thread.ident is not None:
+            await asyncio.shield(self._finished)

@@ -195,8 +195,9 @@ class CoordinatorClient(_Caller):
                         on_chunk(position, total)
             await pipeline.close()
         finally:
-            pipeline.cancel()
             call.cancel()
+            # the sink (the caller's file) must not be written once this returns
+            await pipeline.cancel_and_wait()
         self.link.observe(on_wire, last - first)
         return total
 

@@ -124,3 +124,32 @@ def test_the_thread_starts_with_the_first_piece_and_ends_on_close() -> None:
         await pipeline.close()  # a second close is harmless
 
     asyncio.run(main())
+
+
+def test_cancel_and_wait_returns_once_the_piece_in_hand_is_done() -> None:
+    release = threading.Event()
+    started = threading.Event()
+    done: list[int] = []
+
+    def work(item: int) -> None:
+        started.set()
+        release.wait(30)
+        done.append(item)
+
+    async def main() -> None:
+        idle: Pipeline[int] = Pipeline(work)
+        await idle.cancel_and_wait()  # never started: nothing to wait for
+        pipeline: Pipeline[int] = Pipeline(work, depth=4)
+        for i in range(3):
+            await pipeline.put(i)
+        await asyncio.to_thread(started.wait, 30)
+        stopping = asyncio.create_task(pipeline.cancel_and_wait())
+        await asyncio.sleep(0.1)
+        assert not stopping.done()  # the worker still holds piece 0
+        release.set()
+        await asyncio.wait_for(stopping, 30)
+        assert done == [0]
+        await asyncio.to_thread(pipeline._thread.join, 30)
+        assert not pipeline._thread.is_alive()
+
+    asyncio.run(main())
