@@ -6,7 +6,9 @@
   (``{"error": {"code", "exit_code", "message", ...}}``); human noise goes to stderr.
 
 An ``FlctlError`` exits with its class's exit code; an unexpected exception prints one line and
-the path of a log file holding the traceback (``--debug`` prints the traceback instead).
+the path of a log file holding the traceback (``--debug`` prints the traceback instead). A reader
+that closes the pipe early (``flctl events | head``) ends the command quietly, with the code a
+process that SIGPIPE ended would have.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -29,7 +32,10 @@ from rich.text import Text
 
 from flctl.core.errors import FlctlError
 
-__all__ = ["Output", "command", "log_dir", "settings"]
+__all__ = ["BROKEN_PIPE_EXIT_CODE", "Output", "command", "log_dir", "quiet_broken_pipe", "settings"]
+
+#: What shells expect from a command whose reader left: 128 + SIGPIPE, as ``yes | head`` gives.
+BROKEN_PIPE_EXIT_CODE = 128 + signal.SIGPIPE
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -97,6 +103,25 @@ class Output:
                 self.err.print(f"hint: {exc.hint}", markup=False, highlight=False)
 
 
+def quiet_broken_pipe() -> None:
+    """Point stdout at the null device once its reader has left.
+
+    Python ignores SIGPIPE, so a closed pipe surfaces as ``BrokenPipeError``; the interpreter's
+    last flush of stdout would raise it again at exit. Its docs ("Note on SIGPIPE") recommend
+    this redirection. Outside a real file descriptor (tests' captured output) nothing is done.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        pass
+    finally:
+        os.close(devnull)
+
+
 def _write_traceback(exc: BaseException) -> Path | None:
     try:
         folder = log_dir()
@@ -133,6 +158,10 @@ def command(json_param: str | None = "json_output") -> Callable[[Callable[P, R]]
             except FlctlError as exc:
                 out.error(exc)
                 raise typer.Exit(exc.exit_code) from None
+            except BrokenPipeError:
+                # The reader of our output left (`| head`): a normal end, nothing to report.
+                quiet_broken_pipe()
+                raise typer.Exit(BROKEN_PIPE_EXIT_CODE) from None
             except KeyboardInterrupt:
                 out.note("interrupted")
                 raise typer.Exit(130) from None

@@ -1,11 +1,14 @@
 """The CLI's contract: help, exit codes, one JSON document, no tracebacks."""
 
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from .conftest import flctl, one_json
+from .conftest import FLCTL, flctl, one_json
 
 
 def test_help_smoke(tmp_path: Path) -> None:
@@ -70,3 +73,34 @@ def test_invalid_numbers(tmp_path: Path, args: tuple[str, ...]) -> None:
     result = flctl(*args, cwd=tmp_path / "p")
     assert result.returncode != 0
     assert "error" in json.loads(result.stdout)
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`flctl events | head -1`: a closed pipe is a normal end, not an error with a crash log."""
+    from flctl.store import SqlStore
+
+    flctl("init", "p", cwd=tmp_path, check=True)
+    store = SqlStore.open(tmp_path / "p" / ".flctl")
+    try:
+        # Far more than a pipe holds, so flctl is still writing when the reader leaves.
+        with store.transaction():
+            for i in range(6000):
+                store.append_event("client.joined", client_id=f"client-{i}")
+    finally:
+        store.close()
+    home = Path(os.environ["FLCTL_HOME"])
+    with subprocess.Popen(
+        [*FLCTL, "events", "--limit", "6000"],
+        cwd=tmp_path / "p",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert "client-0" in proc.stdout.readline()
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+        code = proc.wait(timeout=240)
+    assert "error" not in stderr.lower(), stderr
+    assert code == 128 + signal.SIGPIPE
+    assert not (home / "logs").exists() or not any((home / "logs").iterdir())

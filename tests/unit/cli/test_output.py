@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from flctl.cli._output import command, settings
+from flctl.cli._output import BROKEN_PIPE_EXIT_CODE, command, log_dir, settings
 from flctl.core.errors import NotFoundError
 
 app = typer.Typer()
@@ -20,6 +20,8 @@ app = typer.Typer()
 @app.command()
 @command()
 def boom(json_output: bool = typer.Option(False, "--json"), kind: str = "bug") -> None:
+    if kind == "pipe":
+        raise BrokenPipeError(32, "Broken pipe")
     if kind == "bug":
         raise RuntimeError("secret=hunter2 went wrong")
     raise NotFoundError("model version 9 not found", hint="run `flctl models ls`")
@@ -65,3 +67,12 @@ def test_flctl_error_renders_with_its_exit_code() -> None:
         "message": "model version 9 not found",
         "hint": "run `flctl models ls`",
     }
+
+
+@pytest.mark.parametrize("args", [[], ["--json"]])
+def test_a_closed_pipe_ends_quietly(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+    monkeypatch.setattr(settings, "debug", False)
+    result = runner.invoke(app, ["--kind", "pipe", *args])
+    assert result.exit_code == BROKEN_PIPE_EXIT_CODE == 141
+    assert result.output == ""
+    assert not log_dir().exists() or not any(log_dir().iterdir())
