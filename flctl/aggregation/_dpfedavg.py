@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flctl.aggregation._strategy import Strategy, WeightedUpdate
-from flctl.aggregation._updates import open_updates
+from flctl.aggregation._updates import open_updates, summation_order
 from flctl.core.errors import InvalidInputError, NotEnoughUpdatesError, PrivacyError
 from flctl.privacy import (
     AdaptiveClipping,
@@ -44,6 +44,9 @@ class DpFedAvg(Strategy):
     copied from the base model, never from a client.
 
     Memory: one accumulator plus one tensor per update read at a time (``pread``), as FedAvg.
+    The clipped deltas are summed in a fixed order (by client id), not in their arrival order,
+    so that with a seeded ``generator`` the result is the same bits however the updates came;
+    the noise of a real run is drawn from the OS and differs every round by design.
 
     With ``adaptive`` (adaptive clipping, :class:`flctl.privacy.AdaptiveClipping`), the
     strategy also releases the noised fraction of updates whose norm was at most ``clip_norm``
@@ -108,6 +111,9 @@ class DpFedAvg(Strategy):
                 self.last_unclipped_fraction = self.adaptive.noisy_fraction(
                     unclipped, len(norms), self.denominator, generator
                 )
+            # summed in a fixed order, not the arrival order: the same updates (and the same
+            # generator) give the same bits; the lists above stay in the order given
+            order = summation_order(updates)
             writer = stack.enter_context(TensorWriter(out, shape_of))
             for name, spec in base_spec.items():
                 dtype = torch_dtype(spec.dtype)
@@ -118,9 +124,9 @@ class DpFedAvg(Strategy):
                 acc = torch.zeros(spec.shape, dtype=torch.float64)
                 base64 = base_tensor.to(torch.float64)
                 del base_tensor
-                for reader, factor in zip(readers, factors, strict=True):
-                    delta = reader.read_delta(name, dtype=torch.float64, base_tensor=base64)
-                    acc.add_(delta, alpha=factor)
+                for i in order:
+                    delta = readers[i].read_delta(name, dtype=torch.float64, base_tensor=base64)
+                    acc.add_(delta, alpha=factors[i])
                     del delta
                 acc.div_(self.denominator)
                 if self.std > 0:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flctl.aggregation._strategy import Strategy, WeightedUpdate
-from flctl.aggregation._updates import open_updates
+from flctl.aggregation._updates import open_updates, summation_order
 from flctl.core.errors import InconsistentUpdatesError, NotEnoughUpdatesError
 from flctl.tensors import TensorReader, TensorWriter, read_spec, torch_dtype
 
@@ -33,6 +33,11 @@ class FedAvg(Strategy):
     as the client's values (base + delta for a delta, in float32 from half precision), so the
     average is that of the models the clients trained, up to the encoding's rounding. When
     some update is a delta, the base tensor is read once per tensor and shared.
+
+    The result does not depend on the order of ``updates``: they are summed in order of client
+    id (then file), not of arrival, so a seeded run gives the same model, bit for bit, however
+    its updates arrived; of two equally heavy updates, an integer tensor comes from the first in
+    that order.
     """
 
     name = "fedavg"
@@ -51,6 +56,8 @@ class FedAvg(Strategy):
                     f"update from {update.client_id or update.path.name!r} has "
                     f"num_examples={update.num_examples}"
                 )
+        # a fixed order, not the arrival order: the same updates give the same bits
+        updates = [updates[i] for i in summation_order(updates)]
         total = float(sum(u.num_examples for u in updates))
         heaviest = max(range(len(updates)), key=lambda i: updates[i].num_examples)
         with ExitStack() as stack:

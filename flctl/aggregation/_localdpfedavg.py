@@ -7,7 +7,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from flctl.aggregation._strategy import Strategy, WeightedUpdate
-from flctl.aggregation._updates import open_updates
+from flctl.aggregation._updates import open_updates, summation_order
 from flctl.core.errors import InconsistentUpdatesError, NotEnoughUpdatesError
 from flctl.tensors import TensorReader, TensorWriter, read_spec, torch_dtype
 
@@ -27,7 +27,8 @@ class LocalDpFedAvg(Strategy):
     Every update must be a delta (``UpdateEncoding`` ``"delta"``): a full model cannot have
     been noised by flctl's client, and is refused with the client's name.
 
-    Memory: one accumulator plus one tensor per update read at a time, as FedAvg.
+    Memory: one accumulator plus one tensor per update read at a time, as FedAvg. The deltas
+    are summed in a fixed order (by client id), not in their arrival order, as FedAvg's are.
     """
 
     name = "local-dpfedavg"
@@ -38,6 +39,8 @@ class LocalDpFedAvg(Strategy):
 
         if not updates:
             raise NotEnoughUpdatesError("no updates to aggregate")
+        # a fixed order, not the arrival order: the same updates give the same bits
+        updates = [updates[i] for i in summation_order(updates)]
         base_spec = read_spec(base)
         shape_of = {n: (s.dtype, s.shape) for n, s in base_spec.items()}
         with ExitStack() as stack:

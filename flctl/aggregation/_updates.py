@@ -9,7 +9,7 @@ from flctl.aggregation._strategy import WeightedUpdate
 from flctl.core.errors import InconsistentUpdatesError, InvalidInputError
 from flctl.tensors import TensorReader, UpdateEncoding, UpdateReader, read_metadata, sha256_file
 
-__all__ = ["open_updates"]
+__all__ = ["open_updates", "summation_order"]
 
 
 def open_updates(
@@ -40,3 +40,19 @@ def open_updates(
             who = update.client_id or update.path.name
             raise InconsistentUpdatesError(f"update from {who!r}: {exc.message}") from exc
     return readers
+
+
+def summation_order(updates: Sequence[WeightedUpdate]) -> list[int]:
+    """Return the indices of ``updates`` in the order a strategy must add them up.
+
+    Updates are handed to a strategy in the order they arrived, which changes from run to run,
+    and floating-point addition is not associative: summed in arrival order, the same updates
+    could give aggregates that differ in their last bits, and a seeded run would not repeat.
+    Summing in this order (by client id, then by file: a blob's path names its digest) makes
+    the aggregate a function of the updates alone. Ties, such as the heaviest update chosen for
+    integer tensors, are broken in this order too.
+    """
+    return sorted(
+        range(len(updates)),
+        key=lambda i: (updates[i].client_id, str(updates[i].path), updates[i].num_examples),
+    )
