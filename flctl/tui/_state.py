@@ -104,6 +104,8 @@ class ClientView:
         connected: Whether it is joined now.
         progress: Progress of its current task (0..1), when it reported one.
         bytes_per_s: Its transfer rate while downloading or uploading, when reported.
+        state_since: Unix time it entered ``state``, None when no event said so (a watch
+            that resumed mid-log).
     """
 
     client_id: str
@@ -113,6 +115,13 @@ class ClientView:
     connected: bool = True
     progress: float | None = None
     bytes_per_s: float | None = None
+    state_since: float | None = None
+
+    def enter(self, state: str, at: float) -> None:
+        """Move to ``state`` at Unix time ``at``; staying in the same state keeps its start."""
+        if state != self.state or self.state_since is None:
+            self.state_since = at
+        self.state = state
 
 
 class DashboardState:
@@ -245,15 +254,17 @@ class DashboardState:
 
     def _client_joined(self, event: Event) -> None:
         client = self.clients[event.client_id]
-        client.connected, client.state, client.progress = True, "idle", None
+        client.connected, client.progress = True, None
+        client.enter("idle", event.time)
 
     def _client_left(self, event: Event) -> None:
         client = self.clients[event.client_id]
-        client.connected, client.state, client.progress = False, "offline", None
+        client.connected, client.progress = False, None
+        client.enter("offline", event.time)
 
     def _client_state(self, event: Event) -> None:
         client = self.clients[event.client_id]
-        client.state = get_str(event.data, "state", client.state)
+        client.enter(get_str(event.data, "state", client.state), event.time)
         client.connected = client.state != "offline"
         client.progress = get_float(event.data, "progress")
         client.bytes_per_s = get_float(event.data, "bytes_per_s")

@@ -102,8 +102,13 @@ def fold(events: list[Event], **kwargs: Any) -> DashboardState:
     return state
 
 
-def render(state: DashboardState, *, width: int = 100, now: float = T0 + 80) -> str:
-    console = Console(file=io.StringIO(), width=width, force_terminal=False, color_system=None)
+def render(
+    state: DashboardState, *, width: int = 100, height: int = 200, now: float = T0 + 80
+) -> str:
+    """The panel as plain text; tall by default, so only tests about height see it shrink."""
+    console = Console(
+        file=io.StringIO(), width=width, height=height, force_terminal=False, color_system=None
+    )
     console.print(render_dashboard(state, now=now))
     output = console.file.getvalue()  # type: ignore[attr-defined]
     assert isinstance(output, str)
@@ -215,6 +220,26 @@ def test_a_transfer_shows_its_bytes_and_rate() -> None:
     state.apply(log.add(ev.CLIENT_STATE, 2, client_id="c1", state="training", progress=0.0))
     assert state.clients["c1"].bytes_per_s is None
     assert "MiB/s" not in render(state)
+
+
+def test_a_training_client_shows_how_long_it_has_trained_and_its_progress_once_reported() -> None:
+    log = Log()
+    log.add(ev.CLIENT_JOINED, 0, client_id="c1")
+    log.add(ev.CLIENT_STATE, 10, client_id="c1", state="downloading", progress=0.0)
+    log.add(ev.CLIENT_STATE, 11, client_id="c1", state="training", progress=0.0)
+    state = fold(log.events)
+    assert state.clients["c1"].state_since == T0 + 11
+    output = render(state, now=T0 + 53)
+    assert re.search(r"│ c1\s+training 42 s\s", output)
+    assert "0%" not in output
+    # progress the task reports arrives as another event of the same state: the clock goes on
+    state.apply(log.add(ev.CLIENT_STATE, 50, client_id="c1", state="training", progress=0.4))
+    assert state.clients["c1"].state_since == T0 + 11
+    assert re.search(r"│ c1\s+training 40% 42 s\s", render(state, now=T0 + 53))
+    state.apply(log.add(ev.CLIENT_STATE, 54, client_id="c1", state="uploading", progress=0.0))
+    assert re.search(r"│ c1\s+uploading 0% 1.0 s\s", render(state, now=T0 + 55))
+    state.apply(log.add(ev.CLIENT_STATE, 56, client_id="c1", state="idle", progress=0.0))
+    assert re.search(r"│ c1\s+idle\s+0\s", render(state, now=T0 + 99))
 
 
 def test_events_from_a_client_not_seen_joining_create_it() -> None:
@@ -426,6 +451,74 @@ def test_busy_dashboard_fits_the_width(width: int) -> None:
     assert "deadline in 16m" in output
     assert ("round 16: xxx" in output) is (width == 80)
     assert "x" * 200 not in output
+
+
+def demo_log(num_clients: int, num_rounds: int) -> Log:
+    """A run like ``flctl demo``'s: clients join, rounds commit, the last one is training."""
+    log = Log()
+    log.add(ev.COORDINATOR_STARTED, 0, address="127.0.0.1:40123", head_version=1)
+    clients = [f"c{i}" for i in range(1, num_clients + 1)]
+    for client in clients:
+        log.add(ev.CLIENT_JOINED, 1, client_id=client)
+    for server_round in range(1, num_rounds):
+        at = 10.0 * server_round
+        log.add(ev.ROUND_STARTED, at, server_round=server_round, selected=clients)
+        for client in clients:
+            log.add(ev.UPDATE_ACCEPTED, at + 1, server_round=server_round, client_id=client)
+        log.add(
+            ev.ROUND_COMMITTED,
+            at + 2,
+            server_round=server_round,
+            model_version=server_round + 1,
+            metrics={"accuracy": 0.9, "loss": 0.3},
+            num_clients=num_clients,
+            duration_s=2.0,
+        )
+    at = 10.0 * num_rounds
+    log.add(ev.ROUND_STARTED, at, server_round=num_rounds, selected=clients)
+    for client in clients:
+        log.add(ev.CLIENT_STATE, at + 1, client_id=client, state="training", progress=0.0)
+    return log
+
+
+def test_demo_panel_fits_80x24_with_every_client_and_the_newest_events() -> None:
+    state = fold(demo_log(6, 10).events, total_rounds=10, title="flctl demo (digits)")
+    output = render(state, width=80, height=24, now=T0 + 105)
+    lines = output.splitlines()
+    assert len(lines) <= 24 and all(len(line) == 80 for line in lines), output
+    assert lines[0].startswith("╭─ flctl demo (digits)") and lines[-1].startswith("╰")
+    for i in range(1, 7):
+        assert re.search(rf"│ c{i}\s+training 4.0 s\s+9\s+4s ago\s", output), output
+    assert "more client" not in output
+    newest = list(state.last_events)[-2:]
+    assert all(line in output for line in newest), output
+    assert row(output, "10 ⠋ training 0/6")
+    assert row(output, "9 committed 6 0.9000 0.3000 2.0 s")
+    assert "earlier rounds" in output  # rounds 1.. gave way to the clients
+
+
+def test_many_clients_are_summarised_in_80x24() -> None:
+    state = fold(demo_log(30, 3).events, total_rounds=3)
+    state.apply(Event(state.last_seq + 1, T0 + 31, ev.CLIENT_LEFT, client_id="c7"))
+    output = render(state, width=80, height=24, now=T0 + 35)
+    lines = output.splitlines()
+    assert len(lines) <= 24 and all(len(line) == 80 for line in lines), output
+    shown = re.findall(r"│ (c\d+)\s+(?:training|offline)", output)
+    hidden = 30 - len(shown)
+    assert len(shown) >= 3 and hidden > 0
+    assert f"… {hidden} more clients (1 not connected)" in output
+    assert not re.search(r"│ c7\s", output)  # the one that left is among those summarised
+    assert row(output, "3 ⠋ training 0/30")
+    assert list(state.last_events)[-1] in output
+
+
+@pytest.mark.parametrize("height", [12, 14, 15, 16, 24, 40])
+def test_panel_never_overflows_the_console_height(height: int) -> None:
+    state = fold(demo_log(8, 12).events, total_rounds=12)
+    output = render(state, width=80, height=height, now=T0 + 125)
+    # 13 lines: border, header, progress, one round, one client and "… more", no events
+    assert len(output.splitlines()) <= max(height, 13)
+    assert (list(state.last_events)[-1] in output) is (height >= 15)
 
 
 # Plain lines.
