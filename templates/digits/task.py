@@ -19,12 +19,24 @@ simulates data owners with disjoint data sets on one machine.
 The hyperparameters (``local_epochs``, ``batch_size``, ...) live in the ``[task]`` table of
 flctl.toml. flctl sends that table to the clients as the ``config`` argument of ``fit`` and
 ``evaluate`` each round, so changing them needs no code change.
+
+Reproducibility: two runs of a project with the same seed, clients, partitions and thread
+count give the same models, bit for bit, and the same metrics. The data split comes from the
+seed; each ``fit`` shuffles with a generator seeded by (seed, partition, round), never by the
+global torch generator; flctl sums the updates in a fixed order whatever order they arrive in.
+What can still change the last bits: the number of torch threads (``client.num_threads``,
+``flctl join --threads``; kernels split their sums differently across threads), and the device.
+On a GPU the client turns on ``torch.use_deterministic_algorithms``, which makes cuDNN and
+cuBLAS pick reproducible kernels (and raises on an operation that has none); results still
+differ between GPU models, and between a GPU and the CPU.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -168,6 +180,20 @@ def _dirichlet_shards(
     return shards
 
 
+def use_deterministic_kernels(device: torch.device) -> None:
+    """On a GPU, make torch use reproducible kernels (raising where an operation has none).
+
+    On the CPU every operation this model uses is deterministic for a given thread count, and
+    the setting would only slow flctl's own tensor code in this process, so it is left off.
+    cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` before its first matrix product to be reproducible.
+    """
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def load_partition(context: TaskContext) -> tuple[np.ndarray, np.ndarray]:
     """Return the training images and labels of this client's partition."""
     x_train, y_train, _, _ = load_data(context.seed)
@@ -229,12 +255,18 @@ def train(
     lr: float,
     momentum: float,
     generator: torch.Generator,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[float, float]:
-    """Train ``model`` in place with SGD; return (mean loss, accuracy) of the last epoch."""
+    """Train ``model`` in place with SGD; return (mean loss, accuracy) of the last epoch.
+
+    ``progress``, when given, is called after each batch with (batches done, batches in all).
+    """
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss()
     n = len(y)
+    total_batches = epochs * math.ceil(n / batch_size)
+    done_batches = 0
     loss_sum, correct = 0.0, 0
     for _epoch in range(epochs):
         loss_sum, correct = 0.0, 0
@@ -249,6 +281,9 @@ def train(
             optimizer.step()
             loss_sum += loss.item() * len(batch)
             correct += int((logits.argmax(1) == y[batch]).sum().item())
+            done_batches += 1
+            if progress is not None:
+                progress(done_batches, total_batches)
     mean_loss = loss_sum / n
     if not math.isfinite(mean_loss):
         raise ValueError(f"training diverged (loss {mean_loss!r}): lower `task.lr`")
@@ -286,6 +321,7 @@ class DigitsClient(Client):
     def __init__(self, context: TaskContext) -> None:
         self.context = context
         self.device = torch.device(context.device)  # already resolved from "auto" by flctl
+        use_deterministic_kernels(self.device)
         x, y = load_partition(context)
         # torch.tensor copies, so the cached read-only arrays are never written to.
         self.x = torch.tensor(x, device=self.device)
@@ -300,7 +336,8 @@ class DigitsClient(Client):
     ) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
         """Train the global model on the local partition; return it with the FedAvg weight."""
         self.model.load_state_dict(parameters)
-        # Deterministic: the same seed, partition and round always shuffle the same way.
+        # Deterministic: the same seed, partition and round always shuffle the same way (a
+        # generator of its own: the global one would depend on what ran before in the process).
         server_round = int(config.get("server_round", 0))
         generator = torch.Generator().manual_seed(
             self.context.seed + self.context.partition_id + 1000 * server_round
@@ -314,6 +351,8 @@ class DigitsClient(Client):
             lr=float(config.get("lr", DEFAULTS["lr"])),
             momentum=float(config.get("momentum", DEFAULTS["momentum"])),
             generator=generator,
+            # flctl shows it on the coordinator's panel ("training 40%")
+            progress=self.context.report_progress,
         )
         metrics = {"train_loss": float(loss), "train_accuracy": float(accuracy)}
         return cpu_state_dict(self.model), len(self.y), metrics
