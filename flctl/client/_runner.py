@@ -41,6 +41,7 @@ from flctl.core.errors import (
     TaskError,
     TransportError,
 )
+from flctl.core.task import report_progress_to
 from flctl.privacy import privatize_update
 from flctl.store import BlobStore, WriteBehind
 from flctl.tensors import (
@@ -547,6 +548,24 @@ class Runner:
         self._status.bytes_per_s = 0.0
         self._status.dirty.set()
 
+    def _training_progress(self, server_round: int) -> Callable[[float], None]:
+        """A sink for the task's ``context.report_progress``; it runs in the fit's thread."""
+        loop = asyncio.get_running_loop()
+        status = self._status
+
+        def apply(fraction: float) -> None:
+            if status.state != "training" or status.server_round != server_round:
+                return  # a report that arrived after the fit returned
+            if int(fraction * 10) != int(status.progress * 10):
+                status.dirty.set()  # heartbeat now: the coordinator's panel shows steps
+            status.progress = fraction
+
+        def report(fraction: float) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the client left
+                loop.call_soon_threadsafe(apply, fraction)
+
+        return report
+
     # ------------------------------------------------------------------ one task
 
     def _progress(self, direction: str, server_round: int) -> Callable[[int, int], None]:
@@ -605,7 +624,7 @@ class Runner:
             self._set_state("training", server_round)
             try:
                 update_path, num_examples, metrics = await _in_daemon_thread(
-                    self._train, model_path, config, privacy
+                    self._train, model_path, config, privacy, self._training_progress(server_round)
                 )
             except TaskError as exc:
                 # the client loop is one of the three places that catch broadly: report, go on
@@ -739,9 +758,15 @@ class Runner:
         )
 
     def _train(
-        self, model_path: Path, config: dict[str, Any], privacy: TaskPrivacy | None = None
+        self,
+        model_path: Path,
+        config: dict[str, Any],
+        privacy: TaskPrivacy | None = None,
+        on_progress: Callable[[float], None] | None = None,
     ) -> tuple[Path, int, dict[str, float]]:
         """Run the user's fit in a worker thread; check and write what it returns.
+
+        The fit's ``context.report_progress`` calls go to ``on_progress``.
 
         The update is written in the configured encoding (``client.update_encoding`` and
         ``update_dtype``); the default, full in the model's dtype, is the plain model file.
@@ -755,9 +780,10 @@ class Runner:
         try:
             # No reference is kept here, so a task may adopt the tensors (load_state_dict with
             # assign=True) and the model is held once, not twice.
-            new_parameters, num_examples, metrics = self._client.fit(
-                load_parameters(model_path), config
-            )
+            with report_progress_to(on_progress):
+                new_parameters, num_examples, metrics = self._client.fit(
+                    load_parameters(model_path), config
+                )
         except Exception as exc:  # user code: report it, keep serving
             raise TaskError(f"fit raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(num_examples, int) or num_examples <= 0:
