@@ -329,10 +329,10 @@ def certs_ls(config_path: ConfigOpt = None, json_output: JsonOpt = False) -> Non
     if not listing.entries:
         out.line(f"no certificates in {listing.certs_dir}; run `flctl certs gen`")
     else:
-        rows = [("IDENTITY", "ROLE", "STATUS", "EXPIRES (UTC)", "DAYS", "FILE", "SERIAL")]
-        for e in listing.entries:
-            rows.append(
-                (
+        out.table(
+            ["identity", "role", "status", "expires (UTC)", "days", "file", "serial"],
+            [
+                [
                     e.name,
                     e.role.value,
                     e.status(now),
@@ -340,11 +340,12 @@ def certs_ls(config_path: ConfigOpt = None, json_output: JsonOpt = False) -> Non
                     f"{e.days_left(now):.1f}",
                     e.file if e.is_current else f"({e.file}, replaced)",
                     f"{e.serial:x}",
-                )
-            )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            out.line("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+                ]
+                for e in listing.entries
+            ],
+            title=f"certificates in {listing.certs_dir}",
+            right=["days"],
+        )
     for warning in warnings:
         out.note(f"warning: {warning}")
 

@@ -13,7 +13,6 @@ import math
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
-from rich.table import Table
 
 from flctl.cli._options import ConfigOpt, JsonOpt
 from flctl.cli._output import Output, command
@@ -288,21 +287,12 @@ def budget_document(config: Config, records: list[LedgerRecord]) -> dict[str, An
 
 
 def _render(out: Output, title: str, document: dict[str, Any]) -> None:
-    """A two-column table on a terminal, ``key: value`` lines when piped."""
+    """The document's fields as key / value rows (:meth:`Output.pairs`)."""
     rows = [
         (key, f"{value:.6g}" if isinstance(value, float) else str(value))
         for key, value in document.items()
     ]
-    if out.is_terminal:
-        table = Table(title=title, title_justify="left", show_header=False)
-        table.add_column("key", style="bold")
-        table.add_column("value", justify="right")
-        for key, value in rows:
-            table.add_row(key, value)
-        out.console.print(table)
-        return
-    for key, value in rows:
-        out.line(f"{key}: {value}")
+    out.pairs(rows, title=title)
 
 
 @dp_app.command("epsilon")

@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich import box
-from rich.table import Table
 
 from flctl.cli._options import ConfigOpt, JsonOpt
 from flctl.cli._output import Output, command
@@ -171,19 +169,15 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _pairs(out: Output, title: str, rows: Sequence[tuple[str, str]]) -> None:
-    """Print ``key: value`` rows: a rich grid on a terminal, plain lines when piped."""
-    if out.is_terminal:
-        table = Table(title=title, title_justify="left", show_header=False, box=None)
-        table.add_column(style="bold")
-        table.add_column()
-        for key, value in rows:
-            table.add_row(key, value)
-        out.console.print(table)
-        return
-    out.line(title)
-    for key, value in rows:
-        out.line(f"  {key}: {value}")
+def _flat(values: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """A nested config as ``(dotted.key, value)`` rows, leaves in key order."""
+    if isinstance(values, dict):
+        for key in sorted(values):
+            yield from _flat(values[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(values, list | tuple):
+        yield prefix, ", ".join(str(v) for v in values) or "-"
+    else:
+        yield prefix, str(values)
 
 
 def _existing_blob(blobs: BlobStore, model: ModelRecord) -> Path:
@@ -216,47 +210,34 @@ def list_models(
         out.json(document)
         return document
     metric_names = sorted({k for m in models for k in m.metrics})[:4]
-    if out.is_terminal:
-        table = Table(
-            title=f"models in {config.state_path}",
-            title_justify="left",
-            caption="* head",
-            caption_justify="left",
-            box=box.SIMPLE_HEAD,
-        )
-        columns = ["version", "digest", "parent", "round", "kind", "tags", *metric_names]
-        is_wide = out.console.width >= 100  # below that, the creation time is left out
-        for column in [*columns, "created"] if is_wide else columns:
-            table.add_column(
-                column,
-                justify="left" if column in ("kind", "tags") else "right",
-                no_wrap=column in ("version", "digest"),
-            )
-        for m in models:
-            marker = " *" if m.version == head else ""
-            kind = m.kind if m.status == "ok" else f"{m.kind} ({m.status})"
-            table.add_row(
-                f"{m.version}{marker}",
+    # below 100 columns, a terminal leaves out the creation time
+    is_wide = not out.is_terminal or out.console.width >= 100
+    columns = ["version", "digest", "parent", "round", "kind", "tags", *metric_names]
+    rows = []
+    for m in models:
+        kind = m.kind if m.source is None else f"{m.kind} of {m.source}"
+        if m.version == head:
+            kind += " (head)"
+        if m.status != "ok":
+            kind += f" ({m.status})"
+        rows.append(
+            [
+                str(m.version),
                 m.digest[:12],
                 str(m.parent or "-"),
                 str(m.server_round or "-"),
-                kind if m.source is None else f"{kind} of {m.source}",
-                ", ".join(tags.get(m.version, ())),
+                kind,
+                ", ".join(tags.get(m.version, ())) or "-",
                 *[f"{m.metrics[k]:.4f}" if k in m.metrics else "-" for k in metric_names],
-                *([time.strftime("%m-%d %H:%M", time.localtime(m.created))] if is_wide else []),
-            )
-        out.console.print(table)
-    else:
-        for m in models:
-            metrics = " ".join(f"{k}={m.metrics[k]:.4f}" for k in metric_names if k in m.metrics)
-            head_mark = " head" if m.version == head else ""
-            status = "" if m.status == "ok" else f" {m.status}"
-            names = tags.get(m.version)
-            tag_text = f"\ttags={','.join(names)}" if names else ""
-            out.line(
-                f"{m.version}\t{m.digest[:12]}\tparent={m.parent or '-'}\t"
-                f"round={m.server_round or '-'}\t{m.kind}{head_mark}{status}\t{metrics}{tag_text}"
-            )
+                *([_when(m.created)] if is_wide else []),
+            ]
+        )
+    out.table(
+        [*columns, "created"] if is_wide else columns,
+        rows,
+        title=f"models in {config.state_path}",
+        right=["version", "parent", "round", *metric_names],
+    )
     return document
 
 
@@ -405,8 +386,6 @@ def models_show(ref: RefArg, config_path: ConfigOpt = None, json_output: JsonOpt
     rows.append(("strategy", doc["strategy"] or "-"))
     if doc["config_hash"]:
         rows.append(("config", f"sha256 {doc['config_hash'][:12]}"))
-        for section, values in sorted(doc["config"].items()):
-            rows.append((f"  {section}", str(values)))
     rnd = doc["round"]
     if rnd is not None:
         rows.append(
@@ -419,7 +398,9 @@ def models_show(ref: RefArg, config_path: ConfigOpt = None, json_output: JsonOpt
         for c in rnd["contributors"]:
             metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(c["metrics"].items()))
             rows.append((f"  {c['client_id']}", f"{c['num_examples']} examples {metrics}".strip()))
-    _pairs(out, f"model version {m['version']}", rows)
+    out.pairs(rows, title=f"model version {m['version']}")
+    if doc["config_hash"]:
+        out.pairs(_flat(doc["config"], "config"), title=f"config of version {m['version']}")
 
 
 # ---------------------------------------------------------------------- diff
@@ -466,26 +447,21 @@ def models_diff(
     title = f"version {doc['b']['version']} against version {doc['a']['version']}"
     if doc["same_digest"]:
         title += " (identical weights)"
-    if out.is_terminal:
-        table = Table(title=title, title_justify="left")
-        for column in ("tensor", "shape", "l2", "relative", "max abs"):
-            table.add_column(column, justify="left" if column == "tensor" else "right")
-        for t in doc["tensors"]:
-            table.add_row(
+    out.table(
+        ["tensor", "shape", "l2", "relative", "max abs"],
+        [
+            [
                 t["name"],
                 "x".join(map(str, t["shape"])) or "scalar",
                 _fmt(t["l2"]),
                 _fmt(t["relative"]),
                 _fmt(t["max_abs"]),
-            )
-        out.console.print(table)
-    else:
-        out.line(title)
-        for t in doc["tensors"]:
-            out.line(
-                f"  {t['name']}\tl2={_fmt(t['l2'])}\trelative={_fmt(t['relative'])}\t"
-                f"max_abs={_fmt(t['max_abs'])}"
-            )
+            ]
+            for t in doc["tensors"]
+        ],
+        title=title,
+        right=["l2", "relative", "max abs"],
+    )
     total = doc["total"]
     out.line(
         f"total: l2={_fmt(total['l2'])} relative={_fmt(total['relative'])} "

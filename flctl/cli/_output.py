@@ -1,7 +1,9 @@
 """The one place where results and errors meet the user: rich, plain or one JSON document.
 
-- On a terminal: rich panels and tables.
-- Piped: plain lines.
+- On a terminal: rich panels, and tables in one style (:meth:`Output.table` and
+  :meth:`Output.pairs`).
+- Piped: plain lines; a table is a header line and one tab-separated line per row, its title
+  goes to stderr, so that stdout holds only the table (for ``cut``, ``awk``, ``sort``).
 - ``--json``: exactly one JSON document on stdout, errors included
   (``{"error": {"code", "exit_code", "message", ...}}``); human noise goes to stderr.
 
@@ -21,18 +23,28 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.panel import Panel
+from rich.table import Table
 from rich.text import Text
 
 from flctl.core.errors import FlctlError
 
-__all__ = ["BROKEN_PIPE_EXIT_CODE", "Output", "command", "log_dir", "quiet_broken_pipe", "settings"]
+__all__ = [
+    "BROKEN_PIPE_EXIT_CODE",
+    "Output",
+    "command",
+    "log_dir",
+    "quiet_broken_pipe",
+    "settings",
+    "stdout_is_terminal",
+]
 
 #: What shells expect from a command whose reader left: 128 + SIGPIPE, as ``yes | head`` gives.
 BROKEN_PIPE_EXIT_CODE = 128 + signal.SIGPIPE
@@ -56,6 +68,11 @@ def log_dir() -> Path:
     return Path(home) / "logs"
 
 
+def stdout_is_terminal() -> bool:
+    """Whether stdout is a terminal (rich output) rather than a pipe or file (plain lines)."""
+    return sys.stdout.isatty()
+
+
 class Output:
     """Renders one command's results.
 
@@ -65,7 +82,7 @@ class Output:
 
     def __init__(self, *, json_mode: bool = False) -> None:
         self.json_mode = json_mode
-        self.is_terminal = sys.stdout.isatty() and not json_mode
+        self.is_terminal = stdout_is_terminal() and not json_mode
         self.console = Console(highlight=False, soft_wrap=False)
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -80,6 +97,72 @@ class Output:
             self.err.print(text, markup=False, highlight=False)
         else:
             print(text, flush=True)
+
+    def table(
+        self,
+        columns: Sequence[str],
+        rows: Iterable[Sequence[str]],
+        *,
+        title: str | None = None,
+        right: Collection[str] = (),
+    ) -> None:
+        """Rows under a header: the one table style on a terminal, tab-separated lines piped.
+
+        Args:
+            columns: The header, one name per column.
+            rows: One cell per column in each row, already formatted.
+            title: What the table shows; piped, it goes to stderr.
+            right: Columns to right-align on a terminal (numbers).
+        """
+        if self.is_terminal:
+            table = Table(
+                title=title,
+                title_justify="left",
+                title_style="bold",
+                header_style="bold",
+                box=box.SIMPLE_HEAD,
+            )
+            for column in columns:
+                # fold, never cut: an id or a serial with an ellipsis cannot be copied
+                table.add_column(
+                    column, justify="right" if column in right else "left", overflow="fold"
+                )
+            for row in rows:
+                # Text, not markup: a cell such as a reason may hold square brackets
+                table.add_row(*(Text(cell) for cell in row))
+            self.console.print(table)
+            return
+        if title:
+            self.note(title)
+        self.line("\t".join(_cell(column) for column in columns))
+        for row in rows:
+            self.line("\t".join(_cell(cell) for cell in row))
+
+    def pairs(self, rows: Iterable[tuple[str, str]], *, title: str | None = None) -> None:
+        """Key / value rows: a two-column table on a terminal, ``key: value`` lines piped.
+
+        Args:
+            rows: ``(key, value)`` pairs, already formatted.
+            title: What the rows describe; piped, it goes to stderr.
+        """
+        if self.is_terminal:
+            table = Table(
+                title=title,
+                title_justify="left",
+                title_style="bold",
+                show_header=False,
+                box=box.SIMPLE_HEAD,
+            )
+            table.add_column(style="bold", overflow="fold")
+            table.add_column(overflow="fold")
+            for key, value in rows:
+                table.add_row(Text(key), Text(value))
+            self.console.print(table)
+            return
+        if title:
+            self.note(title)
+        for key, value in rows:
+            self.line(f"{key}: {value}")
 
     def note(self, text: str) -> None:
         """A side remark on stderr."""
@@ -101,6 +184,11 @@ class Output:
             self.err.print(f"error: {exc.message}", markup=False, highlight=False)
             if exc.hint:
                 self.err.print(f"hint: {exc.hint}", markup=False, highlight=False)
+
+
+def _cell(text: str) -> str:
+    """A table cell on one tab-separated line: its own tabs and line breaks become spaces."""
+    return " ".join(text.replace("\t", " ").splitlines())
 
 
 def quiet_broken_pipe() -> None:

@@ -6,7 +6,6 @@ import time
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from flctl.cli._options import ConfigOpt, JsonOpt, ServerOpt
 from flctl.cli._output import Output, command
@@ -45,35 +44,30 @@ def round_status(
     if json_output:
         out.json(document)
         return document
-    if out.is_terminal:
-        table = Table(
-            title=f"rounds (head model v{document['head']}, "
-            f"{document['connected_clients']} clients connected)",
-            title_justify="left",
-        )
-        for column in ("round", "status", "clients", "accuracy", "loss", "time", "reason"):
-            table.add_column(column)
-        for row in document["rounds"]:
-            m = row["metrics"]
-            table.add_row(
+    rows = []
+    for row in document["rounds"]:
+        m = row["metrics"]
+        rows.append(
+            [
                 str(row["round"]),
                 row["status"],
                 str(row["num_clients"]),
                 f"{m['accuracy']:.4f}" if "accuracy" in m else "-",
                 f"{m['loss']:.4f}" if "loss" in m else "-",
                 f"{row['duration_s']:.1f} s",
-                row.get("reason", ""),
-            )
-        out.console.print(table)
-    else:
-        for row in document["rounds"]:
-            reason = f"\t{row['reason']}" if row.get("reason") else ""
-            out.line(
-                f"{row['round']}\t{row['status']}\t{row['num_clients']}\t{row['duration_s']:.1f}s{reason}"
-            )
-        out.line(f"head {document['head']}; {document['connected_clients']} clients connected")
+                row.get("reason") or "-",
+            ]
+        )
+    out.table(
+        ["round", "status", "clients", "accuracy", "loss", "time", "reason"],
+        rows,
+        title=f"rounds (head model v{document['head'] or '-'}, "
+        f"{document['connected_clients']} clients connected)",
+        right=["round", "clients", "accuracy", "loss", "time"],
+    )
+    # Piped, stdout holds only the table; the open round's story is for the reader.
     for line in _explain(document["open_round"]):
-        out.line(line)
+        (out.line if out.is_terminal else out.note)(line)
     return document
 
 
@@ -203,14 +197,22 @@ def clients_ls(
         out.json({"clients": rows, "live": live})
         return
     now = time.time()
-    for row in rows:
-        ago = f"{now - row['last_seen']:.0f}s ago" if row["last_seen"] else "never"
-        out.line(
-            f"{row['client_id']}\t{row['state']}\tlast seen {ago}\trounds {row['rounds_joined']}\t"
-            f"up {row['bytes_up'] / MIB:.1f} MiB\tdown {row['bytes_down'] / MIB:.1f} MiB"
-        )
-    if not live:
-        out.note("no coordinator running: states are from the store")
+    out.table(
+        ["client", "state", "last seen", "rounds", "up", "down"],
+        [
+            [
+                row["client_id"],
+                row["state"],
+                f"{now - row['last_seen']:.0f} s ago" if row["last_seen"] else "never",
+                str(row["rounds_joined"]),
+                f"{row['bytes_up'] / MIB:.1f} MiB",
+                f"{row['bytes_down'] / MIB:.1f} MiB",
+            ]
+            for row in rows
+        ],
+        title="clients" if live else "clients (no coordinator running: states are from the store)",
+        right=["last seen", "rounds", "up", "down"],
+    )
 
 
 RoundIdsOpt = Annotated[

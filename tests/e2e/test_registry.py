@@ -233,12 +233,16 @@ def test_ls_show_and_diff(proj: Path) -> None:
 
 def test_plain_output_when_piped(proj: Path) -> None:
     ls = flctl("models", "ls", cwd=proj, check=True).stdout.splitlines()
-    assert ls[0].startswith("3\t") and "aggregate head" in ls[0] and "accuracy=0.8000" in ls[0]
-    show = flctl("models", "show", "3", cwd=proj, check=True).stdout
-    assert "model version 3" in show and "lineage: 3 (aggregate) <- 2 (aggregate) <- 1" in show
-    assert "c1: 60 examples" in show and "strategy: fedavg" in show
-    diff = flctl("models", "diff", "2", "2", cwd=proj, check=True).stdout
-    assert "identical weights" in diff and "total: l2=0" in diff
+    newest = dict(zip(ls[0].split("\t"), ls[1].split("\t"), strict=True))
+    assert newest["version"] == "3" and newest["kind"] == "aggregate (head)"
+    assert newest["accuracy"] == "0.8000"
+    show = flctl("models", "show", "3", cwd=proj, check=True)
+    assert "model version 3" in show.stderr  # piped, titles go to stderr
+    assert "lineage: 3 (aggregate) <- 2 (aggregate) <- 1" in show.stdout
+    assert "c1: 60 examples" in show.stdout and "strategy: fedavg" in show.stdout
+    assert "config.rounds.strategy: fedavg" in show.stdout and "{" not in show.stdout
+    diff = flctl("models", "diff", "2", "2", cwd=proj, check=True)
+    assert "identical weights" in diff.stderr and "total: l2=0" in diff.stdout
 
 
 # -- writing ----------------------------------------------------------------------------------
