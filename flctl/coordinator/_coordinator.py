@@ -85,6 +85,7 @@ class Coordinator:
         self.bound_address = ""
         self._listeners: list[Callable[[Event], None]] = []
         self._lock: IO[str] | None = None
+        self._wrote_serve_file = False
         self._server: Any = None
         self._engine_task: asyncio.Task[None] | None = None
         self._reaper_task: asyncio.Task[None] | None = None
@@ -316,6 +317,22 @@ class Coordinator:
         temp = self.state_dir / f".{SERVE_FILE}.tmp"
         temp.write_text(json.dumps(data))
         os.replace(temp, self.state_dir / SERVE_FILE)
+        self._wrote_serve_file = True
+
+    def _remove_serve_file(self) -> None:
+        """Remove ``serve.json`` if this process wrote it, and only then.
+
+        A coordinator refused at start (another one runs) never wrote one, so it must leave the
+        running coordinator's file alone; a file naming another pid is not ours either.
+        """
+        if not self._wrote_serve_file:
+            return
+        self._wrote_serve_file = False
+        running = read_serve_file(self.state_dir)
+        if running is not None and running.get("pid") != os.getpid():
+            return
+        with contextlib.suppress(OSError):
+            (self.state_dir / SERVE_FILE).unlink()
 
     def _record_refusal(self, identity: str, rpc: str, reason: str) -> None:
         """A caller the transport refused for its role, in the event log."""
@@ -394,8 +411,7 @@ class Coordinator:
             self.events.close()
         if self._server is not None:
             await self._server.stop(grace=1.0)
-        with contextlib.suppress(OSError):
-            (self.state_dir / SERVE_FILE).unlink()
+        self._remove_serve_file()
         if self.store is not None:
             self.store.close()
         if self._lock is not None:
