@@ -229,6 +229,7 @@ class Coordinator:
             model_spec=model_spec,
             task_fingerprint=fingerprint(model_spec),
             heartbeat_interval_s=config.server.heartbeat_interval_s,
+            heartbeat_timeout_s=config.server.heartbeat_timeout_s,
             token_ttl_s=config.server.token_ttl_s,
             guard=guard,
             uploads=uploads,

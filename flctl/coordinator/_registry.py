@@ -27,6 +27,8 @@ class Session:
     last_seen: float = field(default_factory=time.time)
     failed_round: int = 0
     revoked: bool = False
+    #: The joining process's random id: the same process may join again, another may not.
+    instance_id: str = ""
 
 
 class Registry:

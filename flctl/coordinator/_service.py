@@ -37,6 +37,7 @@ from flctl.core.errors import (
     LimitExceededError,
     NotFoundError,
     ProtocolMismatchError,
+    SessionConflictError,
 )
 from flctl.security import TokenSigner
 from flctl.store import BlobStore, ModelRecord, SqlStore, WriteBehind, is_revoked, revoke
@@ -213,6 +214,7 @@ class CoordinatorService:
         guard: RevocationGuard,
         uploads: PartialUploads,
         transport: TransportConfig | None = None,
+        heartbeat_timeout_s: float = 30.0,
     ) -> None:
         self._store = store
         self._blobs = blobs
@@ -225,6 +227,7 @@ class CoordinatorService:
         self._model_spec = model_spec
         self._fingerprint = task_fingerprint
         self._heartbeat_interval_s = heartbeat_interval_s
+        self._heartbeat_timeout_s = heartbeat_timeout_s
         self._token_ttl_s = token_ttl_s
         self._guard = guard
         # Each transfer in flight holds its own buffers (gRPC's and ours); bounding how many run
@@ -291,8 +294,10 @@ class CoordinatorService:
         except ProtocolMismatchError as exc:
             self._refused(ctx, "Join", exc.message)
             raise
+        self._check_live_session(ctx.identity, request)
         codecs = negotiate_codecs(self._transport.compression, list(request.codecs))
         session = Session(ctx.identity, uuid.uuid4().hex, ctx.fingerprint, ctx.serial)
+        session.instance_id = request.instance_id
         old = self._registry.add(session)
         token = self._signer.issue(
             ctx.identity, ctx.fingerprint, session.session_id, self._token_ttl_s
@@ -316,6 +321,38 @@ class CoordinatorService:
             # "none" when the client speaks no compressing codec we would use
             compression=self._transport.compression if len(codecs) > 1 else "none",
             compression_level=self._transport.compression_level,
+        )
+
+    def _check_live_session(self, identity: str, request: pb.JoinRequest) -> None:
+        """Refuse a second process joining as an identity whose session is live.
+
+        The same process (same ``instance_id``) joining again resumes, a client that names no
+        instance takes over as before, ``replace`` takes over on purpose, and a session silent
+        for ``heartbeat_timeout_s`` is over (its process is gone) and is taken over too.
+
+        Raises:
+            SessionConflictError: Another process holds a live session for ``identity``.
+        """
+        old = self._registry.get(identity)
+        if (
+            old is None
+            or request.replace
+            or not request.instance_id
+            or not old.instance_id
+            or old.instance_id == request.instance_id
+        ):
+            return
+        silent = max(0.0, time.time() - old.last_seen)
+        if silent > self._heartbeat_timeout_s:
+            return
+        left = self._heartbeat_timeout_s - silent
+        raise SessionConflictError(
+            f"client {identity!r} is already joined from another `flctl join` process "
+            f"(last heard {silent:.1f} s ago); that session stays",
+            hint=f"stop the other process, or pass --replace to take over; if it is gone, its "
+            f"session ends after {self._heartbeat_timeout_s:g} s of silence "
+            f"(server.heartbeat_timeout_s), in {left:.1f} s",
+            details={"retry_after_s": round(left, 2)},
         )
 
     async def heartbeat(self, request: pb.HeartbeatRequest, ctx: RpcContext) -> pb.HeartbeatReply:

@@ -14,7 +14,8 @@ FlctlError                                  1
 │  ├─ DeadlineExceededError                32
 │  ├─ PeerRejectedError                    33
 │  ├─ ProtocolMismatchError                34
-│  └─ ResourceExhaustedError               35
+│  ├─ ResourceExhaustedError               35
+│  └─ SessionConflictError                 36
 ├─ InvalidInputError                       40
 │  ├─ LimitExceededError                   41
 │  └─ IntegrityError                       42
@@ -72,6 +73,7 @@ __all__ = [
     "RoundRejectedError",
     "SchemaMismatchError",
     "SecurityError",
+    "SessionConflictError",
     "StoreError",
     "TaskError",
     "TransportError",
@@ -209,6 +211,13 @@ class ResourceExhaustedError(TransportError):
 
     exit_code = 35
     code = "resource_exhausted"
+
+
+class SessionConflictError(TransportError):
+    """This identity already has a live session from another ``flctl join`` process."""
+
+    exit_code = 36
+    code = "session_conflict"
 
 
 class InvalidInputError(FlctlError):

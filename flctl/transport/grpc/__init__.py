@@ -6,8 +6,11 @@
 
 import os
 
-# gRPC's C core logs every refused TLS handshake at INFO on stderr; flctl reports them itself.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# gRPC's C core writes its own log lines straight to stderr (a refused TLS handshake, a port it
+# cannot bind, with advice about its environment variables). flctl reports each of those
+# itself, in its own words, so the core stays silent unless GRPC_VERBOSITY is set explicitly
+# (GRPC_VERBOSITY=ERROR shows its errors when debugging the transport).
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 from flctl.transport.grpc._channel import (  # noqa: E402
     channel_options,
@@ -28,6 +31,7 @@ from flctl.transport.grpc._servicers import (
 )
 from flctl.transport.grpc._status import (
     STATUS_TO_ERROR,
+    error_metadata,
     is_tls_failure,
     map_rpc_errors,
     status_for,
@@ -57,6 +61,7 @@ __all__ = [
     "ServerCredentials",
     "UploadItem",
     "channel_options",
+    "error_metadata",
     "decode_chunk",
     "decode_upload",
     "encode_chunk",

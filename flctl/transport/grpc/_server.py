@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -144,7 +146,9 @@ async def start_server(
             f"--insecure refuses to listen on {address!r}: plaintext is for loopback only",
             hint="use mutual TLS (drop --insecure) or bind 127.0.0.1",
         )
-    server = grpc.aio.server(options=channel_options(max_chunk_bytes))
+    # No SO_REUSEPORT (gRPC's default on Linux): a second coordinator on the same port must be
+    # refused, not handed half of the connections by the kernel.
+    server = grpc.aio.server(options=[*channel_options(max_chunk_bytes), ("grpc.so_reuseport", 0)])
     coordinator_servicer = CoordinatorServicer(
         coordinator, insecure=insecure, allow_admin=allow_admin_clients, on_refused=on_refused
     )
@@ -166,9 +170,45 @@ async def start_server(
                 require_client_auth=True,
             )
             port = server.add_secure_port(address, server_credentials)
-    except RuntimeError as exc:
-        raise ConnectError(f"cannot listen on {address}: {exc}") from exc
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise ConnectError(f"cannot listen on {address}: address in use or not available")
+        raise _bind_failure(address)
     await server.start()
     return server, port
+
+
+def _bind_failure(address: str) -> ConnectError:
+    """Say in plain words why ``address`` cannot be bound (gRPC only says that it cannot).
+
+    One bind of our own, as gRPC binds (SO_REUSEADDR), gives the operating system's reason.
+    """
+    host, port = split_address(address)
+    reason = "the address is in use or not available"
+    hint = "pick another with --address HOST:PORT or server.address in flctl.toml"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return ConnectError(
+            f"cannot listen on {address}: cannot resolve {host!r}",
+            hint="use an IP address or a host name of this machine",
+        )
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                reason = f"port {port} is already in use (another flctl serve or another program)"
+                hint = "stop what listens there, or " + hint
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                reason = f"{host} is not an address of this machine"
+                hint = "listen on an address of this machine (0.0.0.0 for all), or " + hint
+            elif exc.errno == errno.EACCES:
+                reason = f"no permission to listen on port {port}"
+                hint = "ports below 1024 need privileges: " + hint
+            else:
+                reason = exc.strerror or str(exc)
+            break
+    return ConnectError(f"cannot listen on {address}: {reason}", hint=hint)

@@ -27,7 +27,7 @@ from flctl.core.errors import (
 from flctl.security import Identity, Role, identity_from_pem
 from flctl.transport.grpc._proto import flctl_pb2 as pb
 from flctl.transport.grpc._proto import flctl_pb2_grpc as pb_grpc
-from flctl.transport.grpc._status import ERROR_METADATA_KEY, status_for
+from flctl.transport.grpc._status import error_metadata, status_for
 from flctl.transport.grpc._tolerant import refuse_malformed, refusing_malformed
 from flctl.transport.grpc._wire import ChunkOut, UploadItem
 
@@ -194,7 +194,7 @@ class _Base:
         if isinstance(exc, FlctlError):
             code = status_for(exc)
             log.info("refused %s: %s (%s)", context.peer(), exc.message, code.name)
-            context.set_trailing_metadata(((ERROR_METADATA_KEY, exc.code),))
+            context.set_trailing_metadata(error_metadata(exc))
             await context.abort(code, exc.message)
         log.error("internal error serving %s", context.peer(), exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the coordinator's log)")

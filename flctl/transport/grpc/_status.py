@@ -1,7 +1,8 @@
 """Translation between flctl errors and gRPC statuses, at each boundary, once.
 
 Server side: a :class:`FlctlError` becomes a status code (by the table below) plus its message
-and its exact ``code`` in the ``flctl-error`` trailing metadata; anything else becomes INTERNAL
+and its exact ``code`` in the ``flctl-error`` trailing metadata (its hint and details, when
+it has them, in ``flctl-error-hint`` and ``flctl-error-details``); anything else becomes INTERNAL
 with a generic message (details go to the log only). Client side: a ``grpc.RpcError`` becomes
 the most specific :class:`TransportError` or domain error, rebuilt from that metadata when
 present.
@@ -10,8 +11,11 @@ present.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import unquote
 
 import grpc
 
@@ -30,12 +34,16 @@ from flctl.core.errors import (
     PermissionDeniedError,
     ProtocolMismatchError,
     ResourceExhaustedError,
+    SessionConflictError,
     TransportError,
     all_error_classes,
 )
 
 __all__ = [
     "ERROR_METADATA_KEY",
+    "UNREACHABLE_HINT",
+    "describe_unreachable",
+    "error_metadata",
     "STATUS_TO_ERROR",
     "is_tls_failure",
     "map_rpc_errors",
@@ -44,6 +52,23 @@ __all__ = [
 ]
 
 ERROR_METADATA_KEY = "flctl-error"
+_HINT_KEY = "flctl-error-hint"
+_DETAILS_KEY = "flctl-error-details"
+#: Hints and details longer than this stay on the server (metadata is small by design).
+_MAX_EXTRA = 2048
+
+
+def error_metadata(error: FlctlError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata a servicer sends with ``error``: its code, hint and details."""
+    out = [(ERROR_METADATA_KEY, error.code)]
+    if error.hint and len(error.hint) <= _MAX_EXTRA:
+        out.append((_HINT_KEY, error.hint.encode("unicode_escape").decode("ascii")))
+    if error.details:
+        encoded = json.dumps(error.details, default=str, ensure_ascii=True)
+        if len(encoded) <= _MAX_EXTRA:
+            out.append((_DETAILS_KEY, encoded))
+    return tuple(out)
+
 
 # Most specific class first: the first isinstance match wins.
 _ERROR_TO_STATUS: list[tuple[type[FlctlError], grpc.StatusCode]] = [
@@ -56,6 +81,7 @@ _ERROR_TO_STATUS: list[tuple[type[FlctlError], grpc.StatusCode]] = [
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (ConflictError, grpc.StatusCode.ABORTED),
+    (SessionConflictError, grpc.StatusCode.ALREADY_EXISTS),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ConnectError, grpc.StatusCode.UNAVAILABLE),
     (FlctlError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -106,28 +132,88 @@ def is_tls_failure(details: str) -> bool:
     return any(marker in lowered for marker in _TLS_MARKERS)
 
 
+# gRPC's words for a peer that is not there: "failed to connect to all addresses; last error:
+# UNKNOWN: ipv4:127.0.0.1:7070: Connection refused", "DNS resolution failed for h:1: ...".
+_PEER_ADDRESS = re.compile(r"(?:ipv4|ipv6|unix|dns):(\S+?):\s")
+_DNS_FAILED = re.compile(r"DNS resolution failed for (\S+?):?\s")
+_UNREACHABLE = (
+    ("connection refused", "connection refused"),
+    ("no route to host", "no route to host"),
+    ("network is unreachable", "network unreachable"),
+    ("timed out", "connection timed out"),
+    ("timeout occurred", "connection timed out"),
+)
+UNREACHABLE_HINT = "is `flctl serve` running there? check the address and port"
+
+
+def describe_unreachable(details: str) -> ConnectError | None:
+    """A plain :class:`ConnectError` for gRPC's "cannot connect" texts, or None for others.
+
+    The coordinator's address comes from gRPC's text; gRPC's own words stay in the details.
+    """
+    dns = _DNS_FAILED.search(details)
+    if dns:
+        return ConnectError(
+            f"cannot resolve the coordinator's host name ({dns.group(1)})",
+            hint="check the host name in --server or server.address",
+            details={"grpc": details},
+        )
+    lowered = details.lower()
+    for marker, words in _UNREACHABLE:
+        if marker in lowered:
+            found = _PEER_ADDRESS.search(details)
+            where = f" at {unquote(found.group(1))}" if found else ""
+            return ConnectError(
+                f"no coordinator{where} yet ({words})",
+                hint=UNREACHABLE_HINT,
+                details={"grpc": details},
+            )
+    return None
+
+
 def translate_rpc_error(exc: grpc.RpcError) -> FlctlError:
     """Turn a failed call into the most specific flctl error."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(code)
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    for key, value in trailing or ():
-        if key == ERROR_METADATA_KEY:
-            cls = _BY_CODE.get(value if isinstance(value, str) else value.decode())
-            if cls is not None:
-                return cls(details)
+    meta = {
+        key: value if isinstance(value, str) else value.decode(errors="replace")
+        for key, value in trailing or ()
+    }
+    cls = _BY_CODE.get(meta.get(ERROR_METADATA_KEY, ""))
+    if cls is not None:
+        hint = meta.get(_HINT_KEY)
+        return cls(
+            details,
+            hint=hint.encode("ascii", "replace").decode("unicode_escape") if hint else None,
+            details=_details(meta.get(_DETAILS_KEY)),
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         # gRPC's own message bound (one chunk plus 64 KiB on both channel ends)
         return LimitExceededError(
             f"a message exceeded the channel's size limit ({details})",
             hint="send data in chunks of at most max_chunk_bytes (the JoinReply's limits)",
         )
+    if code == grpc.StatusCode.UNAVAILABLE and not is_tls_failure(details):
+        unreachable = describe_unreachable(details)
+        if unreachable is not None:
+            return unreachable
     if code == grpc.StatusCode.UNAVAILABLE and is_tls_failure(details):
         return CertificateError(
             f"the TLS handshake failed: {details}",
             hint="check that this certificate was issued by the coordinator's CA and is valid",
         )
     return STATUS_TO_ERROR.get(code, TransportError)(details)
+
+
+def _details(encoded: str | None) -> dict[str, object] | None:
+    if not encoded:
+        return None
+    try:
+        value = json.loads(encoded)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 @contextmanager

@@ -121,10 +121,18 @@ class JoinRequest(_message.Message):
     CLIENT_VERSION_FIELD_NUMBER: _builtins.int
     CODECS_FIELD_NUMBER: _builtins.int
     PROPERTIES_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     task_fingerprint: _builtins.str
     """sha256 over the model's tensor names, shapes and dtypes (see flctl.tensors.fingerprint)."""
     client_version: _builtins.str
+    instance_id: _builtins.str
+    """Random per `flctl join` process: a join from the same instance resumes its session; one
+    from another instance is refused while the identity's session is live, unless `replace`.
+    """
+    replace: _builtins.bool
+    """Take over a live session of this identity on purpose (`flctl join --replace`)."""
     @_builtins.property
     def codecs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Codecs the client can read and write: "none", "zstd", "zstd-shuffle4"."""
@@ -139,10 +147,12 @@ class JoinRequest(_message.Message):
         client_version: _builtins.str = ...,
         codecs: _abc.Iterable[_builtins.str] | None = ...,
         properties: _abc.Mapping[_builtins.str, Global___Value] | None = ...,
+        instance_id: _builtins.str = ...,
+        replace: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_version", b"client_version", "codecs", b"codecs", "properties", b"properties", "protocol_version", b"protocol_version", "task_fingerprint", b"task_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_version", b"client_version", "codecs", b"codecs", "instance_id", b"instance_id", "properties", b"properties", "protocol_version", b"protocol_version", "replace", b"replace", "task_fingerprint", b"task_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
