@@ -177,8 +177,14 @@ def serve(
 @app.command()
 @command(json_param=None)
 def join(
-    server: Annotated[str, typer.Option(help="Coordinator HOST:PORT.")],
     client_id: Annotated[str, typer.Option(help="This client's identity (its certificate).")],
+    server: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HOST:PORT",
+            help="Coordinator address (default: server.address in flctl.toml).",
+        ),
+    ] = None,
     cert: Annotated[Path | None, typer.Option(help="Client certificate (PEM).")] = None,
     key: Annotated[Path | None, typer.Option(help="Client private key (PEM).")] = None,
     ca: Annotated[Path | None, typer.Option(help="CA certificate to trust (PEM).")] = None,
@@ -193,6 +199,21 @@ def join(
     threads: Annotated[int | None, typer.Option(help="torch threads for training.")] = None,
     task: Annotated[Path | None, typer.Option(help="Task module (default project.task).")] = None,
     insecure: Annotated[bool, typer.Option(help="Plaintext (loopback only).")] = False,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            help="Take over this client id's live session from another flctl join "
+            "(without it, a second process is refused, exit 36)."
+        ),
+    ] = False,
+    connect_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="Give up (exit 31) when no coordinator answers for this long "
+            "(default: keep trying).",
+        ),
+    ] = None,
     config_path: ConfigOpt = None,
 ) -> None:
     """Join a coordinator and train on local data each round until stopped."""
@@ -214,6 +235,8 @@ def join(
             num_partitions=num_partitions,
             device=device,
             threads=threads,
+            replace=replace,
+            connect_timeout=connect_timeout,
         )
     )
 

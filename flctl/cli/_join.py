@@ -34,7 +34,7 @@ __all__ = ["JoinArgs", "join"]
 class JoinArgs:
     """The options of ``flctl join``."""
 
-    server: str
+    server: str | None
     client_id: str
     config_path: Path | None = None
     task_path: Path | None = None
@@ -47,6 +47,8 @@ class JoinArgs:
     num_partitions: int | None = None
     device: str | None = None
     threads: int | None = None
+    replace: bool = False
+    connect_timeout: float | None = None
 
 
 def default_partition(client_id: str, num_partitions: int) -> int:
@@ -55,15 +57,25 @@ def default_partition(client_id: str, num_partitions: int) -> int:
     return (int(match.group(1)) - 1) % num_partitions if match and int(match.group(1)) else 0
 
 
-def _config(args: JoinArgs) -> Config:
+def _config(args: JoinArgs) -> tuple[Config, Path | None]:
+    """The project's configuration and its flctl.toml (None: a bare ``--task``, defaults)."""
     if args.config_path is not None:
-        return load_config(args.config_path)
+        return load_config(args.config_path), args.config_path
     try:
-        return load_config(find_project())
+        path = find_project()
+        return load_config(path), path
     except ProjectNotFoundError:
         if args.task_path is None:
             raise
-        return Config(root=args.task_path.resolve().parent)
+        return Config(root=args.task_path.resolve().parent), None
+
+
+def server_address(args: JoinArgs, config: Config, config_file: Path | None) -> tuple[str, str]:
+    """Where to join: ``--server``, else the project's ``server.address``; and whence it came."""
+    if args.server:
+        return args.server, "--server"
+    where = f"server.address in {config_file}" if config_file else "the default server.address"
+    return config.server.address, where
 
 
 def build_client(args: JoinArgs, config: Config) -> tuple[Client, TaskContext]:
@@ -112,7 +124,10 @@ def join(args: JoinArgs) -> int:
     return_large_buffers()
     setup_logging()
     out = Output()
-    config = _config(args)
+    config, config_file = _config(args)
+    server, source = server_address(args, config, config_file)
+    if source != "--server":
+        out.line(f"joining {server} ({source}; --server HOST:PORT to change)")
     if args.insecure:
         cert = key = ca = b""
     elif args.cert or args.key or args.ca:
@@ -122,8 +137,10 @@ def join(args: JoinArgs) -> int:
     else:
         cert, key, ca = load_credentials(config.certs_path, args.client_id)
     client, context = build_client(args, config)
+    if args.connect_timeout is not None and args.connect_timeout <= 0:
+        raise ConfigError(f"--connect-timeout must be positive, not {args.connect_timeout:g}")
     options = JoinOptions(
-        server=args.server,
+        server=server,
         client_id=args.client_id,
         cert_pem=cert,
         key_pem=key,
@@ -135,6 +152,8 @@ def join(args: JoinArgs) -> int:
         update_encoding=config.client.update_encoding,
         update_dtype=config.client.update_dtype,
         privacy=config.privacy,
+        replace=args.replace,
+        give_up_after_s=args.connect_timeout,
     )
 
     progress = _TransferProgress(out) if out.is_terminal else None

@@ -38,6 +38,7 @@ from flctl.core.errors import (
     NotFoundError,
     PermissionDeniedError,
     ProtocolMismatchError,
+    SessionConflictError,
     TaskError,
     TransportError,
 )
@@ -103,6 +104,9 @@ class JoinOptions:
         once: Leave after one round.
         max_tls_failures: Consecutive refused handshakes before giving up.
         connect_timeout_s: How long one connection attempt may take.
+        give_up_after_s: Leave with :class:`ConnectError` when no coordinator could be reached
+            for this long (None: keep trying; a coordinator may start later).
+        replace: Take over a live session of this identity held by another process.
         update_encoding: ``"full"`` (the trained model) or ``"delta"`` (trained minus the
             round's model), ``client.update_encoding``.
         update_dtype: ``"float32"`` (the model's own dtype), ``"float16"`` or ``"bfloat16"``,
@@ -123,6 +127,8 @@ class JoinOptions:
     once: bool = False
     max_tls_failures: int = 3
     connect_timeout_s: float = 10.0
+    give_up_after_s: float | None = None
+    replace: bool = False
     backoff_cap_s: float = 10.0
     cache_models: int = 2
     update_encoding: str = "full"
@@ -373,7 +379,10 @@ class Runner:
         self._pending = PendingUploads(options.cache_dir / "uploads")
         self._backoff = Backoff(cap=options.backoff_cap_s, rng=rng or random.Random())
         self._status = _Status()
+        #: Random per process: the coordinator tells our own rejoin from another process's.
+        self._instance_id = os.urandom(16).hex()
         self.rounds_done = 0
+        self._joined_at = 0.0
         #: The last JoinReply: the negotiated codecs, compression mode and level, the limits.
         self.join_reply: pb.JoinReply | None = None
         spec = spec_of(client.get_parameters())
@@ -397,12 +406,30 @@ class Runner:
             ProtocolMismatchError: Our model or protocol differ from the coordinator's.
         """
         tls_failures = 0
+        unreachable_since: float | None = None
+        conflict_waited = False
         while not stop.is_set():
+            delay: float | None = None
             try:
                 await self._session(stop)
                 if self._options.once and self.rounds_done >= 1:
                     break
                 reason = "the coordinator ended the session"
+                conflict_waited = False
+            except SessionConflictError as exc:
+                # Another process holds this identity's live session. If that process is gone,
+                # its session ends when its heartbeats are overdue: wait that long once, then
+                # leave (the other one keeps its session).
+                if conflict_waited or self._options.replace:
+                    raise
+                conflict_waited = True
+                retry_after = exc.details.get("retry_after_s")
+                wait = float(retry_after) if isinstance(retry_after, int | float) else 0.0
+                delay = min(3600.0, max(0.0, wait)) + 0.5
+                reason = (
+                    f"{exc.message}; trying once more when it would have ended if that process "
+                    "is gone (--replace takes over now)"
+                )
             except CertificateError as exc:
                 tls_failures += 1
                 if tls_failures >= self._options.max_tls_failures:
@@ -420,12 +447,22 @@ class Runner:
                 reason = f"session ended ({exc.message}); joining again"
             except (ConnectError, DeadlineExceededError, TransportError) as exc:
                 tls_failures = 0
-                reason = exc.message
+                reason = f"{exc.message}; {exc.hint}" if exc.hint else exc.message
+                now = time.monotonic()
+                if unreachable_since is None or self._joined_at > unreachable_since:
+                    unreachable_since = now  # the first failure since we last joined
+                limit = self._options.give_up_after_s
+                if limit is not None and now - unreachable_since >= limit:
+                    raise ConnectError(
+                        f"gave up after {limit:g} s without a coordinator: {exc.message}",
+                        hint=exc.hint,
+                    ) from None
             except FlctlError as exc:  # e.g. a corrupt download: start the session over
                 reason = exc.message
             if stop.is_set():
                 break
-            delay = self._backoff.next_delay()
+            if delay is None:
+                delay = self._backoff.next_delay()
             self._emit("reconnecting", reason=reason, delay_s=round(delay, 2))
             await _wait(stop, delay)
         self._emit("left", rounds=self.rounds_done)
@@ -469,6 +506,8 @@ class Runner:
                 task_fingerprint=self._fingerprint,
                 client_version="flctl",
                 codecs=list(CODECS),  # every codec this build reads and writes
+                instance_id=self._instance_id,
+                replace=self._options.replace,
             )
             to_value_map(request.properties, {"model_spec": self._spec_json})
             try:
@@ -485,6 +524,7 @@ class Runner:
                     f"the connection closed during the TLS handshake: {exc.message}"
                 ) from None
             self._backoff.reset()
+            self._joined_at = time.monotonic()
             self.join_reply = reply
             self._emit("joined", client_id=reply.client_id, server=self._options.server)
             heartbeats = asyncio.create_task(

@@ -11,10 +11,16 @@ from flctl.core.errors import (
     IntegrityError,
     LimitExceededError,
     ProtocolMismatchError,
+    SessionConflictError,
     all_error_classes,
 )
 from flctl.transport import Backoff
-from flctl.transport.grpc import STATUS_TO_ERROR, status_for, translate_rpc_error
+from flctl.transport.grpc import (
+    STATUS_TO_ERROR,
+    error_metadata,
+    status_for,
+    translate_rpc_error,
+)
 
 
 def test_every_status_code_is_mapped() -> None:
@@ -45,7 +51,7 @@ class FakeRpcError(grpc.RpcError):
 @pytest.mark.parametrize(
     ("code", "details", "trailing", "cls"),
     [
-        (grpc.StatusCode.UNAVAILABLE, "Connection refused", (), ConnectError),
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed", (), ConnectError),
         (
             grpc.StatusCode.UNAVAILABLE,
             "Ssl handshake failed: CERTIFICATE_VERIFY_FAILED",
@@ -74,6 +80,48 @@ def test_translate(
     err = translate_rpc_error(FakeRpcError(code, details, trailing))
     assert type(err) is cls
     assert details in err.message
+
+
+@pytest.mark.parametrize(
+    ("details", "message", "hint"),
+    [
+        (
+            "failed to connect to all addresses; last error: UNKNOWN: "
+            "ipv4:127.0.0.1:7070: Connection refused",
+            "no coordinator at 127.0.0.1:7070 yet (connection refused)",
+            "is `flctl serve` running there?",
+        ),
+        (
+            "failed to connect to all addresses; last error: UNKNOWN: "
+            "ipv6:%5B::1%5D:7070: Connection refused",
+            "no coordinator at [::1]:7070 yet (connection refused)",
+            "is `flctl serve` running there?",
+        ),
+        (
+            "DNS resolution failed for nosuch.invalid:7070: C-ares status is not ARES_SUCCESS",
+            "cannot resolve the coordinator's host name (nosuch.invalid:7070)",
+            "check the host name",
+        ),
+    ],
+)
+def test_unreachable_is_said_in_flctl_words(details: str, message: str, hint: str) -> None:
+    err = translate_rpc_error(FakeRpcError(grpc.StatusCode.UNAVAILABLE, details))
+    assert type(err) is ConnectError
+    assert err.message == message
+    assert err.hint is not None and hint in err.hint
+    assert err.details == {"grpc": details}  # gRPC's own words stay for --json and debugging
+
+
+def test_hint_and_details_cross_the_wire() -> None:
+    sent = SessionConflictError(
+        "c1 is joined elsewhere", hint="stop it — or --replace", details={"retry_after_s": 2.5}
+    )
+    err = translate_rpc_error(
+        FakeRpcError(grpc.StatusCode.ALREADY_EXISTS, sent.message, error_metadata(sent))
+    )
+    assert type(err) is SessionConflictError
+    assert (err.message, err.hint, err.details) == (sent.message, sent.hint, sent.details)
+    assert all(value.isascii() for _, value in error_metadata(sent))  # metadata is ASCII only
 
 
 def test_round_trip_through_status_and_code() -> None:
