@@ -43,6 +43,7 @@ from flctl.core.errors import (
     TransportError,
 )
 from flctl.core.task import report_progress_to
+from flctl.core.usercode import describe_failure
 from flctl.privacy import privatize_update
 from flctl.store import BlobStore, WriteBehind
 from flctl.tensors import (
@@ -351,6 +352,7 @@ class _Status:
     bytes_done: int = 0
     bytes_total: int = 0
     bytes_per_s: float = 0.0
+    failure: str = ""
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -570,6 +572,7 @@ class Runner:
                         bytes_done=status.bytes_done,
                         bytes_total=status.bytes_total,
                         bytes_per_s=status.bytes_per_s,
+                        failure=status.failure,
                     )
                 )
                 if reply.command == "rejoin":
@@ -580,7 +583,10 @@ class Runner:
                 log.debug("heartbeat failed: %s", exc.message)
             await _wait(status.dirty, interval)
 
-    def _set_state(self, state: str, server_round: int, progress: float = 0.0) -> None:
+    def _set_state(
+        self, state: str, server_round: int, progress: float = 0.0, failure: str = ""
+    ) -> None:
+        self._status.failure = failure
         self._status.state = state
         self._status.server_round = server_round
         self._status.progress = progress
@@ -668,9 +674,13 @@ class Runner:
                 )
             except TaskError as exc:
                 # the client loop is one of the three places that catch broadly: report, go on
-                log.error("round %d: %s", server_round, exc.message)
+                trace = exc.details.get("traceback")
+                log.error(
+                    "round %d: %s%s", server_round, exc.message, f"\n{trace}" if trace else ""
+                )
                 self._emit("failed", server_round=server_round, reason=exc.message)
-                self._set_state("failed", server_round)
+                # the coordinator hears why with the failed state (round status, events)
+                self._set_state("failed", server_round, failure=exc.message)
                 return
             try:
                 size = update_path.stat().st_size
@@ -825,7 +835,8 @@ class Runner:
                     load_parameters(model_path), config
                 )
         except Exception as exc:  # user code: report it, keep serving
-            raise TaskError(f"fit raised {type(exc).__name__}: {exc}") from exc
+            failure = describe_failure(exc, "fit")
+            raise TaskError(failure.reason, details={"traceback": failure.traceback}) from exc
         if not isinstance(num_examples, int) or num_examples <= 0:
             raise TaskError(f"fit must return a positive num_examples, not {num_examples!r}")
         clean: dict[str, float] = {}

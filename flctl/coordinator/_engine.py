@@ -658,6 +658,7 @@ class RoundEngine:
             if is_local:  # stopped while waiting: the noised updates already accepted count
                 self.charge_released(server_round)
             raise
+        selected = sorted(self.open.selected)
         self.open = None
         if is_local and accepted:
             assert mechanism is not None
@@ -672,6 +673,14 @@ class RoundEngine:
         if len(accepted) < rounds.min_clients:
             late = time.time() >= deadline
             why = "the deadline passed" if late else "selected clients left"
+            failed = self._task_failures(server_round, selected)
+            if failed:
+                # the clients' own words: "c1: fit raised NameError: ... (task.py:57)"
+                count = sum(len(ids) for ids in failed.values())
+                said = "; ".join(f"{', '.join(ids)}: {reason}" for reason, ids in failed.items())
+                why = f"{count} of {len(selected)} selected clients failed ({said})"
+                if late:
+                    why += " and the deadline passed"
             self._fail(
                 server_round,
                 f"{why} with {len(accepted)} of {rounds.min_clients} required updates",
@@ -896,6 +905,15 @@ class RoundEngine:
                 server_round=server_round,
                 data={"message": f"rollback policy failed: {exc.message}", "author": POLICY_AUTHOR},
             )
+
+    def _task_failures(self, server_round: int, selected: list[str]) -> dict[str, list[str]]:
+        """Selected clients whose task failed this round, grouped by the reason they gave."""
+        failed: dict[str, list[str]] = {}
+        for client_id in selected:
+            session = self._registry.get(client_id)
+            if session is not None and session.failed_round == server_round:
+                failed.setdefault(session.failure, []).append(client_id)
+        return failed
 
     async def _wait_for_updates(self, server_round: int) -> list[Any]:
         open_round = self.open

@@ -26,6 +26,8 @@ class Session:
     bytes_per_s: float = 0.0
     last_seen: float = field(default_factory=time.time)
     failed_round: int = 0
+    #: Why the task of ``failed_round`` failed, as the client said it (one line).
+    failure: str = ""
     revoked: bool = False
     #: The joining process's random id: the same process may join again, another may not.
     instance_id: str = ""

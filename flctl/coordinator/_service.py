@@ -39,6 +39,7 @@ from flctl.core.errors import (
     ProtocolMismatchError,
     SessionConflictError,
 )
+from flctl.core.usercode import MAX_REASON_CHARS
 from flctl.security import TokenSigner
 from flctl.store import BlobStore, ModelRecord, SqlStore, WriteBehind, is_revoked, revoke
 from flctl.tensors import StreamValidator, TensorSpec, UpdateEncoding, expected_update_spec
@@ -192,6 +193,13 @@ class _UpdateSink:
         self._validator.finish()
         if self._hash.hexdigest() != digest:
             raise IntegrityError("update bytes do not match the digest in the header")
+
+
+def _one_line(text: str) -> str:
+    """A client's free text made safe to log and show: one line, printable, bounded."""
+    printable = "".join(ch if ch.isprintable() else " " for ch in text)
+    line = " ".join(printable.split())
+    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3] + "..."
 
 
 class CoordinatorService:
@@ -367,9 +375,12 @@ class CoordinatorService:
         progress = min(1.0, max(0.0, request.progress)) if math.isfinite(request.progress) else 0.0
         # A transfer's progress is logged in steps of 10 %: enough for the panels, few events.
         step_changed = int(progress * 10) != int(session.progress * 10)
+        failure = _one_line(request.failure) if state == "failed" else ""
         if state != session.state or (state in ("downloading", "uploading") and step_changed):
             session.state = state
             data: dict[str, Any] = {"state": state, "progress": round(progress, 3)}
+            if failure:
+                data["reason"] = failure
             if state in ("downloading", "uploading") and request.bytes_total:
                 rate = request.bytes_per_s
                 data.update(
@@ -382,7 +393,7 @@ class CoordinatorService:
                 server_round=request.server_round,
                 client_id=session.client_id,
                 data=data,
-                durable=False,
+                durable=state == "failed",  # why a round lost a client is worth an fsync
             )
         session.progress = progress
         session.bytes_per_s = (
@@ -392,6 +403,7 @@ class CoordinatorService:
         )
         if state == "failed" and request.server_round:
             session.failed_round = int(request.server_round)
+            session.failure = failure or "the task failed (no reason given)"
             self._engine.update_arrived()
         return pb.HeartbeatReply(command="", server_time_unix=time.time())
 

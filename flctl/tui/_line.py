@@ -150,6 +150,9 @@ def _client_left(event: Event) -> str:
 
 
 def _client_state(event: Event) -> str:
+    reason = get_str(event.data, "reason")
+    if reason:  # a failed task, in the client's words: "fit raised NameError: ... (task.py:57)"
+        return f"client {event.client_id} failed round {event.server_round}: {reason}"
     text = f"client {event.client_id} {get_str(event.data, 'state', 'unknown')}"
     progress = get_float(event.data, "progress")
     if progress is None:

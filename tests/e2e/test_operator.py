@@ -158,3 +158,63 @@ def test_two_coordinators_cannot_share_a_port(tmp_path: Path, processes: Process
     result = flctl("serve", "--address", address, "--no-tui", cwd=other, timeout=60)
     assert result.returncode == 31, result.stdout + result.stderr
     assert "is already in use" in result.stderr
+
+
+BROKEN_TASK = """
+import torch
+
+from flctl.client import Client
+
+
+def build_model(context):
+    return torch.nn.Linear(4, 2)
+
+
+class Broken(Client):
+    def __init__(self, context):
+        self.model = build_model(context)
+
+    def get_parameters(self):
+        return self.model.state_dict()
+
+    def fit(self, parameters, config):
+        self.model.load_state_dict(parameters)
+        return paramters, 10, {}  # the typo a user makes
+
+
+def client_fn(context):
+    return Broken(context)
+"""
+
+
+def test_a_task_that_raises_is_reported_in_the_users_terms(
+    tmp_path: Path, processes: Processes
+) -> None:
+    proj = _project(tmp_path, clients=2)
+    (proj / "task.py").write_text(BROKEN_TASK)
+    toml = (proj / "flctl.toml").read_text().replace('"tiny_task.py"', '"task.py"')
+    (proj / "flctl.toml").write_text(toml.replace("min_clients = 1", "min_clients = 2"))
+    line = (
+        BROKEN_TASK.splitlines().index("        return paramters, 10, {}  # the typo a user makes")
+        + 1
+    )
+    reason = f"fit raised NameError: name 'paramters' is not defined (task.py:{line})"
+    _, address = serve(processes, "coordinator", proj)
+    for client in ("c1", "c2"):
+        processes.start(client, "join", "--server", address, "--client-id", client, cwd=proj)
+    ran = flctl("round", "start", "--wait", "--json", cwd=proj, timeout=180)
+    assert ran.returncode == 81, ran.stdout + ran.stderr
+    (round_,) = one_json(ran.stdout)["rounds"]
+    # the operator reads what went wrong, per client, not "selected clients left"
+    assert round_["reason"] == (
+        f"2 of 2 selected clients failed (c1, c2: {reason}) with 0 of 2 required updates"
+    )
+    status = one_json(flctl("round", "status", "--json", cwd=proj, check=True).stdout)
+    assert reason in json.dumps(status)
+    listed = flctl("events", cwd=proj, check=True).stdout
+    assert f"client c1 failed round 1: {reason}" in listed
+    # the data owner sees the traceback of their own code, flctl's frames trimmed
+    log = processes.log("c1")
+    assert "Traceback (most recent call last):" in log
+    assert f'task.py", line {line}, in fit' in log
+    assert "flctl/client" not in log and "_runner.py" not in log

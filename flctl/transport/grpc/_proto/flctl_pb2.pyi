@@ -238,8 +238,9 @@ class HeartbeatRequest(_message.Message):
     BYTES_DONE_FIELD_NUMBER: _builtins.int
     BYTES_TOTAL_FIELD_NUMBER: _builtins.int
     BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
     state: _builtins.str
-    """idle | downloading | training | uploading"""
+    """idle | downloading | training | uploading | failed"""
     server_round: _builtins.int
     progress: _builtins.float
     """0..1 within the current state"""
@@ -247,6 +248,8 @@ class HeartbeatRequest(_message.Message):
     """While downloading or uploading: bytes moved so far, of how many, and the rate."""
     bytes_total: _builtins.int
     bytes_per_s: _builtins.float
+    failure: _builtins.str
+    """With state "failed": why the round's task failed, one line (what the task raised, where)."""
     @_builtins.property
     def resources(self) -> _containers.MessageMap[_builtins.str, Global___Value]: ...
     def __init__(
@@ -259,10 +262,11 @@ class HeartbeatRequest(_message.Message):
         bytes_done: _builtins.int = ...,
         bytes_total: _builtins.int = ...,
         bytes_per_s: _builtins.float = ...,
+        failure: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_per_s", b"bytes_per_s", "bytes_total", b"bytes_total", "progress", b"progress", "resources", b"resources", "server_round", b"server_round", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_per_s", b"bytes_per_s", "bytes_total", b"bytes_total", "failure", b"failure", "progress", b"progress", "resources", b"resources", "server_round", b"server_round", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
