@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -32,7 +33,7 @@ from flctl.core import load_config
 from flctl.core.errors import ConfigError, ConnectError, FlctlError
 from flctl.security import generate_project_certs
 from flctl.transport.grpc import AdminClient
-from flctl.tui import DashboardState, event_line, render_dashboard
+from flctl.tui import DashboardState, event_line, is_notable, render_dashboard
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -151,16 +152,28 @@ async def _wait_serve_file(state_dir: Path, procs: _Processes, timeout: float) -
     raise ConnectError(f"the coordinator did not start within {timeout:g} s")
 
 
-async def _wait_clients(client: AdminClient, count: int, procs: _Processes, timeout: float) -> None:
+async def _wait_clients(
+    client: AdminClient,
+    count: int,
+    procs: _Processes,
+    timeout: float,
+    on_count: Callable[[int], None],
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for name in procs.running:
             procs.check_alive(name)
         reply = await client.status([], timeout=10.0)
+        on_count(reply.connected_clients)
         if reply.connected_clients >= count:
             return
         await asyncio.sleep(0.2)
     raise ConnectError(f"{count} clients did not connect within {timeout:g} s")
+
+
+def _stamp() -> str:
+    """The time as event lines show it (``HH:MM:SS``, UTC)."""
+    return time.strftime("%H:%M:%S", time.gmtime())
 
 
 def _summary(result: dict[str, Any], wall_s: float, project: Path) -> Panel:
@@ -207,7 +220,7 @@ def run_demo(options: DemoOptions) -> tuple[dict[str, Any], int]:
         async for message in client.watch(0):
             event = event_from_pb(message)
             state.apply(event)
-            if not use_tui and not options.json_output:
+            if not use_tui and not options.json_output and is_notable(event):
                 out.line(event_line(event))
             if (ids and state.all_done(ids)) or event.type == "coordinator.stopped":
                 break
@@ -225,7 +238,7 @@ def run_demo(options: DemoOptions) -> tuple[dict[str, Any], int]:
         out.note(f"coordinator on {address}; starting {options.clients} clients")
         state.address = address
         for i in range(1, options.clients + 1):
-            procs.start(
+            process = procs.start(
                 f"c{i}",
                 [
                     "join",
@@ -241,6 +254,10 @@ def run_demo(options: DemoOptions) -> tuple[dict[str, Any], int]:
                 ],
                 project,
             )
+            # A client takes seconds to load torch and its data: show that it is on its way.
+            state.expect_client(f"c{i}", time.time())
+            if not use_tui and not options.json_output:
+                out.line(f"{_stamp()} client c{i} starting (pid {process.pid})")
         client = admin_client(config, address)
         live: Live | None = None
         ids: list[int] = []
@@ -255,8 +272,12 @@ def run_demo(options: DemoOptions) -> tuple[dict[str, Any], int]:
                     refresh_per_second=4,
                 )
                 live.start()
-            state.title = f"{title}: waiting for {options.clients} clients"
-            await _wait_clients(client, options.clients, procs, options.startup_timeout_s)
+
+            def waiting(joined: int) -> None:
+                state.title = f"{title}: {joined} of {options.clients} clients joined"
+
+            waiting(0)
+            await _wait_clients(client, options.clients, procs, options.startup_timeout_s, waiting)
             state.title = title
             reply = await client.start_round(options.rounds)
             ids.extend(int(i) for i in reply.round_ids)

@@ -48,6 +48,7 @@ _CLIENT_STYLES = {
     "training": "cyan",
     "uploading": "magenta",
     "offline": "dim red",
+    "failed": "red",
     "starting": "yellow",
 }
 #: Client states that are work under way: the panel shows how long they have lasted.

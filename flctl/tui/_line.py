@@ -52,6 +52,7 @@ __all__ = [
     "format_duration",
     "format_metric",
     "format_metrics",
+    "is_notable",
     "plural",
 ]
 
@@ -356,6 +357,25 @@ _DESCRIBE: dict[str, Callable[[Event], str]] = {
     MODEL_ROLLBACK_FAILED: _model_rollback_failed,
     MODEL_TAGGED: _model_tagged,
 }
+
+
+def is_notable(event: Event) -> bool:
+    """Return whether an event deserves a line of its own in a log or the panel's footer.
+
+    Everything is, but what every heartbeat and every task repeats: a client's state
+    (``client c1 training``, already in the panel's Clients table) unless it failed, and each
+    task sent (the round's start says how many clients were selected). A plain log of a run
+    then reads as its story: joins and leaves, round phases, updates accepted or rejected,
+    models created, rounds committed or failed.
+
+    Args:
+        event: Any event.
+    """
+    if event.type == TASK_SENT:
+        return False
+    if event.type == CLIENT_STATE:
+        return get_str(event.data, "state") == "failed"
+    return True
 
 
 def event_line(event: Event) -> str:

@@ -29,15 +29,12 @@ from flctl.core.events import (
     Event,
 )
 from flctl.tui._data import get_float, get_int, get_metrics, get_str, get_str_list
-from flctl.tui._line import event_line
+from flctl.tui._line import event_line, is_notable
 
 __all__ = ["ClientView", "DashboardState", "RoundView"]
 
 #: How many event lines :attr:`DashboardState.last_events` keeps.
 LAST_EVENTS = 8
-
-#: Event types that can arrive many times a second and would flush the footer.
-_QUIET_TYPES = frozenset({CLIENT_STATE, TASK_SENT})
 
 #: Event types that mean nothing without a client id, or without a round id.
 _CLIENT_TYPES = frozenset({CLIENT_JOINED, CLIENT_LEFT, CLIENT_STATE, UPDATE_ACCEPTED})
@@ -98,7 +95,8 @@ class ClientView:
 
     Attributes:
         client_id: The client's id.
-        state: ``idle``, ``downloading``, ``training``, ``uploading`` or ``offline``.
+        state: ``idle``, ``downloading``, ``training``, ``uploading``, ``failed``, ``offline``,
+            or ``starting`` (see :meth:`DashboardState.expect_client`).
         last_seen: Unix time of the latest event about the client.
         rounds_joined: How many of its updates were accepted.
         connected: Whether it is joined now.
@@ -207,8 +205,24 @@ class DashboardState:
         if event.client_id:
             self._client(event.client_id, event.time).last_seen = event.time
         handler(self, event)
-        if event.type not in _QUIET_TYPES:
+        if is_notable(event):  # heartbeats would flush the footer many times a second
             self.last_events.append(event_line(event))
+
+    def expect_client(self, client_id: str, at: float) -> None:
+        """Show a client that is starting and has not joined yet (``flctl demo``'s processes).
+
+        It is listed as ``starting``, not connected, until its ``client.joined`` event.
+
+        Args:
+            client_id: The id it will join as.
+            at: Unix time it started.
+        """
+        client = self.clients.get(client_id)
+        if client is not None and client.connected:
+            return  # it joined already
+        client = self._client(client_id, at)
+        client.connected, client.progress, client.last_seen = False, None, at
+        client.enter("starting", at)
 
     def is_round_done(self, server_round: int) -> bool:
         """Return whether the round is committed, rejected, failed or cancelled.

@@ -12,7 +12,7 @@ from rich.console import Console
 import flctl.tui
 from flctl.core import events as ev
 from flctl.core.events import Event
-from flctl.tui import DashboardState, event_line, render_dashboard
+from flctl.tui import DashboardState, event_line, is_notable, render_dashboard
 
 T0 = 1_700_000_000.0  # 22:13:20 UTC
 REASON = "deadline passed with 1 of 2 required updates"
@@ -240,6 +240,24 @@ def test_a_training_client_shows_how_long_it_has_trained_and_its_progress_once_r
     assert re.search(r"│ c1\s+uploading 0% 1.0 s\s", render(state, now=T0 + 55))
     state.apply(log.add(ev.CLIENT_STATE, 56, client_id="c1", state="idle", progress=0.0))
     assert re.search(r"│ c1\s+idle\s+0\s", render(state, now=T0 + 99))
+
+
+def test_clients_that_are_starting_show_until_they_join() -> None:
+    state = DashboardState(title="flctl demo")
+    state.expect_client("c1", T0)
+    state.expect_client("c2", T0 + 1)
+    output = render(state, now=T0 + 4)
+    assert "0 clients connected" in output
+    assert re.search(r"│ c1\s+starting 4.0 s\s+0\s+4s ago\s", output)
+    assert re.search(r"│ c2\s+starting 3.0 s\s", output)
+    state.apply(Event(1, T0 + 5, ev.CLIENT_JOINED, client_id="c2"))
+    output = render(state, now=T0 + 6)
+    assert "1 client connected" in output
+    assert re.search(r"│ c2\s+idle\s+0\s+1s ago\s", output)
+    assert re.search(r"│ c1\s+starting 6.0 s\s", output)
+    assert output.index("c2") < output.index("c1")  # joined clients first
+    state.expect_client("c2", T0 + 7)  # too late: it joined already
+    assert state.clients["c2"].state == "idle" and state.clients["c2"].connected
 
 
 def test_events_from_a_client_not_seen_joining_create_it() -> None:
@@ -671,6 +689,39 @@ def test_panel_never_overflows_the_console_height(height: int) -> None:
 )
 def test_event_line(event: Event, line: str) -> None:
     assert event_line(event) == line
+
+
+@pytest.mark.parametrize(
+    ("event", "notable"),
+    [
+        (Event(1, T0, ev.CLIENT_STATE, 1, "c1", {"state": "idle", "progress": 0.0}), False),
+        (Event(1, T0, ev.CLIENT_STATE, 1, "c1", {"state": "training", "progress": 0.4}), False),
+        (Event(1, T0, ev.CLIENT_STATE, 1, "c1", {"state": "uploading", "progress": 0.5}), False),
+        (Event(1, T0, ev.TASK_SENT, 1, "c1", {"kind": "train"}), False),
+        (Event(1, T0, ev.CLIENT_STATE, 1, "c1", {"state": "failed"}), True),
+        (Event(1, T0, ev.CLIENT_JOINED, client_id="c1"), True),
+        (Event(1, T0, ev.CLIENT_LEFT, client_id="c1"), True),
+        (Event(1, T0, ev.ROUND_QUEUED, 1), True),
+        (Event(1, T0, ev.ROUND_STARTED, 1), True),
+        (Event(1, T0, ev.ROUND_STATUS, 1, data={"status": "aggregating"}), True),
+        (Event(1, T0, ev.UPDATE_ACCEPTED, 1, "c1"), True),
+        (Event(1, T0, ev.UPDATE_REJECTED, 1, "c1"), True),
+        (Event(1, T0, ev.MODEL_CREATED, data={"version": 2}), True),
+        (Event(1, T0, ev.ROUND_COMMITTED, 1), True),
+        (Event(1, T0, ev.ROUND_FAILED, 1), True),
+        (Event(1, T0, "gpu.temperature"), True),
+    ],
+    ids=lambda value: value.type if isinstance(value, Event) else str(value),
+)
+def test_only_what_a_heartbeat_repeats_is_not_notable(event: Event, notable: bool) -> None:
+    assert is_notable(event) is notable
+
+
+def test_a_failed_client_reaches_the_footer() -> None:
+    state = DashboardState()
+    state.apply(Event(1, T0, ev.CLIENT_STATE, 2, "c1", {"state": "training"}))
+    state.apply(Event(2, T0, ev.CLIENT_STATE, 2, "c1", {"state": "failed"}))
+    assert list(state.last_events) == ["22:13:20 client c1 failed"]
 
 
 def test_event_line_survives_an_impossible_time() -> None:
