@@ -314,8 +314,14 @@ def round_cancel(
 @command()
 def round_watch(
     follow: Annotated[
-        bool, typer.Option(help="Keep following new events (--no-follow: replay and exit).")
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--follow/--no-follow",
+            help="Keep following new events until Ctrl-C, or replay them and exit "
+            "(default: follow on a terminal, replay and exit when piped).",
+            show_default=False,
+        ),
+    ] = None,
     since: Annotated[int, typer.Option(help="Replay events after this seq.")] = 0,
     server: ServerOpt = None,
     config_path: ConfigOpt = None,

@@ -136,7 +136,8 @@ def start_rounds(
     if json_output:
         out.json(result)
     elif "round_ids" in result:
-        out.line(" ".join(str(i) for i in result["round_ids"]))
+        ids = result["round_ids"]
+        out.line(f"queued round{'s' if len(ids) > 1 else ''} {', '.join(str(i) for i in ids)}")
     else:
         for row in result["rounds"]:
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(row["metrics"].items()))
@@ -174,13 +175,25 @@ def rounds_exit_code(rounds: list[dict[str, Any]]) -> int:
 
 
 def watch_events(
-    config: Config, *, server: str | None, follow: bool, json_output: bool, since: int
+    config: Config, *, server: str | None, follow: bool | None, json_output: bool, since: int
 ) -> None:
-    """Show the live panel of a running coordinator (plain event lines when piped)."""
+    """Show the live panel of a running coordinator (plain event lines when piped).
+
+    Args:
+        config: The project.
+        server: The coordinator's HOST:PORT (default: from its serve.json).
+        follow: Keep following new events until Ctrl-C; None: on a terminal only, so that a
+            pipe or a script gets the events so far and an end.
+        json_output: Print the events so far as one JSON document (never follows).
+        since: Replay the events after this seq.
+    """
     out = Output(json_mode=json_output)
     if json_output:
         follow = False
-    state = DashboardState(title="flctl round watch")
+    elif follow is None:
+        follow = out.is_terminal
+    leave = "Ctrl-C to leave"
+    state = DashboardState(title=f"flctl round watch ({leave})" if follow else "flctl round watch")
     collected: list[dict[str, Any]] = []
 
     async def main() -> None:
@@ -193,6 +206,8 @@ def watch_events(
                 refresh_per_second=4,
             )
             live.start()
+        elif follow:
+            out.note(f"following the coordinator's events; {leave}")
         try:
             async for message in client.watch(since, follow=follow):
                 event = event_from_pb(message)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import FLCTL, flctl, one_json
+from .conftest import FLCTL, Processes, flctl, one_json, serve, wait_for
 
 
 def test_help_smoke(tmp_path: Path) -> None:
@@ -104,3 +104,44 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path: Path) -> 
     assert "error" not in stderr.lower(), stderr
     assert code == 128 + signal.SIGPIPE
     assert not (home / "logs").exists() or not any((home / "logs").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_operating_a_coordinator_through_a_pipe(tmp_path: Path, processes: Processes) -> None:
+    """Piped, `round start` says what it queued, `round status` is a tab-separated table and
+    `round watch` replays the log and ends; `--follow` still follows, and says how to leave."""
+    flctl("init", "p", cwd=tmp_path, check=True)
+    proj = tmp_path / "p"
+    flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
+    serve(processes, "coordinator", proj)
+
+    started = flctl("round", "start", "--rounds", "2", cwd=proj, check=True)
+    assert started.stdout == "queued rounds 1, 2\n"
+    assert one_json(flctl("round", "start", "--json", cwd=proj, check=True).stdout) == {
+        "round_ids": [3]
+    }
+
+    status = flctl("round", "status", cwd=proj, check=True)
+    header, *rows = status.stdout.splitlines()
+    assert header.split("\t") == [
+        "round",
+        "status",
+        "clients",
+        "accuracy",
+        "loss",
+        "time",
+        "reason",
+    ]
+    assert [row.split("\t")[0] for row in rows] == ["1", "2", "3"]
+    assert "clients connected" in status.stderr
+
+    watch = flctl("round", "watch", cwd=proj, timeout=60, check=True)
+    lines = watch.stdout.splitlines()
+    assert [n for n in (1, 2, 3) if any(f"round {n} queued" in line for line in lines)] == [1, 2, 3]
+    assert "Ctrl-C" not in watch.stderr
+
+    following = processes.start("watch", "round", "watch", "--follow", cwd=proj)
+    wait_for(lambda: "round 3 queued" in processes.log("watch"), what="replay", timeout=60)
+    assert "Ctrl-C to leave" in processes.log("watch")
+    assert following.poll() is None  # still following
