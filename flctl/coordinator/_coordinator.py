@@ -12,16 +12,23 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 from typing import IO, Any
 
 from flctl.aggregation import strategy_for
 from flctl.core import Config, Event, load_task
 from flctl.core import events as ev
 from flctl.core._process import process_alive
-from flctl.core.errors import ConfigError, ConflictError
+from flctl.core.errors import ConfigError, ConflictError, TaskError
 from flctl.security import TokenSigner, identity_from_pem, load_credentials
-from flctl.store import BlobStore, SqlStore
-from flctl.tensors import fingerprint, read_spec, sha256_file
+from flctl.store import BlobStore, ModelRecord, SqlStore
+from flctl.tensors import (
+    TensorSpec,
+    describe_spec_difference,
+    fingerprint,
+    read_spec,
+    sha256_file,
+)
 from flctl.transport.grpc import (
     ServerCredentials,
     is_loopback_host,
@@ -34,7 +41,7 @@ from ._events import EventLog
 from ._guard import RevocationGuard
 from ._registry import Registry
 from ._service import AdminService, CoordinatorService, Limits
-from ._task import make_evaluator, write_initial_model
+from ._task import make_evaluator, task_model_spec, write_initial_model
 from ._uploads import PartialUploads
 
 __all__ = [
@@ -86,6 +93,7 @@ class Coordinator:
         self._listeners: list[Callable[[Event], None]] = []
         self._lock: IO[str] | None = None
         self._wrote_serve_file = False
+        self._started = False
         self._server: Any = None
         self._engine_task: asyncio.Task[None] | None = None
         self._reaper_task: asyncio.Task[None] | None = None
@@ -159,6 +167,7 @@ class Coordinator:
 
         task = await asyncio.to_thread(load_task, config.task_path)
         head = store.head()
+        created = head is None
         if head is None:
             temp, handle = blobs.temp_file()
             handle.close()
@@ -180,6 +189,8 @@ class Coordinator:
                     },
                 )
         model_spec = read_spec(blobs.path(head.digest))
+        if not created:
+            await self._check_task_builds_head(task, head, model_spec)
         model_size = blobs.size(head.digest)
         max_update = config.transport.max_update_bytes or (model_size + model_size // 4 + (1 << 20))
         limits = Limits(
@@ -273,10 +284,35 @@ class Coordinator:
                 "insecure": self.insecure,
             },
         )
+        self._started = True
         if cert_pem:
             self._warn_if_expiring(cert_pem, events)
         log.info("coordinator listening on %s (state %s)", self.bound_address, self.state_dir)
         return self.bound_address
+
+    async def _check_task_builds_head(
+        self, task: ModuleType, head: ModelRecord, head_spec: dict[str, TensorSpec]
+    ) -> None:
+        """Refuse to serve a head model that the project's task.py no longer builds.
+
+        Clients build their model from task.py and could never load such a head: every round
+        would fail on a tensor mismatch. This happens when a project is copied with the state
+        folder of another model, or task.py changed the architecture.
+
+        Raises:
+            TaskError: The shapes, dtypes or names differ; nothing was changed.
+        """
+        built = await asyncio.to_thread(task_model_spec, task, self.config)
+        if fingerprint(built) == fingerprint(head_spec):
+            return
+        difference = describe_spec_difference(head_spec, built, expected_name="the head's")
+        raise TaskError(
+            f"{self.config.task_path.name} builds a model that differs from the head model "
+            f"v{head.version} in {self.state_dir}: {difference}",
+            hint=f"this state folder holds another model's history: start a new one (move "
+            f"{self.state_dir} away, or point project.state_dir at a new folder), or restore "
+            f"the task.py that built v{head.version}",
+        )
 
     def _warn_if_expiring(self, cert_pem: bytes, events: EventLog) -> None:
         """Log and record a warning when our own certificate expires soon (or has)."""
@@ -408,7 +444,8 @@ class Coordinator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._engine_task
         if self.events is not None:
-            self.events.emit(ev.COORDINATOR_STOPPED, data={"reason": reason})
+            if self._started:  # one refused at start never started: nothing to record
+                self.events.emit(ev.COORDINATOR_STOPPED, data={"reason": reason})
             self.events.close()
         if self._server is not None:
             await self._server.stop(grace=1.0)

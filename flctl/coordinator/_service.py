@@ -42,7 +42,13 @@ from flctl.core.errors import (
 from flctl.core.usercode import MAX_REASON_CHARS
 from flctl.security import TokenSigner
 from flctl.store import BlobStore, ModelRecord, SqlStore, WriteBehind, is_revoked, revoke
-from flctl.tensors import StreamValidator, TensorSpec, UpdateEncoding, expected_update_spec
+from flctl.tensors import (
+    StreamValidator,
+    TensorSpec,
+    UpdateEncoding,
+    describe_spec_difference,
+    expected_update_spec,
+)
 from flctl.transport import (
     CODEC_NONE,
     CODECS,
@@ -113,33 +119,14 @@ class Limits:
         )
 
 
-def _describe_spec_difference(ours: dict[str, TensorSpec], theirs_json: str, limit: int = 3) -> str:
+def _describe_spec_difference(ours: dict[str, TensorSpec], theirs_json: str) -> str:
     """Say how a client's model differs from ours, from the spec it sent at Join."""
     try:
         theirs = json.loads(theirs_json)
         assert isinstance(theirs, dict)
     except (ValueError, AssertionError):
         return "the client sent no readable model description"
-    problems: list[str] = []
-    for name in sorted(set(ours) - set(theirs)):
-        problems.append(f"missing tensor {name!r}")
-    for name in sorted(set(theirs) - set(ours)):
-        problems.append(f"unexpected tensor {name!r}")
-    for name in sorted(set(ours) & set(theirs)):
-        entry = theirs[name]
-        want = ours[name]
-        if not isinstance(entry, list) or len(entry) != 2:
-            problems.append(f"tensor {name!r}: malformed description")
-        elif entry[0] != want.dtype:
-            problems.append(f"tensor {name!r}: dtype {entry[0]} vs the coordinator's {want.dtype}")
-        elif list(entry[1]) != list(want.shape):
-            problems.append(
-                f"tensor {name!r}: shape {list(entry[1])} vs the coordinator's {list(want.shape)}"
-            )
-    if not problems:
-        return "the descriptions match but the fingerprints do not"
-    more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
-    return "; ".join(problems[:limit]) + more
+    return describe_spec_difference(ours, theirs)
 
 
 class _UpdateSink:

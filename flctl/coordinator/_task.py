@@ -10,11 +10,12 @@ from types import ModuleType
 
 from flctl.core import Config, TaskContext
 from flctl.core.errors import TaskError
-from flctl.tensors import load_parameters, save_parameters
+from flctl.core.usercode import describe_failure
+from flctl.tensors import load_parameters, save_parameters, spec_of
 
 from ._engine import Evaluator
 
-__all__ = ["coordinator_context", "make_evaluator", "write_initial_model"]
+__all__ = ["coordinator_context", "make_evaluator", "task_model_spec", "write_initial_model"]
 
 
 def coordinator_context(config: Config) -> TaskContext:
@@ -42,6 +43,31 @@ def write_initial_model(task: ModuleType, config: Config, out: Path) -> None:
     except Exception as exc:  # user code
         raise TaskError(f"build_model failed: {type(exc).__name__}: {exc}") from exc
     save_parameters(state, out)
+
+
+def task_model_spec(task: ModuleType, config: Config) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The names, dtypes and shapes of the model the task builds now, without its weights.
+
+    The model is built on PyTorch's meta device (no memory for values, so a 500 MB model costs
+    nothing); a model that cannot be built there is built for real.
+
+    Raises:
+        TaskError: ``build_model`` raises.
+    """
+    import torch
+
+    context = coordinator_context(config)
+    try:
+        with torch.device("meta"):
+            state = task.build_model(context).state_dict()
+    except Exception:  # user code that needs real tensors (loads weights, reads data)
+        torch.set_num_threads(config.client.num_threads)
+        try:
+            state = task.build_model(context).state_dict()
+        except Exception as exc:  # user code
+            failure = describe_failure(exc, "build_model")
+            raise TaskError(failure.reason, details={"traceback": failure.traceback}) from exc
+    return spec_of(state)
 
 
 def make_evaluator(task: ModuleType, config: Config) -> Evaluator | None:

@@ -22,6 +22,7 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "TensorSpec",
     "compare_specs",
+    "describe_spec_difference",
     "fingerprint",
     "read_metadata",
     "read_spec",
@@ -200,6 +201,46 @@ def compare_specs(expected: Mapping[str, TensorSpec], got: Mapping[str, TensorSp
             raise InvalidInputError(
                 f"tensor {name!r}: dtype {spec.dtype} differs from the model's {want.dtype}"
             )
+
+
+def describe_spec_difference(
+    expected: Mapping[str, TensorSpec],
+    got: Mapping[str, Any],
+    *,
+    expected_name: str = "the coordinator's",
+    limit: int = 3,
+) -> str:
+    """Say how a model description differs from ``expected``, in a few words.
+
+    Args:
+        expected: The reference model's specs.
+        got: The other model's name -> ``(dtype, shape)`` (untrusted: any malformed entry is
+            named as such).
+        expected_name: How the reference is called in the text ("the coordinator's").
+        limit: How many differences are named before "(and N more)".
+    """
+    problems: list[str] = []
+    for name in sorted(set(expected) - set(got)):
+        problems.append(f"missing tensor {name!r}")
+    for name in sorted(set(got) - set(expected)):
+        problems.append(f"unexpected tensor {name!r}")
+    for name in sorted(set(expected) & set(got)):
+        entry = got[name]
+        want = expected[name]
+        if not isinstance(entry, list | tuple) or len(entry) != 2:
+            problems.append(f"tensor {name!r}: malformed description")
+        elif entry[0] != want.dtype:
+            problems.append(f"tensor {name!r}: dtype {entry[0]} vs {expected_name} {want.dtype}")
+        elif not isinstance(entry[1], list | tuple):
+            problems.append(f"tensor {name!r}: malformed shape {entry[1]!r}")
+        elif list(entry[1]) != list(want.shape):
+            problems.append(
+                f"tensor {name!r}: shape {list(entry[1])} vs {expected_name} {list(want.shape)}"
+            )
+    if not problems:
+        return "the descriptions match but the fingerprints do not"
+    more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
 
 
 def fingerprint(specs: Mapping[str, TensorSpec] | Mapping[str, Any]) -> str:

@@ -218,3 +218,23 @@ def test_a_task_that_raises_is_reported_in_the_users_terms(
     assert "Traceback (most recent call last):" in log
     assert f'task.py", line {line}, in fit' in log
     assert "flctl/client" not in log and "_runner.py" not in log
+
+
+def test_serve_refuses_a_head_that_task_py_no_longer_builds(
+    tmp_path: Path, processes: Processes
+) -> None:
+    proj = _project(tmp_path)
+    serve(processes, "coordinator", proj)
+    assert processes.stop("coordinator") == 0
+    events_before = flctl("events", "--json", cwd=proj, check=True).stdout
+    # task.py now builds another model (8 inputs, not 4): no client could load the head
+    toml = proj / "flctl.toml"
+    toml.write_text(toml.read_text() + "\n[task]\nin_features = 8\n")
+    result = flctl("serve", "--address", "127.0.0.1:0", "--no-tui", cwd=proj, timeout=120)
+    assert result.returncode == 90, result.stdout + result.stderr
+    assert "tiny_task.py builds a model that differs from the head model v1 in " in result.stderr
+    assert "tensor 'weight': shape [2, 8] vs the head's [2, 4]" in result.stderr
+    assert "start a new one" in result.stderr
+    # refused means unchanged: no event, no serve.json
+    assert flctl("events", "--json", cwd=proj, check=True).stdout == events_before
+    assert not (proj / ".flctl" / "serve.json").exists()
