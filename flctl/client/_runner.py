@@ -85,6 +85,8 @@ __all__ = ["ClientCache", "JoinOptions", "PendingUpload", "PendingUploads", "Run
 
 #: BeginUpload + Upload attempts within one session (a lost race, a dropped upload).
 _UPLOAD_ATTEMPTS = 5
+#: The shortest time between two heartbeats sent early for a training's progress.
+_PROGRESS_HEARTBEAT_GAP_S = 1.0
 
 log = logging.getLogger("flctl.client")
 
@@ -595,15 +597,25 @@ class Runner:
         self._status.dirty.set()
 
     def _training_progress(self, server_round: int) -> Callable[[float], None]:
-        """A sink for the task's ``context.report_progress``; it runs in the fit's thread."""
+        """A sink for the task's ``context.report_progress``; it runs in the fit's thread.
+
+        A step of 10 % heartbeats at once, but not within ``_PROGRESS_HEARTBEAT_GAP_S`` of
+        the last one: a fit of a fraction of a second would otherwise send ten heartbeats a
+        round and run into the coordinator's rate limit. The next regular heartbeat carries
+        the steps in between.
+        """
         loop = asyncio.get_running_loop()
         status = self._status
+        last = [time.monotonic()]  # the "training" state itself was just sent
 
         def apply(fraction: float) -> None:
             if status.state != "training" or status.server_round != server_round:
                 return  # a report that arrived after the fit returned
-            if int(fraction * 10) != int(status.progress * 10):
-                status.dirty.set()  # heartbeat now: the coordinator's panel shows steps
+            now = time.monotonic()
+            stepped = int(fraction * 10) != int(status.progress * 10)
+            if stepped and now - last[0] >= _PROGRESS_HEARTBEAT_GAP_S:
+                last[0] = now
+                status.dirty.set()  # heartbeat now: the coordinator shows steps
             status.progress = fraction
 
         def report(fraction: float) -> None:
