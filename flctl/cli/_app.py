@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +12,7 @@ import typer
 from flctl import __version__
 from flctl.cli._certs import certs_app
 from flctl.cli._dp import dp_app
+from flctl.cli._help import use_value_names
 from flctl.cli._models import models_app
 from flctl.cli._options import ConfigOpt, JsonOpt, ServerOpt
 from flctl.cli._output import Output, command, settings
@@ -94,7 +97,10 @@ def demo(
     json_output: JsonOpt = False,
     no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain lines, no live panel.")] = False,
 ) -> None:
-    """Run a whole federation on this machine: coordinator and clients over mutual TLS."""
+    """Run a whole federation on this machine.
+
+    A coordinator and clients as processes on 127.0.0.1, over mutual TLS.
+    """
     from flctl.cli._demo import DemoOptions, run_demo
 
     _, code = run_demo(
@@ -113,11 +119,37 @@ def demo(
     raise typer.Exit(code)
 
 
-@app.command()
+def _init_help() -> str:
+    """``init --help``: what it writes, and the templates of the package with their summaries."""
+    from flctl.cli._init import available_templates
+
+    lines = []
+    for name in available_templates():
+        task = resources.files("flctl.templates").joinpath(name, "task.py")
+        try:
+            # a template's task.py opens with a docstring whose first line says what it is
+            summary = task.read_text(encoding="utf-8").split("\n", 1)[0].strip('" ')
+        except OSError:
+            summary = ""
+        lines += textwrap.wrap(
+            f"{name:<8}{summary}", width=78, initial_indent="  ", subsequent_indent=" " * 10
+        )
+    return (
+        "Create a project from a template.\n\n"
+        "It writes flctl.toml (the configuration), task.py (the model, the data, training and "
+        "evaluation), a .gitignore and, where the template has one, a README.md. The folder "
+        "must be new or empty (--force overwrites).\n\n"
+        "\b\nTemplates (--template NAME):\n" + "\n".join(lines)
+    )
+
+
+@app.command(help=_init_help())
 @command()
 def init(
     name: Annotated[Path, typer.Argument(help="Folder of the new project.")],
-    template: Annotated[str, typer.Option(help="Template to start from.")] = "digits",
+    template: Annotated[
+        str, typer.Option(metavar="NAME", help="Template to start from (listed above).")
+    ] = "digits",
     force: Annotated[bool, typer.Option(help="Overwrite files in a non-empty folder.")] = False,
     seed: Annotated[int, typer.Option(help="The project's seed.")] = 0,
     params: Annotated[
@@ -125,7 +157,7 @@ def init(
     ] = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Create a project: flctl.toml, task.py and a .gitignore."""
+    """Create a project from a template (its --help lists them)."""
     from flctl.cli._init import init_project
 
     result = init_project(
@@ -162,7 +194,10 @@ def serve(
     ] = 30.0,
     config_path: ConfigOpt = None,
 ) -> None:
-    """Run the coordinator until SIGTERM or Ctrl-C (which drain the running round first)."""
+    """Run the coordinator until stopped.
+
+    SIGTERM or Ctrl-C drain the running round first; a second signal stops at once.
+    """
     from flctl.cli._serve import serve as run_serve
 
     run_serve(
@@ -216,7 +251,10 @@ def join(
     ] = None,
     config_path: ConfigOpt = None,
 ) -> None:
-    """Join a coordinator and train on local data each round until stopped."""
+    """Join a coordinator and train each round.
+
+    Trains on local data in each round it is selected for, until stopped.
+    """
     from flctl.cli._join import JoinArgs
     from flctl.cli._join import join as run_join
 
@@ -250,13 +288,20 @@ def round_start(
     rounds: Annotated[int, typer.Option(help="How many rounds to queue.")] = 1,
     wait: Annotated[bool, typer.Option(help="Block until the rounds end.")] = False,
     reconnect_timeout: Annotated[
-        float, typer.Option(help="With --wait: how long to wait for a coordinator that left.")
+        float,
+        typer.Option(
+            metavar="SECONDS", help="With --wait: how long to wait for a coordinator that left."
+        ),
     ] = 60.0,
     server: ServerOpt = None,
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Queue rounds on the running coordinator (admin certificate)."""
+    """Queue rounds on the running coordinator.
+
+    Needs the admin certificate. Without --wait it prints the rounds it queued; with it, their
+    outcome.
+    """
     from flctl.cli._common import load_project
     from flctl.cli._rounds import rounds_exit_code, start_rounds
 
@@ -279,7 +324,11 @@ def round_status(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Rounds, their status, metrics and reasons; the head version; connected clients."""
+    """Show rounds, the head version and connected clients.
+
+    Each round with its status, metrics and reason; for the round in training, each selected
+    client's state and what happens at the deadline.
+    """
     from flctl.cli._status import round_status as show
 
     show(server=server, config_path=config_path, round_ids=round_ids or [], json_output=json_output)
@@ -297,7 +346,10 @@ def round_cancel(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Cancel the running round (before it aggregates) and/or queued rounds."""
+    """Cancel the running round and/or queued rounds.
+
+    The running round can be cancelled until it aggregates.
+    """
     from flctl.cli._status import round_cancel as cancel
 
     cancel(
@@ -322,12 +374,16 @@ def round_watch(
             show_default=False,
         ),
     ] = None,
-    since: Annotated[int, typer.Option(help="Replay events after this seq.")] = 0,
+    since: Annotated[int, typer.Option(metavar="SEQ", help="Replay events after this seq.")] = 0,
     server: ServerOpt = None,
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Show the live panel of a running coordinator, from its persisted event log."""
+    """Show a running coordinator's live panel.
+
+    It is drawn from the coordinator's persisted event log. On a terminal it follows new events
+    until Ctrl-C; piped, it replays the log and exits (--follow or --no-follow choose).
+    """
     from flctl.cli._common import load_project
     from flctl.cli._rounds import watch_events
 
@@ -348,14 +404,21 @@ def round_watch(
 def events(
     type_filter: Annotated[
         str | None,
-        typer.Option("--type", help="admin (the audit trail), a type, or a prefix like round."),
+        typer.Option(
+            "--type",
+            metavar="TYPE",
+            help="admin (the audit trail), a type (round.committed) or a prefix (round).",
+        ),
     ] = None,
-    since: Annotated[int, typer.Option(help="Only events after this seq.")] = 0,
+    since: Annotated[int, typer.Option(metavar="SEQ", help="Only events after this seq.")] = 0,
     limit: Annotated[int, typer.Option(help="At most this many, the newest.")] = 1000,
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """List the event log (with or without a running coordinator); --type admin: the audit trail."""
+    """List the event log; --type admin is the audit trail.
+
+    Works with or without a running coordinator.
+    """
     from flctl.cli._events import list_events
 
     list_events(
@@ -365,6 +428,10 @@ def events(
         config_path=config_path,
         json_output=json_output,
     )
+
+
+# Every command's --help names its values (--rounds N), the ones above and those of the groups.
+use_value_names(app)
 
 
 def main() -> None:

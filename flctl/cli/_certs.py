@@ -37,8 +37,12 @@ ReplaceOpt = Annotated[
     bool,
     typer.Option(help="Issue even if the identity has an active certificate (it stays valid)."),
 ]
-ClientIdOpt = Annotated[str | None, typer.Option("--client-id", help="A client identity.")]
-AdminOpt = Annotated[str | None, typer.Option("--admin", help="An operator (admin) identity.")]
+ClientIdOpt = Annotated[
+    str | None, typer.Option("--client-id", metavar="ID", help="A client identity.")
+]
+AdminOpt = Annotated[
+    str | None, typer.Option("--admin", metavar="NAME", help="An operator (admin) identity.")
+]
 
 
 @certs_app.command("gen")
@@ -48,18 +52,24 @@ def certs_gen(
         int | None, typer.Option(help="Issue client certificates c1..cN (default 3).")
     ] = None,
     client_id: Annotated[
-        list[str] | None, typer.Option("--client-id", help="A client identity (repeatable).")
+        list[str] | None,
+        typer.Option("--client-id", metavar="ID", help="A client identity (repeatable)."),
     ] = None,
     san: Annotated[
         list[str] | None,
-        typer.Option("--san", help="Extra DNS name or IP for the server certificate."),
+        typer.Option(
+            "--san", metavar="HOST", help="Extra DNS name or IP for the server certificate."
+        ),
     ] = None,
     days: Annotated[int, typer.Option(help="Validity of issued certificates.")] = 365,
     force: Annotated[bool, typer.Option(help="Regenerate everything, CA included.")] = False,
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Write the CA, server, admin and client certificates into the project's certs folder."""
+    """Write the project's CA and certificates.
+
+    The CA, server, admin and client certificates, into the project's certs folder.
+    """
     from flctl.cli._common import load_project
     from flctl.core.errors import ConfigError
     from flctl.security import generate_project_certs, record_generated
@@ -106,7 +116,10 @@ def certs_issue(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Issue a key and certificate for a new client (--client-id) or operator (--admin)."""
+    """Issue a certificate for a new client or operator.
+
+    A key and a certificate for a client (--client-id) or an operator (--admin).
+    """
     from flctl.cli._common import load_project
     from flctl.core.errors import ConfigError
     from flctl.security import issue_project_certificate
@@ -140,7 +153,10 @@ def certs_request(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """On the key holder's machine: write a new key (0600) and a signing request; no CA needed."""
+    """Write a new key and a signing request.
+
+    Run it on the key holder's machine: the key (0600) never leaves it, and no CA is needed.
+    """
     from flctl.core.errors import ConfigError
     from flctl.security import write_request
 
@@ -176,14 +192,17 @@ def certs_sign(
         Path, typer.Argument(metavar="FILE.csr", help="The signing request (ID.csr).")
     ],
     role: Annotated[
-        str, typer.Option(metavar="client|admin", help="The role to grant: client or admin.")
+        str, typer.Option(metavar="[client|admin]", help="The role to grant: client or admin.")
     ],
     days: DaysOpt = 365,
     replace: ReplaceOpt = False,
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Sign a request with the project's CA; writes ID.crt (the ID from the request)."""
+    """Sign a request with the project's CA.
+
+    Writes ID.crt, the ID taken from the request.
+    """
     from flctl.cli._common import load_project
     from flctl.core.errors import CertificateError, ConfigError
     from flctl.security import Role, sign_project_request
@@ -218,13 +237,17 @@ def certs_revoke(
     identity: Annotated[str, typer.Argument(help="The client or admin identity to revoke.")],
     serial: Annotated[
         str | None,
-        typer.Option(help="Revoke only this certificate (hex serial, as `certs ls` shows it)."),
+        typer.Option(
+            metavar="HEX", help="Revoke only this certificate (hex serial, as `certs ls` shows it)."
+        ),
     ] = None,
     reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Revoke an identity (every certificate of it), or one certificate with --serial.
+    """Revoke an identity, or one of its certificates.
+
+    Every certificate of the identity, or only the one --serial names.
 
     While a coordinator runs, the revocation goes through its Admin service (recorded with the
     admin's identity, and enforced at once); otherwise it is written to the state store.
@@ -295,7 +318,7 @@ def certs_revoke(
 @certs_app.command("ls")
 @command()
 def certs_ls(config_path: ConfigOpt = None, json_output: JsonOpt = False) -> None:
-    """List certificates: identities, roles, serials, expiry, revocations."""
+    """List certificates: roles, serials, expiry, revocations."""
     from flctl.cli._common import load_project
     from flctl.security import list_project_certificates
 

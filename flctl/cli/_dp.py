@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["budget_document", "dp_app", "epsilon_document", "plan_document"]
 
 dp_app = typer.Typer(
-    help="Differential privacy: compute epsilon for a setting, or plan the noise for a target.",
+    help="Differential privacy: epsilon, noise plans and the budget.",
     no_args_is_help=True,
 )
 
@@ -35,13 +35,17 @@ _SAMPLINGS = ("poisson", "fixed")
 
 AccountantOpt = Annotated[
     str,
-    typer.Option(help="rdp (Renyi DP) or pld (privacy loss distributions; poisson sampling only)."),
+    typer.Option(
+        metavar="[rdp|pld]",
+        help="rdp (Renyi DP) or pld (privacy loss distributions; poisson sampling only).",
+    ),
 ]
 SamplingOpt = Annotated[
     str,
     typer.Option(
+        metavar="[poisson|fixed]",
         help="poisson (each client with --sampling-rate) or fixed (--sample-size of "
-        "--population; rdp only)."
+        "--population; rdp only).",
     ),
 ]
 SamplingRateOpt = Annotated[
@@ -310,7 +314,10 @@ def dp_epsilon(
     sample_size: SampleSizeOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Epsilon at --delta after --rounds rounds of client-level DP-FedAvg (dp-accounting)."""
+    """Compute the epsilon a number of rounds spends.
+
+    Epsilon at --delta after --rounds rounds of client-level DP-FedAvg (dp-accounting).
+    """
     document = epsilon_document(
         noise_multiplier=noise_multiplier,
         rounds=rounds,
@@ -341,7 +348,10 @@ def dp_plan(
     sample_size: SampleSizeOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """The smallest noise multiplier that keeps epsilon within --epsilon after --rounds rounds."""
+    """Find the noise multiplier for a target epsilon.
+
+    The smallest noise multiplier that keeps epsilon within --epsilon after --rounds rounds.
+    """
     document = plan_document(
         epsilon=epsilon,
         delta=delta,
@@ -362,7 +372,10 @@ def dp_plan(
 @dp_app.command("budget")
 @command()
 def dp_budget(config_path: ConfigOpt = None, json_output: JsonOpt = False) -> None:
-    """The privacy this project's job has spent, the budget left and rounds left (its ledger)."""
+    """Show the privacy budget spent and left.
+
+    The privacy this project's job has spent, the budget left and the rounds left (its ledger).
+    """
     from flctl.cli._common import load_project
     from flctl.store import SqlStore, ledger
 

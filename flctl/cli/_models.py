@@ -251,7 +251,10 @@ def models_ls(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """List model versions, newest first (works with or without a running coordinator)."""
+    """List model versions, newest first.
+
+    Works with or without a running coordinator.
+    """
     from flctl.cli._common import load_project
 
     list_models(
@@ -357,7 +360,10 @@ def show_model(config: Config, ref: str) -> dict[str, Any]:
 @models_app.command("show")
 @command()
 def models_show(ref: RefArg, config_path: ConfigOpt = None, json_output: JsonOpt = False) -> None:
-    """Show one version: lineage, the round and clients that made it, config, tensors, size."""
+    """Show one version in detail.
+
+    Its lineage, the round and clients that made it, config, tensors and size.
+    """
     from flctl.cli._common import load_project
 
     doc = show_model(load_project(config_path), ref)
@@ -436,7 +442,10 @@ def models_diff(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Per-tensor L2 distance, relative change and max abs difference of B against A."""
+    """Compare the weights of two versions.
+
+    Per-tensor L2 distance, relative change and max abs difference of B against A.
+    """
     from flctl.cli._common import load_project
 
     doc = diff_models(load_project(config_path), ref_a, ref_b)
@@ -486,7 +495,9 @@ def models_rollback(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Make an earlier version's weights the head again, as a new version (kind rollback).
+    """Make an earlier version the head again.
+
+    Its weights become a new version (kind rollback).
 
     Nothing is deleted; the next round starts from the new head. While a coordinator runs, the
     rollback goes through it: a rollback asked during a round takes effect when that round ends.
@@ -596,7 +607,10 @@ def models_tag(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Give a version a name that `show`, `diff`, `export` and `rollback` accept."""
+    """Give a version a name.
+
+    A name that `show`, `diff`, `export` and `rollback` accept.
+    """
     from flctl.cli._common import load_project
     from flctl.core.events import MODEL_TAGGED
     from flctl.transport.grpc import AdminClient
@@ -694,7 +708,10 @@ def models_export(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Write a version's weights to FILE, with FILE.json holding its lineage and metrics."""
+    """Write a version's weights to a file.
+
+    FILE.json, written beside FILE, holds its lineage and metrics.
+    """
     import json
 
     from flctl import __version__
@@ -766,7 +783,9 @@ def models_import(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Add a safetensors file as a new version (kind import), checked against the head model.
+    """Add a safetensors file as a new version.
+
+    A version of kind import, checked against the head model.
 
     Its tensor names, shapes and dtypes must match the head's and its values be finite;
     otherwise nothing is written. It becomes head only with --head.
@@ -835,7 +854,10 @@ def models_import(
 @models_app.command("verify")
 @command()
 def models_verify(config_path: ConfigOpt = None, json_output: JsonOpt = False) -> None:
-    """Re-hash every blob a version references; exit 42 if one is missing or corrupt."""
+    """Re-hash every blob a version references.
+
+    Exits 42 if one is missing or corrupt.
+    """
     from flctl.cli._common import load_project
     from flctl.store import verify_models
 
@@ -887,7 +909,10 @@ def models_gc(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Remove blobs that no version, open round or upload in progress references."""
+    """Remove blobs that nothing references.
+
+    A blob is kept while a version, an open round or an upload in progress references it.
+    """
     from flctl.cli._common import load_project
     from flctl.store import collect_garbage
 

@@ -12,9 +12,14 @@ __all__ = ["ConfigOpt", "JsonOpt", "ServerOpt"]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="Path of flctl.toml (default: nearest one upwards)."),
+    typer.Option(
+        "--config", "-c", metavar="PATH", help="Path of flctl.toml (default: nearest one upwards)."
+    ),
 ]
 ServerOpt = Annotated[
     str | None,
-    typer.Option(help="Coordinator HOST:PORT (default: from the project's .flctl/serve.json)."),
+    typer.Option(
+        metavar="HOST:PORT",
+        help="The coordinator's address (default: from the project's .flctl/serve.json).",
+    ),
 ]

@@ -229,7 +229,10 @@ def clients_evict(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """End a client's session (it may join again: `flctl certs revoke` keeps it out)."""
+    """End a client's session.
+
+    It may join again: `flctl certs revoke` keeps it out.
+    """
     from flctl.cli._common import call_admin, load_project
 
     config = load_project(config_path)
