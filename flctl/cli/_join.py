@@ -25,6 +25,7 @@ from flctl.cli._output import Output
 from flctl.client import Client, JoinOptions, Runner, resolve_device
 from flctl.core import Config, TaskContext, find_project, load_config, load_task
 from flctl.core.errors import ConfigError, ProjectNotFoundError, TaskError
+from flctl.core.usercode import describe_failure
 from flctl.security import load_credentials, load_pem_files
 
 __all__ = ["JoinArgs", "join"]
@@ -111,7 +112,8 @@ def build_client(args: JoinArgs, config: Config) -> tuple[Client, TaskContext]:
     try:
         client = task.client_fn(context)
     except Exception as exc:  # user code
-        raise TaskError(f"client_fn failed: {type(exc).__name__}: {exc}") from exc
+        failure = describe_failure(exc, "client_fn")
+        raise TaskError(failure.reason, details={"traceback": failure.traceback}) from exc
     if not isinstance(client, Client):
         raise TaskError(f"client_fn returned a {type(client).__name__}, not a flctl Client")
     return client, context

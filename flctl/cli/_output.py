@@ -173,6 +173,10 @@ class Output:
         if self.json_mode:
             self.json({"error": exc.to_dict()})
             return
+        trace = exc.details.get("traceback")
+        if isinstance(trace, str) and trace:
+            # the user's own code failed: its traceback (flctl's frames trimmed) comes first
+            self.err.print(trace.rstrip("\n"), markup=False, highlight=False)
         body = Text(exc.message)
         if exc.hint:
             body.append(f"\nhint: {exc.hint}", style="dim")

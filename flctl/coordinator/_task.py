@@ -41,7 +41,8 @@ def write_initial_model(task: ModuleType, config: Config, out: Path) -> None:
         model = task.build_model(coordinator_context(config))
         state = model.state_dict()
     except Exception as exc:  # user code
-        raise TaskError(f"build_model failed: {type(exc).__name__}: {exc}") from exc
+        failure = describe_failure(exc, "build_model")
+        raise TaskError(failure.reason, details={"traceback": failure.traceback}) from exc
     save_parameters(state, out)
 
 
@@ -82,7 +83,8 @@ def make_evaluator(task: ModuleType, config: Config) -> Evaluator | None:
         try:
             loss, metrics = evaluate(parameters, context)
         except Exception as exc:  # user code
-            raise TaskError(f"server_evaluate failed: {type(exc).__name__}: {exc}") from exc
+            failure = describe_failure(exc, "server_evaluate")
+            raise TaskError(failure.reason, details={"traceback": failure.traceback}) from exc
         return float(loss), {str(k): float(v) for k, v in dict(metrics).items()}
 
     return evaluator

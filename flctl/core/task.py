@@ -32,6 +32,7 @@ from pathlib import Path
 from types import ModuleType
 
 from flctl.core.errors import TaskError
+from flctl.core.usercode import describe_failure
 
 __all__ = ["TaskContext", "load_task", "report_progress_to"]
 
@@ -133,9 +134,12 @@ def load_task(path: Path) -> ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # user code: report it as a task error, never a traceback
+    except Exception as exc:  # user code: report it as a task error, with its own traceback
         del sys.modules[name]
-        raise TaskError(f"{path}: failed to import: {type(exc).__name__}: {exc}") from exc
+        failure = describe_failure(exc, "importing the task")
+        raise TaskError(
+            f"{path}: {failure.reason}", details={"traceback": failure.traceback}
+        ) from exc
     for required in ("build_model", "client_fn"):
         if not callable(getattr(module, required, None)):
             del sys.modules[name]

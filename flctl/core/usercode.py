@@ -63,13 +63,22 @@ class UserCodeFailure:
 
 def describe_failure(exc: BaseException, call: str) -> UserCodeFailure:
     """Describe ``exc``, raised by the task's ``call`` (``"fit"``, ``"client_fn"``, ...)."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _is_flctl(f.filename)]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not _is_flctl(f.filename) and not f.filename.startswith("<frozen")
+    ]
     where = ""
     for frame in reversed(frames):
         if _is_user(frame.filename):
             where = f" ({Path(frame.filename).name}:{frame.lineno})"
             break
-    message = " ".join(str(exc).split())  # one line, whatever the exception's text
+    text = str(exc)
+    if isinstance(exc, SyntaxError):  # the file did not compile: its own line, not a frame
+        text = exc.msg or text
+        if exc.filename and exc.lineno:
+            where = f" ({Path(exc.filename).name}:{exc.lineno})"
+    message = " ".join(text.split())  # one line, whatever the exception's text
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     limit = MAX_REASON_CHARS - len(where) - len(call) - 8
     if len(text) > limit:

@@ -238,3 +238,20 @@ def test_serve_refuses_a_head_that_task_py_no_longer_builds(
     # refused means unchanged: no event, no serve.json
     assert flctl("events", "--json", cwd=proj, check=True).stdout == events_before
     assert not (proj / ".flctl" / "serve.json").exists()
+
+
+def test_a_task_that_fails_to_load_shows_the_users_traceback(tmp_path: Path) -> None:
+    proj = _project(tmp_path)
+    broken = BROKEN_TASK.replace("class Broken", "imprt os\nclass Broken")
+    line = broken.splitlines().index("imprt os") + 1
+    (proj / "task.py").write_text(broken)
+    toml = (proj / "flctl.toml").read_text().replace('"tiny_task.py"', '"task.py"')
+    (proj / "flctl.toml").write_text(toml)
+    result = flctl("join", "--client-id", "c1", "--connect-timeout", "1", cwd=proj, timeout=120)
+    assert result.returncode == 90, result.stdout + result.stderr
+    assert "Traceback (most recent call last):" in result.stderr
+    assert f'task.py", line {line}' in result.stderr  # Python's own caret display
+    assert f"importing the task raised SyntaxError: invalid syntax (task.py:{line})" in (
+        result.stderr
+    )
+    assert "flctl/core" not in result.stderr and "<frozen" not in result.stderr

@@ -41,10 +41,10 @@ from flctl.core.errors import (
 
 __all__ = [
     "ERROR_METADATA_KEY",
+    "STATUS_TO_ERROR",
     "UNREACHABLE_HINT",
     "describe_unreachable",
     "error_metadata",
-    "STATUS_TO_ERROR",
     "is_tls_failure",
     "map_rpc_errors",
     "status_for",
