@@ -20,7 +20,7 @@ from flctl.cli._common import load_project, setup_logging
 from flctl.cli._output import Output
 from flctl.coordinator import Coordinator
 from flctl.core import Event
-from flctl.tui import DashboardState, event_line, render_dashboard
+from flctl.tui import DashboardState, event_line, is_notable, render_dashboard
 
 __all__ = ["serve"]
 
@@ -40,7 +40,7 @@ async def _serve(coordinator: Coordinator, out: Output, *, tui: bool, drain_time
 
     def on_event(event: Event) -> None:
         state.apply(event)
-        if live is None:
+        if live is None and is_notable(event):  # the run's story, not every heartbeat
             out.line(event_line(event))
 
     coordinator.subscribe(on_event)

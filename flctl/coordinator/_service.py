@@ -363,7 +363,8 @@ class CoordinatorService:
         # A transfer's progress is logged in steps of 10 %: enough for the panels, few events.
         step_changed = int(progress * 10) != int(session.progress * 10)
         failure = _one_line(request.failure) if state == "failed" else ""
-        if state != session.state or (state in ("downloading", "uploading") and step_changed):
+        stepping = state in ("downloading", "training", "uploading") and step_changed
+        if state != session.state or stepping:
             session.state = state
             data: dict[str, Any] = {"state": state, "progress": round(progress, 3)}
             if failure:
