@@ -79,6 +79,10 @@ def make_evaluator(task: ModuleType, config: Config) -> Evaluator | None:
     context = coordinator_context(config)
 
     def evaluator(path: Path) -> tuple[float, dict[str, float]]:
+        import torch
+
+        # the thread count write_initial_model sets, also after a restart (same results)
+        torch.set_num_threads(config.client.num_threads)
         parameters = load_parameters(path)
         try:
             loss, metrics = evaluate(parameters, context)
