@@ -86,7 +86,9 @@ def demo(
     clients: Annotated[int, typer.Option(help="Number of client processes.")] = 3,
     rounds: Annotated[int, typer.Option(help="Number of FedAvg rounds.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed for data shuffling and the initial model.")] = 0,
-    template: Annotated[str, typer.Option(help="Project template: digits or large.")] = "digits",
+    template: Annotated[
+        str, typer.Option(metavar="NAME", help="Project template: digits or large.")
+    ] = "digits",
     params: Annotated[
         int | None, typer.Option(help="Model parameters (large template; default 125M).")
     ] = None,
@@ -178,7 +180,8 @@ def init(
 @command(json_param=None)
 def serve(
     address: Annotated[
-        str | None, typer.Option(help="HOST:PORT to listen on (default server.address).")
+        str | None,
+        typer.Option(metavar="HOST:PORT", help="Where to listen (default server.address)."),
     ] = None,
     insecure: Annotated[
         bool, typer.Option(help="Plaintext instead of mutual TLS (loopback addresses only).")
@@ -188,6 +191,7 @@ def serve(
         float,
         typer.Option(
             min=0,
+            metavar="SECONDS",
             help="On SIGTERM or Ctrl-C, seconds the running round gets to commit "
             "before it is failed (0: stop at once). A second signal stops at once.",
         ),
@@ -212,7 +216,9 @@ def serve(
 @app.command()
 @command(json_param=None)
 def join(
-    client_id: Annotated[str, typer.Option(help="This client's identity (its certificate).")],
+    client_id: Annotated[
+        str, typer.Option(metavar="ID", help="This client's identity (its certificate).")
+    ],
     server: Annotated[
         str | None,
         typer.Option(
@@ -230,7 +236,9 @@ def join(
     num_partitions: Annotated[
         int | None, typer.Option(help="Number of partitions (default data.num_partitions).")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N].")] = None,
+    device: Annotated[
+        str | None, typer.Option(metavar="DEVICE", help="auto, cpu or cuda[:N].")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads for training.")] = None,
     task: Annotated[Path | None, typer.Option(help="Task module (default project.task).")] = None,
     insecure: Annotated[bool, typer.Option(help="Plaintext (loopback only).")] = False,
