@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from flctl.client import JoinOptions, Runner
+from flctl.client import Client, JoinOptions, Runner
 from flctl.core import Config, TaskContext, load_config, load_task
 from flctl.security import generate_project_certs, load_credentials
 from flctl.transport.grpc import AdminClient, secure_channel
@@ -63,8 +63,15 @@ def project(tmp_path: Path, certs_template: Path) -> Project:
 
 
 def make_runner(
-    config: Config, address: str, client_id: str, *, partition: int = 0, **overrides: Any
+    config: Config,
+    address: str,
+    client_id: str,
+    *,
+    partition: int = 0,
+    wrap: Callable[[Client], Client] | None = None,
+    **overrides: Any,
 ) -> Runner:
+    """A client of the project's task for ``client_id`` (``wrap`` may decorate the client)."""
     task = load_task(config.task_path)
     context = TaskContext(
         role="client",
@@ -84,7 +91,8 @@ def make_runner(
         cache_dir=config.root / ".cache" / client_id,
         **overrides,
     )
-    return Runner(task.client_fn(context), options)
+    client = task.client_fn(context)
+    return Runner(wrap(client) if wrap is not None else client, options)
 
 
 def admin(config: Config, address: str) -> AdminClient:

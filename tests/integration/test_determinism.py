@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from flctl.client import Client, ConfigValue, JoinOptions, Metrics, Parameters, Runner
+from flctl.client import Client, ConfigValue, Metrics, Parameters, Runner
 from flctl.coordinator import Coordinator
-from flctl.core import Config, TaskContext, load_task
-from flctl.security import load_credentials
+from flctl.core import Config
 from flctl.store import SqlStore
 
-from .conftest import Project, admin, wait_until
+from .conftest import Project, admin, make_runner, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -73,25 +72,14 @@ def _project(root: Path, certs: Path) -> Config:
 
 
 def _runner(config: Config, address: str, client_id: str, delay_s: float) -> Runner:
-    task = load_task(config.task_path)
-    context = TaskContext(
-        role="client",
-        seed=config.project.seed,
-        client_id=client_id,
-        partition_id=CLIENTS.index(client_id),
-        num_partitions=config.data.num_partitions,
-        config=dict(config.task),
+    partition = CLIENTS.index(client_id)
+    return make_runner(
+        config,
+        address,
+        client_id,
+        partition=partition,
+        wrap=lambda client: LateClient(client, delay_s),
     )
-    cert, key, ca = load_credentials(config.certs_path, client_id)
-    options = JoinOptions(
-        server=address,
-        client_id=client_id,
-        cert_pem=cert,
-        key_pem=key,
-        ca_pem=ca,
-        cache_dir=config.root / ".cache" / client_id,
-    )
-    return Runner(LateClient(task.client_fn(context), delay_s), options)
 
 
 def _federate(config: Config, delays: dict[str, float]) -> tuple[list[dict[str, float]], list[str]]:
