@@ -69,6 +69,7 @@ from flctl.transport import (
 from flctl.transport.grpc import (
     PROTOCOL_VERSION,
     CoordinatorClient,
+    closed_during_handshake,
     from_value_map,
     insecure_channel,
     is_loopback_host,
@@ -521,7 +522,7 @@ class Runner:
                 # the handshake is done; a refusal then reaches us only as a closed socket,
                 # in the same words as a connection that dropped (mid-handshake, gRPC even
                 # calls it a handshake failure). One handshake of our own tells them apart.
-                if "socket closed" not in exc.message.lower() or self._options.insecure:
+                if not closed_during_handshake(exc.message) or self._options.insecure:
                     raise
                 await self._check_refusal(exc)
                 raise ConnectError(

@@ -30,8 +30,12 @@ from flctl.tensors import (
     sha256_file,
 )
 from flctl.transport.grpc import (
+    ConnectionLimits,
+    ConnectionWatch,
     ServerCredentials,
+    fitting_limits,
     is_loopback_host,
+    raise_descriptor_limit,
     split_address,
     start_server,
 )
@@ -97,6 +101,7 @@ class Coordinator:
         self._server: Any = None
         self._engine_task: asyncio.Task[None] | None = None
         self._reaper_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self.store: SqlStore | None = None
         self.events: EventLog | None = None
         self._engine: RoundEngine | None = None
@@ -260,6 +265,14 @@ class Coordinator:
                 "seed": config.project.seed,
             },
         )
+        connection_limits = fitting_limits(
+            ConnectionLimits(
+                handshake_timeout_s=config.server.handshake_timeout_s,
+                max_connections=config.server.max_connections,
+                max_connections_per_peer=config.server.max_connections_per_peer,
+            ),
+            raise_descriptor_limit(),
+        )
         self._server, port = await start_server(
             self.address,
             coordinator_service,
@@ -268,7 +281,10 @@ class Coordinator:
             max_chunk_bytes=config.transport.max_chunk_bytes,
             allow_admin_clients=config.server.allow_admin_clients,
             on_refused=self._record_refusal,
+            connection_limits=connection_limits,
         )
+        watch = ConnectionWatch(port, connection_limits, self._record_connection_refusal)
+        self._watch_task = asyncio.create_task(watch.run(), name="flctl-connection-watch")
         host, _ = split_address(self.address)
         self.bound_address = f"{host}:{port}"
         self._write_serve_file()
@@ -380,6 +396,20 @@ class Coordinator:
                 data={"identity": identity, "reason": reason, "rpc": rpc, "serial": None},
             )
 
+    def _record_connection_refusal(self, peer: str, reason: str) -> None:
+        """Connections closed or refused by a bound (before any identity), in the event log."""
+        if self.events is not None:
+            self.events.emit(
+                ev.SECURITY_REFUSED,
+                data={
+                    "identity": None,
+                    "peer": peer or None,
+                    "reason": reason,
+                    "rpc": "connect",
+                    "serial": None,
+                },
+            )
+
     async def _reap(self) -> None:
         """End the sessions of clients silent for ``server.heartbeat_timeout_s``."""
         timeout = self.config.server.heartbeat_timeout_s
@@ -427,6 +457,11 @@ class Coordinator:
 
     async def stop(self, reason: str = "stopped") -> None:
         """Stop serving: fail the open round, end every stream, close the state."""
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+            self._watch_task = None
         if self._reaper_task is not None:
             self._reaper_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

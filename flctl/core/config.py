@@ -66,6 +66,11 @@ class ServerConfig:
     #: let admin certificates call the Coordinator service (run a client as an operator)
     allow_admin_clients: bool = False
     token_ttl_s: float = 3600.0
+    #: a connection whose TLS handshake has not finished by then is closed
+    handshake_timeout_s: float = 5.0
+    #: connections at once, in total and from one IP address (more are closed or refused)
+    max_connections: int = 4096
+    max_connections_per_peer: int = 256
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,9 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("server", "token_ttl_s"): (10, 86400 * 7),
     ("server", "rate_limit_per_s"): (0, 1e6),
     ("server", "rate_limit_burst"): (1, 1_000_000),
+    ("server", "handshake_timeout_s"): (0.1, 600),
+    ("server", "max_connections"): (16, 1_000_000),
+    ("server", "max_connections_per_peer"): (1, 1_000_000),
     ("rounds", "min_clients"): (1, None),
     ("rounds", "clients_per_round"): (0, None),
     ("rounds", "fraction_per_round"): (0, 1),

@@ -14,6 +14,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 from flctl.transport.grpc._channel import (  # noqa: E402
     channel_options,
+    closed_during_handshake,
     insecure_channel,
     is_loopback_host,
     is_loopback_peer,
@@ -22,6 +23,13 @@ from flctl.transport.grpc._channel import (  # noqa: E402
     split_address,
 )
 from flctl.transport.grpc._clients import AdminClient, CoordinatorClient
+from flctl.transport.grpc._connections import (
+    ConnectionLimits,
+    ConnectionWatch,
+    count_connections,
+    fitting_limits,
+    raise_descriptor_limit,
+)
 from flctl.transport.grpc._proto import flctl_pb2 as pb
 from flctl.transport.grpc._server import ServerCredentials, start_server
 from flctl.transport.grpc._servicers import (
@@ -53,6 +61,8 @@ __all__ = [
     "AdminClient",
     "AdminHandler",
     "ChunkOut",
+    "ConnectionLimits",
+    "ConnectionWatch",
     "CoordinatorClient",
     "CoordinatorHandler",
     "PROTOCOL_VERSION",
@@ -61,11 +71,14 @@ __all__ = [
     "ServerCredentials",
     "UploadItem",
     "channel_options",
+    "closed_during_handshake",
+    "count_connections",
     "decode_chunk",
     "decode_upload",
     "encode_chunk",
     "encode_upload",
     "error_metadata",
+    "fitting_limits",
     "from_value_map",
     "insecure_channel",
     "is_loopback_host",
@@ -75,6 +88,7 @@ __all__ = [
     "metrics_from_map",
     "pb",
     "probe_certificate",
+    "raise_descriptor_limit",
     "secure_channel",
     "split_address",
     "start_server",

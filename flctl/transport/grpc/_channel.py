@@ -14,11 +14,13 @@ from urllib.parse import unquote
 import grpc
 import grpc.aio
 
-from flctl.core.errors import ConfigError
+from flctl.core.errors import CertificateError, ConfigError, ConnectError, FlctlError
 
 __all__ = [
     "MESSAGE_OVERHEAD",
     "channel_options",
+    "closed_during_handshake",
+    "explain_closed_handshake",
     "insecure_channel",
     "is_loopback_host",
     "is_loopback_peer",
@@ -160,3 +162,37 @@ def probe_certificate(
             except OSError:
                 return "unknown"
             return "accepted" if answer else "refused"
+
+
+# gRPC's words for a connection the peer closed or reset while the TLS handshake ran.
+_CLOSED_MARKERS = ("socket closed", "connection reset", "broken pipe", "end of file")
+
+
+def closed_during_handshake(message: str) -> bool:
+    """Say whether gRPC's ``message`` means the peer closed the connection mid-handshake.
+
+    That is how a TLS 1.3 server refuses a client certificate, and also how a coordinator at its
+    connection bound (or restarting) sheds a connection: :func:`probe_certificate` tells which.
+    """
+    lowered = message.lower()
+    return any(marker in lowered for marker in _CLOSED_MARKERS)
+
+
+def explain_closed_handshake(
+    target: str, verdict: Literal["accepted", "refused", "unknown"], error: FlctlError
+) -> FlctlError:
+    """The error to report for a handshake the coordinator closed, given a probe's verdict."""
+    if verdict == "refused":
+        return CertificateError(
+            f"the coordinator at {target} closed the connection right after the TLS handshake: "
+            f"it does not accept this certificate ({error.message})",
+            hint="check that the certificate was issued by the coordinator's CA, is still "
+            "valid and is not revoked",
+        )
+    return ConnectError(
+        f"the coordinator at {target} closed the connection during the TLS handshake: it is "
+        "overloaded (at its connection bound) or restarting",
+        hint="try again in a moment; its event log shows connection bounds it applied "
+        "(security.refused, rpc connect)",
+        details={"grpc": error.message},
+    )

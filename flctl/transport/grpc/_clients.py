@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import grpc
 import grpc.aio
 
 from flctl.core.errors import (
+    CertificateError,
+    ConnectError,
     FlctlError,
     IntegrityError,
     InvalidInputError,
@@ -23,6 +26,7 @@ from flctl.transport._compression import (
     decompress_chunk,
 )
 from flctl.transport._pipeline import Pipeline
+from flctl.transport.grpc._channel import closed_during_handshake, explain_closed_handshake
 from flctl.transport.grpc._proto import flctl_pb2 as pb
 from flctl.transport.grpc._proto import flctl_pb2_grpc as pb_grpc
 from flctl.transport.grpc._servicers import IDENTITY_METADATA_KEY, ROLE_METADATA_KEY
@@ -247,15 +251,38 @@ class CoordinatorClient(_Caller):
 
 
 class AdminClient(_Caller):
-    """An operator's calls to the ``Admin`` service."""
+    """An operator's calls to the ``Admin`` service.
 
-    def __init__(self, channel: grpc.aio.Channel, *, identity: str = "admin") -> None:
+    Args:
+        channel: The channel to the coordinator.
+        identity: Sent as metadata on a plaintext (``--insecure``) channel only.
+        target: The coordinator's ``HOST:PORT``, for messages.
+        probe: Tells a refused certificate from an overloaded coordinator when a handshake is
+            closed (:func:`probe_certificate` bound to our certificate).
+    """
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        identity: str = "admin",
+        target: str = "",
+        probe: Callable[[], Literal["accepted", "refused", "unknown"]] | None = None,
+    ) -> None:
         super().__init__(channel, identity=identity, role="admin")
         self._stub = pb_grpc.AdminStub(channel)  # type: ignore[no-untyped-call]
+        self._target = target
+        self._probe = probe
 
     async def _call(self, method: Any, request: Any, timeout: float) -> Any:
-        with map_rpc_errors():
-            return await method(request, metadata=self.metadata(), timeout=timeout)
+        try:
+            with map_rpc_errors():
+                return await method(request, metadata=self.metadata(), timeout=timeout)
+        except (CertificateError, ConnectError) as exc:
+            if self._probe is None or not closed_during_handshake(exc.message):
+                raise
+            verdict = await asyncio.to_thread(self._probe)
+            raise explain_closed_handshake(self._target, verdict, exc) from None
 
     async def start_round(self, rounds: int, *, timeout: float = 30.0) -> pb.StartRoundReply:
         """Queue ``rounds`` rounds; return their ids."""

@@ -14,6 +14,7 @@ from google.protobuf.message_factory import GetMessageClass
 
 from flctl.core.errors import ConfigError, ConnectError
 from flctl.transport.grpc._channel import channel_options, is_loopback_host, split_address
+from flctl.transport.grpc._connections import ConnectionLimits, server_options
 from flctl.transport.grpc._proto import flctl_pb2 as pb
 from flctl.transport.grpc._servicers import (
     AdminHandler,
@@ -122,6 +123,7 @@ async def start_server(
     max_chunk_bytes: int = 1 << 20,
     allow_admin_clients: bool = False,
     on_refused: Callable[[str, str, str], None] | None = None,
+    connection_limits: ConnectionLimits | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Bind ``address`` and start serving; return the server and the port actually bound.
 
@@ -134,6 +136,8 @@ async def start_server(
         max_chunk_bytes: The largest data chunk; bounds every message both ways.
         allow_admin_clients: Let admin certificates call the Coordinator service too.
         on_refused: Told ``(identity, rpc, reason)`` of each caller refused for its role.
+        connection_limits: The handshake timeout and the total bound on connections (gRPC
+            enforces both; :class:`ConnectionWatch` adds the per-peer bound).
 
     Raises:
         ConfigError: ``--insecure`` on a non-loopback address.
@@ -148,7 +152,10 @@ async def start_server(
         )
     # No SO_REUSEPORT (gRPC's default on Linux): a second coordinator on the same port must be
     # refused, not handed half of the connections by the kernel.
-    server = grpc.aio.server(options=[*channel_options(max_chunk_bytes), ("grpc.so_reuseport", 0)])
+    options = [*channel_options(max_chunk_bytes), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(
+        options=options + server_options(connection_limits or ConnectionLimits())
+    )
     coordinator_servicer = CoordinatorServicer(
         coordinator, insecure=insecure, allow_admin=allow_admin_clients, on_refused=on_refused
     )

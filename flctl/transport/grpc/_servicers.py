@@ -25,6 +25,7 @@ from flctl.core.errors import (
     PermissionDeniedError,
 )
 from flctl.security import Identity, Role, identity_from_pem
+from flctl.transport.grpc._connections import note_authenticated
 from flctl.transport.grpc._proto import flctl_pb2 as pb
 from flctl.transport.grpc._proto import flctl_pb2_grpc as pb_grpc
 from flctl.transport.grpc._status import error_metadata, status_for
@@ -188,7 +189,8 @@ class _Base:
             if self._on_refused is not None:
                 self._on_refused(name, rpc, refusal.message)
             raise refusal
-        return RpcContext(name, role, fingerprint, token, peer, serial)
+        note_authenticated(peer)  # the last of this peer's connections a bound would close
+        return RpcContext(name, role, fingerprint, token, peer, serial, *window)
 
     async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
         if isinstance(exc, FlctlError):
