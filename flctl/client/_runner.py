@@ -3,9 +3,14 @@
 ```
 connect+Join --ok--> Tasks stream --task--> download (cache) -> fit -> upload --+
      ^   |                 |                                                   |
-     |   +-- unavailable --+-- stream ends / token expired ---> backoff -------+
+     |   +-- unavailable --+-- stream ends / heartbeat says rejoin -> backoff -+
      |   +-- refused (TLS, certificate, role, model mismatch) ---> exit non-zero
 ```
+
+The session token is renewed (``RenewToken``) halfway through its lifetime, from the heartbeat
+loop: the session, its task stream and any transfer carry on. Our own certificate is checked
+before each connection: an expired one ends the client with "expired" (exit 21) instead of a
+handshake the coordinator would refuse.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -45,6 +51,7 @@ from flctl.core.errors import (
 from flctl.core.task import report_progress_to
 from flctl.core.usercode import describe_failure
 from flctl.privacy import privatize_update
+from flctl.security import identity_from_pem
 from flctl.store import BlobStore, WriteBehind
 from flctl.tensors import (
     UpdateEncoding,
@@ -390,6 +397,10 @@ class Runner:
         self._joined_at = 0.0
         #: The last JoinReply: the negotiated codecs, compression mode and level, the limits.
         self.join_reply: pb.JoinReply | None = None
+        #: When (time.monotonic) the session token is due for renewal: half its lifetime.
+        self._renew_at = float("inf")
+        #: Tokens renewed in this process (for logs and tests).
+        self.tokens_renewed = 0
         spec = spec_of(client.get_parameters())
         self._fingerprint = fingerprint(spec)
         self._spec_json = json.dumps({k: [d, list(s)] for k, (d, s) in spec.items()})
@@ -415,6 +426,7 @@ class Runner:
         conflict_waited = False
         while not stop.is_set():
             delay: float | None = None
+            self._check_own_certificate()
             try:
                 await self._session(stop)
                 if self._options.once and self.rounds_done >= 1:
@@ -436,6 +448,9 @@ class Runner:
                     "is gone (--replace takes over now)"
                 )
             except CertificateError as exc:
+                self._check_own_certificate()
+                if "expired" in exc.message:  # the coordinator's clock says so: no retry helps
+                    raise
                 tls_failures += 1
                 if tls_failures >= self._options.max_tls_failures:
                     raise CertificateError(
@@ -462,7 +477,10 @@ class Runner:
                         f"gave up after {limit:g} s without a coordinator: {exc.message}",
                         hint=exc.hint,
                     ) from None
-            except FlctlError as exc:  # e.g. a corrupt download: start the session over
+            except IntegrityError as exc:  # a corrupt download: back off, then start over
+                reason = exc.message
+                delay = self._integrity_backoff.next_delay()
+            except FlctlError as exc:
                 reason = exc.message
             if stop.is_set():
                 break
@@ -493,12 +511,63 @@ class Runner:
             # not reachable now. Either way a retry, not a refusal.
             log.info("the TLS handshake was cut (%s); our certificate: %s", exc.message, verdict)
             return
+        self._check_own_certificate()  # it may have expired since we last looked
         raise CertificateError(
             "the coordinator closed the connection right after the TLS handshake: it does not "
             f"accept this certificate ({exc.message})",
             hint="check that the certificate was issued by the coordinator's CA, "
             "is still valid and is not revoked",
         )
+
+    def _check_own_certificate(self) -> None:
+        """Raise CertificateError if our certificate is expired or not valid yet (local clock).
+
+        The coordinator's handshake refuses such a certificate with a closed socket, which says
+        nothing of why; the certificate itself does.
+        """
+        o = self._options
+        if o.insecure or not o.cert_pem:
+            return
+        try:
+            identity = identity_from_pem(o.cert_pem)
+        except CertificateError:
+            return  # unreadable: the handshake says what is wrong with it
+        now = datetime.now(UTC)
+        where = f"the certificate of {identity.name} (serial {identity.serial:x})"
+        if now >= identity.not_after:
+            raise CertificateError(
+                f"{where} expired on {identity.not_after:%Y-%m-%d %H:%M:%S} UTC; the "
+                "coordinator refuses it",
+                hint="ask the operator for a new certificate (flctl certs issue, or certs "
+                "request and certs sign), then join again",
+            )
+        if now < identity.not_before:
+            raise CertificateError(
+                f"{where} is not valid until {identity.not_before:%Y-%m-%d %H:%M:%S} UTC",
+                hint="check this machine's clock, or wait until then",
+            )
+
+    def _token_issued(self, ttl_s: float, expires_unix: float) -> None:
+        """Schedule the renewal of a token just received: halfway through its lifetime."""
+        lifetime = ttl_s if ttl_s > 0 else expires_unix - time.time()
+        self._renew_at = time.monotonic() + max(0.0, lifetime) / 2
+
+    async def _renew_token(self, api: CoordinatorClient, interval: float) -> None:
+        """Renew the session token if it is due; a refusal ends the session (join again)."""
+        if time.monotonic() < self._renew_at:
+            return
+        try:
+            reply = await api.renew_token()
+        except (AuthenticationError, PermissionDeniedError, CertificateError):
+            raise  # the session or our certificate is over: the run loop decides
+        except FlctlError as exc:
+            # unreachable for now: try again soon, while the token still holds
+            log.info("renewing the session token failed: %s", exc.message)
+            self._renew_at = time.monotonic() + min(interval, 1.0)
+            return
+        self.tokens_renewed += 1
+        self._token_issued(reply.token_ttl_s, reply.token_expires_unix)
+        log.debug("session token renewed; it expires at %.0f", reply.token_expires_unix)
 
     async def _session(self, stop: asyncio.Event) -> None:
         channel = self._channel()
@@ -530,6 +599,7 @@ class Runner:
                 ) from None
             self._backoff.reset()
             self._joined_at = time.monotonic()
+            self._token_issued(reply.token_ttl_s, reply.token_expires_unix)
             self.join_reply = reply
             self._emit("joined", client_id=reply.client_id, server=self._options.server)
             heartbeats = asyncio.create_task(
@@ -566,6 +636,7 @@ class Runner:
         while True:
             status = self._status
             status.dirty.clear()
+            await self._renew_token(api, interval)
             try:
                 reply = await api.heartbeat(
                     pb.HeartbeatRequest(

@@ -411,7 +411,11 @@ class Coordinator:
             )
 
     async def _reap(self) -> None:
-        """End the sessions of clients silent for ``server.heartbeat_timeout_s``."""
+        """End the sessions of silent clients and of clients whose certificate expired.
+
+        Silent: no heartbeat for ``server.heartbeat_timeout_s``. Expired: the task stream ends
+        refused, saying "expired", and a ``client.left`` event records why.
+        """
         timeout = self.config.server.heartbeat_timeout_s
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
@@ -420,6 +424,21 @@ class Coordinator:
                 continue
             now = time.time()
             for client_id, session in registry.items():
+                if session.not_after and now >= session.not_after:
+                    session.expired = True
+                    if registry.end(session):
+                        when = datetime.fromtimestamp(session.not_after, UTC)
+                        reason = f"certificate expired at {when:%Y-%m-%d %H:%M:%S} UTC"
+                        log.info("%s: %s: session ended", client_id, reason)
+                        store.bump_client(client_id, state="offline", seen=now)
+                        events.emit(
+                            ev.CLIENT_LEFT,
+                            client_id=client_id,
+                            data={"reason": reason, "expired": True},
+                        )
+                        if self._engine is not None:
+                            self._engine.update_arrived()
+                    continue
                 silent = now - session.last_seen
                 if silent <= timeout or not registry.end(session):
                     continue

@@ -1,10 +1,12 @@
-"""Revoked identities and certificates, as the running coordinator enforces them.
+"""Revocations and certificates' validity, as the running coordinator enforces them.
 
 The revocations are read from the store once, at start, into memory (identity -> every
 certificate, or a set of serials); ``Admin.Revoke`` adds to them while the coordinator runs. Every
 call is checked against them before it touches any state: a revoked caller gets
 PERMISSION_DENIED, and each refusal appends a ``security.refused`` event with the identity, the
-reason and the RPC.
+reason and the RPC. The caller's certificate must also be valid at the time of the call, not only
+at the handshake that opened the connection: one that expired meanwhile gets UNAUTHENTICATED
+(:class:`CertificateError`, "certificate of ID expired at ..."), recorded the same way.
 
 Each identity also has a token bucket (``server.rate_limit_per_s`` calls per second, bursts of
 ``server.rate_limit_burst``): a call beyond it is RESOURCE_EXHAUSTED before it touches any
@@ -19,7 +21,7 @@ import time
 from collections.abc import Iterable
 
 from flctl.core import events as ev
-from flctl.core.errors import PermissionDeniedError, ResourceExhaustedError
+from flctl.core.errors import CertificateError, PermissionDeniedError, ResourceExhaustedError
 from flctl.store import RevocationRecord, SqlStore, list_revocations
 from flctl.transport.grpc import RpcContext
 
@@ -115,14 +117,33 @@ class RevocationGuard:
         return None
 
     def check(self, ctx: RpcContext, rpc: str) -> None:
-        """Refuse a revoked caller: record a ``security.refused`` event, then raise.
+        """Refuse a caller whose certificate is out of its validity window or revoked.
+
+        Each refusal records a ``security.refused`` event, then raises.
 
         Raises:
+            CertificateError: ``certificate of ID expired at ...`` (or is not valid yet).
             PermissionDeniedError: ``certificate of ID is revoked``.
         """
+        invalid = ctx.validity_problem(time.time())
+        if invalid is not None:
+            self._record(ctx, rpc, f"certificate {invalid}")
+            raise CertificateError(
+                f"certificate of {ctx.identity} {invalid}",
+                hint="the coordinator accepts no call made with it: ask the operator for a new "
+                "certificate (flctl certs issue), then join again",
+            )
         why = self.reason(ctx.identity, ctx.serial)
         if why is None:
             return
+        self._record(ctx, rpc, why)
+        raise PermissionDeniedError(
+            f"certificate of {ctx.identity} is revoked",
+            hint="the operator revoked it: ask them for a new certificate",
+        )
+
+    def _record(self, ctx: RpcContext, rpc: str, why: str) -> None:
+        """Log a refusal and append its ``security.refused`` event."""
         log.info("refused %s (%s) on %s: %s", ctx.identity, ctx.peer, rpc, why)
         self._events.emit(
             ev.SECURITY_REFUSED,
@@ -133,8 +154,4 @@ class RevocationGuard:
                 "rpc": rpc,
                 "serial": format(ctx.serial, "x") if ctx.serial else None,
             },
-        )
-        raise PermissionDeniedError(
-            f"certificate of {ctx.identity} is revoked",
-            hint="the operator revoked it: ask them for a new certificate",
         )

@@ -31,6 +31,10 @@ class Session:
     revoked: bool = False
     #: The joining process's random id: the same process may join again, another may not.
     instance_id: str = ""
+    #: When the client's certificate expires (seconds since the epoch; 0: no certificate).
+    not_after: float = 0.0
+    #: Ended because the certificate expired (its open streams end refused, saying so).
+    expired: bool = False
 
 
 class Registry:

@@ -3,8 +3,10 @@
 Every inbound field is checked before it touches state; a refusal raises a flctl error, which
 the transport turns into a gRPC status with the message. Refused updates are recorded (status
 rejected, with the reason) in ``updates`` and the event log. Every call of a revoked identity or
-certificate is refused first (:class:`RevocationGuard`), on both services; an open task stream,
-download or upload of an identity revoked meanwhile ends with the same refusal.
+certificate, or with a certificate out of its validity window, is refused first
+(:class:`RevocationGuard`), on both services; an open task stream, download or upload of an
+identity revoked, or whose certificate expired, meanwhile ends with the same refusal. A session
+token is renewed (``RenewToken``) without ending the session.
 
 Admin changes to the coordinator's state (revoke, rollback, tag) are recorded with the calling
 admin's identity; a rollback is serialised with rounds by the :class:`RoundEngine`.
@@ -293,6 +295,7 @@ class CoordinatorService:
         codecs = negotiate_codecs(self._transport.compression, list(request.codecs))
         session = Session(ctx.identity, uuid.uuid4().hex, ctx.fingerprint, ctx.serial)
         session.instance_id = request.instance_id
+        session.not_after = ctx.not_after
         old = self._registry.add(session)
         token = self._signer.issue(
             ctx.identity, ctx.fingerprint, session.session_id, self._token_ttl_s
@@ -316,6 +319,27 @@ class CoordinatorService:
             # "none" when the client speaks no compressing codec we would use
             compression=self._transport.compression if len(codecs) > 1 else "none",
             compression_level=self._transport.compression_level,
+            token_ttl_s=self._token_ttl_s,
+        )
+
+    async def renew_token(
+        self, request: pb.RenewTokenRequest, ctx: RpcContext
+    ) -> pb.RenewTokenReply:
+        """A fresh token for the caller's open session, which carries on unchanged.
+
+        The caller proves the session with its current token, which must not have expired: an
+        expired token is refused as on any call, and the client joins again. Calls already
+        running with the old token are not touched (their token was checked when they began).
+        """
+        self._guard.admit(ctx, "RenewToken")
+        session = self._session(ctx, "RenewToken")
+        token = self._signer.issue(
+            ctx.identity, ctx.fingerprint, session.session_id, self._token_ttl_s
+        )
+        return pb.RenewTokenReply(
+            session_token=token,
+            token_expires_unix=time.time() + self._token_ttl_s,
+            token_ttl_s=self._token_ttl_s,
         )
 
     def _check_live_session(self, identity: str, request: pb.JoinRequest) -> None:
@@ -410,8 +434,8 @@ class CoordinatorService:
             while True:
                 task = await session.queue.get()
                 if task is None:
-                    if session.revoked:
-                        reason = "revoked"
+                    if session.revoked or session.expired:
+                        reason = "revoked" if session.revoked else "certificate expired"
                         self._guard.check(ctx, "Tasks")  # raises: the stream ends refused
                     reason = "session replaced or coordinator stopping"
                     return
@@ -490,7 +514,7 @@ class CoordinatorService:
                 stream = compress_chunks(chunks, codec, level, keep_smaller=True)
                 async with contextlib.aclosing(stream):  # a client gone: stop the worker too
                     async for data, used, raw_size in stream:
-                        if session.revoked:
+                        if session.revoked or session.expired:
                             self._guard.check(ctx, "Download")
                         started = time.perf_counter()
                         if used == CODEC_NONE:

@@ -94,6 +94,18 @@ class CoordinatorClient(_Caller):
         self.token = reply.session_token
         return reply
 
+    async def renew_token(self, *, timeout: float = 10.0) -> pb.RenewTokenReply:
+        """Exchange the session's token for a fresh one; later calls send the new one.
+
+        Calls in flight keep the token they started with, which stays valid until it expires.
+        """
+        with map_rpc_errors():
+            reply: pb.RenewTokenReply = await self._stub.RenewToken(
+                pb.RenewTokenRequest(), metadata=self.metadata(), timeout=timeout
+            )
+        self.token = reply.session_token
+        return reply
+
     async def heartbeat(
         self, request: pb.HeartbeatRequest, *, timeout: float = 10.0
     ) -> pb.HeartbeatReply:

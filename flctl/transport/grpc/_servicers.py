@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Protocol, TypeVar
 
@@ -59,6 +60,9 @@ class RpcContext:
         token: The session token from ``authorization: Bearer`` metadata ("" when absent).
         peer: The peer's address, for logs.
         serial: The caller's certificate serial (0 with --insecure).
+        not_before: Start of the certificate's validity, seconds since the epoch (0: none, as
+            with --insecure).
+        not_after: End of the certificate's validity, seconds since the epoch (0: none).
     """
 
     identity: str
@@ -67,6 +71,24 @@ class RpcContext:
     token: str
     peer: str
     serial: int = 0
+    not_before: float = 0.0
+    not_after: float = 0.0
+
+    def validity_problem(self, now: float) -> str | None:
+        """How the caller's certificate fails at ``now`` ("expired at ..."), or None if valid.
+
+        The handshake checks the window once, when the connection opens; a connection (and a
+        session) outlives it, so the coordinator asks again on every call.
+        """
+        if self.not_after and now >= self.not_after:
+            return f"expired at {_utc(self.not_after)}"
+        if self.not_before and now < self.not_before:
+            return f"is not valid until {_utc(self.not_before)}"
+        return None
+
+
+def _utc(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class CoordinatorHandler(Protocol):
@@ -91,6 +113,11 @@ class CoordinatorHandler(Protocol):
 
     async def begin_upload(self, request: pb.UploadHeader, ctx: RpcContext) -> pb.UploadReply:
         """Open an upload or find the one begun earlier; say how many bytes are held."""
+
+    async def renew_token(
+        self, request: pb.RenewTokenRequest, ctx: RpcContext
+    ) -> pb.RenewTokenReply:
+        """Issue a fresh token for the caller's open session."""
 
 
 class AdminHandler(Protocol):
@@ -172,11 +199,13 @@ class _Base:
             identity = _identity_of(bytes(certs[0]))
             name, role, fingerprint = identity.name, identity.role.value, identity.fingerprint
             serial = identity.serial
+            window = (identity.not_before.timestamp(), identity.not_after.timestamp())
         elif self._insecure:
             name = metadata.get(IDENTITY_METADATA_KEY, "")
             role = metadata.get(ROLE_METADATA_KEY, self.required_role.value)
             fingerprint = ""
             serial = 0
+            window = (0.0, 0.0)
             if not name:
                 raise AuthenticationError(f"--insecure calls must send `{IDENTITY_METADATA_KEY}`")
         else:
@@ -292,6 +321,12 @@ class CoordinatorServicer(_Base, pb_grpc.CoordinatorServicer):
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(
             context, lambda ctx: self._handler.begin_upload(request, ctx), "BeginUpload", request
+        )
+
+    async def RenewToken(self, request: Any, context: Any) -> pb.RenewTokenReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(
+            context, lambda ctx: self._handler.renew_token(request, ctx), "RenewToken", request
         )
 
 

@@ -171,6 +171,7 @@ class JoinReply(_message.Message):
     TOKEN_EXPIRES_UNIX_FIELD_NUMBER: _builtins.int
     COMPRESSION_FIELD_NUMBER: _builtins.int
     COMPRESSION_LEVEL_FIELD_NUMBER: _builtins.int
+    TOKEN_TTL_S_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     session_id: _builtins.str
     session_token: _builtins.str
@@ -179,6 +180,8 @@ class JoinReply(_message.Message):
     compression: _builtins.str
     """transport.compression: "none", "zstd" (always) or "auto" (when it pays for the link)."""
     compression_level: _builtins.int
+    token_ttl_s: _builtins.float
+    """The token's lifetime (server.token_ttl_s): renew it with RenewToken before it runs out."""
     @_builtins.property
     def limits(self) -> Global___Limits: ...
     @_builtins.property
@@ -197,14 +200,55 @@ class JoinReply(_message.Message):
         token_expires_unix: _builtins.float = ...,
         compression: _builtins.str = ...,
         compression_level: _builtins.int = ...,
+        token_ttl_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "codecs", b"codecs", "compression", b"compression", "compression_level", b"compression_level", "heartbeat_interval_s", b"heartbeat_interval_s", "limits", b"limits", "session_id", b"session_id", "session_token", b"session_token", "token_expires_unix", b"token_expires_unix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "codecs", b"codecs", "compression", b"compression", "compression_level", b"compression_level", "heartbeat_interval_s", b"heartbeat_interval_s", "limits", b"limits", "session_id", b"session_id", "session_token", b"session_token", "token_expires_unix", b"token_expires_unix", "token_ttl_s", b"token_ttl_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JoinReply: _TypeAlias = JoinReply  # noqa: Y015
+
+@_typing.final
+class RenewTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewTokenRequest: _TypeAlias = RenewTokenRequest  # noqa: Y015
+
+@_typing.final
+class RenewTokenReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    TOKEN_EXPIRES_UNIX_FIELD_NUMBER: _builtins.int
+    TOKEN_TTL_S_FIELD_NUMBER: _builtins.int
+    session_token: _builtins.str
+    token_expires_unix: _builtins.float
+    token_ttl_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        session_token: _builtins.str = ...,
+        token_expires_unix: _builtins.float = ...,
+        token_ttl_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_token", b"session_token", "token_expires_unix", b"token_expires_unix", "token_ttl_s", b"token_ttl_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewTokenReply: _TypeAlias = RenewTokenReply  # noqa: Y015
 
 @_typing.final
 class HeartbeatRequest(_message.Message):

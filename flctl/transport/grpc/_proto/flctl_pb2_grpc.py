@@ -66,6 +66,11 @@ class CoordinatorStub:
                 request_serializer=flctl_dot_v1_dot_flctl__pb2.UploadHeader.SerializeToString,
                 response_deserializer=flctl_dot_v1_dot_flctl__pb2.UploadReply.FromString,
                 _registered_method=True)
+        self.RenewToken = channel.unary_unary(
+                '/flctl.v1.Coordinator/RenewToken',
+                request_serializer=flctl_dot_v1_dot_flctl__pb2.RenewTokenRequest.SerializeToString,
+                response_deserializer=flctl_dot_v1_dot_flctl__pb2.RenewTokenReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -120,6 +125,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewToken(self, request, context):
+        """A fresh token for the caller's open session, before its token expires: the session, its
+        task stream and any transfer in flight carry on. Needs a valid (unexpired) token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +165,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.BeginUpload,
                     request_deserializer=flctl_dot_v1_dot_flctl__pb2.UploadHeader.FromString,
                     response_serializer=flctl_dot_v1_dot_flctl__pb2.UploadReply.SerializeToString,
+            ),
+            'RenewToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewToken,
+                    request_deserializer=flctl_dot_v1_dot_flctl__pb2.RenewTokenRequest.FromString,
+                    response_serializer=flctl_dot_v1_dot_flctl__pb2.RenewTokenReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -318,6 +336,33 @@ class Coordinator:
             '/flctl.v1.Coordinator/BeginUpload',
             flctl_dot_v1_dot_flctl__pb2.UploadHeader.SerializeToString,
             flctl_dot_v1_dot_flctl__pb2.UploadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flctl.v1.Coordinator/RenewToken',
+            flctl_dot_v1_dot_flctl__pb2.RenewTokenRequest.SerializeToString,
+            flctl_dot_v1_dot_flctl__pb2.RenewTokenReply.FromString,
             options,
             channel_credentials,
             insecure,
