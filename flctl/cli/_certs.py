@@ -278,7 +278,7 @@ def certs_revoke(
             f"{identity!r} has no certificate with serial {serial_number:x}",
             hint=f"`flctl certs ls` lists the serials of {identity}",
         )
-    with lock_or_running(config.state_path) as running:
+    with lock_or_running(config.state_path, "certs revoke") as running:
         if running is None:
             with SqlStore.open(config.state_path) as store:
                 was_revoked = is_revoked(store, identity, serial_number)

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from flctl.coordinator import read_serve_file
 from flctl.core import Config, find_project, load_config
-from flctl.core.errors import ConnectError, StoreError
+from flctl.core.errors import ConflictError, ConnectError, StoreError
 from flctl.security import load_credentials
 from flctl.transport.grpc import AdminClient, insecure_channel, pb, secure_channel
 
@@ -32,9 +31,10 @@ __all__ = [
 
 T = TypeVar("T")
 
-#: Held (fcntl) by a running coordinator for as long as it runs, and by commands that write
-#: its state folder without it.
-COORDINATOR_LOCK = "coordinator.lock"
+#: How long an offline command queues behind others writing the state folder.
+LOCK_WAIT_S = 30.0
+#: How long a command waits for a starting coordinator to write its serve.json.
+START_WAIT_S = 60.0
 
 
 def load_project(config_path: Path | None = None) -> Config:
@@ -76,30 +76,68 @@ def coordinator_address(config: Config, server: str | None) -> tuple[str, bool]:
 
 
 @contextmanager
-def lock_or_running(state_path: Path) -> Iterator[dict[str, Any] | None]:
-    """Hold the coordinator's lock (yield None), or yield the running coordinator's serve.json.
+def lock_or_running(state_path: Path, command: str) -> Iterator[dict[str, Any] | None]:
+    """Hold the state folder for an offline change (None), or yield the coordinator's serve.json.
 
-    A command that changes the state folder writes it directly while it holds the lock (no
-    coordinator can start meanwhile); when a coordinator holds it, the change must go through
-    that coordinator's Admin service instead. The dict yielded then is its ``serve.json`` (pid,
-    address, insecure), empty when it has not written one yet.
+    Writers queue on ``state.lock``, one after the other, for up to :data:`LOCK_WAIT_S`. Holding
+    it, a command asks the coordinator's own lock whether one runs: if none does, it yields None
+    and writes the state folder directly while it holds both locks (no coordinator can start
+    meanwhile); if one does, the change must go through that coordinator's Admin service, and
+    this yields its ``serve.json`` (pid, address, insecure), waiting for it while that
+    coordinator is still starting (up to :data:`START_WAIT_S`).
+
+    Args:
+        state_path: The project's state folder.
+        command: What we are (``models tag``), written into the lock for those who wait.
 
     Raises:
-        StoreError: The lock file cannot be opened.
+        StoreError: The lock files cannot be opened.
+        ConflictError: The wait ran out; the message names what holds the state folder.
     """
-    try:
-        state_path.mkdir(parents=True, exist_ok=True)
-        # "a", not "w": never truncate a file another process may hold open.
-        handle = (state_path / COORDINATOR_LOCK).open("a")
-    except OSError as exc:
-        raise StoreError(f"cannot open {state_path / COORDINATOR_LOCK}: {exc}") from exc
-    with handle:  # closing the file releases the lock
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except BlockingIOError:
-            locked = False
-        yield None if locked else (read_serve_file(state_path) or {})
+    from flctl.coordinator import describe_coordinator, running_serve_file
+    from flctl.core import COORDINATOR_LOCK, STATE_LOCK, read_holder, try_lock
+
+    lock_deadline = time.monotonic() + LOCK_WAIT_S
+    start_deadline: float | None = None  # set when we first meet a starting coordinator
+    with ExitStack() as held:  # closing the lock files releases the locks
+        while True:
+            try:
+                gate = try_lock(state_path / STATE_LOCK, command)
+                if gate is not None:
+                    held.enter_context(gate)
+                    coordinator = try_lock(state_path / COORDINATOR_LOCK)
+                    if coordinator is not None:
+                        held.enter_context(coordinator)
+                        running = None
+                        break
+                    held.close()  # a coordinator runs: let the other writers by
+            except OSError as exc:
+                raise StoreError(f"cannot lock {state_path}: {exc}") from exc
+            now = time.monotonic()
+            if gate is None:  # another offline command writes: queue behind it
+                if now >= lock_deadline:
+                    holder = read_holder(state_path / STATE_LOCK)
+                    who = holder.describe() if holder is not None else "another flctl process"
+                    raise ConflictError(
+                        f"{state_path} is held by {who}; waited {LOCK_WAIT_S:g} s",
+                        hint="retry when that command has finished",
+                        details={"holder": None if holder is None else vars(holder)},
+                    )
+            else:  # a coordinator holds its lock: it runs, or is starting
+                running = running_serve_file(state_path)
+                if running is not None:
+                    break
+                start_deadline = start_deadline or now + START_WAIT_S
+                if now >= start_deadline:
+                    raise ConflictError(
+                        f"a coordinator is starting in {state_path} "
+                        f"({describe_coordinator(state_path)}) and has not written its "
+                        f"serve.json within {START_WAIT_S:g} s",
+                        hint="retry when it listens (its log says where), or stop it",
+                    )
+                lock_deadline = max(lock_deadline, start_deadline)
+            time.sleep(0.05)
+        yield running
 
 
 def admin_client(config: Config, server: str | None, *, admin: str = "admin") -> AdminClient:

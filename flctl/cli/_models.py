@@ -94,11 +94,8 @@ def _open_state(config: Config) -> Iterator[tuple[SqlStore, BlobStore]]:
 
 
 @contextmanager
-def _lock_or_running(config: Config) -> Iterator[dict[str, Any] | None]:
-    """Hold the coordinator's lock (yield None), or yield the running coordinator's serve.json.
-
-    A coordinator holds this lock (fcntl) for as long as it runs; while we hold it, none can
-    start, so nothing else writes the store under us.
+def _lock_or_running(config: Config, command: str) -> Iterator[dict[str, Any] | None]:
+    """:func:`flctl.cli._common.lock_or_running` on the project's existing state store.
 
     Raises:
         NotFoundError: There is no state store yet.
@@ -110,18 +107,18 @@ def _lock_or_running(config: Config) -> Iterator[dict[str, Any] | None]:
             f"no state store in {config.state_path}",
             hint="start the coordinator once with `flctl serve` to create it",
         )
-    with lock_or_running(config.state_path) as running:
+    with lock_or_running(config.state_path, command) as running:
         yield running
 
 
 @contextmanager
-def _offline_lock(config: Config) -> Iterator[None]:
-    """Hold the coordinator's lock for a change made without it, or refuse at once.
+def _offline_lock(config: Config, command: str) -> Iterator[None]:
+    """Hold the state folder for a change that cannot go through a coordinator, or refuse.
 
     Raises:
         ConflictError: A coordinator is running.
     """
-    with _lock_or_running(config) as running:
+    with _lock_or_running(config, command) as running:
         if running is not None:
             pid, address = running.get("pid", "?"), running.get("address", "?")
             raise ConflictError(
@@ -505,7 +502,7 @@ def models_rollback(
     from flctl.cli._common import load_project
 
     config = load_project(config_path)
-    with _lock_or_running(config) as running:
+    with _lock_or_running(config, "models rollback") as running:
         if running is not None:
             _rollback_online(config, ref, reason, json_output)
             return
@@ -616,7 +613,7 @@ def models_tag(
     from flctl.transport.grpc import AdminClient
 
     config = load_project(config_path)
-    with _lock_or_running(config) as running:
+    with _lock_or_running(config, "models tag") as running:
         if running is not None:
 
             async def call(client: AdminClient) -> Any:
@@ -798,7 +795,7 @@ def models_import(
     file = Path(file)
     if not file.is_file():
         raise NotFoundError(f"file {file} not found")
-    with _offline_lock(config), _open_state(config) as (store, blobs):
+    with _offline_lock(config, "models import"), _open_state(config) as (store, blobs):
         current = store.head()
         if current is None:
             raise NotFoundError(
@@ -921,7 +918,7 @@ def models_gc(
         with _open_state(config) as (store, blobs):
             report = collect_garbage(store, blobs, dry_run=True)
     else:
-        with _offline_lock(config), _open_state(config) as (store, blobs):
+        with _offline_lock(config, "models gc"), _open_state(config) as (store, blobs):
             report = collect_garbage(store, blobs)
     out = Output(json_mode=json_output)
     if json_output:

@@ -1,9 +1,17 @@
 """The coordinator: services, round engine, client registry and event log."""
 
-from flctl.coordinator._coordinator import SERVE_FILE, Coordinator, read_serve_file
+from flctl.coordinator._coordinator import (
+    SERVE_FILE,
+    Coordinator,
+    describe_coordinator,
+    read_serve_file,
+    running_serve_file,
+)
 
 __all__ = [
     "Coordinator",
     "SERVE_FILE",
+    "describe_coordinator",
     "read_serve_file",
+    "running_serve_file",
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from types import ModuleType
 from typing import IO, Any
 
 from flctl.aggregation import strategy_for
-from flctl.core import Config, Event, load_task
+from flctl.core import COORDINATOR_LOCK, STATE_LOCK, Config, Event, load_task, read_holder, try_lock
 from flctl.core import events as ev
 from flctl.core._process import process_alive
 from flctl.core.errors import ConfigError, ConflictError, TaskError
@@ -52,7 +51,9 @@ __all__ = [
     "CERT_EXPIRY_WARNING_DAYS",
     "Coordinator",
     "SERVE_FILE",
+    "describe_coordinator",
     "read_serve_file",
+    "running_serve_file",
 ]
 
 log = logging.getLogger("flctl.coordinator")
@@ -71,6 +72,41 @@ def read_serve_file(state_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def running_serve_file(state_dir: Path) -> dict[str, Any] | None:
+    """The ``serve.json`` of the coordinator holding ``coordinator.lock``, once it listens.
+
+    Call it only when that lock is known to be held. None while that coordinator starts: it
+    has written no ``serve.json`` yet, or the one there names another pid than the lock's (an
+    earlier coordinator's, killed before it could remove its file) or a dead process.
+    """
+    running = read_serve_file(state_dir)
+    if running is None or not running.get("address"):
+        return None
+    holder = read_holder(state_dir / COORDINATOR_LOCK)
+    if holder is None or holder.pid is None:  # the lock does not say whose it is
+        return running if process_alive(running.get("pid")) else None
+    return running if running.get("pid") == holder.pid else None
+
+
+def describe_coordinator(state_dir: Path) -> str:
+    """``pid 4242, address 127.0.0.1:7070`` (or ``pid 4242, starting since 12:03:04``).
+
+    Call it only when ``coordinator.lock`` is known to be held.
+    """
+    running = running_serve_file(state_dir)
+    if running is not None:
+        return f"pid {running.get('pid', '?')}, address {running['address']}"
+    holder = read_holder(state_dir / COORDINATOR_LOCK)
+    if holder is None or holder.pid is None:
+        return "starting; no serve.json yet"
+    since = (
+        ""
+        if holder.since is None
+        else f" since {time.strftime('%H:%M:%S', time.localtime(holder.since))}"
+    )
+    return f"pid {holder.pid}, starting{since}"
 
 
 #: How long a starting coordinator waits for an offline command holding the state folder.
@@ -114,36 +150,38 @@ class Coordinator:
             self.events.subscribe(listener)
 
     async def _take_lock(self) -> None:
-        """Hold the state folder's lock, or refuse: one coordinator per state folder.
+        """Hold ``coordinator.lock`` for as long as we run, or refuse: one per state folder.
 
-        A running coordinator (its ``serve.json`` names a live process) is refused at once. A
-        lock held by anything else is an offline command (``models rollback``, ``tag``,
-        ``import``) changing the state folder: it holds the lock for a moment, so this waits
-        up to :data:`LOCK_WAIT_S` for it.
+        The lock is taken behind ``state.lock``, on which offline commands (``models
+        rollback``, ``tag``, ``import``, ``gc``) queue while they write the state folder: this
+        waits up to :data:`LOCK_WAIT_S` for them, then lets go of ``state.lock`` again. A
+        coordinator already holding ``coordinator.lock`` is refused at once.
+
+        Raises:
+            ConflictError: Another coordinator runs here, or an offline command held the state
+                folder for longer than :data:`LOCK_WAIT_S`.
         """
         wait_s = LOCK_WAIT_S
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        # "a", not "w": never truncate a file another process holds open
-        handle = (self.state_dir / "coordinator.lock").open("a")
         deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                running = read_serve_file(self.state_dir) or {}
-                coordinator = process_alive(running.get("pid"))
-                if coordinator or time.monotonic() >= deadline:
-                    handle.close()
-                    holder = (
-                        f"another coordinator holds {self.state_dir} "
-                        f"(pid {running.get('pid', '?')}, {running.get('address', '?')})"
-                        if coordinator
-                        else f"another flctl command has held {self.state_dir} for "
-                        f"{wait_s:g} s (no coordinator is running there)"
-                    )
-                    raise ConflictError(holder) from None
-                await asyncio.sleep(0.1)
+        state_lock = self.state_dir / STATE_LOCK
+        while (gate := try_lock(state_lock, "serve")) is None:
+            if time.monotonic() >= deadline:
+                holder = read_holder(state_lock)
+                who = holder.describe() if holder is not None else "another flctl process"
+                raise ConflictError(
+                    f"another flctl command has held {self.state_dir} for {wait_s:g} s: {who}",
+                    hint="start the coordinator when that command has finished",
+                    details={"holder": None if holder is None else vars(holder)},
+                )
+            await asyncio.sleep(0.05)
+        with gate:  # offline commands wait while we take the coordinator's own lock
+            handle = try_lock(self.state_dir / COORDINATOR_LOCK, "serve")
+        if handle is None:
+            running = describe_coordinator(self.state_dir)
+            raise ConflictError(
+                f"another coordinator holds {self.state_dir} ({running})",
+                hint="stop it first, or give this one another project.state_dir",
+            )
         self._lock = handle
 
     async def start(self) -> str:

@@ -1,5 +1,6 @@
 """Standard-library-only foundations: configuration, errors, events and the task contract."""
 
+from flctl.core._lock import COORDINATOR_LOCK, STATE_LOCK, LockHolder, read_holder, try_lock
 from flctl.core.config import (
     CONFIG_FILE,
     DEFAULT_PORT,
@@ -20,14 +21,17 @@ from flctl.core.task import TaskContext, load_task
 
 __all__ = [
     "CONFIG_FILE",
+    "COORDINATOR_LOCK",
     "ClientConfig",
     "Config",
     "DEFAULT_PORT",
     "DataConfig",
     "Event",
     "GateConfig",
+    "LockHolder",
     "ProjectConfig",
     "RoundsConfig",
+    "STATE_LOCK",
     "ServerConfig",
     "TaskContext",
     "TransportConfig",
@@ -35,4 +39,6 @@ __all__ = [
     "load_config",
     "load_task",
     "parse_config",
+    "read_holder",
+    "try_lock",
 ]

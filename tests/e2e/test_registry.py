@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -380,9 +381,9 @@ def test_gc_removes_only_unreferenced_blobs(proj: Path) -> None:
 
 @pytest.fixture
 def coordinator_lock(proj: Path) -> Iterator[None]:
-    """Hold the lock a running coordinator holds, and its serve.json."""
+    """Hold the lock a running coordinator holds, and write its serve.json (our pid)."""
     state = proj / ".flctl"
-    (state / "serve.json").write_text(json.dumps({"pid": 4242, "address": "127.0.0.1:1"}))
+    (state / "serve.json").write_text(json.dumps({"pid": os.getpid(), "address": "127.0.0.1:1"}))
     with (state / "coordinator.lock").open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield
@@ -394,7 +395,8 @@ def test_writes_go_through_a_running_coordinator_or_are_refused(proj: Path) -> N
     # gc cannot go through the coordinator: refused while one holds the lock
     error = _json(proj, "gc", code=73)["error"]
     assert error["message"] == (
-        "a coordinator is running (pid 4242, address 127.0.0.1:1): this change must go through it"
+        f"a coordinator is running (pid {os.getpid()}, address 127.0.0.1:1): "
+        "this change must go through it"
     )
     plain = flctl("models", "gc", cwd=proj)
     assert plain.returncode == 73 and "a coordinator is running" in plain.stderr

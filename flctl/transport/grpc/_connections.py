@@ -44,8 +44,10 @@ __all__ = [
 
 log = logging.getLogger("flctl.transport")
 
-#: How often the watch looks (seconds), and how often it may report one peer or the total.
+#: How often the watch looks (seconds): often while a peer is over its bound, else calmly;
+#: and how often it may report one peer or the total.
 _SCAN_EVERY_S = 0.5
+_SCAN_BUSY_S = 0.1
 _REPORT_EVERY_S = 10.0
 #: Descriptors kept out of the connection budget: the state database, blobs, logs, pipes.
 _RESERVED_FDS = 256
@@ -222,6 +224,8 @@ class ConnectionWatch:
         self._on_refused = on_refused
         self._reported: dict[str, float] = {}
         self._closed: dict[str, int] = {}
+        #: connections closed for the per-peer bound since the start
+        self.closed = 0
         self.enabled = Path("/proc/net/tcp").exists() and Path("/proc/self/fd").is_dir()
 
     async def run(self) -> None:
@@ -229,10 +233,13 @@ class ConnectionWatch:
         if not self.enabled:
             log.info("per-peer connection bounds need /proc (Linux): off on this system")
             return
+        pause = _SCAN_EVERY_S
         while True:
-            await asyncio.sleep(_SCAN_EVERY_S)
+            await asyncio.sleep(pause)
             try:
+                closed_before = self.closed
                 reports = await asyncio.to_thread(self.scan)
+                pause = _SCAN_BUSY_S if self.closed > closed_before else _SCAN_EVERY_S
             except OSError as exc:  # /proc unreadable for a moment: try again
                 log.debug("connection scan failed: %s", exc)
                 continue
@@ -255,6 +262,7 @@ class ConnectionWatch:
                 # grow as sockets are made); close the rest.
                 inodes.sort(key=lambda i: (connections[i] not in _AUTHENTICATED, i))
                 closed = sum(_shut_down(fds[i], i) for i in inodes[cap:] if i in fds)
+                self.closed += closed
                 self._closed[peer] = self._closed.get(peer, 0) + closed
                 self._report(
                     reports,
