@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import time
@@ -15,7 +16,13 @@ from flctl.coordinator import read_serve_file
 from flctl.core import Config, find_project, load_config
 from flctl.core.errors import ConflictError, ConnectError, StoreError
 from flctl.security import load_credentials
-from flctl.transport.grpc import AdminClient, insecure_channel, pb, secure_channel
+from flctl.transport.grpc import (
+    AdminClient,
+    insecure_channel,
+    pb,
+    probe_certificate,
+    secure_channel,
+)
 
 __all__ = [
     "admin_client",
@@ -146,7 +153,11 @@ def admin_client(config: Config, server: str | None, *, admin: str = "admin") ->
     if insecure:
         return AdminClient(insecure_channel(address), identity=admin)
     cert, key, ca = load_credentials(config.certs_path, admin)
-    return AdminClient(secure_channel(address, cert_pem=cert, key_pem=key, ca_pem=ca))
+    return AdminClient(
+        secure_channel(address, cert_pem=cert, key_pem=key, ca_pem=ca),
+        target=address,
+        probe=functools.partial(probe_certificate, address, cert_pem=cert, key_pem=key, ca_pem=ca),
+    )
 
 
 def call_admin(
