@@ -390,6 +390,11 @@ class Runner:
         self._cache = ClientCache(options.cache_dir, keep=options.cache_models)
         self._pending = PendingUploads(options.cache_dir / "uploads")
         self._backoff = Backoff(cap=options.backoff_cap_s, rng=rng or random.Random())
+        #: For downloads that fail their digest check: not reset by a join (the coordinator
+        #: answers, it is what it serves that is wrong), only by a download that checks out.
+        self._integrity_backoff = Backoff(
+            initial=1.0, cap=max(1.0, options.backoff_cap_s), rng=rng or random.Random()
+        )
         self._status = _Status()
         #: Random per process: the coordinator tells our own rejoin from another process's.
         self._instance_id = os.urandom(16).hex()
@@ -730,9 +735,11 @@ class Runner:
                     self._emit(
                         "download_resumed", server_round=server_round, digest=digest, offset=held
                     )
-        return await fetch_blob(
+        path = await fetch_blob(
             api, self._cache, digest, on_progress=self._progress("down", server_round)
         )
+        self._integrity_backoff.reset()
+        return path
 
     async def _fit(self, api: CoordinatorClient, reply: pb.JoinReply, task: pb.Task) -> None:
         server_round = int(task.server_round)

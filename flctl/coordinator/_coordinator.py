@@ -18,7 +18,7 @@ from flctl.aggregation import strategy_for
 from flctl.core import COORDINATOR_LOCK, STATE_LOCK, Config, Event, load_task, read_holder, try_lock
 from flctl.core import events as ev
 from flctl.core._process import process_alive
-from flctl.core.errors import ConfigError, ConflictError, TaskError
+from flctl.core.errors import ConfigError, ConflictError, FlctlError, IntegrityError, TaskError
 from flctl.security import TokenSigner, identity_from_pem, load_credentials
 from flctl.store import BlobStore, ModelRecord, SqlStore
 from flctl.tensors import (
@@ -42,6 +42,7 @@ from flctl.transport.grpc import (
 from ._engine import RoundEngine, end_round
 from ._events import EventLog
 from ._guard import RevocationGuard
+from ._integrity import ModelCheck
 from ._registry import Registry
 from ._service import AdminService, CoordinatorService, Limits
 from ._task import make_evaluator, task_model_spec, write_initial_model
@@ -231,10 +232,20 @@ class Coordinator:
                         "head": True,
                     },
                 )
-        model_spec = read_spec(blobs.path(head.digest))
-        if not created:
-            await self._check_task_builds_head(task, head, model_spec)
-        model_size = blobs.size(head.digest)
+        check = ModelCheck(store, blobs, events)
+        if created:
+            check.trust(head.digest)
+        head_problem = await check.check(head)
+        if head_problem is None:
+            model_spec = read_spec(blobs.path(head.digest))
+            if not created:
+                await self._check_task_builds_head(task, head, model_spec)
+        else:  # serve all the same, refusing rounds, so that an admin can roll back
+            model_spec = self._readable_spec(store, blobs, head_problem)
+        if blobs.has(head.digest):
+            model_size = blobs.size(head.digest)
+        else:  # a missing head: what task.py's model takes (a safetensors file, near enough)
+            model_size = sum(spec.numel * 8 for spec in model_spec.values())
         max_update = config.transport.max_update_bytes or (model_size + model_size // 4 + (1 << 20))
         limits = Limits(
             max_chunk_bytes=config.transport.max_chunk_bytes,
@@ -257,6 +268,7 @@ class Coordinator:
             strategy=strategy_for(config.rounds.strategy),
             evaluator=make_evaluator(task, config),
             uploads=uploads,
+            check=check,
         )
         # The round open when the coordinator stopped carries on if it can; others fail.
         resumed: int | None = None
@@ -343,6 +355,24 @@ class Coordinator:
             self._warn_if_expiring(cert_pem, events)
         log.info("coordinator listening on %s (state %s)", self.bound_address, self.state_dir)
         return self.bound_address
+
+    def _readable_spec(
+        self, store: SqlStore, blobs: BlobStore, head_problem: str
+    ) -> dict[str, TensorSpec]:
+        """The tensors of the newest version whose header reads (the head's may not).
+
+        Every version of a state folder holds the same tensors: the limits and checks that
+        need them work from any of them while the head is corrupt.
+
+        Raises:
+            IntegrityError: No version's blob reads.
+        """
+        for record in store.list_models(include_rejected=False):
+            with contextlib.suppress(FlctlError, OSError):
+                return read_spec(blobs.path(record.digest))
+        raise IntegrityError(
+            head_problem, hint="restore the state folder from a backup (`flctl store restore`)"
+        )
 
     async def _check_task_builds_head(
         self, task: ModuleType, head: ModelRecord, head_spec: dict[str, TensorSpec]

@@ -35,6 +35,11 @@ averaged with :class:`~flctl.aggregation.LocalDpFedAvg`, and the round is charge
 one noised update has been accepted (at the latest when the wait for updates ends, and at the
 next start for a round a crash interrupted: :meth:`charge_released`).
 
+No round starts from a head model whose blob no longer hashes to its digest (or is missing):
+:class:`~flctl.coordinator._integrity.ModelCheck` hashes the head before it is first served,
+and each round queued meanwhile fails at once with its reason (which names the digest and the
+rollback that restores service), without selecting anyone and without a retry.
+
 A restarted coordinator resumes the round that was open when it stopped (:meth:`resume`): the
 selected clients, their task ids and the deadline are persisted when training starts, and
 updates are durable once acknowledged, so the round carries on waiting (clients that have not
@@ -94,6 +99,7 @@ from ._gate import (
     reference_version,
     rejected_streak,
 )
+from ._integrity import ModelCheck
 from ._registry import Registry
 from ._uploads import PartialUploads
 
@@ -144,6 +150,7 @@ class RoundEngine:
         strategy: Strategy,
         evaluator: Evaluator | None,
         uploads: PartialUploads | None = None,
+        check: ModelCheck | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -153,6 +160,7 @@ class RoundEngine:
         self._strategy = strategy
         self._evaluator = evaluator
         self._uploads = uploads
+        self._check = check
         self._resume: RoundRecord | None = None
         self._wake = asyncio.Event()
         self._stopping = False
@@ -362,8 +370,12 @@ class RoundEngine:
                 await self._wake.wait()
                 continue
             self.current = record.id
+            refusal: str | None = None
             try:
-                if resumed is not None:
+                refusal = await self._head_refusal()
+                if refusal is not None:  # refused, not started: no retry either
+                    self._fail(record.id, refusal)
+                elif resumed is not None:
                     await self._resume_round(record)
                 else:
                     await self._run_round(record)
@@ -382,10 +394,17 @@ class RoundEngine:
                 if self._uploads is not None:
                     self._uploads.discard_round(record.id)
                 self.apply_pending()
-            if not self._stopping and not self._draining:
+            if refusal is None and not self._stopping and not self._draining:
                 self._retry(record.id)
         for record in self._store.open_rounds():
             self._fail(record.id, "coordinator stopped")
+
+    async def _head_refusal(self) -> str | None:
+        """Why no round may start from the head (its blob is corrupt or missing), or None."""
+        head = self._store.head()
+        if self._check is None or head is None:
+            return None
+        return await self._check.check(head)
 
     # ------------------------------------------------------------------ one round
 

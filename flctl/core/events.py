@@ -21,6 +21,7 @@ __all__ = [
     "COORDINATOR_WARNING",
     "Event",
     "IDENTITY_REVOKED",
+    "MODEL_CORRUPT",
     "MODEL_CREATED",
     "MODEL_IMPORTED",
     "MODEL_REJECTED",
@@ -115,6 +116,10 @@ PRIVACY_CHARGED = "privacy.charged"
 MODEL_TAGGED = "model.tagged"
 #: data: version, digest, parent, head (whether it became head), file, author
 MODEL_IMPORTED = "model.imported"
+#: data: version, digest, path, problem, rollback_to (the newest intact version, or null),
+#: reason; a head model whose blob no longer hashes to its digest (or is missing): it is not
+#: served, and rounds are refused with ``reason`` until the head is intact again
+MODEL_CORRUPT = "model.corrupt"
 #: data: version, digest, parent, metrics, reason, check (the check that failed: "finite" or
 #: "metric"), metric, value, reference (the reference version's value), reference_version,
 #: against, max_regression (each null where it does not apply); an aggregate the validation

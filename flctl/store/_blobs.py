@@ -222,8 +222,9 @@ class BlobStore:
         """Move a finished temp file into place as blob ``digest``.
 
         The caller has already hashed the content while streaming it; this does not re-hash.
-        The file is fsynced, renamed atomically into place (or discarded when the blob already
-        exists) and the folder fsynced. Close the temp file's handle first.
+        The file is fsynced, renamed atomically into place (or discarded when an intact blob
+        already exists; a damaged one is replaced) and the folder fsynced. Close the temp
+        file's handle first.
 
         Args:
             temp: A path returned by :meth:`temp_file`.
@@ -242,7 +243,9 @@ class BlobStore:
             raise InvalidInputError(f"{str(temp)!r} is not a temp file of this blob store")
         if not temp.is_file():
             raise NotFoundError(f"temp file {str(temp)!r} not found")
-        if target.is_file():
+        # Content-addressed: the blob may exist already. Keep it only if it still hashes to
+        # its name; a copy damaged on disk is replaced by these good bytes, never trusted.
+        if target.is_file() and sha256_file(target) == digest:
             temp.unlink(missing_ok=True)
             return digest
         with open(temp, "r+b") as f:

@@ -15,6 +15,7 @@ from flctl.core.events import (
     COORDINATOR_STOPPED,
     COORDINATOR_WARNING,
     IDENTITY_REVOKED,
+    MODEL_CORRUPT,
     MODEL_CREATED,
     MODEL_REJECTED,
     MODEL_ROLLBACK,
@@ -275,6 +276,10 @@ def _coordinator_warning(event: Event) -> str:
     return f"warning: {get_str(event.data, 'message', 'see the coordinator log')}"
 
 
+def _model_corrupt(event: Event) -> str:
+    return f"error: {get_str(event.data, 'reason', 'the head model is corrupt')}"
+
+
 def _identity_revoked(event: Event) -> str:
     serial = get_str(event.data, "serial")
     what = f"certificate {serial} of {event.client_id}" if serial else event.client_id
@@ -348,6 +353,7 @@ _DESCRIBE: dict[str, Callable[[Event], str]] = {
     MODEL_CREATED: _model_created,
     MODEL_REJECTED: _model_rejected,
     COORDINATOR_WARNING: _coordinator_warning,
+    MODEL_CORRUPT: _model_corrupt,
     IDENTITY_REVOKED: _identity_revoked,
     SECURITY_REFUSED: _security_refused,
     PRIVACY_CHARGED: _privacy_charged,
