@@ -4,6 +4,7 @@ from flctl.aggregation._dpfedavg import DpFedAvg
 from flctl.aggregation._fedavg import FedAvg, fedavg_in_memory
 from flctl.aggregation._localdpfedavg import LocalDpFedAvg
 from flctl.aggregation._strategy import Strategy, WeightedUpdate
+from flctl.aggregation._weights import cap_weights
 
 __all__ = [
     "DpFedAvg",
@@ -11,6 +12,7 @@ __all__ = [
     "LocalDpFedAvg",
     "Strategy",
     "WeightedUpdate",
+    "cap_weights",
     "fedavg_in_memory",
     "strategy_for",
 ]

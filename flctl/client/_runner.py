@@ -24,7 +24,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +41,7 @@ from flctl.core.errors import (
     DeadlineExceededError,
     FlctlError,
     IntegrityError,
+    InvalidInputError,
     NotFoundError,
     PermissionDeniedError,
     ProtocolMismatchError,
@@ -93,6 +94,8 @@ __all__ = ["ClientCache", "JoinOptions", "PendingUpload", "PendingUploads", "Run
 
 #: BeginUpload + Upload attempts within one session (a lost race, a dropped upload).
 _UPLOAD_ATTEMPTS = 5
+#: How many ended tasks a runner remembers (a task is sent again within its round only).
+_FINAL_TASKS_KEPT = 256
 #: The shortest time between two heartbeats sent early for a training's progress.
 _PROGRESS_HEARTBEAT_GAP_S = 1.0
 
@@ -389,6 +392,9 @@ class Runner:
         self._on_event = on_event or (lambda kind, details: None)
         self._cache = ClientCache(options.cache_dir, keep=options.cache_models)
         self._pending = PendingUploads(options.cache_dir / "uploads")
+        #: Tasks ended for good (update refused, limits exceeded), and why: a task sent again
+        #: is answered with its failure, not trained and uploaded again to the same end.
+        self._final: dict[str, str] = {}
         self._backoff = Backoff(cap=options.backoff_cap_s, rng=rng or random.Random())
         #: For downloads that fail their digest check: not reset by a join (the coordinator
         #: answers, it is what it serves that is wrong), only by a download that checks out.
@@ -754,6 +760,11 @@ class Runner:
         self._emit("round", server_round=server_round, task_id=task.task_id)
         started = time.monotonic()
         self._pending.discard_before(server_round)
+        final = self._final.get(task.task_id)
+        if final is not None:
+            self._pending.discard(task.task_id)
+            self._set_state("failed", server_round, failure=final)
+            return
         pending = self._pending.load(task.task_id)
         if pending is None:
             self._set_state("downloading", server_round)
@@ -775,6 +786,13 @@ class Runner:
                 return
             try:
                 size = update_path.stat().st_size
+                over = _over_limits(reply.limits, metrics, size)
+                if over is not None:
+                    # the coordinator would refuse it: say why here, without uploading
+                    log.error("round %d: %s", server_round, over)
+                    self._emit("failed", server_round=server_round, reason=over)
+                    self._end_task(task.task_id, server_round, over)
+                    return
                 # the header says what the file holds (local DP writes a delta whatever
                 # client.update_encoding says)
                 written = UpdateEncoding.from_metadata(read_metadata(update_path))
@@ -798,7 +816,17 @@ class Runner:
             self._emit("pending", server_round=server_round, task_id=task.task_id)
         self._set_state("uploading", server_round)
         chunk = int(reply.limits.max_chunk_bytes) or (1 << 20)
-        answer = await self._send(api, reply, pending, chunk)
+        try:
+            answer = await self._send(api, reply, pending, chunk)
+        except InvalidInputError as exc:
+            # the coordinator judged the update itself (header, tensors, values, metrics):
+            # sent again it would be refused again, so the task ends here, not the session
+            self._pending.discard(task.task_id)
+            reason = f"the coordinator refused the update: {exc.message}"
+            log.error("round %d: %s", server_round, reason)
+            self._emit("rejected", server_round=server_round, reason=exc.message)
+            self._end_task(task.task_id, server_round, reason)
+            return
         self._pending.discard(task.task_id)
         self._set_state("idle", 0)
         header = pending.header
@@ -813,7 +841,20 @@ class Runner:
                 seconds=round(time.monotonic() - started, 3),
             )
         else:
+            refused = f"the coordinator refused the update: {answer.reason}"
+            self._remember_final(task.task_id, refused)
             self._emit("rejected", server_round=server_round, reason=answer.reason)
+
+    def _remember_final(self, task_id: str, reason: str) -> None:
+        """Keep ``task_id`` as ended for good (the most recent few hundred tasks)."""
+        self._final[task_id] = reason
+        while len(self._final) > _FINAL_TASKS_KEPT:
+            del self._final[next(iter(self._final))]
+
+    def _end_task(self, task_id: str, server_round: int, reason: str) -> None:
+        """End a task for good: report it failed, with ``reason``, and never upload it again."""
+        self._remember_final(task_id, reason)
+        self._set_state("failed", server_round, failure=reason)
 
     async def _send(
         self, api: CoordinatorClient, reply: pb.JoinReply, pending: PendingUpload, chunk: int
@@ -971,6 +1012,25 @@ class Runner:
                 f"fit returned an unusable update: {exc.message}", hint=exc.hint
             ) from exc
         return out, num_examples, clean
+
+
+def _over_limits(limits: pb.Limits, metrics: Mapping[str, float], size: int) -> str | None:
+    """Why the coordinator would refuse an update by the limits its JoinReply announced.
+
+    Checked before uploading: an update over a limit is refused whole, and so would be each
+    time it was sent again. A limit of 0 was not announced (an older coordinator).
+    """
+    if limits.max_metrics and len(metrics) > limits.max_metrics:
+        return (
+            f"fit returned {len(metrics)} metrics, more than the coordinator accepts "
+            f"({limits.max_metrics}): return fewer from the task's fit"
+        )
+    if limits.max_update_bytes and size > limits.max_update_bytes:
+        return (
+            f"the update is {size} bytes, more than the coordinator accepts "
+            f"({limits.max_update_bytes} bytes, transport.max_update_bytes)"
+        )
+    return None
 
 
 async def _in_daemon_thread(fn: Callable[..., _T], *args: Any) -> _T:

@@ -21,6 +21,13 @@ ends ``rejected`` with the reason (``model.rejected`` and ``round.rejected`` eve
 stays. After ``gate.rollback_after`` rejected rounds in a row the engine rolls back to the best
 version, with author ``policy`` (a ``model.rollback`` event like any other).
 
+An update aggregates with its client's ``num_examples`` as weight, bounded first: by
+``rounds.max_examples_per_update``, then so that none holds more than
+``rounds.max_weight_share`` of the round's total (:func:`~flctl.aggregation.cap_weights`); each
+update weighed less than it claimed is an ``update.clamped`` event. An update the upload path
+refused as malformed is final for its task: the round no longer waits for that client, sends it
+no task again, and answers a new upload for the task at once (:meth:`RoundEngine.refuse`).
+
 With ``[privacy] mode = "central"`` (docs/privacy.md), before a round selects anyone the engine
 computes the epsilon the privacy ledger would reach with this round; above ``epsilon_budget``
 the round fails ("privacy budget exhausted: ...") with a ``privacy.refused`` event and nothing
@@ -63,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flctl.aggregation import DpFedAvg, LocalDpFedAvg, Strategy, WeightedUpdate
+from flctl.aggregation import DpFedAvg, LocalDpFedAvg, Strategy, WeightedUpdate, cap_weights
 from flctl.core import Config
 from flctl.core import events as ev
 from flctl.core.dp import TaskPrivacy
@@ -130,6 +137,8 @@ class _OpenRound:
     absent_since: dict[str, float] = field(default_factory=dict)
     #: clients whose update was accepted (kept in memory: the upload path asks on every call)
     reported: set[str] = field(default_factory=set)
+    #: clients whose update for their task was refused as malformed, and why: final
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 #: A rollback asked for while a round ran (kept in the store: it survives a restart).
@@ -190,7 +199,7 @@ class RoundEngine:
         open_round = self.open
         if open_round is None or client_id not in open_round.selected:
             return None
-        if client_id in open_round.reported:
+        if client_id in open_round.reported or client_id in open_round.refused:
             return None
         return self._task(open_round, client_id)
 
@@ -220,6 +229,28 @@ class RoundEngine:
             if client_id:
                 self.open.reported.add(client_id)
             self.open.changed.set()
+
+    def refuse(self, server_round: int, client_id: str, task_id: str, reason: str) -> None:
+        """Make the refusal of ``client_id``'s update for ``task_id`` final for the open round.
+
+        Only for the open round's task of that client (another round's or task's upload was
+        refused for that already). The round stops waiting for the client, which gets no task
+        again this round; :meth:`refusal` answers its next upload for the task.
+        """
+        open_round = self.open
+        if (
+            open_round is None
+            or open_round.server_round != server_round
+            or open_round.selected.get(client_id) != task_id
+            or client_id in open_round.reported
+        ):
+            return
+        open_round.refused.setdefault(client_id, reason)
+        open_round.changed.set()
+
+    def refusal(self, client_id: str) -> str | None:
+        """Why the open round refused ``client_id``'s update, if it did: None otherwise."""
+        return None if self.open is None else self.open.refused.get(client_id)
 
     def has_reported(self, client_id: str) -> bool:
         """Whether the open round already holds an accepted update of ``client_id``."""
@@ -678,6 +709,7 @@ class RoundEngine:
                 self.charge_released(server_round)
             raise
         selected = sorted(self.open.selected)
+        refused = dict(self.open.refused)
         self.open = None
         if is_local and accepted:
             assert mechanism is not None
@@ -692,7 +724,7 @@ class RoundEngine:
         if len(accepted) < rounds.min_clients:
             late = time.time() >= deadline
             why = "the deadline passed" if late else "selected clients left"
-            failed = self._task_failures(server_round, selected)
+            failed = self._task_failures(server_round, selected, refused)
             if failed:
                 # the clients' own words: "c1: fit raised NameError: ... (task.py:57)"
                 count = sum(len(ids) for ids in failed.values())
@@ -712,9 +744,12 @@ class RoundEngine:
         self._status(server_round, "aggregating")
         aggregating = time.perf_counter()
         base_path = self._blobs.path(head.digest)
+        # every strategy and the clients' metrics weigh an update as capped here, never as
+        # claimed: one client's num_examples cannot buy the aggregate
+        weights = self._weights(server_round, accepted)
         updates = [
-            WeightedUpdate(self._blobs.path(u.digest), u.num_examples, u.client_id)
-            for u in accepted
+            WeightedUpdate(self._blobs.path(u.digest), weight, u.client_id)
+            for u, weight in zip(accepted, weights, strict=True)
         ]
         if mechanism is None:
             digest = await asyncio.to_thread(self._aggregate, base_path, updates)
@@ -765,7 +800,7 @@ class RoundEngine:
                 evaluate_s = time.perf_counter() - evaluating
                 metrics = {"loss": float(loss), **{k: float(v) for k, v in server_metrics.items()}}
         else:
-            metrics = _weighted_client_metrics(accepted)
+            metrics = _weighted_client_metrics(accepted, weights)
         if gate.mode != "off":
             verdict = Verdict(non_finite) if non_finite else self._check_metrics(metrics, head)
             if verdict.is_rejected:
@@ -806,6 +841,52 @@ class RoundEngine:
                 },
             )
         log.info("round %d committed: model version %d %s", server_round, model.version, metrics)
+
+    def _weights(self, server_round: int, accepted: list[Any]) -> list[int]:
+        """The weights of the round's updates, capped by ``[rounds]``; each clamp an event.
+
+        An ``update.clamped`` event per update that weighs less than it claimed says which
+        bound lowered it: ``max_examples_per_update``, or ``max_weight_share`` (which may
+        also lower an update already bounded by the first).
+        """
+        rounds = self._config.rounds
+        claims = [int(u.num_examples) for u in accepted]
+        weights = cap_weights(
+            claims,
+            max_examples=rounds.max_examples_per_update,
+            max_share=rounds.max_weight_share,
+        )
+        total = sum(weights)
+        for update, claimed, used in zip(accepted, claims, weights, strict=True):
+            if used == claimed:
+                continue
+            bound = (
+                "max_weight_share"
+                if used < min(claimed, rounds.max_examples_per_update)
+                else "max_examples_per_update"
+            )
+            log.warning(
+                "round %d: update from %s claims %d examples, weighs as %d (%s)",
+                server_round,
+                update.client_id,
+                claimed,
+                used,
+                bound,
+            )
+            self._events.emit(
+                ev.UPDATE_CLAMPED,
+                server_round=server_round,
+                client_id=update.client_id,
+                data={
+                    "claimed": claimed,
+                    "used": used,
+                    "bound": bound,
+                    "share": round(used / total, 6),
+                    "max_examples_per_update": rounds.max_examples_per_update,
+                    "max_weight_share": rounds.max_weight_share,
+                },
+            )
+        return weights
 
     # ------------------------------------------------------------------ validation gate
 
@@ -925,12 +1006,19 @@ class RoundEngine:
                 data={"message": f"rollback policy failed: {exc.message}", "author": POLICY_AUTHOR},
             )
 
-    def _task_failures(self, server_round: int, selected: list[str]) -> dict[str, list[str]]:
-        """Selected clients whose task failed this round, grouped by the reason they gave."""
+    def _task_failures(
+        self, server_round: int, selected: list[str], refused: Mapping[str, str]
+    ) -> dict[str, list[str]]:
+        """Selected clients whose task failed this round, grouped by the reason they gave.
+
+        A client whose update was refused as malformed is one of them, with the refusal.
+        """
         failed: dict[str, list[str]] = {}
         for client_id in selected:
             session = self._registry.get(client_id)
-            if session is not None and session.failed_round == server_round:
+            if client_id in refused:
+                failed.setdefault(f"update refused: {refused[client_id]}", []).append(client_id)
+            elif session is not None and session.failed_round == server_round:
                 failed.setdefault(session.failure, []).append(client_id)
         return failed
 
@@ -945,7 +1033,7 @@ class RoundEngine:
             wake_at = open_round.deadline
             outstanding = []
             for client_id in open_round.selected:
-                if client_id in reported:
+                if client_id in reported or client_id in open_round.refused:
                     continue
                 session = self._registry.get(client_id)
                 if session is not None and session.streaming:
@@ -1210,10 +1298,13 @@ class RoundEngine:
             temp.unlink(missing_ok=True)
 
 
-def _weighted_client_metrics(updates: list[Any]) -> dict[str, float]:
-    total = sum(u.num_examples for u in updates) or 1
+def _weighted_client_metrics(updates: list[Any], weights: list[int]) -> dict[str, float]:
+    total = sum(weights) or 1
     keys = set.intersection(*(set(u.metrics) for u in updates)) if updates else set()
-    return {k: sum(u.metrics[k] * u.num_examples for u in updates) / total for k in sorted(keys)}
+    return {
+        k: sum(u.metrics[k] * w for u, w in zip(updates, weights, strict=True)) / total
+        for k in sorted(keys)
+    }
 
 
 def end_round(

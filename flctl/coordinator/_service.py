@@ -563,6 +563,16 @@ class CoordinatorService:
                 data={"task_id": header.task_id[:64], "reason": reason},
             )
 
+    def _refuse_task(self, header: pb.UploadHeader, client_id: str, exc: FlctlError) -> None:
+        """Make a refusal of the update itself final for its task (see RoundEngine.refuse).
+
+        Only :class:`InvalidInputError` judges the update (its header, size, digest, tensors,
+        values, metrics): sending it again would be refused again. Other errors (a busy or
+        full coordinator) leave the task open.
+        """
+        if isinstance(exc, InvalidInputError):
+            self._engine.refuse(int(header.server_round), client_id, header.task_id, exc.message)
+
     def _check_header(self, header: pb.UploadHeader, client_id: str) -> str | None:
         """Validate the header's fields; return a round-state refusal reason, or None."""
         _check_id("server_round", header.server_round)
@@ -577,7 +587,9 @@ class CoordinatorService:
                 f"{self._limits.max_update_bytes} bytes"
             )
         if header.num_examples <= 0 or header.num_examples > 1 << 40:
-            raise InvalidInputError(f"num_examples must be positive, not {header.num_examples}")
+            raise InvalidInputError(
+                f"num_examples must be between 1 and 2^40, not {header.num_examples}"
+            )
         encoding = UpdateEncoding.from_header(header.encoding, header.dtype, header.base_digest)
         if encoding.base_digest:
             self._blobs.check_digest(encoding.base_digest)
@@ -590,6 +602,8 @@ class CoordinatorService:
             return f"{client_id} was not selected for round {header.server_round}"
         if expected_task != header.task_id:
             return f"task {header.task_id[:16]!r} is not this client's task for the round"
+        if (refused := self._engine.refusal(client_id)) is not None:
+            return f"refused: this task's update was refused, which is final ({refused})"
         if encoding.base_digest and encoding.base_digest != open_round.base_digest:
             return (
                 f"the delta is relative to model {encoding.base_digest[:12]}, not to round "
@@ -627,6 +641,7 @@ class CoordinatorService:
             refusal = self._check_header(header, client_id)
         except FlctlError as exc:
             self._reject(header, client_id, exc.message, malformed=True)
+            self._refuse_task(header, client_id, exc)
             raise
         if refusal is not None:
             self._reject(header, client_id, refusal)
@@ -778,6 +793,7 @@ class CoordinatorService:
         except FlctlError as exc:
             self._uploads.discard(upload_id)
             self._reject(header, session.client_id, exc.message, malformed=True)
+            self._refuse_task(header, session.client_id, exc)
             raise
         receive_s = time.perf_counter() - started
         # The identity may have been revoked while the bytes were in flight.

@@ -75,22 +75,38 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class RoundsConfig:
-    """``[rounds]``: how the coordinator runs a round."""
+    """``[rounds]``: how the coordinator runs a round.
+
+    ``max_examples_per_update`` and ``max_weight_share`` bound how much one update weighs in
+    the aggregate, whatever ``num_examples`` its client claims: a claim above the first is
+    counted as ``max_examples_per_update``, then no update keeps more than ``max_weight_share``
+    of the round's total weight (the excess is taken off it; the others keep their claims).
+    With N updates a share below 1/N cannot be reached: they then weigh the same. Both defaults
+    change nothing for honest clients (10^9 examples, no share cap); with clients you do not
+    trust, set ``max_weight_share`` (docs/security.md).
+    """
 
     strategy: Literal["fedavg"] = "fedavg"
     min_clients: int = 2
+    #: select this many of the connected clients; 0, or more than are connected: all of them
     clients_per_round: int = 0
     #: select this fraction of the connected clients (rounded up); 0: clients_per_round decides
     fraction_per_round: float = 0.0
     #: select this many more than the round needs and commit with the first to report
     over_selection: int = 0
     deadline_s: float = 120.0
+    #: how long a round waits for min_clients connected clients; 0: not at all (it starts with
+    #: the clients connected then, or fails at once)
     quorum_timeout_s: float = 60.0
     #: a failed round is queued again this many times (not cancelled or budget-refused ones)
     retries: int = 0
     #: how long the open round waits for a selected client that disconnected to come back
     rejoin_grace_s: float = 15.0
     evaluate: Literal["server", "none"] = "server"
+    #: an update claiming more examples weighs as this many (clamped, with an event)
+    max_examples_per_update: int = 1_000_000_000
+    #: the largest share of a round's total weight one update may have; 1.0: no cap
+    max_weight_share: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -144,7 +160,8 @@ class DataConfig:
 class GateConfig:
     """``[gate]``: the validation gate a round's aggregate passes before it becomes head.
 
-    ``mode = "finite"`` refuses an aggregate holding NaN or Inf (in a tensor or a metric);
+    ``mode = "finite"``, the default, refuses an aggregate holding NaN or Inf (in a tensor or a
+    metric), so a non-finite model never becomes head; ``mode = "off"`` lets any aggregate through;
     ``mode = "metric"`` also refuses one whose ``metric`` is worse than the reference version's
     (``against``: the best version so far, or the head) by more than ``max_regression``
     (absolute). A refused aggregate is stored with status ``rejected`` and its reason; the head
@@ -154,7 +171,7 @@ class GateConfig:
     version's config hash. docs/registry.md explains each key.
     """
 
-    mode: Literal["off", "finite", "metric"] = "off"
+    mode: Literal["off", "finite", "metric"] = "finite"
     metric: str = "accuracy"
     better: Literal["higher", "lower"] = "higher"
     max_regression: float = 0.0
@@ -256,6 +273,8 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("rounds", "quorum_timeout_s"): (0, 86400 * 7),
     ("rounds", "rejoin_grace_s"): (0, 86400),
     ("rounds", "retries"): (0, 100),
+    ("rounds", "max_examples_per_update"): (1, 1 << 40),
+    ("rounds", "max_weight_share"): (0.01, 1),
     ("transport", "max_chunk_bytes"): (4096, 4 << 20),
     ("transport", "max_update_bytes"): (0, None),
     ("transport", "compression_level"): (1, 19),
@@ -387,9 +406,24 @@ def parse_config(data: dict[str, Any], *, path: Path, root: Path | None = None) 
             f"{path}: `rounds.over_selection` cannot be used with privacy: the accountant "
             "models the sampling, and over-selection would change it"
         )
+    _check_heartbeat(path, config)
     _check_privacy(path, config)
     _check_gate(path, config)
     return config
+
+
+def _check_heartbeat(path: Path, config: Config) -> None:
+    """Refuse a heartbeat timeout that a client sending every interval could still miss."""
+    s = config.server
+    if s.heartbeat_timeout_s < 2 * s.heartbeat_interval_s:
+        raise ConfigError(
+            f"{path}: `server.heartbeat_timeout_s` ({s.heartbeat_timeout_s:g}) must be at least "
+            f"twice `server.heartbeat_interval_s` ({s.heartbeat_interval_s:g}): a client is "
+            "dropped after heartbeat_timeout_s without a heartbeat, so one late heartbeat "
+            "would drop a healthy client",
+            hint=f"set heartbeat_timeout_s to {2 * s.heartbeat_interval_s:g} or more, or "
+            "lower heartbeat_interval_s",
+        )
 
 
 def _check_gate(path: Path, config: Config) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "TASK_SENT",
     "TERMINAL_ROUND_STATUSES",
     "UPDATE_ACCEPTED",
+    "UPDATE_CLAMPED",
     "UPDATE_REJECTED",
     "UPLOAD_RESUMED",
 ]
@@ -83,6 +84,11 @@ UPDATE_ACCEPTED = "update.accepted"
 UPLOAD_RESUMED = "upload.resumed"
 #: data: task_id, reason
 UPDATE_REJECTED = "update.rejected"
+#: data: claimed (the update's num_examples), used (the weight it aggregated with), bound
+#: ("max_examples_per_update" or "max_weight_share"), share (of the round's total weight),
+#: max_examples_per_update, max_weight_share; an accepted update that weighs less than its
+#: client claimed
+UPDATE_CLAMPED = "update.clamped"
 #: data: model_version, metrics, num_clients, duration_s
 ROUND_COMMITTED = "round.committed"
 #: data: model_version (stored, status rejected; the head did not move), metrics, num_clients,

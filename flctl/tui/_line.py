@@ -34,6 +34,7 @@ from flctl.core.events import (
     SECURITY_REFUSED,
     TASK_SENT,
     UPDATE_ACCEPTED,
+    UPDATE_CLAMPED,
     UPDATE_REJECTED,
     Event,
 )
@@ -214,6 +215,15 @@ def _update_rejected(event: Event) -> str:
     return _with_reason(text, get_str(event.data, "reason"))
 
 
+def _update_clamped(event: Event) -> str:
+    data = event.data
+    claimed, used = get_int(data, "claimed"), get_int(data, "used")
+    text = f"round {event.server_round}: update from {event.client_id} weighs as {used}"
+    text += f" of the {claimed} examples claimed"
+    bound = get_str(data, "bound")
+    return f"{text} ({bound})" if bound else text
+
+
 def _round_summary(event: Event, status: str) -> str:
     data = event.data
     parts = []
@@ -346,6 +356,7 @@ _DESCRIBE: dict[str, Callable[[Event], str]] = {
     TASK_SENT: _task_sent,
     UPDATE_ACCEPTED: _update_accepted,
     UPDATE_REJECTED: _update_rejected,
+    UPDATE_CLAMPED: _update_clamped,
     ROUND_COMMITTED: _round_committed,
     ROUND_REJECTED: _round_rejected,
     ROUND_FAILED: _round_ended("failed"),

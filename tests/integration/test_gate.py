@@ -198,8 +198,8 @@ def test_the_policy_rolls_back_to_the_best_version_after_n_rejections(project: P
 
 
 def test_with_the_gate_off_a_regressed_aggregate_becomes_head(project: Project) -> None:
-    """The gate is off by default: the same sabotaged round commits."""
-    config = project.write(task={"sabotage_from_round": 2})
+    """With the gate off (it checks finiteness by default), the same sabotaged round commits."""
+    config = project.write(gate={"mode": "off"}, task={"sabotage_from_round": 2})
 
     async def body(coordinator: Coordinator, client: AdminClient) -> None:
         rounds = await _run_rounds(client, 2)

@@ -121,11 +121,13 @@ def test_parse_config_root(tmp_path: Path) -> None:
     assert config.state_path == (tmp_path / "st").resolve()
 
 
-def test_gate_is_off_by_default_and_parsed(tmp_path: Path) -> None:
+def test_gate_is_finite_by_default_and_parsed(tmp_path: Path) -> None:
     from flctl.core import GateConfig
 
     assert load_config(write(tmp_path, "")).gate == GateConfig()
-    assert GateConfig().mode == "off" and GateConfig().rollback_after == 0
+    # a non-finite aggregate never becomes head unless the gate is turned off
+    assert GateConfig().mode == "finite" and GateConfig().rollback_after == 0
+    assert load_config(write(tmp_path, "[gate]\nmode = 'off'\n")).gate.mode == "off"
     text = (
         "[gate]\nmode = 'metric'\nmetric = 'loss'\nbetter = 'lower'\nmax_regression = 0.05\n"
         "against = 'head'\nrollback_after = 3\n"
@@ -142,7 +144,10 @@ def test_gate_is_off_by_default_and_parsed(tmp_path: Path) -> None:
         ("[gate]\nagainst = 'last'\n", "`gate.against` must be one of"),
         ("[gate]\nmax_regression = -0.1\n", "`gate.max_regression` must be at least 0"),
         ("[gate]\nmode = 'metric'\nmetric = ' '\n", "`gate.metric` must name a metric"),
-        ("[gate]\nrollback_after = 2\n", '`gate.rollback_after` (2) needs `gate.mode` "finite"'),
+        (
+            "[gate]\nmode = 'off'\nrollback_after = 2\n",
+            '`gate.rollback_after` (2) needs `gate.mode` "finite"',
+        ),
         ("[gate]\nmode = 'finite'\nrollback_after = -1\n", "`gate.rollback_after` must be"),
     ],
 )
@@ -150,3 +155,57 @@ def test_bad_gate_settings_are_refused(tmp_path: Path, text: str, needle: str) -
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text))
     assert needle in info.value.message
+
+
+def test_weight_caps_default_to_no_change_and_are_parsed(tmp_path: Path) -> None:
+    rounds = load_config(write(tmp_path, "")).rounds
+    assert (rounds.max_examples_per_update, rounds.max_weight_share) == (1_000_000_000, 1.0)
+    text = "[rounds]\nmax_examples_per_update = 5000\nmax_weight_share = 0.25\n"
+    rounds = load_config(write(tmp_path, text)).rounds
+    assert (rounds.max_examples_per_update, rounds.max_weight_share) == (5000, 0.25)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (
+            "[server]\nheartbeat_interval_s = 30.0\nheartbeat_timeout_s = 30.0\n",
+            "`server.heartbeat_timeout_s` (30) must be at least twice "
+            "`server.heartbeat_interval_s` (30)",
+        ),
+        (
+            "[server]\nheartbeat_interval_s = 40.0\n",  # above the default timeout (30 s)
+            "`server.heartbeat_timeout_s` (30) must be at least twice",
+        ),
+        ("[rounds]\nmax_weight_share = 0\n", "`rounds.max_weight_share` must be between 0.01"),
+        ("[rounds]\nmax_weight_share = 1.5\n", "`rounds.max_weight_share` must be between"),
+        (
+            "[rounds]\nmax_examples_per_update = 0\n",
+            "`rounds.max_examples_per_update` must be between 1 and",
+        ),
+        (
+            f"[rounds]\nmax_examples_per_update = {(1 << 40) + 1}\n",
+            "`rounds.max_examples_per_update` must be between 1 and",
+        ),
+    ],
+)
+def test_contradicting_session_and_weight_settings_are_refused(
+    tmp_path: Path, text: str, needle: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert needle in info.value.message
+    assert str(path) in info.value.message
+
+
+def test_a_heartbeat_timeout_of_two_intervals_is_accepted(tmp_path: Path) -> None:
+    text = "[server]\nheartbeat_interval_s = 0.5\nheartbeat_timeout_s = 1.0\n"
+    assert load_config(write(tmp_path, text)).server.heartbeat_timeout_s == 1.0
+
+
+def test_selection_and_quorum_edges_have_a_meaning(tmp_path: Path) -> None:
+    """More clients per round than will ever connect selects all; no quorum wait is allowed."""
+    text = "[rounds]\nclients_per_round = 10000\nquorum_timeout_s = 0\n"
+    rounds = load_config(write(tmp_path, text)).rounds
+    assert (rounds.clients_per_round, rounds.quorum_timeout_s) == (10000, 0.0)
