@@ -721,6 +721,14 @@ def models_export(
     if output.is_dir():
         raise InvalidInputError(f"{output} is a folder: give a file name with -o")
     for path in (output, sidecar):
+        # the export is written beside FILE and renamed over it: that would replace a device,
+        # a pipe or a socket with a regular file, --force or not
+        if path.exists() and not path.is_file():
+            raise InvalidInputError(
+                f"{path} exists and is not a regular file: export writes a new file and "
+                "renames it over the target, which would replace it",
+                hint="give the name of a regular file (or a new one) with -o",
+            )
         if path.exists() and not force:
             raise ConflictError(f"{path} already exists", hint="pass --force to overwrite it")
     if not output.parent.is_dir():

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,18 @@ def test_export_safetensors_and_torch(proj: Path) -> None:
     assert sidecar["lineage"][1]["metrics"] == METRICS[0]
     # no silent overwrite
     assert _json(proj, "export", "2", "-o", "m.safetensors", code=73)["error"]["code"] == "conflict"
+
+
+@pytest.mark.parametrize("fifo", ["m.safetensors", "m.safetensors.json"])
+def test_export_refuses_to_replace_what_is_not_a_regular_file(proj: Path, fifo: str) -> None:
+    """A named pipe (as a device node would be) is left alone, --force or not."""
+    os.mkfifo(proj / fifo)
+    for force in ([], ["--force"]):
+        error = _json(proj, "export", "2", "-o", "m.safetensors", *force, code=40)["error"]
+        assert error["code"] == "invalid_argument"
+        assert f"{fifo} exists and is not a regular file" in error["message"]
+        assert stat.S_ISFIFO((proj / fifo).lstat().st_mode)
+    assert not any(p.name.endswith(".tmp") for p in proj.iterdir())
 
 
 def test_import_checks_the_file_and_writes_nothing_when_refused(proj: Path) -> None:
