@@ -25,8 +25,10 @@ An update aggregates with its client's ``num_examples`` as weight, bounded first
 ``rounds.max_examples_per_update``, then so that none holds more than
 ``rounds.max_weight_share`` of the round's total (:func:`~flctl.aggregation.cap_weights`); each
 update weighed less than it claimed is an ``update.clamped`` event. An update the upload path
-refused as malformed is final for its task: the round no longer waits for that client, sends it
-no task again, and answers a new upload for the task at once (:meth:`RoundEngine.refuse`).
+refused as malformed is final for its task: the round sends that client no task again and
+answers a new upload for the task at once (:meth:`RoundEngine.refuse`); it stops waiting for
+the client when the client reports the task failed (flctl's client does), as for any failed
+task, or at the deadline.
 
 With ``[privacy] mode = "central"`` (docs/privacy.md), before a round selects anyone the engine
 computes the epsilon the privacy ledger would reach with this round; above ``epsilon_budget``
@@ -234,8 +236,9 @@ class RoundEngine:
         """Make the refusal of ``client_id``'s update for ``task_id`` final for the open round.
 
         Only for the open round's task of that client (another round's or task's upload was
-        refused for that already). The round stops waiting for the client, which gets no task
-        again this round; :meth:`refusal` answers its next upload for the task.
+        refused for that already). The client gets no task again this round, and
+        :meth:`refusal` answers its next upload for the task. The round still waits for the
+        client until it reports the task failed: a refusal alone does not end a round.
         """
         open_round = self.open
         if (
@@ -246,7 +249,6 @@ class RoundEngine:
         ):
             return
         open_round.refused.setdefault(client_id, reason)
-        open_round.changed.set()
 
     def refusal(self, client_id: str) -> str | None:
         """Why the open round refused ``client_id``'s update, if it did: None otherwise."""
@@ -1033,7 +1035,7 @@ class RoundEngine:
             wake_at = open_round.deadline
             outstanding = []
             for client_id in open_round.selected:
-                if client_id in reported or client_id in open_round.refused:
+                if client_id in reported:
                     continue
                 session = self._registry.get(client_id)
                 if session is not None and session.streaming:

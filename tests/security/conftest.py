@@ -29,6 +29,21 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
+@pytest.fixture(autouse=True)
+def _reopen_refused_tasks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Reopen the arena round's tasks that a test's malformed upload closed.
+
+    An update refused as malformed is final for its task (the coordinator answers any new
+    upload for it at once): tests that send one as ``c1`` would otherwise leave every later
+    test only that answer. The round itself is untouched (a refusal does not end it).
+    """
+    yield
+    if "arena" in request.fixturenames:
+        engine = request.getfixturevalue("arena").coordinator._engine
+        if engine is not None and engine.open is not None:
+            engine.open.refused.clear()
+
+
 @pytest.fixture(scope="session")
 def arena(
     loop: asyncio.AbstractEventLoop, tmp_path_factory: pytest.TempPathFactory

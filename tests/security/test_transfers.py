@@ -199,11 +199,15 @@ def _header_cases(arena: Arena) -> dict[str, tuple[dict[str, Any], type[FlctlErr
         ),
         "size-huge": ({"size": 2**64 - 1}, LimitExceededError, "exceeds the limit"),
         "task-id-too-long": ({"task_id": "t" * 257}, LimitExceededError, "task_id is too long"),
-        "no-examples": ({"num_examples": 0}, InvalidInputError, "num_examples must be positive"),
+        "no-examples": (
+            {"num_examples": 0},
+            InvalidInputError,
+            r"num_examples must be between 1 and 2\^40, not 0",
+        ),
         "too-many-examples": (
             {"num_examples": 2**40 + 1},
             InvalidInputError,
-            "num_examples must be positive",
+            rf"num_examples must be between 1 and 2\^40, not {2**40 + 1}",
         ),
         "codec-not-negotiated": ({"codec": "lz4"}, InvalidInputError, "was not negotiated"),
         "metrics-too-many": (
