@@ -239,9 +239,18 @@ def test_upload_refusals_leave_no_file_behind(project: Project, tmp_path: Path) 
                 cases.append(
                     (header(digest=digest, size=len(data)), data, 65536, InvalidInputError, needle)
                 )
+            engine = h.coordinator._engine
+            assert engine is not None and engine.open is not None
+
+            def reopen() -> None:
+                """Each refusal closes c1's task for good: reopen it for the next case."""
+                assert engine.open is not None
+                engine.open.refused.clear()
+
             for head, data, size, error, needle in cases:
                 with pytest.raises(error, match=needle):
                     await h.api.upload(head, pieces(data, size))
+                reopen()
             # a stream that ends short of its announced size is refused, and its bytes kept in
             # the upload's part file for a later stream to resume (no blob, no row, no refusal)
             with pytest.raises(InvalidInputError, match="resume from offset"):
@@ -262,13 +271,19 @@ def test_upload_refusals_leave_no_file_behind(project: Project, tmp_path: Path) 
             refused = [e for e in store.events_since(0) if e.type == "update.rejected"]
             # the oversize chunk never reaches the handler: gRPC's message bound refuses it
             assert len(refused) == len(cases) and all(e.client_id == "c1" for e in refused)
-            # and a well-formed update is still accepted afterwards
+            # a refusal is final for the task: even a well-formed update is then answered at
+            # once; with the task reopened it is accepted (the refusals kept no state behind)
             update = tmp_path / "update"
             save_parameters(_nudged(h.blobs.path(h.digest)), update)
             data = update.read_bytes()
-            reply = await h.api.upload(
-                header(digest=hashlib.sha256(data).hexdigest(), size=len(data)), pieces(data)
-            )
+            good_header = header(digest=hashlib.sha256(data).hexdigest(), size=len(data))
+            with pytest.raises(InvalidInputError, match="invalid digest"):
+                await h.api.upload(header(digest="../" + "b" * 61), pieces(blob))
+            reply = await h.api.upload(good_header, pieces(data))
+            assert not reply.accepted
+            assert reply.reason.startswith("refused: this task's update was refused, which is")
+            reopen()
+            reply = await h.api.upload(good_header, pieces(data))
             assert reply.accepted, reply.reason
         finally:
             await stop(h)
@@ -529,6 +544,11 @@ def test_compressed_upload_is_accepted_and_a_bad_frame_leaves_nothing(
             odd.codec = "lz4"
             with pytest.raises(InvalidInputError, match="not negotiated"):
                 await h.api.begin_upload(odd)
+            # each refusal closed the task for good (a refused update is final): reopen it
+            engine = h.coordinator._engine
+            assert engine is not None and engine.open is not None
+            assert "not negotiated" not in engine.open.refused["c1"]  # the first refusal stays
+            engine.open.refused.clear()
             reply = await h.api.upload(header, frames())
             assert reply.accepted, reply.reason
             assert hashlib.sha256(h.blobs.path(digest).read_bytes()).hexdigest() == digest
