@@ -40,6 +40,7 @@ def round_status(
         "connected_clients": int(reply.connected_clients),
         "state_dir": reply.state_dir,
         "open_round": _open_round(reply),
+        "warnings": list(reply.warnings),
     }
     if json_output:
         out.json(document)
@@ -68,6 +69,8 @@ def round_status(
     # Piped, stdout holds only the table; the open round's story is for the reader.
     for line in _explain(document["open_round"]):
         (out.line if out.is_terminal else out.note)(line)
+    for warning in document["warnings"]:
+        out.note(f"warning: {warning}")
     return document
 
 

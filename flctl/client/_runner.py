@@ -46,6 +46,7 @@ from flctl.core.errors import (
     PermissionDeniedError,
     ProtocolMismatchError,
     SessionConflictError,
+    StorageFullError,
     TaskError,
     TransportError,
 )
@@ -401,6 +402,9 @@ class Runner:
         self._integrity_backoff = Backoff(
             initial=1.0, cap=max(1.0, options.backoff_cap_s), rng=rng or random.Random()
         )
+        self._storage_backoff = Backoff(
+            initial=1.0, cap=max(1.0, options.backoff_cap_s), rng=rng or random.Random()
+        )
         self._status = _Status()
         #: Random per process: the coordinator tells our own rejoin from another process's.
         self._instance_id = os.urandom(16).hex()
@@ -491,6 +495,11 @@ class Runner:
             except IntegrityError as exc:  # a corrupt download: back off, then start over
                 reason = exc.message
                 delay = self._integrity_backoff.next_delay()
+            except StorageFullError as exc:
+                # the coordinator's disk is full: the update stays on our disk and is sent
+                # again later, after a backoff that joining again does not reset
+                reason = f"{exc.message}; the update is kept and sent again"
+                delay = self._storage_backoff.next_delay()
             except FlctlError as exc:
                 reason = exc.message
             if stop.is_set():
@@ -660,13 +669,19 @@ class Runner:
                         failure=status.failure,
                     )
                 )
-                if reply.command == "rejoin":
-                    log.info("coordinator asked us to join again")
-            except PermissionDeniedError:
-                raise  # revoked: leave now, even in the middle of training
+            except (PermissionDeniedError, CertificateError):
+                raise  # revoked, or our certificate expired: leave now, even while training
             except FlctlError as exc:  # a missed heartbeat is not fatal: the stream decides
                 log.debug("heartbeat failed: %s", exc.message)
-            await _wait(status.dirty, interval)
+            else:
+                if reply.command == "rejoin":
+                    # our session is over (evicted, dropped, the coordinator restarted): any
+                    # call with its token would be refused, so join again now
+                    raise AuthenticationError(
+                        "the coordinator ended our session (heartbeat answered rejoin)"
+                    )
+            due = self._renew_at - time.monotonic()
+            await _wait(status.dirty, max(0.0, min(interval, due)))
 
     def _set_state(
         self, state: str, server_round: int, progress: float = 0.0, failure: str = ""

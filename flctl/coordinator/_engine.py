@@ -175,6 +175,9 @@ class RoundEngine:
         self._resume: RoundRecord | None = None
         self._wake = asyncio.Event()
         self._stopping = False
+        #: (when, what) the last write that did not fit on the disk; cleared by the next
+        #: accepted update (round status shows it meanwhile)
+        self.storage_warning: tuple[float, str] | None = None
         self._draining = False
         self._cancel: tuple[int, str] | None = None  # (round, reason) asked to end
         self._rng = random.SystemRandom()

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -40,6 +42,7 @@ from flctl.core.errors import (
     NotFoundError,
     ProtocolMismatchError,
     SessionConflictError,
+    StorageFullError,
 )
 from flctl.core.usercode import MAX_REASON_CHARS
 from flctl.security import TokenSigner
@@ -184,6 +187,11 @@ class _UpdateSink:
             raise IntegrityError("update bytes do not match the digest in the header")
 
 
+def _is_full(exc: OSError) -> bool:
+    """Whether ``exc`` says the file system is out of space (or of the user's quota)."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def _one_line(text: str) -> str:
     """A client's free text made safe to log and show: one line, printable, bounded."""
     printable = "".join(ch if ch.isprintable() else " " for ch in text)
@@ -212,6 +220,7 @@ class CoordinatorService:
         uploads: PartialUploads,
         transport: TransportConfig | None = None,
         heartbeat_timeout_s: float = 30.0,
+        min_free_bytes: int = 64 << 20,
     ) -> None:
         self._store = store
         self._blobs = blobs
@@ -225,6 +234,8 @@ class CoordinatorService:
         self._fingerprint = task_fingerprint
         self._heartbeat_interval_s = heartbeat_interval_s
         self._heartbeat_timeout_s = heartbeat_timeout_s
+        self._min_free_bytes = min_free_bytes
+        self._storage_reported = 0.0
         self._token_ttl_s = token_ttl_s
         self._guard = guard
         # Each transfer in flight holds its own buffers (gRPC's and ours); bounding how many run
@@ -647,6 +658,60 @@ class CoordinatorService:
             self._reject(header, client_id, refusal)
         return metrics, refusal
 
+    def _check_room(self, size: int) -> None:
+        """Refuse an upload that would leave less than ``server.min_free_mb`` free.
+
+        Raises:
+            StorageFullError: Not enough room (an event says where and how much is free).
+        """
+        free = shutil.disk_usage(self._uploads.root).free
+        if free - max(0, size) < self._min_free_bytes:
+            raise self._storage_full("upload", size, None, free=free)
+
+    @contextlib.contextmanager
+    def _storage(self, what: str, size: int) -> Iterator[None]:
+        """Turn a full disk met inside the block into :class:`StorageFullError`."""
+        try:
+            yield
+        except OSError as exc:
+            if not _is_full(exc):
+                raise
+            raise self._storage_full(what, size, exc) from None
+
+    def _storage_full(
+        self, what: str, size: int, exc: OSError | None, *, free: int | None = None
+    ) -> StorageFullError:
+        """The error for a write that does not fit; recorded (at most every 10 s) and shown."""
+        path = self._uploads.root
+        if free is None:
+            with contextlib.suppress(OSError):
+                free = shutil.disk_usage(path).free
+        free_text = f"{free / (1 << 20):.1f} MiB free" if free is not None else "no room"
+        message = (
+            f"storage full: {path} has {free_text}; an {what} of {size / (1 << 20):.1f} MiB "
+            f"needs it plus server.min_free_mb ({self._min_free_bytes / (1 << 20):g} MiB)"
+        )
+        if exc is not None:
+            message = f"storage full: writing under {path} failed ({exc.strerror}); {free_text}"
+        self._engine.storage_warning = (time.time(), message)
+        now = time.monotonic()
+        if now - self._storage_reported >= 10.0:
+            self._storage_reported = now
+            log.warning("%s", message)
+            with contextlib.suppress(FlctlError):  # the event log may be out of room too
+                self._events.emit(
+                    ev.STORAGE_FULL,
+                    data={
+                        "path": str(path),
+                        "free_bytes": free,
+                        "needed_bytes": size + self._min_free_bytes,
+                        "what": what,
+                    },
+                )
+        return StorageFullError(
+            message, hint="free space on the coordinator's disk; clients retry their uploads"
+        )
+
     async def begin_upload(self, header: pb.UploadHeader, ctx: RpcContext) -> pb.UploadReply:
         """Open an upload, or find the one this identity began for the same update."""
         self._guard.admit(ctx, "BeginUpload")
@@ -656,7 +721,11 @@ class CoordinatorService:
         _, refusal = self._checked_header(header, session.client_id)
         if refusal is not None:
             return pb.UploadReply(accepted=False, reason=refusal)
-        record = self._open_upload(header, session.client_id, named)
+        with self._storage("upload", int(header.size)):
+            self._check_room(
+                int(header.size) - (self._uploads.held(named.upload_id) if named else 0)
+            )
+            record = self._open_upload(header, session.client_id, named)
         held = self._uploads.held(record.upload_id)
         if held:
             self._events.emit(
@@ -701,7 +770,14 @@ class CoordinatorService:
         metrics, refusal = self._checked_header(header, session.client_id)
         if refusal is not None:
             return pb.UploadReply(accepted=False, reason=refusal)
-        record = self._open_upload(header, session.client_id, named)
+        try:
+            with self._storage("upload", int(header.size)):
+                self._check_room(int(header.size) - int(header.offset))
+                record = self._open_upload(header, session.client_id, named)
+        except StorageFullError:
+            if named is not None:  # no room to finish it: what it holds goes, to make room
+                self._uploads.discard(named.upload_id)
+            raise
         upload_id = record.upload_id
         if not self._uploads.acquire(upload_id):
             raise ConflictError(f"upload {upload_id} is already being received on another stream")
@@ -790,6 +866,11 @@ class CoordinatorService:
                 pipeline.cancel()
         except _Incomplete as exc:
             raise InvalidInputError(str(exc)) from None
+        except OSError as exc:
+            if not _is_full(exc):
+                raise
+            self._uploads.discard(upload_id)  # nothing half-written stays behind
+            raise self._storage_full("upload", record.size, exc) from None
         except FlctlError as exc:
             self._uploads.discard(upload_id)
             self._reject(header, session.client_id, exc.message, malformed=True)
@@ -805,7 +886,13 @@ class CoordinatorService:
             self._reject(header, session.client_id, refusal)
             return pb.UploadReply(accepted=False, reason=refusal)
         committing = time.perf_counter()
-        stored = await asyncio.to_thread(self._commit_part, upload_id, record.digest)
+        try:
+            stored = await asyncio.to_thread(self._commit_part, upload_id, record.digest)
+        except OSError as exc:
+            if not _is_full(exc):
+                raise
+            self._uploads.discard(upload_id)
+            raise self._storage_full("upload", record.size, exc) from None
         commit_s = time.perf_counter() - committing
         received = record.size
         # The update, the client's counters and the update.accepted event land together: an
@@ -844,6 +931,7 @@ class CoordinatorService:
                 },
             )
         self._uploads.forget(upload_id)
+        self._engine.storage_warning = None  # an update fitted: the disk has room again
         self._engine.update_arrived(session.client_id)
         return pb.UploadReply(accepted=True, upload_id=upload_id, committed_offset=received)
 
@@ -985,6 +1073,7 @@ class AdminService:
             connected_clients=len(self._registry.connected()),
             state_dir=self._state_dir,
             open_round=self._open_round(),
+            warnings=[self._engine.storage_warning[1]] if self._engine.storage_warning else [],
         )
 
     def _open_round(self) -> pb.OpenRound | None:

@@ -166,14 +166,21 @@ class PartialUploads:
     def begin(self, **fields: Any) -> PartialUpload:
         """Record a new upload (an empty part file and its record, durably)."""
         record = PartialUpload(upload_id=uuid.uuid4().hex, created=time.time(), **fields)
-        self.part_path(record.upload_id).touch()
+        part = self.part_path(record.upload_id)
         target = self._record_path(record.upload_id)
         temp = target.with_suffix(".json.tmp")
-        with open(temp, "w", encoding="utf-8") as handle:
-            json.dump(asdict(record), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
+        try:
+            part.touch()
+            with open(temp, "w", encoding="utf-8") as handle:
+                json.dump(asdict(record), handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, target)
+        except OSError:
+            # a full disk (or any write failure) leaves nothing behind: we made these files
+            for made in (part, temp, target):
+                made.unlink(missing_ok=True)
+            raise
         self._index[record.upload_id] = record
         return record
 

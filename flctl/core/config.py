@@ -71,6 +71,9 @@ class ServerConfig:
     #: connections at once, in total and from one IP address (more are closed or refused)
     max_connections: int = 4096
     max_connections_per_peer: int = 256
+    #: an upload is refused (storage full, clients retry later) when it would leave less free
+    #: space than this on the state folder's file system: room for the database and events
+    min_free_mb: float = 64.0
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("server", "handshake_timeout_s"): (0.1, 600),
     ("server", "max_connections"): (16, 1_000_000),
     ("server", "max_connections_per_peer"): (1, 1_000_000),
+    ("server", "min_free_mb"): (0, None),
     ("rounds", "min_clients"): (1, None),
     ("rounds", "clients_per_round"): (0, None),
     ("rounds", "fraction_per_round"): (0, 1),

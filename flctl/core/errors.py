@@ -27,7 +27,10 @@ FlctlError                                  1
 ├─ StoreError                              70
 │  ├─ NotFoundError                        71
 │  ├─ SchemaMismatchError                  72
-│  └─ ConflictError                        73
+│  ├─ ConflictError                        73
+│  ├─ CorruptStoreError                    74
+│  ├─ StoreLostError                       75
+│  └─ StorageFullError                     78
 ├─ RoundError                              80
 │  ├─ RoundFailedError                     81
 │  ├─ RoundCancelledError                  82
@@ -52,6 +55,7 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "ConnectError",
+    "CorruptStoreError",
     "DeadlineExceededError",
     "FlctlError",
     "InconsistentUpdatesError",
@@ -74,7 +78,9 @@ __all__ = [
     "SchemaMismatchError",
     "SecurityError",
     "SessionConflictError",
+    "StorageFullError",
     "StoreError",
+    "StoreLostError",
     "TaskError",
     "TransportError",
     "all_error_classes",
@@ -304,6 +310,27 @@ class ConflictError(StoreError):
 
     exit_code = 73
     code = "conflict"
+
+
+class CorruptStoreError(StoreError):
+    """The state database is damaged (flipped bytes, a torn file): restore it from a backup."""
+
+    exit_code = 74
+    code = "store_corrupt"
+
+
+class StoreLostError(StoreError):
+    """The state folder held a store (marker, blobs) but its database is missing or empty."""
+
+    exit_code = 75
+    code = "store_lost"
+
+
+class StorageFullError(StoreError):
+    """The coordinator's disk has no room left for what it must write: free space, try later."""
+
+    exit_code = 78
+    code = "storage_full"
 
 
 class RoundError(FlctlError):

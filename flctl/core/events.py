@@ -40,6 +40,7 @@ __all__ = [
     "ROUND_STARTED",
     "ROUND_STATUS",
     "SECURITY_REFUSED",
+    "STORAGE_FULL",
     "TASK_SENT",
     "TERMINAL_ROUND_STATUSES",
     "UPDATE_ACCEPTED",
@@ -131,6 +132,10 @@ MODEL_CORRUPT = "model.corrupt"
 #: against, max_regression (each null where it does not apply); an aggregate the validation
 #: gate kept from becoming head (docs/registry.md)
 MODEL_REJECTED = "model.rejected"
+
+#: data: path, free_bytes, needed_bytes, what (the write that did not fit: "upload", ...);
+#: the coordinator's disk had no room: the write was refused and nothing half-written kept
+STORAGE_FULL = "storage.full"
 
 #: A round ends committed (its model is the head), rejected (its model was stored but the
 #: validation gate kept it from the head), failed or cancelled (no model).

@@ -32,6 +32,7 @@ from flctl.core.events import (
     ROUND_STARTED,
     ROUND_STATUS,
     SECURITY_REFUSED,
+    STORAGE_FULL,
     TASK_SENT,
     UPDATE_ACCEPTED,
     UPDATE_CLAMPED,
@@ -342,6 +343,13 @@ def _model_tagged(event: Event) -> str:
     return f"tagged v{get_int(data, 'version')} as {get_str(data, 'tag')!r}"
 
 
+def _storage_full(event: Event) -> str:
+    free = get_float(event.data, "free_bytes")
+    room = f"{format_bytes(free)} free" if free is not None else "no room"
+    what = get_str(event.data, "what", "write")
+    return f"storage full: {get_str(event.data, 'path')} has {room}; an {what} was refused"
+
+
 _DESCRIBE: dict[str, Callable[[Event], str]] = {
     COORDINATOR_STARTED: _coordinator_started,
     COORDINATOR_DRAINING: _coordinator_draining,
@@ -365,6 +373,7 @@ _DESCRIBE: dict[str, Callable[[Event], str]] = {
     MODEL_REJECTED: _model_rejected,
     COORDINATOR_WARNING: _coordinator_warning,
     MODEL_CORRUPT: _model_corrupt,
+    STORAGE_FULL: _storage_full,
     IDENTITY_REVOKED: _identity_revoked,
     SECURITY_REFUSED: _security_refused,
     PRIVACY_CHARGED: _privacy_charged,

@@ -35,6 +35,7 @@ from flctl.core.errors import (
     ProtocolMismatchError,
     ResourceExhaustedError,
     SessionConflictError,
+    StorageFullError,
     TransportError,
     all_error_classes,
 )
@@ -77,6 +78,7 @@ _ERROR_TO_STATUS: list[tuple[type[FlctlError], grpc.StatusCode]] = [
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StorageFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),

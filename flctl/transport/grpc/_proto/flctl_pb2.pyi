@@ -753,6 +753,7 @@ class StatusReply(_message.Message):
     CONNECTED_CLIENTS_FIELD_NUMBER: _builtins.int
     STATE_DIR_FIELD_NUMBER: _builtins.int
     OPEN_ROUND_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     head_version: _builtins.int
     connected_clients: _builtins.int
     state_dir: _builtins.str
@@ -762,6 +763,10 @@ class StatusReply(_message.Message):
     def open_round(self) -> Global___OpenRound:
         """The round in training, if any: where each selected client stands."""
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the operator must act on now, in words (the disk is full: where, how much is free)."""
+
     def __init__(
         self,
         *,
@@ -770,10 +775,11 @@ class StatusReply(_message.Message):
         connected_clients: _builtins.int = ...,
         state_dir: _builtins.str = ...,
         open_round: Global___OpenRound | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["open_round", b"open_round"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_clients", b"connected_clients", "head_version", b"head_version", "open_round", b"open_round", "rounds", b"rounds", "state_dir", b"state_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_clients", b"connected_clients", "head_version", b"head_version", "open_round", b"open_round", "rounds", b"rounds", "state_dir", b"state_dir", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
