@@ -6,8 +6,14 @@ import) is part of :class:`SqlStore`; :func:`verify_models` and :func:`collect_g
 the blobs against the versions that reference them. Revoked identities and certificates are
 kept in the ``revocations`` table (:func:`revoke`, :func:`is_revoked`, :func:`list_revocations`);
 rounds charged to the privacy budget in the ``dp_ledger`` table (:func:`charge`, :func:`ledger`).
+
+:meth:`SqlStore.open` creates a store only in a state folder that never held one (its marker,
+``store.json``, and its blobs say whether it did: :func:`require_store`); :func:`write_backup`
+and :func:`restore_backup` copy the database with SQLite's online backup and check a manifest
+of its blobs.
 """
 
+from flctl.store._backup import BackupReport, RestoreReport, restore_backup, write_backup
 from flctl.store._blobs import BlobStore, WriteBehind, sha256_file
 from flctl.store._ledger import LedgerRecord, charge, ledger
 from flctl.store._records import (
@@ -39,9 +45,11 @@ from flctl.store._revocations import (
     revoked_identities,
 )
 from flctl.store._sql import SqlStore
+from flctl.store._state import require_store
 
 __all__ = [
     "BLOB_STATUSES",
+    "BackupReport",
     "BlobCheck",
     "BlobStore",
     "ClientRecord",
@@ -53,6 +61,7 @@ __all__ = [
     "ModelRecord",
     "PendingRollbackRecord",
     "ROUND_STATUSES",
+    "RestoreReport",
     "RevocationRecord",
     "RoundRecord",
     "SqlStore",
@@ -66,8 +75,11 @@ __all__ = [
     "is_revoked",
     "ledger",
     "list_revocations",
+    "require_store",
+    "restore_backup",
     "revoke",
     "revoked_identities",
     "sha256_file",
     "verify_models",
+    "write_backup",
 ]

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 from sqlalchemy import (
     Connection,
@@ -44,12 +45,14 @@ from flctl.core.errors import (
     NotFoundError,
     SchemaMismatchError,
     StoreError,
+    StoreLostError,
 )
 from flctl.core.events import Event
 from flctl.store import (
     _ledger,  # noqa: F401  (registers its table before create_all)
     _revocations,  # noqa: F401  (registers its table before create_all)
 )
+from flctl.store._backup import backup_database, set_aside_database, time_stamp
 from flctl.store._records import (
     MODEL_KINDS,
     MODEL_STATUSES,
@@ -62,6 +65,15 @@ from flctl.store._records import (
     RoundRecord,
     TagRecord,
     UpdateRecord,
+)
+from flctl.store._state import (
+    DATABASE,
+    corrupt_error,
+    is_corruption,
+    new_store_id,
+    read_marker,
+    require_store,
+    write_marker,
 )
 from flctl.store._tables import (
     ClientRow,
@@ -82,6 +94,7 @@ _HEAD = "head"
 _EVENTS = EventRow.__table__  # type: ignore[attr-defined]
 _CLIENTS = ClientRow.__table__  # type: ignore[attr-defined]
 _SCHEMA_KEY = "schema_version"
+_STORE_ID_KEY = "store_id"
 _IN_PROGRESS = tuple(s for s in ROUND_STATUSES if s != "queued" and s not in TERMINAL)
 _DIGEST_PREFIX_RE = re.compile(r"[0-9a-f]{6,64}")
 _SHORT_HEX_RE = re.compile(r"[0-9a-f]{1,5}")
@@ -95,9 +108,12 @@ class SqlStore:
     Args:
         url: A SQLAlchemy database URL, e.g. ``sqlite:///.flctl/state.db``, ``sqlite://``
             (in memory) or ``postgresql+psycopg://...``.
+        read_only: Never write: no schema is created or migrated (the database must have the
+            current schema), and writes fail. Use :meth:`open` for a state folder.
 
     Raises:
         SchemaMismatchError: The database was written with another schema version.
+        CorruptStoreError: The database is damaged.
         StoreError: The database cannot be opened.
 
     Example:
@@ -113,7 +129,16 @@ class SqlStore:
     #: running round survive a restart). Older databases are migrated when opened.
     SCHEMA_VERSION: ClassVar[int] = 5
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
+        self.is_read_only = read_only
+        #: Where :meth:`open` backed the database up before migrating it (None: no migration).
+        self.backup_path: Path | None = None
+        #: The schema version the database had before :meth:`open` migrated it.
+        self.migrated_from: int | None = None
+        #: The database file, when opened with :meth:`open`.
+        self.path: Path | None = None
+        #: Where ``open(new_state=True)`` moved the database it replaced (None: there was none).
+        self.replaced_path: Path | None = None
         # The coordinator may call from worker threads; one lock keeps each read-modify-write
         # (next version, counters) atomic within the process, and protects the single shared
         # connection of an in-memory database.
@@ -134,30 +159,119 @@ class SqlStore:
         except sa_exc.SQLAlchemyError as exc:
             raise StoreError(f"cannot open database {url!r}: {exc}") from exc
         if self._engine.dialect.name == "sqlite":
-            event.listen(self._engine, "connect", _sqlite_connect)
+            connect = _sqlite_connect_read_only if read_only else _sqlite_connect
+            event.listen(self._engine, "connect", connect)
             event.listen(self._engine, "begin", self._sqlite_begin)
         try:
-            self._init_schema()
+            if read_only:
+                self._check_schema()
+            else:
+                self._init_schema()
         except BaseException:
             self._engine.dispose()
             raise
 
     @classmethod
-    def open(cls, state_dir: Path) -> SqlStore:
-        """Open (creating if needed) ``<state_dir>/state.db``.
+    def open(
+        cls,
+        state_dir: Path,
+        *,
+        read_only: bool = False,
+        new_state: bool = False,
+        deep_check: bool = False,
+    ) -> SqlStore:
+        """Open ``<state_dir>/state.db``; create it only in a folder that never held a store.
+
+        A store is created (with its marker, ``store.json``) when the folder has no database
+        and no trace of one (no marker, no blobs), or when ``new_state`` asks for it. A missing
+        or empty database in a folder that held a store is refused, never replaced: that would
+        start a new project over the old one's models and revocations.
+
+        A writable open of an older schema backs the database up first (SQLite's online
+        backup, into ``<state_dir>/backups/``), then migrates it; :attr:`backup_path` says
+        where. A read-only open never creates, migrates or writes anything.
 
         Args:
-            state_dir: The coordinator's state folder; created with its parents.
+            state_dir: The coordinator's state folder.
+            read_only: Open with SQLite's ``mode=ro``; the store must exist with the current
+                schema.
+            new_state: Start a new store even though the folder held one: the old database,
+                if any, is renamed to ``state.db.replaced-<time>``; blobs stay.
+            deep_check: Run SQLite's ``quick_check`` over every page first.
 
         Returns:
             The store.
+
+        Raises:
+            StoreLostError: The database is missing or empty in a folder that held a store.
+            CorruptStoreError: The database is damaged.
+            NotFoundError: ``read_only`` and the folder never held a store.
+            SchemaMismatchError: ``read_only`` and the schema is not the current one, or the
+                database was written by a newer flctl.
         """
         state_dir = Path(state_dir)
+        path = state_dir.resolve() / DATABASE
+        if read_only:
+            require_store(state_dir, deep=deep_check)
+            store = cls(f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true", read_only=True)
+            store.path = path
+            return store
+        replaced = None
+        if new_state:
+            replaced = set_aside_database(state_dir)
+            info = None
+        else:
+            try:
+                info = require_store(state_dir, deep=deep_check)
+            except NotFoundError:
+                info = None  # a fresh folder: this open creates its store
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create state folder {str(state_dir)!r}: {exc}") from exc
-        return cls(f"sqlite:///{state_dir.resolve() / 'state.db'}")
+        marker = read_marker(state_dir)
+        if info is not None and marker is not None and info.store_id is not None:
+            if marker.get("store_id") != info.store_id:
+                raise StoreLostError(
+                    f"{path} belongs to another store ({info.store_id}) than the one "
+                    f"{state_dir / 'store.json'} names ({marker.get('store_id')})",
+                    hint="restore this folder's own backup with `flctl store restore BACKUP`, "
+                    "or start over knowingly with `flctl serve --new-state`",
+                )
+        backup_path = None
+        found = info.schema_version if info is not None else None
+        if found in _MIGRATIONS:
+            backup_path = state_dir / "backups" / f"state-v{found}-{time_stamp()}.db"
+            try:
+                backup_path.parent.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create {backup_path.parent}: {exc}") from exc
+            backup_database(path, backup_path)
+        store = cls(f"sqlite:///{path}")
+        store.path = path
+        store.replaced_path = replaced
+        if backup_path is not None:
+            store.backup_path = backup_path
+            store.migrated_from = int(str(found))
+        try:
+            store_id = store.store_id
+            if (
+                marker is None
+                or marker.get("store_id") != store_id
+                or marker.get("schema_version") != cls.SCHEMA_VERSION
+            ):
+                write_marker(state_dir, store_id=store_id, schema_version=cls.SCHEMA_VERSION)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @property
+    def store_id(self) -> str:
+        """The random id this store got when it was created (mirrored in ``store.json``)."""
+        with self._session() as session:
+            row = session.get(MetaRow, _STORE_ID_KEY)
+            return "" if row is None else row.value
 
     def close(self) -> None:
         """Release every database connection."""
@@ -204,14 +318,21 @@ class SqlStore:
                 # A unique or foreign key constraint fired: another writer got there first.
                 raise ConflictError(f"the state changed under us: {exc.orig}") from exc
             except sa_exc.DBAPIError as exc:
+                if exc.orig is not None and is_corruption(exc.orig):
+                    raise corrupt_error(self._where(), exc.orig) from exc
                 # The driver's own message, without the SQL statement and its parameters.
                 raise StoreError(f"database error: {exc.orig}") from exc
+            except UnicodeDecodeError as exc:  # pysqlite decoding a damaged schema or row
+                raise corrupt_error(self._where(), exc) from exc
             except sa_exc.SQLAlchemyError as exc:
                 raise StoreError(f"database error: {exc}") from exc
             finally:
                 self._is_write = False
                 self._durable = True
                 self._unpublished.clear()  # committed ones were published; the rest never were
+
+    def _where(self) -> Path:
+        return self.path or Path(self._engine.url.database or ":memory:")
 
     def _commit(self, session: Session) -> None:
         """Commit, then hand the events written to :attr:`on_events`.
@@ -294,7 +415,25 @@ class SqlStore:
             TableBase.metadata.create_all(session.connection())
             if "meta" not in existing:
                 session.add(MetaRow(key=_SCHEMA_KEY, value=str(self.SCHEMA_VERSION)))
+            if session.get(MetaRow, _STORE_ID_KEY) is None:
+                session.add(MetaRow(key=_STORE_ID_KEY, value=new_store_id()))
             self._commit(session)
+
+    def _check_schema(self) -> None:
+        """A read-only store must already have this flctl's schema: it cannot migrate."""
+        with self._session() as session:
+            row = session.get(MetaRow, _SCHEMA_KEY)
+        found = None if row is None else row.value
+        if found == str(self.SCHEMA_VERSION):
+            return
+        older = found in _MIGRATIONS
+        raise SchemaMismatchError(
+            f"state database has schema version {found}, this flctl uses {self.SCHEMA_VERSION}",
+            hint="start `flctl serve` once: it backs the database up, then migrates it"
+            if older
+            else "use the flctl version that wrote it",
+            details={"found": found, "expected": self.SCHEMA_VERSION},
+        )
 
     # -- models and refs --------------------------------------------------------------------
 
@@ -1223,6 +1362,17 @@ def _make_engine(url: str) -> Engine:
             kwargs["poolclass"] = StaticPool
             kwargs["connect_args"] = {"check_same_thread": False}
     return create_engine(parsed, **kwargs)
+
+
+def _sqlite_connect_read_only(dbapi_connection: Any, _record: Any) -> None:
+    """Settings for a ``mode=ro`` connection: no journal mode change (that would write)."""
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.execute("PRAGMA query_only=ON")
+    finally:
+        cursor.close()
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
