@@ -17,6 +17,7 @@ from flctl.cli._models import models_app
 from flctl.cli._options import ConfigOpt, JsonOpt, ServerOpt
 from flctl.cli._output import Output, command, settings
 from flctl.cli._status import RoundIdsOpt, clients_app
+from flctl.cli._store import store_app
 
 __all__ = ["app", "main"]
 
@@ -41,6 +42,7 @@ app.add_typer(certs_app, name="certs", context_settings=_CONTEXT)
 app.add_typer(dp_app, name="dp", context_settings=_CONTEXT)
 app.add_typer(models_app, name="models", context_settings=_CONTEXT)
 app.add_typer(clients_app, name="clients", context_settings=_CONTEXT)
+app.add_typer(store_app, name="store", context_settings=_CONTEXT)
 
 
 def _version(value: bool) -> None:
@@ -196,6 +198,15 @@ def serve(
             "before it is failed (0: stop at once). A second signal stops at once.",
         ),
     ] = 30.0,
+    new_state: Annotated[
+        bool,
+        typer.Option(
+            "--new-state",
+            help="Start a new state store although this state folder held one whose database "
+            "is lost or damaged (the old database is kept, renamed; blobs stay). Without it, "
+            "serve refuses such a folder: restore it with `flctl store restore`.",
+        ),
+    ] = False,
     config_path: ConfigOpt = None,
 ) -> None:
     """Run the coordinator until stopped.
@@ -210,6 +221,7 @@ def serve(
         insecure=insecure,
         tui=False if no_tui else None,
         drain_timeout=drain_timeout,
+        new_state=new_state,
     )
 
 

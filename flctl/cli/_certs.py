@@ -401,11 +401,14 @@ def _default_certs_dir(config_path: Path | None) -> Path:
 
 def _revocation_records(config: Config) -> list[RevocationRecord]:
     """The project's revocations; none when the state database does not exist yet."""
+    from flctl.core.errors import NotFoundError
     from flctl.store import SqlStore, list_revocations
 
-    if not (config.state_path / "state.db").exists():
-        return []
-    with SqlStore.open(config.state_path) as store:
+    try:
+        store = SqlStore.open(config.state_path, read_only=True)
+    except NotFoundError:
+        return []  # no store yet; one that was lost is refused (StoreLostError)
+    with store:
         return list_revocations(store)
 
 

@@ -377,12 +377,17 @@ def dp_budget(config_path: ConfigOpt = None, json_output: JsonOpt = False) -> No
     The privacy this project's job has spent, the budget left and the rounds left (its ledger).
     """
     from flctl.cli._common import load_project
+    from flctl.core.errors import NotFoundError
     from flctl.store import SqlStore, ledger
 
     config = load_project(config_path)
     records = []
-    if (config.state_path / "state.db").exists():
-        with SqlStore.open(config.state_path) as store:
+    try:
+        store = SqlStore.open(config.state_path, read_only=True)
+    except NotFoundError:
+        pass  # nothing spent yet; a store that was lost is refused (StoreLostError)
+    else:
+        with store:
             records = ledger(store)
     document = budget_document(config, records)
     out = Output(json_mode=json_output)

@@ -49,16 +49,14 @@ def list_events(
 ) -> None:
     """List the event log from the state store (with or without a running coordinator)."""
     from flctl.cli._common import load_project
-    from flctl.core.errors import InvalidInputError, NotFoundError
+    from flctl.core.errors import InvalidInputError
     from flctl.store import SqlStore
     from flctl.tui import event_line
 
     if limit < 1:
         raise InvalidInputError(f"--limit must be at least 1, not {limit}")
     config = load_project(config_path)
-    if not (config.state_path / "state.db").is_file():
-        raise NotFoundError(f"no state store in {config.state_path}")
-    store = SqlStore.open(config.state_path)
+    store = SqlStore.open(config.state_path, read_only=True)
     try:
         events: list[Any] = []
         seq = since

@@ -77,16 +77,20 @@ def model_dict(record: ModelRecord, head: int | None, tags: Sequence[str] = ()) 
 
 
 @contextmanager
-def _open_state(config: Config) -> Iterator[tuple[SqlStore, BlobStore]]:
-    """The project's database and blob store; never creates a state folder."""
-    from flctl.store import BlobStore, SqlStore
+def _open_state(
+    config: Config, *, write: bool = False, deep_check: bool = False
+) -> Iterator[tuple[SqlStore, BlobStore]]:
+    """The project's database and blob store; never creates (nor, unless ``write``, changes) it.
 
-    if not (config.state_path / "state.db").is_file():
-        raise NotFoundError(
-            f"no state store in {config.state_path}",
-            hint="start the coordinator once with `flctl serve` to create it",
-        )
-    store = SqlStore.open(config.state_path)
+    Raises:
+        NotFoundError: The state folder never held a store.
+        StoreLostError: Its database is missing or empty although it held one.
+        CorruptStoreError: The database is damaged.
+    """
+    from flctl.store import BlobStore, SqlStore, require_store
+
+    require_store(config.state_path)
+    store = SqlStore.open(config.state_path, read_only=not write, deep_check=deep_check)
     try:
         yield store, BlobStore(config.state_path / "blobs")
     finally:
@@ -101,12 +105,9 @@ def _lock_or_running(config: Config, command: str) -> Iterator[dict[str, Any] | 
         NotFoundError: There is no state store yet.
     """
     from flctl.cli._common import lock_or_running
+    from flctl.store import require_store
 
-    if not (config.state_path / "state.db").is_file():
-        raise NotFoundError(
-            f"no state store in {config.state_path}",
-            hint="start the coordinator once with `flctl serve` to create it",
-        )
+    require_store(config.state_path)
     with lock_or_running(config.state_path, command) as running:
         yield running
 
@@ -512,7 +513,7 @@ def models_rollback(
 def _rollback_offline(config: Config, ref: str, reason: str, json_output: bool) -> None:
     from flctl.core.events import MODEL_ROLLBACK
 
-    with _open_state(config) as (store, blobs):
+    with _open_state(config, write=True) as (store, blobs):
         target = store.resolve_model(ref)
         path = _existing_blob(blobs, target)
         if not blobs.verify(target.digest):
@@ -624,7 +625,7 @@ def models_tag(
             reply = call_admin(config, None, call)
             version, before = int(reply.version), int(reply.previous) or None
         else:
-            with _open_state(config) as (store, _):
+            with _open_state(config, write=True) as (store, _):
                 model = store.resolve_model(ref)
                 with store.transaction():
                     before = {t.name: t.version for t in store.list_tags()}.get(name)
@@ -803,7 +804,10 @@ def models_import(
     file = Path(file)
     if not file.is_file():
         raise NotFoundError(f"file {file} not found")
-    with _offline_lock(config, "models import"), _open_state(config) as (store, blobs):
+    with (
+        _offline_lock(config, "models import"),
+        _open_state(config, write=True) as (store, blobs),
+    ):
         current = store.head()
         if current is None:
             raise NotFoundError(
@@ -866,7 +870,7 @@ def models_verify(config_path: ConfigOpt = None, json_output: JsonOpt = False) -
     from flctl.cli._common import load_project
     from flctl.store import verify_models
 
-    with _open_state(load_project(config_path)) as (store, blobs):
+    with _open_state(load_project(config_path), deep_check=True) as (store, blobs):
         checks = verify_models(store, blobs)
     bad = [c for c in checks if not c.is_ok]
     doc: dict[str, Any] = {
@@ -926,7 +930,10 @@ def models_gc(
         with _open_state(config) as (store, blobs):
             report = collect_garbage(store, blobs, dry_run=True)
     else:
-        with _offline_lock(config, "models gc"), _open_state(config) as (store, blobs):
+        with (
+            _offline_lock(config, "models gc"),
+            _open_state(config, write=True) as (store, blobs),
+        ):
             report = collect_garbage(store, blobs)
     out = Output(json_mode=json_output)
     if json_output:

@@ -76,6 +76,7 @@ def serve(
     insecure: bool,
     tui: bool | None,
     drain_timeout: float = 30.0,
+    new_state: bool = False,
 ) -> None:
     """Start the coordinator and serve until stopped.
 
@@ -85,6 +86,7 @@ def serve(
         insecure: Plaintext on loopback instead of mutual TLS.
         tui: Live panel (default: when stdout is a terminal).
         drain_timeout: Seconds the running round gets to end after the first signal.
+        new_state: Start a new state store where one was lost (see :class:`Coordinator`).
     """
     from flctl.core._memory import return_large_buffers
 
@@ -93,5 +95,7 @@ def serve(
     out = Output()
     use_tui = out.is_terminal if tui is None else tui
     setup_logging(logging.WARNING if use_tui else logging.INFO)
-    coordinator = Coordinator(config, address=address, insecure=insecure or None)
+    coordinator = Coordinator(
+        config, address=address, insecure=insecure or None, new_state=new_state
+    )
     asyncio.run(_serve(coordinator, out, tui=use_tui, drain_timeout=drain_timeout))

@@ -162,12 +162,9 @@ def _client_rows(config: Any, server: str | None) -> tuple[list[dict[str, Any]],
             }
             for c in reply.clients
         ], True
-    from flctl.core.errors import NotFoundError
     from flctl.store import SqlStore
 
-    if not (config.state_path / "state.db").is_file():
-        raise NotFoundError(f"no state store in {config.state_path}")
-    store = SqlStore.open(config.state_path)
+    store = SqlStore.open(config.state_path, read_only=True)
     try:
         records = store.list_clients()
     finally:

@@ -124,9 +124,16 @@ class Coordinator:
     """
 
     def __init__(
-        self, config: Config, *, address: str | None = None, insecure: bool | None = None
+        self,
+        config: Config,
+        *,
+        address: str | None = None,
+        insecure: bool | None = None,
+        new_state: bool = False,
     ) -> None:
         self.config = config
+        #: Start a new state store even where one was lost (``serve --new-state``).
+        self.new_state = new_state
         self.address = address or config.server.address
         self.insecure = config.server.insecure if insecure is None else insecure
         self.state_dir = config.state_path
@@ -200,8 +207,31 @@ class Coordinator:
             cert, key, ca = load_credentials(config.certs_path, "server")
             credentials = ServerCredentials(cert, key, ca)
             cert_pem = cert
+        from flctl.core.errors import NotFoundError
+        from flctl.store import require_store
+
+        if not self.new_state:
+            # A lost or damaged store is refused before the lock files are written: nothing
+            # in the state folder changes. SqlStore.open checks again under the lock.
+            with contextlib.suppress(NotFoundError):  # a fresh folder: open creates the store
+                require_store(self.state_dir)
         await self._take_lock()
-        store = self.store = SqlStore.open(self.state_dir)
+        store = self.store = SqlStore.open(
+            self.state_dir, new_state=self.new_state, deep_check=True
+        )
+        if store.replaced_path is not None:
+            log.warning(
+                "started a new state store (--new-state); the old database is kept as %s",
+                store.replaced_path,
+            )
+        if store.backup_path is not None:
+            log.warning(
+                "migrated the state database from schema %s to %s; the database as it was "
+                "is backed up in %s",
+                store.migrated_from,
+                SqlStore.SCHEMA_VERSION,
+                store.backup_path,
+            )
         blobs = BlobStore(self.state_dir / "blobs")
         blobs.clean_temp()
         uploads = PartialUploads(self.state_dir / "uploads")

@@ -1,0 +1,135 @@
+"""``flctl store``: back up the state store, and restore it after a loss.
+
+A backup is a folder: ``state.db``, a consistent copy taken with SQLite's online backup (so a
+running coordinator need not stop), and ``manifest.json``, which lists every blob the copy
+references with its size. Restoring checks the manifest against the blob folder before it puts
+the database in place, and refuses while a coordinator runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flctl.cli._options import ConfigOpt, JsonOpt
+from flctl.cli._output import Output, command
+
+__all__ = ["store_app"]
+
+store_app = typer.Typer(
+    help="Back up and restore the state store (database and blob manifest).",
+    no_args_is_help=True,
+)
+
+BackupPathArg = Annotated[
+    Path,
+    typer.Argument(
+        metavar="PATH", help="The backup folder (`backup`: a new or empty one).", show_default=False
+    ),
+]
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+@store_app.command("backup")
+@command()
+def store_backup(
+    path: BackupPathArg, config_path: ConfigOpt = None, json_output: JsonOpt = False
+) -> None:
+    """Back up the state database and a manifest of its blobs.
+
+    Safe while the coordinator runs (SQLite's online backup). Blobs are not copied: keep the
+    blob folder backed up with your file backups; `store restore` checks it against the manifest.
+    """
+    from flctl.cli._common import load_project
+    from flctl.store import write_backup
+
+    config = load_project(config_path)
+    report = write_backup(config.state_path, path)
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json(
+            {
+                "path": str(report.path.resolve()),
+                "store_id": report.store_id,
+                "schema_version": report.schema_version,
+                "database_bytes": report.database_bytes,
+                "blobs": report.blobs,
+                "blob_bytes": report.blob_bytes,
+                "missing_blobs": report.missing,
+            }
+        )
+        return
+    out.line(
+        f"backed up the state database ({_size(report.database_bytes)}, schema "
+        f"{report.schema_version}) and a manifest of {report.blobs} blobs "
+        f"({_size(report.blob_bytes)}) to {report.path}"
+    )
+    if report.missing:
+        out.note(
+            f"{len(report.missing)} blob(s) the database references were already missing "
+            "(`flctl models verify` lists them); the backup records them as missing"
+        )
+
+
+@store_app.command("restore")
+@command()
+def store_restore(
+    path: BackupPathArg,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace a database that is intact (it is kept, renamed)."),
+    ] = False,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Restore the state database from a backup, blobs checked first.
+
+    Every blob the backup references must be in the blob folder with its sha256. Refused while
+    a coordinator runs. Nothing is deleted: the database it replaces is renamed to
+    state.db.replaced-TIME.
+    """
+    from flctl.cli._common import load_project, lock_or_running
+    from flctl.core.errors import ConflictError
+    from flctl.store import SqlStore, restore_backup
+
+    config = load_project(config_path)
+    with lock_or_running(config.state_path, "store restore") as running:
+        if running is not None:
+            pid, address = running.get("pid", "?"), running.get("address", "?")
+            raise ConflictError(
+                f"a coordinator is running (pid {pid}, address {address}): "
+                "a store is restored only while none runs",
+                hint="stop the coordinator, then restore",
+                details={"pid": running.get("pid"), "address": running.get("address")},
+            )
+        report = restore_backup(
+            config.state_path, path, schema_version=SqlStore.SCHEMA_VERSION, force=force
+        )
+    out = Output(json_mode=json_output)
+    if json_output:
+        out.json(
+            {
+                "path": str(report.path),
+                "store_id": report.store_id,
+                "schema_version": report.schema_version,
+                "blobs_verified": report.blobs,
+                "replaced": None if report.replaced is None else str(report.replaced),
+            }
+        )
+        return
+    out.line(
+        f"restored {report.path} from {path} (schema {report.schema_version}); "
+        f"{report.blobs} blobs verified"
+    )
+    if report.replaced is not None:
+        out.line(f"the database it replaced is kept as {report.replaced}")
