@@ -49,7 +49,7 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 
 
 def test_unauthenticated_connections_are_closed_and_a_round_still_commits(
-    tmp_path: Path,
+    tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
     generate_project_certs(tmp_path / "certs", ["c1", "c2"])
     shutil.copy(HERE / "tiny_task.py", tmp_path / "tiny_task.py")
@@ -103,7 +103,9 @@ def test_unauthenticated_connections_are_closed_and_a_round_still_commits(
             for sock in flood:
                 sock.close()
 
-    asyncio.run(main())
+    # the suite's loop, not asyncio.run: that would clear the thread's loop, which the
+    # shared coordinator of the other security tests needs
+    loop.run_until_complete(main())
     store = SqlStore.open(config.state_path)
     try:
         refused = [
@@ -119,7 +121,7 @@ def test_unauthenticated_connections_are_closed_and_a_round_still_commits(
 
 
 def test_an_admin_at_a_full_coordinator_hears_overloaded_not_a_certificate_error(
-    tmp_path: Path,
+    tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
     from flctl.cli._common import admin_client
     from flctl.core.errors import CertificateError, ConnectError
@@ -160,4 +162,6 @@ def test_an_admin_at_a_full_coordinator_hears_overloaded_not_a_certificate_error
             for sock in held:
                 sock.close()
 
-    asyncio.run(main())
+    # the suite's loop, not asyncio.run: that would clear the thread's loop, which the
+    # shared coordinator of the other security tests needs
+    loop.run_until_complete(main())
