@@ -326,6 +326,7 @@ class Coordinator:
             task_fingerprint=fingerprint(model_spec),
             heartbeat_interval_s=config.server.heartbeat_interval_s,
             heartbeat_timeout_s=config.server.heartbeat_timeout_s,
+            min_free_bytes=int(config.server.min_free_mb * (1 << 20)),
             token_ttl_s=config.server.token_ttl_s,
             guard=guard,
             uploads=uploads,
