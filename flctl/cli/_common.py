@@ -30,6 +30,7 @@ __all__ = [
     "coordinator_address",
     "load_project",
     "lock_or_running",
+    "refuse_running",
     "retry_connect",
     "round_dict",
     "run_async",
@@ -145,6 +146,16 @@ def lock_or_running(state_path: Path, command: str) -> Iterator[dict[str, Any] |
                 lock_deadline = max(lock_deadline, start_deadline)
             time.sleep(0.05)
         yield running
+
+
+def refuse_running(running: dict[str, Any], why: str, hint: str) -> ConflictError:
+    """The error for a change that needs the state folder while a coordinator runs there."""
+    pid, address = running.get("pid", "?"), running.get("address", "?")
+    return ConflictError(
+        f"a coordinator is running (pid {pid}, address {address}): {why}",
+        hint=hint,
+        details={"pid": running.get("pid"), "address": running.get("address")},
+    )
 
 
 def admin_client(config: Config, server: str | None, *, admin: str = "admin") -> AdminClient:

@@ -119,14 +119,14 @@ def _offline_lock(config: Config, command: str) -> Iterator[None]:
     Raises:
         ConflictError: A coordinator is running.
     """
+    from flctl.cli._common import refuse_running
+
     with _lock_or_running(config, command) as running:
         if running is not None:
-            pid, address = running.get("pid", "?"), running.get("address", "?")
-            raise ConflictError(
-                f"a coordinator is running (pid {pid}, address {address}): "
+            raise refuse_running(
+                running,
                 "this change must go through it",
-                hint="stop the coordinator to change the store directly",
-                details={"pid": running.get("pid"), "address": running.get("address")},
+                "stop the coordinator to change the store directly",
             )
         yield
 

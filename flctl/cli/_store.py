@@ -98,19 +98,16 @@ def store_restore(
     a coordinator runs. Nothing is deleted: the database it replaces is renamed to
     state.db.replaced-TIME.
     """
-    from flctl.cli._common import load_project, lock_or_running
-    from flctl.core.errors import ConflictError
+    from flctl.cli._common import load_project, lock_or_running, refuse_running
     from flctl.store import SqlStore, restore_backup
 
     config = load_project(config_path)
     with lock_or_running(config.state_path, "store restore") as running:
         if running is not None:
-            pid, address = running.get("pid", "?"), running.get("address", "?")
-            raise ConflictError(
-                f"a coordinator is running (pid {pid}, address {address}): "
+            raise refuse_running(
+                running,
                 "a store is restored only while none runs",
-                hint="stop the coordinator, then restore",
-                details={"pid": running.get("pid"), "address": running.get("address")},
+                "stop the coordinator, then restore",
             )
         report = restore_backup(
             config.state_path, path, schema_version=SqlStore.SCHEMA_VERSION, force=force
