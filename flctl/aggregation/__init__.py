@@ -3,25 +3,29 @@
 from flctl.aggregation._dpfedavg import DpFedAvg
 from flctl.aggregation._fedavg import FedAvg, fedavg_in_memory
 from flctl.aggregation._localdpfedavg import LocalDpFedAvg
-from flctl.aggregation._strategy import Strategy, WeightedUpdate
+from flctl.aggregation._registry import BUILTIN_STRATEGIES, make_strategy
+from flctl.aggregation._strategy import Param, Strategy, WeightedUpdate
 from flctl.aggregation._weights import cap_weights
 
 __all__ = [
+    "BUILTIN_STRATEGIES",
     "DpFedAvg",
     "FedAvg",
     "LocalDpFedAvg",
+    "Param",
     "Strategy",
     "WeightedUpdate",
     "cap_weights",
     "fedavg_in_memory",
+    "make_strategy",
     "strategy_for",
 ]
 
 
 def strategy_for(name: str) -> Strategy:
-    """Return the strategy a config names (``rounds.strategy``)."""
-    strategies: dict[str, type[Strategy]] = {FedAvg.name: FedAvg}
-    try:
-        return strategies[name]()
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}") from None
+    """Return the built-in strategy ``name`` with its default parameters.
+
+    Raises:
+        ConfigError: No built-in strategy has that name.
+    """
+    return make_strategy(name)

@@ -41,6 +41,7 @@ class FedAvg(Strategy):
     """
 
     name = "fedavg"
+    summary = "weighted mean of the clients' models (McMahan et al. 2017)"
 
     def aggregate(self, base: Path, updates: Sequence[WeightedUpdate], out: Path) -> None:
         """Write the weighted mean of ``updates`` to ``out``; see :class:`Strategy`."""

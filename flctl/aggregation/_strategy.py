@@ -3,12 +3,63 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-__all__ = ["Strategy", "WeightedUpdate"]
+from flctl.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Param", "Strategy", "WeightedUpdate"]
+
+#: A strategy parameter's value, as the ``[strategy]`` table of flctl.toml holds it.
+ParamValue = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter a strategy takes from the ``[strategy]`` table.
+
+    Attributes:
+        name: The key in ``[strategy]``.
+        default: Its value when the table does not set it (its type is the parameter's type).
+        help: One line for ``flctl strategies ls``.
+        low, high: The inclusive range of a number (None: unbounded on that side).
+        choices: The allowed values of a string (empty: any).
+    """
+
+    name: str
+    default: ParamValue
+    help: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def check(self, value: Any, strategy: str) -> ParamValue:
+        """Return ``value`` checked (ints are accepted for floats).
+
+        Raises:
+            ConfigError: Wrong type, out of range, or not one of the choices.
+        """
+        where = f"[strategy] {self.name} (strategy {strategy!r})"
+        kind = type(self.default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not kind:
+            raise ConfigError(f"{where} must be a {kind.__name__}, not {value!r}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if (self.low is not None and value < self.low) or (
+                self.high is not None and value > self.high
+            ):
+                low = "-inf" if self.low is None else f"{self.low:g}"
+                high = "inf" if self.high is None else f"{self.high:g}"
+                raise ConfigError(f"{where} is {value!r}, outside [{low}, {high}]")
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"{where} is {value!r}, not one of {', '.join(self.choices)}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -37,6 +88,61 @@ class Strategy(abc.ABC):
     """
 
     name: ClassVar[str]
+    #: One line for ``flctl strategies ls``.
+    summary: ClassVar[str] = ""
+    #: The parameters the ``[strategy]`` table may set (see :meth:`from_params`).
+    params: ClassVar[tuple[Param, ...]] = ()
+
+    @classmethod
+    def from_params(cls, values: Mapping[str, Any]) -> Strategy:
+        """Build the strategy from ``[strategy]`` values (defaults for those not given).
+
+        Raises:
+            ConfigError: An unknown key, or a value of the wrong type or out of range.
+        """
+        known = {p.name: p for p in cls.params}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            allowed = ", ".join(sorted(known)) or "none"
+            raise ConfigError(
+                f"[strategy] has unknown key(s) {', '.join(unknown)} for strategy "
+                f"{cls.name!r} (it takes: {allowed})"
+            )
+        checked = {
+            n: p.check(values[n], cls.name) if n in values else p.default for n, p in known.items()
+        }
+        return cls(**checked)
+
+    def configure_fit(
+        self, server_round: int, clients: Sequence[str]
+    ) -> dict[str, dict[str, ParamValue]]:
+        """Extra config for each selected client's fit (client id -> config); default none.
+
+        The round engine selects the clients; a strategy may add to what each is sent, such as
+        FedProx's ``proximal_mu`` or a per-client learning rate. The task's ``[task]`` values
+        are sent as well; a strategy's key wins over a task key of the same name.
+        """
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The strategy's state between rounds (server momentum, optimizer moments); default none.
+
+        Stored as a safetensors blob beside each committed model, so that a restart or a
+        rollback (the state goes back with the weights) carries on from it.
+        """
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Take back what :meth:`state_dict` returned (after a restart or a rollback).
+
+        Raises:
+            ConfigError: The state does not belong to this strategy.
+        """
+        if state:
+            raise ConfigError(
+                f"strategy {self.name!r} keeps no state, but a stored state with "
+                f"{len(state)} tensors was found (was the strategy changed?)"
+            )
 
     @abc.abstractmethod
     def aggregate(self, base: Path, updates: Sequence[WeightedUpdate], out: Path) -> None:

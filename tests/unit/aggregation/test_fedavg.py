@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flctl.aggregation import FedAvg, WeightedUpdate, fedavg_in_memory, strategy_for
-from flctl.core.errors import InconsistentUpdatesError, NotEnoughUpdatesError
+from flctl.core.errors import ConfigError, InconsistentUpdatesError, NotEnoughUpdatesError
 from flctl.tensors import (
     TensorReader,
     UpdateReader,
@@ -190,5 +190,6 @@ def test_shape_mismatch_and_empty_refused(tmp_path: Path) -> None:
 
 def test_strategy_for() -> None:
     assert isinstance(strategy_for("fedavg"), FedAvg)
-    with pytest.raises(ValueError, match="unknown strategy"):
+    with pytest.raises(ConfigError, match="unknown strategy 'nope'") as refused:
         strategy_for("nope")
+    assert refused.value.hint is not None and "fedavg" in refused.value.hint
