@@ -46,8 +46,18 @@ START_WAIT_S = 60.0
 
 
 def load_project(config_path: Path | None = None) -> Config:
-    """Load ``--config`` or the nearest flctl.toml."""
-    return load_config(config_path or find_project())
+    """Load ``--config`` or the nearest flctl.toml, its ``[strategy]`` checked too.
+
+    Raises:
+        ConfigError: The file fails validation, or ``[strategy]`` names an unknown strategy
+            or gives it a key it does not take or a bad value.
+    """
+    from flctl.coordinator import build_strategy
+
+    path = config_path or find_project()
+    config = load_config(path)
+    build_strategy(config, path)
+    return config
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -331,8 +331,7 @@ def show_model(config: Config, ref: str) -> dict[str, Any]:
         except InvalidInputError:
             blob_state = "unreadable"  # a damaged header; `models verify` says more
     config_doc = model.config
-    rounds_config = config_doc.get("rounds")
-    strategy = rounds_config.get("strategy") if isinstance(rounds_config, dict) else None
+    strategy = _strategy_name(config_doc)
     return {
         "model": model_dict(model, head, tags),
         "lineage": [
@@ -353,6 +352,15 @@ def show_model(config: Config, ref: str) -> dict[str, Any]:
         "size_bytes": path.stat().st_size if present else None,
         "blob": blob_state,
     }
+
+
+def _strategy_name(config_doc: dict[str, Any]) -> str | None:
+    """The strategy a version was made with (older versions: the deprecated rounds.strategy)."""
+    for table, key in (("strategy", "name"), ("rounds", "strategy")):
+        section = config_doc.get(table)
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            return str(section[key])
+    return None
 
 
 @models_app.command("show")

@@ -7,10 +7,12 @@ from flctl.coordinator._coordinator import (
     read_serve_file,
     running_serve_file,
 )
+from flctl.coordinator._strategy import build_strategy
 
 __all__ = [
     "Coordinator",
     "SERVE_FILE",
+    "build_strategy",
     "describe_coordinator",
     "read_serve_file",
     "running_serve_file",

@@ -14,7 +14,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
 
-from flctl.aggregation import strategy_for
 from flctl.core import COORDINATOR_LOCK, STATE_LOCK, Config, Event, load_task, read_holder, try_lock
 from flctl.core import events as ev
 from flctl.core._process import process_alive
@@ -45,6 +44,7 @@ from ._guard import RevocationGuard
 from ._integrity import ModelCheck
 from ._registry import Registry
 from ._service import AdminService, CoordinatorService, Limits
+from ._strategy import build_strategy
 from ._task import make_evaluator, task_model_spec, write_initial_model
 from ._uploads import PartialUploads
 
@@ -196,6 +196,7 @@ class Coordinator:
         """Open the state, ensure the initial model, listen; return the bound ``HOST:PORT``."""
         config = self.config
         host, _ = split_address(self.address)  # fail on bad options before touching state
+        strategy = build_strategy(config)
         if self.insecure and not is_loopback_host(host):
             raise ConfigError(
                 f"--insecure refuses to listen on {self.address!r}: plaintext is for loopback only",
@@ -295,7 +296,7 @@ class Coordinator:
             blobs=blobs,
             events=events,
             registry=registry,
-            strategy=strategy_for(config.rounds.strategy),
+            strategy=strategy,
             evaluator=make_evaluator(task, config),
             uploads=uploads,
             check=check,
@@ -342,6 +343,7 @@ class Coordinator:
             state_dir=str(self.state_dir),
             config_snapshot={
                 "rounds": vars(config.rounds),
+                "strategy": {"name": config.strategy.name, **config.strategy.params},
                 "task": dict(config.task),
                 "seed": config.project.seed,
             },

@@ -9,6 +9,7 @@ documents every key; a test loads it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import tomllib
 from collections.abc import Callable
@@ -29,11 +30,14 @@ __all__ = [
     "ProjectConfig",
     "RoundsConfig",
     "ServerConfig",
+    "StrategyConfig",
     "TransportConfig",
     "find_project",
     "load_config",
     "parse_config",
 ]
+
+log = logging.getLogger("flctl.config")
 
 CONFIG_FILE = "flctl.toml"
 DEFAULT_PORT = 7070
@@ -89,7 +93,6 @@ class RoundsConfig:
     trust, set ``max_weight_share`` (docs/security.md).
     """
 
-    strategy: Literal["fedavg"] = "fedavg"
     min_clients: int = 2
     #: select this many of the connected clients; 0, or more than are connected: all of them
     clients_per_round: int = 0
@@ -208,6 +211,24 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class StrategyConfig:
+    """``[strategy]``: the aggregation strategy and its parameters.
+
+    ``name`` picks a built-in strategy (``flctl strategies ls``); every other key of the table
+    is one of that strategy's parameters. Here they are only checked to be booleans, numbers
+    or strings: ``flctl.core`` knows no strategies, so the project loader (and the
+    coordinator, before it writes anything) checks them against the strategy's own
+    parameters (:func:`flctl.coordinator.build_strategy`).
+
+    ``rounds.strategy`` is a deprecated alias of ``name``, read when ``[strategy]`` does not
+    set it.
+    """
+
+    name: str = "fedavg"
+    params: dict[str, ConfigValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole ``flctl.toml``.
 
@@ -223,6 +244,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     task: dict[str, ConfigValue] = field(default_factory=dict)
     root: Path = field(default=Path("."), compare=False)
 
@@ -356,19 +378,44 @@ def _parse_section(path: Path, name: str, cls: type[Any], raw: Any) -> Any:
     return cls(**values)
 
 
-def _parse_task(path: Path, raw: Any) -> dict[str, ConfigValue]:
+def _parse_task(path: Path, raw: Any, table: str = "task") -> dict[str, ConfigValue]:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: [task] must be a table, not {raw!r}")
+        raise ConfigError(f"{path}: [{table}] must be a table, not {raw!r}")
     out: dict[str, ConfigValue] = {}
     for key, value in raw.items():
         if not isinstance(value, bool | int | float | str):
             raise ConfigError(
-                f"{path}: `task.{key}` must be a boolean, number or string, not {value!r}"
+                f"{path}: `{table}.{key}` must be a boolean, number or string, not {value!r}"
             )
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{path}: `task.{key}` must be finite, not {value!r}")
+            raise ConfigError(f"{path}: `{table}.{key}` must be finite, not {value!r}")
         out[key] = value
     return out
+
+
+def _parse_strategy(path: Path, raw: Any, alias: Any) -> StrategyConfig:
+    """``[strategy]``, with the deprecated ``rounds.strategy`` standing in for its name."""
+    params = _parse_task(path, {} if raw is None else raw, "strategy")
+    name = params.pop("name", None)
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"{path}: `strategy.name` must be a string, not {name!r}")
+    if alias is not None:
+        if not isinstance(alias, str):
+            raise ConfigError(f"{path}: `rounds.strategy` must be a string, not {alias!r}")
+        if name is not None and name != alias:
+            raise ConfigError(
+                f"{path}: `rounds.strategy` ({alias!r}) and `strategy.name` ({name!r}) disagree",
+                hint="`rounds.strategy` is deprecated: remove it and keep [strategy] name",
+            )
+        log.warning(
+            "%s: `rounds.strategy` is deprecated; use `name = %r` in a [strategy] table",
+            path,
+            alias,
+        )
+        name = alias
+    if name is not None and not name:
+        raise ConfigError(f"{path}: `strategy.name` must name a strategy, not {name!r}")
+    return StrategyConfig(name=name or StrategyConfig.name, params=params)
 
 
 def parse_config(data: dict[str, Any], *, path: Path, root: Path | None = None) -> Config:
@@ -384,13 +431,20 @@ def parse_config(data: dict[str, Any], *, path: Path, root: Path | None = None) 
             each other (a ``[privacy]`` combination the accountant cannot account for).
     """
     sections: dict[str, Any] = {}
+    alias = None
+    if isinstance(data.get("rounds"), dict) and "strategy" in data["rounds"]:
+        data = {**data, "rounds": dict(data["rounds"])}
+        alias = data["rounds"].pop("strategy")  # deprecated: [strategy] name
+    sections["strategy"] = _parse_strategy(path, data.get("strategy"), alias)
     for key, raw in data.items():
         if key == "task":
             sections["task"] = _parse_task(path, raw)
+        elif key == "strategy":
+            continue
         elif key in _SECTIONS:
             sections[key] = _parse_section(path, key, _SECTIONS[key], raw)
         else:
-            known = ", ".join(sorted([*_SECTIONS, "task"]))
+            known = ", ".join(sorted([*_SECTIONS, "strategy", "task"]))
             raise ConfigError(f"{path}: unknown table [{key}]", hint=f"known tables: {known}")
     config = Config(**sections, root=(root or path.parent).resolve())
     if config.rounds.clients_per_round and config.rounds.clients_per_round < (

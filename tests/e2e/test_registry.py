@@ -50,7 +50,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(config.project.seed)
     model = task.build_model(TaskContext(role="coordinator", seed=config.project.seed))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    snapshot = {"rounds": vars(config.rounds), "task": dict(config.task), "seed": 0}
+    snapshot = {
+        "rounds": vars(config.rounds),
+        "strategy": {"name": config.strategy.name, **config.strategy.params},
+        "task": dict(config.task),
+        "seed": 0,
+    }
     blobs = BlobStore(config.state_path / "blobs")
     with SqlStore.open(config.state_path) as store:
         digest = _put(blobs, state, root)
@@ -192,7 +197,7 @@ def test_ls_show_and_diff(proj: Path) -> None:
     assert [(c["client_id"], c["num_examples"]) for c in contributors] == [("c1", 60), ("c2", 40)]
     assert contributors[0]["metrics"] == {"train_loss": 0.5}
     assert show["round"]["round"] == 2 and show["round"]["metrics"] == METRICS[2]
-    assert show["strategy"] == "fedavg" and show["config"]["rounds"]["strategy"] == "fedavg"
+    assert show["strategy"] == "fedavg" and show["config"]["strategy"] == {"name": "fedavg"}
     canonical = json.dumps(show["config"], sort_keys=True)
     assert show["config_hash"] == hashlib.sha256(canonical.encode()).hexdigest()
     digest = show["model"]["digest"]
@@ -242,7 +247,7 @@ def test_plain_output_when_piped(proj: Path) -> None:
     assert "model version 3" in show.stderr  # piped, titles go to stderr
     assert "lineage: 3 (aggregate) <- 2 (aggregate) <- 1" in show.stdout
     assert "c1: 60 examples" in show.stdout and "strategy: fedavg" in show.stdout
-    assert "config.rounds.strategy: fedavg" in show.stdout and "{" not in show.stdout
+    assert "config.strategy.name: fedavg" in show.stdout and "{" not in show.stdout
     diff = flctl("models", "diff", "2", "2", cwd=proj, check=True)
     assert "identical weights" in diff.stderr and "total: l2=0" in diff.stdout
 

@@ -21,6 +21,8 @@ def test_example_validates_and_documents_every_key() -> None:
     config = load_config(REPO / "flctl.toml.example")
     assert config.server.address.endswith(f":{DEFAULT_PORT}")
     text = (REPO / "flctl.toml.example").read_text()
+    assert config.strategy.name == "fedavg"
+    assert "\n[strategy]\n" in text and "\nname = " in text
     for section, cls in cfg._SECTIONS.items():
         assert f"[{section}]" in text
         for f in dataclasses.fields(cls):
@@ -40,7 +42,16 @@ def test_defaults_when_empty(tmp_path: Path) -> None:
         ("[rounds]\nmin_clients = 0\n", "`rounds.min_clients` must be at least 1"),
         ("[rounds]\nmin_clent = 2\n", "unknown key `rounds.min_clent`"),
         ("[roundz]\n", "unknown table [roundz]"),
-        ("[rounds]\nstrategy = 'fedmagic'\n", "`rounds.strategy` must be one of"),
+        ("[rounds]\nstrategy = 1\n", "`rounds.strategy` must be a string"),
+        ("[strategy]\nname = 3\n", "`strategy.name` must be a string"),
+        ("[strategy]\nname = ''\n", "`strategy.name` must name a strategy"),
+        ("[strategy]\nmu = [0.1]\n", "`strategy.mu` must be a boolean, number or string"),
+        ("[strategy]\nmu = inf\n", "`strategy.mu` must be finite"),
+        ("strategy = 'fedavg'\n", "[strategy] must be a table"),
+        (
+            "[rounds]\nstrategy = 'fedavg'\n[strategy]\nname = 'fedprox'\n",
+            "`rounds.strategy` ('fedavg') and `strategy.name` ('fedprox') disagree",
+        ),
         ("[client]\nupdate_encoding = 'sparse'\n", "`client.update_encoding` must be one of"),
         ("[client]\nupdate_dtype = 'float8'\n", "`client.update_dtype` must be one of"),
         ("[client]\nupdate_dtype = 16\n", "`client.update_dtype` must be one of"),
@@ -209,3 +220,24 @@ def test_selection_and_quorum_edges_have_a_meaning(tmp_path: Path) -> None:
     text = "[rounds]\nclients_per_round = 10000\nquorum_timeout_s = 0\n"
     rounds = load_config(write(tmp_path, text)).rounds
     assert (rounds.clients_per_round, rounds.quorum_timeout_s) == (10000, 0.0)
+
+
+def test_strategy_table_name_and_parameters(tmp_path: Path) -> None:
+    from flctl.core import StrategyConfig
+
+    assert load_config(write(tmp_path, "")).strategy == StrategyConfig("fedavg", {})
+    text = "[strategy]\nname = 'fedprox'\nproximal_mu = 0.1\nlocal = true\n"
+    config = load_config(write(tmp_path, text))
+    # core keeps the parameters as given; the strategy itself checks them (build_strategy)
+    assert config.strategy == StrategyConfig("fedprox", {"proximal_mu": 0.1, "local": True})
+
+
+def test_rounds_strategy_is_a_deprecated_alias_of_the_strategy_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = load_config(write(tmp_path, "[rounds]\nstrategy = 'fedavgm'\nmin_clients = 3\n"))
+    assert config.strategy.name == "fedavgm" and config.rounds.min_clients == 3
+    assert "`rounds.strategy` is deprecated" in caplog.text
+    both = "[rounds]\nstrategy = 'fedavgm'\n[strategy]\nname = 'fedavgm'\nserver_momentum = 0.9\n"
+    config = load_config(write(tmp_path, both))
+    assert (config.strategy.name, config.strategy.params) == ("fedavgm", {"server_momentum": 0.9})
