@@ -1,7 +1,16 @@
 """Aggregation strategies over streamed updates."""
 
+from flctl.aggregation._bulyan import Bulyan
 from flctl.aggregation._dpfedavg import DpFedAvg
+from flctl.aggregation._fedadagrad import FedAdagrad
+from flctl.aggregation._fedadam import FedAdam
 from flctl.aggregation._fedavg import FedAvg, fedavg_in_memory
+from flctl.aggregation._fedavgm import FedAvgM
+from flctl.aggregation._fedmedian import FedMedian
+from flctl.aggregation._fedprox import FedProx
+from flctl.aggregation._fedtrimmedavg import FedTrimmedAvg
+from flctl.aggregation._fedyogi import FedYogi
+from flctl.aggregation._krum import Krum, MultiKrum
 from flctl.aggregation._localdpfedavg import LocalDpFedAvg
 from flctl.aggregation._registry import BUILTIN_STRATEGIES, make_strategy
 from flctl.aggregation._strategy import Param, Strategy, WeightedUpdate
@@ -9,9 +18,19 @@ from flctl.aggregation._weights import cap_weights
 
 __all__ = [
     "BUILTIN_STRATEGIES",
+    "Bulyan",
     "DpFedAvg",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgM",
+    "FedMedian",
+    "FedProx",
+    "FedTrimmedAvg",
+    "FedYogi",
+    "Krum",
     "LocalDpFedAvg",
+    "MultiKrum",
     "Param",
     "Strategy",
     "WeightedUpdate",

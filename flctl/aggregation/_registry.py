@@ -5,7 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from flctl.aggregation._bulyan import Bulyan
+from flctl.aggregation._fedadagrad import FedAdagrad
+from flctl.aggregation._fedadam import FedAdam
 from flctl.aggregation._fedavg import FedAvg
+from flctl.aggregation._fedavgm import FedAvgM
+from flctl.aggregation._fedmedian import FedMedian
+from flctl.aggregation._fedprox import FedProx
+from flctl.aggregation._fedtrimmedavg import FedTrimmedAvg
+from flctl.aggregation._fedyogi import FedYogi
+from flctl.aggregation._krum import Krum, MultiKrum
 from flctl.aggregation._strategy import Strategy
 from flctl.core.errors import ConfigError
 
@@ -13,7 +22,22 @@ __all__ = ["BUILTIN_STRATEGIES", "make_strategy"]
 
 #: Every built-in strategy, by its ``name`` (what ``[strategy] name`` and
 #: ``flctl strategies ls`` use). A new built-in is added here.
-BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg,)}
+BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (
+        FedAvg,
+        FedAvgM,
+        FedProx,
+        FedAdam,
+        FedYogi,
+        FedAdagrad,
+        FedMedian,
+        FedTrimmedAvg,
+        Krum,
+        MultiKrum,
+        Bulyan,
+    )
+}
 
 
 def make_strategy(name: str, values: Mapping[str, Any] | None = None) -> Strategy:
