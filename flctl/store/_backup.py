@@ -142,8 +142,8 @@ def backup_database(source: Path, target: Path) -> None:
 def _referenced(database: Path) -> set[str]:
     """The digests the blob folder must keep for ``database`` (as ``referenced_digests``).
 
-    Plain SQL over table and column names every schema version has, so that a backup of an
-    older database can be checked too.
+    Plain SQL over table and column names every schema version has (and, from schema 6, the
+    strategies' states), so that a backup of an older database can be checked too.
     """
     terminal = sorted(TERMINAL)
     marks = ", ".join("?" for _ in terminal)
@@ -155,6 +155,11 @@ def _referenced(database: Path) -> set[str]:
             f"WHERE u.status = 'accepted' AND u.digest != '' AND r.status NOT IN ({marks})",
             terminal,
         ).fetchall()
+        columns = {str(c[1]) for c in connection.execute("PRAGMA table_info(models)")}
+        if "state_digest" in columns:  # schema 6: the strategies' states
+            rows += connection.execute(
+                "SELECT state_digest FROM models WHERE state_digest != ''"
+            ).fetchall()
     except (sqlite3.Error, UnicodeDecodeError) as exc:
         if is_corruption(exc):
             raise corrupt_error(database, exc) from exc

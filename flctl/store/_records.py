@@ -62,6 +62,8 @@ class ModelRecord:
         source: For a rollback, the version whose weights it restores; otherwise None.
         config: The strategy and settings it was produced with (a round's config), or {}.
         config_hash: SHA-256 of ``config`` in canonical JSON, or "" when there is none.
+        state_digest: The blob of the strategy's state that goes with these weights (a
+            safetensors file), or "" when the strategy keeps none.
     """
 
     version: int
@@ -77,6 +79,7 @@ class ModelRecord:
     source: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""
+    state_digest: str = ""
 
     @property
     def is_rejected(self) -> bool:
@@ -120,6 +123,7 @@ class RoundRecord:
         deadline: Unix time its training phase ends, or None.
         config: Per-round settings given when it was queued.
         tasks: Client id -> task id of the selected clients ({} before selection).
+        fit_config: Client id -> the extra fit config the strategy gave it ({}: none).
     """
 
     id: int
@@ -136,6 +140,7 @@ class RoundRecord:
     deadline: float | None
     config: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, str] = field(default_factory=dict)
+    fit_config: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def duration_s(self) -> float | None:

@@ -126,8 +126,10 @@ class SqlStore:
     #: 1: models, refs, rounds, updates, clients, events. 2: the registry (tags; model status,
     #: reason, author, source, config). 3: rounds.tasks. 4: dp_ledger.unclipped_fraction and
     #: next_clip_norm (adaptive clipping). 5: pending_rollbacks (rollbacks deferred behind a
-    #: running round survive a restart). Older databases are migrated when opened.
-    SCHEMA_VERSION: ClassVar[int] = 5
+    #: running round survive a restart). 6: models.state_digest (the strategy's state with each
+    #: version) and rounds.fit_config (the strategy's per-client fit config). Older databases
+    #: are migrated when opened.
+    SCHEMA_VERSION: ClassVar[int] = 6
 
     def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.is_read_only = read_only
@@ -542,8 +544,9 @@ class SqlStore:
     def referenced_digests(self) -> set[str]:
         """Return every digest the blob store must keep.
 
-        That is every model's digest, plus the digests of accepted updates of rounds that have
-        not reached a terminal status (they may still be aggregated).
+        That is every model's digest and strategy state's digest, plus the digests of accepted
+        updates of rounds that have not reached a terminal status (they may still be
+        aggregated).
         """
         updates = (
             select(UpdateRow.digest)
@@ -557,6 +560,9 @@ class SqlStore:
         with self._session() as session:
             out = set(session.exec(select(ModelRow.digest)))
             out.update(session.exec(updates))
+            out.update(
+                session.exec(select(ModelRow.state_digest).where(col(ModelRow.state_digest) != ""))
+            )
         return out
 
     # -- the registry: references, lineage, tags, head moves ---------------------------------
@@ -726,8 +732,8 @@ class SqlStore:
     ) -> ModelRecord:
         """Make ``version``'s weights the head again, as a NEW version; history stays.
 
-        Writes a version of kind ``kind`` whose digest, metrics and config are those of
-        ``version``, with parent = the current head and ``source`` = ``version``, and moves
+        Writes a version of kind ``kind`` whose digest, metrics, config and strategy state are
+        those of ``version``, with parent = the current head and ``source`` = ``version``, and moves
         ``head`` to it, in one transaction. The caller records the event.
 
         Args:
@@ -768,6 +774,7 @@ class SqlStore:
                 config_json=target.config_json,
                 config_hash=target.config_hash,
                 source=target.version,
+                state_digest=target.state_digest,
             )
             _set_ref(session, _HEAD, row.version)
             record = _model_record(row)
@@ -946,6 +953,7 @@ class SqlStore:
         deadline: float | None = None,
         ended: float | None = None,
         tasks: Mapping[str, str] | None = None,
+        fit_config: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> RoundRecord:
         """Move a round to ``status`` and set the fields given (None leaves a field as is).
 
@@ -979,6 +987,10 @@ class SqlStore:
             values["deadline"] = deadline
         if tasks is not None:
             values["tasks"] = json.dumps({str(k): str(v) for k, v in tasks.items()})
+        if fit_config is not None:
+            values["fit_config"] = _dump_json(
+                {str(k): dict(v) for k, v in fit_config.items()}, "fit config"
+            )
         if ended is None and status in TERMINAL:
             ended = time.time()
         if ended is not None:
@@ -998,6 +1010,7 @@ class SqlStore:
         num_clients: int,
         status: str = "ok",
         reason: str = "",
+        state_digest: str = "",
     ) -> ModelRecord:
         """Commit a round and its aggregate, all in one transaction.
 
@@ -1015,6 +1028,7 @@ class SqlStore:
             status: ``ok``, or ``rejected`` when the validation gate refused the aggregate:
                 the version is stored with ``reason`` but ``head`` stays where it is.
             reason: Why it was rejected.
+            state_digest: The blob of the strategy's state after this round, or "".
 
         Returns:
             The new model version.
@@ -1054,6 +1068,7 @@ class SqlStore:
                 author="round",
                 config_json=config_json,
                 config_hash=config_hash,
+                state_digest=state_digest,
             )
             session.exec(
                 update(RoundRow)
@@ -1463,6 +1478,7 @@ def _insert_model(
     config_json: str = "{}",
     config_hash: str = "",
     source: int | None = None,
+    state_digest: str = "",
 ) -> ModelRow:
     last = session.exec(select(func.max(ModelRow.version))).one()
     row = ModelRow(
@@ -1479,6 +1495,7 @@ def _insert_model(
         source=source,
         config_json=config_json,
         config_hash=config_hash,
+        state_digest=state_digest,
     )
     session.add(row)
     session.flush()
@@ -1539,6 +1556,7 @@ def _model_record(row: ModelRow) -> ModelRecord:
         source=row.source,
         config=_load_dict(row.config_json),
         config_hash=row.config_hash,
+        state_digest=row.state_digest or "",
     )
 
 
@@ -1563,6 +1581,11 @@ def _round_record(row: RoundRow) -> RoundRecord:
         deadline=row.deadline,
         config=_load_dict(row.config),
         tasks={str(k): str(v) for k, v in _load_dict(row.tasks or "{}").items()},
+        fit_config={
+            str(k): dict(v)
+            for k, v in _load_dict(row.fit_config or "{}").items()
+            if isinstance(v, dict)
+        },
     )
 
 
@@ -1687,12 +1710,20 @@ def _migrate_4_to_5(session: Session) -> None:
     """Nothing to alter: ``create_all`` adds the pending_rollbacks table afterwards."""
 
 
+def _migrate_5_to_6(session: Session) -> None:
+    """Add models.state_digest (the strategy's state) and rounds.fit_config."""
+    connection = session.connection()
+    for name in (ModelRow.__tablename__, RoundRow.__tablename__):
+        _add_missing_columns(connection, TableBase.metadata.tables[name])
+
+
 #: schema version found -> the step that brings it to the next version.
 _MIGRATIONS = {
     "1": _migrate_1_to_2,
     "2": _migrate_2_to_3,
     "3": _migrate_3_to_4,
     "4": _migrate_4_to_5,
+    "5": _migrate_5_to_6,
 }
 
 

@@ -66,6 +66,9 @@ class ModelRow(TableBase, table=True):
     source: int | None = None
     config_json: str = Field(default="{}", sa_type=Text, sa_column_kwargs={"server_default": "{}"})
     config_hash: str = Field(default="", max_length=64, sa_column_kwargs={"server_default": ""})
+    #: The strategy's state after the round that made this version (schema 6): the digest of a
+    #: safetensors blob, or "" when the strategy keeps none. A rollback copies its source's.
+    state_digest: str = Field(default="", max_length=64, sa_column_kwargs={"server_default": ""})
 
 
 class TagRow(TableBase, table=True):
@@ -100,6 +103,9 @@ class RoundRow(TableBase, table=True):
     #: client id -> task id of the selected clients (schema 3): a restarted coordinator
     #: resumes the round with the same tasks.
     tasks: str | None = Field(default=None, sa_type=Text)
+    #: client id -> the extra fit config the strategy gave it (schema 6): a resumed round
+    #: sends each client the same config.
+    fit_config: str | None = Field(default=None, sa_type=Text)
 
 
 class UpdateRow(TableBase, table=True):
