@@ -28,7 +28,8 @@ class Bulyan(Strategy):
 
     Step 1 follows Flower: one Multi-Krum ranking over all ``n`` updates. The paper applies
     Krum ``theta`` times, each time to the updates not yet selected, which can pick a
-    different set. ``num_examples`` does not weigh in. Integer tensors come from the
+    different set. Distances are over the floating-point tensors (see :class:`MultiKrum`).
+    ``num_examples`` does not weigh in. Integer tensors come from the
     heaviest selected update. Ties go to the update first in client-id order.
 
     Memory: two passes over the updates. The first accumulates the n x n distance matrix one

@@ -17,20 +17,21 @@ __all__ = ["Krum", "MultiKrum", "krum_scores", "pairwise_sq_distances"]
 
 
 def pairwise_sq_distances(opened: OpenRound) -> torch.Tensor:
-    """The K x K matrix of squared L2 distances between the updates' whole models (float64).
+    """The K x K matrix of squared L2 distances between the updates' models (float64).
 
-    Accumulated one tensor name at a time: memory is that tensor read from all K updates plus
-    one difference. Integer tensors count too (as float64), as in Flower.
+    Over the floating-point tensors only: integer tensors are counters (BatchNorm's
+    ``num_batches_tracked`` counts a client's batches), not parameters, and would make the
+    clients with the most data look the farthest apart. Accumulated one tensor name at a time:
+    memory is that tensor read from all K updates plus one difference.
     """
     import torch
 
     k = len(opened.updates)
     distances = torch.zeros((k, k), dtype=torch.float64)
     for name in opened.specs:
-        if opened.is_float(name):
-            stacked = opened.stack(name)
-        else:
-            stacked = torch.stack([opened.read(i, name) for i in range(k)]).to(torch.float64)
+        if not opened.is_float(name):
+            continue
+        stacked = opened.stack(name)
         flat = stacked.reshape(k, -1)
         for i in range(k):
             for j in range(i + 1, k):
@@ -72,8 +73,10 @@ class MultiKrum(Strategy):
     FedAvg does. ``to_keep`` 1 is Krum. With ``n > 2f + 2`` the selection provably resists
     ``f`` Byzantine updates; fewer updates are aggregated all the same, as Flower does (its
     MultiKrum defaults: ``num_malicious`` 0, ``to_keep`` 1). A ``to_keep`` larger than the
-    round keeps every update. Distances are over every tensor, integer ones included (as
-    Flower); integer tensors of the result come from the heaviest kept update. Ties in
+    round keeps every update. Distances are over the floating-point tensors: Flower counts
+    integer tensors too, but counters such as BatchNorm's ``num_batches_tracked`` grow with a
+    client's data and would dominate them. Integer tensors of the result come from the
+    heaviest kept update. Ties in
     score go to the update first in client-id order.
 
     Memory: two passes over the updates. The first accumulates the K x K distance matrix one
