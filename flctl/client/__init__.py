@@ -2,6 +2,7 @@
 
 from flctl.client._api import Client, ConfigValue, Metrics, Parameters
 from flctl.client._device import resolve_device
+from flctl.client._proximal import proximal_term
 from flctl.client._runner import (
     ClientCache,
     JoinOptions,
@@ -22,5 +23,6 @@ __all__ = [
     "PendingUploads",
     "Runner",
     "fetch_blob",
+    "proximal_term",
     "resolve_device",
 ]

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flctl.client import Client
+from flctl.client import Client, proximal_term
 from flctl.core import TaskContext
 
 # The split of the 1,797 images: the first 1,437 of the shuffled order train, the rest test.
@@ -256,14 +256,21 @@ def train(
     momentum: float,
     generator: torch.Generator,
     progress: Callable[[int, int], None] | None = None,
+    proximal_mu: float = 0.0,
 ) -> tuple[float, float]:
     """Train ``model`` in place with SGD; return (mean loss, accuracy) of the last epoch.
 
     ``progress``, when given, is called after each batch with (batches done, batches in all).
+    With ``proximal_mu > 0`` (the fedprox strategy sends it), each batch's loss also has
+    FedProx's term ``proximal_mu / 2 * ||w - w_start||^2``, which keeps the model near the
+    global model it started from; the reported loss is the data's loss alone.
     """
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss()
+    global_params = (
+        {n: t.detach().clone() for n, t in model.named_parameters()} if proximal_mu > 0 else {}
+    )
     n = len(y)
     total_batches = epochs * math.ceil(n / batch_size)
     done_batches = 0
@@ -277,7 +284,10 @@ def train(
             logits = model(x[batch])
             loss = loss_fn(logits, y[batch])
             optimizer.zero_grad()
-            loss.backward()
+            if proximal_mu > 0:
+                (loss + proximal_term(model, global_params, proximal_mu)).backward()
+            else:
+                loss.backward()
             optimizer.step()
             loss_sum += loss.item() * len(batch)
             correct += int((logits.argmax(1) == y[batch]).sum().item())
@@ -353,6 +363,8 @@ class DigitsClient(Client):
             generator=generator,
             # flctl shows it on the coordinator's panel ("training 40%")
             progress=self.context.report_progress,
+            # sent by the fedprox strategy; 0 (or absent) trains as under FedAvg
+            proximal_mu=float(config.get("proximal_mu", 0.0)),
         )
         metrics = {"train_loss": float(loss), "train_accuracy": float(accuracy)}
         return cpu_state_dict(self.model), len(self.y), metrics
