@@ -280,6 +280,35 @@ def _tensor_summary(path: Path) -> dict[str, Any]:
     }
 
 
+def _state_summary(blobs: BlobStore, digest: str) -> dict[str, Any] | None:
+    """The strategy state recorded with a version: its blob and tensors; None: it has none."""
+    if not digest:
+        return None
+    from flctl.tensors import read_spec
+
+    path = blobs.path(digest)
+    doc: dict[str, Any] = {"digest": digest, "blob": "missing", "tensors": None}
+    if not path.is_file():
+        return doc
+    try:
+        specs = read_spec(path)
+    except InvalidInputError:
+        doc["blob"] = "unreadable"
+        return doc
+    doc["blob"] = "present"
+    doc["size_bytes"] = path.stat().st_size
+    doc["tensors"] = [
+        {
+            "name": spec.name,
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "bytes": spec.end - spec.begin,
+        }
+        for spec in sorted(specs.values(), key=lambda spec: spec.name)
+    ]
+    return doc
+
+
 def show_model(config: Config, ref: str) -> dict[str, Any]:
     """Everything the registry knows about one version, as ``models show --json`` prints it."""
     with _open_state(config) as (store, blobs):
@@ -332,6 +361,7 @@ def show_model(config: Config, ref: str) -> dict[str, Any]:
             blob_state = "unreadable"  # a damaged header; `models verify` says more
     config_doc = model.config
     strategy = _strategy_name(config_doc)
+    strategy_state = _state_summary(blobs, model.state_digest)
     return {
         "model": model_dict(model, head, tags),
         "lineage": [
@@ -346,6 +376,7 @@ def show_model(config: Config, ref: str) -> dict[str, Any]:
         ],
         "round": round_doc,
         "strategy": strategy,
+        "strategy_state": strategy_state,
         "config": config_doc,
         "config_hash": model.config_hash,
         "tensors": tensors,
@@ -396,6 +427,21 @@ def models_show(ref: RefArg, config_path: ConfigOpt = None, json_output: JsonOpt
         rows.append(("tensors", f"{tensors['count']} ({tensors['parameters']:,} parameters)"))
         rows.append(("size", _bytes(doc["size_bytes"])))
     rows.append(("strategy", doc["strategy"] or "-"))
+    state = doc["strategy_state"]
+    if state is not None:
+        if state["tensors"] is None:
+            rows.append(("strategy state", f"{state['digest'][:12]} ({state['blob']})"))
+        else:
+            rows.append(
+                (
+                    "strategy state",
+                    f"{state['digest'][:12]}, {len(state['tensors'])} tensors, "
+                    f"{_bytes(state['size_bytes'])}",
+                )
+            )
+            for t in state["tensors"]:
+                shape = "x".join(str(d) for d in t["shape"]) or "scalar"
+                rows.append((f"  {t['name']}", f"{t['dtype']} {shape} ({_bytes(t['bytes'])})"))
     if doc["config_hash"]:
         rows.append(("config", f"sha256 {doc['config_hash'][:12]}"))
     rnd = doc["round"]

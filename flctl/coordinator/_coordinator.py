@@ -300,6 +300,7 @@ class Coordinator:
             evaluator=make_evaluator(task, config),
             uploads=uploads,
             check=check,
+            new_strategy=lambda: build_strategy(config),
         )
         # The round open when the coordinator stopped carries on if it can; others fail.
         resumed: int | None = None
@@ -315,6 +316,13 @@ class Coordinator:
         # Rollbacks deferred behind a round that is over now (a restart ended it) apply now;
         # those waiting for the resumed round, when it ends.
         engine.apply_pending(keep_round=resumed)
+        # the strategy carries on from the state recorded with the head: refused at start when
+        # it does not belong to the configured strategy; a missing blob fails each round with
+        # the reason instead, so that an admin can still roll back
+        try:
+            engine.sync_state()
+        except IntegrityError as exc:
+            log.warning("%s", exc.message)
         coordinator_service = CoordinatorService(
             store=store,
             blobs=blobs,

@@ -57,6 +57,17 @@ have. The same grace applies to any selected client whose task stream closes mid
 round waits that long for it to rejoin (its task is sent again) before going on without it.
 A client whose task stream opens while it is selected and has not reported is sent its task
 again.
+
+The strategy (``[strategy]``, docs/strategies.md) is asked at fixed points of a round. When the
+tasks are sent, :meth:`Strategy.configure_fit` may add config for each selected client (its
+keys win over ``[task]``'s; ``server_round`` and the privacy entries stay the engine's); what it
+answered is stored with the round, so a resumed round sends the same. After a round commits,
+the strategy's :meth:`Strategy.state_dict`, when not empty, is stored as a safetensors blob
+recorded with the new version (``models.state_digest``). Before each round the strategy holds
+the state recorded with the version the head points at (:meth:`RoundEngine.sync_state`): after
+a restart, a rollback or a round that did not commit, it gets that state back with
+:meth:`Strategy.load_state_dict` (or starts over, built anew, where the head has none). With
+``[privacy]`` on, DP-FedAvg aggregates instead, and the strategy is not asked.
 """
 
 from __future__ import annotations
@@ -76,7 +87,7 @@ from flctl.aggregation import DpFedAvg, LocalDpFedAvg, Strategy, WeightedUpdate,
 from flctl.core import Config
 from flctl.core import events as ev
 from flctl.core.dp import TaskPrivacy
-from flctl.core.errors import BudgetExhaustedError, FlctlError, RoundFailedError
+from flctl.core.errors import BudgetExhaustedError, FlctlError, IntegrityError, RoundFailedError
 from flctl.privacy import (
     Accountant,
     AccountantName,
@@ -95,7 +106,7 @@ from flctl.store import (
     charge,
     ledger,
 )
-from flctl.tensors import sha256_file
+from flctl.tensors import load_parameters, save_parameters, sha256_file
 from flctl.transport.grpc import pb, to_value_map
 
 from ._events import EventLog
@@ -141,6 +152,8 @@ class _OpenRound:
     reported: set[str] = field(default_factory=set)
     #: clients whose update for their task was refused as malformed, and why: final
     refused: dict[str, str] = field(default_factory=dict)
+    #: client id -> the extra fit config the strategy gave it (configure_fit)
+    fit_config: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 #: A rollback asked for while a round ran (kept in the store: it survives a restart).
@@ -162,6 +175,7 @@ class RoundEngine:
         evaluator: Evaluator | None,
         uploads: PartialUploads | None = None,
         check: ModelCheck | None = None,
+        new_strategy: Callable[[], Strategy] | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -169,6 +183,12 @@ class RoundEngine:
         self._events = events
         self._registry = registry
         self._strategy = strategy
+        #: builds the strategy afresh, for a head that has no state (default: ``strategy``
+        #: loads an empty state)
+        self._new_strategy = new_strategy
+        #: the state digest the strategy holds ("" none: as built); None: unknown (it
+        #: aggregated a round that did not commit)
+        self._state_digest: str | None = ""
         self._evaluator = evaluator
         self._uploads = uploads
         self._check = check
@@ -221,12 +241,69 @@ class RoundEngine:
             task.config,
             {
                 **self._config.task,
+                **open_round.fit_config.get(client_id, {}),
                 "server_round": open_round.server_round,
                 # the client applies these (local DP: clip and noise before upload)
                 **TaskPrivacy.of(self._config.privacy).task_entries(),
             },
         )
         return task
+
+    def sync_state(self) -> None:
+        """Give the strategy the state recorded with the head version, if it lacks it.
+
+        A head without a state gets a strategy as built (anew, when it held another state).
+
+        Raises:
+            ConfigError: The stored state does not belong to the strategy (it was changed).
+            IntegrityError: The state's blob is missing.
+        """
+        head = self._store.head()
+        wanted = "" if head is None else head.state_digest
+        if wanted == self._state_digest:
+            return
+        if wanted:
+            if not self._blobs.has(wanted):
+                raise IntegrityError(
+                    f"the strategy state of version {head.version if head else '?'} "
+                    f"(blob {wanted[:12]}) is missing",
+                    hint="roll back to a version whose state is present, or restore a backup",
+                )
+            self._strategy.load_state_dict(load_parameters(self._blobs.path(wanted)))
+        elif self._new_strategy is not None:
+            self._strategy = self._new_strategy()
+        else:
+            self._strategy.load_state_dict({})
+        self._state_digest = wanted
+        log.info("strategy state: %s", wanted[:12] or "none (as built)")
+
+    def _configure_fit(self, server_round: int, selected: list[str]) -> dict[str, dict[str, Any]]:
+        """The strategy's extra fit config per selected client, checked (none with privacy).
+
+        Raises:
+            RoundFailedError: It named a client that was not selected, or gave a key or value
+                a task config cannot carry.
+        """
+        if self._config.privacy.mode != "off":
+            return {}
+        answer = self._strategy.configure_fit(server_round, list(selected))
+        name = getattr(self._strategy, "name", type(self._strategy).__name__)
+        out: dict[str, dict[str, Any]] = {}
+        for client_id, entries in answer.items():
+            if client_id not in selected:
+                raise RoundFailedError(
+                    f"strategy {name!r}: configure_fit gave config to {client_id!r}, "
+                    "which was not selected"
+                )
+            for key, value in entries.items():
+                if not isinstance(key, str) or not isinstance(value, bool | int | float | str):
+                    raise RoundFailedError(
+                        f"strategy {name!r}: configure_fit gave {client_id!r} {key!r} = "
+                        f"{value!r}: a fit config holds booleans, numbers and strings"
+                    )
+            if entries:
+                out[client_id] = dict(entries)
+        return out
 
     def update_arrived(self, client_id: str = "") -> None:
         """An update from ``client_id`` was accepted, or (no id) a selected client went away."""
@@ -565,6 +642,8 @@ class RoundEngine:
         head = self._store.head()
         if head is None:  # pragma: no cover - the coordinator writes version 1 at start
             raise RoundFailedError("no head model")
+        self.sync_state()
+        fit_config = self._configure_fit(server_round, selected)
         deadline = time.time() + rounds.deadline_s
         tasks = {client_id: uuid.uuid4().hex for client_id in selected}
         model_size = self._blobs.size(head.digest)
@@ -576,6 +655,7 @@ class RoundEngine:
             asyncio.Event(),
             model_size,
             target=self._target(len(tasks)),
+            fit_config=fit_config,
         )
         with self._store.transaction():
             self._store.set_round_status(
@@ -585,6 +665,7 @@ class RoundEngine:
                 selected=selected,
                 deadline=deadline,
                 tasks=tasks,
+                fit_config=fit_config,
             )
             self._events.emit(
                 ev.ROUND_STARTED,
@@ -637,6 +718,7 @@ class RoundEngine:
         head = self._store.head()
         if head is None or record.deadline is None:  # pragma: no cover - checked by resumable
             raise RoundFailedError("coordinator restarted")
+        self.sync_state()
         self.open = _OpenRound(
             server_round,
             head.digest,
@@ -649,6 +731,7 @@ class RoundEngine:
             reported={
                 u.client_id for u in self._store.updates_for_round(server_round, status="accepted")
             },
+            fit_config=dict(record.fit_config),
         )
         accepted = len(self.open.reported)
         with self._store.transaction():
@@ -756,8 +839,12 @@ class RoundEngine:
             WeightedUpdate(self._blobs.path(u.digest), weight, u.client_id)
             for u, weight in zip(accepted, weights, strict=True)
         ]
+        state_digest = ""
         if mechanism is None:
-            digest = await asyncio.to_thread(self._aggregate, base_path, updates)
+            self._state_digest = None  # the strategy moves on; a round that fails reloads
+            digest, state_digest = await asyncio.to_thread(
+                self._aggregate_stateful, base_path, updates
+            )
         elif is_local:
             local = LocalDpFedAvg()
             digest = await asyncio.to_thread(self._aggregate, base_path, updates, local)
@@ -817,7 +904,11 @@ class RoundEngine:
 
         with self._store.transaction():  # the model, the head and their events, or nothing
             model = self._store.commit_round(
-                server_round, digest=digest, metrics=metrics, num_clients=len(accepted)
+                server_round,
+                digest=digest,
+                metrics=metrics,
+                num_clients=len(accepted),
+                state_digest=state_digest,
             )
             self._events.emit(
                 ev.MODEL_CREATED,
@@ -845,6 +936,8 @@ class RoundEngine:
                     "evaluate_s": None if evaluate_s is None else round(evaluate_s, 4),
                 },
             )
+        if mechanism is None:
+            self._state_digest = state_digest  # the strategy holds what the head records
         log.info("round %d committed: model version %d %s", server_round, model.version, metrics)
 
     def _weights(self, server_round: int, accepted: list[Any]) -> list[int]:
@@ -1290,6 +1383,20 @@ class RoundEngine:
             },
         )
         return record
+
+    def _aggregate_stateful(self, base: Path, updates: list[WeightedUpdate]) -> tuple[str, str]:
+        """Aggregate with the strategy; return the model's digest and its state's ("": none)."""
+        digest = self._aggregate(base, updates)
+        state = self._strategy.state_dict()
+        if not state:
+            return digest, ""
+        temp, handle = self._blobs.temp_file()
+        handle.close()
+        try:
+            save_parameters(state, temp)
+            return digest, self._blobs.commit_temp(temp, sha256_file(temp))
+        finally:
+            temp.unlink(missing_ok=True)
 
     def _aggregate(
         self, base: Path, updates: list[WeightedUpdate], strategy: Strategy | None = None

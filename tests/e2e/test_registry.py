@@ -185,6 +185,7 @@ def test_ls_show_and_diff(proj: Path) -> None:
         "lineage",
         "round",
         "strategy",
+        "strategy_state",
         "config",
         "config_hash",
         "tensors",
@@ -198,6 +199,7 @@ def test_ls_show_and_diff(proj: Path) -> None:
     assert contributors[0]["metrics"] == {"train_loss": 0.5}
     assert show["round"]["round"] == 2 and show["round"]["metrics"] == METRICS[2]
     assert show["strategy"] == "fedavg" and show["config"]["strategy"] == {"name": "fedavg"}
+    assert show["strategy_state"] is None  # FedAvg keeps none
     canonical = json.dumps(show["config"], sort_keys=True)
     assert show["config_hash"] == hashlib.sha256(canonical.encode()).hexdigest()
     digest = show["model"]["digest"]
