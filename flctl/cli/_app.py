@@ -18,6 +18,7 @@ from flctl.cli._options import ConfigOpt, JsonOpt, ServerOpt
 from flctl.cli._output import Output, command, settings
 from flctl.cli._status import RoundIdsOpt, clients_app
 from flctl.cli._store import store_app
+from flctl.cli._strategies import aggregate_command, strategies_app
 
 __all__ = ["app", "main"]
 
@@ -43,6 +44,8 @@ app.add_typer(dp_app, name="dp", context_settings=_CONTEXT)
 app.add_typer(models_app, name="models", context_settings=_CONTEXT)
 app.add_typer(clients_app, name="clients", context_settings=_CONTEXT)
 app.add_typer(store_app, name="store", context_settings=_CONTEXT)
+app.add_typer(strategies_app, name="strategies", context_settings=_CONTEXT)
+app.command("aggregate", context_settings=_CONTEXT)(aggregate_command)
 
 
 def _version(value: bool) -> None:

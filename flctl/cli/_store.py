@@ -19,7 +19,7 @@ from flctl.cli._output import Output, command
 __all__ = ["store_app"]
 
 store_app = typer.Typer(
-    help="Back up and restore the state store (database and blob manifest).",
+    help="Back up and restore the state store (database, blob manifest).",
     no_args_is_help=True,
 )
 
