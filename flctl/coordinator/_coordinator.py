@@ -42,7 +42,7 @@ from ._engine import RoundEngine, end_round
 from ._events import EventLog
 from ._guard import RevocationGuard
 from ._integrity import ModelCheck
-from ._registry import Registry
+from ._registry import Registry, Session
 from ._service import AdminService, CoordinatorService, Limits
 from ._strategy import build_strategy
 from ._task import make_evaluator, task_model_spec, write_initial_model
@@ -533,33 +533,45 @@ class Coordinator:
                 continue
             now = time.time()
             for client_id, session in registry.items():
-                if session.not_after and now >= session.not_after:
-                    session.expired = True
-                    if registry.end(session):
-                        when = datetime.fromtimestamp(session.not_after, UTC)
-                        reason = f"certificate expired at {when:%Y-%m-%d %H:%M:%S} UTC"
-                        log.info("%s: %s: session ended", client_id, reason)
-                        store.bump_client(client_id, state="offline", seen=now)
-                        events.emit(
-                            ev.CLIENT_LEFT,
-                            client_id=client_id,
-                            data={"reason": reason, "expired": True},
-                        )
-                        if self._engine is not None:
-                            self._engine.update_arrived()
-                    continue
-                silent = now - session.last_seen
-                if silent <= timeout or not registry.end(session):
-                    continue
-                log.info("%s silent for %.1f s: dropped", client_id, silent)
-                store.bump_client(client_id, state="offline", seen=session.last_seen)
-                events.emit(
-                    ev.CLIENT_LEFT,
-                    client_id=client_id,
-                    data={"reason": f"no heartbeat for {silent:.1f} s (timeout {timeout:g} s)"},
-                )
-                if self._engine is not None:
-                    self._engine.update_arrived()
+                try:
+                    self._reap_one(client_id, session, now, timeout)
+                except FlctlError as exc:  # a full disk, say: the session still ends
+                    log.warning("%s: could not record the end of its session: %s", client_id, exc)
+
+    def _reap_one(self, client_id: str, session: Session, now: float, timeout: float) -> None:
+        """End ``session`` if its certificate expired or it has been silent too long.
+
+        The session ends (and the engine hears of it) before anything is written, so a store
+        that cannot be written (a full disk) does not keep a gone client in the round.
+        """
+        registry, store, events = self._registry, self.store, self.events
+        assert registry is not None and store is not None and events is not None
+        expired = bool(session.not_after and now >= session.not_after)
+        if expired:
+            session.expired = True
+        silent = now - session.last_seen
+        if not expired and silent <= timeout:
+            return
+        if not registry.end(session):
+            return
+        if self._engine is not None:
+            self._engine.update_arrived()
+        if expired:
+            when = datetime.fromtimestamp(session.not_after, UTC)
+            reason = f"certificate expired at {when:%Y-%m-%d %H:%M:%S} UTC"
+            log.info("%s: %s: session ended", client_id, reason)
+            store.bump_client(client_id, state="offline", seen=now)
+            events.emit(
+                ev.CLIENT_LEFT, client_id=client_id, data={"reason": reason, "expired": True}
+            )
+            return
+        log.info("%s silent for %.1f s: dropped", client_id, silent)
+        store.bump_client(client_id, state="offline", seen=session.last_seen)
+        events.emit(
+            ev.CLIENT_LEFT,
+            client_id=client_id,
+            data={"reason": f"no heartbeat for {silent:.1f} s (timeout {timeout:g} s)"},
+        )
 
     async def drain(self, timeout: float) -> bool:
         """Start no new round; give the running one ``timeout`` seconds to end.
