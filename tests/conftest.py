@@ -10,6 +10,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# gRPC's C core reads its log level once, when grpc is first imported. flctl keeps it silent
+# (flctl/transport/grpc sets this before it imports grpc); test modules that import grpc
+# before flctl would otherwise get gRPC's default and print its lines into the suite's output.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 
 @pytest.fixture(autouse=True)
 def clean_environ(
