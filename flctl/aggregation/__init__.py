@@ -13,13 +13,14 @@ from flctl.aggregation._fedyogi import FedYogi
 from flctl.aggregation._krum import Krum, MultiKrum
 from flctl.aggregation._localdpfedavg import LocalDpFedAvg
 from flctl.aggregation._registry import BUILTIN_STRATEGIES, make_strategy
-from flctl.aggregation._strategy import Param, Strategy, WeightedUpdate
+from flctl.aggregation._strategy import EvaluateResult, Param, Strategy, WeightedUpdate
 from flctl.aggregation._weights import cap_weights
 
 __all__ = [
     "BUILTIN_STRATEGIES",
     "Bulyan",
     "DpFedAvg",
+    "EvaluateResult",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",

@@ -13,7 +13,7 @@ from flctl.core.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Param", "Strategy", "WeightedUpdate"]
+__all__ = ["EvaluateResult", "Param", "Strategy", "WeightedUpdate"]
 
 #: A strategy parameter's value, as the ``[strategy]`` table of flctl.toml holds it.
 ParamValue = bool | int | float | str
@@ -71,6 +71,24 @@ class WeightedUpdate:
     client_id: str = ""
 
 
+@dataclass(frozen=True)
+class EvaluateResult:
+    """What one client's ``evaluate`` gave for a round's new model.
+
+    Attributes:
+        client_id: The client.
+        loss: Its loss (finite).
+        num_examples: The examples it evaluated on, bounded as an update's weight is
+            (``rounds.max_examples_per_update``, ``rounds.max_weight_share``).
+        metrics: Its metrics (finite numbers).
+    """
+
+    client_id: str
+    loss: float
+    num_examples: int
+    metrics: Mapping[str, float]
+
+
 class Strategy(abc.ABC):
     """Combines a round's updates into a new model, reading them from disk.
 
@@ -123,6 +141,47 @@ class Strategy(abc.ABC):
         are sent as well; a strategy's key wins over a task key of the same name.
         """
         return {}
+
+    def configure_evaluate(
+        self, server_round: int, clients: Sequence[str]
+    ) -> dict[str, dict[str, ParamValue]]:
+        """Extra config for each client asked to evaluate the round's new model; default none.
+
+        Called with ``rounds.evaluate = "clients"`` or ``"both"``, after the round aggregated,
+        with the clients whose update was accepted and that are still connected. As with
+        :meth:`configure_fit`, the ``[task]`` values are sent too and a strategy's key wins.
+        """
+        return {}
+
+    def aggregate_evaluate(
+        self, results: Sequence[EvaluateResult]
+    ) -> tuple[float, dict[str, float]]:
+        """Combine the clients' evaluations of the round's new model into (loss, metrics).
+
+        The default is the examples-weighted mean of the loss, and of each metric over the
+        results that report it. Called only with at least one result.
+
+        Example:
+            ```python
+            class WorstCase(FedAvg):
+                def aggregate_evaluate(self, results):
+                    worst = max(results, key=lambda r: r.loss)
+                    return worst.loss, dict(worst.metrics)
+            ```
+
+        Raises:
+            ValueError: ``results`` is empty.
+        """
+        if not results:
+            raise ValueError("aggregate_evaluate needs at least one result")
+        total = sum(r.num_examples for r in results)
+        loss = sum(r.loss * r.num_examples for r in results) / total
+        metrics: dict[str, float] = {}
+        for key in sorted({k for r in results for k in r.metrics}):
+            having = [r for r in results if key in r.metrics]
+            weight = sum(r.num_examples for r in having)
+            metrics[key] = sum(r.metrics[key] * r.num_examples for r in having) / weight
+        return loss, metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The strategy's state between rounds (server momentum, optimizer moments); default none.

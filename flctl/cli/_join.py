@@ -197,6 +197,15 @@ def join(args: JoinArgs) -> int:
             text = f"round {details['server_round']}: update refused: {details['reason']}"
         elif kind == "failed":
             text = f"round {details['server_round']}: training failed: {details['reason']}"
+        elif kind == "evaluated":
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(details["metrics"].items()))
+            text = (
+                f"round {details['server_round']}: evaluated the new model "
+                f"(loss {details['loss']:.4f} on {details['num_examples']} examples"
+                f"{', ' + metrics if metrics else ''})"
+            )
+        elif kind == "evaluate_failed":
+            text = f"round {details['server_round']}: evaluation failed: {details['reason']}"
         elif kind == "reconnecting":
             text = f"reconnecting in {details['delay_s']:.1f} s: {details['reason']}"
         elif kind == "pending":

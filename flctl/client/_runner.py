@@ -645,6 +645,9 @@ class Runner:
 
     async def _serve_tasks(self, api: CoordinatorClient, reply: pb.JoinReply) -> None:
         async for task in api.tasks():
+            if task.kind == "evaluate":
+                await self._evaluate(api, reply, task)
+                continue
             if task.kind != "fit":
                 log.warning("ignoring task of unknown kind %r", task.kind)
                 continue
@@ -859,6 +862,80 @@ class Runner:
             refused = f"the coordinator refused the update: {answer.reason}"
             self._remember_final(task.task_id, refused)
             self._emit("rejected", server_round=server_round, reason=answer.reason)
+
+    async def _evaluate(self, api: CoordinatorClient, reply: pb.JoinReply, task: pb.Task) -> None:
+        """Evaluate the task's model with the task's ``evaluate``; report what it gave.
+
+        An evaluate that raises (or returns something unusable) fails only this evaluation:
+        the coordinator hears why, in one line, and the session goes on.
+        """
+        server_round = int(task.server_round)
+        _, config = split_task(from_value_map(task.config))
+        report = pb.EvaluationReport(server_round=server_round, task_id=task.task_id)
+        self._set_state("downloading", server_round)
+        try:
+            model_path = await self._download(api, task.model_digest, server_round)
+        finally:
+            self._set_state("idle", 0)
+        try:
+            loss, num_examples, metrics = await _in_daemon_thread(
+                self._run_evaluate, model_path, config, int(reply.limits.max_metrics)
+            )
+        except TaskError as exc:
+            trace = exc.details.get("traceback")
+            log.error("round %d: %s%s", server_round, exc.message, f"\n{trace}" if trace else "")
+            report.failure = exc.message
+            self._emit("evaluate_failed", server_round=server_round, reason=exc.message)
+        else:
+            report.loss, report.num_examples = loss, num_examples
+            to_value_map(report.metrics, metrics)
+        try:
+            answer = await api.report_evaluation(report)
+        except InvalidInputError as exc:  # the coordinator judged the numbers: not the session
+            log.error("round %d: the coordinator refused the evaluation: %s", server_round, exc)
+            return
+        if not answer.accepted:
+            log.warning("round %d: evaluation not taken: %s", server_round, answer.reason)
+        elif not report.failure:
+            self._emit(
+                "evaluated",
+                server_round=server_round,
+                loss=loss,
+                num_examples=num_examples,
+                metrics=metrics,
+            )
+
+    def _run_evaluate(
+        self, model_path: Path, config: dict[str, Any], max_metrics: int = 0
+    ) -> tuple[float, int, dict[str, float]]:
+        """Run the user's evaluate in a worker thread; check what it returns."""
+        import math
+
+        try:
+            loss, num_examples, metrics = self._client.evaluate(load_parameters(model_path), config)
+        except Exception as exc:  # user code: report it, keep serving
+            failure = describe_failure(exc, "evaluate")
+            raise TaskError(failure.reason, details={"traceback": failure.traceback}) from exc
+        if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
+            raise TaskError(f"evaluate must return a positive num_examples, not {num_examples!r}")
+        try:
+            loss = float(loss)
+        except (TypeError, ValueError) as exc:
+            raise TaskError(f"evaluate must return a number as its loss, not {loss!r}") from exc
+        if not math.isfinite(loss):
+            raise TaskError(f"evaluate returned a non-finite loss: {loss}")
+        clean: dict[str, float] = {}
+        for key, value in dict(metrics or {}).items():
+            number = float(value)
+            if not math.isfinite(number):
+                raise TaskError(f"evaluate returned a non-finite metric {key!r}: {number}")
+            clean[str(key)] = number
+        if max_metrics and len(clean) > max_metrics:
+            raise TaskError(
+                f"evaluate returned {len(clean)} metrics, more than the coordinator accepts "
+                f"({max_metrics}): return fewer from the task's evaluate"
+            )
+        return loss, num_examples, clean
 
     def _remember_final(self, task_id: str, reason: str) -> None:
         """Keep ``task_id`` as ended for good (the most recent few hundred tasks)."""

@@ -83,7 +83,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flctl.aggregation import DpFedAvg, LocalDpFedAvg, Strategy, WeightedUpdate, cap_weights
+from flctl.aggregation import (
+    DpFedAvg,
+    EvaluateResult,
+    LocalDpFedAvg,
+    Strategy,
+    WeightedUpdate,
+    cap_weights,
+)
 from flctl.core import Config
 from flctl.core import events as ev
 from flctl.core.dp import TaskPrivacy
@@ -156,6 +163,25 @@ class _OpenRound:
     fit_config: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+@dataclass
+class _Evaluation:
+    """The clients' evaluation of a round's new model, while the engine waits for it."""
+
+    server_round: int
+    digest: str
+    model_size: int
+    tasks: dict[str, str]  # client id -> task id
+    deadline: float
+    config: dict[str, dict[str, Any]]
+    changed: asyncio.Event
+    results: dict[str, EvaluateResult] = field(default_factory=dict)
+    #: client id -> why its evaluation failed (its evaluate raised, its report was refused)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def answered(self, client_id: str) -> bool:
+        return client_id in self.results or client_id in self.failed
+
+
 #: A rollback asked for while a round ran (kept in the store: it survives a restart).
 PendingRollback = PendingRollbackRecord
 
@@ -202,6 +228,8 @@ class RoundEngine:
         self._cancel: tuple[int, str] | None = None  # (round, reason) asked to end
         self._rng = random.SystemRandom()
         self.open: _OpenRound | None = None
+        #: the round whose clients are evaluating its new model (rounds.evaluate "clients")
+        self.evaluation: _Evaluation | None = None
         self.current: int | None = None
 
     # ------------------------------------------------------------------ control
@@ -221,6 +249,11 @@ class RoundEngine:
 
     def task_for(self, client_id: str) -> pb.Task | None:
         """The open round's task for ``client_id``, if selected and it has not reported."""
+        evaluation = self.evaluation
+        if evaluation is not None and client_id in evaluation.tasks:
+            if evaluation.answered(client_id):
+                return None
+            return self._evaluate_task(evaluation, client_id)
         open_round = self.open
         if open_round is None or client_id not in open_round.selected:
             return None
@@ -248,6 +281,73 @@ class RoundEngine:
             },
         )
         return task
+
+    def _evaluate_task(self, evaluation: _Evaluation, client_id: str) -> pb.Task:
+        task = pb.Task(
+            server_round=evaluation.server_round,
+            task_id=evaluation.tasks[client_id],
+            kind="evaluate",
+            model_digest=evaluation.digest,
+            model_size=evaluation.model_size,
+            deadline_unix=evaluation.deadline,
+        )
+        to_value_map(
+            task.config,
+            {
+                **self._config.task,
+                **evaluation.config.get(client_id, {}),
+                "server_round": evaluation.server_round,
+            },
+        )
+        return task
+
+    def evaluation_arrived(
+        self,
+        client_id: str,
+        server_round: int,
+        task_id: str,
+        *,
+        loss: float = 0.0,
+        num_examples: int = 0,
+        metrics: Mapping[str, float] | None = None,
+        failure: str = "",
+    ) -> str | None:
+        """Take a client's evaluation (or why it failed); None, or why it is refused.
+
+        Refused: no evaluation of that round asked that client for that task, or it answered.
+        """
+        evaluation = self.evaluation
+        if evaluation is None or evaluation.server_round != server_round:
+            return f"round {server_round} is not evaluating"
+        if evaluation.tasks.get(client_id) != task_id:
+            return f"no evaluate task {task_id!r} was sent to this client in round {server_round}"
+        if evaluation.answered(client_id):
+            return "this evaluation was already reported"
+        if failure:
+            evaluation.failed[client_id] = failure
+            self._events.emit(
+                ev.EVALUATION_FAILED,
+                server_round=server_round,
+                client_id=client_id,
+                data={"task_id": task_id, "reason": failure},
+            )
+        else:
+            result = EvaluateResult(client_id, float(loss), int(num_examples), dict(metrics or {}))
+            evaluation.results[client_id] = result
+            self._events.emit(
+                ev.EVALUATION_REPORTED,
+                server_round=server_round,
+                client_id=client_id,
+                data={
+                    "task_id": task_id,
+                    "loss": result.loss,
+                    "num_examples": result.num_examples,
+                    "metrics": dict(result.metrics),
+                },
+                durable=False,
+            )
+        evaluation.changed.set()
+        return None
 
     def sync_state(self) -> None:
         """Give the strategy the state recorded with the head version, if it lacks it.
@@ -311,6 +411,8 @@ class RoundEngine:
             if client_id:
                 self.open.reported.add(client_id)
             self.open.changed.set()
+        if self.evaluation is not None:
+            self.evaluation.changed.set()
 
     def refuse(self, server_round: int, client_id: str, task_id: str, reason: str) -> None:
         """Make the refusal of ``client_id``'s update for ``task_id`` final for the open round.
@@ -882,15 +984,30 @@ class RoundEngine:
             non_finite = await asyncio.to_thread(non_finite_tensors, self._blobs.path(digest))
         metrics: dict[str, float] = {}
         evaluate_s: float | None = None
-        if self._evaluator is not None and rounds.evaluate == "server":
+        on_server = rounds.evaluate in ("server", "both") and self._evaluator is not None
+        on_clients = rounds.evaluate in ("clients", "both")
+        if on_server or on_clients:
             if not non_finite:  # evaluating a model that holds NaN or Inf tells nothing
                 self._status(server_round, "evaluating")
                 evaluating = time.perf_counter()
-                loss, server_metrics = await asyncio.to_thread(
-                    self._evaluator, self._blobs.path(digest)
-                )
+                if on_server:
+                    assert self._evaluator is not None
+                    loss, server_metrics = await asyncio.to_thread(
+                        self._evaluator, self._blobs.path(digest)
+                    )
+                    metrics = {
+                        "loss": float(loss),
+                        **{k: float(v) for k, v in server_metrics.items()},
+                    }
+                if on_clients:
+                    clients = await self._evaluate_on_clients(
+                        server_round, digest, [u.client_id for u in accepted]
+                    )
+                    # "clients": the round's metrics are the clients'; "both": beside the
+                    # server's, under "clients."
+                    prefix = "clients." if rounds.evaluate == "both" else ""
+                    metrics.update({prefix + k: v for k, v in clients.items()})
                 evaluate_s = time.perf_counter() - evaluating
-                metrics = {"loss": float(loss), **{k: float(v) for k, v in server_metrics.items()}}
         else:
             metrics = _weighted_client_metrics(accepted, weights)
         if gate.mode != "off":
@@ -985,6 +1102,121 @@ class RoundEngine:
                 },
             )
         return weights
+
+    # ------------------------------------------------------------------ federated evaluation
+
+    async def _evaluate_on_clients(
+        self, server_round: int, digest: str, clients: list[str]
+    ) -> dict[str, float]:
+        """Ask ``clients`` still connected to evaluate ``digest``; return their aggregate.
+
+        The engine waits up to ``rounds.evaluate_timeout_s`` and goes on with the evaluations
+        that arrived: ``{"loss": ..., **metrics}`` from :meth:`Strategy.aggregate_evaluate`
+        over them (each weighed by its examples, bounded as an update's weight is), or ``{}``
+        when none did. A client whose evaluation failed, or that did not answer, fails only its
+        own evaluation: an ``evaluation.failed`` event, and a line in the round's reason.
+        """
+        rounds = self._config.rounds
+        connected = []
+        for client_id in clients:
+            session = self._registry.get(client_id)
+            if session is not None and session.streaming:
+                connected.append(client_id)
+        if not connected:
+            self._note_evaluation(server_round, {}, 0, "no client left to evaluate")
+            return {}
+        asked = self._strategy.configure_evaluate(server_round, connected)
+        config = {c: dict(asked[c]) for c in connected if c in asked}
+        evaluation = _Evaluation(
+            server_round,
+            digest,
+            self._blobs.size(digest),
+            {client_id: uuid.uuid4().hex for client_id in connected},
+            time.time() + rounds.evaluate_timeout_s,
+            config,
+            asyncio.Event(),
+        )
+        self.evaluation = evaluation
+        try:
+            for client_id, task_id in evaluation.tasks.items():
+                session = self._registry.get(client_id)
+                if session is None or not session.streaming:
+                    continue
+                session.queue.put_nowait(self._evaluate_task(evaluation, client_id))
+                self._events.emit(
+                    ev.TASK_SENT,
+                    server_round=server_round,
+                    client_id=client_id,
+                    data={"task_id": task_id, "kind": "evaluate", "model_digest": digest},
+                    durable=False,
+                )
+            while True:
+                evaluation.changed.clear()
+                now = time.time()
+                waiting = [
+                    c
+                    for c in evaluation.tasks
+                    if not evaluation.answered(c)
+                    and (session := self._registry.get(c)) is not None
+                    and session.streaming
+                ]
+                if (
+                    not waiting
+                    or now >= evaluation.deadline
+                    or self._stopping
+                    or self._cancelled(server_round) is not None
+                ):
+                    break
+                try:
+                    await asyncio.wait_for(evaluation.changed.wait(), evaluation.deadline - now)
+                except TimeoutError:
+                    pass
+        finally:
+            self.evaluation = None
+        for client_id, task_id in evaluation.tasks.items():
+            if evaluation.answered(client_id):
+                continue
+            session = self._registry.get(client_id)
+            gone = session is None or not session.streaming
+            reason = (
+                "left before its evaluation arrived"
+                if gone
+                else f"no evaluation within {rounds.evaluate_timeout_s:g} s "
+                "(rounds.evaluate_timeout_s)"
+            )
+            evaluation.failed[client_id] = reason
+            self._events.emit(
+                ev.EVALUATION_FAILED,
+                server_round=server_round,
+                client_id=client_id,
+                data={"task_id": task_id, "reason": reason},
+            )
+        results = list(evaluation.results.values())
+        self._note_evaluation(server_round, evaluation.failed, len(evaluation.tasks))
+        if not results:
+            return {}
+        # as for updates: one client's num_examples cannot buy the clients' metrics
+        weights = cap_weights(
+            [r.num_examples for r in results],
+            max_examples=rounds.max_examples_per_update,
+            max_share=rounds.max_weight_share,
+        )
+        results = [
+            EvaluateResult(r.client_id, r.loss, w, r.metrics)
+            for r, w in zip(results, weights, strict=True)
+        ]
+        loss, metrics = self._strategy.aggregate_evaluate(results)
+        return {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
+
+    def _note_evaluation(
+        self, server_round: int, failed: Mapping[str, str], asked: int, note: str = ""
+    ) -> None:
+        """Record in the round's reason which clients' evaluations failed, and why."""
+        if failed:
+            said = "; ".join(f"{c}: {why}" for c, why in sorted(failed.items()))
+            note = f"evaluation failed on {len(failed)} of {asked} clients ({said})"
+        if note:
+            self._status(server_round, "evaluating", reason=note)
 
     # ------------------------------------------------------------------ validation gate
 

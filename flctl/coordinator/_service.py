@@ -430,6 +430,49 @@ class CoordinatorService:
             self._engine.update_arrived()
         return pb.HeartbeatReply(command="", server_time_unix=time.time())
 
+    async def report_evaluation(
+        self, request: pb.EvaluationReport, ctx: RpcContext
+    ) -> pb.EvaluationReply:
+        """Take a client's evaluation of a round's new model (an "evaluate" task's result).
+
+        The numbers are checked as an upload's are (a finite loss, a positive number of
+        examples, at most ``max_metrics`` finite metrics); a report that fails the check fails
+        that client's evaluation, with why, and is refused.
+        """
+        self._guard.admit(ctx, "ReportEvaluation")
+        session = self._session(ctx, "ReportEvaluation")
+        server_round = _check_id("server_round", request.server_round)
+        task_id = _bounded("task_id", request.task_id, 64)
+        failure = _one_line(request.failure)
+        metrics: dict[str, float] = {}
+        if not failure:
+            try:
+                metrics = metrics_from_map(request.metrics, max_items=self._limits.max_metrics)
+                if not math.isfinite(request.loss):
+                    raise InvalidInputError(f"the loss is not finite ({request.loss})")
+                if request.num_examples < 1:
+                    raise InvalidInputError("num_examples must be positive")
+            except FlctlError as exc:
+                self._engine.evaluation_arrived(
+                    session.client_id,
+                    server_round,
+                    task_id,
+                    failure=f"evaluation refused: {exc.message}",
+                )
+                raise
+        refusal = self._engine.evaluation_arrived(
+            session.client_id,
+            server_round,
+            task_id,
+            loss=request.loss,
+            num_examples=int(request.num_examples),
+            metrics=metrics,
+            failure=failure,
+        )
+        if refusal is not None:
+            return pb.EvaluationReply(accepted=False, reason=refusal)
+        return pb.EvaluationReply(accepted=True)
+
     async def tasks(self, request: pb.TasksRequest, ctx: RpcContext) -> AsyncIterator[pb.Task]:
         """Stream tasks to the client until it leaves, joins again, is revoked, or we stop."""
         self._guard.admit(ctx, "Tasks")

@@ -108,7 +108,12 @@ class RoundsConfig:
     retries: int = 0
     #: how long the open round waits for a selected client that disconnected to come back
     rejoin_grace_s: float = 15.0
-    evaluate: Literal["server", "none"] = "server"
+    #: who evaluates each round's new model: the task's server_evaluate ("server"), the round's
+    #: clients with their evaluate ("clients"), both, or nobody ("none"); docs/task.md
+    evaluate: Literal["server", "clients", "both", "none"] = "server"
+    #: how long a round waits for its clients' evaluations ("clients", "both"); it goes on
+    #: with those that arrived
+    evaluate_timeout_s: float = 60.0
     #: an update claiming more examples weighs as this many (clamped, with an event)
     max_examples_per_update: int = 1_000_000_000
     #: the largest share of a round's total weight one update may have; 1.0: no cap
@@ -298,6 +303,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("rounds", "deadline_s"): (0.5, 86400 * 7),
     ("rounds", "quorum_timeout_s"): (0, 86400 * 7),
     ("rounds", "rejoin_grace_s"): (0, 86400),
+    ("rounds", "evaluate_timeout_s"): (0.1, 86400),
     ("rounds", "retries"): (0, 100),
     ("rounds", "max_examples_per_update"): (1, 1 << 40),
     ("rounds", "max_weight_share"): (0.01, 1),

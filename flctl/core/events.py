@@ -19,6 +19,8 @@ __all__ = [
     "COORDINATOR_STARTED",
     "COORDINATOR_STOPPED",
     "COORDINATOR_WARNING",
+    "EVALUATION_FAILED",
+    "EVALUATION_REPORTED",
     "Event",
     "IDENTITY_REVOKED",
     "MODEL_CORRUPT",
@@ -90,6 +92,12 @@ UPDATE_REJECTED = "update.rejected"
 #: max_examples_per_update, max_weight_share; an accepted update that weighs less than its
 #: client claimed
 UPDATE_CLAMPED = "update.clamped"
+#: a client evaluated the round's new model (rounds.evaluate "clients" or "both"); data:
+#: task_id, loss, num_examples, metrics
+EVALUATION_REPORTED = "evaluation.reported"
+#: a client's evaluation of the round's new model failed, or did not arrive in time; data:
+#: task_id, reason (what its evaluate raised, one line)
+EVALUATION_FAILED = "evaluation.failed"
 #: data: model_version, metrics, num_clients, duration_s
 ROUND_COMMITTED = "round.committed"
 #: data: model_version (stored, status rejected; the head did not move), metrics, num_clients,

@@ -6,6 +6,10 @@ Behaviour switches come from the [task] table, so tests can make a client misbeh
 on every client returns finite but bad weights, as ``sabotage`` says: ``"invert"``, the trained
 weights times -1000, so the loss explodes; ``"overflow"``, every value 3e38, so the model's
 outputs overflow and the evaluated loss is NaN).
+
+``evaluate`` (``rounds.evaluate = "clients"``) scores the model on a held-out split of
+``8 * (partition + 1)`` examples, so clients weigh differently; ``evaluate_raises`` names a
+client id whose evaluate raises.
 """
 
 from __future__ import annotations
@@ -65,6 +69,19 @@ class TinyClient(Client):
             else:
                 state = {k: v * -1000.0 for k, v in state.items()}
         return state, len(self.x), {"train_loss": loss.item()}
+
+    def evaluate(self, parameters, config):  # noqa: ANN001, ANN201
+        if config.get("evaluate_raises") == self.context.client_id:
+            raise RuntimeError("held-out split unreadable")
+        model = build_model(self.context)
+        model.load_state_dict(parameters)
+        x, y = _data(self.context.seed, 500 + self.context.partition_id, _features(self.context))
+        n = 8 * (self.context.partition_id + 1)
+        with torch.no_grad():
+            logits = model(x[:n])
+            loss = float(torch.nn.functional.cross_entropy(logits, y[:n]))
+            acc = float((logits.argmax(1) == y[:n]).float().mean())
+        return loss, n, {"accuracy": acc, "examples": float(n)}
 
 
 def client_fn(context):  # noqa: ANN001, ANN201

@@ -116,6 +116,16 @@ class CoordinatorClient(_Caller):
             )
         return reply
 
+    async def report_evaluation(
+        self, request: pb.EvaluationReport, *, timeout: float = 30.0
+    ) -> pb.EvaluationReply:
+        """Send the result of an evaluate task."""
+        with map_rpc_errors():
+            reply: pb.EvaluationReply = await self._stub.ReportEvaluation(
+                request, metadata=self.metadata(), timeout=timeout
+            )
+        return reply
+
     async def tasks(self) -> AsyncIterator[pb.Task]:
         """Follow the task stream until the coordinator ends it."""
         call = self._stub.Tasks(pb.TasksRequest(), metadata=self.metadata())

@@ -119,6 +119,11 @@ class CoordinatorHandler(Protocol):
     ) -> pb.RenewTokenReply:
         """Issue a fresh token for the caller's open session."""
 
+    async def report_evaluation(
+        self, request: pb.EvaluationReport, ctx: RpcContext
+    ) -> pb.EvaluationReply:
+        """Take the result of an evaluate task."""
+
 
 class AdminHandler(Protocol):
     """What the coordinator implements for the ``Admin`` service."""
@@ -327,6 +332,15 @@ class CoordinatorServicer(_Base, pb_grpc.CoordinatorServicer):
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(
             context, lambda ctx: self._handler.renew_token(request, ctx), "RenewToken", request
+        )
+
+    async def ReportEvaluation(self, request: Any, context: Any) -> pb.EvaluationReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(
+            context,
+            lambda ctx: self._handler.report_evaluation(request, ctx),
+            "ReportEvaluation",
+            request,
         )
 
 

@@ -241,3 +241,18 @@ def test_rounds_strategy_is_a_deprecated_alias_of_the_strategy_name(
     both = "[rounds]\nstrategy = 'fedavgm'\n[strategy]\nname = 'fedavgm'\nserver_momentum = 0.9\n"
     config = load_config(write(tmp_path, both))
     assert (config.strategy.name, config.strategy.params) == ("fedavgm", {"server_momentum": 0.9})
+
+
+def test_rounds_evaluate_modes_and_timeout_are_checked(tmp_path: Path) -> None:
+    default = load_config(write(tmp_path, "")).rounds
+    assert (default.evaluate, default.evaluate_timeout_s) == ("server", 60.0)
+    for mode in ("server", "clients", "both", "none"):
+        text = f"[rounds]\nevaluate = '{mode}'\nevaluate_timeout_s = 5\n"
+        rounds = load_config(write(tmp_path, text)).rounds
+        assert (rounds.evaluate, rounds.evaluate_timeout_s) == (mode, 5.0)
+    for text, needle in [
+        ("evaluate = 'all'", "`rounds.evaluate` must be one of 'server', 'clients', 'both'"),
+        ("evaluate_timeout_s = 0", "`rounds.evaluate_timeout_s` must be between 0.1 and 86400"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config(write(tmp_path, f"[rounds]\n{text}\n"))

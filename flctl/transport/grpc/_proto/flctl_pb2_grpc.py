@@ -71,6 +71,11 @@ class CoordinatorStub:
                 request_serializer=flctl_dot_v1_dot_flctl__pb2.RenewTokenRequest.SerializeToString,
                 response_deserializer=flctl_dot_v1_dot_flctl__pb2.RenewTokenReply.FromString,
                 _registered_method=True)
+        self.ReportEvaluation = channel.unary_unary(
+                '/flctl.v1.Coordinator/ReportEvaluation',
+                request_serializer=flctl_dot_v1_dot_flctl__pb2.EvaluationReport.SerializeToString,
+                response_deserializer=flctl_dot_v1_dot_flctl__pb2.EvaluationReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -133,6 +138,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportEvaluation(self, request, context):
+        """The result of an "evaluate" task: the loss, examples and metrics of the task's model on
+        the client's data, or why its evaluate failed. Refusals (not asked, late, malformed
+        numbers) come back as accepted=false with a reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +184,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.RenewToken,
                     request_deserializer=flctl_dot_v1_dot_flctl__pb2.RenewTokenRequest.FromString,
                     response_serializer=flctl_dot_v1_dot_flctl__pb2.RenewTokenReply.SerializeToString,
+            ),
+            'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEvaluation,
+                    request_deserializer=flctl_dot_v1_dot_flctl__pb2.EvaluationReport.FromString,
+                    response_serializer=flctl_dot_v1_dot_flctl__pb2.EvaluationReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -363,6 +382,33 @@ class Coordinator:
             '/flctl.v1.Coordinator/RenewToken',
             flctl_dot_v1_dot_flctl__pb2.RenewTokenRequest.SerializeToString,
             flctl_dot_v1_dot_flctl__pb2.RenewTokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flctl.v1.Coordinator/ReportEvaluation',
+            flctl_dot_v1_dot_flctl__pb2.EvaluationReport.SerializeToString,
+            flctl_dot_v1_dot_flctl__pb2.EvaluationReply.FromString,
             options,
             channel_credentials,
             insecure,
