@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from flctl.coordinator import Coordinator
+from flctl.core import load_task
 from flctl.transport.grpc import from_value_map
 
 from .conftest import Project, admin, make_runner, wait_until
@@ -48,6 +49,7 @@ async def _one_round(project: Project, clients: list[str], **rounds: object):  #
         }
         return info, model, events
     finally:
+        load_task(config.task_path).release_hung_clients()
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()
@@ -101,3 +103,22 @@ def test_both_keeps_server_metrics_and_a_raising_evaluate_fails_only_its_own(
     # round status shows why (its reason), the round committed all the same
     assert "evaluation failed on 1 of 3 clients (c2: evaluate raised RuntimeError" in info.reason
     assert from_value_map(model.metrics) == metrics
+
+
+def test_the_round_goes_on_without_an_evaluation_that_does_not_arrive(project: Project) -> None:
+    info, _, events = asyncio.run(
+        _one_round(
+            project,
+            ["c1", "c2"],
+            evaluate="clients",
+            evaluate_timeout_s=1.0,
+            task={"evaluate_hang": "c2"},
+        )
+    )
+    assert info.status == "committed"
+    # c1's evaluation alone (8 examples) makes the round's metrics
+    assert from_value_map(info.metrics)["examples"] == pytest.approx(8.0)
+    (failed,) = events["evaluation.failed"]
+    assert failed.client_id == "c2"
+    assert failed.data["reason"] == "no evaluation within 1 s (rounds.evaluate_timeout_s)"
+    assert "c2: no evaluation within 1 s" in info.reason

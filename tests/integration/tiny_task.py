@@ -9,7 +9,7 @@ outputs overflow and the evaluated loss is NaN).
 
 ``evaluate`` (``rounds.evaluate = "clients"``) scores the model on a held-out split of
 ``8 * (partition + 1)`` examples, so clients weigh differently; ``evaluate_raises`` names a
-client id whose evaluate raises.
+client id whose evaluate raises, ``evaluate_hang`` one whose evaluate never finishes.
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ class TinyClient(Client):
     def evaluate(self, parameters, config):  # noqa: ANN001, ANN201
         if config.get("evaluate_raises") == self.context.client_id:
             raise RuntimeError("held-out split unreadable")
+        if config.get("evaluate_hang") == self.context.client_id:
+            _HANG.wait(60)
         model = build_model(self.context)
         model.load_state_dict(parameters)
         x, y = _data(self.context.seed, 500 + self.context.partition_id, _features(self.context))
