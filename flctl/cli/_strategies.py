@@ -127,9 +127,42 @@ def _update_arg(text: str) -> tuple[Path, int]:
     return path, count
 
 
+def _task_strategy(task: Path) -> Strategy:
+    """The strategy ``task``'s ``strategy_fn`` returns, told what the coordinator tells it.
+
+    The context is the coordinator's for the project whose flctl.toml names ``task`` (found
+    from the task's folder upwards); for a task file outside a project, a default one.
+
+    Raises:
+        TaskError: The task does not import, defines no ``strategy_fn``, or it raises or
+            returns no Strategy.
+        ConfigError: That project's flctl.toml is invalid.
+    """
+    from flctl.coordinator import STRATEGY_FN, call_strategy_fn, coordinator_context
+    from flctl.core import TaskContext, find_project, load_config, load_task
+    from flctl.core.errors import ProjectNotFoundError, TaskError
+
+    module = load_task(task)
+    fn = getattr(module, STRATEGY_FN, None)
+    if not callable(fn):
+        raise TaskError(
+            f"{task}: defines no function `{STRATEGY_FN}`",
+            hint="--task takes a task.py with strategy_fn(context); for a built-in strategy, "
+            "use --strategy NAME",
+        )
+    context = TaskContext(role="coordinator")
+    try:
+        config = load_config(find_project(task.resolve().parent))
+    except ProjectNotFoundError:
+        config = None
+    if config is not None and config.task_path.resolve() == task.resolve():
+        context = coordinator_context(config)
+    return call_strategy_fn(fn, context, task)
+
+
 def run_aggregate(
     *,
-    strategy_name: str,
+    strategy_name: str | None,
     settings: list[str],
     base: Path,
     updates: list[str],
@@ -139,12 +172,18 @@ def run_aggregate(
     state_out: Path | None = None,
     max_examples_per_update: int = 1_000_000_000,
     max_weight_share: float = 1.0,
+    task: Path | None = None,
 ) -> dict[str, Any]:
     """One aggregation as the coordinator runs it; return what ``aggregate --json`` prints.
 
+    The strategy is the built-in ``strategy_name`` with ``settings``, or the one ``task``'s
+    ``strategy_fn`` returns (exactly one of the two).
+
     Raises:
         ConfigError: An unknown strategy, setting or bad value; a state that does not belong
-            to the strategy.
+            to the strategy; neither or both of a strategy name and a task, or settings with
+            a task.
+        TaskError: The task's ``strategy_fn`` is missing, raises or returns no Strategy.
         NotFoundError: A file is missing.
         AggregationError: The updates do not match the base model (or there are none).
     """
@@ -153,7 +192,24 @@ def run_aggregate(
     from flctl.tensors import load_parameters, read_spec, save_parameters, sha256_file
 
     values = dict(_setting(s) for s in settings)
-    strategy: Strategy = make_strategy(strategy_name, values)
+    if (strategy_name is None) == (task is None):
+        raise ConfigError(
+            "give either --strategy NAME (a built-in) or --task TASK.py (its strategy_fn)"
+        )
+    strategy: Strategy
+    if task is not None:
+        if values:
+            raise ConfigError(
+                "--set gives a built-in strategy its parameters; a task's strategy_fn "
+                "reads its settings from context.config (the project's [task] table)"
+            )
+        if not task.is_file():
+            raise NotFoundError(f"--task {str(task)!r}: no such file")
+        strategy = _task_strategy(task)
+        strategy_name = str(getattr(strategy, "name", type(strategy).__name__))
+    else:
+        assert strategy_name is not None
+        strategy = make_strategy(strategy_name, values)
     if not base.is_file():
         raise NotFoundError(f"--base {str(base)!r}: no such file")
     parsed = [_update_arg(u) for u in updates]
@@ -208,9 +264,6 @@ def run_aggregate(
 
 @command()
 def aggregate_command(
-    strategy: Annotated[
-        str, typer.Option("--strategy", help="A built-in strategy (`flctl strategies ls`).")
-    ],
     base: Annotated[Path, typer.Option("--base", help="The round's starting model (safetensors).")],
     update: Annotated[
         list[str],
@@ -221,6 +274,18 @@ def aggregate_command(
         ),
     ],
     out: Annotated[Path, typer.Option("-o", "--out", help="Where to write the new model.")],
+    strategy: Annotated[
+        str | None,
+        typer.Option("--strategy", help="A built-in strategy (`flctl strategies ls`)."),
+    ] = None,
+    task: Annotated[
+        Path | None,
+        typer.Option(
+            "--task",
+            metavar="TASK.py",
+            help="Use the strategy this task's strategy_fn returns (instead of --strategy).",
+        ),
+    ] = None,
     settings: Annotated[
         list[str] | None,
         typer.Option(
@@ -248,6 +313,7 @@ def aggregate_command(
     """Aggregate updates offline, as the coordinator does.
 
     Reproduce a round, try a strategy on stored updates, or test one without a federation.
+    The strategy is a built-in (--strategy, with --set) or a task.py's strategy_fn (--task).
     """
     doc = run_aggregate(
         strategy_name=strategy,
@@ -260,7 +326,9 @@ def aggregate_command(
         state_out=state_out,
         max_examples_per_update=max_examples_per_update,
         max_weight_share=max_weight_share,
+        task=task,
     )
+    strategy = doc["strategy"]
     output = Output(json_mode=json_output)
     if json_output:
         output.json(doc)

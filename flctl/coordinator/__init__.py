@@ -7,13 +7,23 @@ from flctl.coordinator._coordinator import (
     read_serve_file,
     running_serve_file,
 )
-from flctl.coordinator._strategy import build_strategy
+from flctl.coordinator._strategy import (
+    STRATEGY_FN,
+    build_strategy,
+    call_strategy_fn,
+    task_strategy,
+)
+from flctl.coordinator._task import coordinator_context
 
 __all__ = [
     "Coordinator",
     "SERVE_FILE",
+    "STRATEGY_FN",
     "build_strategy",
+    "call_strategy_fn",
+    "coordinator_context",
     "describe_coordinator",
     "read_serve_file",
     "running_serve_file",
+    "task_strategy",
 ]

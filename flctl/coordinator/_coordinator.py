@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
 
+from flctl.aggregation import Strategy
 from flctl.core import COORDINATOR_LOCK, STATE_LOCK, Config, Event, load_task, read_holder, try_lock
 from flctl.core import events as ev
 from flctl.core._process import process_alive
@@ -44,8 +45,14 @@ from ._guard import RevocationGuard
 from ._integrity import ModelCheck
 from ._registry import Registry, Session
 from ._service import AdminService, CoordinatorService, Limits
-from ._strategy import build_strategy
-from ._task import make_evaluator, task_model_spec, write_initial_model
+from ._strategy import (
+    STRATEGY_FN,
+    build_strategy,
+    call_strategy_fn,
+    strategy_name,
+    task_strategy,
+)
+from ._task import coordinator_context, make_evaluator, task_model_spec, write_initial_model
 from ._uploads import PartialUploads
 
 __all__ = [
@@ -216,6 +223,28 @@ class Coordinator:
             # in the state folder changes. SqlStore.open checks again under the lock.
             with contextlib.suppress(NotFoundError):  # a fresh folder: open creates the store
                 require_store(self.state_dir)
+        # task.py, and the strategy its strategy_fn returns, are refused before anything in
+        # the state folder is written
+        task = await asyncio.to_thread(load_task, config.task_path)
+        context = coordinator_context(config)
+        custom = await asyncio.to_thread(task_strategy, task, config, context)
+        if custom is not None:
+            strategy = custom
+            log.info(
+                "strategy: %r from %s's %s (the [strategy] table is not used)",
+                strategy_name(strategy),
+                config.task_path.name,
+                STRATEGY_FN,
+            )
+
+            def new_strategy() -> Strategy:
+                return call_strategy_fn(task.strategy_fn, context, config.task_path)
+
+        else:
+
+            def new_strategy() -> Strategy:
+                return build_strategy(config)
+
         await self._take_lock()
         store = self.store = SqlStore.open(
             self.state_dir, new_state=self.new_state, deep_check=True
@@ -240,7 +269,6 @@ class Coordinator:
         for listener in self._listeners:
             events.subscribe(listener)
 
-        task = await asyncio.to_thread(load_task, config.task_path)
         head = store.head()
         created = head is None
         if head is None:
@@ -300,7 +328,7 @@ class Coordinator:
             evaluator=make_evaluator(task, config),
             uploads=uploads,
             check=check,
-            new_strategy=lambda: build_strategy(config),
+            new_strategy=new_strategy,
         )
         # The round open when the coordinator stopped carries on if it can; others fail.
         resumed: int | None = None
@@ -351,7 +379,11 @@ class Coordinator:
             state_dir=str(self.state_dir),
             config_snapshot={
                 "rounds": vars(config.rounds),
-                "strategy": {"name": config.strategy.name, **config.strategy.params},
+                "strategy": (
+                    {"name": strategy_name(strategy), STRATEGY_FN: True}
+                    if custom is not None
+                    else {"name": config.strategy.name, **config.strategy.params}
+                ),
                 "task": dict(config.task),
                 "seed": config.project.seed,
             },

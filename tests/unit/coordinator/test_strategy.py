@@ -85,3 +85,22 @@ def test_serve_refuses_a_bad_strategy_before_writing_anything(
     assert result.exit_code == 10, result.output
     assert "outside [0, 1]" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flctl.toml"]
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+@pytest.mark.parametrize("name", ["fedmedian", "fedprox", "test-knobs"])
+def test_privacy_with_another_strategy_than_fedavg_is_refused(
+    tmp_path: Path, mode: str, name: str
+) -> None:
+    privacy = f"[privacy]\nmode = '{mode}'\nnoise_multiplier = 1.0\nepsilon_budget = 10.0\n"
+    text = f"{privacy}[strategy]\nname = '{name}'\n"
+    path = config_of(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        build_strategy(load_config(path))
+    message = caught.value.message
+    assert str(path) in message
+    assert f'name = "{name}"' in message and f'mode = "{mode}"' in message
+    assert ("clipped mean" if mode == "central" else "noised updates") in message
+    assert 'name = "fedavg"' in (caught.value.hint or "")
+    # fedavg (the default) is what privacy aggregates with today
+    assert isinstance(build_strategy(load_config(config_of(tmp_path, privacy))), FedAvg)
