@@ -400,3 +400,31 @@ def server_evaluate(
     y = torch.tensor(y_test, device=device)
     loss, accuracy = evaluate(model, x, y)
     return float(loss), {"accuracy": float(accuracy), "loss": float(loss)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own strategy (optional)
+# ---------------------------------------------------------------------------------------------
+# flctl.toml's [strategy] table picks a built-in (`flctl strategies ls`). To aggregate your own
+# way, define strategy_fn: the coordinator then uses the strategy it returns instead (and
+# refuses a [strategy] table that sets anything but name = "fedavg"). Uncomment this example,
+# FedAvg with a server learning rate (new = base + server_lr * (mean - base)), to try it; try it
+# offline first with `flctl aggregate --task task.py --base ... --update ... -o ...`.
+#
+# from flctl.aggregation import FedAvg, Strategy
+# from flctl.tensors import load_parameters, save_parameters
+#
+# class ServerLrFedAvg(Strategy):
+#     name = "server-lr-fedavg"
+#
+#     def __init__(self, server_lr: float) -> None:
+#         self.server_lr = server_lr
+#
+#     def aggregate(self, base, updates, out):
+#         FedAvg().aggregate(base, updates, out)  # the weighted mean, written to out
+#         old, mean = load_parameters(base), load_parameters(out)
+#         step = {k: (v + self.server_lr * (mean[k] - v)).to(v.dtype) for k, v in old.items()}
+#         save_parameters(step, out)
+#
+# def strategy_fn(context: TaskContext) -> Strategy:
+#     return ServerLrFedAvg(float(context.config.get("server_lr", 1.0)))
