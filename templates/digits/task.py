@@ -11,6 +11,10 @@ it on the coordinator and on every client and calls three functions:
 - ``server_evaluate(parameters, context)``: the coordinator's evaluation of each new global
   model on held-out test images; its metrics are the round's metrics.
 
+With ``[rounds] evaluate = "clients"`` (or ``"both"``) flctl also calls each client's
+``evaluate``: it scores the new global model on that client's share of the held-out test
+images, never on the images it trains on.
+
 The data is scikit-learn's copy of the UCI handwritten digits (1,797 grey 8x8 images, shipped
 inside scikit-learn, so nothing is downloaded). Real deployments would read each client's own
 data instead; here every client loads the same file and keeps only its partition, which
@@ -208,6 +212,23 @@ def load_partition(context: TaskContext) -> tuple[np.ndarray, np.ndarray]:
     return x_train[indices], y_train[indices]
 
 
+def load_test_partition(context: TaskContext) -> tuple[np.ndarray, np.ndarray]:
+    """Return this client's share of the held-out test images (an IID shard of them).
+
+    A stand-in for a data owner's own held-out data: disjoint from every client's training
+    partition, so ``evaluate`` measures the model on images no client trained on.
+    """
+    _, _, x_test, y_test = load_data(context.seed)
+    shards = min(context.num_partitions, len(y_test))
+    indices = partition_indices(
+        y_test,
+        num_partitions=shards,
+        partition_id=context.partition_id % shards,
+        seed=context.seed,
+    )
+    return x_test[indices], y_test[indices]
+
+
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +358,7 @@ class DigitsClient(Client):
         self.x = torch.tensor(x, device=self.device)
         self.y = torch.tensor(y, device=self.device)
         self.model = build_model(context).to(self.device)
+        self.held_out: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def get_parameters(self) -> dict[str, torch.Tensor]:
         return cpu_state_dict(self.model)
@@ -372,10 +394,17 @@ class DigitsClient(Client):
     def evaluate(
         self, parameters: dict[str, torch.Tensor], config: dict[str, Any]
     ) -> tuple[float, int, dict[str, float]]:
-        """Evaluate the global model on the local partition."""
+        """Evaluate the global model on this client's held-out images (``load_test_partition``)."""
+        if self.held_out is None:  # read once, on the first evaluation
+            x, y = load_test_partition(self.context)
+            self.held_out = (
+                torch.tensor(x, device=self.device),
+                torch.tensor(y, device=self.device),
+            )
+        x_test, y_test = self.held_out
         self.model.load_state_dict(parameters)
-        loss, accuracy = evaluate(self.model, self.x, self.y)
-        return float(loss), len(self.y), {"accuracy": float(accuracy)}
+        loss, accuracy = evaluate(self.model, x_test, y_test)
+        return float(loss), len(y_test), {"accuracy": float(accuracy)}
 
 
 def client_fn(context: TaskContext) -> Client:

@@ -192,8 +192,19 @@ def test_client_evaluate(task: ModuleType) -> None:
     client = task.client_fn(client_context(2))
     loss, n, metrics = client.evaluate(initial_parameters(task), {})
     assert type(loss) is float and math.isfinite(loss)
-    assert n == 479
+    # its share of the 360 held-out test images, not its 479 training images
+    assert n == 120
     assert set(metrics) == {"accuracy"} and 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_client_evaluate_uses_a_held_out_share_no_client_trains_on(task: ModuleType) -> None:
+    shards = [task.load_test_partition(client_context(i)) for i in range(3)]
+    _, _, x_test, _ = task.load_data(0)
+    # the shards are disjoint and cover the test images
+    assert sum(len(y) for _, y in shards) == len(x_test) == 360
+    rows = {x.tobytes() for xs, _ in shards for x in xs}
+    assert rows == {x.tobytes() for x in x_test}
+    assert [len(y) for _, y in shards] == [120, 120, 120]
 
 
 # -- server evaluation ---------------------------------------------------------------------------
