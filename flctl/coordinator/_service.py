@@ -258,13 +258,15 @@ class CoordinatorService:
             claims = self._signer.verify(ctx.token, fingerprint=ctx.fingerprint)
             if claims.subject != ctx.identity:
                 raise AuthenticationError("session token was issued to another identity")
-            session = self._registry.get(ctx.identity)
-            if session is None or session.session_id != claims.session_id:
-                raise AuthenticationError("session is no longer open: join again")
         except AuthenticationError as exc:
             if record:
                 self._refused(ctx, rpc, exc.message)
             raise
+        session = self._registry.get(ctx.identity)
+        if session is None or session.session_id != claims.session_id:
+            # A genuine token of a session that ended meanwhile (replaced, dropped, a renewal
+            # racing the session's end): the client joins again. Not a security event.
+            raise AuthenticationError("session is no longer open: join again")
         session.last_seen = time.time()
         return session
 
