@@ -267,7 +267,8 @@ class CoordinatorClient(_Caller):
             except TransportError:
                 pass
             except FlctlError as refusal:
-                raise refusal from None
+                # BeginUpload's own status stays its cause: callers see the refusal's real code
+                raise refusal  # noqa: B904
             raise
         return reply
 
