@@ -61,9 +61,13 @@ def _c1_task(arena: Arena) -> pb.Task:
 
 
 def _assert_logged_rejection(arena: Arena, before: Snapshot, identity: str, reason: str) -> None:
-    (event,) = arena.refusal_events(before, "update.rejected")
-    assert event.client_id == identity
-    assert reason in event.data["reason"], event.data
+    events = arena.refusal_events(before, "update.rejected")
+    # One, or two when grpc.aio replaced the Upload's status and the client asked BeginUpload
+    # with the same header, which the coordinator refuses (and records) again.
+    assert 1 <= len(events) <= 2, events
+    for event in events:
+        assert event.client_id == identity
+        assert reason in event.data["reason"], event.data
 
 
 # ---------------------------------------------------------------------------- the round
