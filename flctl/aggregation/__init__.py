@@ -12,6 +12,7 @@ from flctl.aggregation._fedtrimmedavg import FedTrimmedAvg
 from flctl.aggregation._fedyogi import FedYogi
 from flctl.aggregation._krum import Krum, MultiKrum
 from flctl.aggregation._localdpfedavg import LocalDpFedAvg
+from flctl.aggregation._private import PrivateStrategy, check_private
 from flctl.aggregation._registry import BUILTIN_STRATEGIES, make_strategy
 from flctl.aggregation._strategy import EvaluateResult, Param, Strategy, WeightedUpdate
 from flctl.aggregation._weights import cap_weights
@@ -33,9 +34,11 @@ __all__ = [
     "LocalDpFedAvg",
     "MultiKrum",
     "Param",
+    "PrivateStrategy",
     "Strategy",
     "WeightedUpdate",
     "cap_weights",
+    "check_private",
     "fedavg_in_memory",
     "make_strategy",
     "strategy_for",

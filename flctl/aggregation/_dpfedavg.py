@@ -53,6 +53,9 @@ class DpFedAvg(Strategy):
     (:attr:`last_unclipped_fraction`), from the same generator; ``noise_multiplier`` is then the
     deltas' share of the noise (``AdaptiveClipping.update_noise_multiplier``).
 
+    The model it writes is central DP's release: :class:`~flctl.aggregation.PrivateStrategy`
+    hands that file to the configured strategy as the round's one update.
+
     Args:
         clip_norm: ``C``, > 0.
         noise_multiplier: ``z``, >= 0 (0 only in tests: no privacy).

@@ -42,6 +42,7 @@ class FedAvg(Strategy):
 
     name = "fedavg"
     summary = "weighted mean of the clients' models (McMahan et al. 2017)"
+    is_mean_based = True
 
     def aggregate(self, base: Path, updates: Sequence[WeightedUpdate], out: Path) -> None:
         """Write the weighted mean of ``updates`` to ``out``; see :class:`Strategy`."""

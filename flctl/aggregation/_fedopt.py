@@ -48,6 +48,8 @@ class ServerOptimizer(Strategy):
 
     #: The state a subclass keeps per tensor ("m", "v", "momentum").
     slots: ClassVar[tuple[str, ...]] = ()
+    # the step is a function of the round's weighted mean, so it can take the private mean
+    is_mean_based = True
 
     def __init__(self) -> None:
         self._state: dict[str, torch.Tensor] = {}

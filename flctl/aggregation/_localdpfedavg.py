@@ -29,6 +29,9 @@ class LocalDpFedAvg(Strategy):
 
     Memory: one accumulator plus one tensor per update read at a time, as FedAvg. The deltas
     are summed in a fixed order (by client id), not in their arrival order, as FedAvg's are.
+
+    :class:`~flctl.aggregation.PrivateStrategy` hands the model it writes to the configured
+    strategy as the round's one update.
     """
 
     name = "local-dpfedavg"

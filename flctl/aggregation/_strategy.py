@@ -110,6 +110,13 @@ class Strategy(abc.ABC):
     summary: ClassVar[str] = ""
     #: The parameters the ``[strategy]`` table may set (see :meth:`from_params`).
     params: ClassVar[tuple[Param, ...]] = ()
+    #: Whether :meth:`aggregate` depends on the updates only through their num_examples-
+    #: weighted mean, so that one update equal to that mean gives the same model (FedAvg,
+    #: FedProx and the server optimizers do). Only such a strategy runs with ``[privacy]`` on:
+    #: :class:`~flctl.aggregation.PrivateStrategy` hands it the private mean of the round as
+    #: its one update. A subclass inherits the declaration; one whose ``aggregate`` is no
+    #: longer a function of the mean must set it back to False.
+    is_mean_based: ClassVar[bool] = False
 
     @classmethod
     def from_params(cls, values: Mapping[str, Any]) -> Strategy:

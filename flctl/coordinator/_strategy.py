@@ -4,9 +4,10 @@ A project's task.py may define ``strategy_fn(context) -> Strategy``; the coordin
 the strategy it returns instead of the one ``[strategy]`` names (and refuses a ``[strategy]``
 table that sets anything but ``name = "fedavg"``, so that no setting is silently ignored).
 
-Privacy: with ``[privacy] mode = "central"`` or ``"local"`` the round engine aggregates with
-DP-FedAvg (clipped, noised mean) whatever the strategy. Until privacy wraps any strategy, any
-other strategy together with privacy is refused here, at load, rather than silently replaced.
+Privacy: with ``[privacy] mode = "central"`` or ``"local"`` the strategy runs inside
+:class:`flctl.aggregation.PrivateStrategy`, stepping on the round's private mean. The
+combinations that are unsound (robust rules, a custom strategy that does not declare itself
+mean-based) are refused here, at load, by :func:`flctl.aggregation.check_private`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from flctl.aggregation import Strategy, make_strategy
+from flctl.aggregation import Strategy, check_private, make_strategy
 from flctl.core import CONFIG_FILE, Config, TaskContext
 from flctl.core.errors import ConfigError, TaskError
 from flctl.core.usercode import describe_failure
@@ -31,22 +32,6 @@ __all__ = [
 
 #: The optional function of task.py that returns the project's own strategy.
 STRATEGY_FN = "strategy_fn"
-
-_PRIVACY_WHY = {
-    "central": (
-        "central DP aggregates with DP-FedAvg: its accounting assumes the aggregate is the "
-        "clipped mean of the updates plus noise, which another strategy does not compute"
-    ),
-    "local": (
-        "local DP noises each update on its client: robust or adaptive aggregation over "
-        "noised updates defeats both (the noise looks like an outlier, a robust rule discards "
-        "or distorts it, and the privacy analysis assumes the noised updates are averaged)"
-    ),
-}
-_PRIVACY_HINT = (
-    'with [privacy] on, use [strategy] name = "fedavg" (the default) and no strategy_fn; '
-    'for another strategy, set [privacy] mode = "off" (docs/privacy.md, docs/strategies.md)'
-)
 
 
 def strategy_name(strategy: Strategy) -> str:
@@ -63,20 +48,19 @@ def build_strategy(config: Config, source: Path | None = None) -> Strategy:
 
     Raises:
         ConfigError: An unknown strategy, a key it does not take, or a bad value; a strategy
-            other than fedavg together with ``[privacy]`` on. The message names the file.
+            that cannot run with ``[privacy]`` on (:func:`flctl.aggregation.check_private`).
+            The message names the file.
     """
     where = source or config.root / CONFIG_FILE
     try:
         strategy = make_strategy(config.strategy.name, config.strategy.params)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc.message}", hint=exc.hint, details=exc.details) from None
-    mode = config.privacy.mode
-    if mode != "off" and config.strategy.name != "fedavg":
-        raise ConfigError(
-            f'{where}: [strategy] name = "{config.strategy.name}" cannot be combined with '
-            f'[privacy] mode = "{mode}": {_PRIVACY_WHY[mode]}',
-            hint=_PRIVACY_HINT,
-        )
+    check_private(
+        strategy,
+        config.privacy.mode,
+        subject=f'{where}: [strategy] name = "{config.strategy.name}"',
+    )
     return strategy
 
 
@@ -125,7 +109,8 @@ def task_strategy(
 
     Raises:
         ConfigError: ``[strategy]`` sets a strategy or parameters, which ``strategy_fn``
-            replaces; or ``[privacy]`` is on (see :func:`build_strategy`).
+            replaces; or its strategy cannot run with ``[privacy]`` on
+            (:func:`flctl.aggregation.check_private`).
         TaskError: ``strategy_fn`` is not a function, raises, or returns no Strategy.
     """
     fn = getattr(task, STRATEGY_FN, None)
@@ -135,13 +120,6 @@ def task_strategy(
     if not callable(fn):
         raise TaskError(f"{path}: `{STRATEGY_FN}` must be a function, not {fn!r}")
     where = source or config.root / CONFIG_FILE
-    mode = config.privacy.mode
-    if mode != "off":
-        raise ConfigError(
-            f"{path} defines {STRATEGY_FN}, which cannot be combined with [privacy] "
-            f'mode = "{mode}" ({where}): {_PRIVACY_WHY[mode]}',
-            hint=_PRIVACY_HINT,
-        )
     table = config.strategy
     if table.name != "fedavg" or table.params:
         keys = ", ".join(
@@ -153,4 +131,11 @@ def task_strategy(
             hint=f"remove those keys from [strategy] (the strategy_fn reads its own settings "
             f"from context.config, the [task] table), or remove {STRATEGY_FN} from {path.name}",
         )
-    return call_strategy_fn(fn, context, path)
+    strategy = call_strategy_fn(fn, context, path)
+    check_private(
+        strategy,
+        config.privacy.mode,
+        subject=f"{path} defines {STRATEGY_FN}, whose strategy {strategy_name(strategy)!r} "
+        f"({where})",
+    )
+    return strategy

@@ -1,7 +1,7 @@
 """task.py's ``strategy_fn`` and the privacy refusals, run as a user runs flctl: a subprocess.
 
 ``flctl serve`` refuses a strategy_fn that raises or returns no Strategy (exit 90) and a
-strategy other than fedavg together with ``[privacy]`` on (exit 10), before it writes anything;
+robust strategy together with ``[privacy]`` on (exit 10), before it writes anything;
 ``flctl aggregate --task`` aggregates with the strategy_fn's strategy.
 """
 

@@ -139,7 +139,7 @@ def test_strategy_fn_traceback_is_the_users(project: Project) -> None:
         ),
         (
             {"privacy": {"mode": "local", "noise_multiplier": 1.0, "epsilon_budget": 10.0}},
-            ['mode = "local"', "defines strategy_fn"],
+            ['mode = "local"', "defines strategy_fn", "is_mean_based = True"],
         ),
     ],
 )

@@ -5,13 +5,21 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from typer.testing import CliRunner
 
-from flctl.aggregation import BUILTIN_STRATEGIES, FedAvg, Param, Strategy, WeightedUpdate
+from flctl.aggregation import (
+    BUILTIN_STRATEGIES,
+    FedAdam,
+    FedAvg,
+    Param,
+    Strategy,
+    WeightedUpdate,
+)
 from flctl.cli import app
-from flctl.coordinator import build_strategy
+from flctl.coordinator import build_strategy, coordinator_context, task_strategy
 from flctl.core import load_config
 from flctl.core.errors import ConfigError
 
@@ -88,8 +96,8 @@ def test_serve_refuses_a_bad_strategy_before_writing_anything(
 
 
 @pytest.mark.parametrize("mode", ["central", "local"])
-@pytest.mark.parametrize("name", ["fedmedian", "fedprox", "test-knobs"])
-def test_privacy_with_another_strategy_than_fedavg_is_refused(
+@pytest.mark.parametrize("name", ["fedmedian", "krum", "test-knobs"])
+def test_privacy_with_a_strategy_that_is_not_mean_based_is_refused(
     tmp_path: Path, mode: str, name: str
 ) -> None:
     privacy = f"[privacy]\nmode = '{mode}'\nnoise_multiplier = 1.0\nepsilon_budget = 10.0\n"
@@ -99,8 +107,41 @@ def test_privacy_with_another_strategy_than_fedavg_is_refused(
         build_strategy(load_config(path))
     message = caught.value.message
     assert str(path) in message
-    assert f'name = "{name}"' in message and f'mode = "{mode}"' in message
-    assert ("clipped mean" if mode == "central" else "noised updates") in message
-    assert 'name = "fedavg"' in (caught.value.hint or "")
-    # fedavg (the default) is what privacy aggregates with today
-    assert isinstance(build_strategy(load_config(config_of(tmp_path, privacy))), FedAvg)
+    assert f'name = "{name}" cannot be combined with [privacy] mode = "{mode}"' in message
+    if name == "test-knobs":  # a strategy that does not declare itself mean-based
+        assert "is_mean_based = True" in message
+    else:
+        assert ("one noised mean" if mode == "central" else "noise as an attack") in message
+    assert "fedadam" in (caught.value.hint or "")
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm", "fedadam"])
+def test_privacy_with_a_mean_based_strategy_is_accepted(
+    tmp_path: Path, mode: str, name: str
+) -> None:
+    privacy = f"[privacy]\nmode = '{mode}'\nnoise_multiplier = 1.0\nepsilon_budget = 10.0\n"
+    strategy = build_strategy(
+        load_config(config_of(tmp_path, f"{privacy}[strategy]\nname = '{name}'\n"))
+    )
+    assert strategy.name == name and strategy.is_mean_based
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_a_strategy_fn_under_privacy_must_return_a_mean_based_strategy(
+    tmp_path: Path, mode: str
+) -> None:
+    privacy = f"[privacy]\nmode = '{mode}'\nnoise_multiplier = 1.0\nepsilon_budget = 10.0\n"
+    path = config_of(tmp_path, f"[project]\ntask = 'task.py'\n{privacy}")
+    config = load_config(path)
+    task = ModuleType("task")
+    task.strategy_fn = lambda context: FedAdam()  # type: ignore[attr-defined]
+    strategy = task_strategy(task, config, coordinator_context(config))
+    assert isinstance(strategy, FedAdam)
+    task.strategy_fn = lambda context: Knobs(0.0, 1, "a")  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError) as caught:
+        task_strategy(task, config, coordinator_context(config))
+    message = caught.value.message
+    assert "task.py defines strategy_fn, whose strategy 'test-knobs'" in message
+    assert f'cannot be combined with [privacy] mode = "{mode}"' in message
+    assert str(path) in message and "is_mean_based = True" in message
