@@ -6,6 +6,12 @@ queued -> selecting -> training -> aggregating -> evaluating -> committed | reje
               +------------+-------------+--------------+-----> failed (reason) | cancelled
 ```
 
+This module runs the state machine; each policy it applies lives in its own module:
+``_selection.py`` (quorum, sampling, over-selection), ``_aggregation.py`` (the strategy, its
+state, the updates' weights: how a round aggregates), ``_evaluation.py`` (the clients'
+evaluation of a round's model), ``_heads.py`` (rollbacks and the validation gate's verdicts)
+and ``_privacy_round.py`` (the privacy budget and ledger).
+
 Rounds run one at a time, in id order. A round waits up to ``quorum_timeout_s`` for
 ``min_clients`` connected clients, sends each selected client a task, and waits until every
 selected client still connected has answered or the deadline passes; it then commits if it has
@@ -75,7 +81,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -84,58 +89,42 @@ from pathlib import Path
 from typing import Any
 
 from flctl.aggregation import (
-    DpFedAvg,
-    EvaluateResult,
-    LocalDpFedAvg,
     Strategy,
-    WeightedUpdate,
-    cap_weights,
 )
 from flctl.core import Config
 from flctl.core import events as ev
 from flctl.core.dp import TaskPrivacy
-from flctl.core.errors import BudgetExhaustedError, FlctlError, IntegrityError, RoundFailedError
+from flctl.core.errors import BudgetExhaustedError, FlctlError, RoundFailedError
 from flctl.privacy import (
-    Accountant,
-    AccountantName,
-    AdaptiveClipping,
     SampledGaussianRound,
-    default_count_stddev,
-    local_round,
 )
 from flctl.store import (
     BlobStore,
     LedgerRecord,
     ModelRecord,
-    PendingRollbackRecord,
     RoundRecord,
     SqlStore,
-    charge,
-    ledger,
 )
-from flctl.tensors import load_parameters, save_parameters, sha256_file
-from flctl.transport.grpc import pb, to_value_map
+from flctl.transport.grpc import pb
 
+from ._aggregation import RoundAggregation
+from ._evaluation import ClientEvaluation
 from ._events import EventLog
 from ._gate import (
     Verdict,
-    best_version,
-    check_metrics,
-    metric_value,
     non_finite_tensors,
-    reference_version,
-    rejected_streak,
 )
+from ._heads import Heads, PendingRollback
 from ._integrity import ModelCheck
+from ._privacy_round import PrivacyRounds
 from ._registry import Registry
+from ._selection import Selection
+from ._tasks import build_task
 from ._uploads import PartialUploads
 
 __all__ = ["Evaluator", "PendingRollback", "RoundEngine", "end_round"]
 
 log = logging.getLogger("flctl.coordinator")
-
-#: The author of the rollbacks the validation gate's policy makes (``gate.rollback_after``).
-POLICY_AUTHOR = "policy"
 
 #: Server-side evaluation: model file -> (loss, metrics). Runs in a worker thread.
 Evaluator = Callable[[Path], tuple[float, dict[str, float]]]
@@ -163,29 +152,6 @@ class _OpenRound:
     fit_config: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-@dataclass
-class _Evaluation:
-    """The clients' evaluation of a round's new model, while the engine waits for it."""
-
-    server_round: int
-    digest: str
-    model_size: int
-    tasks: dict[str, str]  # client id -> task id
-    deadline: float
-    config: dict[str, dict[str, Any]]
-    changed: asyncio.Event
-    results: dict[str, EvaluateResult] = field(default_factory=dict)
-    #: client id -> why its evaluation failed (its evaluate raised, its report was refused)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    def answered(self, client_id: str) -> bool:
-        return client_id in self.results or client_id in self.failed
-
-
-#: A rollback asked for while a round ran (kept in the store: it survives a restart).
-PendingRollback = PendingRollbackRecord
-
-
 class RoundEngine:
     """Runs queued rounds; see the module docstring for the state machine."""
 
@@ -208,16 +174,34 @@ class RoundEngine:
         self._blobs = blobs
         self._events = events
         self._registry = registry
-        self._strategy = strategy
-        #: builds the strategy afresh, for a head that has no state (default: ``strategy``
-        #: loads an empty state)
-        self._new_strategy = new_strategy
-        #: the state digest the strategy holds ("" none: as built); None: unknown (it
-        #: aggregated a round that did not commit)
-        self._state_digest: str | None = ""
         self._evaluator = evaluator
         self._uploads = uploads
         self._check = check
+        self._privacy = PrivacyRounds(config, store, events)
+        self._aggregation = RoundAggregation(
+            config=config,
+            store=store,
+            blobs=blobs,
+            events=events,
+            privacy=self._privacy,
+            strategy=strategy,
+            new_strategy=new_strategy,
+        )
+        self._heads = Heads(config, store, events, self.busy_round)
+        self._selection = Selection(
+            config, registry, stopping=lambda: self._stopping, cancelled=self._cancelled
+        )
+        #: the clients' evaluation of each round's model (rounds.evaluate "clients", "both")
+        self._evaluation = ClientEvaluation(
+            config=config,
+            blobs=blobs,
+            events=events,
+            registry=registry,
+            strategy=lambda: self._aggregation.strategy,
+            status=self._status,
+            stopping=lambda: self._stopping,
+            cancelled=self._cancelled,
+        )
         self._resume: RoundRecord | None = None
         self._wake = asyncio.Event()
         self._stopping = False
@@ -226,13 +210,14 @@ class RoundEngine:
         self.storage_warning: tuple[float, str] | None = None
         self._draining = False
         self._cancel: tuple[int, str] | None = None  # (round, reason) asked to end
-        self._rng = random.SystemRandom()
         self.open: _OpenRound | None = None
-        #: the round whose clients are evaluating its new model (rounds.evaluate "clients")
-        self.evaluation: _Evaluation | None = None
         self.current: int | None = None
 
     # ------------------------------------------------------------------ control
+
+    def charge_released(self, server_round: int) -> LedgerRecord | None:
+        """Charge a local-DP round a crash interrupted (:meth:`PrivacyRounds.charge_released`)."""
+        return self._privacy.charge_released(server_round)
 
     def notify(self) -> None:
         """A round was queued: look at the queue again."""
@@ -249,11 +234,11 @@ class RoundEngine:
 
     def task_for(self, client_id: str) -> pb.Task | None:
         """The open round's task for ``client_id``, if selected and it has not reported."""
-        evaluation = self.evaluation
+        evaluation = self._evaluation.current
         if evaluation is not None and client_id in evaluation.tasks:
             if evaluation.answered(client_id):
                 return None
-            return self._evaluate_task(evaluation, client_id)
+            return evaluation.task(client_id, self._config.task)
         open_round = self.open
         if open_round is None or client_id not in open_round.selected:
             return None
@@ -262,44 +247,20 @@ class RoundEngine:
         return self._task(open_round, client_id)
 
     def _task(self, open_round: _OpenRound, client_id: str) -> pb.Task:
-        task = pb.Task(
-            server_round=open_round.server_round,
-            task_id=open_round.selected[client_id],
-            kind="fit",
-            model_digest=open_round.base_digest,
-            model_size=open_round.model_size,
-            deadline_unix=open_round.deadline,
-        )
-        to_value_map(
-            task.config,
+        return build_task(
+            "fit",
+            open_round.server_round,
+            open_round.selected[client_id],
+            open_round.base_digest,
+            open_round.model_size,
+            open_round.deadline,
             {
                 **self._config.task,
                 **open_round.fit_config.get(client_id, {}),
-                "server_round": open_round.server_round,
                 # the client applies these (local DP: clip and noise before upload)
                 **TaskPrivacy.of(self._config.privacy).task_entries(),
             },
         )
-        return task
-
-    def _evaluate_task(self, evaluation: _Evaluation, client_id: str) -> pb.Task:
-        task = pb.Task(
-            server_round=evaluation.server_round,
-            task_id=evaluation.tasks[client_id],
-            kind="evaluate",
-            model_digest=evaluation.digest,
-            model_size=evaluation.model_size,
-            deadline_unix=evaluation.deadline,
-        )
-        to_value_map(
-            task.config,
-            {
-                **self._config.task,
-                **evaluation.config.get(client_id, {}),
-                "server_round": evaluation.server_round,
-            },
-        )
-        return task
 
     def evaluation_arrived(
         self,
@@ -314,96 +275,29 @@ class RoundEngine:
     ) -> str | None:
         """Take a client's evaluation (or why it failed); None, or why it is refused.
 
-        Refused: no evaluation of that round asked that client for that task, or it answered.
+        See :meth:`ClientEvaluation.evaluation_arrived`.
         """
-        evaluation = self.evaluation
-        if evaluation is None or evaluation.server_round != server_round:
-            return f"round {server_round} is not evaluating"
-        if evaluation.tasks.get(client_id) != task_id:
-            return f"no evaluate task {task_id!r} was sent to this client in round {server_round}"
-        if evaluation.answered(client_id):
-            return "this evaluation was already reported"
-        if failure:
-            evaluation.failed[client_id] = failure
-            self._events.emit(
-                ev.EVALUATION_FAILED,
-                server_round=server_round,
-                client_id=client_id,
-                data={"task_id": task_id, "reason": failure},
-            )
-        else:
-            result = EvaluateResult(client_id, float(loss), int(num_examples), dict(metrics or {}))
-            evaluation.results[client_id] = result
-            self._events.emit(
-                ev.EVALUATION_REPORTED,
-                server_round=server_round,
-                client_id=client_id,
-                data={
-                    "task_id": task_id,
-                    "loss": result.loss,
-                    "num_examples": result.num_examples,
-                    "metrics": dict(result.metrics),
-                },
-                durable=False,
-            )
-        evaluation.changed.set()
-        return None
+        return self._evaluation.evaluation_arrived(
+            client_id,
+            server_round,
+            task_id,
+            loss=loss,
+            num_examples=num_examples,
+            metrics=metrics,
+            failure=failure,
+        )
+
+    @property
+    def strategy(self) -> Strategy:
+        """The job's strategy (built anew when the head holds no state of it)."""
+        return self._aggregation.strategy
 
     def sync_state(self) -> None:
         """Give the strategy the state recorded with the head version, if it lacks it.
 
-        A head without a state gets a strategy as built (anew, when it held another state).
-
-        Raises:
-            ConfigError: The stored state does not belong to the strategy (it was changed).
-            IntegrityError: The state's blob is missing.
+        See :meth:`RoundAggregation.sync_state`.
         """
-        head = self._store.head()
-        wanted = "" if head is None else head.state_digest
-        if wanted == self._state_digest:
-            return
-        if wanted:
-            if not self._blobs.has(wanted):
-                raise IntegrityError(
-                    f"the strategy state of version {head.version if head else '?'} "
-                    f"(blob {wanted[:12]}) is missing",
-                    hint="roll back to a version whose state is present, or restore a backup",
-                )
-            self._strategy.load_state_dict(load_parameters(self._blobs.path(wanted)))
-        elif self._new_strategy is not None:
-            self._strategy = self._new_strategy()
-        else:
-            self._strategy.load_state_dict({})
-        self._state_digest = wanted
-        log.info("strategy state: %s", wanted[:12] or "none (as built)")
-
-    def _configure_fit(self, server_round: int, selected: list[str]) -> dict[str, dict[str, Any]]:
-        """The strategy's extra fit config per selected client, checked (none with privacy).
-
-        Raises:
-            RoundFailedError: It named a client that was not selected, or gave a key or value
-                a task config cannot carry.
-        """
-        if self._config.privacy.mode != "off":
-            return {}
-        answer = self._strategy.configure_fit(server_round, list(selected))
-        name = getattr(self._strategy, "name", type(self._strategy).__name__)
-        out: dict[str, dict[str, Any]] = {}
-        for client_id, entries in answer.items():
-            if client_id not in selected:
-                raise RoundFailedError(
-                    f"strategy {name!r}: configure_fit gave config to {client_id!r}, "
-                    "which was not selected"
-                )
-            for key, value in entries.items():
-                if not isinstance(key, str) or not isinstance(value, bool | int | float | str):
-                    raise RoundFailedError(
-                        f"strategy {name!r}: configure_fit gave {client_id!r} {key!r} = "
-                        f"{value!r}: a fit config holds booleans, numbers and strings"
-                    )
-            if entries:
-                out[client_id] = dict(entries)
-        return out
+        self._aggregation.sync_state()
 
     def update_arrived(self, client_id: str = "") -> None:
         """An update from ``client_id`` was accepted, or (no id) a selected client went away."""
@@ -411,8 +305,8 @@ class RoundEngine:
             if client_id:
                 self.open.reported.add(client_id)
             self.open.changed.set()
-        if self.evaluation is not None:
-            self.evaluation.changed.set()
+        if self._evaluation.current is not None:
+            self._evaluation.current.changed.set()
 
     def refuse(self, server_round: int, client_id: str, task_id: str, reason: str) -> None:
         """Make the refusal of ``client_id``'s update for ``task_id`` final for the open round.
@@ -482,96 +376,20 @@ class RoundEngine:
     @property
     def pending(self) -> list[PendingRollback]:
         """Rollbacks waiting for the running round to end (read from the store)."""
-        return self._store.pending_rollbacks()
+        return self._heads.pending
 
     def rollback(
         self, source: int, *, author: str, reason: str = ""
     ) -> ModelRecord | PendingRollback:
         """Make version ``source``'s weights the head: now, or when the running round ends.
 
-        A deferred rollback is stored with its ``model.rollback_deferred`` event, in one
-        transaction, so that a coordinator restarted before the round ends still applies it.
-
-        Returns:
-            The new head version, or the :class:`PendingRollback` queued behind the round.
-
-        Raises:
-            NotFoundError: No such version.
-            ConflictError: The head already holds those weights (applied at once only).
+        See :meth:`Heads.rollback`.
         """
-        busy = self.busy_round()
-        if busy is None:
-            return self._apply_rollback(source, author=author, reason=reason)
-        with self._store.transaction():
-            target = self._store.get_model(source)
-            pending = self._store.defer_rollback(
-                source, author=author, reason=reason, server_round=busy
-            )
-            self._events.emit(
-                ev.MODEL_ROLLBACK_DEFERRED,
-                server_round=busy,
-                data={
-                    "source": source,
-                    "digest": target.digest,
-                    "server_round": busy,
-                    "author": author,
-                    "reason": reason,
-                },
-            )
-        log.info("rollback to version %d deferred until round %d ends", source, busy)
-        return pending
-
-    def _apply_rollback(
-        self, source: int, *, author: str, reason: str, pending_id: int | None = None
-    ) -> ModelRecord:
-        """Move the head, record the event and drop the pending row: one transaction."""
-        with self._store.transaction():
-            previous = self._store.head()
-            new = self._store.set_head(source, author=author, reason=reason)
-            self._events.emit(
-                ev.MODEL_ROLLBACK,
-                data={
-                    "version": new.version,
-                    "digest": new.digest,
-                    "source": source,
-                    "previous_head": None if previous is None else previous.version,
-                    "author": author,
-                    "reason": reason,
-                },
-            )
-            if pending_id is not None:
-                self._store.drop_pending_rollback(pending_id)
-        log.info("rolled back to version %d: head is version %d", source, new.version)
-        return new
+        return self._heads.rollback(source, author=author, reason=reason)
 
     def apply_pending(self, *, keep_round: int | None = None) -> None:
-        """Apply the deferred rollbacks in order, but those waiting for ``keep_round``.
-
-        ``keep_round`` is a round still open (resumed after a restart). A rollback that cannot
-        apply is dropped with a ``model.rollback_failed`` event.
-        """
-        for item in self._store.pending_rollbacks():
-            if keep_round is not None and item.server_round == keep_round:
-                continue
-            try:
-                self._apply_rollback(
-                    item.source, author=item.author, reason=item.reason, pending_id=item.id
-                )
-            except FlctlError as exc:
-                log.warning("deferred rollback to version %d failed: %s", item.source, exc.message)
-                with self._store.transaction():
-                    self._events.emit(
-                        ev.MODEL_ROLLBACK_FAILED,
-                        server_round=item.server_round,
-                        data={
-                            "source": item.source,
-                            "server_round": item.server_round,
-                            "author": item.author,
-                            "reason": item.reason,
-                            "error": exc.message,
-                        },
-                    )
-                    self._store.drop_pending_rollback(item.id)
+        """Apply the deferred rollbacks but those waiting for ``keep_round`` (still open)."""
+        self._heads.apply_pending(keep_round=keep_round)
 
     async def run(self) -> None:
         """Run rounds until :meth:`stop`."""
@@ -658,80 +476,26 @@ class RoundEngine:
             return  # already terminal
         log.info("round %d %s: %s", server_round, status, reason)
 
-    async def _wait_for_quorum(self, server_round: int) -> list[str]:
-        rounds = self._config.rounds
-        deadline = time.monotonic() + rounds.quorum_timeout_s
-        while True:
-            connected = [s.client_id for s in self._registry.connected()]
-            if len(connected) >= rounds.min_clients:
-                return connected
-            remaining = deadline - time.monotonic()
-            if self._cancelled(server_round) is not None:
-                return connected
-            if self._stopping:
-                raise RoundFailedError(
-                    f"coordinator stopped while waiting for clients: {len(connected)} "
-                    f"connected, min_clients is {rounds.min_clients}"
-                )
-            if remaining <= 0:
-                raise RoundFailedError(
-                    f"not enough clients: {len(connected)} connected, min_clients is "
-                    f"{rounds.min_clients} (waited {rounds.quorum_timeout_s:g} s)"
-                )
-            changed = self._registry.changed
-            try:
-                await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
-            except TimeoutError:
-                pass
-
-    def _select(self, connected: list[str]) -> list[str]:
-        privacy = self._config.privacy
-        if privacy.mode == "central":
-            # the accountant's sampling, exactly: no over-selection, from the OS's CSPRNG
-            if privacy.sampling == "poisson":
-                return [c for c in connected if self._rng.random() < privacy.sampling_rate]
-            if len(connected) < privacy.sample_size:
-                raise RoundFailedError(
-                    f"fixed-size sampling needs {privacy.sample_size} connected clients, "
-                    f"{len(connected)} are connected"
-                )
-            return sorted(self._rng.sample(connected, privacy.sample_size))
-        rounds = self._config.rounds
-        count = rounds.clients_per_round
-        if rounds.fraction_per_round:
-            count = max(rounds.min_clients, math.ceil(rounds.fraction_per_round * len(connected)))
-        if count <= 0:
-            return list(connected)
-        # over-selection: ask count + k, commit with the first count to report
-        asked = count + rounds.over_selection
-        if asked >= len(connected):
-            return list(connected)
-        return sorted(self._rng.sample(connected, asked))
-
-    def _target(self, selected: int) -> int:
-        """How many updates end the wait early: all selected, or the N of N + over_selection."""
-        rounds = self._config.rounds
-        if not rounds.over_selection or self._config.privacy.mode != "off":
-            return selected
-        return max(rounds.min_clients, selected - rounds.over_selection)
-
     async def _run_round(self, record: RoundRecord) -> None:
         server_round = record.id
         rounds = self._config.rounds
         started = time.time()
-        mechanism = self._mechanism()
-        if mechanism is not None and not await self._within_budget(server_round, mechanism):
+        mechanism = self._privacy.mechanism()
+        if mechanism is not None and (
+            refusal := await self._privacy.refusal(server_round, mechanism)
+        ):
+            self._fail(server_round, refusal)
             return
         self._status(server_round, "selecting", started=started)
         try:
-            connected = await self._wait_for_quorum(server_round)
+            connected = await self._selection.wait_for_quorum(server_round)
         except RoundFailedError as exc:
             self._fail(server_round, exc.message)
             return
         if (reason := self._cancelled(server_round)) is not None:
             self._fail(server_round, reason, status="cancelled")
             return
-        selected = self._select(connected)
+        selected = self._selection.select(connected)
         if mechanism is not None and len(selected) < rounds.min_clients:
             self._fail(
                 server_round,
@@ -740,12 +504,12 @@ class RoundEngine:
             )
             return
         # adaptive clipping's noise split, checked before any client trains for nothing
-        self._adaptive(self._denominator(len(connected)))
+        self._privacy.adaptive(self._privacy.denominator(len(connected)))
         head = self._store.head()
         if head is None:  # pragma: no cover - the coordinator writes version 1 at start
             raise RoundFailedError("no head model")
-        self.sync_state()
-        fit_config = self._configure_fit(server_round, selected)
+        self._aggregation.sync_state()
+        fit_config = self._aggregation.configure_fit(server_round, selected)
         deadline = time.time() + rounds.deadline_s
         tasks = {client_id: uuid.uuid4().hex for client_id in selected}
         model_size = self._blobs.size(head.digest)
@@ -756,7 +520,7 @@ class RoundEngine:
             deadline,
             asyncio.Event(),
             model_size,
-            target=self._target(len(tasks)),
+            target=self._selection.target(len(tasks)),
             fit_config=fit_config,
         )
         with self._store.transaction():
@@ -820,7 +584,7 @@ class RoundEngine:
         head = self._store.head()
         if head is None or record.deadline is None:  # pragma: no cover - checked by resumable
             raise RoundFailedError("coordinator restarted")
-        self.sync_state()
+        self._aggregation.sync_state()
         self.open = _OpenRound(
             server_round,
             head.digest,
@@ -829,7 +593,7 @@ class RoundEngine:
             asyncio.Event(),
             self._blobs.size(head.digest),
             absent_since=dict.fromkeys(record.tasks, time.time()),
-            target=self._target(len(record.tasks)),
+            target=self._selection.target(len(record.tasks)),
             reported={
                 u.client_id for u in self._store.updates_for_round(server_round, status="accepted")
             },
@@ -896,7 +660,7 @@ class RoundEngine:
             accepted = await self._wait_for_updates(server_round)
         except BaseException:
             if is_local:  # stopped while waiting: the noised updates already accepted count
-                self.charge_released(server_round)
+                self._privacy.charge_released(server_round)
             raise
         selected = sorted(self.open.selected)
         refused = dict(self.open.refused)
@@ -904,7 +668,9 @@ class RoundEngine:
         if is_local and accepted:
             assert mechanism is not None
             # noised updates left their clients: the round is spent, whatever happens next
-            await self._charge(server_round, mechanism, clip_norm=self._config.privacy.clip_norm)
+            await self._privacy.charge(
+                server_round, mechanism, clip_norm=self._config.privacy.clip_norm
+            )
         if (reason := self._cancelled(server_round)) is not None:
             self._fail(server_round, reason, status="cancelled")
             return
@@ -933,49 +699,9 @@ class RoundEngine:
 
         self._status(server_round, "aggregating")
         aggregating = time.perf_counter()
-        base_path = self._blobs.path(head.digest)
-        # every strategy and the clients' metrics weigh an update as capped here, never as
-        # claimed: one client's num_examples cannot buy the aggregate
-        weights = self._weights(server_round, accepted)
-        updates = [
-            WeightedUpdate(self._blobs.path(u.digest), weight, u.client_id)
-            for u, weight in zip(accepted, weights, strict=True)
-        ]
-        state_digest = ""
-        if mechanism is None:
-            self._state_digest = None  # the strategy moves on; a round that fails reloads
-            digest, state_digest = await asyncio.to_thread(
-                self._aggregate_stateful, base_path, updates
-            )
-        elif is_local:
-            local = LocalDpFedAvg()
-            digest = await asyncio.to_thread(self._aggregate, base_path, updates, local)
-        else:
-            denominator = self._denominator(connected)
-            clip_norm = self._clip_norm()
-            adaptive = self._adaptive(denominator)
-            z = mechanism.noise_multiplier
-            strategy = DpFedAvg(
-                clip_norm,
-                z if adaptive is None else adaptive.update_noise_multiplier(z),
-                denominator,
-                adaptive=adaptive,
-            )
-            digest = await asyncio.to_thread(self._aggregate, base_path, updates, strategy)
-            fraction = strategy.last_unclipped_fraction
-            # the noisy aggregate exists: the round is spent, whether it commits or not
-            await self._charge(
-                server_round,
-                mechanism,
-                clip_norm=clip_norm,
-                unclipped_fraction=fraction,
-                next_clip_norm=(
-                    None
-                    if adaptive is None or fraction is None
-                    else adaptive.next_clip_norm(clip_norm, fraction)
-                ),
-            )
-
+        digest, state_digest, weights = await self._aggregation.aggregate(
+            server_round, head, accepted, mechanism, connected
+        )
         aggregate_s = time.perf_counter() - aggregating
         gate = self._config.gate
         # the gate's first check: the aggregate of finite updates can still overflow
@@ -1000,7 +726,7 @@ class RoundEngine:
                         **{k: float(v) for k, v in server_metrics.items()},
                     }
                 if on_clients:
-                    clients = await self._evaluate_on_clients(
+                    clients = await self._evaluation.run(
                         server_round, digest, [u.client_id for u in accepted]
                     )
                     # "clients": the round's metrics are the clients'; "both": beside the
@@ -1011,9 +737,11 @@ class RoundEngine:
         else:
             metrics = _weighted_client_metrics(accepted, weights)
         if gate.mode != "off":
-            verdict = Verdict(non_finite) if non_finite else self._check_metrics(metrics, head)
+            verdict = (
+                Verdict(non_finite) if non_finite else self._heads.check_metrics(metrics, head)
+            )
             if verdict.is_rejected:
-                self._reject(server_round, digest, metrics, len(accepted), started, verdict)
+                self._heads.reject(server_round, digest, metrics, len(accepted), started, verdict)
                 return
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
@@ -1054,287 +782,8 @@ class RoundEngine:
                 },
             )
         if mechanism is None:
-            self._state_digest = state_digest  # the strategy holds what the head records
+            self._aggregation.committed(state_digest)
         log.info("round %d committed: model version %d %s", server_round, model.version, metrics)
-
-    def _weights(self, server_round: int, accepted: list[Any]) -> list[int]:
-        """The weights of the round's updates, capped by ``[rounds]``; each clamp an event.
-
-        An ``update.clamped`` event per update that weighs less than it claimed says which
-        bound lowered it: ``max_examples_per_update``, or ``max_weight_share`` (which may
-        also lower an update already bounded by the first).
-        """
-        rounds = self._config.rounds
-        claims = [int(u.num_examples) for u in accepted]
-        weights = cap_weights(
-            claims,
-            max_examples=rounds.max_examples_per_update,
-            max_share=rounds.max_weight_share,
-        )
-        total = sum(weights)
-        for update, claimed, used in zip(accepted, claims, weights, strict=True):
-            if used == claimed:
-                continue
-            bound = (
-                "max_weight_share"
-                if used < min(claimed, rounds.max_examples_per_update)
-                else "max_examples_per_update"
-            )
-            log.warning(
-                "round %d: update from %s claims %d examples, weighs as %d (%s)",
-                server_round,
-                update.client_id,
-                claimed,
-                used,
-                bound,
-            )
-            self._events.emit(
-                ev.UPDATE_CLAMPED,
-                server_round=server_round,
-                client_id=update.client_id,
-                data={
-                    "claimed": claimed,
-                    "used": used,
-                    "bound": bound,
-                    "share": round(used / total, 6),
-                    "max_examples_per_update": rounds.max_examples_per_update,
-                    "max_weight_share": rounds.max_weight_share,
-                },
-            )
-        return weights
-
-    # ------------------------------------------------------------------ federated evaluation
-
-    async def _evaluate_on_clients(
-        self, server_round: int, digest: str, clients: list[str]
-    ) -> dict[str, float]:
-        """Ask ``clients`` still connected to evaluate ``digest``; return their aggregate.
-
-        The engine waits up to ``rounds.evaluate_timeout_s`` and goes on with the evaluations
-        that arrived: ``{"loss": ..., **metrics}`` from :meth:`Strategy.aggregate_evaluate`
-        over them (each weighed by its examples, bounded as an update's weight is), or ``{}``
-        when none did. A client whose evaluation failed, or that did not answer, fails only its
-        own evaluation: an ``evaluation.failed`` event, and a line in the round's reason.
-        """
-        rounds = self._config.rounds
-        connected = []
-        for client_id in clients:
-            session = self._registry.get(client_id)
-            if session is not None and session.streaming:
-                connected.append(client_id)
-        if not connected:
-            self._note_evaluation(server_round, {}, 0, "no client left to evaluate")
-            return {}
-        asked = self._strategy.configure_evaluate(server_round, connected)
-        config = {c: dict(asked[c]) for c in connected if c in asked}
-        evaluation = _Evaluation(
-            server_round,
-            digest,
-            self._blobs.size(digest),
-            {client_id: uuid.uuid4().hex for client_id in connected},
-            time.time() + rounds.evaluate_timeout_s,
-            config,
-            asyncio.Event(),
-        )
-        self.evaluation = evaluation
-        try:
-            for client_id, task_id in evaluation.tasks.items():
-                session = self._registry.get(client_id)
-                if session is None or not session.streaming:
-                    continue
-                session.queue.put_nowait(self._evaluate_task(evaluation, client_id))
-                self._events.emit(
-                    ev.TASK_SENT,
-                    server_round=server_round,
-                    client_id=client_id,
-                    data={"task_id": task_id, "kind": "evaluate", "model_digest": digest},
-                    durable=False,
-                )
-            while True:
-                evaluation.changed.clear()
-                now = time.time()
-                waiting = [
-                    c
-                    for c in evaluation.tasks
-                    if not evaluation.answered(c)
-                    and (session := self._registry.get(c)) is not None
-                    and session.streaming
-                ]
-                if (
-                    not waiting
-                    or now >= evaluation.deadline
-                    or self._stopping
-                    or self._cancelled(server_round) is not None
-                ):
-                    break
-                try:
-                    await asyncio.wait_for(evaluation.changed.wait(), evaluation.deadline - now)
-                except TimeoutError:
-                    pass
-        finally:
-            self.evaluation = None
-        for client_id, task_id in evaluation.tasks.items():
-            if evaluation.answered(client_id):
-                continue
-            session = self._registry.get(client_id)
-            gone = session is None or not session.streaming
-            reason = (
-                "left before its evaluation arrived"
-                if gone
-                else f"no evaluation within {rounds.evaluate_timeout_s:g} s "
-                "(rounds.evaluate_timeout_s)"
-            )
-            evaluation.failed[client_id] = reason
-            self._events.emit(
-                ev.EVALUATION_FAILED,
-                server_round=server_round,
-                client_id=client_id,
-                data={"task_id": task_id, "reason": reason},
-            )
-        results = list(evaluation.results.values())
-        self._note_evaluation(server_round, evaluation.failed, len(evaluation.tasks))
-        if not results:
-            return {}
-        # as for updates: one client's num_examples cannot buy the clients' metrics
-        weights = cap_weights(
-            [r.num_examples for r in results],
-            max_examples=rounds.max_examples_per_update,
-            max_share=rounds.max_weight_share,
-        )
-        results = [
-            EvaluateResult(r.client_id, r.loss, w, r.metrics)
-            for r, w in zip(results, weights, strict=True)
-        ]
-        loss, metrics = self._strategy.aggregate_evaluate(results)
-        return {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
-
-    def _note_evaluation(
-        self, server_round: int, failed: Mapping[str, str], asked: int, note: str = ""
-    ) -> None:
-        """Record in the round's reason which clients' evaluations failed, and why."""
-        if failed:
-            said = "; ".join(f"{c}: {why}" for c, why in sorted(failed.items()))
-            note = f"evaluation failed on {len(failed)} of {asked} clients ({said})"
-        if note:
-            self._status(server_round, "evaluating", reason=note)
-
-    # ------------------------------------------------------------------ validation gate
-
-    def _check_metrics(self, metrics: Mapping[str, float], head: ModelRecord) -> Verdict:
-        """The gate's verdict on a round's metrics, against the reference version."""
-        gate = self._config.gate
-        reference = None
-        if gate.mode == "metric":
-            models = [] if gate.against == "head" else self._store.list_models()
-            reference = reference_version(gate, head=head, models=models)
-        return check_metrics(gate, metrics, reference)
-
-    def _reject(
-        self,
-        server_round: int,
-        digest: str,
-        metrics: Mapping[str, float],
-        num_clients: int,
-        started: float,
-        verdict: Verdict,
-    ) -> None:
-        """Store the aggregate as a rejected version; the head stays; then the policy."""
-        kept = {k: v for k, v in metrics.items() if math.isfinite(v)}  # JSON has no NaN
-        with self._store.transaction():
-            model = self._store.commit_round(
-                server_round,
-                digest=digest,
-                metrics=kept,
-                num_clients=num_clients,
-                status="rejected",
-                reason=verdict.reason,
-            )
-            self._events.emit(
-                ev.MODEL_REJECTED,
-                server_round=server_round,
-                data={
-                    "version": model.version,
-                    "digest": model.digest,
-                    "parent": model.parent,
-                    "metrics": kept,
-                    **verdict.event_data(self._config.gate),
-                },
-            )
-            self._events.emit(
-                ev.ROUND_REJECTED,
-                server_round=server_round,
-                data={
-                    "model_version": model.version,
-                    "metrics": kept,
-                    "num_clients": num_clients,
-                    "duration_s": time.time() - started,
-                    "reason": verdict.reason,
-                },
-            )
-        log.warning(
-            "round %d rejected by the validation gate: model version %d kept, head stays: %s",
-            server_round,
-            model.version,
-            verdict.reason,
-        )
-        self._rollback_policy(server_round)
-
-    def _rollback_policy(self, server_round: int) -> None:
-        """After ``gate.rollback_after`` rejected rounds in a row, roll back to the best version.
-
-        It acts at every multiple of ``rollback_after``, so when it cannot (the head already
-        holds the best weights, no version has the metric) it says so once per streak of that
-        length instead of once per round. A rollback an admin asked for during this round
-        takes precedence: it is applied when the round ends.
-        """
-        gate = self._config.gate
-        head = self._store.head()
-        if not gate.rollback_after or head is None:
-            return
-        models = self._store.list_models()
-        streak = rejected_streak(models, head)
-        if not streak or len(streak) % gate.rollback_after:
-            return
-        if any(p.server_round == server_round for p in self._store.pending_rollbacks()):
-            log.info(
-                "rollback policy skipped: a rollback asked for during round %d comes first",
-                server_round,
-            )
-            return
-        rounds = ", ".join(str(m.server_round) for m in streak[-gate.rollback_after :])
-        best = best_version(models, gate.metric, gate.better)
-        why = ""
-        if best is None:
-            why = f"no version has a finite {gate.metric!r}"
-        elif best.digest == head.digest:
-            why = f"the head (version {head.version}) already holds the best version's weights"
-        if best is None or why:
-            message = (
-                f"rollback policy: {len(streak)} rounds in a row rejected by the validation "
-                f"gate (last {rounds}), but {why}: the head stays"
-            )
-            log.warning("%s", message)
-            self._events.emit(
-                ev.COORDINATOR_WARNING,
-                server_round=server_round,
-                data={"message": message, "author": POLICY_AUTHOR},
-            )
-            return
-        value = metric_value(best, gate.metric)
-        reason = (
-            f"rollback_after: {gate.rollback_after} rounds in a row rejected by the validation "
-            f"gate (rounds {rounds}); version {best.version} has the best {gate.metric} "
-            f"({value:.4f})"
-        )
-        try:
-            self._apply_rollback(best.version, author=POLICY_AUTHOR, reason=reason)
-        except FlctlError as exc:  # the store refused: report it, the round itself is over
-            log.warning("rollback policy failed: %s", exc.message)
-            self._events.emit(
-                ev.COORDINATOR_WARNING,
-                server_round=server_round,
-                data={"message": f"rollback policy failed: {exc.message}", "author": POLICY_AUTHOR},
-            )
 
     def _task_failures(
         self, server_round: int, selected: list[str], refused: Mapping[str, str]
@@ -1391,255 +840,6 @@ class RoundEngine:
                 await asyncio.wait_for(open_round.changed.wait(), wake_at - now)
             except TimeoutError:
                 pass
-
-    def _mechanism(self) -> SampledGaussianRound | None:
-        """This job's round as the accountant charges it; None without privacy.
-
-        Local DP: each participating client's own release (:func:`flctl.privacy.local_round`).
-        """
-        p = self._config.privacy
-        if p.mode == "local":
-            return local_round(p.noise_multiplier)
-        if p.mode != "central":
-            return None
-        if p.sampling == "fixed":
-            return SampledGaussianRound(
-                p.noise_multiplier, "fixed", population=p.population, sample_size=p.sample_size
-            )
-        return SampledGaussianRound(p.noise_multiplier, "poisson", p.sampling_rate)
-
-    def _denominator(self, connected: int) -> float:
-        """The expected number of clients per round, that DP-FedAvg divides the sum by.
-
-        Fixed-size sampling: ``sample_size``. Poisson: ``sampling_rate * population``, with the
-        number of clients connected at selection standing for an undeclared population.
-        """
-        p = self._config.privacy
-        if p.sampling == "fixed":
-            return float(p.sample_size)
-        return p.sampling_rate * float(p.population or connected)
-
-    def _clip_norm(self) -> float:
-        """The clip norm of the next central round: with adaptive clipping, the ledger's latest.
-
-        The ledger row of each charged round keeps the clip norm the next round starts from,
-        so a restarted coordinator carries on from it; without one, ``clip_norm`` (the start).
-        """
-        p = self._config.privacy
-        if p.adaptive_clip:
-            for row in reversed(ledger(self._store)):
-                if row.next_clip_norm is not None:
-                    return row.next_clip_norm
-        return p.clip_norm
-
-    def _adaptive(self, denominator: float) -> AdaptiveClipping | None:
-        """Adaptive clipping's rule for a round of ``denominator`` expected clients, or None.
-
-        Raises:
-            PrivacyError: The count's noise (``clip_count_stddev``, or expected clients / 20)
-                would take the whole ``noise_multiplier``.
-        """
-        p = self._config.privacy
-        if p.mode != "central" or not p.adaptive_clip:
-            return None
-        stddev = p.clip_count_stddev or default_count_stddev(denominator)
-        adaptive = AdaptiveClipping(p.target_quantile, p.clip_learning_rate, stddev)
-        adaptive.update_noise_multiplier(p.noise_multiplier)  # fail before any noise is drawn
-        return adaptive
-
-    def charge_released(self, server_round: int) -> LedgerRecord | None:
-        """Charge a local-DP round whose clients' noised updates were accepted, if not yet.
-
-        For a round that ends outside the normal path: the coordinator stopped while it waited
-        for updates, or (called at start) a crash interrupted it. Synchronous: it must not be
-        lost to a cancellation.
-        """
-        p = self._config.privacy
-        mechanism = self._mechanism()
-        if p.mode != "local" or mechanism is None:
-            return None
-        if not self._store.updates_for_round(server_round, status="accepted"):
-            return None
-        records = ledger(self._store)
-        if any(r.round_id == server_round for r in records):
-            return None
-        accountant = Accountant(
-            p.target_delta, [SampledGaussianRound(**r.mechanism_args()) for r in records]
-        )
-        accountant.charge(mechanism)
-        return self._write_charge(
-            server_round, mechanism, accountant.epsilons(), clip_norm=p.clip_norm
-        )
-
-    def _accountant(self) -> Accountant:
-        return Accountant(
-            self._config.privacy.target_delta,
-            [SampledGaussianRound(**r.mechanism_args()) for r in ledger(self._store)],
-        )
-
-    async def _within_budget(self, server_round: int, mechanism: SampledGaussianRound) -> bool:
-        """Whether this round keeps epsilon within budget; if not, fail it with the reason."""
-        p = self._config.privacy
-
-        accountant = self._accountant()  # the store is read here, the arithmetic in a thread
-        reached = await asyncio.to_thread(
-            accountant.epsilon_after, mechanism, accountant=p.accountant
-        )
-        if reached <= p.epsilon_budget:
-            return True
-        reason = (
-            f"{BudgetExhaustedError.reason_prefix}: epsilon would reach {reached:.6g} > budget "
-            f"{p.epsilon_budget:g} ({p.accountant}, delta {p.target_delta:g})"
-        )
-        self._events.emit(
-            ev.PRIVACY_REFUSED,
-            server_round=server_round,
-            data={
-                "reason": reason,
-                "epsilon": reached,
-                "budget": p.epsilon_budget,
-                "accountant": p.accountant,
-                "delta": p.target_delta,
-            },
-        )
-        self._fail(server_round, reason)
-        return False
-
-    async def _charge(
-        self,
-        server_round: int,
-        mechanism: SampledGaussianRound,
-        *,
-        clip_norm: float,
-        unclipped_fraction: float | None = None,
-        next_clip_norm: float | None = None,
-    ) -> LedgerRecord:
-        """Append the round to the privacy ledger, with the epsilon the ledger reaches."""
-        accountant = self._accountant()
-        accountant.charge(mechanism)
-
-        def write(spent: Mapping[AccountantName, float | None]) -> LedgerRecord:
-            return self._write_charge(
-                server_round,
-                mechanism,
-                spent,
-                clip_norm=clip_norm,
-                unclipped_fraction=unclipped_fraction,
-                next_clip_norm=next_clip_norm,
-            )
-
-        try:
-            spent = await asyncio.to_thread(accountant.epsilons)
-        except asyncio.CancelledError:
-            # the noisy release exists: charge it even when the coordinator is stopping
-            write(accountant.epsilons())
-            raise
-        return write(spent)
-
-    def _write_charge(
-        self,
-        server_round: int,
-        mechanism: SampledGaussianRound,
-        spent: Mapping[AccountantName, float | None],
-        *,
-        clip_norm: float,
-        unclipped_fraction: float | None = None,
-        next_clip_norm: float | None = None,
-    ) -> LedgerRecord:
-        p = self._config.privacy
-        rdp = spent["rdp"]
-        assert rdp is not None  # RDP accounts for every sampling
-        is_local = p.mode == "local"
-        # local: the row keeps the clients' z and no sampling; mechanism_args() rebuilds
-        # local_round(z) from it
-        noise_multiplier = p.noise_multiplier if is_local else mechanism.noise_multiplier
-        with self._store.transaction():  # the ledger row and its event, or neither
-            record = self._charge_row(
-                server_round,
-                mechanism,
-                spent,
-                noise_multiplier=noise_multiplier,
-                clip_norm=clip_norm,
-                unclipped_fraction=unclipped_fraction,
-                next_clip_norm=next_clip_norm,
-            )
-        log.info("round %d charged to the privacy ledger: epsilon %s", server_round, spent)
-        return record
-
-    def _charge_row(
-        self,
-        server_round: int,
-        mechanism: SampledGaussianRound,
-        spent: Mapping[AccountantName, float | None],
-        *,
-        noise_multiplier: float,
-        clip_norm: float,
-        unclipped_fraction: float | None,
-        next_clip_norm: float | None,
-    ) -> LedgerRecord:
-        p = self._config.privacy
-        rdp = spent["rdp"]
-        assert rdp is not None
-        is_local = p.mode == "local"
-        record = charge(
-            self._store,
-            server_round,
-            mechanism="local" if is_local else "central",
-            noise_multiplier=noise_multiplier,
-            sampling=mechanism.sampling,
-            sampling_rate=mechanism.rate,
-            population=mechanism.population,
-            sample_size=mechanism.sample_size,
-            clip_norm=clip_norm,
-            epsilon_rdp=rdp,
-            epsilon_pld=spent["pld"],
-            delta=p.target_delta,
-            unclipped_fraction=unclipped_fraction,
-            next_clip_norm=next_clip_norm,
-        )
-        chosen = spent.get(p.accountant)
-        self._events.emit(
-            ev.PRIVACY_CHARGED,
-            server_round=server_round,
-            data={
-                "epsilon": chosen if chosen is not None else rdp,
-                "accountant": p.accountant if chosen is not None else "rdp",
-                "epsilon_rdp": rdp,
-                "epsilon_pld": spent["pld"],
-                "budget": p.epsilon_budget,
-                "delta": p.target_delta,
-                "noise_multiplier": noise_multiplier,
-                "mechanism": record.mechanism,
-                "clip_norm": clip_norm,
-                **({} if next_clip_norm is None else {"next_clip_norm": next_clip_norm}),
-            },
-        )
-        return record
-
-    def _aggregate_stateful(self, base: Path, updates: list[WeightedUpdate]) -> tuple[str, str]:
-        """Aggregate with the strategy; return the model's digest and its state's ("": none)."""
-        digest = self._aggregate(base, updates)
-        state = self._strategy.state_dict()
-        if not state:
-            return digest, ""
-        temp, handle = self._blobs.temp_file()
-        handle.close()
-        try:
-            save_parameters(state, temp)
-            return digest, self._blobs.commit_temp(temp, sha256_file(temp))
-        finally:
-            temp.unlink(missing_ok=True)
-
-    def _aggregate(
-        self, base: Path, updates: list[WeightedUpdate], strategy: Strategy | None = None
-    ) -> str:
-        temp, handle = self._blobs.temp_file()
-        handle.close()
-        try:
-            (strategy or self._strategy).aggregate(base, updates, temp)
-            return self._blobs.commit_temp(temp, sha256_file(temp))
-        finally:
-            temp.unlink(missing_ok=True)
 
 
 def _weighted_client_metrics(updates: list[Any], weights: list[int]) -> dict[str, float]:

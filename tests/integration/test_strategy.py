@@ -121,7 +121,7 @@ def test_fit_config_and_state_through_restart_and_rollback(project: Project) -> 
     async def session(count: int, rollback_to: str = "") -> int:
         loaded = -1
         async for coordinator, client in _rounds(config, count, seen):
-            loaded = coordinator._engine._strategy.rounds  # type: ignore[union-attr]
+            loaded = coordinator._engine.strategy.rounds  # type: ignore[union-attr]
             if rollback_to:
                 await client.rollback(rollback_to, reason="test")
         return loaded
