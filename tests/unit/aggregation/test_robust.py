@@ -2,50 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flctl.aggregation import (
-    Bulyan,
-    FedMedian,
-    FedTrimmedAvg,
-    Krum,
-    MultiKrum,
-    WeightedUpdate,
-)
+from flctl.aggregation import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 from flctl.core.errors import NotEnoughUpdatesError
-from flctl.tensors import encode_update, load_parameters, save_parameters
+from flctl.tensors import load_parameters
+from tests.unit.aggregation.conftest import federation
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def federation(
-    folder: Path, stack: np.ndarray, weights: list[int] | None = None, encoding: str = "full"
-) -> tuple[Path, list[WeightedUpdate]]:
-    """Base zeros; update i holds ``stack[i]`` as tensor "w" (and a counter "n" = i)."""
-    save_parameters(
-        {"w": torch.zeros(stack.shape[1:], dtype=torch.float32), "n": torch.tensor(-1)},
-        folder / "base",
-    )
-    updates = []
-    for i, values in enumerate(stack):
-        params = {"w": torch.from_numpy(np.array(values)), "n": torch.tensor(i)}
-        encode_update(folder / "base", params, folder / f"u{i}", encoding=encoding, dtype="float32")
-        weight = weights[i] if weights else 1
-        updates.append(WeightedUpdate(folder / f"u{i}", weight, f"c{i}"))
-    return folder / "base", updates
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 stacks = st.builds(
@@ -166,7 +135,7 @@ def numpy_bulyan(stack: np.ndarray, f: int) -> np.ndarray:
     selected = stack[np.argsort(scores, kind="stable")[:theta]]
     median = np.median(selected, axis=0)
     nearest = np.argsort(np.abs(selected - median), axis=0, kind="stable")[:beta]
-    return np.take_along_axis(selected, nearest, axis=0).mean(axis=0)
+    return np.asarray(np.take_along_axis(selected, nearest, axis=0).mean(axis=0))
 
 
 @settings(max_examples=30, deadline=None)
