@@ -1,5 +1,13 @@
 """Aggregation strategies over streamed updates."""
 
+from flctl.aggregation._anomaly import (
+    AnomalyScores,
+    RunningMean,
+    UpdateScorer,
+    median_distances,
+    round_median_distances,
+    score_update,
+)
 from flctl.aggregation._bulyan import Bulyan
 from flctl.aggregation._dpfedavg import DpFedAvg
 from flctl.aggregation._fedadagrad import FedAdagrad
@@ -12,12 +20,14 @@ from flctl.aggregation._fedtrimmedavg import FedTrimmedAvg
 from flctl.aggregation._fedyogi import FedYogi
 from flctl.aggregation._krum import Krum, MultiKrum
 from flctl.aggregation._localdpfedavg import LocalDpFedAvg
+from flctl.aggregation._outliers import Outlier, find_outliers
 from flctl.aggregation._private import PrivateStrategy, check_private
 from flctl.aggregation._registry import BUILTIN_STRATEGIES, make_strategy
 from flctl.aggregation._strategy import EvaluateResult, Param, Strategy, WeightedUpdate
 from flctl.aggregation._weights import cap_weights
 
 __all__ = [
+    "AnomalyScores",
     "BUILTIN_STRATEGIES",
     "Bulyan",
     "DpFedAvg",
@@ -33,14 +43,21 @@ __all__ = [
     "Krum",
     "LocalDpFedAvg",
     "MultiKrum",
+    "Outlier",
     "Param",
     "PrivateStrategy",
+    "RunningMean",
     "Strategy",
+    "UpdateScorer",
     "WeightedUpdate",
     "cap_weights",
     "check_private",
     "fedavg_in_memory",
+    "find_outliers",
     "make_strategy",
+    "median_distances",
+    "round_median_distances",
+    "score_update",
     "strategy_for",
 ]
 
