@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_PORT",
     "DataConfig",
     "GateConfig",
+    "OUTLIER_MODES",
     "PrivacyConfig",
     "ProjectConfig",
     "RoundsConfig",
@@ -43,6 +44,9 @@ CONFIG_FILE = "flctl.toml"
 DEFAULT_PORT = 7070
 
 ConfigValue = bool | int | float | str
+
+#: The values ``[strategy] exclude_outliers`` may take.
+OUTLIER_MODES = ("off", "flag", "drop")
 
 
 @dataclass(frozen=True)
@@ -227,10 +231,18 @@ class StrategyConfig:
 
     ``rounds.strategy`` is a deprecated alias of ``name``, read when ``[strategy]`` does not
     set it.
+
+    ``exclude_outliers`` and ``outlier_threshold`` belong to the coordinator, not to the
+    strategy (Byzantine detection, docs/strategies.md): every accepted update is scored, and
+    the outlier rule, with ``outlier_threshold`` on the modified z-score (> 0), marks a
+    round's outliers; ``"off"`` does not apply the rule, ``"flag"`` records and reports what
+    it marks, ``"drop"`` also leaves those updates out of the aggregate.
     """
 
     name: str = "fedavg"
     params: dict[str, ConfigValue] = field(default_factory=dict)
+    exclude_outliers: Literal["off", "flag", "drop"] = "off"
+    outlier_threshold: float = 3.5
 
 
 @dataclass(frozen=True)
@@ -421,7 +433,31 @@ def _parse_strategy(path: Path, raw: Any, alias: Any) -> StrategyConfig:
         name = alias
     if name is not None and not name:
         raise ConfigError(f"{path}: `strategy.name` must name a strategy, not {name!r}")
-    return StrategyConfig(name=name or StrategyConfig.name, params=params)
+    outliers = _parse_outliers(path, params)
+    return StrategyConfig(name=name or StrategyConfig.name, params=params, **outliers)
+
+
+def _parse_outliers(path: Path, params: dict[str, ConfigValue]) -> dict[str, Any]:
+    """Take ``exclude_outliers`` and ``outlier_threshold`` out of the strategy's parameters."""
+    hints = get_type_hints(StrategyConfig)
+    found: dict[str, Any] = {}
+    for key in ("exclude_outliers", "outlier_threshold"):
+        if key in params:
+            found[key] = _check_value(str(path), f"strategy.{key}", params.pop(key), hints[key])
+    threshold = found.get("outlier_threshold")
+    if threshold is None:
+        return found
+    if threshold <= 0:
+        raise ConfigError(
+            f"{path}: `strategy.outlier_threshold` must be greater than 0, not {threshold!r}"
+        )
+    if found.get("exclude_outliers", "off") == "off":
+        raise ConfigError(
+            f"{path}: `strategy.outlier_threshold` ({threshold:g}) needs "
+            '`strategy.exclude_outliers` "flag" or "drop": with "off" the outlier rule is not '
+            "applied",
+        )
+    return found
 
 
 def parse_config(data: dict[str, Any], *, path: Path, root: Path | None = None) -> Config:
@@ -472,6 +508,7 @@ def parse_config(data: dict[str, Any], *, path: Path, root: Path | None = None) 
         )
     _check_heartbeat(path, config)
     _check_privacy(path, config)
+    _check_outliers(path, config)
     _check_gate(path, config)
     return config
 
@@ -499,6 +536,20 @@ def _check_gate(path: Path, config: Config) -> None:
         raise ConfigError(
             f'{path}: `gate.rollback_after` ({g.rollback_after}) needs `gate.mode` "finite" or '
             '"metric": with the gate off no round is ever rejected',
+        )
+
+
+def _check_outliers(path: Path, config: Config) -> None:
+    """Refuse dropping outliers under differential privacy, whose accounting it would void."""
+    mode = config.privacy.mode
+    if config.strategy.exclude_outliers == "drop" and mode != "off":
+        raise ConfigError(
+            f'{path}: `strategy.exclude_outliers = "drop"` cannot be combined with '
+            f'`privacy.mode = "{mode}"`: which updates are dropped depends on all of them, so one '
+            "client can change the aggregate by more than the clipping norm the accountant "
+            "counts on",
+            hint='use exclude_outliers = "flag" (the scores are recorded, nothing is dropped), '
+            'or privacy.mode = "off"',
         )
 
 
