@@ -171,6 +171,10 @@ class UpdateRecord:
         num_examples: Number of training examples the client reported.
         metrics: The client's training metrics.
         created: Unix time it was recorded.
+        scores: Its anomaly scores (score name -> number, or None where not computed:
+            ``l2``, ``cosine``, ``median_distance``); None while it was not scored.
+        outlier: Why the outlier rule marked it (``[strategy] exclude_outliers``), or "".
+        is_excluded: Whether it was left out of the round's aggregate as an outlier.
     """
 
     id: int
@@ -184,6 +188,9 @@ class UpdateRecord:
     num_examples: int
     metrics: dict[str, float]
     created: float
+    scores: dict[str, float | None] | None = None
+    outlier: str = ""
+    is_excluded: bool = False
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import threading
 import time
@@ -127,9 +128,9 @@ class SqlStore:
     #: reason, author, source, config). 3: rounds.tasks. 4: dp_ledger.unclipped_fraction and
     #: next_clip_norm (adaptive clipping). 5: pending_rollbacks (rollbacks deferred behind a
     #: running round survive a restart). 6: models.state_digest (the strategy's state with each
-    #: version) and rounds.fit_config (the strategy's per-client fit config). Older databases
-    #: are migrated when opened.
-    SCHEMA_VERSION: ClassVar[int] = 6
+    #: version) and rounds.fit_config (the strategy's per-client fit config). 7: updates.scores,
+    #: outlier and excluded (Byzantine detection). Older databases are migrated when opened.
+    SCHEMA_VERSION: ClassVar[int] = 7
 
     def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.is_read_only = read_only
@@ -1111,15 +1112,21 @@ class SqlStore:
         size: int = 0,
         num_examples: int = 0,
         metrics: Mapping[str, float] | None = None,
+        scores: Mapping[str, float | None] | None = None,
     ) -> UpdateRecord:
         """Record an update a client sent, accepted or rejected.
 
         The round is not required to exist: wrong-round updates are recorded as rejected.
+        ``scores`` are an accepted update's anomaly scores, when taken before it is recorded
+        (as for :meth:`set_update_scores`).
 
         Raises:
-            InvalidInputError: ``status`` is not ``accepted`` or ``rejected``, or bad metrics.
+            InvalidInputError: ``status`` is not ``accepted`` or ``rejected``, bad metrics or
+                scores, or scores for a rejected update.
         """
         _check_choice("update status", status, UPDATE_STATUSES)
+        if scores is not None and status != "accepted":
+            raise InvalidInputError("only an accepted update has anomaly scores")
         row = UpdateRow(
             server_round=server_round,
             client_id=client_id,
@@ -1131,8 +1138,56 @@ class SqlStore:
             num_examples=num_examples,
             metrics=_dump_metrics(metrics),
             created=time.time(),
+            scores=None if scores is None else _dump_scores(scores),
         )
         with self._session(write=True) as session:
+            session.add(row)
+            session.flush()
+            record = _update_record(row)
+            self._commit(session)
+        return record
+
+    def set_update_scores(
+        self,
+        update_id: int,
+        scores: Mapping[str, float | None] | None = None,
+        *,
+        outlier: str = "",
+        excluded: bool = False,
+    ) -> UpdateRecord:
+        """Record an accepted update's anomaly scores, and what the outlier rule made of it.
+
+        Each call sets all three: call it when the update is scored, and again once the round
+        has all its scores (a whole-round strategy's ``median_distance``, the rule's verdict).
+
+        Args:
+            update_id: The update (:attr:`UpdateRecord.id`).
+            scores: Score name -> a finite number or None (``AnomalyScores.to_dict()``); None
+                keeps the scores already recorded.
+            outlier: Why the rule marked it (``Outlier.reason``), or "" when it did not.
+            excluded: It was left out of the aggregate (``exclude_outliers = "drop"``); needs
+                an ``outlier`` reason.
+
+        Raises:
+            NotFoundError: No such update.
+            InvalidInputError: It was rejected, scores that are not finite numbers, or
+                ``excluded`` without a reason.
+        """
+        if excluded and not outlier:
+            raise InvalidInputError("an excluded update needs the outlier rule's reason")
+        dumped = None if scores is None else _dump_scores(scores)
+        with self._session(write=True) as session:
+            row = session.get(UpdateRow, update_id)
+            if row is None:
+                raise NotFoundError(f"no update {update_id}")
+            if row.status != "accepted":
+                raise InvalidInputError(
+                    f"update {update_id} was {row.status}: only an accepted update is scored"
+                )
+            if dumped is not None:
+                row.scores = dumped
+            row.outlier = outlier
+            row.excluded = excluded
             session.add(row)
             session.flush()
             record = _update_record(row)
@@ -1445,6 +1500,28 @@ def _dump_metrics(metrics: Mapping[str, float] | None) -> str:
     return json.dumps(clean, sort_keys=True)
 
 
+def _dump_scores(scores: Mapping[str, float | None]) -> str:
+    """Anomaly scores as JSON: names to finite numbers, or null where not computed."""
+    clean: dict[str, float | None] = {}
+    for key, value in scores.items():
+        if value is None:
+            clean[str(key)] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidInputError(f"anomaly score {key!r} must be a number, not {value!r}")
+        if not math.isfinite(value):
+            raise InvalidInputError(f"anomaly score {key!r} must be finite, not {value!r}")
+        clean[str(key)] = float(value)
+    return json.dumps(clean, sort_keys=True)
+
+
+def _load_scores(text: str | None) -> dict[str, float | None] | None:
+    if text is None:
+        return None
+    value = json.loads(text)
+    return value if isinstance(value, dict) else None
+
+
 def _dump_config(config: Mapping[str, Any] | None) -> tuple[str, str]:
     """Return a config's canonical JSON and its SHA-256 ("" for an empty config)."""
     if not config:
@@ -1613,6 +1690,9 @@ def _update_record(row: UpdateRow) -> UpdateRecord:
         num_examples=row.num_examples,
         metrics=_load_dict(row.metrics),
         created=row.created,
+        scores=_load_scores(row.scores),
+        outlier=row.outlier or "",
+        is_excluded=bool(row.excluded),
     )
 
 
@@ -1717,6 +1797,11 @@ def _migrate_5_to_6(session: Session) -> None:
         _add_missing_columns(connection, TableBase.metadata.tables[name])
 
 
+def _migrate_6_to_7(session: Session) -> None:
+    """Add updates.scores, outlier and excluded (Byzantine detection)."""
+    _add_missing_columns(session.connection(), TableBase.metadata.tables[UpdateRow.__tablename__])
+
+
 #: schema version found -> the step that brings it to the next version.
 _MIGRATIONS = {
     "1": _migrate_1_to_2,
@@ -1724,6 +1809,7 @@ _MIGRATIONS = {
     "3": _migrate_3_to_4,
     "4": _migrate_4_to_5,
     "5": _migrate_5_to_6,
+    "6": _migrate_6_to_7,
 }
 
 

@@ -6,7 +6,7 @@ counts as BIGINT, so the same tables work on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Index, Text
+from sqlalchemy import BigInteger, Index, Text, false
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
@@ -125,6 +125,13 @@ class UpdateRow(TableBase, table=True):
     num_examples: int = Field(default=0, sa_type=BigInteger)
     metrics: str = Field(default="{}", sa_type=Text)
     created: float
+    #: The update's anomaly scores (schema 7): JSON {score name: number or null}; NULL while
+    #: it was not scored (rejected updates, updates recorded before schema 7).
+    scores: str | None = Field(default=None, sa_type=Text)
+    #: Why the outlier rule marked it (schema 7), or "" when it did not.
+    outlier: str = Field(default="", sa_type=Text, sa_column_kwargs={"server_default": ""})
+    #: Whether it was left out of the round's aggregate as an outlier (schema 7).
+    excluded: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
 
 
 class ClientRow(TableBase, table=True):

@@ -66,6 +66,6 @@ def test_a_version_5_database_is_migrated(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "state.db")
     try:
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        assert version == ("6",)
+        assert version == (str(SqlStore.SCHEMA_VERSION),)
     finally:
         conn.close()
