@@ -47,7 +47,9 @@ __all__ = [
     "TERMINAL_ROUND_STATUSES",
     "UPDATE_ACCEPTED",
     "UPDATE_CLAMPED",
+    "UPDATE_EXCLUDED",
     "UPDATE_REJECTED",
+    "UPDATE_SCORED",
     "UPLOAD_RESUMED",
 ]
 
@@ -92,6 +94,15 @@ UPDATE_REJECTED = "update.rejected"
 #: max_examples_per_update, max_weight_share; an accepted update that weighs less than its
 #: client claimed
 UPDATE_CLAMPED = "update.clamped"
+#: data: l2, cosine, median_distance (each a number, or null where it was not computed); an
+#: accepted update's anomaly scores (Byzantine detection, docs/strategies.md). Emitted when
+#: the update is scored, and again with its median_distance when a whole-round strategy
+#: computes it at aggregation
+UPDATE_SCORED = "update.scored"
+#: data: score ("l2", "cosine" or "median_distance": the one that tripped), value, z (its
+#: modified z-score in the round), threshold, mode ("flag": recorded only; "drop": left out of
+#: the aggregate); an update the outlier rule marked ([strategy] exclude_outliers)
+UPDATE_EXCLUDED = "update.excluded"
 #: a client evaluated the round's new model (rounds.evaluate "clients" or "both"); data:
 #: task_id, loss, num_examples, metrics
 EVALUATION_REPORTED = "evaluation.reported"

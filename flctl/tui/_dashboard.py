@@ -298,7 +298,17 @@ def _round_note(view: RoundView) -> Text:
         text = f"model v{view.model_version}"
     else:
         text = ""
+    outliers = _outliers_note(view)
+    if outliers:
+        text = f"{text}, {outliers}" if text else outliers
     return Text(text, style="dim", no_wrap=True, overflow="ellipsis")
+
+
+def _outliers_note(view: RoundView) -> str:
+    """``1 excluded, 2 flagged``: the round's updates the outlier rule marked."""
+    modes = list(view.outliers.values())
+    counts = ((modes.count("drop"), "excluded"), (modes.count("flag"), "flagged"))
+    return ", ".join(f"{n} {what}" for n, what in counts if n)
 
 
 def _clients(state: DashboardState, now: float, shown: int) -> list[RenderableType]:

@@ -36,7 +36,9 @@ from flctl.core.events import (
     TASK_SENT,
     UPDATE_ACCEPTED,
     UPDATE_CLAMPED,
+    UPDATE_EXCLUDED,
     UPDATE_REJECTED,
+    UPDATE_SCORED,
     Event,
 )
 from flctl.tui._data import (
@@ -225,6 +227,31 @@ def _update_clamped(event: Event) -> str:
     return f"{text} ({bound})" if bound else text
 
 
+def _update_scored(event: Event) -> str:
+    data = event.data
+    parts = [
+        f"{label} {value:.4g}"
+        for label, value in (
+            ("l2", get_float(data, "l2")),
+            ("cos", get_float(data, "cosine")),
+            ("med-dist", get_float(data, "median_distance")),
+        )
+        if value is not None
+    ]
+    text = f"round {event.server_round}: update from {event.client_id} scored"
+    return f"{text}: {', '.join(parts)}" if parts else text
+
+
+def _update_excluded(event: Event) -> str:
+    data = event.data
+    what = "flagged" if get_str(data, "mode") == "flag" else "excluded"
+    text = f"round {event.server_round}: update from {event.client_id} {what} as an outlier"
+    score, value, z = get_str(data, "score"), get_float(data, "value"), get_float(data, "z")
+    if score and value is not None and z is not None:
+        text += f" ({score} {value:.4g}, z {z:.2f})"
+    return text
+
+
 def _round_summary(event: Event, status: str) -> str:
     data = event.data
     parts = []
@@ -365,6 +392,8 @@ _DESCRIBE: dict[str, Callable[[Event], str]] = {
     UPDATE_ACCEPTED: _update_accepted,
     UPDATE_REJECTED: _update_rejected,
     UPDATE_CLAMPED: _update_clamped,
+    UPDATE_SCORED: _update_scored,
+    UPDATE_EXCLUDED: _update_excluded,
     ROUND_COMMITTED: _round_committed,
     ROUND_REJECTED: _round_rejected,
     ROUND_FAILED: _round_ended("failed"),
@@ -390,14 +419,15 @@ def is_notable(event: Event) -> bool:
 
     Everything is, but what every heartbeat and every task repeats: a client's state
     (``client c1 training``, already in the panel's Clients table) unless it failed, and each
-    task sent (the round's start says how many clients were selected). A plain log of a run
-    then reads as its story: joins and leaves, round phases, updates accepted or rejected,
-    models created, rounds committed or failed.
+    task sent (the round's start says how many clients were selected), and each update's
+    anomaly scores (``round status`` lists them; an outlier has its own ``update.excluded``
+    line). A plain log of a run then reads as its story: joins and leaves, round phases,
+    updates accepted, rejected or excluded, models created, rounds committed or failed.
 
     Args:
         event: Any event.
     """
-    if event.type == TASK_SENT:
+    if event.type in (TASK_SENT, UPDATE_SCORED):
         return False
     if event.type == CLIENT_STATE:
         return get_str(event.data, "state") == "failed"

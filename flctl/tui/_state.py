@@ -25,7 +25,9 @@ from flctl.core.events import (
     TASK_SENT,
     TERMINAL_ROUND_STATUSES,
     UPDATE_ACCEPTED,
+    UPDATE_EXCLUDED,
     UPDATE_REJECTED,
+    UPDATE_SCORED,
     Event,
 )
 from flctl.tui._data import get_float, get_int, get_metrics, get_str, get_str_list
@@ -44,6 +46,7 @@ _ROUND_TYPES = frozenset(
         ROUND_STARTED,
         ROUND_STATUS,
         UPDATE_ACCEPTED,
+        UPDATE_EXCLUDED,
         ROUND_COMMITTED,
         ROUND_REJECTED,
         ROUND_FAILED,
@@ -69,6 +72,8 @@ class RoundView:
         model_version: The version the round committed (or stored as rejected).
         started: Unix time the round started.
         deadline: Unix time updates are due.
+        outliers: Client id -> ``flag`` or ``drop``, for the updates the outlier rule marked
+            (``update.excluded``): flagged, or left out of the aggregate.
     """
 
     server_round: int
@@ -82,6 +87,7 @@ class RoundView:
     model_version: int | None = None
     started: float | None = None
     deadline: float | None = None
+    outliers: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_done(self) -> bool:
@@ -303,6 +309,10 @@ class DashboardState:
             view.reported.append(event.client_id)
             self.clients[event.client_id].rounds_joined += 1
 
+    def _update_excluded(self, event: Event) -> None:
+        view = self._round(event.server_round)
+        view.outliers[event.client_id or "?"] = get_str(event.data, "mode", "drop")
+
     def _round_committed(self, event: Event) -> None:
         view = self._round(event.server_round)
         view.status = "committed"
@@ -368,5 +378,7 @@ _HANDLERS = {
     PRIVACY_CHARGED: DashboardState._privacy_charged,
     TASK_SENT: DashboardState._noop,
     UPDATE_REJECTED: DashboardState._noop,
+    UPDATE_EXCLUDED: DashboardState._update_excluded,
+    UPDATE_SCORED: DashboardState._noop,
     COORDINATOR_STOPPED: DashboardState._noop,
 }
