@@ -340,6 +340,10 @@ def show_model(config: Config, ref: str) -> dict[str, Any]:
                             "num_examples": u.num_examples,
                             "metrics": u.metrics,
                             "digest": u.digest,
+                            # Byzantine detection: null scores for an update never scored
+                            "scores": u.scores,
+                            "outlier": u.outlier,
+                            "excluded": u.is_excluded,
                         }
                         for u in updates
                         if u.status == "accepted"
@@ -383,6 +387,32 @@ def show_model(config: Config, ref: str) -> dict[str, Any]:
         "size_bytes": path.stat().st_size if present else None,
         "blob": blob_state,
     }
+
+
+def _round_rows(rnd: dict[str, Any]) -> list[tuple[str, str]]:
+    """The round that made a version, and a line per contributor (scores, outlier marks)."""
+    from flctl.cli._scores import SCORE_COLUMNS, outlier_mark, score_cells
+
+    contributors = rnd["contributors"]
+    excluded = sum(bool(c["excluded"]) for c in contributors)
+    flagged = sum(bool(c["outlier"]) for c in contributors) - excluded
+    head = f"{rnd['round']} {rnd['status']}, {len(contributors)} contributors"
+    rejected = len(rnd["rejected_updates"])
+    for count, what in ((excluded, "excluded"), (flagged, "flagged"), (rejected, "rejected")):
+        if count:
+            head += f", {count} {what}"
+    rows = [("round", head)]
+    for c in contributors:
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(c["metrics"].items()))
+        line = f"{c['num_examples']} examples {metrics}".strip()
+        if c["scores"] is not None:
+            cells = score_cells(c)
+            line += "; " + " ".join(f"{k} {v}" for k, v in zip(SCORE_COLUMNS, cells, strict=True))
+        mark = outlier_mark(c)
+        if mark:
+            line += f"; {mark}"
+        rows.append((f"  {c['client_id']}", line))
+    return rows
 
 
 def _strategy_name(config_doc: dict[str, Any]) -> str | None:
@@ -446,16 +476,7 @@ def models_show(ref: RefArg, config_path: ConfigOpt = None, json_output: JsonOpt
         rows.append(("config", f"sha256 {doc['config_hash'][:12]}"))
     rnd = doc["round"]
     if rnd is not None:
-        rows.append(
-            (
-                "round",
-                f"{rnd['round']} {rnd['status']}, {len(rnd['contributors'])} contributors"
-                + (f", {len(rnd['rejected_updates'])} rejected" if rnd["rejected_updates"] else ""),
-            )
-        )
-        for c in rnd["contributors"]:
-            metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(c["metrics"].items()))
-            rows.append((f"  {c['client_id']}", f"{c['num_examples']} examples {metrics}".strip()))
+        rows.extend(_round_rows(rnd))
     out.pairs(rows, title=f"model version {m['version']}")
     if doc["config_hash"]:
         out.pairs(_flat(doc["config"], "config"), title=f"config of version {m['version']}")

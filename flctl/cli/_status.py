@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -42,6 +43,10 @@ def round_status(
         "open_round": _open_round(reply),
         "warnings": list(reply.warnings),
     }
+    updates = _round_updates(config, reply.state_dir, [r["round"] for r in document["rounds"]])
+    if updates is not None:
+        for row in document["rounds"]:
+            row["updates"] = updates.get(row["round"], [])
     if json_output:
         out.json(document)
         return document
@@ -69,9 +74,50 @@ def round_status(
     # Piped, stdout holds only the table; the open round's story is for the reader.
     for line in _explain(document["open_round"]):
         (out.line if out.is_terminal else out.note)(line)
+    if out.is_terminal and updates is not None:
+        _print_updates(out, updates, round_ids or [r["round"] for r in document["rounds"][-1:]])
     for warning in document["warnings"]:
         out.note(f"warning: {warning}")
     return document
+
+
+def _round_updates(
+    config: Any, state_dir: str, round_ids: list[int]
+) -> dict[int, list[dict[str, Any]]] | None:
+    """The listed rounds' updates with their anomaly scores, from the state folder's store.
+
+    Read only where the coordinator that answered keeps its state in this project's state
+    folder (a coordinator elsewhere, reached with ``--server``, keeps its own); None where
+    they cannot be read here.
+    """
+    from flctl.cli._scores import read_round_updates
+    from flctl.core.errors import StoreError
+
+    if not state_dir or Path(state_dir).resolve() != config.state_path:
+        return None
+    try:
+        return read_round_updates(config.state_path, round_ids)
+    except StoreError:
+        return None
+
+
+def _print_updates(out: Output, updates: dict[int, list[dict[str, Any]]], shown: list[int]) -> None:
+    """A table per round of ``shown`` whose updates were scored: scores and outliers."""
+    from flctl.cli._scores import UPDATE_COLUMNS, UPDATE_NUMBERS, update_rows
+
+    for server_round in shown:
+        docs = updates.get(server_round, [])
+        if not any(doc["scores"] is not None for doc in docs):
+            continue
+        excluded = sum(doc["excluded"] for doc in docs)
+        flagged = sum(bool(doc["outlier"]) for doc in docs) - excluded
+        marks = [f"{n} {what}" for n, what in ((excluded, "excluded"), (flagged, "flagged")) if n]
+        out.table(
+            UPDATE_COLUMNS,
+            update_rows(docs),
+            title=f"updates of round {server_round}" + (f" ({', '.join(marks)})" if marks else ""),
+            right=UPDATE_NUMBERS,
+        )
 
 
 def _open_round(reply: Any) -> dict[str, Any] | None:

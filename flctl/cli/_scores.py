@@ -1,0 +1,105 @@
+"""A round's updates with their anomaly scores, for `round status` and `models show`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flctl.store import UpdateRecord
+
+__all__ = [
+    "SCORE_COLUMNS",
+    "UPDATE_COLUMNS",
+    "UPDATE_NUMBERS",
+    "outlier_mark",
+    "read_round_updates",
+    "score_cells",
+    "update_doc",
+    "update_rows",
+]
+
+#: The table columns of the three scores, in the order of :func:`score_cells`.
+SCORE_COLUMNS = ("l2", "cos", "med-dist")
+#: The columns of :func:`update_rows`, and those to right-align.
+UPDATE_COLUMNS = ("client", "status", "examples", *SCORE_COLUMNS, "outlier")
+UPDATE_NUMBERS = ("examples", *SCORE_COLUMNS)
+
+
+def update_doc(update: UpdateRecord) -> dict[str, Any]:
+    """One update as JSON: who, its status, examples, anomaly scores and the rule's verdict.
+
+    ``scores`` is null for an update that was not scored (rejected, or recorded before
+    Byzantine detection); ``outlier`` is why the rule marked it ("" when it did not), and
+    ``excluded`` whether it was left out of the aggregate.
+    """
+    return {
+        "client_id": update.client_id,
+        "status": update.status,
+        "reason": update.reason,
+        "num_examples": update.num_examples,
+        "scores": update.scores,
+        "outlier": update.outlier,
+        "excluded": update.is_excluded,
+    }
+
+
+def _score(value: Any, spec: str) -> str:
+    return "-" if value is None else format(float(value), spec)
+
+
+def score_cells(doc: dict[str, Any]) -> list[str]:
+    """The cells of :data:`SCORE_COLUMNS` for an :func:`update_doc` ("-": not computed)."""
+    scores = doc.get("scores") or {}
+    return [
+        _score(scores.get("l2"), ".4g"),
+        _score(scores.get("cosine"), ".3f"),
+        _score(scores.get("median_distance"), ".4g"),
+    ]
+
+
+def outlier_mark(doc: dict[str, Any]) -> str:
+    """``excluded: <why>``, ``flagged: <why>`` or "" for an :func:`update_doc`."""
+    if not doc.get("outlier"):
+        return ""
+    return f"{'excluded' if doc.get('excluded') else 'flagged'}: {doc['outlier']}"
+
+
+def read_round_updates(
+    state_path: Path, round_ids: Iterable[int]
+) -> dict[int, list[dict[str, Any]]]:
+    """Each round's updates (:func:`update_doc`, in arrival order) from a state folder's store.
+
+    Read-only, beside a running coordinator as ``models show`` reads. Rounds without updates
+    map to an empty list.
+
+    Raises:
+        NotFoundError: The folder never held a store.
+        StoreError: The store cannot be read.
+    """
+    from flctl.store import SqlStore, require_store
+
+    require_store(state_path)
+    store = SqlStore.open(state_path, read_only=True)
+    try:
+        return {r: [update_doc(u) for u in store.updates_for_round(r)] for r in round_ids}
+    finally:
+        store.close()
+
+
+def update_rows(docs: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """Table rows of a round's updates: :data:`UPDATE_COLUMNS`, already formatted."""
+    rows = []
+    for doc in docs:
+        accepted = doc["status"] == "accepted"
+        rows.append(
+            [
+                doc["client_id"],
+                "accepted" if accepted else f"{doc['status']}: {doc['reason']}",
+                str(doc["num_examples"]) if accepted else "-",
+                *score_cells(doc),
+                outlier_mark(doc) or "-",
+            ]
+        )
+    return rows
