@@ -23,6 +23,7 @@ from flctl.aggregation._localdpfedavg import LocalDpFedAvg
 from flctl.aggregation._outliers import Outlier, find_outliers
 from flctl.aggregation._private import PrivateStrategy, check_private
 from flctl.aggregation._registry import BUILTIN_STRATEGIES, make_strategy
+from flctl.aggregation._running import RunningSum, SumOverflowError
 from flctl.aggregation._strategy import EvaluateResult, Param, Strategy, WeightedUpdate
 from flctl.aggregation._weights import cap_weights
 
@@ -47,7 +48,9 @@ __all__ = [
     "Param",
     "PrivateStrategy",
     "RunningMean",
+    "RunningSum",
     "Strategy",
+    "SumOverflowError",
     "UpdateScorer",
     "WeightedUpdate",
     "cap_weights",

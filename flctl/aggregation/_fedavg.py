@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -43,6 +44,10 @@ class FedAvg(Strategy):
     name = "fedavg"
     summary = "weighted mean of the clients' models (McMahan et al. 2017)"
     is_mean_based = True
+
+    def aggregate_mean(self, base: Path, mean: Path, out: Path) -> None:
+        """The mean is FedAvg's model: ``mean`` is moved to ``out``."""
+        os.replace(mean, out)
 
     def aggregate(self, base: Path, updates: Sequence[WeightedUpdate], out: Path) -> None:
         """Write the weighted mean of ``updates`` to ``out``; see :class:`Strategy`."""

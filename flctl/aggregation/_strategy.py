@@ -210,6 +210,18 @@ class Strategy(abc.ABC):
                 f"{len(state)} tensors was found (was the strategy changed?)"
             )
 
+    def aggregate_mean(self, base: Path, mean: Path, out: Path) -> None:
+        """Write the new model to ``out`` from the round's weighted mean (a mean-based strategy).
+
+        Called instead of :meth:`aggregate` for a strategy that declares
+        :attr:`is_mean_based`, when the round engine summed the updates as they arrived
+        (incremental aggregation, :class:`~flctl.aggregation.RunningSum`): ``mean`` holds the
+        updates' num_examples-weighted mean, in the model's dtypes. The default aggregates it
+        as the round's one update; a strategy whose model is the mean may move ``mean`` to
+        ``out`` (the file is the caller's temp file, given away).
+        """
+        self.aggregate(base, [WeightedUpdate(mean, 1, "mean")], out)
+
     @abc.abstractmethod
     def aggregate(self, base: Path, updates: Sequence[WeightedUpdate], out: Path) -> None:
         """Write the new model to ``out`` (a safetensors file).

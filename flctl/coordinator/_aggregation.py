@@ -3,24 +3,47 @@
 :class:`RoundAggregation` holds the job's strategy (``[strategy]``, docs/strategies.md) for the
 round engine. Before each round it gives the strategy the state recorded with the head version
 (:meth:`RoundAggregation.sync_state`); when the tasks are sent it asks for the clients' extra fit
-config (:meth:`~RoundAggregation.configure_fit`); once the updates are in, it weighs them
-(``num_examples`` capped by ``[rounds]``, each clamp an ``update.clamped`` event) and has the
-strategy write the new model into the blob store, and its state beside it. With ``[privacy]``
-on, DP-FedAvg (central) or the local-DP average aggregates instead, and the release is charged.
+config (:meth:`~RoundAggregation.configure_fit`).
+
+While the round trains, each accepted update is added to the round's
+:class:`~flctl.aggregation.RunningSum` in a worker thread (:meth:`~RoundAggregation.start_round`,
+:meth:`~RoundAggregation.update_accepted`): for a mean-based strategy
+(:attr:`Strategy.is_mean_based`) the aggregation is then mostly done when the last update lands.
+Once the wait ends, the updates are weighed (``num_examples`` capped by ``[rounds]``, each
+clamp an ``update.clamped`` event); a mean-based strategy takes the settled running sum's mean
+(:meth:`Strategy.aggregate_mean`), any other strategy reads all the updates
+(:meth:`Strategy.aggregate`). The new model goes into the blob store, and the strategy's state
+beside it. If adding an update failed, the round aggregates whole, which names the update.
+
+With ``[privacy]`` on, the strategy aggregates the round's private mean instead
+(:class:`~flctl.aggregation.PrivateStrategy`: DP-FedAvg's release for central DP, the mean of
+the clients' noised updates for local DP), and a central release is charged to the ledger as
+soon as it exists.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flctl.aggregation import DpFedAvg, LocalDpFedAvg, Strategy, WeightedUpdate, cap_weights
+from flctl.aggregation import (
+    DpFedAvg,
+    LocalDpFedAvg,
+    PrivateStrategy,
+    RunningSum,
+    Strategy,
+    SumOverflowError,
+    WeightedUpdate,
+    cap_weights,
+)
 from flctl.core import Config
 from flctl.core import events as ev
-from flctl.core.errors import IntegrityError, RoundFailedError
+from flctl.core.dp import PRIVACY_PREFIX
+from flctl.core.errors import FlctlError, IntegrityError, RoundFailedError
 from flctl.privacy import SampledGaussianRound
 from flctl.store import BlobStore, ModelRecord, SqlStore
 from flctl.tensors import load_parameters, save_parameters, sha256_file
@@ -59,6 +82,11 @@ class RoundAggregation:
         #: the state digest the strategy holds ("" none: as built); None: unknown (it
         #: aggregated a round that did not commit)
         self._state_digest: str | None = ""
+        #: the round's running sum (incremental aggregation), while it trains
+        self._running: _Running | None = None
+        #: how the last round aggregated: "incremental" (from the running sum), "whole" (every
+        #: update read at the end) or "private" (the strategy given the private mean)
+        self.last_mode = ""
 
     def sync_state(self) -> None:
         """Give the strategy the state recorded with the head version, if it lacks it.
@@ -89,14 +117,13 @@ class RoundAggregation:
         log.info("strategy state: %s", wanted[:12] or "none (as built)")
 
     def configure_fit(self, server_round: int, selected: list[str]) -> dict[str, dict[str, Any]]:
-        """The strategy's extra fit config per selected client, checked (none with privacy).
+        """The strategy's extra fit config per selected client, checked.
 
         Raises:
             RoundFailedError: It named a client that was not selected, or gave a key or value
-                a task config cannot carry.
+                a task config cannot carry, or one of the ``flctl.privacy.*`` keys the engine
+                sets.
         """
-        if self._config.privacy.mode != "off":
-            return {}
         answer = self.strategy.configure_fit(server_round, list(selected))
         name = getattr(self.strategy, "name", type(self.strategy).__name__)
         out: dict[str, dict[str, Any]] = {}
@@ -107,6 +134,11 @@ class RoundAggregation:
                     "which was not selected"
                 )
             for key, value in entries.items():
+                if isinstance(key, str) and key.startswith(PRIVACY_PREFIX):
+                    raise RoundFailedError(
+                        f"strategy {name!r}: configure_fit gave {client_id!r} {key!r}: the "
+                        f"{PRIVACY_PREFIX}* keys are the coordinator's ([privacy])"
+                    )
                 if not isinstance(key, str) or not isinstance(value, bool | int | float | str):
                     raise RoundFailedError(
                         f"strategy {name!r}: configure_fit gave {client_id!r} {key!r} = "
@@ -162,6 +194,73 @@ class RoundAggregation:
             )
         return weights
 
+    # ------------------------------------------------------------------ incremental
+
+    def start_round(self, server_round: int, base_digest: str, accepted: Sequence[Any]) -> None:
+        """A round trains from ``base_digest``: sum its updates as they are accepted.
+
+        Without privacy, a :class:`~flctl.aggregation.RunningSum` takes each accepted update in
+        a worker thread while the round waits for the others (``accepted``: those a resumed
+        round already holds). A mean-based strategy aggregates from it
+        (:meth:`Strategy.aggregate_mean`) unless ``[strategy] incremental = false``.
+        """
+        self.end_round()
+        if self._config.privacy.mode != "off" or not self._incremental():
+            return
+        self._running = _Running(
+            server_round, RunningSum(self._blobs.path(base_digest)), asyncio.Queue()
+        )
+        self._running.worker = asyncio.create_task(
+            self._add_updates(self._running), name=f"flctl-running-sum-{server_round}"
+        )
+        for record in accepted:
+            self.update_accepted(server_round, record)
+
+    def update_accepted(self, server_round: int, record: Any) -> None:
+        """Add the accepted update ``record`` to the round's running sum (in the background)."""
+        running = self._running
+        if running is None or running.server_round != server_round or running.broken:
+            return
+        weight = min(int(record.num_examples), self._config.rounds.max_examples_per_update)
+        if weight <= 0 or not record.digest:
+            return
+        update = WeightedUpdate(self._blobs.path(record.digest), weight, record.client_id)
+        running.queue.put_nowait(update)
+
+    def end_round(self) -> None:
+        """Drop the round's running sum (the round ended)."""
+        running, self._running = self._running, None
+        if running is not None and running.worker is not None:
+            running.worker.cancel()
+
+    def _incremental(self) -> bool:
+        return self._config.strategy.incremental and self.strategy.is_mean_based
+
+    async def _add_updates(self, running: _Running) -> None:
+        while True:
+            update = await running.queue.get()
+            try:
+                if not running.broken:
+                    await asyncio.to_thread(running.sum.add, update)
+            except FlctlError as exc:  # the whole-round pass reports it, naming the client
+                running.broken = exc.message
+                log.info("round %d: incremental aggregation off: %s", running.server_round, exc)
+            except Exception as exc:  # never lose the round to this shortcut
+                running.broken = f"{type(exc).__name__}: {exc}"
+                log.exception("round %d: incremental aggregation failed", running.server_round)
+            finally:
+                running.queue.task_done()
+
+    async def _running_for(self, server_round: int) -> RunningSum | None:
+        """The round's running sum once every accepted update is in it; None: aggregate whole."""
+        running = self._running
+        if running is None or running.server_round != server_round or not self._incremental():
+            return None
+        await running.queue.join()
+        return None if running.broken else running.sum
+
+    # ------------------------------------------------------------------ the aggregate
+
     async def aggregate(
         self,
         server_round: int,
@@ -173,13 +272,13 @@ class RoundAggregation:
         """Aggregate the round's accepted updates onto ``head``.
 
         Returns the new model's digest, its strategy state's digest ("": none) and the
-        updates' weights (capped).
+        updates' weights (capped). The strategy then holds a state no version records yet
+        (:meth:`committed` once the round commits).
 
-        Without privacy the strategy aggregates, and then holds a state no version records
-        yet (:meth:`committed` once the round commits). With privacy the release is charged to
-        the ledger as soon as it exists, whatever happens next.
+        With privacy the strategy aggregates the private mean of the round
+        (:class:`~flctl.aggregation.PrivateStrategy`), and the release is charged to the
+        ledger as soon as it exists, whatever happens next.
         """
-        is_local = mechanism is not None and self._config.privacy.mode == "local"
         base_path = self._blobs.path(head.digest)
         # every strategy and the clients' metrics weigh an update as capped here, never as
         # claimed: one client's num_examples cannot buy the aggregate
@@ -188,68 +287,122 @@ class RoundAggregation:
             WeightedUpdate(self._blobs.path(u.digest), weight, u.client_id)
             for u, weight in zip(accepted, weights, strict=True)
         ]
-        state_digest = ""
+        self._state_digest = None  # the strategy moves on; a round that fails reloads
         if mechanism is None:
-            self._state_digest = None  # the strategy moves on; a round that fails reloads
+            running = await self._running_for(server_round)
+            if running is not None:
+                self.last_mode = "incremental"
+                try:
+                    digest, state_digest = await asyncio.to_thread(
+                        self._aggregate_running, running, updates
+                    )
+                except SumOverflowError as exc:  # values near the float range: weigh first
+                    log.info("round %d: %s: aggregating whole", server_round, exc)
+                    running = None
+            if running is None:
+                self.last_mode = "whole"
+                digest, state_digest = await asyncio.to_thread(
+                    self._aggregate_stateful, base_path, updates, self.strategy
+                )
+            return digest, state_digest, weights
+        self.last_mode = "private"
+        if self._config.privacy.mode == "local":
+            private = PrivateStrategy(self.strategy, LocalDpFedAvg())
             digest, state_digest = await asyncio.to_thread(
-                self._aggregate_stateful, base_path, updates
+                self._aggregate_stateful, base_path, updates, private
             )
-        elif is_local:
-            local = LocalDpFedAvg()
-            digest = await asyncio.to_thread(self._aggregate, base_path, updates, local)
-        else:
-            denominator = self._privacy.denominator(connected)
-            clip_norm = self._privacy.clip_norm()
-            adaptive = self._privacy.adaptive(denominator)
-            z = mechanism.noise_multiplier
-            strategy = DpFedAvg(
-                clip_norm,
-                z if adaptive is None else adaptive.update_noise_multiplier(z),
-                denominator,
-                adaptive=adaptive,
+            return digest, state_digest, weights
+        denominator = self._privacy.denominator(connected)
+        clip_norm = self._privacy.clip_norm()
+        adaptive = self._privacy.adaptive(denominator)
+        z = mechanism.noise_multiplier
+        release = DpFedAvg(
+            clip_norm,
+            z if adaptive is None else adaptive.update_noise_multiplier(z),
+            denominator,
+            adaptive=adaptive,
+        )
+        private = PrivateStrategy(self.strategy, release)
+        try:
+            digest, state_digest = await asyncio.to_thread(
+                self._aggregate_stateful, base_path, updates, private
             )
-            digest = await asyncio.to_thread(self._aggregate, base_path, updates, strategy)
-            fraction = strategy.last_unclipped_fraction
-            # the noisy aggregate exists: the round is spent, whether it commits or not
-            await self._privacy.charge(
-                server_round,
-                mechanism,
-                clip_norm=clip_norm,
-                unclipped_fraction=fraction,
-                next_clip_norm=(
-                    None
-                    if adaptive is None or fraction is None
-                    else adaptive.next_clip_norm(clip_norm, fraction)
-                ),
-            )
-
+        finally:
+            if private.has_released:
+                # the noisy mean exists: the round is spent, whether it commits or not
+                fraction = private.last_unclipped_fraction
+                await self._privacy.charge(
+                    server_round,
+                    mechanism,
+                    clip_norm=clip_norm,
+                    unclipped_fraction=fraction,
+                    next_clip_norm=(
+                        None
+                        if adaptive is None or fraction is None
+                        else adaptive.next_clip_norm(clip_norm, fraction)
+                    ),
+                )
         return digest, state_digest, weights
 
     def committed(self, state_digest: str) -> None:
-        """The round aggregated without privacy committed: the strategy holds its state."""
+        """The round committed: the strategy holds the state recorded with the new version."""
         self._state_digest = state_digest
 
-    def _aggregate_stateful(self, base: Path, updates: list[WeightedUpdate]) -> tuple[str, str]:
-        """Aggregate with the strategy; return the model's digest and its state's ("": none)."""
-        digest = self._aggregate(base, updates)
+    def _aggregate_stateful(
+        self, base: Path, updates: list[WeightedUpdate], strategy: Strategy
+    ) -> tuple[str, str]:
+        """Aggregate with ``strategy``, all updates at once.
+
+        Returns the model's digest and the strategy state's ("": none).
+        """
+        temp, handle = self._blobs.temp_file()
+        handle.close()
+        try:
+            strategy.aggregate(base, updates, temp)
+            digest = self._blobs.commit_temp(temp, sha256_file(temp))
+        finally:
+            temp.unlink(missing_ok=True)
+        return digest, self._store_state()
+
+    def _aggregate_running(
+        self, running: RunningSum, updates: list[WeightedUpdate]
+    ) -> tuple[str, str]:
+        """Aggregate from the running sum, settled to ``updates`` (incremental)."""
+        running.settle(updates)
+        mean, handle = self._blobs.temp_file()
+        handle.close()
+        temp, handle = self._blobs.temp_file()
+        handle.close()
+        try:
+            running.write_mean(mean)
+            self.strategy.aggregate_mean(running.base, mean, temp)
+            digest = self._blobs.commit_temp(temp, sha256_file(temp))
+        finally:
+            mean.unlink(missing_ok=True)
+            temp.unlink(missing_ok=True)
+        return digest, self._store_state()
+
+    def _store_state(self) -> str:
+        """Store the strategy's state as a blob; its digest ("": the strategy keeps none)."""
         state = self.strategy.state_dict()
         if not state:
-            return digest, ""
+            return ""
         temp, handle = self._blobs.temp_file()
         handle.close()
         try:
             save_parameters(state, temp)
-            return digest, self._blobs.commit_temp(temp, sha256_file(temp))
-        finally:
-            temp.unlink(missing_ok=True)
-
-    def _aggregate(
-        self, base: Path, updates: list[WeightedUpdate], strategy: Strategy | None = None
-    ) -> str:
-        temp, handle = self._blobs.temp_file()
-        handle.close()
-        try:
-            (strategy or self.strategy).aggregate(base, updates, temp)
             return self._blobs.commit_temp(temp, sha256_file(temp))
         finally:
             temp.unlink(missing_ok=True)
+
+
+@dataclass
+class _Running:
+    """A round's running sum and the worker that adds its accepted updates, one at a time."""
+
+    server_round: int
+    sum: RunningSum
+    queue: asyncio.Queue[WeightedUpdate]
+    worker: asyncio.Task[None] | None = None
+    #: why the sum cannot be used (an update failed to add): the round aggregates whole
+    broken: str = ""

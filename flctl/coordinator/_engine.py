@@ -40,15 +40,17 @@ With ``[privacy] mode = "central"`` (docs/privacy.md), before a round selects an
 computes the epsilon the privacy ledger would reach with this round; above ``epsilon_budget``
 the round fails ("privacy budget exhausted: ...") with a ``privacy.refused`` event and nothing
 is sent. Otherwise clients are sampled as ``privacy.sampling`` says (no over-selection), the
-updates are aggregated with :class:`~flctl.aggregation.DpFedAvg`, and the round is charged to
-the ``dp_ledger`` table as soon as the noisy aggregate exists, whatever happens next. With
+private mean of the updates is released with :class:`~flctl.aggregation.DpFedAvg` and the
+strategy aggregates it (:class:`~flctl.aggregation.PrivateStrategy`), and the round is charged
+to the ``dp_ledger`` table as soon as the noisy mean exists, whatever happens next. With
 ``adaptive_clip`` the clip norm moves after each charged round (the ledger keeps it).
 
 With ``mode = "local"`` the same budget check runs before each round; the task tells each
-client to clip and noise its own update (:class:`~flctl.core.dp.TaskPrivacy`), the updates are
-averaged with :class:`~flctl.aggregation.LocalDpFedAvg`, and the round is charged as soon as
-one noised update has been accepted (at the latest when the wait for updates ends, and at the
-next start for a round a crash interrupted: :meth:`charge_released`).
+client to clip and noise its own update (:class:`~flctl.core.dp.TaskPrivacy`), the strategy
+aggregates the mean of the noised updates (:class:`~flctl.aggregation.LocalDpFedAvg`), and
+the round is charged as soon as one noised update has been accepted (at the latest when the
+wait for updates ends, and at the next start for a round a crash interrupted:
+:meth:`charge_released`).
 
 No round starts from a head model whose blob no longer hashes to its digest (or is missing):
 :class:`~flctl.coordinator._integrity.ModelCheck` hashes the head before it is first served,
@@ -67,13 +69,14 @@ again.
 The strategy (``[strategy]``, docs/strategies.md) is asked at fixed points of a round. When the
 tasks are sent, :meth:`Strategy.configure_fit` may add config for each selected client (its
 keys win over ``[task]``'s; ``server_round`` and the privacy entries stay the engine's); what it
-answered is stored with the round, so a resumed round sends the same. After a round commits,
-the strategy's :meth:`Strategy.state_dict`, when not empty, is stored as a safetensors blob
+answered is stored with the round, so a resumed round sends the same. While the round waits,
+each accepted update is added to the round's running sum (incremental aggregation, for a
+mean-based strategy without privacy: ``_aggregation.py``). After a round commits, the
+strategy's :meth:`Strategy.state_dict`, when not empty, is stored as a safetensors blob
 recorded with the new version (``models.state_digest``). Before each round the strategy holds
 the state recorded with the version the head points at (:meth:`RoundEngine.sync_state`): after
 a restart, a rollback or a round that did not commit, it gets that state back with
-:meth:`Strategy.load_state_dict` (or starts over, built anew, where the head has none). With
-``[privacy]`` on, DP-FedAvg aggregates instead, and the strategy is not asked.
+:meth:`Strategy.load_state_dict` (or starts over, built anew, where the head has none).
 """
 
 from __future__ import annotations
@@ -304,6 +307,10 @@ class RoundEngine:
         if self.open is not None:
             if client_id:
                 self.open.reported.add(client_id)
+                server_round = self.open.server_round
+                for record in self._store.updates_for_round(server_round, status="accepted"):
+                    if record.client_id == client_id:
+                        self._aggregation.update_accepted(server_round, record)
             self.open.changed.set()
         if self._evaluation.current is not None:
             self._evaluation.current.changed.set()
@@ -424,6 +431,7 @@ class RoundEngine:
                 self.open = None
                 self.current = None
                 self._cancel = None
+                self._aggregation.end_round()
                 if self._uploads is not None:
                     self._uploads.discard_round(record.id)
                 self.apply_pending()
@@ -523,6 +531,7 @@ class RoundEngine:
             target=self._selection.target(len(tasks)),
             fit_config=fit_config,
         )
+        self._aggregation.start_round(server_round, head.digest, [])
         with self._store.transaction():
             self._store.set_round_status(
                 server_round,
@@ -598,6 +607,11 @@ class RoundEngine:
                 u.client_id for u in self._store.updates_for_round(server_round, status="accepted")
             },
             fit_config=dict(record.fit_config),
+        )
+        self._aggregation.start_round(
+            server_round,
+            head.digest,
+            self._store.updates_for_round(server_round, status="accepted"),
         )
         accepted = len(self.open.reported)
         with self._store.transaction():
@@ -778,11 +792,12 @@ class RoundEngine:
                     # the coordinator's phases: aggregation (reading the updates, writing,
                     # hashing and storing the new model) and server-side evaluation
                     "aggregate_s": round(aggregate_s, 4),
+                    # "incremental" (summed as the updates arrived), "whole" or "private"
+                    "aggregation": self._aggregation.last_mode,
                     "evaluate_s": None if evaluate_s is None else round(evaluate_s, 4),
                 },
             )
-        if mechanism is None:
-            self._aggregation.committed(state_digest)
+        self._aggregation.committed(state_digest)
         log.info("round %d committed: model version %d %s", server_round, model.version, metrics)
 
     def _task_failures(

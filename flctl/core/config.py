@@ -232,6 +232,11 @@ class StrategyConfig:
     ``rounds.strategy`` is a deprecated alias of ``name``, read when ``[strategy]`` does not
     set it.
 
+    ``incremental`` is the coordinator's, not the strategy's: a mean-based strategy adds each
+    update to the round's sum as it is accepted (true, the default), or reads every update once
+    the round's wait ends, in a fixed order (false: bit-for-bit repeatable whatever the
+    arrival order, and slower to commit).
+
     ``exclude_outliers`` and ``outlier_threshold`` belong to the coordinator, not to the
     strategy (Byzantine detection, docs/strategies.md): every accepted update is scored, and
     the outlier rule, with ``outlier_threshold`` on the modified z-score (> 0), marks a
@@ -241,6 +246,7 @@ class StrategyConfig:
 
     name: str = "fedavg"
     params: dict[str, ConfigValue] = field(default_factory=dict)
+    incremental: bool = True
     exclude_outliers: Literal["off", "flag", "drop"] = "off"
     outlier_threshold: float = 3.5
 
@@ -433,8 +439,15 @@ def _parse_strategy(path: Path, raw: Any, alias: Any) -> StrategyConfig:
         name = alias
     if name is not None and not name:
         raise ConfigError(f"{path}: `strategy.name` must name a strategy, not {name!r}")
+    incremental = params.pop("incremental", True)
+    if not isinstance(incremental, bool):
+        raise ConfigError(
+            f"{path}: `strategy.incremental` must be true or false, not {incremental!r}"
+        )
     outliers = _parse_outliers(path, params)
-    return StrategyConfig(name=name or StrategyConfig.name, params=params, **outliers)
+    return StrategyConfig(
+        name=name or StrategyConfig.name, params=params, incremental=incremental, **outliers
+    )
 
 
 def _parse_outliers(path: Path, params: dict[str, ConfigValue]) -> dict[str, Any]:

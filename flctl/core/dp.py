@@ -17,8 +17,17 @@ from typing import Any
 
 from flctl.core.config import PrivacyConfig
 
-__all__ = ["KEY_CLIP_NORM", "KEY_MODE", "KEY_NOISE_MULTIPLIER", "TaskPrivacy", "split_task"]
+__all__ = [
+    "KEY_CLIP_NORM",
+    "KEY_MODE",
+    "KEY_NOISE_MULTIPLIER",
+    "PRIVACY_PREFIX",
+    "TaskPrivacy",
+    "split_task",
+]
 
+#: The prefix of the task config keys that carry the task's privacy (the coordinator's own).
+PRIVACY_PREFIX = "flctl.privacy."
 KEY_MODE = "flctl.privacy.mode"
 KEY_CLIP_NORM = "flctl.privacy.clip_norm"
 KEY_NOISE_MULTIPLIER = "flctl.privacy.noise_multiplier"

@@ -3,7 +3,11 @@
 Two federations of the digits template run one after the other, each with its own state, over
 real gRPC and mutual TLS. The clients of the second finish in the opposite order to those of
 the first (each fit waits a little, longer for some clients), so the coordinator receives the
-updates in another order; the models it commits and the metrics it records must not change.
+updates in another order. With ``[strategy] incremental = false`` (every update read once the
+round's wait ends, in a fixed order) the models it commits and the metrics it records must not
+change, bit for bit. With incremental aggregation (the default: each update summed as it
+arrives) three updates summed in another order may change the last bits of the mean: the
+models must agree within float32 rounding.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from flctl.client import Client, ConfigValue, Metrics, Parameters, Runner
 from flctl.coordinator import Coordinator
 from flctl.core import Config
 from flctl.store import SqlStore
+from flctl.tensors import load_parameters
 
 from .conftest import Project, admin, make_runner, wait_until
 
@@ -59,7 +64,7 @@ class LateClient(Client):
         return result
 
 
-def _project(root: Path, certs: Path) -> Config:
+def _project(root: Path, certs: Path, *, incremental: bool) -> Config:
     root.mkdir()
     shutil.copytree(certs, root / "certs")
     shutil.copy(TEMPLATE / "task.py", root / "task.py")
@@ -68,6 +73,7 @@ def _project(root: Path, certs: Path) -> Config:
         rounds={"min_clients": len(CLIENTS), "deadline_s": 60.0, "quorum_timeout_s": 30.0},
         data={"num_partitions": len(CLIENTS)},
         task={"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
+        strategy={"name": "fedavg", "incremental": incremental},
     )
 
 
@@ -115,6 +121,13 @@ def _federate(config: Config, delays: dict[str, float]) -> tuple[list[dict[str, 
         rounds = [store.get_round(r) for r in range(1, ROUNDS + 1)]
         assert [r.status for r in rounds] == ["committed"] * ROUNDS
         metrics = [dict(r.metrics) for r in rounds]
+        # each round aggregated as [strategy] incremental says
+        modes = [
+            e.data["aggregation"]
+            for e in store.events_since(0, limit=10_000)
+            if e.type == "round.committed"
+        ]
+        assert modes == ["incremental" if config.strategy.incremental else "whole"] * ROUNDS
         digests = [m.digest for m in sorted(store.list_models(), key=lambda m: m.version)]
         head = store.head()
         assert head is not None and head.digest == digests[-1]
@@ -127,12 +140,34 @@ def test_the_same_seed_gives_the_same_models_whatever_order_updates_arrive_in(
     tmp_path: Path, certs_template: Path
 ) -> None:
     first = _federate(
-        _project(tmp_path / "first", certs_template), {"c1": 0.0, "c2": 0.4, "c3": 0.8}
+        _project(tmp_path / "first", certs_template, incremental=False),
+        {"c1": 0.0, "c2": 0.4, "c3": 0.8},
     )
     second = _federate(
-        _project(tmp_path / "second", certs_template), {"c1": 0.8, "c2": 0.4, "c3": 0.0}
+        _project(tmp_path / "second", certs_template, incremental=False),
+        {"c1": 0.8, "c2": 0.4, "c3": 0.0},
     )
     metrics, digests = first
     assert len(digests) == ROUNDS + 1  # the initial model and one per round
     assert set(metrics[0]) >= {"accuracy", "loss"}
     assert second == first
+
+
+def test_incremental_aggregation_agrees_within_rounding_whatever_order_updates_arrive_in(
+    tmp_path: Path, certs_template: Path
+) -> None:
+    configs = [_project(tmp_path / name, certs_template, incremental=True) for name in ("a", "b")]
+    first = _federate(configs[0], {"c1": 0.0, "c2": 0.4, "c3": 0.8})
+    second = _federate(configs[1], {"c1": 0.8, "c2": 0.4, "c3": 0.0})
+    assert first[1][0] == second[1][0]  # the same initial model
+    for a, b in zip(first[0], second[0], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), key
+    heads = [
+        load_parameters(config.state_path / "blobs" / "sha256" / d[-1][:2] / d[-1][2:])
+        for config, d in zip(configs, (first[1], second[1]), strict=True)
+    ]
+    assert heads[0].keys() == heads[1].keys()
+    for name in heads[0]:
+        torch.testing.assert_close(heads[0][name], heads[1][name], rtol=1e-5, atol=1e-6)

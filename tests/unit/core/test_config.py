@@ -232,6 +232,15 @@ def test_strategy_table_name_and_parameters(tmp_path: Path) -> None:
     assert config.strategy == StrategyConfig("fedprox", {"proximal_mu": 0.1, "local": True})
 
 
+def test_strategy_incremental_is_the_coordinators_and_a_boolean(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")).strategy.incremental is True
+    config = load_config(write(tmp_path, "[strategy]\nname = 'fedadam'\nincremental = false\n"))
+    # taken out of the strategy's parameters: FedAdam never sees it
+    assert (config.strategy.incremental, config.strategy.params) == (False, {})
+    with pytest.raises(ConfigError, match="`strategy.incremental` must be true or false, not 1"):
+        load_config(write(tmp_path, "[strategy]\nincremental = 1\n"))
+
+
 def test_rounds_strategy_is_a_deprecated_alias_of_the_strategy_name(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
