@@ -5,10 +5,13 @@ bytes, a valid message mutated byte by byte (bit flips, insertions, deletions, t
 duplicated slices, extra fields of any wire type, over-long varints and lengths), or a valid
 message with fields set to extreme values (huge and negative numbers, NaN and Inf, path-like,
 long and odd Unicode strings, thousands of repeated and map entries). ``Upload`` sends a
-sequence of such messages (a header, then data, reordered, dropped, duplicated or replaced).
+sequence of such messages (a header, then data, reordered, dropped, duplicated or replaced) or,
+for about a quarter of them, a well-formed upload followed by more data than its header announces
+(the other mutations seldom leave a header intact, so they seldom reach the size bounds).
 The valid messages (:class:`Seeds`) come from the live coordinator: its task's fingerprint, the
 head model's digest, ``c1``'s task in the open round, a well-formed update whose header carries
-a digest of other bytes (so no mutation can make it acceptable).
+a digest of other bytes (so no mutation can make it acceptable), evaluation reports for that
+task (the round evaluates nothing, so none can be accepted).
 
 :class:`Fuzzer` sends the calls with valid credentials (``c1``'s certificate and its current
 session token for the Coordinator service, ``admin``'s for the Admin service) as raw bytes, so
@@ -17,8 +20,8 @@ invariants: every call ends with a gRPC status within its deadline (only the fol
 Tasks and Watch, may run into it), no handler fails unexpectedly (INTERNAL from flctl), the
 coordinator still answers, and the state is as before (:meth:`Fuzzer.view`).
 
-Admin calls that would be accepted changes (start a round, revoke, roll back, tag, cancel) are
-not sent (counted as ``skipped``): they change state by design. Used by
+Admin calls that would be accepted changes (start a round, revoke, roll back, tag, cancel,
+evict) are not sent (counted as ``skipped``): they change state by design. Used by
 ``tests/security/test_fuzz.py`` (a few hundred calls) and ``bench/fuzz.py`` (thousands).
 """
 
@@ -92,6 +95,8 @@ COORDINATOR_TARGETS = [
     Target("Coordinator", "Download", "server-stream", pb.DownloadRequest),
     Target("Coordinator", "Upload", "client-stream", pb.UploadChunk),
     Target("Coordinator", "BeginUpload", "unary", pb.UploadHeader),
+    Target("Coordinator", "RenewToken", "unary", pb.RenewTokenRequest),
+    Target("Coordinator", "ReportEvaluation", "unary", pb.EvaluationReport),
 ]
 ADMIN_TARGETS = [
     Target("Admin", "StartRound", "unary", pb.StartRoundRequest),
@@ -102,6 +107,7 @@ ADMIN_TARGETS = [
     Target("Admin", "Rollback", "unary", pb.RollbackRequest),
     Target("Admin", "Tag", "unary", pb.TagRequest),
     Target("Admin", "CancelRound", "unary", pb.CancelRoundRequest),
+    Target("Admin", "Evict", "unary", pb.EvictRequest),
     Target("Admin", "Watch", "server-stream", pb.WatchRequest),
 ]
 TARGETS = COORDINATOR_TARGETS + ADMIN_TARGETS
@@ -169,6 +175,25 @@ class Seeds:
         add("BeginUpload", []).extend(
             h.SerializeToString() for h in (header(), header(codec="zstd"), header(offset=5))
         )
+        add("RenewToken", []).append(b"")
+        # the open round evaluates nothing: valid reports are refused (accepted=false), so the
+        # fuzzer reaches the handler's checks of the numbers and of the task without changes
+        evaluated = pb.EvaluationReport(
+            server_round=task.server_round, task_id=task.task_id, loss=0.5, num_examples=32
+        )
+        evaluated.metrics["accuracy"].double_value = 0.75
+        evaluated.metrics["batches"].int_value = 4
+        add("ReportEvaluation", []).extend(
+            m.SerializeToString()
+            for m in (
+                evaluated,
+                pb.EvaluationReport(
+                    server_round=task.server_round,
+                    task_id=task.task_id,
+                    failure="evaluate raised ValueError: no test data",
+                ),
+            )
+        )
         raw = [data[i : i + chunk] for i in range(0, len(data), chunk)]
         packed = [compress_chunk(piece, 1, codec="zstd") for piece in raw]
         for first, rest in ((header(), raw), (header(codec="zstd"), packed)):
@@ -176,7 +201,7 @@ class Seeds:
                 (first, [pb.UploadChunk(data=piece).SerializeToString() for piece in rest])
             )
         open_round = task.server_round
-        admin = {
+        admin: dict[str, list[Message]] = {
             "StartRound": [pb.StartRoundRequest(rounds=1)],
             "Status": [pb.StatusRequest(round_ids=[open_round]), pb.StatusRequest()],
             "ListClients": [pb.ListClientsRequest()],
@@ -185,6 +210,10 @@ class Seeds:
             "Rollback": [pb.RollbackRequest(ref="1", reason="fuzz")],
             "Tag": [pb.TagRequest(ref="1", name="fuzz-tag")],
             "CancelRound": [pb.CancelRoundRequest(round_ids=[open_round + 7], reason="fuzz")],
+            "Evict": [
+                pb.EvictRequest(client_id="nobody", reason="fuzz"),
+                pb.EvictRequest(client_id="c2", reason="fuzz"),
+            ],
             "Watch": [pb.WatchRequest(since_seq=0, no_follow=True)],
         }
         for method, requests in admin.items():
@@ -256,7 +285,7 @@ def _set_field(rng: random.Random, message: Message, depth: int = 0) -> None:
     fields = message.DESCRIPTOR.fields
     if not fields:
         return
-    fd = rng.choice(fields)
+    fd: Any = rng.choice(fields)  # protobuf's stubs: the Python or the upb FieldDescriptor
     value = getattr(message, fd.name)
     if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
         value_fd = fd.message_type.fields_by_name["value"]
@@ -357,7 +386,11 @@ def _one(rng: random.Random, target: Target, seed: bytes, splice: Sequence[bytes
 
 
 def generate(rng: random.Random, target: Target, seeds: Seeds) -> Call:
-    """One call to ``target``: random bytes (a fifth), else a valid message mutated."""
+    """One call to ``target``: random bytes (a fifth), else a valid message mutated.
+
+    For ``Upload``: random messages (a fifth), else a valid upload that overruns its header's
+    size (0.8 x 0.3 of the calls), else a valid upload with one or two mutations.
+    """
     if target.kind == "client-stream":
         if rng.random() < 0.2:
             count = rng.randrange(1, 4)
@@ -368,6 +401,9 @@ def generate(rng: random.Random, target: Target, seeds: Seeds) -> Call:
         if rng.random() < 0.8:  # a new upload (else: the one begun with the seed's digest)
             header.digest = rng.randbytes(32).hex()
         sequence = [pb.UploadChunk(header=header).SerializeToString(), *data]
+        if rng.random() < 0.3:  # well-formed, then more data than the header announces
+            sequence.extend(rng.choice(data) for _ in range(rng.randrange(1, 3)))
+            return Call(target, tuple(sequence), "overrun")
         for _ in range(rng.randrange(1, 3)):
             op = rng.randrange(6)
             i = rng.randrange(len(sequence))
@@ -401,11 +437,23 @@ _SERIAL = re.compile(r"[0-9a-f]{1,40}")
 
 
 def is_admin_change(
-    target: Target, payload: bytes, *, open_round: int, resolves: Callable[[str], bool]
+    target: Target,
+    payload: bytes,
+    *,
+    open_round: int,
+    resolves: Callable[[str], bool],
+    has_session: Callable[[str], bool],
 ) -> bool:
     """Whether an Admin request would be accepted as a change of state (so it is not sent).
 
     Errs on the side of True: a request it lets through that changes state fails the run.
+
+    Args:
+        target: The RPC.
+        payload: Its request, serialized.
+        open_round: The coordinator's open round.
+        resolves: Whether a model ref names a version.
+        has_session: Whether a client id has an open session (Evict would end it).
     """
     if target.service != "Admin":
         return False
@@ -415,7 +463,7 @@ def is_admin_change(
         return False  # refused by gRPC before any handler
     method = target.method
     if method == "StartRound":
-        return 1 <= request.rounds <= 10_000
+        return bool(1 <= request.rounds <= 10_000)
     if method == "Revoke":
         serial_ok = request.serial == "" or (
             _SERIAL.fullmatch(request.serial) is not None and int(request.serial, 16) > 0
@@ -426,6 +474,12 @@ def is_admin_change(
     if method == "CancelRound":
         ids = set(request.round_ids)
         return len(request.reason) <= 1024 and (not ids or open_round in ids or request.queued)
+    if method == "Evict":
+        return (
+            len(request.client_id) <= 255
+            and len(request.reason) <= 1024
+            and has_session(request.client_id)
+        )
     return False
 
 
@@ -544,6 +598,11 @@ class Fuzzer:
             return False
         return True
 
+    def _has_session(self, client_id: str) -> bool:
+        registry = self.arena.coordinator._registry
+        assert registry is not None
+        return registry.get(client_id) is not None
+
     def send(self, call: Call) -> Outcome | None:
         """Send one call (None: an Admin change, not sent) and keep c1's session alive."""
         target = call.target
@@ -552,6 +611,7 @@ class Fuzzer:
             call.messages[0],
             open_round=self.arena.server_round,
             resolves=self._resolves,
+            has_session=self._has_session,
         ):
             self.tally.skipped += 1
             return None
@@ -572,6 +632,7 @@ class Fuzzer:
             self.tally.unexpected.append(outcome.problem)
         if target.service == "Coordinator":
             self._keep_session()
+            self._reopen_task()
         return outcome
 
     async def _send(self, call: Call) -> Outcome:
@@ -589,6 +650,8 @@ class Fuzzer:
                 if target.method == "Join":  # a mutated Join can be a valid one: a new session
                     joined = pb.JoinReply.FromString(reply)
                     self._token, self._session = joined.session_token, joined.session_id
+                elif target.method == "RenewToken":  # the session's new token
+                    self._token = pb.RenewTokenReply.FromString(reply).session_token
             elif target.kind == "server-stream":
                 stream = channel.unary_stream(target.path)
                 async for _ in stream(call.messages[0], metadata=metadata, timeout=timeout):
@@ -625,6 +688,18 @@ class Fuzzer:
 
         joined = self.arena.run(join())
         self._token, self._session = joined.session_token, joined.session_id
+
+    def _reopen_task(self) -> None:
+        """Forget that c1's update for its task was refused, so the next upload meets every check.
+
+        An update refused as malformed is final for its task: any later upload for it is
+        answered at once (accepted=false), before its header's bounds or its bytes are read.
+        Left so, the first malformed upload to reach the bytes would decide what every later
+        one gets. (The suite's ``_reopen_refused_tasks`` fixture does this between tests.)
+        """
+        engine = self.arena.coordinator._engine
+        if engine is not None and engine.open is not None:
+            engine.open.refused.pop("c1", None)
 
     # ------------------------------------------------------------------ health
 
