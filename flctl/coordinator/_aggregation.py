@@ -26,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flctl.aggregation import (
+    AnomalyScores,
     DpFedAvg,
     LocalDpFedAvg,
     PrivateStrategy,
@@ -39,6 +40,8 @@ from flctl.aggregation import (
     SumOverflowError,
     WeightedUpdate,
     cap_weights,
+    find_outliers,
+    round_median_distances,
 )
 from flctl.core import Config
 from flctl.core import events as ev
@@ -197,27 +200,26 @@ class RoundAggregation:
     # ------------------------------------------------------------------ incremental
 
     def start_round(self, server_round: int, base_digest: str, accepted: Sequence[Any]) -> None:
-        """A round trains from ``base_digest``: sum its updates as they are accepted.
+        """A round trains from ``base_digest``: take its updates one by one as they are accepted.
 
-        Without privacy, a :class:`~flctl.aggregation.RunningSum` takes each accepted update in
-        a worker thread while the round waits for the others (``accepted``: those a resumed
-        round already holds). A mean-based strategy aggregates from it
-        (:meth:`Strategy.aggregate_mean`) unless ``[strategy] incremental = false``.
+        A :class:`~flctl.aggregation.RunningSum` scores each accepted update (``update.scored``)
+        in a worker thread while the round waits for the others (``accepted``: those a resumed
+        round already holds, scored again in their order), and, for a mean-based strategy
+        without privacy, adds it to the round's sum unless ``[strategy] incremental = false``.
         """
         self.end_round()
-        if self._config.privacy.mode != "off" or not self._incremental():
-            return
-        self._running = _Running(
-            server_round, RunningSum(self._blobs.path(base_digest)), asyncio.Queue()
+        running = RunningSum(
+            self._blobs.path(base_digest), self._blobs.tmp_dir, keep_sum=self._incremental()
         )
+        self._running = _Running(server_round, running, asyncio.Queue())
         self._running.worker = asyncio.create_task(
-            self._add_updates(self._running), name=f"flctl-running-sum-{server_round}"
+            self._take_updates(self._running), name=f"flctl-round-{server_round}-updates"
         )
         for record in accepted:
             self.update_accepted(server_round, record)
 
     def update_accepted(self, server_round: int, record: Any) -> None:
-        """Add the accepted update ``record`` to the round's running sum (in the background)."""
+        """Score the accepted update ``record`` and add it to the round's sum, in the background."""
         running = self._running
         if running is None or running.server_round != server_round or running.broken:
             return
@@ -225,7 +227,7 @@ class RoundAggregation:
         if weight <= 0 or not record.digest:
             return
         update = WeightedUpdate(self._blobs.path(record.digest), weight, record.client_id)
-        running.queue.put_nowait(update)
+        running.queue.put_nowait((update, int(record.id)))
 
     def end_round(self) -> None:
         """Drop the round's running sum (the round ended)."""
@@ -234,30 +236,116 @@ class RoundAggregation:
             running.worker.cancel()
 
     def _incremental(self) -> bool:
-        return self._config.strategy.incremental and self.strategy.is_mean_based
+        return (
+            self._config.strategy.incremental
+            and self._config.privacy.mode == "off"
+            and self.strategy.is_mean_based
+        )
 
-    async def _add_updates(self, running: _Running) -> None:
+    async def _take_updates(self, running: _Running) -> None:
         while True:
-            update = await running.queue.get()
+            update, update_id = await running.queue.get()
             try:
                 if not running.broken:
-                    await asyncio.to_thread(running.sum.add, update)
+                    scores = await asyncio.to_thread(running.sum.add, update)
+                    running.scores[update.client_id] = (update_id, scores)
+                    self._record_scores(running.server_round, update.client_id, update_id, scores)
             except FlctlError as exc:  # the whole-round pass reports it, naming the client
                 running.broken = exc.message
-                log.info("round %d: incremental aggregation off: %s", running.server_round, exc)
+                log.info("round %d: updates not scored: %s", running.server_round, exc)
             except Exception as exc:  # never lose the round to this shortcut
                 running.broken = f"{type(exc).__name__}: {exc}"
-                log.exception("round %d: incremental aggregation failed", running.server_round)
+                log.exception("round %d: scoring an update failed", running.server_round)
             finally:
                 running.queue.task_done()
 
-    async def _running_for(self, server_round: int) -> RunningSum | None:
-        """The round's running sum once every accepted update is in it; None: aggregate whole."""
+    def _record_scores(
+        self,
+        server_round: int,
+        client_id: str,
+        update_id: int,
+        scores: AnomalyScores,
+        *,
+        outlier: str = "",
+        excluded: bool = False,
+    ) -> None:
+        """Store an update's scores (and the rule's verdict); ``update.scored`` when scored."""
+        with self._store.transaction():
+            self._store.set_update_scores(
+                update_id, scores.to_dict(), outlier=outlier, excluded=excluded
+            )
+            if not outlier:
+                self._events.emit(
+                    ev.UPDATE_SCORED,
+                    server_round=server_round,
+                    client_id=client_id,
+                    data=scores.to_dict(),
+                    durable=False,
+                )
+
+    async def _judge(
+        self, server_round: int, base: Path, accepted: list[Any]
+    ) -> tuple[list[Any], str | None]:
+        """Wait for the round's scores and apply ``exclude_outliers``.
+
+        Returns the accepted updates the aggregate takes (all but those ``"drop"`` leaves
+        out), and why the round cannot aggregate from its running sum (None: it can).
+
+        Raises:
+            RoundFailedError: Dropping the outliers left fewer than ``min_clients`` updates.
+        """
         running = self._running
-        if running is None or running.server_round != server_round or not self._incremental():
-            return None
+        if running is None or running.server_round != server_round:
+            return accepted, "no running sum"
         await running.queue.join()
-        return None if running.broken else running.sum
+        if running.broken:
+            return accepted, running.broken
+        ids = {u.client_id for u in accepted}
+        scores = {c: s for c, (_, s) in running.scores.items() if c in ids}
+        if not self.strategy.is_mean_based and self._config.privacy.mode == "off" and scores:
+            # whole-round strategies: each update's distance to the round's median
+            distances = await asyncio.to_thread(
+                round_median_distances,
+                base,
+                [WeightedUpdate(self._blobs.path(u.digest), 1, u.client_id) for u in accepted],
+            )
+            for client_id, distance in distances.items():
+                if client_id in scores:
+                    scores[client_id] = scores[client_id].with_median_distance(distance)
+                    update_id = running.scores[client_id][0]
+                    self._record_scores(server_round, client_id, update_id, scores[client_id])
+        mode = self._config.strategy.exclude_outliers
+        if mode == "off":
+            return accepted, None
+        outliers = find_outliers(scores, threshold=self._config.strategy.outlier_threshold)
+        for client_id, outlier in sorted(outliers.items()):
+            log.warning("round %d: %s's update: %s", server_round, client_id, outlier.reason)
+            with self._store.transaction():
+                self._record_scores(
+                    server_round,
+                    client_id,
+                    running.scores[client_id][0],
+                    scores[client_id],
+                    outlier=outlier.reason,
+                    excluded=mode == "drop",
+                )
+                self._events.emit(
+                    ev.UPDATE_EXCLUDED,
+                    server_round=server_round,
+                    client_id=client_id,
+                    data={**outlier.to_dict(), "mode": mode},
+                )
+        if mode != "drop" or not outliers:
+            return accepted, None
+        kept = [u for u in accepted if u.client_id not in outliers]
+        need = self._config.rounds.min_clients
+        if len(kept) < need:
+            raise RoundFailedError(
+                f"{len(kept)} of {len(accepted)} updates left after dropping "
+                f"{len(outliers)} outliers ({', '.join(sorted(outliers))}), fewer than "
+                f"min_clients ({need})"
+            )
+        return kept, None
 
     # ------------------------------------------------------------------ the aggregate
 
@@ -268,11 +356,12 @@ class RoundAggregation:
         accepted: list[Any],
         mechanism: SampledGaussianRound | None,
         connected: int,
-    ) -> tuple[str, str, list[int]]:
+    ) -> tuple[str, str, list[Any], list[int]]:
         """Aggregate the round's accepted updates onto ``head``.
 
-        Returns the new model's digest, its strategy state's digest ("": none) and the
-        updates' weights (capped). The strategy then holds a state no version records yet
+        Returns the new model's digest, its strategy state's digest ("": none), the updates
+        it took (all accepted, less the outliers ``exclude_outliers = "drop"`` left out) and
+        their weights (capped). The strategy then holds a state no version records yet
         (:meth:`committed` once the round commits).
 
         With privacy the strategy aggregates the private mean of the round
@@ -280,6 +369,7 @@ class RoundAggregation:
         ledger as soon as it exists, whatever happens next.
         """
         base_path = self._blobs.path(head.digest)
+        accepted, whole = await self._judge(server_round, base_path, accepted)
         # every strategy and the clients' metrics weigh an update as capped here, never as
         # claimed: one client's num_examples cannot buy the aggregate
         weights = self.weights(server_round, accepted)
@@ -289,7 +379,9 @@ class RoundAggregation:
         ]
         self._state_digest = None  # the strategy moves on; a round that fails reloads
         if mechanism is None:
-            running = await self._running_for(server_round)
+            running = None
+            if whole is None and self._running is not None and self._running.sum.keep_sum:
+                running = self._running.sum
             if running is not None:
                 self.last_mode = "incremental"
                 try:
@@ -304,14 +396,14 @@ class RoundAggregation:
                 digest, state_digest = await asyncio.to_thread(
                     self._aggregate_stateful, base_path, updates, self.strategy
                 )
-            return digest, state_digest, weights
+            return digest, state_digest, accepted, weights
         self.last_mode = "private"
         if self._config.privacy.mode == "local":
             private = PrivateStrategy(self.strategy, LocalDpFedAvg())
             digest, state_digest = await asyncio.to_thread(
                 self._aggregate_stateful, base_path, updates, private
             )
-            return digest, state_digest, weights
+            return digest, state_digest, accepted, weights
         denominator = self._privacy.denominator(connected)
         clip_norm = self._privacy.clip_norm()
         adaptive = self._privacy.adaptive(denominator)
@@ -342,7 +434,7 @@ class RoundAggregation:
                         else adaptive.next_clip_norm(clip_norm, fraction)
                     ),
                 )
-        return digest, state_digest, weights
+        return digest, state_digest, accepted, weights
 
     def committed(self, state_digest: str) -> None:
         """The round committed: the strategy holds the state recorded with the new version."""
@@ -402,7 +494,10 @@ class _Running:
 
     server_round: int
     sum: RunningSum
-    queue: asyncio.Queue[WeightedUpdate]
+    #: accepted updates and their row ids, in the order they were accepted
+    queue: asyncio.Queue[tuple[WeightedUpdate, int]]
     worker: asyncio.Task[None] | None = None
     #: why the sum cannot be used (an update failed to add): the round aggregates whole
     broken: str = ""
+    #: client id -> (update id, scores), as the updates were taken
+    scores: dict[str, tuple[int, AnomalyScores]] = field(default_factory=dict)

@@ -713,7 +713,7 @@ class RoundEngine:
 
         self._status(server_round, "aggregating")
         aggregating = time.perf_counter()
-        digest, state_digest, weights = await self._aggregation.aggregate(
+        digest, state_digest, accepted, weights = await self._aggregation.aggregate(
             server_round, head, accepted, mechanism, connected
         )
         aggregate_s = time.perf_counter() - aggregating

@@ -206,6 +206,11 @@ class BlobStore:
             raise
         return self.commit_temp(temp, digest)
 
+    @property
+    def tmp_dir(self) -> Path:
+        """The store's scratch folder (on the blobs' file system): temp files, scratch data."""
+        return self._tmp
+
     def temp_file(self) -> tuple[Path, BinaryIO]:
         """Open a new, empty temp file under ``<root>/tmp`` for the caller to stream into.
 

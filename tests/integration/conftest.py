@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture(scope="session")
 def certs_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("certs") / "certs"
-    generate_project_certs(folder, ["c1", "c2", "c3"])
+    generate_project_certs(folder, ["c1", "c2", "c3", "c4", "c5"])
     return folder
 
 

@@ -2,7 +2,8 @@
 
 Behaviour switches come from the [task] table, so tests can make a client misbehave:
 ``hang_client`` (this client id never finishes fit), ``nan_client`` (returns NaN),
-``fit_sleep_s`` (every fit takes at least that long), ``sabotage_from_round`` (from that round
+``fit_sleep_s`` (every fit takes at least that long), ``flip_client`` (this client's change is
+sign-flipped and scaled by 5), ``sabotage_from_round`` (from that round
 on every client returns finite but bad weights, as ``sabotage`` says: ``"invert"``, the trained
 weights times -1000, so the loss explodes; ``"overflow"``, every value 3e38, so the model's
 outputs overflow and the evaluated loss is NaN).
@@ -60,6 +61,12 @@ class TinyClient(Client):
         loss.backward()
         opt.step()
         state = self.model.state_dict()
+        if config.get("flip_client") == self.context.client_id:
+            # a Byzantine client: its change to the model sign-flipped and scaled by 5
+            state = {
+                k: p - 5.0 * (v - p) if v.is_floating_point() else v
+                for (k, v), p in zip(state.items(), parameters.values(), strict=True)
+            }
         if config.get("nan_client") == self.context.client_id:
             state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
         sabotage_from = int(config.get("sabotage_from_round", 0))

@@ -16,9 +16,11 @@ from flctl.aggregation import (
     FedAdam,
     FedAvg,
     FedAvgM,
+    RunningMean,
     RunningSum,
     SumOverflowError,
     WeightedUpdate,
+    score_update,
 )
 from flctl.core.errors import InconsistentUpdatesError, NotEnoughUpdatesError
 from flctl.tensors import load_parameters, save_parameters
@@ -192,3 +194,47 @@ def test_a_sum_past_the_float_range_asks_for_the_whole_round_pass(folder: Path) 
         running.write_mean(folder / "out")
     whole = _whole(base, updates, folder / "whole")["w"]
     torch.testing.assert_close(whole, torch.full((4,), 3e38))
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    stack=st.integers(1, 7).flatmap(lambda k: hnp.arrays(np.float32, (k, 2, 3), elements=finite)),
+    keep_sum=st.booleans(),
+)
+def test_the_scores_taken_in_the_pass_are_score_updates_against_the_round_so_far(
+    folder: Path, stack: np.ndarray, keep_sum: bool
+) -> None:
+    # one pass per update gives what score_update gives against a RunningMean of the updates
+    # before it: the previous update's direction joins the reference in the next one's pass
+    base, updates = federation(folder, stack, list(range(1, len(stack) + 1)))
+    running = RunningSum(base, folder, keep_sum=keep_sum)
+    reference = RunningMean()
+    try:
+        for update in updates:
+            got = running.add(update)
+            want = score_update(base, update.path, reference)
+            assert got.l2 == pytest.approx(want.l2, rel=1e-6, abs=1e-30)
+            if want.cosine is None:
+                assert got.cosine is None
+            else:
+                assert got.cosine is not None
+                assert got.cosine == pytest.approx(want.cosine, rel=1e-4, abs=1e-4)
+    finally:
+        running.close()
+
+
+def test_the_fourth_update_on_has_a_cosine_and_a_flipped_one_points_away(folder: Path) -> None:
+    rng = np.random.default_rng(11)
+    honest = rng.normal(1.0, 0.1, size=(4, 16)).astype(np.float32)
+    flipped = -5.0 * honest[:1]
+    base, updates = federation(folder, np.concatenate([honest, flipped]))
+    running = RunningSum(base, folder, keep_sum=False)
+    scores = [running.add(u) for u in updates]
+    assert [s.cosine is None for s in scores] == [True, True, True, False, False]
+    assert scores[3].cosine is not None and scores[3].cosine > 0.9
+    assert scores[4].cosine is not None and scores[4].cosine < -0.9
+    assert scores[4].l2 > 4 * scores[0].l2
+    with pytest.raises(NotEnoughUpdatesError, match="scores only"):
+        running.settle(updates)

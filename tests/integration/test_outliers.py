@@ -1,0 +1,136 @@
+"""Byzantine detection in real rounds: every accepted update scored, outliers flagged or dropped.
+
+A real coordinator on 127.0.0.1 (mutual TLS) and five real clients of the tiny task, one of
+which (c5) sign-flips its change and scales it by 5. One round per case: the scores are stored
+with every update and emitted as ``update.scored``; with ``exclude_outliers = "flag"`` c5 is
+recorded as an outlier and the aggregate is unchanged; with ``"drop"`` the aggregate is that of
+the four others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from flctl.aggregation import FedAvg, WeightedUpdate
+from flctl.coordinator import Coordinator
+from flctl.core import events as ev
+from flctl.store import SqlStore
+from flctl.tensors import load_parameters
+
+from .conftest import Project, admin, make_runner, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+CLIENTS = ["c1", "c2", "c3", "c4", "c5"]
+
+
+def _run_round(project: Project, strategy: dict[str, Any]) -> tuple[SqlStore, Path, str]:
+    config = project.write(
+        rounds={"min_clients": 4, "deadline_s": 60.0, "quorum_timeout_s": 60.0},
+        strategy=strategy,
+        task={"lr": 0.1, "flip_client": "c5"},
+    )
+
+    async def main() -> str:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        stop = asyncio.Event()
+        runners = [make_runner(config, address, c, partition=i) for i, c in enumerate(CLIENTS)]
+        tasks = [asyncio.create_task(r.run(stop)) for r in runners]
+        client = admin(config, address)
+        try:
+            registry = coordinator._registry
+            assert registry is not None
+            await wait_until(lambda: len(registry.connected()) == len(CLIENTS), timeout=60)
+            reply = await client.start_round(1)
+
+            async def ended() -> bool:
+                status = await client.status(list(reply.round_ids))
+                return all(r.status in ("committed", "failed") for r in status.rounds)
+
+            await wait_until(ended, timeout=120, step=0.1)
+            (info,) = (await client.status(list(reply.round_ids))).rounds
+            return f"{info.status}: {info.reason}"
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.close()
+            await coordinator.stop()
+
+    outcome = asyncio.run(main())
+    return SqlStore.open(config.state_path, read_only=True), config.state_path / "blobs", outcome
+
+
+def _blob(blobs: Path, digest: str) -> Path:
+    return blobs / "sha256" / digest[:2] / digest[2:]
+
+
+@pytest.mark.parametrize("mode", ["off", "flag", "drop"])
+def test_every_update_is_scored_and_the_flipped_one_is_flagged_or_dropped(
+    project: Project, mode: str
+) -> None:
+    strategy: dict[str, Any] = {"name": "fedavg", "exclude_outliers": mode}
+    store, blobs, outcome = _run_round(project, strategy)
+    try:
+        assert outcome == "committed: "
+        updates = {u.client_id: u for u in store.updates_for_round(1, status="accepted")}
+        assert sorted(updates) == CLIENTS
+        for update in updates.values():
+            assert update.scores is not None and update.scores["l2"] > 0, update
+            assert update.scores["median_distance"] is None  # fedavg: no median pass
+        honest = [updates[c].scores["l2"] for c in CLIENTS[:4]]  # type: ignore[index]
+        assert updates["c5"].scores["l2"] > 3 * max(honest)  # type: ignore[index]
+        events = store.events_since(0, limit=10_000)
+        scored = [e for e in events if e.type == ev.UPDATE_SCORED]
+        assert sorted(e.client_id for e in scored) == CLIENTS
+        excluded = [e for e in events if e.type == ev.UPDATE_EXCLUDED]
+        marked = {c for c, u in updates.items() if u.outlier}
+        if mode == "off":
+            assert not excluded and not marked
+        else:
+            assert marked == {"c5"} and [e.client_id for e in excluded] == ["c5"]
+            assert excluded[0].data["score"] == "l2" and excluded[0].data["mode"] == mode
+            assert updates["c5"].is_excluded is (mode == "drop")
+        (committed,) = [e for e in events if e.type == ev.ROUND_COMMITTED]
+        assert committed.data["aggregation"] == "incremental"
+        assert committed.data["num_clients"] == (4 if mode == "drop" else 5)
+        head = store.head()
+        assert head is not None
+        model = load_parameters(_blob(blobs, head.digest))
+        base = store.get_model(1)
+        kept = CLIENTS[:4] if mode == "drop" else CLIENTS
+        FedAvg().aggregate(
+            _blob(blobs, base.digest),
+            [
+                WeightedUpdate(_blob(blobs, updates[c].digest), updates[c].num_examples, c)
+                for c in kept
+            ],
+            blobs.parent / "expected.safetensors",
+        )
+        expected = load_parameters(blobs.parent / "expected.safetensors")
+        for name, tensor in expected.items():
+            torch.testing.assert_close(model[name], tensor, rtol=1e-5, atol=1e-6)
+    finally:
+        store.close()
+
+
+def test_a_whole_round_strategy_scores_the_distance_to_the_median(project: Project) -> None:
+    store, _, outcome = _run_round(project, {"name": "fedmedian", "exclude_outliers": "flag"})
+    try:
+        assert outcome == "committed: "
+        updates = {u.client_id: u for u in store.updates_for_round(1, status="accepted")}
+        distances = {c: u.scores["median_distance"] for c, u in updates.items() if u.scores}
+        assert sorted(distances) == CLIENTS and all(d is not None for d in distances.values())
+        assert distances["c5"] > 3 * max(distances[c] for c in CLIENTS[:4])  # type: ignore[operator]
+        assert {c for c, u in updates.items() if u.outlier} == {"c5"}
+        (committed,) = [
+            e for e in store.events_since(0, limit=10_000) if e.type == ev.ROUND_COMMITTED
+        ]
+        assert committed.data["aggregation"] == "whole"
+    finally:
+        store.close()
