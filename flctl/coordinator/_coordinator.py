@@ -282,14 +282,9 @@ class Coordinator:
             with store.transaction():
                 head = store.add_model(digest=digest, kind="initial", set_head=True)
                 events.emit(
-                    ev.MODEL_CREATED,
-                    data={
-                        "version": head.version,
-                        "digest": digest,
-                        "kind": "initial",
-                        "parent": None,
-                        "head": True,
-                    },
+                    ev.ModelCreated(
+                        version=head.version, digest=digest, kind="initial", parent=None
+                    )
                 )
         check = ModelCheck(store, blobs, events)
         if created:
@@ -414,14 +409,13 @@ class Coordinator:
         self._engine_task = asyncio.create_task(engine.run(), name="flctl-round-engine")
         self._reaper_task = asyncio.create_task(self._reap(), name="flctl-heartbeat-reaper")
         events.emit(
-            ev.COORDINATOR_STARTED,
-            data={
-                "address": self.bound_address,
-                "pid": os.getpid(),
-                "state_dir": str(self.state_dir),
-                "head_version": head.version,
-                "insecure": self.insecure,
-            },
+            ev.CoordinatorStarted(
+                address=self.bound_address,
+                pid=os.getpid(),
+                state_dir=str(self.state_dir),
+                head_version=head.version,
+                is_insecure=self.insecure,
+            )
         )
         self._started = True
         if cert_pem:
@@ -491,14 +485,13 @@ class Coordinator:
         )
         log.warning("%s; %s", message, hint)
         events.emit(
-            ev.COORDINATOR_WARNING,
-            data={
-                "message": message,
-                "hint": hint,
-                "certificate": str(file),
-                "not_after": identity.not_after.isoformat(),
-                "days_left": round(days, 2),
-            },
+            ev.CoordinatorWarning(
+                message=message,
+                hint=hint,
+                certificate=str(file),
+                not_after=identity.not_after.isoformat(),
+                days_left=round(days, 2),
+            )
         )
 
     def _write_serve_file(self) -> None:
@@ -532,23 +525,14 @@ class Coordinator:
         """A caller the transport refused for its role, in the event log."""
         if self.events is not None:
             self.events.emit(
-                ev.SECURITY_REFUSED,
-                client_id=identity,
-                data={"identity": identity, "reason": reason, "rpc": rpc, "serial": None},
+                ev.SecurityRefused(identity=identity, reason=reason, rpc=rpc), client_id=identity
             )
 
     def _record_connection_refusal(self, peer: str, reason: str) -> None:
         """Connections closed or refused by a bound (before any identity), in the event log."""
         if self.events is not None:
             self.events.emit(
-                ev.SECURITY_REFUSED,
-                data={
-                    "identity": None,
-                    "peer": peer or None,
-                    "reason": reason,
-                    "rpc": "connect",
-                    "serial": None,
-                },
+                ev.SecurityRefused(identity=None, peer=peer or None, reason=reason, rpc="connect")
             )
 
     async def _reap(self) -> None:
@@ -593,16 +577,13 @@ class Coordinator:
             reason = f"certificate expired at {when:%Y-%m-%d %H:%M:%S} UTC"
             log.info("%s: %s: session ended", client_id, reason)
             store.bump_client(client_id, state="offline", seen=now)
-            events.emit(
-                ev.CLIENT_LEFT, client_id=client_id, data={"reason": reason, "expired": True}
-            )
+            events.emit(ev.ClientLeft(reason=reason, is_expired=True), client_id=client_id)
             return
         log.info("%s silent for %.1f s: dropped", client_id, silent)
         store.bump_client(client_id, state="offline", seen=session.last_seen)
         events.emit(
-            ev.CLIENT_LEFT,
+            ev.ClientLeft(reason=f"no heartbeat for {silent:.1f} s (timeout {timeout:g} s)"),
             client_id=client_id,
-            data={"reason": f"no heartbeat for {silent:.1f} s (timeout {timeout:g} s)"},
         )
 
     async def drain(self, timeout: float) -> bool:
@@ -617,9 +598,8 @@ class Coordinator:
         busy = engine.drain()
         if self.events is not None:
             self.events.emit(
-                ev.COORDINATOR_DRAINING,
+                ev.CoordinatorDraining(timeout_s=timeout, server_round=busy),
                 server_round=busy or 0,
-                data={"timeout_s": timeout, "server_round": busy},
             )
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout)
@@ -652,7 +632,7 @@ class Coordinator:
                     await self._engine_task
         if self.events is not None:
             if self._started:  # one refused at start never started: nothing to record
-                self.events.emit(ev.COORDINATOR_STOPPED, data={"reason": reason})
+                self.events.emit(ev.CoordinatorStopped(reason=reason))
             self.events.close()
         if self._server is not None:
             await self._server.stop(grace=1.0)

@@ -113,24 +113,22 @@ class ClientEvaluation:
         if failure:
             evaluation.failed[client_id] = failure
             self._events.emit(
-                ev.EVALUATION_FAILED,
+                ev.EvaluationFailed(task_id=task_id, reason=failure),
                 server_round=server_round,
                 client_id=client_id,
-                data={"task_id": task_id, "reason": failure},
             )
         else:
             result = EvaluateResult(client_id, float(loss), int(num_examples), dict(metrics or {}))
             evaluation.results[client_id] = result
             self._events.emit(
-                ev.EVALUATION_REPORTED,
+                ev.EvaluationReported(
+                    task_id=task_id,
+                    loss=result.loss,
+                    num_examples=result.num_examples,
+                    metrics=result.metrics,
+                ),
                 server_round=server_round,
                 client_id=client_id,
-                data={
-                    "task_id": task_id,
-                    "loss": result.loss,
-                    "num_examples": result.num_examples,
-                    "metrics": dict(result.metrics),
-                },
                 durable=False,
             )
         evaluation.changed.set()
@@ -173,10 +171,9 @@ class ClientEvaluation:
                     continue
                 session.queue.put_nowait(evaluation.task(client_id, self._config.task))
                 self._events.emit(
-                    ev.TASK_SENT,
+                    ev.TaskSent(task_id=task_id, kind="evaluate", model_digest=digest),
                     server_round=server_round,
                     client_id=client_id,
-                    data={"task_id": task_id, "kind": "evaluate", "model_digest": digest},
                     durable=False,
                 )
             while True:
@@ -215,10 +212,9 @@ class ClientEvaluation:
             )
             evaluation.failed[client_id] = reason
             self._events.emit(
-                ev.EVALUATION_FAILED,
+                ev.EvaluationFailed(task_id=task_id, reason=reason),
                 server_round=server_round,
                 client_id=client_id,
-                data={"task_id": task_id, "reason": reason},
             )
         results = list(evaluation.results.values())
         self._note(server_round, evaluation.failed, len(evaluation.tasks))

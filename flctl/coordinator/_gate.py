@@ -21,10 +21,10 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from flctl.core import GateConfig
 from flctl.core.errors import InvalidInputError
+from flctl.core.events import ModelRejected
 from flctl.store import ModelRecord
 from flctl.tensors import StreamValidator, read_spec
 
@@ -67,19 +67,32 @@ class Verdict:
         """Whether the aggregate must not become the head."""
         return bool(self.reason)
 
-    def event_data(self, gate: GateConfig) -> dict[str, Any]:
-        """The gate's part of a ``model.rejected`` event's data."""
+    def rejected_event(
+        self, model: ModelRecord, metrics: Mapping[str, float], gate: GateConfig
+    ) -> ModelRejected:
+        """The ``model.rejected`` event of the aggregate stored as ``model``.
+
+        Args:
+            model: The aggregate, stored with status rejected.
+            metrics: Its finite metrics.
+            gate: The gate's config (``against`` and ``max_regression``, when metrics were
+                compared).
+        """
         compared = self.check == "metric"
-        return {
-            "reason": self.reason,
-            "check": self.check,
-            "metric": self.metric,
-            "value": self.value,
-            "reference": self.reference,
-            "reference_version": self.reference_version,
-            "against": gate.against if compared else None,
-            "max_regression": gate.max_regression if compared else None,
-        }
+        return ModelRejected(
+            version=model.version,
+            digest=model.digest,
+            parent=model.parent,
+            metrics=metrics,
+            reason=self.reason,
+            check=self.check,
+            metric=self.metric,
+            value=self.value,
+            reference=self.reference,
+            reference_version=self.reference_version,
+            against=gate.against if compared else None,
+            max_regression=gate.max_regression if compared else None,
+        )
 
 
 def non_finite_tensors(path: Path) -> str:

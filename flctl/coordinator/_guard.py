@@ -88,9 +88,8 @@ class RevocationGuard:
             self._last_logged[ctx.identity] = now
             log.info("refused %s (%s) on %s: %s", ctx.identity, ctx.peer, rpc, why)
             self._events.emit(
-                ev.SECURITY_REFUSED,
+                ev.SecurityRefused(identity=ctx.identity, reason=why, rpc=rpc),
                 client_id=ctx.identity,
-                data={"identity": ctx.identity, "reason": why, "rpc": rpc, "serial": None},
             )
         raise ResourceExhaustedError(
             f"{ctx.identity}: {why}",
@@ -146,12 +145,11 @@ class RevocationGuard:
         """Log a refusal and append its ``security.refused`` event."""
         log.info("refused %s (%s) on %s: %s", ctx.identity, ctx.peer, rpc, why)
         self._events.emit(
-            ev.SECURITY_REFUSED,
+            ev.SecurityRefused(
+                identity=ctx.identity,
+                reason=why,
+                rpc=rpc,
+                serial=format(ctx.serial, "x") if ctx.serial else None,
+            ),
             client_id=ctx.identity,
-            data={
-                "identity": ctx.identity,
-                "reason": why,
-                "rpc": rpc,
-                "serial": format(ctx.serial, "x") if ctx.serial else None,
-            },
         )

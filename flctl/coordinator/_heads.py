@@ -85,15 +85,14 @@ class Heads:
                 source, author=author, reason=reason, server_round=busy
             )
             self._events.emit(
-                ev.MODEL_ROLLBACK_DEFERRED,
+                ev.ModelRollbackDeferred(
+                    source=source,
+                    digest=target.digest,
+                    server_round=busy,
+                    author=author,
+                    reason=reason,
+                ),
                 server_round=busy,
-                data={
-                    "source": source,
-                    "digest": target.digest,
-                    "server_round": busy,
-                    "author": author,
-                    "reason": reason,
-                },
             )
         log.info("rollback to version %d deferred until round %d ends", source, busy)
         return pending
@@ -106,15 +105,14 @@ class Heads:
             previous = self._store.head()
             new = self._store.set_head(source, author=author, reason=reason)
             self._events.emit(
-                ev.MODEL_ROLLBACK,
-                data={
-                    "version": new.version,
-                    "digest": new.digest,
-                    "source": source,
-                    "previous_head": None if previous is None else previous.version,
-                    "author": author,
-                    "reason": reason,
-                },
+                ev.ModelRollback(
+                    version=new.version,
+                    digest=new.digest,
+                    source=source,
+                    previous_head=None if previous is None else previous.version,
+                    author=author,
+                    reason=reason,
+                )
             )
             if pending_id is not None:
                 self._store.drop_pending_rollback(pending_id)
@@ -138,15 +136,14 @@ class Heads:
                 log.warning("deferred rollback to version %d failed: %s", item.source, exc.message)
                 with self._store.transaction():
                     self._events.emit(
-                        ev.MODEL_ROLLBACK_FAILED,
+                        ev.ModelRollbackFailed(
+                            source=item.source,
+                            server_round=item.server_round,
+                            author=item.author,
+                            reason=item.reason,
+                            error=exc.message,
+                        ),
                         server_round=item.server_round,
-                        data={
-                            "source": item.source,
-                            "server_round": item.server_round,
-                            "author": item.author,
-                            "reason": item.reason,
-                            "error": exc.message,
-                        },
                     )
                     self._store.drop_pending_rollback(item.id)
 
@@ -180,26 +177,17 @@ class Heads:
                 reason=verdict.reason,
             )
             self._events.emit(
-                ev.MODEL_REJECTED,
-                server_round=server_round,
-                data={
-                    "version": model.version,
-                    "digest": model.digest,
-                    "parent": model.parent,
-                    "metrics": kept,
-                    **verdict.event_data(self._config.gate),
-                },
+                verdict.rejected_event(model, kept, self._config.gate), server_round=server_round
             )
             self._events.emit(
-                ev.ROUND_REJECTED,
+                ev.RoundRejected(
+                    model_version=model.version,
+                    metrics=kept,
+                    num_clients=num_clients,
+                    duration_s=time.time() - started,
+                    reason=verdict.reason,
+                ),
                 server_round=server_round,
-                data={
-                    "model_version": model.version,
-                    "metrics": kept,
-                    "num_clients": num_clients,
-                    "duration_s": time.time() - started,
-                    "reason": verdict.reason,
-                },
             )
         log.warning(
             "round %d rejected by the validation gate: model version %d kept, head stays: %s",
@@ -245,9 +233,8 @@ class Heads:
             )
             log.warning("%s", message)
             self._events.emit(
-                ev.COORDINATOR_WARNING,
+                ev.CoordinatorWarning(message=message, author=POLICY_AUTHOR),
                 server_round=server_round,
-                data={"message": message, "author": POLICY_AUTHOR},
             )
             return
         value = metric_value(best, gate.metric)
@@ -261,7 +248,8 @@ class Heads:
         except FlctlError as exc:  # the store refused: report it, the round itself is over
             log.warning("rollback policy failed: %s", exc.message)
             self._events.emit(
-                ev.COORDINATOR_WARNING,
+                ev.CoordinatorWarning(
+                    message=f"rollback policy failed: {exc.message}", author=POLICY_AUTHOR
+                ),
                 server_round=server_round,
-                data={"message": f"rollback policy failed: {exc.message}", "author": POLICY_AUTHOR},
             )

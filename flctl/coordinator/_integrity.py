@@ -72,15 +72,14 @@ class ModelCheck:
         if self._corrupt.get(model.digest) != reason:
             log.error("%s", reason)
             self._events.emit(
-                ev.MODEL_CORRUPT,
-                data={
-                    "version": model.version,
-                    "digest": model.digest,
-                    "path": str(self._blobs.path(model.digest)),
-                    "problem": problem,
-                    "rollback_to": rollback_to,
-                    "reason": reason,
-                },
+                ev.ModelCorrupt(
+                    version=model.version,
+                    digest=model.digest,
+                    path=str(self._blobs.path(model.digest)),
+                    problem=problem,
+                    rollback_to=rollback_to,
+                    reason=reason,
+                )
             )
         self._corrupt[model.digest] = reason
         return reason

@@ -145,15 +145,14 @@ class PrivacyRounds:
             f"{p.epsilon_budget:g} ({p.accountant}, delta {p.target_delta:g})"
         )
         self._events.emit(
-            ev.PRIVACY_REFUSED,
+            ev.PrivacyRefused(
+                reason=reason,
+                epsilon=reached,
+                budget=p.epsilon_budget,
+                accountant=p.accountant,
+                delta=p.target_delta,
+            ),
             server_round=server_round,
-            data={
-                "reason": reason,
-                "epsilon": reached,
-                "budget": p.epsilon_budget,
-                "accountant": p.accountant,
-                "delta": p.target_delta,
-            },
         )
         return reason
 
@@ -251,19 +250,18 @@ class PrivacyRounds:
         )
         chosen = spent.get(p.accountant)
         self._events.emit(
-            ev.PRIVACY_CHARGED,
+            ev.PrivacyCharged(
+                epsilon=chosen if chosen is not None else rdp,
+                accountant=p.accountant if chosen is not None else "rdp",
+                epsilon_rdp=rdp,
+                epsilon_pld=spent["pld"],
+                budget=p.epsilon_budget,
+                delta=p.target_delta,
+                noise_multiplier=noise_multiplier,
+                mechanism=record.mechanism,
+                clip_norm=clip_norm,
+                next_clip_norm=next_clip_norm,
+            ),
             server_round=server_round,
-            data={
-                "epsilon": chosen if chosen is not None else rdp,
-                "accountant": p.accountant if chosen is not None else "rdp",
-                "epsilon_rdp": rdp,
-                "epsilon_pld": spent["pld"],
-                "budget": p.epsilon_budget,
-                "delta": p.target_delta,
-                "noise_multiplier": noise_multiplier,
-                "mechanism": record.mechanism,
-                "clip_norm": clip_norm,
-                **({} if next_clip_norm is None else {"next_clip_norm": next_clip_norm}),
-            },
         )
         return record

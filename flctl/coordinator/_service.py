@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -273,9 +274,8 @@ class CoordinatorService:
     def _refused(self, ctx: RpcContext, rpc: str, reason: str) -> None:
         """Record a refusal that no other table shows, with the caller's identity."""
         self._events.emit(
-            ev.SECURITY_REFUSED,
+            ev.SecurityRefused(identity=ctx.identity, reason=reason, rpc=rpc),
             client_id=ctx.identity,
-            data={"identity": ctx.identity, "reason": reason, "rpc": rpc, "serial": None},
         )
 
     def _check_join(self, request: pb.JoinRequest) -> None:
@@ -316,9 +316,8 @@ class CoordinatorService:
         now = time.time()
         self._store.upsert_client(ctx.identity, fingerprint=ctx.fingerprint, state="idle", seen=now)
         self._events.emit(
-            ev.CLIENT_JOINED,
+            ev.ClientJoined(session_id=session.session_id, is_replaced=old is not None),
             client_id=ctx.identity,
-            data={"session_id": session.session_id, "replaced": old is not None},
             durable=False,
         )
         return pb.JoinReply(
@@ -403,21 +402,21 @@ class CoordinatorService:
         stepping = state in ("downloading", "training", "uploading") and step_changed
         if state != session.state or stepping:
             session.state = state
-            data: dict[str, Any] = {"state": state, "progress": round(progress, 3)}
-            if failure:
-                data["reason"] = failure
+            change = ev.ClientState(
+                state=state, progress=round(progress, 3), reason=failure or None
+            )
             if state in ("downloading", "uploading") and request.bytes_total:
                 rate = request.bytes_per_s
-                data.update(
+                change = dataclasses.replace(
+                    change,
                     bytes_done=min(int(request.bytes_done), int(request.bytes_total)),
                     bytes_total=int(request.bytes_total),
                     bytes_per_s=round(rate, 1) if math.isfinite(rate) and rate >= 0 else 0.0,
                 )
             self._events.emit(
-                ev.CLIENT_STATE,
+                change,
                 server_round=request.server_round,
                 client_id=session.client_id,
-                data=data,
                 durable=state == "failed",  # why a round lost a client is worth an fsync
             )
         session.progress = progress
@@ -501,10 +500,7 @@ class CoordinatorService:
             if self._registry.remove(session):
                 self._store.bump_client(session.client_id, state="offline", seen=time.time())
                 self._events.emit(
-                    ev.CLIENT_LEFT,
-                    client_id=session.client_id,
-                    data={"reason": reason},
-                    durable=False,
+                    ev.ClientLeft(reason=reason), client_id=session.client_id, durable=False
                 )
             self._engine.update_arrived()
 
@@ -598,10 +594,9 @@ class CoordinatorService:
             header = pb.UploadHeader(task_id=header.task_id)
         if malformed:
             self._events.emit(
-                ev.UPDATE_REJECTED,
+                ev.UpdateRejected(task_id=header.task_id[:64], reason=reason, is_malformed=True),
                 server_round=int(header.server_round),
                 client_id=client_id,
-                data={"task_id": header.task_id[:64], "reason": reason, "malformed": True},
             )
             return
         with self._store.transaction():
@@ -613,10 +608,9 @@ class CoordinatorService:
                 reason=reason,
             )
             self._events.emit(
-                ev.UPDATE_REJECTED,
+                ev.UpdateRejected(task_id=header.task_id[:64], reason=reason),
                 server_round=int(header.server_round),
                 client_id=client_id,
-                data={"task_id": header.task_id[:64], "reason": reason},
             )
 
     def _refuse_task(self, header: pb.UploadHeader, client_id: str, exc: FlctlError) -> None:
@@ -745,13 +739,12 @@ class CoordinatorService:
             log.warning("%s", message)
             with contextlib.suppress(FlctlError):  # the event log may be out of room too
                 self._events.emit(
-                    ev.STORAGE_FULL,
-                    data={
-                        "path": str(path),
-                        "free_bytes": free,
-                        "needed_bytes": size + self._min_free_bytes,
-                        "what": what,
-                    },
+                    ev.StorageFull(
+                        path=str(path),
+                        free_bytes=free,
+                        needed_bytes=size + self._min_free_bytes,
+                        what=what,
+                    )
                 )
         return StorageFullError(
             message, hint="free space on the coordinator's disk; clients retry their uploads"
@@ -774,10 +767,9 @@ class CoordinatorService:
         held = self._uploads.held(record.upload_id)
         if held:
             self._events.emit(
-                ev.UPLOAD_RESUMED,
+                ev.UploadResumed(upload_id=record.upload_id, offset=held, size=record.size),
                 server_round=record.server_round,
                 client_id=session.client_id,
-                data={"upload_id": record.upload_id, "offset": held, "size": record.size},
             )
         return pb.UploadReply(accepted=True, upload_id=record.upload_id, committed_offset=held)
 
@@ -958,22 +950,21 @@ class CoordinatorService:
             moved = wire + int(header.offset)
             self._store.bump_client(session.client_id, add_rounds=1, add_bytes_up=moved)
             self._events.emit(
-                ev.UPDATE_ACCEPTED,
+                ev.UpdateAccepted(
+                    task_id=record.task_id,
+                    num_examples=update.num_examples,
+                    metrics=metrics,
+                    size=received,
+                    digest=stored,
+                    upload_id=upload_id,
+                    resumed_from=int(header.offset),
+                    codec=header.codec or "none",
+                    wire_bytes=moved,
+                    receive_s=round(receive_s, 4),
+                    commit_s=round(commit_s, 4),
+                ),
                 server_round=update.server_round,
                 client_id=session.client_id,
-                data={
-                    "task_id": record.task_id,
-                    "num_examples": update.num_examples,
-                    "metrics": metrics,
-                    "size": received,
-                    "digest": stored,
-                    "upload_id": upload_id,
-                    "resumed_from": int(header.offset),
-                    "codec": header.codec or "none",
-                    "wire_bytes": moved,
-                    "receive_s": round(receive_s, 4),
-                    "commit_s": round(commit_s, 4),
-                },
             )
         self._uploads.forget(upload_id)
         self._engine.storage_warning = None  # an update fitted: the disk has room again
@@ -1100,9 +1091,7 @@ class AdminService:
             )
         ids = self._store.create_rounds(request.rounds, self._config_snapshot)
         for server_round in ids:
-            self._events.emit(
-                ev.ROUND_QUEUED, server_round=server_round, data={"admin": ctx.identity}
-            )
+            self._events.emit(ev.RoundQueued(admin=ctx.identity), server_round=server_round)
         self._engine.notify()
         return pb.StartRoundReply(round_ids=ids)
 
@@ -1236,13 +1225,12 @@ class AdminService:
                 record_event=False,  # emitted through the event log, which wakes followers
             )
             event = self._events.emit(
-                ev.IDENTITY_REVOKED,
+                ev.IdentityRevoked(
+                    serial=None if serial is None else format(serial, "x"),
+                    reason=record.reason,
+                    author=record.author,
+                ),
                 client_id=identity,
-                data={
-                    "serial": None if serial is None else format(serial, "x"),
-                    "reason": record.reason,
-                    "author": record.author,
-                },
             )
         self._guard.add(identity, serial)
         log.info("%s revoked %s (%s)", ctx.identity, identity, request.serial or "all")
@@ -1250,9 +1238,7 @@ class AdminService:
         if session is not None and (serial is None or session.serial == serial):
             self._registry.end(session, revoked=True)
             self._store.bump_client(identity, state="offline", seen=time.time())
-            self._events.emit(
-                ev.CLIENT_LEFT, client_id=identity, data={"reason": "revoked"}, durable=False
-            )
+            self._events.emit(ev.ClientLeft(reason="revoked"), client_id=identity, durable=False)
             self._engine.update_arrived()
         return pb.RevokeReply(
             identity=record.identity,
@@ -1315,14 +1301,9 @@ class AdminService:
         self._registry.end(session)
         self._store.bump_client(client_id, state="offline", seen=time.time())
         reason = f"evicted by {ctx.identity}" + (f": {given}" if given else "")
+        self._events.emit(ev.ClientEvicted(admin=ctx.identity, reason=given), client_id=client_id)
         self._events.emit(
-            ev.CLIENT_EVICTED, client_id=client_id, data={"admin": ctx.identity, "reason": given}
-        )
-        self._events.emit(
-            ev.CLIENT_LEFT,
-            client_id=client_id,
-            data={"reason": reason, "admin": ctx.identity},
-            durable=False,
+            ev.ClientLeft(reason=reason, admin=ctx.identity), client_id=client_id, durable=False
         )
         self._engine.update_arrived()
         log.info("%s evicted %s", ctx.identity, client_id)
@@ -1377,12 +1358,8 @@ class AdminService:
             )
             if before != model.version:
                 self._events.emit(
-                    ev.MODEL_TAGGED,
-                    data={
-                        "tag": tag.name,
-                        "version": tag.version,
-                        "previous": before,
-                        "author": ctx.identity,
-                    },
+                    ev.ModelTagged(
+                        tag=tag.name, version=tag.version, previous=before, author=ctx.identity
+                    )
                 )
         return pb.TagReply(version=tag.version, name=tag.name, previous=before or 0)

@@ -1,14 +1,62 @@
-"""Event types of the persisted event log, and the shape of one event.
+"""Event types of the persisted event log, their typed payloads, and the shape of one event.
 
 The coordinator appends an :class:`Event` for every state change; ``round watch``, the live
-panels and ``--json`` consumers read the same log (resumable by ``seq``). ``data`` holds the
-details each type documents below; readers must ignore keys they do not know.
+panels and ``--json`` consumers read the same log (resumable by ``seq``). Each type has a
+payload class (:class:`EventPayload`: a frozen dataclass, one per type, whose docstring
+documents the keys) that the coordinator emits and that :meth:`EventPayload.to_data` turns
+into the event's ``data``; readers read ``Event.data`` and must ignore keys they do not know.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from flctl.core._model_payloads import (
+    ModelCorrupt,
+    ModelCreated,
+    ModelImported,
+    ModelRejected,
+    ModelRollback,
+    ModelRollbackDeferred,
+    ModelRollbackFailed,
+    ModelTagged,
+)
+from flctl.core._payload import EventPayload
+from flctl.core._round_payloads import (
+    EvaluationFailed,
+    EvaluationReported,
+    PrivacyCharged,
+    PrivacyRefused,
+    RoundCancelled,
+    RoundCommitted,
+    RoundFailed,
+    RoundQueued,
+    RoundRejected,
+    RoundResumed,
+    RoundStarted,
+    RoundStatus,
+    TaskSent,
+    UpdateAccepted,
+    UpdateClamped,
+    UpdateExcluded,
+    UpdateRejected,
+    UpdateScored,
+    UploadResumed,
+)
+from flctl.core._service_payloads import (
+    ClientEvicted,
+    ClientJoined,
+    ClientLeft,
+    ClientState,
+    CoordinatorDraining,
+    CoordinatorStarted,
+    CoordinatorStopped,
+    CoordinatorWarning,
+    IdentityRevoked,
+    SecurityRefused,
+    StorageFull,
+)
 
 __all__ = [
     "CLIENT_EVICTED",
@@ -19,10 +67,22 @@ __all__ = [
     "COORDINATOR_STARTED",
     "COORDINATOR_STOPPED",
     "COORDINATOR_WARNING",
+    "ClientEvicted",
+    "ClientJoined",
+    "ClientLeft",
+    "ClientState",
+    "CoordinatorDraining",
+    "CoordinatorStarted",
+    "CoordinatorStopped",
+    "CoordinatorWarning",
     "EVALUATION_FAILED",
     "EVALUATION_REPORTED",
+    "EvaluationFailed",
+    "EvaluationReported",
     "Event",
+    "EventPayload",
     "IDENTITY_REVOKED",
+    "IdentityRevoked",
     "MODEL_CORRUPT",
     "MODEL_CREATED",
     "MODEL_IMPORTED",
@@ -31,8 +91,18 @@ __all__ = [
     "MODEL_ROLLBACK_DEFERRED",
     "MODEL_ROLLBACK_FAILED",
     "MODEL_TAGGED",
+    "ModelCorrupt",
+    "ModelCreated",
+    "ModelImported",
+    "ModelRejected",
+    "ModelRollback",
+    "ModelRollbackDeferred",
+    "ModelRollbackFailed",
+    "ModelTagged",
     "PRIVACY_CHARGED",
     "PRIVACY_REFUSED",
+    "PrivacyCharged",
+    "PrivacyRefused",
     "ROUND_CANCELLED",
     "ROUND_COMMITTED",
     "ROUND_FAILED",
@@ -41,120 +111,116 @@ __all__ = [
     "ROUND_RESUMED",
     "ROUND_STARTED",
     "ROUND_STATUS",
+    "RoundCancelled",
+    "RoundCommitted",
+    "RoundFailed",
+    "RoundQueued",
+    "RoundRejected",
+    "RoundResumed",
+    "RoundStarted",
+    "RoundStatus",
     "SECURITY_REFUSED",
     "STORAGE_FULL",
+    "SecurityRefused",
+    "StorageFull",
     "TASK_SENT",
     "TERMINAL_ROUND_STATUSES",
+    "TaskSent",
     "UPDATE_ACCEPTED",
     "UPDATE_CLAMPED",
     "UPDATE_EXCLUDED",
     "UPDATE_REJECTED",
     "UPDATE_SCORED",
     "UPLOAD_RESUMED",
+    "UpdateAccepted",
+    "UpdateClamped",
+    "UpdateExcluded",
+    "UpdateRejected",
+    "UpdateScored",
+    "UploadResumed",
 ]
 
-#: data: address, pid, state_dir, head_version
-COORDINATOR_STARTED = "coordinator.started"
-#: data: reason
-COORDINATOR_STOPPED = "coordinator.stopped"
-#: data: timeout_s, server_round (the round given that long to end, or null)
-COORDINATOR_DRAINING = "coordinator.draining"
-#: data: message, and what it is about (certificate, not_after, days_left for an expiring
-#: certificate)
-COORDINATOR_WARNING = "coordinator.warning"
-#: data: session_id
-CLIENT_JOINED = "client.joined"
-#: data: reason
-CLIENT_LEFT = "client.left"
-#: data: admin (who evicted it), reason
-CLIENT_EVICTED = "client.evicted"
-#: data: state (idle | downloading | training | uploading | offline), progress (0..1); while
-#: transferring also bytes_done, bytes_total, bytes_per_s
-CLIENT_STATE = "client.state"
-#: data: {} (the round id is the event's server_round); a retry also has retry_of (the failed
-#: round), attempt and reason
-ROUND_QUEUED = "round.queued"
-#: data: base_version, selected (client ids), deadline_unix, min_clients
-ROUND_STARTED = "round.started"
-#: data: selected (client ids), accepted (updates already held), deadline_unix; or, for a
-#: round stopped while selecting, reselect: true (it selects again; round.started follows)
-ROUND_RESUMED = "round.resumed"
-#: data: status (selecting | training | aggregating | evaluating)
-ROUND_STATUS = "round.status"
-#: data: task_id, kind, model_digest
-TASK_SENT = "task.sent"
-#: data: task_id, num_examples, metrics, size, digest, upload_id, resumed_from
-UPDATE_ACCEPTED = "update.accepted"
-#: data: upload_id, offset (bytes the coordinator already held), size
-UPLOAD_RESUMED = "upload.resumed"
-#: data: task_id, reason
-UPDATE_REJECTED = "update.rejected"
-#: data: claimed (the update's num_examples), used (the weight it aggregated with), bound
-#: ("max_examples_per_update" or "max_weight_share"), share (of the round's total weight),
-#: max_examples_per_update, max_weight_share; an accepted update that weighs less than its
-#: client claimed
-UPDATE_CLAMPED = "update.clamped"
-#: data: l2, cosine, median_distance (each a number, or null where it was not computed); an
-#: accepted update's anomaly scores (Byzantine detection, docs/strategies.md). Emitted when
-#: the update is scored, and again with its median_distance when a whole-round strategy
-#: computes it at aggregation
-UPDATE_SCORED = "update.scored"
-#: data: score ("l2", "cosine" or "median_distance": the one that tripped), value, z (its
-#: modified z-score in the round), threshold, mode ("flag": recorded only; "drop": left out of
-#: the aggregate); an update the outlier rule marked ([strategy] exclude_outliers)
-UPDATE_EXCLUDED = "update.excluded"
-#: a client evaluated the round's new model (rounds.evaluate "clients" or "both"); data:
-#: task_id, loss, num_examples, metrics
-EVALUATION_REPORTED = "evaluation.reported"
-#: a client's evaluation of the round's new model failed, or did not arrive in time; data:
-#: task_id, reason (what its evaluate raised, one line)
-EVALUATION_FAILED = "evaluation.failed"
-#: data: model_version, metrics, num_clients, duration_s
-ROUND_COMMITTED = "round.committed"
-#: data: model_version (stored, status rejected; the head did not move), metrics, num_clients,
-#: duration_s, reason (the validation gate's)
-ROUND_REJECTED = "round.rejected"
-#: data: reason, duration_s
-ROUND_FAILED = "round.failed"
-#: data: reason, duration_s
-ROUND_CANCELLED = "round.cancelled"
-#: data: version, digest, kind, parent, metrics
-MODEL_CREATED = "model.created"
-#: data: serial (lower-case hex, or null for every certificate), reason, author (client_id: who)
-IDENTITY_REVOKED = "identity.revoked"
-#: data: version, digest, source (the version restored), previous_head, author, reason
-MODEL_ROLLBACK = "model.rollback"
-#: data: source (the version to restore), digest, server_round (the open round it waits for),
-#: author, reason
-MODEL_ROLLBACK_DEFERRED = "model.rollback_deferred"
-#: data: source, server_round, author, reason, error (a deferred rollback that could not apply)
-MODEL_ROLLBACK_FAILED = "model.rollback_failed"
-#: data: identity, reason, rpc, serial (the caller's certificate serial, hex, or null); a call
-#: refused because its certificate is revoked
-SECURITY_REFUSED = "security.refused"
-#: data: reason, epsilon (what the round would reach), budget, accountant, delta; a round
-#: refused before it started because it would exceed ``privacy.epsilon_budget``
-PRIVACY_REFUSED = "privacy.refused"
-#: data: epsilon (after the round, under the configured accountant), epsilon_rdp, epsilon_pld,
-#: budget, accountant, delta, noise_multiplier; a round charged to the privacy ledger
-PRIVACY_CHARGED = "privacy.charged"
-#: data: tag, version, previous (the version it named before, or None), author
-MODEL_TAGGED = "model.tagged"
-#: data: version, digest, parent, head (whether it became head), file, author
-MODEL_IMPORTED = "model.imported"
-#: data: version, digest, path, problem, rollback_to (the newest intact version, or null),
-#: reason; a head model whose blob no longer hashes to its digest (or is missing): it is not
-#: served, and rounds are refused with ``reason`` until the head is intact again
-MODEL_CORRUPT = "model.corrupt"
-#: data: version, digest, parent, metrics, reason, check (the check that failed: "finite" or
-#: "metric"), metric, value, reference (the reference version's value), reference_version,
-#: against, max_regression (each null where it does not apply); an aggregate the validation
-#: gate kept from becoming head (docs/registry.md)
-MODEL_REJECTED = "model.rejected"
+# Each type's string is its payload class's ``type``; the class documents the data's keys.
 
-#: data: path, free_bytes, needed_bytes, what (the write that did not fit: "upload", ...);
-#: the coordinator's disk had no room: the write was refused and nothing half-written kept
-STORAGE_FULL = "storage.full"
+#: A coordinator is serving (:class:`CoordinatorStarted`).
+COORDINATOR_STARTED = CoordinatorStarted.type
+#: A coordinator stopped (:class:`CoordinatorStopped`).
+COORDINATOR_STOPPED = CoordinatorStopped.type
+#: A coordinator gives the running round time to end (:class:`CoordinatorDraining`).
+COORDINATOR_DRAINING = CoordinatorDraining.type
+#: Something for the operator: an expiring certificate, a rollback policy that could not act
+#: (:class:`CoordinatorWarning`).
+COORDINATOR_WARNING = CoordinatorWarning.type
+#: A client opened a session (:class:`ClientJoined`).
+CLIENT_JOINED = ClientJoined.type
+#: A client's session ended (:class:`ClientLeft`).
+CLIENT_LEFT = ClientLeft.type
+#: An admin evicted a client (:class:`ClientEvicted`).
+CLIENT_EVICTED = ClientEvicted.type
+#: A client's state or progress changed (:class:`ClientState`).
+CLIENT_STATE = ClientState.type
+#: A round is queued, or a failed one queued again (:class:`RoundQueued`).
+ROUND_QUEUED = RoundQueued.type
+#: A round selected its clients (:class:`RoundStarted`).
+ROUND_STARTED = RoundStarted.type
+#: A restarted coordinator carries on with an open round (:class:`RoundResumed`).
+ROUND_RESUMED = RoundResumed.type
+#: A round moved to a non-terminal status (:class:`RoundStatus`).
+ROUND_STATUS = RoundStatus.type
+#: A task went to a client (:class:`TaskSent`).
+TASK_SENT = TaskSent.type
+#: An update is on disk and counts (:class:`UpdateAccepted`).
+UPDATE_ACCEPTED = UpdateAccepted.type
+#: An upload carries on from a broken stream (:class:`UploadResumed`).
+UPLOAD_RESUMED = UploadResumed.type
+#: An update was refused (:class:`UpdateRejected`).
+UPDATE_REJECTED = UpdateRejected.type
+#: An accepted update weighs less than its client claimed (:class:`UpdateClamped`).
+UPDATE_CLAMPED = UpdateClamped.type
+#: An accepted update's anomaly scores (:class:`UpdateScored`).
+UPDATE_SCORED = UpdateScored.type
+#: An update the outlier rule marked (:class:`UpdateExcluded`).
+UPDATE_EXCLUDED = UpdateExcluded.type
+#: A client evaluated the round's new model (:class:`EvaluationReported`).
+EVALUATION_REPORTED = EvaluationReported.type
+#: A client's evaluation failed or did not arrive in time (:class:`EvaluationFailed`).
+EVALUATION_FAILED = EvaluationFailed.type
+#: A round's model became the head (:class:`RoundCommitted`).
+ROUND_COMMITTED = RoundCommitted.type
+#: A round's model was stored, but the validation gate kept it from the head
+#: (:class:`RoundRejected`).
+ROUND_REJECTED = RoundRejected.type
+#: A round failed (:class:`RoundFailed`).
+ROUND_FAILED = RoundFailed.type
+#: A round was cancelled (:class:`RoundCancelled`).
+ROUND_CANCELLED = RoundCancelled.type
+#: A model version was written and became the head (:class:`ModelCreated`).
+MODEL_CREATED = ModelCreated.type
+#: A certificate (or every one of an identity) is revoked (:class:`IdentityRevoked`).
+IDENTITY_REVOKED = IdentityRevoked.type
+#: The head moved back to an old version's weights (:class:`ModelRollback`).
+MODEL_ROLLBACK = ModelRollback.type
+#: A rollback waits for the open round (:class:`ModelRollbackDeferred`).
+MODEL_ROLLBACK_DEFERRED = ModelRollbackDeferred.type
+#: A deferred rollback could not apply (:class:`ModelRollbackFailed`).
+MODEL_ROLLBACK_FAILED = ModelRollbackFailed.type
+#: A call or connection refused (:class:`SecurityRefused`).
+SECURITY_REFUSED = SecurityRefused.type
+#: A round refused because it would exceed ``privacy.epsilon_budget``
+#: (:class:`PrivacyRefused`).
+PRIVACY_REFUSED = PrivacyRefused.type
+#: A round charged to the privacy ledger (:class:`PrivacyCharged`).
+PRIVACY_CHARGED = PrivacyCharged.type
+#: A tag names a (new) version (:class:`ModelTagged`).
+MODEL_TAGGED = ModelTagged.type
+#: A model file imported as a version, by ``flctl models import`` (:class:`ModelImported`).
+MODEL_IMPORTED = ModelImported.type
+#: The head model's blob is damaged or missing; rounds are refused (:class:`ModelCorrupt`).
+MODEL_CORRUPT = ModelCorrupt.type
+#: An aggregate the validation gate kept from the head (:class:`ModelRejected`).
+MODEL_REJECTED = ModelRejected.type
+#: The coordinator's disk had no room for a write (:class:`StorageFull`).
+STORAGE_FULL = StorageFull.type
 
 #: A round ends committed (its model is the head), rejected (its model was stored but the
 #: validation gate kept it from the head), failed or cancelled (no model).

@@ -96,9 +96,39 @@ def test_regression_beyond_the_threshold_is_rejected_with_the_numbers() -> None:
         "max_regression is 0.1"
     )
     assert (verdict.value, verdict.reference, verdict.reference_version) == (0.7, 0.9, 3)
-    data = verdict.event_data(gate(max_regression=0.1))
-    assert data["against"] == "best" and data["max_regression"] == 0.1
-    assert data["check"] == "metric" and data["metric"] == "accuracy"
+    data = verdict.rejected_event(model(4), {"accuracy": 0.7}, gate(max_regression=0.1)).to_data()
+    assert data == {
+        "version": 4,
+        "digest": model(4).digest,
+        "parent": model(4).parent,
+        "metrics": {"accuracy": 0.7},
+        "reason": verdict.reason,
+        "check": "metric",
+        "metric": "accuracy",
+        "value": 0.7,
+        "reference": 0.9,
+        "reference_version": 3,
+        "against": "best",
+        "max_regression": 0.1,
+    }
+
+
+def test_a_rejection_without_compared_metrics_has_null_gate_fields() -> None:
+    event = Verdict("NaN in weight").rejected_event(model(4), {}, gate(max_regression=0.1))
+    assert event.to_data() == {
+        "version": 4,
+        "digest": model(4).digest,
+        "parent": 3,
+        "metrics": {},
+        "reason": "NaN in weight",
+        "check": "finite",
+        "metric": None,
+        "value": None,
+        "reference": None,
+        "reference_version": None,
+        "against": None,
+        "max_regression": None,
+    }
 
 
 def test_regression_within_the_threshold_or_an_improvement_passes() -> None:
