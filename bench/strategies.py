@@ -66,6 +66,8 @@ def robust_configs(clients: int, malicious: int) -> list[tuple[str, str, dict[st
     bulyan_clients = max(clients, 4 * f + 3)
     return [
         ("fedavg", "fedavg", {}, clients),
+        # the coordinator's Byzantine detection in front of FedAvg (scores, outlier rule)
+        ('fedavg exclude_outliers="drop"', "fedavg", {"exclude_outliers": "drop"}, clients),
         ("fedmedian", "fedmedian", {}, clients),
         ("fedtrimmedavg beta=0.2", "fedtrimmedavg", {"beta": 0.2}, clients),
         (f"krum f={f}", "krum", {"num_malicious": f}, clients),
@@ -128,7 +130,13 @@ def simulate(job: dict[str, Any]) -> dict[str, Any]:
     """Run one federation; return its accuracies per round."""
     import torch
 
-    from flctl.aggregation import WeightedUpdate, cap_weights, make_strategy
+    from flctl.aggregation import (
+        RunningSum,
+        WeightedUpdate,
+        cap_weights,
+        find_outliers,
+        make_strategy,
+    )
     from flctl.core import TaskContext, load_task
     from flctl.core.config import RoundsConfig
     from flctl.tensors import load_parameters, save_parameters
@@ -165,12 +173,15 @@ def simulate(job: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     agg_seconds = 0.0
     error = ""
+    dropped: list[list[str]] = []  # per round, the clients exclude_outliers="drop" left out
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         base = folder / "base.safetensors"
         out = folder / "out.safetensors"
         for server_round in range(1, job["rounds"] + 1):
-            strategy = make_strategy(job["strategy"], job["params"])
+            params = dict(job["params"])
+            exclude = params.pop("exclude_outliers", "off")
+            strategy = make_strategy(job["strategy"], params)
             strategy.load_state_dict(state)
             extra = strategy.configure_fit(server_round, ids)
             save_parameters(global_params, base)
@@ -197,6 +208,24 @@ def simulate(job: dict[str, Any]) -> dict[str, Any]:
                 WeightedUpdate(p, w, cid) for p, w, cid in zip(paths, weights, ids, strict=True)
             ]
             t0 = time.perf_counter()
+            if exclude == "drop":
+                # as the coordinator does: each update scored as it arrives (here in client
+                # order, the attackers first: the worst case for the cosine), the rule, then
+                # the aggregate of the others, their weights capped again
+                running = RunningSum(base, folder, keep_sum=False)
+                scores = {u.client_id: running.score(u) for u in updates}
+                running.close()
+                outliers = find_outliers(scores)
+                kept = [i for i, cid in enumerate(ids) if cid not in outliers]
+                weights = cap_weights(
+                    [claims[i] for i in kept],
+                    max_examples=rounds_cfg.max_examples_per_update,
+                    max_share=rounds_cfg.max_weight_share,
+                )
+                updates = [
+                    WeightedUpdate(paths[i], w, ids[i]) for i, w in zip(kept, weights, strict=True)
+                ]
+                dropped.append(sorted(outliers))
             try:
                 strategy.aggregate(base, updates, out)
             except Exception as exc:  # a refusal (bulyan with too few updates) is a result
@@ -219,6 +248,7 @@ def simulate(job: dict[str, Any]) -> dict[str, Any]:
         "error": error,
         "seconds": time.perf_counter() - start,
         "aggregate_seconds": agg_seconds,
+        "dropped": dropped,
     }
 
 

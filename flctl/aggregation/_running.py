@@ -1,13 +1,13 @@
 """A round's updates taken one at a time as they are accepted: anomaly scores and running sum.
 
 The round engine keeps one :class:`RunningSum` per round and hands it each update as soon as
-the update is accepted, in a worker thread, while other clients still train or upload. One pass
-over the update:
+the update is accepted, in a worker thread, while other clients still train or upload. Two
+passes over the update, each reading it once (the page cache keeps it between them):
 
-- scores it (:class:`~flctl.aggregation.AnomalyScores`: the L2 norm of its delta, and its
+- :meth:`RunningSum.score` scores it (:class:`~flctl.aggregation.AnomalyScores`: the L2 norm of its delta, and its
   cosine to the round's reference direction, the mean of the unit directions of the updates
   accepted before it, from the fourth update on: see docs/strategies.md, Byzantine detection);
-- adds it, weighted by its examples, to the round's sum, for a strategy whose model depends on
+- :meth:`RunningSum.add` adds it, weighted by its examples, to the round's sum, for a strategy whose model depends on
   the updates only through their weighted mean (:attr:`Strategy.is_mean_based`: FedAvg,
   FedProx, the server optimizers). When the wait ends, :meth:`RunningSum.settle` brings the
   sum to the round's final updates and weights (re-reading only what changed: an update left
@@ -17,7 +17,7 @@ over the update:
   followed by one pass over the sum, not by a pass over every update.
 
 An update's direction (its delta over its L2 norm) joins the reference when the next update is
-taken, in the same pass: it needs the update's norm, known only once the update was read.
+scored, in that update's pass: it needs the update's norm, known only once the update was read.
 
 Memory: the sum and the reference are kept in a scratch file (unlinked: it vanishes with the
 process), read and written back one tensor at a time, so the process holds a few tensors the
@@ -103,6 +103,7 @@ class RunningSum:
         self._directions = 0
         #: the last update scored, and its L2 norm: its direction joins the reference next
         self._pending: tuple[WeightedUpdate, float] | None = None
+        self._scored: dict[tuple[str, str], AnomalyScores] = {}
 
     @property
     def added(self) -> list[WeightedUpdate]:
@@ -118,22 +119,39 @@ class RunningSum:
             self._file.close()
             self._file = None
 
-    def add(self, update: WeightedUpdate) -> AnomalyScores:
-        """Score ``update`` and add it to the sum with its weight (once: again, it is rescored).
+    def add(self, update: WeightedUpdate) -> None:
+        """Add ``update`` to the sum with its weight (an update already in it is not added).
 
         Raises:
             InconsistentUpdatesError: The update does not match the base model, or has no
                 weight. The sum is unusable afterwards (part of the update may be in it).
         """
         _check_weight(update)
-        again = _key(update) in self._added
+        if not self.keep_sum:
+            raise NotEnoughUpdatesError("this running sum keeps no sum (scores only)")
+        if _key(update) in self._added:
+            return
+        self._pass(update, float(update.num_examples), None)
+        self._added[_key(update)] = update
+        self.total += update.num_examples
+
+    def score(self, update: WeightedUpdate) -> AnomalyScores:
+        """Score ``update`` against the updates scored before it (again: the same scores).
+
+        Its direction joins the reference in the next update's pass.
+
+        Raises:
+            InconsistentUpdatesError: The update does not match the base model. The scores of
+                later updates are unusable afterwards.
+        """
+        known = self._scored.get(_key(update))
+        if known is not None:
+            return known
         scorer = UpdateScorer()
-        self._pass(update, 0.0 if again else float(update.num_examples), scorer)
+        self._pass(update, 0.0, scorer)
         scores = scorer.result()
-        if not again:
-            self._added[_key(update)] = update
-            self.total += update.num_examples
-            self._pending = (update, scores.l2) if scores.l2 > 0 else None
+        self._scored[_key(update)] = scores
+        self._pending = (update, scores.l2) if scores.l2 > 0 else None
         return scores
 
     def settle(self, final: Sequence[WeightedUpdate]) -> None:
@@ -233,17 +251,23 @@ class RunningSum:
         directions = self._directions + (1 if pending is not None else 0)
         with ExitStack() as stack:
             base = stack.enter_context(TensorReader(self.base))
-            (reader,) = open_updates(stack, base, [update])
-            before = open_updates(stack, base, [pending[0]])[0] if pending else None
+            # the round reads its updates again (scores, the aggregate): keep them cached
+            (reader,) = open_updates(stack, base, [update], drop_cache=False)
+            before = None
+            if pending is not None:
+                (before,) = open_updates(stack, base, [pending[0]], drop_cache=False)
             for name, spec in self._specs.items():
                 model_dtype = torch_dtype(spec.dtype)
                 if not model_dtype.is_floating_point:
                     continue
                 compute = _compute(model_dtype)
                 sum_at, reference_at = self._offsets[name]
-                base_tensor = base.read(name).to(compute)
+                base_tensor = None
+                if scorer is not None or reader.is_delta:
+                    base_tensor = base.read(name).to(compute)
                 tensor = reader.read(name, dtype=compute, base_tensor=base_tensor)
                 if scorer is not None:
+                    assert base_tensor is not None
                     mean = None
                     if before is not None and pending is not None:
                         reference = self._read(reference_at, spec)
@@ -258,7 +282,9 @@ class RunningSum:
                         mean = mean.div_(directions)
                     else:
                         mean = None
-                    scorer.add(tensor - base_tensor, mean)
+                    delta = tensor - base_tensor if weight else tensor.sub_(base_tensor)
+                    scorer.add(delta, mean)
+                    del delta
                     del mean
                 if weight and self.keep_sum:
                     # the product rounded first, then the sum: each update's term is the same

@@ -13,13 +13,20 @@ __all__ = ["open_updates", "summation_order"]
 
 
 def open_updates(
-    stack: ExitStack, base: TensorReader, updates: Sequence[WeightedUpdate]
+    stack: ExitStack,
+    base: TensorReader,
+    updates: Sequence[WeightedUpdate],
+    *,
+    drop_cache: bool = True,
 ) -> list[UpdateReader]:
     """Open an :class:`~flctl.tensors.UpdateReader` per update on ``stack``.
 
     Each update is checked against the base model in its own encoding before any output is
     written. The base's digest, which a delta must name, is hashed once, and only when some
     update is a delta.
+
+    Each tensor is dropped from the page cache once read (``drop_cache``), unless the caller
+    reads the update again soon.
 
     Raises:
         InconsistentUpdatesError: Naming the client whose update does not match the model, or
@@ -34,7 +41,7 @@ def open_updates(
                 if encoding.encoding == "delta":
                     digest = sha256_file(base.path)
             # an update is read once per pass, tensor by tensor: its pages need not stay cached
-            reader = UpdateReader(update.path, base, digest, drop_cache=True)
+            reader = UpdateReader(update.path, base, digest, drop_cache=drop_cache)
             readers.append(stack.enter_context(reader))
         except (InvalidInputError, InconsistentUpdatesError) as exc:
             who = update.client_id or update.path.name

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,8 +86,10 @@ class RoundAggregation:
         #: the state digest the strategy holds ("" none: as built); None: unknown (it
         #: aggregated a round that did not commit)
         self._state_digest: str | None = ""
-        #: the round's running sum (incremental aggregation), while it trains
+        #: the round's running sum (incremental aggregation) and scores, while it trains
         self._running: _Running | None = None
+        #: workers still scoring (a round's, and those of ended rounds finishing their scores)
+        self._workers: set[asyncio.Task[None]] = set()
         #: how the last round aggregated: "incremental" (from the running sum), "whole" (every
         #: update read at the end) or "private" (the strategy given the private mean)
         self.last_mode = ""
@@ -183,17 +186,16 @@ class RoundAggregation:
                 bound,
             )
             self._events.emit(
-                ev.UPDATE_CLAMPED,
+                ev.UpdateClamped(
+                    claimed=claimed,
+                    used=used,
+                    bound=bound,
+                    share=round(used / total, 6),
+                    max_examples_per_update=rounds.max_examples_per_update,
+                    max_weight_share=rounds.max_weight_share,
+                ),
                 server_round=server_round,
                 client_id=update.client_id,
-                data={
-                    "claimed": claimed,
-                    "used": used,
-                    "bound": bound,
-                    "share": round(used / total, 6),
-                    "max_examples_per_update": rounds.max_examples_per_update,
-                    "max_weight_share": rounds.max_weight_share,
-                },
             )
         return weights
 
@@ -202,38 +204,54 @@ class RoundAggregation:
     def start_round(self, server_round: int, base_digest: str, accepted: Sequence[Any]) -> None:
         """A round trains from ``base_digest``: take its updates one by one as they are accepted.
 
-        A :class:`~flctl.aggregation.RunningSum` scores each accepted update (``update.scored``)
-        in a worker thread while the round waits for the others (``accepted``: those a resumed
-        round already holds, scored again in their order), and, for a mean-based strategy
-        without privacy, adds it to the round's sum unless ``[strategy] incremental = false``.
+        A :class:`~flctl.aggregation.RunningSum` takes each accepted update in a worker thread
+        while the round waits for the others (``accepted``: those a resumed round already
+        holds, taken again in their order): for a mean-based strategy without privacy (unless
+        ``[strategy] incremental = false``) it adds the update to the round's sum first, then,
+        when no update waits to be added, scores it (``update.scored``).
         """
         self.end_round()
         running = RunningSum(
             self._blobs.path(base_digest), self._blobs.tmp_dir, keep_sum=self._incremental()
         )
-        self._running = _Running(server_round, running, asyncio.Queue())
+        self._running = _Running(server_round, running)
         self._running.worker = asyncio.create_task(
             self._take_updates(self._running), name=f"flctl-round-{server_round}-updates"
         )
+        self._workers.add(self._running.worker)
+        self._running.worker.add_done_callback(self._workers.discard)
         for record in accepted:
             self.update_accepted(server_round, record)
 
     def update_accepted(self, server_round: int, record: Any) -> None:
-        """Score the accepted update ``record`` and add it to the round's sum, in the background."""
+        """Add the accepted update ``record`` to the round's sum and score it, in the background."""
         running = self._running
-        if running is None or running.server_round != server_round or running.broken:
+        if running is None or running.server_round != server_round:
             return
         weight = min(int(record.num_examples), self._config.rounds.max_examples_per_update)
         if weight <= 0 or not record.digest:
             return
         update = WeightedUpdate(self._blobs.path(record.digest), weight, record.client_id)
-        running.queue.put_nowait((update, int(record.id)))
+        if running.sum.keep_sum:
+            running.to_add.append(update)
+        running.to_score.append((update, int(record.id)))
+        running.poke()
 
     def end_round(self) -> None:
-        """Drop the round's running sum (the round ended)."""
+        """The round ended: its updates still unscored are scored in the background."""
         running, self._running = self._running, None
-        if running is not None and running.worker is not None:
-            running.worker.cancel()
+        if running is not None:
+            running.to_add.clear()
+            running.ended = True
+            running.poke()
+
+    async def close(self) -> None:
+        """Stop scoring (the coordinator stops): updates not scored yet stay unscored."""
+        self.end_round()
+        workers = list(self._workers)
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
 
     def _incremental(self) -> bool:
         return (
@@ -243,21 +261,56 @@ class RoundAggregation:
         )
 
     async def _take_updates(self, running: _Running) -> None:
+        """Add each update to the sum, and score each when none waits to be added."""
+        try:
+            while True:
+                if running.to_add and not running.broken:
+                    update = running.to_add.popleft()
+                    running.busy = "add"
+                    try:
+                        await asyncio.to_thread(running.sum.add, update)
+                    except Exception as exc:  # the whole-round pass reports it, naming the client
+                        running.broken = getattr(exc, "message", f"{type(exc).__name__}: {exc}")
+                        log.info("round %d: aggregating whole: %s", running.server_round, exc)
+                elif running.to_score and not running.unscored:
+                    update, update_id = running.to_score.popleft()
+                    running.busy = "score"
+                    try:
+                        scores = await asyncio.to_thread(running.sum.score, update)
+                    except Exception as exc:  # the round goes on without scores
+                        running.unscored = getattr(exc, "message", f"{type(exc).__name__}: {exc}")
+                        log.warning("round %d: updates not scored: %s", running.server_round, exc)
+                    else:
+                        running.scores[update.client_id] = (update_id, scores)
+                        self._record_scores(
+                            running.server_round, update.client_id, update_id, scores
+                        )
+                elif running.ended:
+                    return
+                else:
+                    running.busy = ""
+                    running.progress.set()
+                    await running.wake.wait()
+                    running.wake.clear()
+                    continue
+                running.busy = ""
+                running.progress.set()
+        finally:
+            running.sum.close()
+
+    async def _settled(self, running: _Running, *, scores: bool) -> None:
+        """Wait until every accepted update is in the sum (and scored, with ``scores``)."""
         while True:
-            update, update_id = await running.queue.get()
-            try:
-                if not running.broken:
-                    scores = await asyncio.to_thread(running.sum.add, update)
-                    running.scores[update.client_id] = (update_id, scores)
-                    self._record_scores(running.server_round, update.client_id, update_id, scores)
-            except FlctlError as exc:  # the whole-round pass reports it, naming the client
-                running.broken = exc.message
-                log.info("round %d: updates not scored: %s", running.server_round, exc)
-            except Exception as exc:  # never lose the round to this shortcut
-                running.broken = f"{type(exc).__name__}: {exc}"
-                log.exception("round %d: scoring an update failed", running.server_round)
-            finally:
-                running.queue.task_done()
+            summed = running.broken or not (running.to_add or running.busy == "add")
+            scored = (
+                not scores
+                or bool(running.unscored)
+                or not (running.to_score or running.busy == "score")
+            )
+            if summed and scored:
+                return
+            running.progress.clear()
+            await running.progress.wait()
 
     def _record_scores(
         self,
@@ -270,26 +323,31 @@ class RoundAggregation:
         excluded: bool = False,
     ) -> None:
         """Store an update's scores (and the rule's verdict); ``update.scored`` when scored."""
-        with self._store.transaction():
-            self._store.set_update_scores(
-                update_id, scores.to_dict(), outlier=outlier, excluded=excluded
-            )
-            if not outlier:
-                self._events.emit(
-                    ev.UPDATE_SCORED,
-                    server_round=server_round,
-                    client_id=client_id,
-                    data=scores.to_dict(),
-                    durable=False,
+        try:
+            with self._store.transaction():
+                self._store.set_update_scores(
+                    update_id, scores.to_dict(), outlier=outlier, excluded=excluded
                 )
+                if not outlier:
+                    self._events.emit(
+                        ev.UpdateScored(**scores.to_dict()),
+                        server_round=server_round,
+                        client_id=client_id,
+                        durable=False,
+                    )
+        except FlctlError as exc:  # the store is closing, the disk is full: scores are extra
+            log.warning("round %d: scores of %s not recorded: %s", server_round, client_id, exc)
 
     async def _judge(
         self, server_round: int, base: Path, accepted: list[Any]
     ) -> tuple[list[Any], str | None]:
-        """Wait for the round's scores and apply ``exclude_outliers``.
+        """Wait for the round's sum (and scores), and apply ``exclude_outliers``.
 
         Returns the accepted updates the aggregate takes (all but those ``"drop"`` leaves
         out), and why the round cannot aggregate from its running sum (None: it can).
+
+        With ``exclude_outliers = "off"`` the round does not wait for its scores: those not
+        taken yet are taken after it commits.
 
         Raises:
             RoundFailedError: Dropping the outliers left fewer than ``min_clients`` updates.
@@ -297,12 +355,19 @@ class RoundAggregation:
         running = self._running
         if running is None or running.server_round != server_round:
             return accepted, "no running sum"
-        await running.queue.join()
-        if running.broken:
-            return accepted, running.broken
+        mode = self._config.strategy.exclude_outliers
+        await self._settled(running, scores=mode != "off")
+        whole = running.broken or (None if running.sum.keep_sum else "no sum kept")
+        if mode == "off":
+            return accepted, whole
+        if running.unscored:
+            log.warning(
+                "round %d: exclude_outliers %s skipped: %s", server_round, mode, running.unscored
+            )
+            return accepted, whole
         ids = {u.client_id for u in accepted}
         scores = {c: s for c, (_, s) in running.scores.items() if c in ids}
-        if not self.strategy.is_mean_based and self._config.privacy.mode == "off" and scores:
+        if not self.strategy.is_mean_based and scores:
             # whole-round strategies: each update's distance to the round's median
             distances = await asyncio.to_thread(
                 round_median_distances,
@@ -314,9 +379,6 @@ class RoundAggregation:
                     scores[client_id] = scores[client_id].with_median_distance(distance)
                     update_id = running.scores[client_id][0]
                     self._record_scores(server_round, client_id, update_id, scores[client_id])
-        mode = self._config.strategy.exclude_outliers
-        if mode == "off":
-            return accepted, None
         outliers = find_outliers(scores, threshold=self._config.strategy.outlier_threshold)
         for client_id, outlier in sorted(outliers.items()):
             log.warning("round %d: %s's update: %s", server_round, client_id, outlier.reason)
@@ -330,13 +392,12 @@ class RoundAggregation:
                     excluded=mode == "drop",
                 )
                 self._events.emit(
-                    ev.UPDATE_EXCLUDED,
+                    ev.UpdateExcluded(**outlier.to_dict(), mode=mode),
                     server_round=server_round,
                     client_id=client_id,
-                    data={**outlier.to_dict(), "mode": mode},
                 )
         if mode != "drop" or not outliers:
-            return accepted, None
+            return accepted, whole
         kept = [u for u in accepted if u.client_id not in outliers]
         need = self._config.rounds.min_clients
         if len(kept) < need:
@@ -345,7 +406,7 @@ class RoundAggregation:
                 f"{len(outliers)} outliers ({', '.join(sorted(outliers))}), fewer than "
                 f"min_clients ({need})"
             )
-        return kept, None
+        return kept, whole
 
     # ------------------------------------------------------------------ the aggregate
 
@@ -490,14 +551,28 @@ class RoundAggregation:
 
 @dataclass
 class _Running:
-    """A round's running sum and the worker that adds its accepted updates, one at a time."""
+    """A round's running sum and the worker that takes its accepted updates, one at a time."""
 
     server_round: int
     sum: RunningSum
-    #: accepted updates and their row ids, in the order they were accepted
-    queue: asyncio.Queue[tuple[WeightedUpdate, int]]
-    worker: asyncio.Task[None] | None = None
+    #: accepted updates not yet in the sum, in the order they were accepted
+    to_add: deque[WeightedUpdate] = field(default_factory=deque)
+    #: accepted updates (and their row ids) not yet scored, in the order they were accepted
+    to_score: deque[tuple[WeightedUpdate, int]] = field(default_factory=deque)
+    #: what the worker is doing: "add", "score" or "" (waiting)
+    busy: str = ""
     #: why the sum cannot be used (an update failed to add): the round aggregates whole
     broken: str = ""
-    #: client id -> (update id, scores), as the updates were taken
+    #: why the round's updates are not scored (an update failed to score)
+    unscored: str = ""
+    #: the round ended: score what is left, then stop
+    ended: bool = False
+    #: client id -> (update id, scores), as the updates were scored
     scores: dict[str, tuple[int, AnomalyScores]] = field(default_factory=dict)
+    worker: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    progress: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def poke(self) -> None:
+        """Tell the worker there is something new."""
+        self.wake.set()

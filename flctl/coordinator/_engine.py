@@ -439,6 +439,7 @@ class RoundEngine:
                 self._retry(record.id)
         for record in self._store.open_rounds():
             self._fail(record.id, "coordinator stopped")
+        await self._aggregation.close()  # updates not scored yet stay unscored
 
     async def _head_refusal(self) -> str | None:
         """Why no round may start from the head (its blob is corrupt or missing), or None."""
@@ -465,16 +466,15 @@ class RoundEngine:
                 1, {**record.config, "attempt": attempt + 1, "retry_of": first}
             )
             self._events.emit(
-                ev.ROUND_QUEUED,
+                ev.RoundQueued(retry_of=server_round, attempt=attempt + 1, reason=record.reason),
                 server_round=new,
-                data={"retry_of": server_round, "attempt": attempt + 1, "reason": record.reason},
             )
         log.info("round %d failed: queued again as round %d", server_round, new)
 
     def _status(self, server_round: int, status: str, **fields: Any) -> RoundRecord:
         with self._store.transaction():
             record = self._store.set_round_status(server_round, status, **fields)
-            self._events.emit(ev.ROUND_STATUS, server_round=server_round, data={"status": status})
+            self._events.emit(ev.RoundStatus(status), server_round=server_round)
         return record
 
     def _fail(self, server_round: int, reason: str, *, status: str = "failed") -> None:
@@ -543,14 +543,13 @@ class RoundEngine:
                 fit_config=fit_config,
             )
             self._events.emit(
-                ev.ROUND_STARTED,
+                ev.RoundStarted(
+                    base_version=head.version,
+                    selected=selected,
+                    deadline_unix=deadline,
+                    min_clients=rounds.min_clients,
+                ),
                 server_round=server_round,
-                data={
-                    "base_version": head.version,
-                    "selected": selected,
-                    "deadline_unix": deadline,
-                    "min_clients": rounds.min_clients,
-                },
             )
         for client_id in tasks:
             self._send_task(client_id)
@@ -563,14 +562,13 @@ class RoundEngine:
             return  # its task stream sends the task when it opens
         session.queue.put_nowait(self._task(open_round, client_id))
         self._events.emit(
-            ev.TASK_SENT,
+            ev.TaskSent(
+                task_id=open_round.selected[client_id],
+                kind="fit",
+                model_digest=open_round.base_digest,
+            ),
             server_round=open_round.server_round,
             client_id=client_id,
-            data={
-                "task_id": open_round.selected[client_id],
-                "kind": "fit",
-                "model_digest": open_round.base_digest,
-            },
             durable=False,
         )
 
@@ -583,9 +581,8 @@ class RoundEngine:
         server_round = record.id
         if record.status == "selecting":
             self._events.emit(
-                ev.ROUND_RESUMED,
+                ev.RoundResumed(selected=[], accepted=0, is_reselect=True),
                 server_round=server_round,
-                data={"selected": [], "accepted": 0, "reselect": True},
             )
             log.info("round %d resumed: selecting again", server_round)
             await self._run_round(record)
@@ -617,13 +614,12 @@ class RoundEngine:
         with self._store.transaction():
             self._status(server_round, "training")
             self._events.emit(
-                ev.ROUND_RESUMED,
+                ev.RoundResumed(
+                    selected=sorted(record.tasks),
+                    accepted=accepted,
+                    deadline_unix=record.deadline,
+                ),
                 server_round=server_round,
-                data={
-                    "selected": sorted(record.tasks),
-                    "accepted": accepted,
-                    "deadline_unix": record.deadline,
-                },
             )
         log.info("round %d resumed with %d accepted updates", server_round, accepted)
         for client_id, session in self._registry.items():
@@ -770,32 +766,30 @@ class RoundEngine:
                 state_digest=state_digest,
             )
             self._events.emit(
-                ev.MODEL_CREATED,
+                ev.ModelCreated(
+                    version=model.version,
+                    digest=model.digest,
+                    kind=model.kind,
+                    parent=model.parent,
+                    metrics=metrics,
+                    is_head=True,
+                ),
                 server_round=server_round,
-                data={
-                    "version": model.version,
-                    "digest": model.digest,
-                    "kind": model.kind,
-                    "parent": model.parent,
-                    "metrics": metrics,
-                    "head": True,
-                },
             )
             self._events.emit(
-                ev.ROUND_COMMITTED,
-                server_round=server_round,
-                data={
-                    "model_version": model.version,
-                    "metrics": metrics,
-                    "num_clients": len(accepted),
-                    "duration_s": time.time() - started,
+                ev.RoundCommitted(
+                    model_version=model.version,
+                    metrics=metrics,
+                    num_clients=len(accepted),
+                    duration_s=time.time() - started,
                     # the coordinator's phases: aggregation (reading the updates, writing,
                     # hashing and storing the new model) and server-side evaluation
-                    "aggregate_s": round(aggregate_s, 4),
+                    aggregate_s=round(aggregate_s, 4),
                     # "incremental" (summed as the updates arrived), "whole" or "private"
-                    "aggregation": self._aggregation.last_mode,
-                    "evaluate_s": None if evaluate_s is None else round(evaluate_s, 4),
-                },
+                    aggregation=self._aggregation.last_mode,
+                    evaluate_s=None if evaluate_s is None else round(evaluate_s, 4),
+                ),
+                server_round=server_round,
             )
         self._aggregation.committed(state_digest)
         log.info("round %d committed: model version %d %s", server_round, model.version, metrics)
@@ -879,9 +873,6 @@ def end_round(
     """
     with store.transaction():
         record = store.fail_round(server_round, reason, status=status)
-        events.emit(
-            ev.ROUND_CANCELLED if status == "cancelled" else ev.ROUND_FAILED,
-            server_round=server_round,
-            data={"reason": reason, "duration_s": record.duration_s},
-        )
+        payload = ev.RoundCancelled if status == "cancelled" else ev.RoundFailed
+        events.emit(payload(reason=reason, duration_s=record.duration_s), server_round=server_round)
     return record

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, overload
+from collections.abc import Callable, Sequence
 
 from flctl.core.events import Event, EventPayload
 from flctl.store import SqlStore
@@ -37,34 +36,12 @@ class EventLog:
         """Call ``listener`` with every event emitted from now on."""
         self._listeners.append(listener)
 
-    @overload
     def emit(
         self,
         payload: EventPayload,
         *,
         server_round: int = 0,
         client_id: str = "",
-        durable: bool = True,
-    ) -> Event: ...
-
-    @overload
-    def emit(
-        self,
-        payload: str,
-        *,
-        server_round: int = 0,
-        client_id: str = "",
-        data: Mapping[str, Any] | None = None,
-        durable: bool = True,
-    ) -> Event: ...
-
-    def emit(
-        self,
-        payload: EventPayload | str,
-        *,
-        server_round: int = 0,
-        client_id: str = "",
-        data: Mapping[str, Any] | None = None,
         durable: bool = True,
     ) -> Event:
         """Persist one event; followers hear of it when its transaction commits.
@@ -76,25 +53,17 @@ class EventLog:
 
         Args:
             payload: The event's typed payload (:class:`~flctl.core.events.EventPayload`):
-                its type and its data. Transitional: a type string with ``data``, the form
-                the round engine (``_engine.py``) and its aggregation (``_aggregation.py``)
-                still use; it goes once they pass payloads.
+                its type and its data.
             server_round: The round it concerns, or 0.
             client_id: The client it concerns, or "".
-            data: With a type string only: the event's data.
             durable: False for an event whose commit need not wait for the disk.
-
-        Raises:
-            TypeError: ``data`` given with a payload (the payload is the data).
         """
-        if isinstance(payload, EventPayload):
-            if data is not None:
-                raise TypeError(f"emit({type(payload).__name__}(...)) takes no data: {data!r}")
-            type_, data = payload.type, payload.to_data()
-        else:
-            type_ = payload
         return self._store.append_event(
-            type_, server_round=server_round, client_id=client_id, data=data or {}, durable=durable
+            payload.type,
+            server_round=server_round,
+            client_id=client_id,
+            data=payload.to_data(),
+            durable=durable,
         )
 
     def _published(self, events: Sequence[Event]) -> None:

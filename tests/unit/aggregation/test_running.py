@@ -207,13 +207,17 @@ def test_the_scores_taken_in_the_pass_are_score_updates_against_the_round_so_far
     folder: Path, stack: np.ndarray, keep_sum: bool
 ) -> None:
     # one pass per update gives what score_update gives against a RunningMean of the updates
-    # before it: the previous update's direction joins the reference in the next one's pass
+    # before it: the previous update's direction joins the reference in the next one's pass;
+    # the sum, kept or not, changes nothing
     base, updates = federation(folder, stack, list(range(1, len(stack) + 1)))
     running = RunningSum(base, folder, keep_sum=keep_sum)
     reference = RunningMean()
     try:
         for update in updates:
-            got = running.add(update)
+            if keep_sum:
+                running.add(update)
+            got = running.score(update)
+            assert running.score(update) is got  # scored once
             want = score_update(base, update.path, reference)
             assert got.l2 == pytest.approx(want.l2, rel=1e-6, abs=1e-30)
             if want.cosine is None:
@@ -231,10 +235,12 @@ def test_the_fourth_update_on_has_a_cosine_and_a_flipped_one_points_away(folder:
     flipped = -5.0 * honest[:1]
     base, updates = federation(folder, np.concatenate([honest, flipped]))
     running = RunningSum(base, folder, keep_sum=False)
-    scores = [running.add(u) for u in updates]
+    scores = [running.score(u) for u in updates]
     assert [s.cosine is None for s in scores] == [True, True, True, False, False]
     assert scores[3].cosine is not None and scores[3].cosine > 0.9
     assert scores[4].cosine is not None and scores[4].cosine < -0.9
     assert scores[4].l2 > 4 * scores[0].l2
     with pytest.raises(NotEnoughUpdatesError, match="scores only"):
         running.settle(updates)
+    with pytest.raises(NotEnoughUpdatesError, match="scores only"):
+        running.add(updates[0])

@@ -30,15 +30,3 @@ def test_a_payload_is_stored_as_its_type_and_data(store: SqlStore) -> None:
         assert (got.type, got.server_round, got.client_id) == (ev.CLIENT_LEFT, 3, "c1")
         assert got.data == {"reason": "certificate expired", "expired": True}
     assert log.last_seq == stored.seq
-
-
-def test_a_payload_takes_no_data(store: SqlStore) -> None:
-    with pytest.raises(TypeError, match="takes no data"):
-        EventLog(store).emit(ev.RoundStatus(status="training"), data={"status": "x"})  # type: ignore[call-overload]
-    assert store.events_since(0) == []
-
-
-def test_a_type_string_with_data_still_works_while_call_sites_move(store: SqlStore) -> None:
-    EventLog(store).emit(ev.ROUND_STATUS, server_round=1, data={"status": "training"})
-    (stored,) = store.events_since(0)
-    assert (stored.type, stored.data) == (ev.ROUND_STATUS, ev.RoundStatus("training").to_data())
