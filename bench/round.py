@@ -105,8 +105,7 @@ def prepare(directory: Path, args: argparse.Namespace, clients: int) -> None:
         ("transport", "compression", f'"{args.compression}"'),
     ]:
         text = _set_key(text, table, key, value)
-    if not args.incremental:
-        text = _set_key(text, "strategy", "incremental", "false")
+    text = _set_key(text, "strategy", "incremental", "true" if args.incremental else "false")
     toml.write_text(text)
     from flctl.core import load_config
 
@@ -567,7 +566,7 @@ def main() -> None:
     parser.add_argument(
         "--incremental",
         choices=["on", "off"],
-        default="on",
+        default="off",
         help="[strategy] incremental: sum updates as they arrive (on) or all at the end (off)",
     )
     parser.add_argument("--keep", type=Path, help="keep the projects in this folder")

@@ -233,9 +233,9 @@ class StrategyConfig:
     set it.
 
     ``incremental`` is the coordinator's, not the strategy's: a mean-based strategy adds each
-    update to the round's sum as it is accepted (true, the default), or reads every update once
-    the round's wait ends, in a fixed order (false: bit-for-bit repeatable whatever the
-    arrival order, and slower to commit).
+    update to the round's sum as it is accepted (true), or reads every update once the round's
+    wait ends, in a fixed order (false, the default: bit-for-bit repeatable whatever the
+    arrival order; on the machines measured, docs/benchmarks.md, it also commits sooner).
 
     ``exclude_outliers`` and ``outlier_threshold`` belong to the coordinator, not to the
     strategy (Byzantine detection, docs/strategies.md): every accepted update is scored, and
@@ -246,7 +246,7 @@ class StrategyConfig:
 
     name: str = "fedavg"
     params: dict[str, ConfigValue] = field(default_factory=dict)
-    incremental: bool = True
+    incremental: bool = False
     exclude_outliers: Literal["off", "flag", "drop"] = "off"
     outlier_threshold: float = 3.5
 
@@ -439,7 +439,7 @@ def _parse_strategy(path: Path, raw: Any, alias: Any) -> StrategyConfig:
         name = alias
     if name is not None and not name:
         raise ConfigError(f"{path}: `strategy.name` must name a strategy, not {name!r}")
-    incremental = params.pop("incremental", True)
+    incremental = params.pop("incremental", False)
     if not isinstance(incremental, bool):
         raise ConfigError(
             f"{path}: `strategy.incremental` must be true or false, not {incremental!r}"

@@ -233,10 +233,10 @@ def test_strategy_table_name_and_parameters(tmp_path: Path) -> None:
 
 
 def test_strategy_incremental_is_the_coordinators_and_a_boolean(tmp_path: Path) -> None:
-    assert load_config(write(tmp_path, "")).strategy.incremental is True
-    config = load_config(write(tmp_path, "[strategy]\nname = 'fedadam'\nincremental = false\n"))
+    assert load_config(write(tmp_path, "")).strategy.incremental is False
+    config = load_config(write(tmp_path, "[strategy]\nname = 'fedadam'\nincremental = true\n"))
     # taken out of the strategy's parameters: FedAdam never sees it
-    assert (config.strategy.incremental, config.strategy.params) == (False, {})
+    assert (config.strategy.incremental, config.strategy.params) == (True, {})
     with pytest.raises(ConfigError, match="`strategy.incremental` must be true or false, not 1"):
         load_config(write(tmp_path, "[strategy]\nincremental = 1\n"))
 
