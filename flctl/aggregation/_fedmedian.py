@@ -33,9 +33,9 @@ class FedMedian(Strategy):
 
     Each coordinate of the next model is the median of that coordinate over the K updates;
     for an even K, the mean of the two middle values (NumPy's and Flower's convention).
-    ``num_examples`` does not weigh in. Up to half the updates minus one may be arbitrary
-    without moving a coordinate outside the range of the honest values. Integer tensors come
-    from the heaviest update, as in FedAvg.
+    ``num_examples`` does not weigh in. Up to ``(K - 1) // 2`` of the K updates may be
+    arbitrary without moving a coordinate outside the range of the honest values. Integer
+    tensors come from the heaviest update, as in FedAvg.
 
     Memory: one tensor name at a time, read from all K updates and sorted: about
     2 x K x the largest tensor (float32; float64 for float64 models).

@@ -29,7 +29,7 @@ class FedTrimmedAvg(Strategy):
 
     name = "fedtrimmedavg"
     summary = "coordinate-wise mean without the beta fraction at each end (robust)"
-    params = (Param("beta", 0.2, "fraction trimmed from each end, in [0, 0.5)", low=0.0, high=0.5),)
+    params = (Param("beta", 0.2, "fraction trimmed from each end, in [0, 0.5]", low=0.0, high=0.5),)
 
     def __init__(self, beta: float = 0.2) -> None:
         if not 0.0 <= beta <= 0.5:

@@ -73,7 +73,8 @@ class MultiKrum(Strategy):
     FedAvg does. ``to_keep`` 1 is Krum. With ``n > 2f + 2`` the selection provably resists
     ``f`` Byzantine updates; fewer updates are aggregated all the same, as Flower does (its
     MultiKrum defaults: ``num_malicious`` 0, ``to_keep`` 1). A ``to_keep`` larger than the
-    round keeps every update. Distances are over the floating-point tensors: Flower counts
+    round keeps every update; keeping more than ``n - f`` may keep a Byzantine one.
+    Distances are over the floating-point tensors: Flower counts
     integer tensors too, but counters such as BatchNorm's ``num_batches_tracked`` grow with a
     client's data and would dominate them. Integer tensors of the result come from the
     heaviest kept update. Ties in

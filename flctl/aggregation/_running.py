@@ -4,17 +4,18 @@ The round engine keeps one :class:`RunningSum` per round and hands it each updat
 the update is accepted, in a worker thread, while other clients still train or upload. Two
 passes over the update, each reading it once (the page cache keeps it between them):
 
-- :meth:`RunningSum.score` scores it (:class:`~flctl.aggregation.AnomalyScores`: the L2 norm of its delta, and its
-  cosine to the round's reference direction, the mean of the unit directions of the updates
-  accepted before it, from the fourth update on: see docs/strategies.md, Byzantine detection);
-- :meth:`RunningSum.add` adds it, weighted by its examples, to the round's sum, for a strategy whose model depends on
-  the updates only through their weighted mean (:attr:`Strategy.is_mean_based`: FedAvg,
-  FedProx, the server optimizers). When the wait ends, :meth:`RunningSum.settle` brings the
-  sum to the round's final updates and weights (re-reading only what changed: an update left
-  out, one added late, a weight lowered by ``max_weight_share``), and
-  :meth:`RunningSum.write_mean` writes the mean, which the strategy turns into the next model
-  (:meth:`Strategy.aggregate_mean`). For FedAvg the mean is the model: the last update is
-  followed by one pass over the sum, not by a pass over every update.
+- :meth:`RunningSum.score` scores it (:class:`~flctl.aggregation.AnomalyScores`: the L2 norm
+  of its delta, and its cosine to the round's reference direction, the mean of the unit
+  directions of the updates accepted before it, from the fourth update on: see
+  docs/strategies.md, Byzantine detection);
+- :meth:`RunningSum.add` adds it, weighted by its examples, to the round's sum, for a strategy
+  whose model depends on the updates only through their weighted mean
+  (:attr:`Strategy.is_mean_based`: FedAvg, FedProx, the server optimizers) with ``[strategy]
+  incremental = true``. When the wait ends, :meth:`RunningSum.settle` brings the sum to the
+  round's final updates and weights (re-reading only what changed: an update left out, one
+  added late, a weight lowered by ``max_weight_share``), and :meth:`RunningSum.write_mean`
+  writes the mean, which the strategy turns into the next model
+  (:meth:`Strategy.aggregate_mean`). For FedAvg the mean is the model.
 
 An update's direction (its delta over its L2 norm) joins the reference when the next update is
 scored, in that update's pass: it needs the update's norm, known only once the update was read.
