@@ -243,6 +243,7 @@ class RoundAggregation:
         if running is not None:
             running.to_add.clear()
             running.ended = True
+            running.paused = False
             running.poke()
 
     async def close(self) -> None:
@@ -272,7 +273,7 @@ class RoundAggregation:
                     except Exception as exc:  # the whole-round pass reports it, naming the client
                         running.broken = getattr(exc, "message", f"{type(exc).__name__}: {exc}")
                         log.info("round %d: aggregating whole: %s", running.server_round, exc)
-                elif running.to_score and not running.unscored:
+                elif running.to_score and not running.unscored and not running.paused:
                     update, update_id = running.to_score.popleft()
                     running.busy = "score"
                     try:
@@ -356,6 +357,9 @@ class RoundAggregation:
         if running is None or running.server_round != server_round:
             return accepted, "no running sum"
         mode = self._config.strategy.exclude_outliers
+        # "off": the round needs no score; scoring waits for the commit (two cores: it would
+        # slow the aggregate down)
+        running.paused = mode == "off"
         await self._settled(running, scores=mode != "off")
         whole = running.broken or (None if running.sum.keep_sum else "no sum kept")
         if mode == "off":
@@ -567,6 +571,8 @@ class _Running:
     unscored: str = ""
     #: the round ended: score what is left, then stop
     ended: bool = False
+    #: score nothing new until the round ends (it aggregates without scores)
+    paused: bool = False
     #: client id -> (update id, scores), as the updates were scored
     scores: dict[str, tuple[int, AnomalyScores]] = field(default_factory=dict)
     worker: asyncio.Task[None] | None = None

@@ -55,6 +55,16 @@ def _run_round(project: Project, strategy: dict[str, Any]) -> tuple[SqlStore, Pa
 
             await wait_until(ended, timeout=120, step=0.1)
             (info,) = (await client.status(list(reply.round_ids))).rounds
+            store = coordinator.store
+            assert store is not None
+            # with exclude_outliers "off" the round commits without waiting for its scores:
+            # they are taken just after it
+            await wait_until(
+                lambda: all(
+                    u.scores is not None for u in store.updates_for_round(1, status="accepted")
+                ),
+                timeout=60,
+            )
             return f"{info.status}: {info.reason}"
         finally:
             stop.set()
