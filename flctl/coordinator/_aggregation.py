@@ -297,7 +297,10 @@ class RoundAggregation:
                 running.busy = ""
                 running.progress.set()
         finally:
-            running.sum.close()
+            # not running.sum.close(): a pass cancelled here may still run in its thread; the
+            # scratch file closes when the last reference to the sum goes (weakref.finalize)
+            running.to_add.clear()
+            running.to_score.clear()
 
     async def _settled(self, running: _Running, *, scores: bool) -> None:
         """Wait until every accepted update is in the sum (and scored, with ``scores``)."""

@@ -630,6 +630,8 @@ class Coordinator:
                 self._engine_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._engine_task
+        if self._engine is not None:
+            await self._engine.close()  # scoring still running stops before the store closes
         if self.events is not None:
             if self._started:  # one refused at start never started: nothing to record
                 self.events.emit(ev.CoordinatorStopped(reason=reason))

@@ -368,6 +368,10 @@ class RoundEngine:
         self._wake.set()
         return self.busy_round()
 
+    async def close(self) -> None:
+        """Stop the work a round left running (scores taken after its commit)."""
+        await self._aggregation.close()
+
     def stop(self) -> None:
         """Stop after (or during) the current round; it is failed if still open."""
         self._stopping = True
@@ -439,7 +443,7 @@ class RoundEngine:
                 self._retry(record.id)
         for record in self._store.open_rounds():
             self._fail(record.id, "coordinator stopped")
-        await self._aggregation.close()  # updates not scored yet stay unscored
+        await self.close()  # updates not scored yet stay unscored
 
     async def _head_refusal(self) -> str | None:
         """Why no round may start from the head (its blob is corrupt or missing), or None."""
