@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from flctl.store import UpdateRecord
+    from flctl.transport.grpc import pb
 
 __all__ = [
     "SCORE_COLUMNS",
     "UPDATE_COLUMNS",
     "UPDATE_NUMBERS",
     "outlier_mark",
-    "read_round_updates",
     "score_cells",
     "update_doc",
     "update_rows",
@@ -27,21 +25,30 @@ UPDATE_COLUMNS = ("client", "status", "examples", *SCORE_COLUMNS, "outlier")
 UPDATE_NUMBERS = ("examples", *SCORE_COLUMNS)
 
 
-def update_doc(update: UpdateRecord) -> dict[str, Any]:
-    """One update as JSON: who, its status, examples, anomaly scores and the rule's verdict.
+def update_doc(update: pb.UpdateInfo) -> dict[str, Any]:
+    """One update of a Status reply as JSON: who, its status, examples, scores, the verdict.
 
     ``scores`` is null for an update that was not scored (rejected, or recorded before
-    Byzantine detection); ``outlier`` is why the rule marked it ("" when it did not), and
-    ``excluded`` whether it was left out of the aggregate.
+    Byzantine detection), else each of ``l2``, ``cosine`` and ``median_distance`` is a
+    number or null where it was not computed; ``outlier`` is why the rule marked it ("" when
+    it did not), and ``excluded`` whether it was left out of the aggregate.
     """
+    scores = None
+    if update.HasField("scores"):
+        s = update.scores
+        scores = {
+            "l2": s.l2 if s.HasField("l2") else None,
+            "cosine": s.cosine if s.HasField("cosine") else None,
+            "median_distance": s.median_distance if s.HasField("median_distance") else None,
+        }
     return {
         "client_id": update.client_id,
         "status": update.status,
         "reason": update.reason,
-        "num_examples": update.num_examples,
-        "scores": update.scores,
+        "num_examples": int(update.num_examples),
+        "scores": scores,
         "outlier": update.outlier,
-        "excluded": update.is_excluded,
+        "excluded": update.excluded,
     }
 
 
@@ -64,28 +71,6 @@ def outlier_mark(doc: dict[str, Any]) -> str:
     if not doc.get("outlier"):
         return ""
     return f"{'excluded' if doc.get('excluded') else 'flagged'}: {doc['outlier']}"
-
-
-def read_round_updates(
-    state_path: Path, round_ids: Iterable[int]
-) -> dict[int, list[dict[str, Any]]]:
-    """Each round's updates (:func:`update_doc`, in arrival order) from a state folder's store.
-
-    Read-only, beside a running coordinator as ``models show`` reads. Rounds without updates
-    map to an empty list.
-
-    Raises:
-        NotFoundError: The folder never held a store.
-        StoreError: The store cannot be read.
-    """
-    from flctl.store import SqlStore, require_store
-
-    require_store(state_path)
-    store = SqlStore.open(state_path, read_only=True)
-    try:
-        return {r: [update_doc(u) for u in store.updates_for_round(r)] for r in round_ids}
-    finally:
-        store.close()
 
 
 def update_rows(docs: Sequence[dict[str, Any]]) -> list[list[str]]:

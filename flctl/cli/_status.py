@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -29,8 +28,13 @@ clients_app = typer.Typer(help="The clients a coordinator knows.", no_args_is_he
 def round_status(
     *, server: str | None, config_path: Any, round_ids: list[int], json_output: bool
 ) -> dict[str, Any]:
-    """Print rounds (all, or ``round_ids``), the head version and connected clients."""
+    """Print rounds (all, or ``round_ids``), the head version, connected clients and updates.
+
+    The updates (anomaly scores, outlier marks) are those the coordinator's reply lists: of
+    each round asked for (the newest 16), or of the newest round that left the queue.
+    """
     from flctl.cli._common import call_admin, load_project, round_dict
+    from flctl.cli._scores import update_doc
 
     config = load_project(config_path)
     out = Output(json_mode=json_output)
@@ -43,10 +47,11 @@ def round_status(
         "open_round": _open_round(reply),
         "warnings": list(reply.warnings),
     }
-    updates = _round_updates(config, reply.state_dir, [r["round"] for r in document["rounds"]])
-    if updates is not None:
-        for row in document["rounds"]:
-            row["updates"] = updates.get(row["round"], [])
+    for row, info in zip(document["rounds"], reply.rounds, strict=True):
+        if info.updates_listed:
+            row["updates"] = [update_doc(u) for u in info.updates]
+            if info.updates_left_out:
+                row["updates_left_out"] = int(info.updates_left_out)
     if json_output:
         out.json(document)
         return document
@@ -74,49 +79,45 @@ def round_status(
     # Piped, stdout holds only the table; the open round's story is for the reader.
     for line in _explain(document["open_round"]):
         (out.line if out.is_terminal else out.note)(line)
-    if out.is_terminal and updates is not None:
-        _print_updates(out, updates, round_ids or [r["round"] for r in document["rounds"][-1:]])
+    if out.is_terminal:
+        _print_updates(out, document["rounds"], is_asked=bool(round_ids))
     for warning in document["warnings"]:
         out.note(f"warning: {warning}")
     return document
 
 
-def _round_updates(
-    config: Any, state_dir: str, round_ids: list[int]
-) -> dict[int, list[dict[str, Any]]] | None:
-    """The listed rounds' updates with their anomaly scores, from the state folder's store.
+def _print_updates(out: Output, rounds: list[dict[str, Any]], *, is_asked: bool) -> None:
+    """A table per listed round whose updates were scored: scores and outliers.
 
-    Read only where the coordinator that answered keeps its state in this project's state
-    folder (a coordinator elsewhere, reached with ``--server``, keeps its own); None where
-    they cannot be read here.
+    Says which updates the reply left out: the newest of a round past the reply's size
+    budget, and those of asked rounds beyond the ones it lists.
     """
-    from flctl.cli._scores import read_round_updates
-    from flctl.core.errors import StoreError
-
-    if not state_dir or Path(state_dir).resolve() != config.state_path:
-        return None
-    try:
-        return read_round_updates(config.state_path, round_ids)
-    except StoreError:
-        return None
-
-
-def _print_updates(out: Output, updates: dict[int, list[dict[str, Any]]], shown: list[int]) -> None:
-    """A table per round of ``shown`` whose updates were scored: scores and outliers."""
     from flctl.cli._scores import UPDATE_COLUMNS, UPDATE_NUMBERS, update_rows
 
-    for server_round in shown:
-        docs = updates.get(server_round, [])
-        if not any(doc["scores"] is not None for doc in docs):
-            continue
-        excluded = sum(doc["excluded"] for doc in docs)
-        flagged = sum(bool(doc["outlier"]) for doc in docs) - excluded
-        marks = [f"{n} {what}" for n, what in ((excluded, "excluded"), (flagged, "flagged")) if n]
-        out.table(
-            UPDATE_COLUMNS,
-            update_rows(docs),
-            title=f"updates of round {server_round}" + (f" ({', '.join(marks)})" if marks else ""),
-            right=UPDATE_NUMBERS,
+    for row in rounds:
+        docs = row.get("updates", [])
+        if any(doc["scores"] is not None for doc in docs):
+            excluded = sum(doc["excluded"] for doc in docs)
+            flagged = sum(bool(doc["outlier"]) for doc in docs) - excluded
+            counts = ((excluded, "excluded"), (flagged, "flagged"))
+            marks = [f"{n} {what}" for n, what in counts if n]
+            out.table(
+                UPDATE_COLUMNS,
+                update_rows(docs),
+                title=f"updates of round {row['round']}"
+                + (f" ({', '.join(marks)})" if marks else ""),
+                right=UPDATE_NUMBERS,
+            )
+        if row.get("updates_left_out"):
+            out.note(
+                f"round {row['round']}: {row['updates_left_out']} more updates did not fit in "
+                "the reply (its size is bounded: `--round N` alone lists the most)"
+            )
+    unlisted = [str(row["round"]) for row in rounds if "updates" not in row]
+    if is_asked and unlisted:
+        out.note(
+            f"round{'s' if len(unlisted) > 1 else ''} {', '.join(unlisted)}: updates not "
+            "listed (a reply lists those of the newest rounds asked only)"
         )
 
 

@@ -372,6 +372,7 @@ class Coordinator:
             engine=engine,
             guard=guard,
             state_dir=str(self.state_dir),
+            max_chunk_bytes=config.transport.max_chunk_bytes,
             config_snapshot={
                 "rounds": vars(config.rounds),
                 "strategy": (

@@ -47,7 +47,15 @@ from flctl.core.errors import (
 )
 from flctl.core.usercode import MAX_REASON_CHARS
 from flctl.security import TokenSigner
-from flctl.store import BlobStore, ModelRecord, SqlStore, WriteBehind, is_revoked, revoke
+from flctl.store import (
+    BlobStore,
+    ModelRecord,
+    SqlStore,
+    UpdateRecord,
+    WriteBehind,
+    is_revoked,
+    revoke,
+)
 from flctl.tensors import (
     StreamValidator,
     TensorSpec,
@@ -68,6 +76,7 @@ from flctl.transport import (
     negotiate_codecs,
 )
 from flctl.transport.grpc import (
+    MESSAGE_OVERHEAD,
     PROTOCOL_VERSION,
     ChunkOut,
     RpcContext,
@@ -102,6 +111,15 @@ MAX_UPLOADS_PER_IDENTITY = 4
 #: Bounds of the Admin service's text fields (refs, reasons).
 _MAX_REF = 256
 _MAX_REASON = 1024
+#: A Status reply lists the updates of at most this many rounds (the newest of those asked).
+STATUS_UPDATE_ROUNDS = 16
+#: The most bytes the updates take in one Status reply (about 700 updates of usual size).
+STATUS_UPDATES_BYTES = 64 * 1024
+#: Room a Status reply keeps below the message limit however many rounds it lists.
+_STATUS_REPLY_SLACK = 4096
+#: What listing one more round may add to a reply around its updates: ``updates_listed``,
+#: ``updates_left_out`` and the longer length prefix of its RoundInfo.
+_LISTED_ROUND_BYTES = 12
 
 
 class Limits:
@@ -1018,6 +1036,29 @@ def round_info(record: Any) -> pb.RoundInfo:
     return info
 
 
+def update_info(record: UpdateRecord) -> pb.UpdateInfo:
+    """A store UpdateRecord as the wire's UpdateInfo: who, its status, scores and verdict."""
+    info = pb.UpdateInfo(
+        client_id=record.client_id,
+        status=record.status,
+        reason=record.reason,
+        num_examples=record.num_examples,
+        outlier=record.outlier,
+        excluded=record.is_excluded,
+    )
+    if record.scores is not None:
+        info.scores.SetInParent()  # scored, even where no score was computed
+        for name in ("l2", "cosine", "median_distance"):
+            value = record.scores.get(name)
+            if value is not None:
+                setattr(info.scores, name, value)
+    return info
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
 def _parse_serial(text: str) -> int | None:
     """A RevokeRequest's serial: "" for every certificate, else lower-case hex."""
     if not text:
@@ -1055,6 +1096,10 @@ class AdminService:
 
     Reads: status, clients, models, the event stream. Changes (start rounds, revoke, rollback,
     tag) are recorded with the calling admin's identity.
+
+    Args:
+        max_chunk_bytes: The coordinator's ``[transport] max_chunk_bytes``: with
+            ``MESSAGE_OVERHEAD`` it bounds every message, and a Status reply stays under it.
     """
 
     MAX_ROUNDS_PER_START = 10_000
@@ -1070,6 +1115,7 @@ class AdminService:
         guard: RevocationGuard,
         state_dir: str,
         config_snapshot: dict[str, Any],
+        max_chunk_bytes: int = 1 << 20,
     ) -> None:
         self._store = store
         self._blobs = blobs
@@ -1079,6 +1125,7 @@ class AdminService:
         self._guard = guard
         self._state_dir = state_dir
         self._config_snapshot = config_snapshot
+        self._max_message_bytes = max_chunk_bytes + MESSAGE_OVERHEAD
 
     async def start_round(
         self, request: pb.StartRoundRequest, ctx: RpcContext
@@ -1096,12 +1143,17 @@ class AdminService:
         return pb.StartRoundReply(round_ids=ids)
 
     async def status(self, request: pb.StatusRequest, ctx: RpcContext) -> pb.StatusReply:
-        """Rounds (all, or those asked for), head version, connected clients."""
+        """Rounds (all, or those asked for), head version, connected clients, updates.
+
+        The updates (with their anomaly scores) are listed for the rounds asked for, the newest
+        :data:`STATUS_UPDATE_ROUNDS` of them, or without ``round_ids`` for the newest round
+        that left the queue (:meth:`_list_updates` keeps the reply bounded).
+        """
         self._guard.admit(ctx, "Status")
         ids = [_check_id("round id", i) for i in request.round_ids] or None
         rounds = self._store.list_rounds(ids)
         head = self._store.head()
-        return pb.StatusReply(
+        reply = pb.StatusReply(
             rounds=[round_info(r) for r in rounds],
             head_version=head.version if head else 0,
             connected_clients=len(self._registry.connected()),
@@ -1109,6 +1161,37 @@ class AdminService:
             open_round=self._open_round(),
             warnings=[self._engine.storage_warning[1]] if self._engine.storage_warning else [],
         )
+        if ids is not None:
+            listed = list(reply.rounds)[-STATUS_UPDATE_ROUNDS:]
+        else:
+            listed = [r for r in reply.rounds if r.status != "queued"][-1:]
+        self._list_updates(reply, listed[::-1])
+        return reply
+
+    def _list_updates(self, reply: pb.StatusReply, rounds: list[pb.RoundInfo]) -> None:
+        """Fill ``rounds``' updates (each in arrival order, newest round first) within a budget.
+
+        The updates take at most :data:`STATUS_UPDATES_BYTES` and never bring the reply past
+        the message limit (less :data:`_STATUS_REPLY_SLACK`); those that do not fit are counted in
+        ``updates_left_out``. A round has one accepted update per selected client, but its
+        rejected ones (late, duplicate, wrong round) have no such bound, hence bytes, not counts.
+        """
+        limit = self._max_message_bytes - _STATUS_REPLY_SLACK
+        room = min(STATUS_UPDATES_BYTES, limit - reply.ByteSize())
+        for info in rounds:
+            room -= _LISTED_ROUND_BYTES
+            info.updates_listed = True
+            records = self._store.updates_for_round(int(info.server_round))
+            for position, record in enumerate(records):
+                update = update_info(record)
+                size = update.ByteSize()
+                size += 1 + _varint_size(size)
+                if size > room:
+                    info.updates_left_out = len(records) - position
+                    room = 0  # the older rounds' updates are left out too, not cherry-picked
+                    break
+                info.updates.append(update)
+                room -= size
 
     def _open_round(self) -> pb.OpenRound | None:
         """Where each selected client of the round in training stands, and what comes next."""

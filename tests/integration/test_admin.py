@@ -511,3 +511,68 @@ def test_evict_ends_a_session_and_its_token_and_is_audited(project: Project) -> 
             await coordinator.stop()
 
     asyncio.run(main())
+
+
+def test_status_lists_updates_within_the_reply_budget(project: Project) -> None:
+    """The updates of the rounds asked for, newest first, until the reply's budget is spent.
+
+    The smallest message limit (max_chunk_bytes 4096): round 2's 1000 rejected updates with
+    long reasons are far over it, yet every reply gets through and says what it left out.
+    """
+    config = project.write(transport={"max_chunk_bytes": 4096})
+
+    async def main() -> None:
+        coordinator = Coordinator(config)
+        address = await coordinator.start()
+        client = admin(config, address)
+        try:
+            # the round engine waits for a StartRound now: rounds queued below stay queued
+            assert not (await client.status()).rounds
+            store = _store(coordinator)
+            first, second, third = store.create_rounds(3)
+            for server_round, count in ((first, 5), (second, 1000), (third, 5)):
+                for i in range(count):
+                    update = store.add_update(
+                        server_round=server_round,
+                        client_id=f"c{i % 5 + 1}",
+                        task_id=f"t{i}",
+                        status="rejected" if server_round == second else "accepted",
+                        reason=f"{i}: " + "x" * 290 if server_round == second else "",
+                        num_examples=10,
+                    )
+                    if update.status == "accepted":
+                        store.set_update_scores(update.id, {"l2": 1.5, "cosine": None})
+                store.fail_round(server_round, "made by the test")
+            (queued,) = store.create_rounds(1)  # not started: never the latest listed
+
+            asked = await client.status([first, second, third])
+            listed = {int(r.server_round): r for r in asked.rounds}
+            assert all(r.updates_listed for r in asked.rounds)
+            assert len(listed[third].updates) == 5 and not listed[third].updates_left_out
+            kept = len(listed[second].updates)
+            assert 0 < kept < 1000 and kept + listed[second].updates_left_out == 1000
+            # the earliest, in arrival order
+            assert [u.reason.split(":")[0] for u in listed[second].updates] == [
+                str(i) for i in range(kept)
+            ]
+            # once the budget is spent, the older rounds' updates are all left out
+            assert not listed[first].updates and listed[first].updates_left_out == 5
+            assert asked.ByteSize() <= 4096 + 64 * 1024 - 4096
+
+            (update,) = listed[third].updates[:1]
+            assert update.HasField("scores") and update.scores.l2 == 1.5
+            assert not update.scores.HasField("cosine")  # not computed: absent, not 0
+            assert not update.scores.HasField("median_distance")
+
+            latest = await client.status()
+            assert [r.server_round for r in latest.rounds if r.updates_listed] == [third]
+            assert [int(r.server_round) for r in latest.rounds] == [first, second, third, queued]
+            assert len(latest.rounds[2].updates) == 5
+
+            many = await client.status(list(range(1, 21)))  # 4 rounds exist
+            assert [r.server_round for r in many.rounds] == [first, second, third, queued]
+        finally:
+            await client.close()
+            await coordinator.stop()
+
+    asyncio.run(main())

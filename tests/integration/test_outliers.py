@@ -4,7 +4,8 @@ A real coordinator on 127.0.0.1 (mutual TLS) and five real clients of the tiny t
 which (c5) sign-flips its change and scales it by 5. One round per case: the scores are stored
 with every update and emitted as ``update.scored``; with ``exclude_outliers = "flag"`` c5 is
 recorded as an outlier and the aggregate is unchanged; with ``"drop"`` the aggregate is that of
-the four others.
+the four others. The Admin service's Status reply carries the round's updates with the scores
+and verdicts the store holds.
 """
 
 from __future__ import annotations
@@ -19,14 +20,56 @@ import torch
 from flctl.aggregation import FedAvg, WeightedUpdate
 from flctl.coordinator import Coordinator
 from flctl.core import events as ev
-from flctl.store import SqlStore
+from flctl.store import SqlStore, UpdateRecord
 from flctl.tensors import load_parameters
+from flctl.transport.grpc import pb
 
 from .conftest import Project, admin, make_runner, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
 CLIENTS = ["c1", "c2", "c3", "c4", "c5"]
+
+
+def _wire_update(update: pb.UpdateInfo) -> dict[str, Any]:
+    """An UpdateInfo as the store's fields (scores None when absent, each score too)."""
+    scores = None
+    if update.HasField("scores"):
+        s = update.scores
+        scores = {
+            "l2": s.l2 if s.HasField("l2") else None,
+            "cosine": s.cosine if s.HasField("cosine") else None,
+            "median_distance": s.median_distance if s.HasField("median_distance") else None,
+        }
+    return {
+        "client_id": update.client_id,
+        "status": update.status,
+        "reason": update.reason,
+        "num_examples": update.num_examples,
+        "scores": scores,
+        "outlier": update.outlier,
+        "excluded": update.excluded,
+    }
+
+
+def _stored_update(update: UpdateRecord) -> dict[str, Any]:
+    return {
+        "client_id": update.client_id,
+        "status": update.status,
+        "reason": update.reason,
+        "num_examples": update.num_examples,
+        "scores": update.scores,
+        "outlier": update.outlier,
+        "excluded": update.is_excluded,
+    }
+
+
+def _assert_status_lists_the_stored_updates(replies: list[pb.StatusReply], stored: Any) -> None:
+    """Round 1's updates in each Status reply (asked for, and as the latest) are the store's."""
+    for reply in replies:
+        (info,) = reply.rounds
+        assert info.server_round == 1 and info.updates_listed and not info.updates_left_out
+        assert [_wire_update(u) for u in info.updates] == [_stored_update(u) for u in stored]
 
 
 def _run_round(project: Project, strategy: dict[str, Any]) -> tuple[SqlStore, Path, str]:
@@ -65,6 +108,8 @@ def _run_round(project: Project, strategy: dict[str, Any]) -> tuple[SqlStore, Pa
                 ),
                 timeout=60,
             )
+            replies = [await client.status(), await client.status([1])]
+            _assert_status_lists_the_stored_updates(replies, store.updates_for_round(1))
             return f"{info.status}: {info.reason}"
         finally:
             stop.set()

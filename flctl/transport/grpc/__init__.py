@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 from flctl.transport.grpc._channel import (  # noqa: E402
+    MESSAGE_OVERHEAD,
     channel_options,
     closed_during_handshake,
     insecure_channel,
@@ -65,6 +66,7 @@ __all__ = [
     "ConnectionWatch",
     "CoordinatorClient",
     "CoordinatorHandler",
+    "MESSAGE_OVERHEAD",
     "PROTOCOL_VERSION",
     "RpcContext",
     "STATUS_TO_ERROR",

@@ -317,7 +317,13 @@ class AdminClient(_Caller):
     async def status(
         self, round_ids: list[int] | None = None, *, timeout: float = 30.0
     ) -> pb.StatusReply:
-        """Describe rounds (all, or ``round_ids``) and the head model."""
+        """Describe rounds (all, or ``round_ids``) and the head model.
+
+        Each listed round (``RoundInfo.updates_listed``: those asked for, the newest 16, or
+        without ``round_ids`` the latest that left the queue) carries its updates with their
+        anomaly scores and outlier verdicts (``RoundInfo.updates``, ``UpdateInfo``), and
+        ``updates_left_out`` counts those past the reply's size budget.
+        """
         reply: pb.StatusReply = await self._call(
             self._stub.Status, pb.StatusRequest(round_ids=round_ids or []), timeout
         )

@@ -1,11 +1,14 @@
 """Byzantine detection in the CLI: each update's anomaly scores and outlier marks.
 
-The scores are written into the store directly, as the round engine records them.
+The scores are written into the store directly, as the round engine records them; ``round
+status`` reads them from the coordinator's Status reply, built here from that store by the
+coordinator's own conversion (the Admin service's, tests/integration/test_outliers.py).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flctl.cli import _common, _output, app
+from flctl.coordinator._service import update_info
 from flctl.store import SqlStore
 from flctl.transport.grpc import pb
 
@@ -73,14 +77,21 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _status_reply(project: Path, state_dir: Path | None = None) -> Any:
+def _status_reply(project: Path, *, is_listed: bool = True, left_out: int = 0) -> Any:
+    """Round 1 as the coordinator answers, its updates listed (``is_listed``) from the store."""
+    info = pb.RoundInfo(server_round=1, status="committed", num_clients=3, model_version=2)
+    if is_listed:
+        with SqlStore.open(project / ".flctl", read_only=True) as store:
+            updates = store.updates_for_round(1)
+        info.updates.extend(update_info(u) for u in updates[: len(updates) - left_out])
+        info.updates_listed = True
+        info.updates_left_out = left_out
     return pb.StatusReply(
-        rounds=[
-            pb.RoundInfo(server_round=1, status="committed", num_clients=3, model_version=2),
-        ],
+        rounds=[info],
         head_version=2,
         connected_clients=0,
-        state_dir=str(state_dir or project / ".flctl"),
+        # another machine's folder: nothing is read from this project's
+        state_dir="/srv/elsewhere/.flctl",
     )
 
 
@@ -156,10 +167,36 @@ def test_round_status_piped_prints_only_the_rounds_table(coordinator: list[Any])
     assert header.split("\t")[:3] == ["round", "status", "clients"] and len(rows) == 1
 
 
-def test_round_status_reads_no_store_of_another_coordinator(
+def test_round_status_reads_the_updates_from_the_reply_not_the_state_folder(
     coordinator: list[Any], project: Path
 ) -> None:
-    coordinator[0] = _status_reply(project, state_dir=project / "elsewhere")
+    shutil.rmtree(project / ".flctl")
+    result = runner.invoke(app, ["round", "status", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["rounds"][0]["updates"]) == 5
+
+
+def test_round_status_json_has_no_updates_for_a_round_the_reply_does_not_list(
+    coordinator: list[Any], project: Path
+) -> None:
+    coordinator[0] = _status_reply(project, is_listed=False)
     result = runner.invoke(app, ["round", "status", "--json"])
     assert result.exit_code == 0, result.output
     assert "updates" not in json.loads(result.stdout)["rounds"][0]
+
+
+def test_round_status_says_which_updates_the_reply_left_out(
+    coordinator: list[Any], project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    coordinator[0] = _status_reply(project, left_out=2)
+    result = runner.invoke(app, ["round", "status", "--json"])
+    (round_doc,) = json.loads(result.stdout)["rounds"]
+    assert [u["client_id"] for u in round_doc["updates"]] == ["c1", "c2", "c3"]
+    assert round_doc["updates_left_out"] == 2
+    monkeypatch.setattr(_output, "stdout_is_terminal", lambda: True)
+    result = runner.invoke(app, ["round", "status"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "round 1: 2 more updates did not fit in the reply" in result.output
+    coordinator[0] = _status_reply(project, is_listed=False)
+    result = runner.invoke(app, ["round", "status", "--round", "1"], env={"COLUMNS": "160"})
+    assert "round 1: updates not listed" in result.output

@@ -798,6 +798,9 @@ class RoundInfo(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     CREATED_UNIX_FIELD_NUMBER: _builtins.int
+    UPDATES_FIELD_NUMBER: _builtins.int
+    UPDATES_LISTED_FIELD_NUMBER: _builtins.int
+    UPDATES_LEFT_OUT_FIELD_NUMBER: _builtins.int
     server_round: _builtins.int
     status: _builtins.str
     """queued | selecting | training | aggregating | evaluating | committed | failed | cancelled"""
@@ -806,8 +809,19 @@ class RoundInfo(_message.Message):
     reason: _builtins.str
     model_version: _builtins.int
     created_unix: _builtins.float
+    updates_listed: _builtins.bool
+    updates_left_out: _builtins.int
     @_builtins.property
     def metrics(self) -> _containers.MessageMap[_builtins.str, Global___Value]: ...
+    @_builtins.property
+    def updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpdateInfo]:
+        """The round's updates, in arrival order, when updates_listed. A reply lists the updates of
+        the rounds asked for (the newest 16 of them), or without round_ids of the newest round that
+        left the queue; it fills them newest round first and stops at its size budget (64 KiB of
+        updates, and never past the coordinator's message limit): the updates past it are counted
+        in updates_left_out, not sent.
+        """
+
     def __init__(
         self,
         *,
@@ -819,14 +833,101 @@ class RoundInfo(_message.Message):
         reason: _builtins.str = ...,
         model_version: _builtins.int = ...,
         created_unix: _builtins.float = ...,
+        updates: _abc.Iterable[Global___UpdateInfo] | None = ...,
+        updates_listed: _builtins.bool = ...,
+        updates_left_out: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "duration_s", b"duration_s", "metrics", b"metrics", "model_version", b"model_version", "num_clients", b"num_clients", "reason", b"reason", "server_round", b"server_round", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "duration_s", b"duration_s", "metrics", b"metrics", "model_version", b"model_version", "num_clients", b"num_clients", "reason", b"reason", "server_round", b"server_round", "status", b"status", "updates", b"updates", "updates_left_out", b"updates_left_out", "updates_listed", b"updates_listed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RoundInfo: _TypeAlias = RoundInfo  # noqa: Y015
+
+@_typing.final
+class UpdateInfo(_message.Message):
+    """One update a client sent for a round, accepted or rejected, with its anomaly scores."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    OUTLIER_FIELD_NUMBER: _builtins.int
+    EXCLUDED_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    status: _builtins.str
+    """accepted | rejected"""
+    reason: _builtins.str
+    """Why it was rejected, or ""."""
+    num_examples: _builtins.int
+    outlier: _builtins.str
+    """Why the outlier rule marked it, or ""."""
+    excluded: _builtins.bool
+    """Left out of the round's aggregate as an outlier."""
+    @_builtins.property
+    def scores(self) -> Global___AnomalyScores:
+        """Absent while the update was not scored (rejected, or recorded before Byzantine detection)."""
+
+    def __init__(
+        self,
+        *,
+        client_id: _builtins.str = ...,
+        status: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        num_examples: _builtins.int = ...,
+        scores: Global___AnomalyScores | None = ...,
+        outlier: _builtins.str = ...,
+        excluded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scores", b"scores"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "excluded", b"excluded", "num_examples", b"num_examples", "outlier", b"outlier", "reason", b"reason", "scores", b"scores", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateInfo: _TypeAlias = UpdateInfo  # noqa: Y015
+
+@_typing.final
+class AnomalyScores(_message.Message):
+    """An update's anomaly scores; each is absent where it was not computed (not 0)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    L2_FIELD_NUMBER: _builtins.int
+    COSINE_FIELD_NUMBER: _builtins.int
+    MEDIAN_DISTANCE_FIELD_NUMBER: _builtins.int
+    l2: _builtins.float
+    cosine: _builtins.float
+    median_distance: _builtins.float
+    def __init__(
+        self,
+        *,
+        l2: _builtins.float | None = ...,
+        cosine: _builtins.float | None = ...,
+        median_distance: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cosine", b"_cosine", "_l2", b"_l2", "_median_distance", b"_median_distance", "cosine", b"cosine", "l2", b"l2", "median_distance", b"median_distance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cosine", b"_cosine", "_l2", b"_l2", "_median_distance", b"_median_distance", "cosine", b"cosine", "l2", b"l2", "median_distance", b"median_distance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cosine: _TypeAlias = _typing.Literal["cosine"]  # noqa: Y015
+    _WhichOneofArgType__cosine: _TypeAlias = _typing.Literal["_cosine", b"_cosine"]  # noqa: Y015
+    _WhichOneofReturnType__l2: _TypeAlias = _typing.Literal["l2"]  # noqa: Y015
+    _WhichOneofArgType__l2: _TypeAlias = _typing.Literal["_l2", b"_l2"]  # noqa: Y015
+    _WhichOneofReturnType__median_distance: _TypeAlias = _typing.Literal["median_distance"]  # noqa: Y015
+    _WhichOneofArgType__median_distance: _TypeAlias = _typing.Literal["_median_distance", b"_median_distance"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cosine) -> _WhichOneofReturnType__cosine | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__l2) -> _WhichOneofReturnType__l2 | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__median_distance) -> _WhichOneofReturnType__median_distance | None: ...
+
+Global___AnomalyScores: _TypeAlias = AnomalyScores  # noqa: Y015
 
 @_typing.final
 class StatusReply(_message.Message):
