@@ -39,6 +39,7 @@ class Bulyan(Strategy):
     """
 
     name = "bulyan"
+    writes_in_order = True
     summary = "Multi-Krum selection, then a trimmed mean around the median (robust)"
     params = (
         Param("num_malicious", 0, "f: updates that may be Byzantine (needs n >= 4f + 3)", low=0),

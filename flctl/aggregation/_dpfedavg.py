@@ -66,6 +66,7 @@ class DpFedAvg(Strategy):
     """
 
     name = "dpfedavg"
+    writes_in_order = True
 
     def __init__(
         self,

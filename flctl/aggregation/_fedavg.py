@@ -44,6 +44,7 @@ class FedAvg(Strategy):
     name = "fedavg"
     summary = "weighted mean of the clients' models (McMahan et al. 2017)"
     is_mean_based = True
+    writes_in_order = True
 
     def aggregate_mean(self, base: Path, mean: Path, out: Path) -> None:
         """The mean is FedAvg's model: ``mean`` is moved to ``out``."""

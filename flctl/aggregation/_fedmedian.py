@@ -42,6 +42,7 @@ class FedMedian(Strategy):
     """
 
     name = "fedmedian"
+    writes_in_order = True
     summary = "coordinate-wise median of the clients' models (robust)"
 
     def aggregate(self, base: Path, updates: Sequence[WeightedUpdate], out: Path) -> None:

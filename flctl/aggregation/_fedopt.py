@@ -50,6 +50,7 @@ class ServerOptimizer(Strategy):
     slots: ClassVar[tuple[str, ...]] = ()
     # the step is a function of the round's weighted mean, so it can take the private mean
     is_mean_based = True
+    writes_in_order = True
 
     def __init__(self) -> None:
         self._state: dict[str, torch.Tensor] = {}

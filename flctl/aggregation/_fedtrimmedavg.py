@@ -28,6 +28,7 @@ class FedTrimmedAvg(Strategy):
     """
 
     name = "fedtrimmedavg"
+    writes_in_order = True
     summary = "coordinate-wise mean without the beta fraction at each end (robust)"
     params = (Param("beta", 0.2, "fraction trimmed from each end, in [0, 0.5]", low=0.0, high=0.5),)
 

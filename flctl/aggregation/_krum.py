@@ -86,6 +86,7 @@ class MultiKrum(Strategy):
     """
 
     name = "multikrum"
+    writes_in_order = True
     summary = "average of the to_keep updates nearest their neighbours (robust)"
     params: ClassVar[tuple[Param, ...]] = (
         Param("num_malicious", 0, "f: how many updates may be Byzantine", low=0),

@@ -35,6 +35,7 @@ class LocalDpFedAvg(Strategy):
     """
 
     name = "local-dpfedavg"
+    writes_in_order = True
 
     def aggregate(self, base: Path, updates: Sequence[WeightedUpdate], out: Path) -> None:
         """Write ``base + mean of the noised deltas`` to ``out``; see :class:`Strategy`."""

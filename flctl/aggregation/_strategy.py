@@ -117,6 +117,11 @@ class Strategy(abc.ABC):
     #: its one update. A subclass inherits the declaration; one whose ``aggregate`` is no
     #: longer a function of the mean must set it back to False.
     is_mean_based: ClassVar[bool] = False
+    #: Whether :meth:`aggregate` writes ``out`` front to back, never going back (as
+    #: :class:`~flctl.tensors.TensorWriter` does): the coordinator then hashes the model while
+    #: it is written instead of reading it again afterwards. The built-ins do; a subclass that
+    #: writes ``out`` otherwise (seeks back, rewrites a header) must set it back to False.
+    writes_in_order: ClassVar[bool] = False
 
     @classmethod
     def from_params(cls, values: Mapping[str, Any]) -> Strategy:

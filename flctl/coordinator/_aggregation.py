@@ -50,7 +50,7 @@ from flctl.core.dp import PRIVACY_PREFIX
 from flctl.core.errors import FlctlError, IntegrityError, RoundFailedError
 from flctl.privacy import SampledGaussianRound
 from flctl.store import BlobStore, ModelRecord, SqlStore
-from flctl.tensors import load_parameters, save_parameters, sha256_file
+from flctl.tensors import FollowingHasher, load_parameters, save_parameters, sha256_file
 
 from ._events import EventLog
 from ._privacy_round import PrivacyRounds
@@ -518,8 +518,16 @@ class RoundAggregation:
         temp, handle = self._blobs.temp_file()
         handle.close()
         try:
-            strategy.aggregate(base, updates, temp)
-            digest = self._blobs.commit_temp(temp, sha256_file(temp))
+            writer = strategy.inner if isinstance(strategy, PrivateStrategy) else strategy
+            if writer.writes_in_order:
+                # hashed while it is written, on the other core: no pass of its own after
+                with FollowingHasher(temp) as hasher:
+                    strategy.aggregate(base, updates, temp)
+                digest = hasher.digest() or sha256_file(temp)
+            else:
+                strategy.aggregate(base, updates, temp)
+                digest = sha256_file(temp)
+            digest = self._blobs.commit_temp(temp, digest)
         finally:
             temp.unlink(missing_ok=True)
         return digest, self._store_state()

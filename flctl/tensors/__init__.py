@@ -20,6 +20,7 @@ from flctl.tensors._encoding import (
     encode_update,
     expected_update_spec,
 )
+from flctl.tensors._follow import FollowingHasher
 from flctl.tensors._spec import (
     DTYPE_SIZES,
     MAX_HEADER_BYTES,
@@ -36,6 +37,7 @@ from flctl.tensors._validate import StreamValidator
 
 __all__ = [
     "DTYPE_SIZES",
+    "FollowingHasher",
     "MAX_HEADER_BYTES",
     "StreamValidator",
     "TensorReader",
