@@ -98,6 +98,7 @@ from flctl.core import Config
 from flctl.core import events as ev
 from flctl.core.dp import TaskPrivacy
 from flctl.core.errors import BudgetExhaustedError, FlctlError, RoundFailedError
+from flctl.core.work import Task
 from flctl.privacy import (
     SampledGaussianRound,
 )
@@ -108,7 +109,6 @@ from flctl.store import (
     RoundRecord,
     SqlStore,
 )
-from flctl.transport.grpc import pb
 
 from ._aggregation import RoundAggregation
 from ._evaluation import ClientEvaluation
@@ -235,7 +235,7 @@ class RoundEngine:
         """Carry on with ``record`` (open when the coordinator stopped) before queued rounds."""
         self._resume = record
 
-    def task_for(self, client_id: str) -> pb.Task | None:
+    def task_for(self, client_id: str) -> Task | None:
         """The open round's task for ``client_id``, if selected and it has not reported."""
         evaluation = self._evaluation.current
         if evaluation is not None and client_id in evaluation.tasks:
@@ -249,7 +249,7 @@ class RoundEngine:
             return None
         return self._task(open_round, client_id)
 
-    def _task(self, open_round: _OpenRound, client_id: str) -> pb.Task:
+    def _task(self, open_round: _OpenRound, client_id: str) -> Task:
         return build_task(
             "fit",
             open_round.server_round,

@@ -20,8 +20,8 @@ from typing import Any
 from flctl.aggregation import EvaluateResult, Strategy, cap_weights
 from flctl.core import Config
 from flctl.core import events as ev
+from flctl.core.work import Task
 from flctl.store import BlobStore, RoundRecord
-from flctl.transport.grpc import pb
 
 from ._events import EventLog
 from ._registry import Registry
@@ -48,7 +48,7 @@ class Evaluation:
     def answered(self, client_id: str) -> bool:
         return client_id in self.results or client_id in self.failed
 
-    def task(self, client_id: str, task_config: Mapping[str, Any]) -> pb.Task:
+    def task(self, client_id: str, task_config: Mapping[str, Any]) -> Task:
         """The evaluate task of ``client_id``: ``[task]``'s config, the strategy's, the round."""
         return build_task(
             "evaluate",

@@ -6,7 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from flctl.transport.grpc import pb
+from flctl.core.work import Task
 
 __all__ = ["Registry", "Session"]
 
@@ -19,7 +19,7 @@ class Session:
     session_id: str
     fingerprint: str
     serial: int = 0
-    queue: asyncio.Queue[pb.Task | None] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[Task | None] = field(default_factory=asyncio.Queue)
     streaming: bool = False
     state: str = "idle"
     progress: float = 0.0

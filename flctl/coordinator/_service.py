@@ -84,6 +84,7 @@ from flctl.transport.grpc import (
     is_loopback_peer,
     metrics_from_map,
     pb,
+    task_to_pb,
     to_value_map,
 )
 
@@ -512,7 +513,7 @@ class CoordinatorService:
                         self._guard.check(ctx, "Tasks")  # raises: the stream ends refused
                     reason = "session replaced or coordinator stopping"
                     return
-                yield task
+                yield task_to_pb(task)
         finally:
             session.streaming = False
             if self._registry.remove(session):

@@ -55,6 +55,7 @@ from flctl.transport.grpc._wire import (  # noqa: E402
     encode_chunk,
     encode_upload,
 )
+from flctl.transport.grpc._work import task_from_pb, task_to_pb
 
 PROTOCOL_VERSION = 1
 
@@ -95,6 +96,8 @@ __all__ = [
     "split_address",
     "start_server",
     "status_for",
+    "task_from_pb",
+    "task_to_pb",
     "to_value_map",
     "translate_rpc_error",
 ]
