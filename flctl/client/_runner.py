@@ -52,6 +52,7 @@ from flctl.core.errors import (
 )
 from flctl.core.task import report_progress_to
 from flctl.core.usercode import describe_failure
+from flctl.core.work import Task
 from flctl.privacy import privatize_update
 from flctl.security import identity_from_pem
 from flctl.store import BlobStore, WriteBehind
@@ -645,11 +646,8 @@ class Runner:
 
     async def _serve_tasks(self, api: CoordinatorClient, reply: pb.JoinReply) -> None:
         async for task in api.tasks():
-            if task.kind == "evaluate":
+            if task.kind == "evaluate":  # a kind this flctl does not know never gets here
                 await self._evaluate(api, reply, task)
-                continue
-            if task.kind != "fit":
-                log.warning("ignoring task of unknown kind %r", task.kind)
                 continue
             await self._fit(api, reply, task)
             if self._options.once and self.rounds_done >= 1:
@@ -765,9 +763,9 @@ class Runner:
         self._integrity_backoff.reset()
         return path
 
-    async def _fit(self, api: CoordinatorClient, reply: pb.JoinReply, task: pb.Task) -> None:
+    async def _fit(self, api: CoordinatorClient, reply: pb.JoinReply, task: Task) -> None:
         server_round = int(task.server_round)
-        privacy, config = split_task(from_value_map(task.config))
+        privacy, config = split_task(dict(task.config))
         refusal = privacy.refusal(self._options.privacy)
         if refusal is not None:
             # a privacy mismatch repeats every round: leave rather than upload against it
@@ -863,14 +861,14 @@ class Runner:
             self._remember_final(task.task_id, refused)
             self._emit("rejected", server_round=server_round, reason=answer.reason)
 
-    async def _evaluate(self, api: CoordinatorClient, reply: pb.JoinReply, task: pb.Task) -> None:
+    async def _evaluate(self, api: CoordinatorClient, reply: pb.JoinReply, task: Task) -> None:
         """Evaluate the task's model with the task's ``evaluate``; report what it gave.
 
         An evaluate that raises (or returns something unusable) fails only this evaluation:
         the coordinator hears why, in one line, and the session goes on.
         """
         server_round = int(task.server_round)
-        _, config = split_task(from_value_map(task.config))
+        _, config = split_task(dict(task.config))
         report = pb.EvaluationReport(server_round=server_round, task_id=task.task_id)
         self._set_state("downloading", server_round)
         try:

@@ -41,6 +41,7 @@ import numpy as np
 
 from flctl.core import load_config
 from flctl.core.errors import FlctlError, IntegrityError, InvalidInputError, TaskError
+from flctl.core.work import Task
 from flctl.security import load_credentials
 from flctl.tensors import TensorSpec, fingerprint, read_spec, read_spec_bytes
 from flctl.transport import CODEC_NONE, CODECS, COMPRESSING_CODECS
@@ -353,11 +354,11 @@ class SwarmClient:
 
     async def _serve(self, api: CoordinatorClient, reply: pb.JoinReply) -> None:
         # the stream is an async generator: closing it cancels the call at once
-        stream = cast(AsyncGenerator[pb.Task, None], api.tasks())
+        stream = cast(AsyncGenerator[Task, None], api.tasks())
         async with contextlib.aclosing(stream):
             async for task in stream:
                 if task.kind != "fit":
-                    raise TaskError(f"task of unknown kind {task.kind!r}")
+                    raise TaskError(f"the swarm cannot run {task.kind!r} tasks (fit only)")
                 await self._fit(api, reply, task)
                 if len(self.report.rounds) >= self._options.rounds:
                     return
@@ -366,7 +367,7 @@ class SwarmClient:
             f"{self._options.rounds} tasks"
         )
 
-    async def _fit(self, api: CoordinatorClient, reply: pb.JoinReply, task: pb.Task) -> None:
+    async def _fit(self, api: CoordinatorClient, reply: pb.JoinReply, task: Task) -> None:
         timing = RoundTiming(int(task.server_round), received_s=self._now())
         self.report.rounds.append(timing)
         self._set_state("downloading", timing.server_round)
@@ -398,7 +399,7 @@ class SwarmClient:
         timing.bytes_up = len(update)
 
     async def _upload(
-        self, api: CoordinatorClient, reply: pb.JoinReply, task: pb.Task, update: bytearray
+        self, api: CoordinatorClient, reply: pb.JoinReply, task: Task, update: bytearray
     ) -> pb.UploadReply:
         digest = await asyncio.to_thread(lambda: hashlib.sha256(update).hexdigest())
         header = pb.UploadHeader(

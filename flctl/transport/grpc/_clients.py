@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import Any, Literal, Protocol
@@ -19,6 +20,7 @@ from flctl.core.errors import (
     LimitExceededError,
     TransportError,
 )
+from flctl.core.work import Task
 from flctl.transport._compression import (
     CODEC_NONE,
     COMPRESSING_CODECS,
@@ -32,6 +34,9 @@ from flctl.transport.grpc._proto import flctl_pb2_grpc as pb_grpc
 from flctl.transport.grpc._servicers import IDENTITY_METADATA_KEY, ROLE_METADATA_KEY
 from flctl.transport.grpc._status import GRPC_CORE_INTERNAL, map_rpc_errors
 from flctl.transport.grpc._wire import UploadItem, decode_chunk, encode_upload
+from flctl.transport.grpc._work import task_from_pb
+
+log = logging.getLogger("flctl.transport")
 
 __all__ = ["AdminClient", "CoordinatorClient", "Sink"]
 
@@ -126,13 +131,20 @@ class CoordinatorClient(_Caller):
             )
         return reply
 
-    async def tasks(self) -> AsyncIterator[pb.Task]:
-        """Follow the task stream until the coordinator ends it."""
+    async def tasks(self) -> AsyncIterator[Task]:
+        """Follow the task stream until the coordinator ends it, as plain tasks.
+
+        A task of a kind this flctl does not know (a newer coordinator's) is skipped, with a
+        warning in the log.
+        """
         call = self._stub.Tasks(pb.TasksRequest(), metadata=self.metadata())
         try:
             with map_rpc_errors():
-                async for task in call:
-                    yield task
+                async for message in call:
+                    try:
+                        yield task_from_pb(message)
+                    except InvalidInputError as exc:
+                        log.warning("task %s skipped: %s", message.task_id, exc.message)
         finally:
             call.cancel()
 
