@@ -55,6 +55,11 @@ class FollowingHasher:
             self._digest = self._check()
         os.close(self._fd)
 
+    @property
+    def hashed(self) -> int:
+        """How many bytes of the file were hashed so far."""
+        return self._offset
+
     def digest(self) -> str | None:
         """The file's SHA-256 once written; None when it cannot be trusted: hash it again.
 

@@ -55,7 +55,10 @@ def test_a_file_renamed_into_place_or_cut_short_is_not_vouched_for(tmp_path: Pat
     path.write_bytes(b"")
     with FollowingHasher(path) as hasher:
         path.write_bytes(b"abcdef")
-        time.sleep(0.05)  # the thread hashes all six bytes
+        deadline = time.monotonic() + 10
+        while hasher.hashed < 6 and time.monotonic() < deadline:  # all six bytes hashed
+            time.sleep(0.005)
+        assert hasher.hashed == 6
         with path.open("r+b") as handle:
             handle.truncate(3)
     assert hasher.digest() is None
