@@ -111,9 +111,6 @@ class RunningSum:
         """The updates in the sum, with their weights."""
         return list(self._added.values())
 
-    def __contains__(self, update: WeightedUpdate) -> bool:
-        return _key(update) in self._added
-
     def close(self) -> None:
         """Drop the scratch file (the sum is unusable afterwards)."""
         if self._file is not None:

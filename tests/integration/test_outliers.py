@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from flctl.aggregation import FedAvg, WeightedUpdate
+from flctl.cli._scores import update_doc
 from flctl.coordinator import Coordinator
 from flctl.core import events as ev
 from flctl.store import SqlStore, UpdateRecord
@@ -29,27 +30,6 @@ from .conftest import Project, admin, make_runner, wait_until
 pytestmark = pytest.mark.timeout(180)
 
 CLIENTS = ["c1", "c2", "c3", "c4", "c5"]
-
-
-def _wire_update(update: pb.UpdateInfo) -> dict[str, Any]:
-    """An UpdateInfo as the store's fields (scores None when absent, each score too)."""
-    scores = None
-    if update.HasField("scores"):
-        s = update.scores
-        scores = {
-            "l2": s.l2 if s.HasField("l2") else None,
-            "cosine": s.cosine if s.HasField("cosine") else None,
-            "median_distance": s.median_distance if s.HasField("median_distance") else None,
-        }
-    return {
-        "client_id": update.client_id,
-        "status": update.status,
-        "reason": update.reason,
-        "num_examples": update.num_examples,
-        "scores": scores,
-        "outlier": update.outlier,
-        "excluded": update.excluded,
-    }
 
 
 def _stored_update(update: UpdateRecord) -> dict[str, Any]:
@@ -69,7 +49,7 @@ def _assert_status_lists_the_stored_updates(replies: list[pb.StatusReply], store
     for reply in replies:
         (info,) = reply.rounds
         assert info.server_round == 1 and info.updates_listed and not info.updates_left_out
-        assert [_wire_update(u) for u in info.updates] == [_stored_update(u) for u in stored]
+        assert [update_doc(u) for u in info.updates] == [_stored_update(u) for u in stored]
 
 
 def _run_round(project: Project, strategy: dict[str, Any]) -> tuple[SqlStore, Path, str]:
