@@ -17,25 +17,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
-import hashlib
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from typing import Any, BinaryIO
+from collections.abc import AsyncIterator
+from typing import Any
 
 from flctl.core import TransportConfig
 from flctl.core import events as ev
 from flctl.core.errors import (
     AuthenticationError,
-    ConflictError,
     FlctlError,
     IntegrityError,
     InvalidInputError,
@@ -43,7 +37,6 @@ from flctl.core.errors import (
     NotFoundError,
     ProtocolMismatchError,
     SessionConflictError,
-    StorageFullError,
 )
 from flctl.core.usercode import MAX_REASON_CHARS
 from flctl.security import TokenSigner
@@ -52,27 +45,20 @@ from flctl.store import (
     ModelRecord,
     SqlStore,
     UpdateRecord,
-    WriteBehind,
     is_revoked,
     revoke,
 )
 from flctl.tensors import (
-    StreamValidator,
     TensorSpec,
-    UpdateEncoding,
     describe_spec_difference,
-    expected_update_spec,
 )
 from flctl.transport import (
     CODEC_NONE,
-    CODECS,
     SAMPLE_BYTES,
     Decision,
     LinkMeter,
-    Pipeline,
     choose_codec,
     compress_chunks,
-    decompress_chunk,
     negotiate_codecs,
 )
 from flctl.transport.grpc import (
@@ -86,13 +72,17 @@ from flctl.transport.grpc import (
     pb,
     task_to_pb,
     to_value_map,
+    upload_answer_to_pb,
+    upload_header_from_pb,
 )
 
 from ._engine import PendingRollback, RoundEngine, end_round
 from ._events import EventLog
 from ._guard import RevocationGuard
+from ._intake import UpdateIntake
+from ._limits import MAX_ID, Limits, check_id
 from ._registry import Registry, Session
-from ._uploads import PartialUpload, PartialUploads
+from ._uploads import PartialUploads
 
 __all__ = ["AdminService", "CoordinatorService", "Limits"]
 
@@ -100,15 +90,10 @@ log = logging.getLogger("flctl.coordinator")
 
 _MAX_MODEL_SPEC_BYTES = 256 * 1024
 
-#: Transfers the coordinator serves at once; more wait their turn (see CoordinatorService).
-MAX_CONCURRENT_UPLOADS = 2
+#: Downloads the coordinator serves at once; more wait their turn (uploads: ``_intake.py``).
 MAX_CONCURRENT_DOWNLOADS = 2
 _STATES = frozenset({"idle", "downloading", "training", "uploading", "failed"})
 _SERIAL_RE = re.compile(r"[0-9a-f]{1,40}")
-#: The largest round id, sequence number or version the store can hold (SQLite's INTEGER).
-MAX_ID = (1 << 63) - 1
-#: Uploads one identity may have begun and not finished at once (a new one drops the oldest).
-MAX_UPLOADS_PER_IDENTITY = 4
 #: Bounds of the Admin service's text fields (refs, reasons).
 _MAX_REF = 256
 _MAX_REASON = 1024
@@ -123,25 +108,15 @@ _STATUS_REPLY_SLACK = 4096
 _LISTED_ROUND_BYTES = 12
 
 
-class Limits:
-    """The bounds the coordinator enforces and announces at Join."""
-
-    def __init__(self, *, max_chunk_bytes: int, max_update_bytes: int, max_tensors: int) -> None:
-        self.max_chunk_bytes = max_chunk_bytes
-        self.max_update_bytes = max_update_bytes
-        self.max_tensors = max_tensors
-        self.max_metrics = 64
-        self.max_string_bytes = 256
-
-    def to_pb(self) -> pb.Limits:
-        """As the JoinReply's message."""
-        return pb.Limits(
-            max_chunk_bytes=self.max_chunk_bytes,
-            max_update_bytes=self.max_update_bytes,
-            max_tensors=self.max_tensors,
-            max_metrics=self.max_metrics,
-            max_string_bytes=self.max_string_bytes,
-        )
+def _limits_pb(limits: Limits) -> pb.Limits:
+    """The limits as the JoinReply's message."""
+    return pb.Limits(
+        max_chunk_bytes=limits.max_chunk_bytes,
+        max_update_bytes=limits.max_update_bytes,
+        max_tensors=limits.max_tensors,
+        max_metrics=limits.max_metrics,
+        max_string_bytes=limits.max_string_bytes,
+    )
 
 
 def _describe_spec_difference(ours: dict[str, TensorSpec], theirs_json: str) -> str:
@@ -152,64 +127,6 @@ def _describe_spec_difference(ours: dict[str, TensorSpec], theirs_json: str) -> 
     except (ValueError, AssertionError):
         return "the client sent no readable model description"
     return describe_spec_difference(ours, theirs)
-
-
-class _UpdateSink:
-    """Hashes, validates and writes an update's bytes as they arrive (one pass)."""
-
-    def __init__(
-        self,
-        spec: dict[str, TensorSpec],
-        size: int,
-        metadata: dict[str, str],
-        *,
-        codec: str = "none",
-        max_chunk: int = 1 << 20,
-    ) -> None:
-        self.handle: BinaryIO | None = None
-        self.writeback: WriteBehind | None = None
-        self._size = size
-        self._codec = codec or "none"
-        self._max_chunk = max_chunk
-        self._hash = hashlib.sha256()
-        self._validator = StreamValidator(spec, size, metadata=metadata)
-        self.received = 0
-
-    def replay(self, path: Path, length: int, block: int = 1 << 20) -> None:
-        """Hash and check the first ``length`` bytes already in ``path`` (no write)."""
-        with open(path, "rb") as handle:
-            done = 0
-            while done < length:
-                data = handle.read(min(block, length - done))
-                if not data:
-                    raise IntegrityError("the upload's part file is shorter than recorded")
-                self._validator.feed(data)
-                self._hash.update(data)
-                done += len(data)
-        self.received = length
-
-    def feed(self, data: bytes | memoryview) -> None:
-        """Take the next data message (one compressed frame, with a codec): in a worker."""
-        if self._codec != "none":
-            data = decompress_chunk(data, max_size=self._max_chunk, codec=self._codec)
-        if self.received + len(data) > self._size:
-            raise LimitExceededError(f"upload exceeds the {self._size} bytes its header announced")
-        self._validator.feed(data)
-        self._hash.update(data)
-        assert self.handle is not None and self.writeback is not None
-        self.handle.write(data)
-        self.writeback.wrote(len(data))
-        self.received += len(data)
-
-    def finish(self, digest: str) -> None:
-        self._validator.finish()
-        if self._hash.hexdigest() != digest:
-            raise IntegrityError("update bytes do not match the digest in the header")
-
-
-def _is_full(exc: OSError) -> bool:
-    """Whether ``exc`` says the file system is out of space (or of the user's quota)."""
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _one_line(text: str) -> str:
@@ -261,12 +178,29 @@ class CoordinatorService:
         # Each transfer in flight holds its own buffers (gRPC's and ours); bounding how many run
         # at once keeps the coordinator's memory flat in the number of clients. A stream that
         # waits for a slot is held back by HTTP/2 flow control, not buffered.
-        self._upload_slots = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
         self._download_slots = asyncio.Semaphore(MAX_CONCURRENT_DOWNLOADS)
         # transport.compression and the link rate measured per client, for "auto".
         self._transport = transport or TransportConfig()
         self._links: dict[str, LinkMeter] = {}
         self._codec_cache: dict[tuple[str, tuple[str, ...], int, bool], Decision] = {}
+        #: the upload path: every update's checks, whatever transport carried it
+        self._intake = UpdateIntake(
+            store=store,
+            blobs=blobs,
+            events=events,
+            engine=engine,
+            guard=guard,
+            uploads=uploads,
+            limits=limits,
+            model_spec=model_spec,
+            transport=self._transport,
+            min_free_bytes=min_free_bytes,
+        )
+
+    @property
+    def intake(self) -> UpdateIntake:
+        """The upload path (the in-process transport hands updates to it too)."""
+        return self._intake
 
     # ------------------------------------------------------------------ sessions
 
@@ -344,7 +278,7 @@ class CoordinatorService:
             session_id=session.session_id,
             session_token=token,
             heartbeat_interval_s=self._heartbeat_interval_s,
-            limits=self._limits.to_pb(),
+            limits=_limits_pb(self._limits),
             codecs=codecs,
             token_expires_unix=now + self._token_ttl_s,
             # "none" when the client speaks no compressing codec we would use
@@ -412,7 +346,7 @@ class CoordinatorService:
             session = self._session(ctx, "Heartbeat", record=False)
         except AuthenticationError:
             return pb.HeartbeatReply(command="rejoin", server_time_unix=time.time())
-        _check_id("server_round", request.server_round)
+        check_id("server_round", request.server_round)
         state = request.state if request.state in _STATES else "idle"
         progress = min(1.0, max(0.0, request.progress)) if math.isfinite(request.progress) else 0.0
         # A transfer's progress is logged in steps of 10 %: enough for the panels, few events.
@@ -461,7 +395,7 @@ class CoordinatorService:
         """
         self._guard.admit(ctx, "ReportEvaluation")
         session = self._session(ctx, "ReportEvaluation")
-        server_round = _check_id("server_round", request.server_round)
+        server_round = check_id("server_round", request.server_round)
         task_id = _bounded("task_id", request.task_id, 64)
         failure = _one_line(request.failure)
         metrics: dict[str, float] = {}
@@ -599,413 +533,27 @@ class CoordinatorService:
             link.observe(sent, held)
             self._store.bump_client(session.client_id, add_bytes_down=sent)
 
-    def _reject(
-        self, header: pb.UploadHeader, client_id: str, reason: str, *, malformed: bool = False
-    ) -> None:
-        """Record a refused update: every refusal in the event log, with the identity.
-
-        A well-formed update refused for the round's state (late, duplicate, wrong round) is
-        also kept in ``updates`` with its reason; malformed input (bad digest, size, tensors,
-        values) changes no table but the event log.
-        """
-        if header.server_round > MAX_ID:  # refused as malformed; the log cannot hold it
-            malformed = True
-            header = pb.UploadHeader(task_id=header.task_id)
-        if malformed:
-            self._events.emit(
-                ev.UpdateRejected(task_id=header.task_id[:64], reason=reason, is_malformed=True),
-                server_round=int(header.server_round),
-                client_id=client_id,
-            )
-            return
-        with self._store.transaction():
-            self._store.add_update(
-                server_round=int(header.server_round),
-                client_id=client_id,
-                task_id=header.task_id[: self._limits.max_string_bytes],
-                status="rejected",
-                reason=reason,
-            )
-            self._events.emit(
-                ev.UpdateRejected(task_id=header.task_id[:64], reason=reason),
-                server_round=int(header.server_round),
-                client_id=client_id,
-            )
-
-    def _refuse_task(self, header: pb.UploadHeader, client_id: str, exc: FlctlError) -> None:
-        """Make a refusal of the update itself final for its task (see RoundEngine.refuse).
-
-        Only :class:`InvalidInputError` judges the update (its header, size, digest, tensors,
-        values, metrics): sending it again would be refused again. Other errors (a busy or
-        full coordinator) leave the task open.
-        """
-        if isinstance(exc, InvalidInputError):
-            self._engine.refuse(int(header.server_round), client_id, header.task_id, exc.message)
-
-    def _check_header(self, header: pb.UploadHeader, client_id: str) -> str | None:
-        """Validate the header's fields; return a round-state refusal reason, or None."""
-        _check_id("server_round", header.server_round)
-        if len(header.task_id) > self._limits.max_string_bytes:
-            raise LimitExceededError("task_id is too long")
-        self._blobs.check_digest(header.digest)
-        if header.codec not in ("", *negotiate_codecs(self._transport.compression, CODECS)):
-            raise InvalidInputError(f"codec {header.codec!r} was not negotiated")
-        if header.size > self._limits.max_update_bytes:
-            raise LimitExceededError(
-                f"update of {header.size} bytes exceeds the limit of "
-                f"{self._limits.max_update_bytes} bytes"
-            )
-        if header.num_examples <= 0 or header.num_examples > 1 << 40:
-            raise InvalidInputError(
-                f"num_examples must be between 1 and 2^40, not {header.num_examples}"
-            )
-        encoding = UpdateEncoding.from_header(header.encoding, header.dtype, header.base_digest)
-        if encoding.base_digest:
-            self._blobs.check_digest(encoding.base_digest)
-        open_round = self._engine.open
-        if open_round is None or open_round.server_round != header.server_round:
-            current = open_round.server_round if open_round else "none"
-            return f"round {header.server_round} is not in training (open round: {current})"
-        expected_task = open_round.selected.get(client_id)
-        if expected_task is None:
-            return f"{client_id} was not selected for round {header.server_round}"
-        if expected_task != header.task_id:
-            return f"task {header.task_id[:16]!r} is not this client's task for the round"
-        if (refused := self._engine.refusal(client_id)) is not None:
-            return f"refused: this task's update was refused, which is final ({refused})"
-        if encoding.base_digest and encoding.base_digest != open_round.base_digest:
-            return (
-                f"the delta is relative to model {encoding.base_digest[:12]}, not to round "
-                f"{header.server_round}'s model {open_round.base_digest[:12]}"
-            )
-        if time.time() > open_round.deadline:
-            return f"late: round {header.server_round}'s deadline has passed"
-        if self._engine.has_reported(client_id):
-            return f"duplicate: an update for round {header.server_round} was already accepted"
-        return None
-
-    def _record_of(self, header: pb.UploadHeader, client_id: str) -> PartialUpload:
-        """The header as an upload record (not yet stored), for matching earlier uploads."""
-        return PartialUpload(
-            upload_id="",
-            client_id=client_id,
-            server_round=int(header.server_round),
-            task_id=header.task_id,
-            digest=header.digest,
-            size=int(header.size),
-            num_examples=int(header.num_examples),
-            codec=header.codec or "none",
-            encoding=header.encoding or "full",
-            dtype=header.dtype,
-            base_digest=header.base_digest,
-            created=0.0,
-        )
-
-    def _checked_header(
-        self, header: pb.UploadHeader, client_id: str
-    ) -> tuple[dict[str, float], str | None]:
-        """Metrics and round-state refusal of a header; malformed ones are refused (raised)."""
-        try:
-            metrics = metrics_from_map(header.metrics, max_items=self._limits.max_metrics)
-            refusal = self._check_header(header, client_id)
-        except FlctlError as exc:
-            self._reject(header, client_id, exc.message, malformed=True)
-            self._refuse_task(header, client_id, exc)
-            raise
-        if refusal is not None:
-            self._reject(header, client_id, refusal)
-        return metrics, refusal
-
-    def _check_room(self, size: int) -> None:
-        """Refuse an upload that would leave less than ``server.min_free_mb`` free.
-
-        Raises:
-            StorageFullError: Not enough room (an event says where and how much is free).
-        """
-        free = shutil.disk_usage(self._uploads.root).free
-        if free - max(0, size) < self._min_free_bytes:
-            raise self._storage_full("upload", size, None, free=free)
-
-    @contextlib.contextmanager
-    def _storage(self, what: str, size: int) -> Iterator[None]:
-        """Turn a full disk met inside the block into :class:`StorageFullError`."""
-        try:
-            yield
-        except OSError as exc:
-            if not _is_full(exc):
-                raise
-            raise self._storage_full(what, size, exc) from None
-
-    def _storage_full(
-        self, what: str, size: int, exc: OSError | None, *, free: int | None = None
-    ) -> StorageFullError:
-        """The error for a write that does not fit; recorded (at most every 10 s) and shown."""
-        path = self._uploads.root
-        if free is None:
-            with contextlib.suppress(OSError):
-                free = shutil.disk_usage(path).free
-        free_text = f"{free / (1 << 20):.1f} MiB free" if free is not None else "no room"
-        message = (
-            f"storage full: {path} has {free_text}; an {what} of {size / (1 << 20):.1f} MiB "
-            f"needs it plus server.min_free_mb ({self._min_free_bytes / (1 << 20):g} MiB)"
-        )
-        if exc is not None:
-            message = f"storage full: writing under {path} failed ({exc.strerror}); {free_text}"
-        self._engine.storage_warning = (time.time(), message)
-        now = time.monotonic()
-        if now - self._storage_reported >= 10.0:
-            self._storage_reported = now
-            log.warning("%s", message)
-            with contextlib.suppress(FlctlError):  # the event log may be out of room too
-                self._events.emit(
-                    ev.StorageFull(
-                        path=str(path),
-                        free_bytes=free,
-                        needed_bytes=size + self._min_free_bytes,
-                        what=what,
-                    )
-                )
-        return StorageFullError(
-            message, hint="free space on the coordinator's disk; clients retry their uploads"
-        )
-
     async def begin_upload(self, header: pb.UploadHeader, ctx: RpcContext) -> pb.UploadReply:
         """Open an upload, or find the one this identity began for the same update."""
         self._guard.admit(ctx, "BeginUpload")
         session = self._session(ctx, "BeginUpload")
-        # another identity's upload id is refused before anything else is read
-        named = self._uploads.get(header.upload_id, session.client_id) if header.upload_id else None
-        _, refusal = self._checked_header(header, session.client_id)
-        if refusal is not None:
-            return pb.UploadReply(accepted=False, reason=refusal)
-        with self._storage("upload", int(header.size)):
-            self._check_room(
-                int(header.size) - (self._uploads.held(named.upload_id) if named else 0)
-            )
-            record = self._open_upload(header, session.client_id, named)
-        held = self._uploads.held(record.upload_id)
-        if held:
-            self._events.emit(
-                ev.UploadResumed(upload_id=record.upload_id, offset=held, size=record.size),
-                server_round=record.server_round,
-                client_id=session.client_id,
-            )
-        return pb.UploadReply(accepted=True, upload_id=record.upload_id, committed_offset=held)
-
-    def _open_upload(
-        self, header: pb.UploadHeader, client_id: str, named: PartialUpload | None
-    ) -> PartialUpload:
-        """The upload for this update: ``named`` (checked), one begun earlier, or a new one."""
-        wanted = self._record_of(header, client_id)
-        if named is not None:
-            if not named.matches(wanted):
-                raise InvalidInputError(
-                    f"upload {named.upload_id} was begun for another update "
-                    "(round, task, digest or size differ)"
-                )
-            return named
-        return self._uploads.find(wanted) or self._uploads.begin(
-            **{k: v for k, v in vars(wanted).items() if k not in ("upload_id", "created")}
-        )
+        answer = await self._intake.begin(upload_header_from_pb(header), session)
+        return upload_answer_to_pb(answer)
 
     async def upload(
         self, chunks: AsyncIterator[UploadItem | None], ctx: RpcContext
     ) -> pb.UploadReply:
-        """Stream an update's bytes to its part file; when whole, verify and accept it.
+        """Stream an update's bytes to the upload path (:meth:`UpdateIntake.receive`).
 
-        The header names the upload (from :meth:`begin_upload`; none: one is begun here) and
-        the offset the data starts at, which must be the bytes the coordinator holds.
+        The stream's first message is the header; the data pieces follow.
         """
         self._guard.admit(ctx, "Upload")
         session = self._session(ctx, "Upload")
-        header = await anext(aiter(chunks), None)
-        if not isinstance(header, pb.UploadHeader):
+        first = await anext(aiter(chunks), None)
+        if not isinstance(first, pb.UploadHeader):
             raise InvalidInputError("an upload must start with its header")
-        # another identity's upload id is refused before anything else is read
-        named = self._uploads.get(header.upload_id, session.client_id) if header.upload_id else None
-        metrics, refusal = self._checked_header(header, session.client_id)
-        if refusal is not None:
-            return pb.UploadReply(accepted=False, reason=refusal)
-        try:
-            with self._storage("upload", int(header.size)):
-                self._check_room(int(header.size) - int(header.offset))
-                record = self._open_upload(header, session.client_id, named)
-        except StorageFullError:
-            if named is not None:  # no room to finish it: what it holds goes, to make room
-                self._uploads.discard(named.upload_id)
-            raise
-        upload_id = record.upload_id
-        if not self._uploads.acquire(upload_id):
-            raise ConflictError(f"upload {upload_id} is already being received on another stream")
-        try:
-            held = self._uploads.held(upload_id)
-            if header.offset != held:
-                raise ConflictError(
-                    f"upload {upload_id} holds {held} bytes: resume from offset {held}, "
-                    f"not {header.offset}"
-                )
-            async with self._upload_slots:
-                return await self._receive(record, header, chunks, session, metrics, ctx)
-        finally:
-            self._uploads.release(upload_id)
-            # the round may have ended while the bytes were in flight
-            open_round = self._engine.open
-            if open_round is None or open_round.server_round != record.server_round:
-                self._uploads.discard(upload_id)
-            elif self._uploads.holds(upload_id):
-                # kept for resuming: an identity's unfinished uploads holding bytes are bounded
-                # (disk), the oldest idle ones go
-                self._uploads.trim(session.client_id, MAX_UPLOADS_PER_IDENTITY, spare=upload_id)
-
-    def _update_format(self, record: PartialUpload) -> tuple[dict[str, TensorSpec], dict[str, str]]:
-        """The tensors an update must hold in its encoding, and the metadata it must carry."""
-        encoding = UpdateEncoding.from_header(record.encoding, record.dtype, record.base_digest)
-        spec = expected_update_spec(self._model_spec, encoding.encoding, encoding.dtype)
-        return spec, encoding.to_metadata()
-
-    async def _receive(
-        self,
-        record: PartialUpload,
-        header: pb.UploadHeader,
-        chunks: AsyncIterator[UploadItem | None],
-        session: Session,
-        metrics: dict[str, float],
-        ctx: RpcContext,
-    ) -> pb.UploadReply:
-        upload_id = record.upload_id
-        part = self._uploads.part_path(upload_id)
-        started = time.perf_counter()
-        wire = 0  # bytes of this stream on the wire (compressed, when a codec is on)
-        try:
-            spec, metadata = self._update_format(record)
-            sink = _UpdateSink(
-                spec,
-                record.size,
-                metadata,
-                codec=header.codec,
-                max_chunk=self._limits.max_chunk_bytes,
-            )
-            held = int(header.offset)
-            if held:
-                # bytes from earlier streams: hashed and checked again, never trusted
-                await asyncio.to_thread(sink.replay, part, held)
-            pipeline: Pipeline[bytes | memoryview] = Pipeline(sink.feed)
-            try:
-                with open(part, "ab") as handle:
-                    # the update is read again only when the round aggregates: its pages
-                    # leave the page cache as they reach the disk
-                    sink.handle, sink.writeback = handle, WriteBehind(handle, drop=True)
-                    try:
-                        async for data in chunks:
-                            if data is None or isinstance(data, pb.UploadHeader):
-                                raise InvalidInputError("an upload carries one header, then data")
-                            if len(data) > self._limits.max_chunk_bytes:
-                                raise LimitExceededError(
-                                    f"chunk of {len(data)} bytes exceeds max_chunk_bytes "
-                                    f"{self._limits.max_chunk_bytes}"
-                                )
-                            # decompressing, hashing, checking and writing release the GIL: a
-                            # worker thread does them while the loop receives the next piece
-                            wire += len(data)
-                            await pipeline.put(data)
-                    finally:
-                        # what arrived is on disk before the stream's end is answered, however
-                        # it ends: the next stream resumes from the part file's length
-                        await pipeline.close()
-                if sink.received < record.size:
-                    raise _Incomplete(
-                        f"the stream ended at byte {sink.received} of {record.size}: "
-                        f"upload {upload_id} is kept, resume from offset {sink.received}"
-                    )
-                sink.finish(record.digest)
-            finally:
-                pipeline.cancel()
-        except _Incomplete as exc:
-            raise InvalidInputError(str(exc)) from None
-        except OSError as exc:
-            if not _is_full(exc):
-                raise
-            self._uploads.discard(upload_id)  # nothing half-written stays behind
-            raise self._storage_full("upload", record.size, exc) from None
-        except FlctlError as exc:
-            self._uploads.discard(upload_id)
-            self._reject(header, session.client_id, exc.message, malformed=True)
-            self._refuse_task(header, session.client_id, exc)
-            raise
-        receive_s = time.perf_counter() - started
-        # The identity may have been revoked while the bytes were in flight.
-        self._guard.check(ctx, "Upload")
-        # The round may have ended while the bytes were in flight.
-        refusal = self._check_header(header, session.client_id)
-        if refusal is not None:
-            self._uploads.discard(upload_id)
-            self._reject(header, session.client_id, refusal)
-            return pb.UploadReply(accepted=False, reason=refusal)
-        committing = time.perf_counter()
-        try:
-            stored = await asyncio.to_thread(self._commit_part, upload_id, record.digest)
-        except OSError as exc:
-            if not _is_full(exc):
-                raise
-            self._uploads.discard(upload_id)
-            raise self._storage_full("upload", record.size, exc) from None
-        commit_s = time.perf_counter() - committing
-        received = record.size
-        # The update, the client's counters and the update.accepted event land together: an
-        # acknowledged update always has its event, even when the coordinator dies next.
-        with self._store.transaction():
-            update = self._store.add_update(
-                server_round=record.server_round,
-                client_id=session.client_id,
-                task_id=record.task_id,
-                status="accepted",
-                digest=stored,
-                size=received,
-                num_examples=record.num_examples,
-                metrics=metrics,
-            )
-            # bytes on the wire: this stream's, plus the part an earlier stream brought
-            # (counted as held: a refused or cut stream changes no table)
-            moved = wire + int(header.offset)
-            self._store.bump_client(session.client_id, add_rounds=1, add_bytes_up=moved)
-            self._events.emit(
-                ev.UpdateAccepted(
-                    task_id=record.task_id,
-                    num_examples=update.num_examples,
-                    metrics=metrics,
-                    size=received,
-                    digest=stored,
-                    upload_id=upload_id,
-                    resumed_from=int(header.offset),
-                    codec=header.codec or "none",
-                    wire_bytes=moved,
-                    receive_s=round(receive_s, 4),
-                    commit_s=round(commit_s, 4),
-                ),
-                server_round=update.server_round,
-                client_id=session.client_id,
-            )
-        self._uploads.forget(upload_id)
-        self._engine.storage_warning = None  # an update fitted: the disk has room again
-        self._engine.update_arrived(session.client_id)
-        return pb.UploadReply(accepted=True, upload_id=upload_id, committed_offset=received)
-
-    def _commit_part(self, upload_id: str, digest: str) -> str:
-        """Move a verified part file into the blob store (same file system: a rename)."""
-        temp, handle = self._blobs.temp_file()
-        handle.close()
-        # rename onto a free name: replacing an existing file makes ext4 start writing the data
-        # back at once (0.1-0.3 s per 500 MB measured), before commit_temp's own fsync
-        temp.unlink()
-        try:
-            os.replace(self._uploads.part_path(upload_id), temp)
-            return self._blobs.commit_temp(temp, digest)
-        finally:
-            temp.unlink(missing_ok=True)
-
-
-class _Incomplete(Exception):
-    """A stream ended before the bytes its header announced: the part file is kept."""
+        answer = await self._intake.receive(upload_header_from_pb(first), chunks, session, ctx)
+        return upload_answer_to_pb(answer)
 
 
 def model_info(record: Any) -> pb.ModelInfo:
@@ -1069,13 +617,6 @@ def _parse_serial(text: str) -> int | None:
             f"serial must be a certificate serial in lower-case hex, not {text[:48]!r}"
         )
     return int(text, 16)
-
-
-def _check_id(label: str, value: int) -> int:
-    """A round id, sequence number or version from the wire, within what the store holds."""
-    if value > MAX_ID:
-        raise InvalidInputError(f"{label} {value} is out of range (at most {MAX_ID})")
-    return int(value)
 
 
 def _ref(text: str) -> str:
@@ -1151,7 +692,7 @@ class AdminService:
         that left the queue (:meth:`_list_updates` keeps the reply bounded).
         """
         self._guard.admit(ctx, "Status")
-        ids = [_check_id("round id", i) for i in request.round_ids] or None
+        ids = [check_id("round id", i) for i in request.round_ids] or None
         rounds = self._store.list_rounds(ids)
         head = self._store.head()
         reply = pb.StatusReply(
@@ -1270,7 +811,7 @@ class AdminService:
 
     async def watch(self, request: pb.WatchRequest, ctx: RpcContext) -> AsyncIterator[pb.Event]:
         """Replay events after ``since_seq``; then follow until the coordinator stops."""
-        seq = _check_id("since_seq", request.since_seq)
+        seq = check_id("since_seq", request.since_seq)
         self._guard.admit(ctx, "Watch")
         while True:
             self._guard.check(ctx, "Watch")
@@ -1403,7 +944,7 @@ class AdminService:
         self._guard.admit(ctx, "CancelRound")
         given = _bounded("reason", request.reason, _MAX_REASON)
         reason = f"cancelled by {ctx.identity}" + (f": {given}" if given else "")
-        wanted = [_check_id("round id", i) for i in request.round_ids]
+        wanted = [check_id("round id", i) for i in request.round_ids]
         running = self._engine.busy_round()
         if not wanted:
             if running is None and not request.queued:

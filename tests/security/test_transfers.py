@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
-from flctl.coordinator._service import MAX_UPLOADS_PER_IDENTITY
+from flctl.coordinator._intake import MAX_UPLOADS_PER_IDENTITY
 from flctl.core.errors import (
     ConflictError,
     FlctlError,

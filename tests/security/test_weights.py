@@ -32,6 +32,7 @@ from flctl.coordinator import _coordinator as coordinator_module
 from flctl.coordinator._service import CoordinatorService
 from flctl.core import Config
 from flctl.core import events as ev
+from flctl.core.work import UploadHeader
 from flctl.security import generate_project_certs
 from flctl.store import BlobStore, SqlStore
 from flctl.tensors import load_parameters
@@ -296,14 +297,14 @@ def test_a_refused_update_is_final_for_its_task(
         )
         assert engine.task_for("c3") is None  # no task is sent again to a refused client
         # an upload for the refused task is answered at once, before any byte is read
-        header = pb.UploadHeader(
+        header = UploadHeader(
             server_round=ids[0],
             task_id=open_round.selected["c3"],
             digest="0" * 64,
             size=1,
             num_examples=1,
         )
-        answer = services[0]._check_header(header, "c3")
+        answer = services[0].intake._check_header(header, "c3")
         assert answer is not None and answer.startswith("refused: this task's update was refused")
 
         held.set()  # c2 reports; the round ends without waiting for c3 (an hour)

@@ -55,7 +55,12 @@ from flctl.transport.grpc._wire import (  # noqa: E402
     encode_chunk,
     encode_upload,
 )
-from flctl.transport.grpc._work import task_from_pb, task_to_pb
+from flctl.transport.grpc._work import (
+    task_from_pb,
+    task_to_pb,
+    upload_answer_to_pb,
+    upload_header_from_pb,
+)
 
 PROTOCOL_VERSION = 1
 
@@ -98,6 +103,8 @@ __all__ = [
     "status_for",
     "task_from_pb",
     "task_to_pb",
+    "upload_answer_to_pb",
+    "upload_header_from_pb",
     "to_value_map",
     "translate_rpc_error",
 ]

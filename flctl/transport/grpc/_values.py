@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
-from flctl.core.errors import InvalidInputError, LimitExceededError
+from flctl.core.work import check_metrics
 
-__all__ = ["from_value_map", "metrics_from_map", "to_value_map"]
+__all__ = ["from_value_map", "metrics_from_map", "raw_value_map", "to_value_map"]
 
 Scalar = bool | int | float | str
 
@@ -39,26 +38,22 @@ def from_value_map(source: Any) -> dict[str, Scalar]:
     return out
 
 
+def raw_value_map(source: Any) -> dict[str, object]:
+    """Read a protobuf ``map<string, Value>`` as sent: an entry with no value reads as None."""
+    out: dict[str, object] = {}
+    for key, value in source.items():
+        kind = value.WhichOneof("kind")
+        out[key] = None if kind is None else getattr(value, kind)
+    return out
+
+
 def metrics_from_map(
     source: Any, *, max_items: int = 64, max_key_bytes: int = 128
 ) -> dict[str, float]:
-    """Read and check a metrics map: bounded count and key length, finite numbers only.
+    """Read and check a metrics map (:func:`flctl.core.work.check_metrics`).
 
     Raises:
         LimitExceededError: Too many entries or a key too long.
         InvalidInputError: A value is not a finite number.
     """
-    if len(source) > max_items:
-        raise LimitExceededError(f"metrics map has {len(source)} entries, more than {max_items}")
-    out: dict[str, float] = {}
-    for key, value in source.items():
-        if len(key.encode()) > max_key_bytes:
-            raise LimitExceededError(f"metric name longer than {max_key_bytes} bytes")
-        kind = value.WhichOneof("kind")
-        if kind not in ("double_value", "int_value"):
-            raise InvalidInputError(f"metric {key!r} is not a number")
-        number = float(getattr(value, kind))
-        if not math.isfinite(number):
-            raise InvalidInputError(f"metric {key!r} is not finite ({number})")
-        out[key] = number
-    return out
+    return check_metrics(raw_value_map(source), max_items=max_items, max_key_bytes=max_key_bytes)

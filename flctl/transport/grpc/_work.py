@@ -1,13 +1,13 @@
-"""Plain tasks (:class:`flctl.core.work.Task`) to and from the wire's ``Task`` message."""
+"""Plain work values (:mod:`flctl.core.work`) to and from the wire's messages."""
 
 from __future__ import annotations
 
 from flctl.core.errors import InvalidInputError
-from flctl.core.work import Task
+from flctl.core.work import Task, UploadAnswer, UploadHeader
 from flctl.transport.grpc._proto import flctl_pb2 as pb
-from flctl.transport.grpc._values import from_value_map, to_value_map
+from flctl.transport.grpc._values import from_value_map, raw_value_map, to_value_map
 
-__all__ = ["task_from_pb", "task_to_pb"]
+__all__ = ["task_from_pb", "task_to_pb", "upload_answer_to_pb", "upload_header_from_pb"]
 
 
 def task_to_pb(task: Task) -> pb.Task:
@@ -42,4 +42,32 @@ def task_from_pb(message: pb.Task) -> Task:
         model_size=int(message.model_size),
         deadline_unix=float(message.deadline_unix),
         config=from_value_map(message.config),
+    )
+
+
+def upload_header_from_pb(message: pb.UploadHeader) -> UploadHeader:
+    """The header a wire message carries, unchecked (the coordinator checks every field)."""
+    return UploadHeader(
+        server_round=int(message.server_round),
+        task_id=message.task_id,
+        digest=message.digest,
+        size=int(message.size),
+        num_examples=int(message.num_examples),
+        metrics=raw_value_map(message.metrics),
+        codec=message.codec,
+        encoding=message.encoding,
+        dtype=message.dtype,
+        base_digest=message.base_digest,
+        upload_id=message.upload_id,
+        offset=int(message.offset),
+    )
+
+
+def upload_answer_to_pb(answer: UploadAnswer) -> pb.UploadReply:
+    """The wire message of an upload's answer."""
+    return pb.UploadReply(
+        accepted=answer.accepted,
+        reason=answer.reason,
+        upload_id=answer.upload_id,
+        committed_offset=answer.committed_offset,
     )
