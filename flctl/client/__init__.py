@@ -11,6 +11,7 @@ from flctl.client._runner import (
     Runner,
     fetch_blob,
 )
+from flctl.client._work import evaluate_client, fit_client
 
 __all__ = [
     "Client",
@@ -22,7 +23,9 @@ __all__ = [
     "PendingUpload",
     "PendingUploads",
     "Runner",
+    "evaluate_client",
     "fetch_blob",
+    "fit_client",
     "proximal_term",
     "resolve_device",
 ]

@@ -50,19 +50,13 @@ from flctl.core.errors import (
     TaskError,
     TransportError,
 )
-from flctl.core.task import report_progress_to
-from flctl.core.usercode import describe_failure
 from flctl.core.work import Task
-from flctl.privacy import privatize_update
 from flctl.security import identity_from_pem
 from flctl.store import BlobStore, WriteBehind
 from flctl.tensors import (
     UpdateEncoding,
-    encode_update,
     fingerprint,
-    load_parameters,
     read_metadata,
-    read_spec,
     sha256_file,
     spec_of,
 )
@@ -91,6 +85,7 @@ from flctl.transport.grpc import (
 )
 
 from ._api import Client
+from ._work import evaluate_client, fit_client
 
 __all__ = ["ClientCache", "JoinOptions", "PendingUpload", "PendingUploads", "Runner", "fetch_blob"]
 
@@ -906,34 +901,11 @@ class Runner:
     def _run_evaluate(
         self, model_path: Path, config: dict[str, Any], max_metrics: int = 0
     ) -> tuple[float, int, dict[str, float]]:
-        """Run the user's evaluate in a worker thread; check what it returns."""
-        import math
+        """Run the user's evaluate in a worker thread; check what it returns.
 
-        try:
-            loss, num_examples, metrics = self._client.evaluate(load_parameters(model_path), config)
-        except Exception as exc:  # user code: report it, keep serving
-            failure = describe_failure(exc, "evaluate")
-            raise TaskError(failure.reason, details={"traceback": failure.traceback}) from exc
-        if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples <= 0:
-            raise TaskError(f"evaluate must return a positive num_examples, not {num_examples!r}")
-        try:
-            loss = float(loss)
-        except (TypeError, ValueError) as exc:
-            raise TaskError(f"evaluate must return a number as its loss, not {loss!r}") from exc
-        if not math.isfinite(loss):
-            raise TaskError(f"evaluate returned a non-finite loss: {loss}")
-        clean: dict[str, float] = {}
-        for key, value in dict(metrics or {}).items():
-            number = float(value)
-            if not math.isfinite(number):
-                raise TaskError(f"evaluate returned a non-finite metric {key!r}: {number}")
-            clean[str(key)] = number
-        if max_metrics and len(clean) > max_metrics:
-            raise TaskError(
-                f"evaluate returned {len(clean)} metrics, more than the coordinator accepts "
-                f"({max_metrics}): return fewer from the task's evaluate"
-            )
-        return loss, num_examples, clean
+        See :func:`flctl.client.evaluate_client`, which simulated clients run too.
+        """
+        return evaluate_client(self._client, model_path, config, max_metrics)
 
     def _remember_final(self, task_id: str, reason: str) -> None:
         """Keep ``task_id`` as ended for good (the most recent few hundred tasks)."""
@@ -1038,70 +1010,28 @@ class Runner:
     ) -> tuple[Path, int, dict[str, float]]:
         """Run the user's fit in a worker thread; check and write what it returns.
 
-        The fit's ``context.report_progress`` calls go to ``on_progress``.
-
-        The update is written in the configured encoding (``client.update_encoding`` and
-        ``update_dtype``); the default, full in the model's dtype, is the plain model file.
-        When the task asks for local DP (``privacy``), the update is instead the delta clipped
-        to the task's ``clip_norm`` plus Gaussian noise (:func:`flctl.privacy.privatize_update`,
-        noise from the OS-seeded generator), in ``update_dtype``: nothing un-noised leaves.
+        The fit's ``context.report_progress`` calls go to ``on_progress``. The checks, and
+        the update's encoding (``client.update_encoding`` and ``update_dtype``, or local DP
+        when ``privacy`` asks for it), are :func:`flctl.client.fit_client`'s, which simulated
+        clients run too; this chooses where the update is written (a training output in the
+        cache's ``partial`` folder, named for this process) and, for a model from the cache,
+        the base digest a delta records.
         """
-        import math
-
-        expected = {name: (s.dtype, s.shape) for name, s in read_spec(model_path).items()}
-        try:
-            # No reference is kept here, so a task may adopt the tensors (load_state_dict with
-            # assign=True) and the model is held once, not twice.
-            with report_progress_to(on_progress):
-                new_parameters, num_examples, metrics = self._client.fit(
-                    load_parameters(model_path), config
-                )
-        except Exception as exc:  # user code: report it, keep serving
-            failure = describe_failure(exc, "fit")
-            raise TaskError(failure.reason, details={"traceback": failure.traceback}) from exc
-        if not isinstance(num_examples, int) or num_examples <= 0:
-            raise TaskError(f"fit must return a positive num_examples, not {num_examples!r}")
-        clean: dict[str, float] = {}
-        for key, value in dict(metrics or {}).items():
-            number = float(value)
-            if not math.isfinite(number):
-                raise TaskError(f"fit returned a non-finite metric {key!r}: {number}")
-            clean[str(key)] = number
-        try:
-            got = spec_of(new_parameters)
-        except FlctlError as exc:
-            raise TaskError(f"fit returned unusable parameters: {exc.message}") from exc
-        if got != expected:
-            raise TaskError("fit returned parameters whose names, shapes or dtypes differ")
         out = self._cache.root / "partial" / f"update-{os.getpid()}-{time.monotonic_ns()}"
         # the cache names a blob by its digest, which a delta records as its base
         is_cached = model_path.parent == self._cache.root / "blobs"
-        try:
-            if privacy is not None and privacy.is_local:
-                privatize_update(
-                    model_path,
-                    new_parameters,
-                    out,
-                    clip_norm=privacy.clip_norm,
-                    noise_multiplier=privacy.noise_multiplier,
-                    dtype=self._options.update_dtype,
-                    base_digest=model_path.name if is_cached else None,
-                )
-            else:
-                encode_update(
-                    model_path,
-                    new_parameters,
-                    out,
-                    encoding=self._options.update_encoding,
-                    dtype=self._options.update_dtype,
-                    base_digest=model_path.name if is_cached else None,
-                )
-        except FlctlError as exc:
-            out.unlink(missing_ok=True)
-            raise TaskError(
-                f"fit returned an unusable update: {exc.message}", hint=exc.hint
-            ) from exc
-        return out, num_examples, clean
+        num_examples, metrics = fit_client(
+            self._client,
+            model_path,
+            config,
+            out,
+            update_encoding=self._options.update_encoding,
+            update_dtype=self._options.update_dtype,
+            privacy=privacy,
+            base_digest=model_path.name if is_cached else None,
+            on_progress=on_progress,
+        )
+        return out, num_examples, metrics
 
 
 def _over_limits(limits: pb.Limits, metrics: Mapping[str, float], size: int) -> str | None:
