@@ -16,6 +16,7 @@ from flctl.cli._help import use_value_names
 from flctl.cli._models import models_app
 from flctl.cli._options import ConfigOpt, JsonOpt, ServerOpt
 from flctl.cli._output import Output, command, settings
+from flctl.cli._simulate import simulate_command
 from flctl.cli._status import RoundIdsOpt, clients_app
 from flctl.cli._store import store_app
 from flctl.cli._strategies import aggregate_command, strategies_app
@@ -46,6 +47,7 @@ app.add_typer(clients_app, name="clients", context_settings=_CONTEXT)
 app.add_typer(store_app, name="store", context_settings=_CONTEXT)
 app.add_typer(strategies_app, name="strategies", context_settings=_CONTEXT)
 app.command("aggregate", context_settings=_CONTEXT)(aggregate_command)
+app.command("simulate")(simulate_command)
 
 
 def _version(value: bool) -> None:

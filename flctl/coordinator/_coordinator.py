@@ -43,6 +43,7 @@ from ._engine import RoundEngine, end_round
 from ._events import EventLog
 from ._guard import RevocationGuard
 from ._integrity import ModelCheck
+from ._local import LocalClients
 from ._registry import Registry, Session
 from ._service import AdminService, CoordinatorService, Limits
 from ._strategy import (
@@ -137,8 +138,15 @@ class Coordinator:
         address: str | None = None,
         insecure: bool | None = None,
         new_state: bool = False,
+        in_process: bool = False,
     ) -> None:
         self.config = config
+        #: Serve in-process clients only (``flctl simulate``): no listener, no certificates;
+        #: :attr:`local` is the transport's coordinator end once started.
+        self.in_process = in_process
+        self.local: LocalClients | None = None
+        #: What each queued round records as its config (the job's settings).
+        self._snapshot: dict[str, Any] = {}
         #: Start a new state store even where one was lost (``serve --new-state``).
         self.new_state = new_state
         self.address = address or config.server.address
@@ -200,7 +208,11 @@ class Coordinator:
         self._lock = handle
 
     async def start(self) -> str:
-        """Open the state, ensure the initial model, listen; return the bound ``HOST:PORT``."""
+        """Open the state, ensure the initial model, listen; return the bound ``HOST:PORT``.
+
+        In-process (``in_process``), nothing listens: :attr:`local` takes the clients, and the
+        address returned is "in-process".
+        """
         config = self.config
         host, _ = split_address(self.address)  # fail on bad options before touching state
         strategy = build_strategy(config)
@@ -211,7 +223,7 @@ class Coordinator:
             )
         credentials = None
         cert_pem = b""
-        if not self.insecure:
+        if not self.insecure and not self.in_process:
             cert, key, ca = load_credentials(config.certs_path, "server")
             credentials = ServerCredentials(cert, key, ca)
             cert_pem = cert
@@ -373,7 +385,10 @@ class Coordinator:
             guard=guard,
             state_dir=str(self.state_dir),
             max_chunk_bytes=config.transport.max_chunk_bytes,
-            config_snapshot={
+            config_snapshot=self._snapshot,
+        )
+        self._snapshot.update(
+            {
                 "rounds": vars(config.rounds),
                 "strategy": (
                     {"name": strategy_name(strategy), STRATEGY_FN: True}
@@ -382,8 +397,22 @@ class Coordinator:
                 ),
                 "task": dict(config.task),
                 "seed": config.project.seed,
-            },
+            }
         )
+        if self.in_process:
+            self.local = LocalClients(coordinator_service, blobs, config.transport.max_chunk_bytes)
+            self._engine_task = asyncio.create_task(engine.run(), name="flctl-round-engine")
+            events.emit(
+                ev.CoordinatorStarted(
+                    address="in-process",
+                    pid=os.getpid(),
+                    state_dir=str(self.state_dir),
+                    head_version=head.version,
+                    is_insecure=False,
+                )
+            )
+            self._started = True
+            return "in-process"
         connection_limits = fitting_limits(
             ConnectionLimits(
                 handshake_timeout_s=config.server.handshake_timeout_s,
@@ -423,6 +452,23 @@ class Coordinator:
             self._warn_if_expiring(cert_pem, events)
         log.info("coordinator listening on %s (state %s)", self.bound_address, self.state_dir)
         return self.bound_address
+
+    def busy_round(self) -> int | None:
+        """The round the engine is running, if any."""
+        return None if self._engine is None else self._engine.busy_round()
+
+    def queue_rounds(self, count: int, *, admin: str, **extra: Any) -> list[int]:
+        """Queue ``count`` rounds as ``round start`` does; ``extra`` joins their recorded config.
+
+        Returns:
+            The new rounds' ids.
+        """
+        assert self.store is not None and self.events is not None and self._engine is not None
+        ids = self.store.create_rounds(count, {**self._snapshot, **extra})
+        for server_round in ids:
+            self.events.emit(ev.RoundQueued(admin=admin), server_round=server_round)
+        self._engine.notify()
+        return ids
 
     def _readable_spec(
         self, store: SqlStore, blobs: BlobStore, head_problem: str
@@ -622,6 +668,8 @@ class Coordinator:
             self._reaper_task = None
         if self._engine is not None:
             self._engine.stop()
+        if self.local is not None:
+            self.local.close()
         if self._registry is not None:
             self._registry.close_all()
         if self._engine_task is not None:

@@ -108,6 +108,7 @@ from flctl.store import (
     ModelRecord,
     RoundRecord,
     SqlStore,
+    UpdateRecord,
 )
 
 from ._aggregation import RoundAggregation
@@ -302,15 +303,20 @@ class RoundEngine:
         """
         self._aggregation.sync_state()
 
-    def update_arrived(self, client_id: str = "") -> None:
-        """An update from ``client_id`` was accepted, or (no id) a selected client went away."""
+    def update_arrived(self, client_id: str = "", record: UpdateRecord | None = None) -> None:
+        """An update from ``client_id`` was accepted, or (no id) a selected client went away.
+
+        ``record`` is the accepted update, when the caller holds it (else it is looked up).
+        """
         if self.open is not None:
             if client_id:
                 self.open.reported.add(client_id)
                 server_round = self.open.server_round
-                for record in self._store.updates_for_round(server_round, status="accepted"):
-                    if record.client_id == client_id:
-                        self._aggregation.update_accepted(server_round, record)
+                if record is None or record.server_round != server_round:
+                    accepted = self._store.updates_for_round(server_round, status="accepted")
+                    record = next((u for u in accepted if u.client_id == client_id), None)
+                if record is not None:
+                    self._aggregation.update_accepted(server_round, record)
             self.open.changed.set()
         if self._evaluation.current is not None:
             self._evaluation.current.changed.set()

@@ -501,55 +501,126 @@ class UpdateIntake:
             self._uploads.discard(upload_id)
             raise self._storage_full("upload", record.size, exc) from None
         commit_s = time.perf_counter() - committing
-        received = record.size
-        # The update, the client's counters and the update.accepted event land together: an
-        # acknowledged update always has its event, even when the coordinator dies next.
+        # bytes on the wire: this stream's, plus the part an earlier stream brought (counted as
+        # held: a refused or cut stream changes no table)
+        accepted = ev.UpdateAccepted(
+            task_id=record.task_id,
+            num_examples=record.num_examples,
+            metrics=metrics,
+            size=record.size,
+            digest=stored,
+            upload_id=upload_id,
+            resumed_from=int(header.offset),
+            codec=header.codec or "none",
+            wire_bytes=wire + int(header.offset),
+            receive_s=round(receive_s, 4),
+            commit_s=round(commit_s, 4),
+        )
+        self._accepted(session.client_id, record.server_round, accepted)
+        self._uploads.forget(upload_id)
+        return UploadAnswer(accepted=True, upload_id=upload_id, committed_offset=record.size)
+
+    def _accepted(self, client_id: str, server_round: int, accepted: ev.UpdateAccepted) -> None:
+        """Record an update in the blob store as accepted, and tell the round engine.
+
+        The update, the client's counters and the ``update.accepted`` event land together: an
+        acknowledged update always has its event, even when the coordinator dies next.
+        """
         with self._store.transaction():
             update = self._store.add_update(
-                server_round=record.server_round,
-                client_id=session.client_id,
-                task_id=record.task_id,
+                server_round=server_round,
+                client_id=client_id,
+                task_id=accepted.task_id,
                 status="accepted",
-                digest=stored,
-                size=received,
-                num_examples=record.num_examples,
-                metrics=metrics,
+                digest=accepted.digest,
+                size=accepted.size,
+                num_examples=accepted.num_examples,
+                metrics=accepted.metrics,
             )
-            # bytes on the wire: this stream's, plus the part an earlier stream brought
-            # (counted as held: a refused or cut stream changes no table)
-            moved = wire + int(header.offset)
-            self._store.bump_client(session.client_id, add_rounds=1, add_bytes_up=moved)
-            self._events.emit(
-                ev.UpdateAccepted(
-                    task_id=record.task_id,
-                    num_examples=update.num_examples,
-                    metrics=metrics,
-                    size=received,
-                    digest=stored,
-                    upload_id=upload_id,
-                    resumed_from=int(header.offset),
-                    codec=header.codec or "none",
-                    wire_bytes=moved,
-                    receive_s=round(receive_s, 4),
-                    commit_s=round(commit_s, 4),
-                ),
-                server_round=update.server_round,
-                client_id=session.client_id,
-            )
-        self._uploads.forget(upload_id)
+            self._store.bump_client(client_id, add_rounds=1, add_bytes_up=accepted.wire_bytes)
+            self._events.emit(accepted, server_round=server_round, client_id=client_id)
         self._engine.storage_warning = None  # an update fitted: the disk has room again
-        self._engine.update_arrived(session.client_id)
-        return UploadAnswer(accepted=True, upload_id=upload_id, committed_offset=received)
+        self._engine.update_arrived(client_id, update)
+
+    async def accept_file(
+        self, header: UploadHeader, path: Path, session: Session, ctx: RpcContext
+    ) -> UploadAnswer:
+        """Take an update handed over as a file (the in-process transport).
+
+        The same checks as a streamed upload (the header, the round's state, then every byte:
+        tensors, values, size and digest), in the same order, with the same refusals; then the
+        file itself moves into the blob store (a rename: ``path`` must be on the state
+        folder's file system), where a streamed update's part file would. On a refusal the
+        file stays where it is, for the caller to remove.
+        """
+        client_id = session.client_id
+        metrics, refusal = self._checked_header(header, client_id)
+        if refusal is not None:
+            return UploadAnswer(accepted=False, reason=refusal)
+        started = time.perf_counter()
+        try:
+            await asyncio.to_thread(self._verify_file, header, path)
+        except FlctlError as exc:
+            self._reject(header, client_id, exc.message, malformed=True)
+            self._refuse_task(header, client_id, exc)
+            raise
+        receive_s = time.perf_counter() - started
+        self._guard.check(ctx, "Upload")  # revoked meanwhile
+        refusal = self._check_header(header, client_id)  # the round may have ended meanwhile
+        if refusal is not None:
+            self._reject(header, client_id, refusal)
+            return UploadAnswer(accepted=False, reason=refusal)
+        committing = time.perf_counter()
+        try:
+            stored = await asyncio.to_thread(self._commit_file, path, header.digest)
+        except OSError as exc:
+            if not _is_full(exc):
+                raise
+            raise self._storage_full("upload", header.size, exc) from None
+        accepted = ev.UpdateAccepted(
+            task_id=header.task_id,
+            num_examples=header.num_examples,
+            metrics=metrics,
+            size=header.size,
+            digest=stored,
+            upload_id="",
+            resumed_from=0,
+            codec="none",
+            wire_bytes=header.size,
+            receive_s=round(receive_s, 4),
+            commit_s=round(time.perf_counter() - committing, 4),
+        )
+        self._accepted(client_id, header.server_round, accepted)
+        return UploadAnswer(accepted=True, committed_offset=header.size)
+
+    def _verify_file(self, header: UploadHeader, path: Path) -> None:
+        """Check an update file's bytes as a stream's are checked (no copy is written)."""
+        if header.codec not in ("", "none"):
+            raise InvalidInputError("an update handed over as a file is not compressed")
+        size = path.stat().st_size
+        if size > header.size:
+            raise LimitExceededError(f"upload exceeds the {header.size} bytes its header announced")
+        if size < header.size:
+            raise InvalidInputError(f"the update holds {size} bytes of the {header.size} announced")
+        encoding = UpdateEncoding.from_header(header.encoding, header.dtype, header.base_digest)
+        spec = expected_update_spec(self._model_spec, encoding.encoding, encoding.dtype)
+        sink = _UpdateSink(spec, header.size, encoding.to_metadata())
+        sink.replay(path, size)
+        sink.finish(header.digest)
 
     def _commit_part(self, upload_id: str, digest: str) -> str:
         """Move a verified part file into the blob store (same file system: a rename)."""
+        return self._commit_file(self._uploads.part_path(upload_id), digest)
+
+    def _commit_file(self, source: Path, digest: str) -> str:
+        """Move a verified file into the blob store (same file system: a rename)."""
         temp, handle = self._blobs.temp_file()
         handle.close()
         # rename onto a free name: replacing an existing file makes ext4 start writing the data
         # back at once (0.1-0.3 s per 500 MB measured), before commit_temp's own fsync
         temp.unlink()
         try:
-            os.replace(self._uploads.part_path(upload_id), temp)
+            os.replace(source, temp)
             return self._blobs.commit_temp(temp, digest)
         finally:
             temp.unlink(missing_ok=True)

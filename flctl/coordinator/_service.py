@@ -23,7 +23,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from flctl.core import TransportConfig
@@ -39,6 +39,7 @@ from flctl.core.errors import (
     SessionConflictError,
 )
 from flctl.core.usercode import MAX_REASON_CHARS
+from flctl.core.work import Task, check_metrics
 from flctl.security import TokenSigner
 from flctl.store import (
     BlobStore,
@@ -68,8 +69,8 @@ from flctl.transport.grpc import (
     RpcContext,
     UploadItem,
     is_loopback_peer,
-    metrics_from_map,
     pb,
+    raw_value_map,
     task_to_pb,
     to_value_map,
     upload_answer_to_pb,
@@ -379,10 +380,14 @@ class CoordinatorService:
             else 0.0
         )
         if state == "failed" and request.server_round:
-            session.failed_round = int(request.server_round)
-            session.failure = failure or "the task failed (no reason given)"
-            self._engine.update_arrived()
+            self._task_failed(session, int(request.server_round), failure)
         return pb.HeartbeatReply(command="", server_time_unix=time.time())
+
+    def _task_failed(self, session: Session, server_round: int, failure: str) -> None:
+        """The client's task of ``server_round`` failed: the round stops waiting for it."""
+        session.failed_round = server_round
+        session.failure = failure or "the task failed (no reason given)"
+        self._engine.update_arrived()
 
     async def report_evaluation(
         self, request: pb.EvaluationReport, ctx: RpcContext
@@ -395,16 +400,45 @@ class CoordinatorService:
         """
         self._guard.admit(ctx, "ReportEvaluation")
         session = self._session(ctx, "ReportEvaluation")
-        server_round = check_id("server_round", request.server_round)
-        task_id = _bounded("task_id", request.task_id, 64)
-        failure = _one_line(request.failure)
-        metrics: dict[str, float] = {}
+        refusal = self.evaluation(
+            session,
+            request.server_round,
+            request.task_id,
+            loss=request.loss,
+            num_examples=int(request.num_examples),
+            metrics=raw_value_map(request.metrics),
+            failure=request.failure,
+        )
+        if refusal is not None:
+            return pb.EvaluationReply(accepted=False, reason=refusal)
+        return pb.EvaluationReply(accepted=True)
+
+    def evaluation(
+        self,
+        session: Session,
+        server_round: int,
+        task_id: str,
+        *,
+        loss: float,
+        num_examples: int,
+        metrics: Mapping[str, object],
+        failure: str,
+    ) -> str | None:
+        """Check and take a client's evaluation report: None, or why it is not taken.
+
+        Raises:
+            FlctlError: The numbers fail the checks (that client's evaluation fails, with why).
+        """
+        server_round = check_id("server_round", server_round)
+        task_id = _bounded("task_id", task_id, 64)
+        failure = _one_line(failure)
+        checked: dict[str, float] = {}
         if not failure:
             try:
-                metrics = metrics_from_map(request.metrics, max_items=self._limits.max_metrics)
-                if not math.isfinite(request.loss):
-                    raise InvalidInputError(f"the loss is not finite ({request.loss})")
-                if request.num_examples < 1:
+                checked = check_metrics(metrics, max_items=self._limits.max_metrics)
+                if not math.isfinite(loss):
+                    raise InvalidInputError(f"the loss is not finite ({loss})")
+                if num_examples < 1:
                     raise InvalidInputError("num_examples must be positive")
             except FlctlError as exc:
                 self._engine.evaluation_arrived(
@@ -414,18 +448,70 @@ class CoordinatorService:
                     failure=f"evaluation refused: {exc.message}",
                 )
                 raise
-        refusal = self._engine.evaluation_arrived(
+        return self._engine.evaluation_arrived(
             session.client_id,
             server_round,
             task_id,
-            loss=request.loss,
-            num_examples=int(request.num_examples),
-            metrics=metrics,
+            loss=loss,
+            num_examples=num_examples,
+            metrics=checked,
             failure=failure,
         )
-        if refusal is not None:
-            return pb.EvaluationReply(accepted=False, reason=refusal)
-        return pb.EvaluationReply(accepted=True)
+
+    def open_local(
+        self, client_id: str, queue: asyncio.Queue[Task | None] | None = None
+    ) -> Session:
+        """A session for an in-process client (``flctl simulate``): joined, its stream open.
+
+        As :meth:`join` followed by :meth:`tasks`, without a token or a certificate: the
+        client runs inside this process. A task it was sent before (a resumed round) is queued
+        again.
+        """
+        session = Session(client_id, uuid.uuid4().hex, "")
+        if queue is not None:  # the in-process transport hears of each task as it is queued
+            session.queue = queue
+        old = self._registry.add(session)
+        self._store.upsert_client(client_id, fingerprint="", state="idle", seen=time.time())
+        self._events.emit(
+            ev.ClientJoined(session_id=session.session_id, is_replaced=old is not None),
+            client_id=client_id,
+            durable=False,
+        )
+        session.streaming = True
+        self._registry.notify()
+        pending = self._engine.task_for(client_id)
+        if pending is not None:
+            session.queue.put_nowait(pending)
+        return session
+
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """Group the in-process sessions' store writes into one transaction (many at once)."""
+        return self._store.transaction()
+
+    def close_local(self, session: Session, reason: str = "disconnected") -> None:
+        """End an in-process client's session (as its task stream ending would)."""
+        session.streaming = False
+        session.queue.put_nowait(None)
+        if self._registry.remove(session):
+            self._store.bump_client(session.client_id, state="offline", seen=time.time())
+            self._events.emit(
+                ev.ClientLeft(reason=reason), client_id=session.client_id, durable=False
+            )
+        self._engine.update_arrived()
+
+    def task_failed(self, session: Session, server_round: int, failure: str) -> None:
+        """An in-process client's task failed, and why (a deployed client says so by heartbeat).
+
+        Recorded as a ``client.state`` event "failed" with the reason; the round stops waiting.
+        """
+        failure = _one_line(failure)
+        session.state = "failed"
+        self._events.emit(
+            ev.ClientState(state="failed", progress=0.0, reason=failure or None),
+            server_round=server_round,
+            client_id=session.client_id,
+        )
+        self._task_failed(session, check_id("server_round", server_round), failure)
 
     async def tasks(self, request: pb.TasksRequest, ctx: RpcContext) -> AsyncIterator[pb.Task]:
         """Stream tasks to the client until it leaves, joins again, is revoked, or we stop."""

@@ -31,6 +31,7 @@ __all__ = [
     "ProjectConfig",
     "RoundsConfig",
     "ServerConfig",
+    "SimulationConfig",
     "StrategyConfig",
     "TransportConfig",
     "find_project",
@@ -252,6 +253,31 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class SimulationConfig:
+    """``[simulation]``: how ``flctl simulate`` runs its virtual clients (docs/simulation.md).
+
+    ``workers`` is how many worker processes (or Ray actors) run the clients; 0: one per
+    ``client_cpus`` cores, leaving one core to the coordinator. ``client_cpus`` and
+    ``client_gpus`` are what one virtual client's ``fit`` needs (a fraction of a GPU lets
+    several clients share one): the Ray backend asks Ray for that much per worker. A selected client
+    drops out (reports its task failed, as a deployed client whose training fails) with
+    probability ``dropout_rate``; a fraction ``straggler_fraction`` of the others report
+    ``straggler_delay_s`` seconds late (their update arrives late; past ``rounds.deadline_s``
+    it is refused as late). Which clients drop out or straggle follows from the project's
+    seed, the round and the client, so a run repeats.
+    """
+
+    workers: int = 0
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    dropout_rate: float = 0.0
+    straggler_fraction: float = 0.0
+    straggler_delay_s: float = 0.0
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole ``flctl.toml``.
 
@@ -268,6 +294,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
     task: dict[str, ConfigValue] = field(default_factory=dict)
     root: Path = field(default=Path("."), compare=False)
 
@@ -301,6 +328,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "data": DataConfig,
     "privacy": PrivacyConfig,
     "gate": GateConfig,
+    "simulation": SimulationConfig,
 }
 
 # (section, key) -> (lowest allowed, highest allowed); None means unbounded on that side.
@@ -344,6 +372,12 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("privacy", "population"): (0, None),
     ("gate", "max_regression"): (0, None),
     ("gate", "rollback_after"): (0, 1000),
+    ("simulation", "workers"): (0, 4096),
+    ("simulation", "client_cpus"): (0.01, 1024),
+    ("simulation", "client_gpus"): (0, 64),
+    ("simulation", "dropout_rate"): (0, 1),
+    ("simulation", "straggler_fraction"): (0, 1),
+    ("simulation", "straggler_delay_s"): (0, 86400),
 }
 
 

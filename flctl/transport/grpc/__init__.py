@@ -46,7 +46,12 @@ from flctl.transport.grpc._status import (
     status_for,
     translate_rpc_error,
 )
-from flctl.transport.grpc._values import from_value_map, metrics_from_map, to_value_map
+from flctl.transport.grpc._values import (
+    from_value_map,
+    metrics_from_map,
+    raw_value_map,
+    to_value_map,
+)
 from flctl.transport.grpc._wire import (  # noqa: E402
     ChunkOut,
     UploadItem,
@@ -97,14 +102,15 @@ __all__ = [
     "pb",
     "probe_certificate",
     "raise_descriptor_limit",
+    "raw_value_map",
     "secure_channel",
     "split_address",
     "start_server",
     "status_for",
     "task_from_pb",
     "task_to_pb",
-    "upload_answer_to_pb",
-    "upload_header_from_pb",
     "to_value_map",
     "translate_rpc_error",
+    "upload_answer_to_pb",
+    "upload_header_from_pb",
 ]
