@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from typing import Annotated, Any
 
 import typer
@@ -67,7 +68,7 @@ def simulate_command(
     The same round engine, strategy, privacy, gate, store and events as `serve` + `join`; the
     clients run on a pool of workers (local processes, or Ray actors with --backend ray).
     """
-    from flctl.simulation import SimulationOptions, simulate
+    from flctl.simulation import SimulationOptions, SimulationReport, simulate
 
     if backend and backend not in ("local", "ray"):
         from flctl.core.errors import ConfigError
@@ -126,10 +127,20 @@ def simulate_command(
             else:
                 out.line(line)
 
+    async def run() -> SimulationReport:
+        # SIGTERM stops the run as Ctrl-C does: the open round ends, --resume finishes
+        main = asyncio.current_task()
+        assert main is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+        return await simulate(config, options, on_event)
+
     if bar is not None:
         bar.start()
     try:
-        report = asyncio.run(simulate(config, options, on_event))
+        report = asyncio.run(run())
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        out.note("interrupted: `flctl simulate --resume` finishes the run")
+        raise typer.Exit(130) from None
     finally:
         if bar is not None:
             bar.stop()

@@ -7,6 +7,7 @@ from flctl.coordinator._coordinator import (
     read_serve_file,
     running_serve_file,
 )
+from flctl.coordinator._local import LocalClients
 from flctl.coordinator._strategy import (
     STRATEGY_FN,
     build_strategy,
@@ -17,6 +18,7 @@ from flctl.coordinator._task import coordinator_context
 
 __all__ = [
     "Coordinator",
+    "LocalClients",
     "SERVE_FILE",
     "STRATEGY_FN",
     "build_strategy",

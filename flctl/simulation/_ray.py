@@ -111,7 +111,7 @@ class RayBackend:
             ) from None
         self._ray = ray
         self._out.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self._init)
+        self._init()  # in the main thread: Ray sets its signal handlers there
         actor_class = ray.remote(num_cpus=self._cpus, num_gpus=self._gpus)(_ActorBody)
         setup_json = self._setup.to_json()
         self._actors = [actor_class.remote(setup_json) for _ in range(self.workers)]
@@ -131,7 +131,7 @@ class RayBackend:
             "include_dashboard": False,
             "log_to_driver": False,
             "logging_level": "ERROR",
-            "configure_logging": False,
+            "configure_logging": True,
         }
         try:
             if self._address:
@@ -143,7 +143,10 @@ class RayBackend:
             where = self._address or "a local Ray instance"
             raise ConfigError(
                 f"cannot start or reach Ray at {where}: {_first_line(exc)}",
-                hint="check `ray status` on the cluster, or leave --ray-address out",
+                hint="check `ray status` on the cluster; a cluster with token authentication "
+                "(Ray's default) needs RAY_AUTH_MODE=token for a HOST:PORT address, or use "
+                "--ray-address auto on one of its nodes; leave --ray-address out to start a "
+                "local Ray",
             ) from None
 
     def _model(self, job: dict[str, Any]) -> Any:
