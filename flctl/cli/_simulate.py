@@ -14,12 +14,9 @@ import signal
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flctl.cli._common import load_project, setup_logging
 from flctl.cli._options import ConfigOpt, JsonOpt
 from flctl.cli._output import Output, command
-from flctl.cli._rounds import rounds_exit_code
 
 __all__ = ["simulate_command"]
 
@@ -63,11 +60,22 @@ def simulate_command(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Simulate a federation: the project's task with virtual clients, as deployed.
+    """Simulate a federation of virtual clients.
 
     The same round engine, strategy, privacy, gate, store and events as `serve` + `join`; the
     clients run on a pool of workers (local processes, or Ray actors with --backend ray).
     """
+    # imported here: `flctl --help` loads no coordinator, torch or Ray
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from flctl.cli._common import load_project, setup_logging
+    from flctl.cli._rounds import rounds_exit_code
     from flctl.simulation import SimulationOptions, SimulationReport, simulate
 
     if backend and backend not in ("local", "ray"):

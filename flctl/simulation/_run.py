@@ -349,10 +349,12 @@ async def simulate(
         run = _read_run(config)
         clients, per_round = int(run["clients"]), int(run["per_round"])
     else:
-        if options.clients < 1:
-            raise ConfigError("--clients must be at least 1")
-        if options.rounds < 1:
-            raise ConfigError("--rounds must be at least 1")
+        if options.clients < 1 or options.rounds < 1:
+            missing = "--clients" if options.clients < 1 else "--rounds"
+            raise ConfigError(
+                f"{missing} must be at least 1",
+                hint="flctl simulate --clients N --rounds R (or --resume to finish a run)",
+            )
         clients, per_round = options.clients, options.per_round
         run = {"clients": clients, "per_round": per_round, "rounds": options.rounds, "ids": []}
     sim_config = _simulated_config(config, clients, per_round)
