@@ -3,7 +3,7 @@
 Each run makes a fresh digits project (``flctl init``) and runs ``flctl simulate --json`` as a
 subprocess, as a user would; while it runs, the resident memory of its whole process tree (the
 simulate process, its workers, and with ``--backend ray`` every Ray process started for the
-run) is sampled every 0.1 s from /proc, and the peak of the sum is reported.
+run) is sampled every 0.25 s from /proc, and the peak of the sum is reported.
 
     python bench/simulate.py run --clients 1000 --rounds 20 --per-round 100 [--workers 1]
     python bench/simulate.py memory --clients 100 1000 10000 [--rounds 3 --per-round 100]
@@ -31,32 +31,36 @@ from typing import Any
 FLCTL = [sys.executable, "-m", "flctl"]
 
 
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in os.scandir(f"/proc/{pid}/task"):
+            text = Path(f"/proc/{pid}/task/{task.name}/children").read_text()
+            out += [int(child) for child in text.split()]
+    except OSError:
+        pass
+    return out
+
+
 def _rss_of_tree(root: int) -> int:
-    """Resident bytes of ``root`` and every descendant (and, for Ray, its processes)."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    names: dict[int, str] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+    """Resident bytes of ``root`` and every descendant (Ray's processes included).
+
+    Only the tree is read (``/proc/PID/task/TID/children``), not every process: the sampler
+    must not take the CPU the run measures.
+    """
+    total, todo, seen = 0, [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
             continue
-        pid = int(entry.name)
+        seen.add(pid)
         try:
-            status = Path(f"/proc/{pid}/status").read_text()
+            with open(f"/proc/{pid}/statm") as handle:
+                total += int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except OSError:
             continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        parents[pid] = int(fields.get("PPid", "0").strip() or 0)
-        names[pid] = fields.get("Name", "").strip()
-        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-    tree = {root}
-    changed = True
-    while changed:
-        changed = False
-        for pid, parent in parents.items():
-            if parent in tree and pid not in tree:
-                tree.add(pid)
-                changed = True
-    return sum(rss.get(pid, 0) for pid in tree)
+        todo += _children(pid)
+    return total
 
 
 class _Sampler(threading.Thread):
@@ -67,7 +71,7 @@ class _Sampler(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             self.peak = max(self.peak, _rss_of_tree(self.pid))
-            time.sleep(0.1)
+            time.sleep(0.25)
 
 
 def _project(root: Path, seed: int) -> Path:

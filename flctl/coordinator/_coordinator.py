@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -141,8 +142,9 @@ class Coordinator:
         in_process: bool = False,
     ) -> None:
         self.config = config
-        #: Serve in-process clients only (``flctl simulate``): no listener, no certificates;
-        #: :attr:`local` is the transport's coordinator end once started.
+        #: Serve in-process clients only (``flctl simulate``): no listener, no certificates,
+        #: a selection seeded by the project's seed; :attr:`local` is the transport's
+        #: coordinator end once started.
         self.in_process = in_process
         self.local: LocalClients | None = None
         #: What each queued round records as its config (the job's settings).
@@ -336,6 +338,10 @@ class Coordinator:
             uploads=uploads,
             check=check,
             new_strategy=new_strategy,
+            # a simulation repeats: the same seed selects the same clients each round
+            selection_rng=random.Random(f"{config.project.seed}/selection")
+            if self.in_process
+            else None,
         )
         # The round open when the coordinator stopped carries on if it can; others fail.
         resumed: int | None = None

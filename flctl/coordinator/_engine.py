@@ -84,6 +84,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -172,6 +173,7 @@ class RoundEngine:
         uploads: PartialUploads | None = None,
         check: ModelCheck | None = None,
         new_strategy: Callable[[], Strategy] | None = None,
+        selection_rng: random.Random | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -193,7 +195,11 @@ class RoundEngine:
         )
         self._heads = Heads(config, store, events, self.busy_round)
         self._selection = Selection(
-            config, registry, stopping=lambda: self._stopping, cancelled=self._cancelled
+            config,
+            registry,
+            stopping=lambda: self._stopping,
+            cancelled=self._cancelled,
+            rng=selection_rng,
         )
         #: the clients' evaluation of each round's model (rounds.evaluate "clients", "both")
         self._evaluation = ClientEvaluation(

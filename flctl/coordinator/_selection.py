@@ -32,12 +32,15 @@ class Selection:
         *,
         stopping: Callable[[], bool],
         cancelled: Callable[[int], str | None],
+        rng: random.Random | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
         self._stopping = stopping
         self._cancelled = cancelled
-        self._rng = random.SystemRandom()
+        #: the OS's randomness (no client can predict a draw); a seeded generator where a
+        #: run must repeat (``flctl simulate``)
+        self._rng = rng or random.SystemRandom()
 
     async def wait_for_quorum(self, server_round: int) -> list[str]:
         rounds = self._config.rounds

@@ -12,7 +12,7 @@ not know its clients are virtual. The rounds it queues record ``simulation`` in 
 Heterogeneity (``[simulation]``): a selected client drops out with ``dropout_rate`` (its task
 fails: the engine stops waiting for it, as for a deployed client whose training fails); a
 ``straggler_fraction`` of the others upload ``straggler_delay_s`` late. Who drops out or straggles
-follows from the seed, the round and the client.
+follows from the seed, the round and the client, as does the selection: a run repeats.
 
 The run is recorded in ``<state>/simulation/run.json`` (its clients, selection and rounds); an
 interrupted simulation (Ctrl-C) ends its open round as a stopped coordinator does, and

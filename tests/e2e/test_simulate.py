@@ -176,3 +176,18 @@ def test_bad_options_are_refused_and_change_nothing(tmp_path: Path) -> None:
         assert needle in result.stderr + result.stdout, (args, result.stderr)
         assert "Traceback" not in result.stderr
     assert not (proj / ".flctl").exists()
+
+
+def test_the_same_seed_gives_the_same_models_whatever_the_workers(tmp_path: Path) -> None:
+    digests = []
+    for workers in ("1", "2"):
+        proj = _project(tmp_path, name=f"w{workers}")
+        result = flctl(
+            "simulate", "--clients", "20", "--rounds", "2", "--per-round", "5",
+            "--workers", workers, "--json", cwd=proj, check=True,
+        )  # fmt: skip
+        report = one_json(result.stdout)
+        assert report["workers"] == int(workers)
+        digests.append(report["head_digest"])
+    # the selection, the partitions, each fit and the summation order follow from the seed
+    assert digests[0] == digests[1]
