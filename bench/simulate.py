@@ -7,6 +7,7 @@ run) is sampled every 0.25 s from /proc, and the peak of the sum is reported.
 
     python bench/simulate.py run --clients 1000 --rounds 20 --per-round 100 [--workers 1]
     python bench/simulate.py memory --clients 100 1000 10000 [--rounds 3 --per-round 100]
+        [--task synthetic|digits]   # synthetic (default): digits cannot be split 10,000 ways
     python bench/simulate.py compare [--clients 10 --rounds 5]   # simulate vs serve + join
 
 ``compare`` runs the same job twice from the same seed: ``flctl simulate`` and ``flctl demo``
@@ -29,6 +30,59 @@ from pathlib import Path
 from typing import Any
 
 FLCTL = [sys.executable, "-m", "flctl"]
+
+#: ``memory``'s task: digits' 1,437 images cannot be split 10,000 ways, so each client draws
+#: 32 synthetic examples of its own (from the seed and its partition) for a model of digits'
+#: size; the engine's work per client is the same.
+SYNTHETIC_TASK = """
+import torch
+from flctl.client import Client
+
+
+def build_model(context):
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)
+    )
+
+
+def _data(seed, partition, n=32):
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + partition)
+    x = torch.randn(n, 64, generator=gen)
+    return x, (x[:, :10].argmax(1))
+
+
+class SyntheticClient(Client):
+    def __init__(self, context):
+        self.context = context
+        self.model = build_model(context)
+        self.x, self.y = _data(context.seed, context.partition_id)
+
+    def get_parameters(self):
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def fit(self, parameters, config):
+        self.model.load_state_dict(parameters)
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05)
+        loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return self.get_parameters(), len(self.y), {"train_loss": float(loss)}
+
+
+def client_fn(context):
+    return SyntheticClient(context)
+
+
+def server_evaluate(parameters, context):
+    model = build_model(context)
+    model.load_state_dict(parameters)
+    x, y = _data(context.seed, 10**9, 512)
+    with torch.no_grad():
+        logits = model(x)
+    loss = float(torch.nn.functional.cross_entropy(logits, y))
+    return loss, {"accuracy": float((logits.argmax(1) == y).float().mean()), "loss": loss}
+"""
 
 
 def _children(pid: int) -> list[int]:
@@ -81,11 +135,19 @@ def _project(root: Path, seed: int) -> Path:
 
 
 def simulate(
-    clients: int, rounds: int, per_round: int, workers: int, backend: str, seed: int = 0
+    clients: int,
+    rounds: int,
+    per_round: int,
+    workers: int,
+    backend: str,
+    seed: int = 0,
+    task: str = "digits",
 ) -> dict[str, Any]:
     """One ``flctl simulate`` run in a fresh project; its report plus wall time and peak RSS."""
     with tempfile.TemporaryDirectory() as folder:
         proj = _project(Path(folder), seed)
+        if task == "synthetic":
+            (proj / "task.py").write_text(SYNTHETIC_TASK)
         args = [*FLCTL, "simulate", "--clients", str(clients), "--rounds", str(rounds),
                 "--per-round", str(per_round), "--json", "--backend", backend]  # fmt: skip
         if workers:
@@ -105,6 +167,7 @@ def simulate(
     overheads = [r["overhead_ms_per_client"] for r in report["rounds"][1:]]
     last = report["rounds"][-1]["metrics"]
     return {
+        "task": task,
         "clients": clients,
         "rounds": rounds,
         "per_round": per_round,
@@ -212,6 +275,7 @@ def main() -> None:
     mem.add_argument("--rounds", type=int, default=3)
     mem.add_argument("--per-round", type=int, default=100)
     mem.add_argument("--workers", type=int, default=0)
+    mem.add_argument("--task", choices=["digits", "synthetic"], default="synthetic")
     cmp = sub.add_parser("compare")
     cmp.add_argument("--clients", type=int, default=10)
     cmp.add_argument("--rounds", type=int, default=5)
@@ -223,7 +287,7 @@ def main() -> None:
         rows = [simulate(args.clients, args.rounds, args.per_round, args.workers, args.backend)]
     elif args.mode == "memory":
         rows = [
-            simulate(n, args.rounds, min(args.per_round, n), args.workers, "local")
+            simulate(n, args.rounds, min(args.per_round, n), args.workers, "local", 0, args.task)
             for n in args.clients
         ]
     else:

@@ -257,7 +257,7 @@ class SimulationConfig:
     """``[simulation]``: how ``flctl simulate`` runs its virtual clients (docs/simulation.md).
 
     ``workers`` is how many worker processes (or Ray actors) run the clients; 0: one per
-    ``client_cpus`` cores, leaving one core to the coordinator. ``client_cpus`` and
+    ``client_cpus`` cores. ``client_cpus`` and
     ``client_gpus`` are what one virtual client's ``fit`` needs (a fraction of a GPU lets
     several clients share one): the Ray backend asks Ray for that much per worker. A selected client
     drops out (reports its task failed, as a deployed client whose training fails) with

@@ -141,8 +141,7 @@ class LocalBackend:
 
     async def close(self) -> None:
         """End every worker (its stdin closes; killed if it does not exit in 5 s)."""
-        for worker in self._all:
-            await self._end(worker)
+        await asyncio.gather(*(self._end(worker) for worker in self._all))
         self._all.clear()
 
     @staticmethod

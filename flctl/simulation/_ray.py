@@ -137,7 +137,8 @@ class RayBackend:
             if self._address:
                 ray.init(address=self._address, **options)
             else:
-                ray.init(num_cpus=os.cpu_count() or 1, **options)
+                # "local": a new instance, even where an earlier `ray start` left its address
+                ray.init(address="local", num_cpus=os.cpu_count() or 1, **options)
                 self._started_ray = True
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = self._address or "a local Ray instance"

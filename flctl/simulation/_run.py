@@ -183,12 +183,10 @@ def _workers(config: Config, options: SimulationOptions) -> int:
         return options.workers
     if config.simulation.workers:
         return config.simulation.workers
-    # one core stays with the coordinator (the engine, the upload checks, the store): on the
-    # 2-core machine measured, 1 worker ran 100 clients a round as fast as 2, in half the
-    # memory (docs/benchmarks.md)
+    # one per client_cpus cores: a job whose fits dominate uses every core (docs/benchmarks.md
+    # has runs where fewer workers did as well, with less memory)
     cores = os.cpu_count() or 1
-    spare = cores - 1 if cores > 1 else 1
-    return max(1, int(spare / max(config.simulation.client_cpus, 0.01)))
+    return max(1, int(cores / max(config.simulation.client_cpus, 0.01)))
 
 
 def _make_backend(

@@ -85,6 +85,7 @@ class WorkerCore:
         self._out = Path(setup.out_dir or Path(setup.clients_dir).parent / "updates")
         self._out.mkdir(parents=True, exist_ok=True)
         self.jobs_done = 0
+        _warm_up(torch)
 
     def run(self, job: dict[str, Any]) -> dict[str, Any]:
         """Run one job; the answer says what came of it (``ok`` false: why, in one line)."""
@@ -180,6 +181,18 @@ class WorkerCore:
         return {"ok": True, "loss": loss, "num_examples": num_examples, "metrics": metrics}
 
 
+def _warm_up(torch: ModuleType) -> None:
+    """Pay torch's one-off costs now, while the coordinator starts, not in round 1.
+
+    A process's first optimizer step imports and sets up parts of torch (about 1.5 s of CPU
+    on the reference machine, docs/benchmarks.md) that every later step reuses.
+    """
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    layer(torch.zeros(1, 2)).sum().backward()
+    optimizer.step()
+
+
 def main() -> int:
     """Serve jobs on the protocol pipe (the process's stdout as started; stdin for jobs).
 
@@ -205,7 +218,10 @@ def main() -> int:
         job = json.loads(line)
         answer = core.stats() if job.get("op") == "stats" else core.run(job)
         protocol.write(json.dumps(answer) + "\n")
-    return 0
+    protocol.flush()
+    sys.stderr.flush()
+    # nothing is left to write: skip the interpreter's teardown of torch (a second or so)
+    os._exit(0)
 
 
 if __name__ == "__main__":
