@@ -40,13 +40,14 @@ from flctl.transport.grpc import (
     start_server,
 )
 
+from ._admin import AdminService
 from ._engine import RoundEngine, end_round
 from ._events import EventLog
 from ._guard import RevocationGuard
 from ._integrity import ModelCheck
 from ._local import LocalClients
 from ._registry import Registry, Session
-from ._service import AdminService, CoordinatorService, Limits
+from ._service import CoordinatorService, Limits
 from ._strategy import (
     STRATEGY_FN,
     build_strategy,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from flctl.core.errors import InvalidInputError
+from flctl.core.errors import InvalidInputError, LimitExceededError
 
-__all__ = ["MAX_ID", "Limits", "check_id"]
+__all__ = ["MAX_ID", "Limits", "bounded", "check_id"]
 
 #: The largest round id, sequence number or version the store can hold (SQLite's INTEGER).
 MAX_ID = (1 << 63) - 1
@@ -26,3 +26,10 @@ def check_id(label: str, value: int) -> int:
     if value > MAX_ID:
         raise InvalidInputError(f"{label} {value} is out of range (at most {MAX_ID})")
     return int(value)
+
+
+def bounded(label: str, value: str, limit: int) -> str:
+    """A text field from a caller, refused when longer than ``limit`` characters."""
+    if len(value) > limit:
+        raise LimitExceededError(f"{label} is longer than {limit} characters")
+    return value

@@ -32,6 +32,7 @@ from flctl.transport.grpc._connections import (
     raise_descriptor_limit,
 )
 from flctl.transport.grpc._proto import flctl_pb2 as pb
+from flctl.transport.grpc._records import model_info, round_info, update_info
 from flctl.transport.grpc._server import ServerCredentials, start_server
 from flctl.transport.grpc._servicers import (
     AdminHandler,
@@ -99,10 +100,12 @@ __all__ = [
     "is_tls_failure",
     "map_rpc_errors",
     "metrics_from_map",
+    "model_info",
     "pb",
     "probe_certificate",
     "raise_descriptor_limit",
     "raw_value_map",
+    "round_info",
     "secure_channel",
     "split_address",
     "start_server",
@@ -111,6 +114,7 @@ __all__ = [
     "task_to_pb",
     "to_value_map",
     "translate_rpc_error",
+    "update_info",
     "upload_answer_to_pb",
     "upload_header_from_pb",
 ]

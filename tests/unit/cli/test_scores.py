@@ -16,9 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from flctl.cli import _common, _output, app
-from flctl.coordinator._service import update_info
 from flctl.store import SqlStore
-from flctl.transport.grpc import pb
+from flctl.transport.grpc import pb, update_info
 
 runner = CliRunner()
 
