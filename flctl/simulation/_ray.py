@@ -25,6 +25,7 @@ from typing import Any
 
 from flctl.core.errors import ConfigError, FlctlError
 
+from ._local import DEPTH
 from ._worker import WorkerCore, WorkerSetup
 
 __all__ = ["RayBackend"]
@@ -120,8 +121,9 @@ class RayBackend:
         except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's error in its own types
             await self.close()
             raise FlctlError(f"a Ray simulation worker did not start: {_first_line(exc)}") from None
-        for actor in self._actors:
-            self._free.put_nowait(actor)
+        for actor in self._actors:  # as the local backend: the next call waits in the actor
+            for _ in range(DEPTH):
+                self._free.put_nowait(actor)
 
     def _init(self) -> None:
         ray = self._ray
