@@ -6,23 +6,26 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from rich.live import Live
 
 from flctl.cli._common import admin_client, retry_connect, round_dict
 from flctl.cli._output import Output
+from flctl.coordinator import running_serve_file
 from flctl.core import Config, Event
 from flctl.core.errors import (
     BudgetExhaustedError,
     ConnectError,
+    FlctlError,
     InvalidInputError,
     RoundCancelledError,
     RoundFailedError,
     RoundRejectedError,
 )
 from flctl.core.events import TERMINAL_ROUND_STATUSES
+from flctl.store import SqlStore, require_store
 from flctl.transport.grpc import AdminClient, pb
 from flctl.tui import DashboardState, event_line, render_dashboard
 
@@ -188,7 +191,16 @@ def watch_events(
         since: Replay the events after this seq.
     """
     out = Output(json_mode=json_output)
-    if json_output:
+    # no coordinator runs (it stopped, or the run was `flctl simulate`): the recorded log
+    offline = server is None and running_serve_file(config.state_path) is None
+    if offline:
+        try:
+            require_store(config.state_path)
+        except FlctlError:  # no store either: say no coordinator runs, as before
+            offline = False
+    if offline and follow:
+        out.note("no coordinator runs here: showing the recorded events")
+    if offline or json_output:
         follow = False
     elif follow is None:
         follow = out.is_terminal
@@ -196,8 +208,26 @@ def watch_events(
     state = DashboardState(title=f"flctl round watch ({leave})" if follow else "flctl round watch")
     collected: list[dict[str, Any]] = []
 
+    async def recorded() -> AsyncIterator[Event]:
+        """The events the state store holds (read-only)."""
+        store = SqlStore.open(config.state_path, read_only=True)
+        try:
+            seq = since
+            while batch := store.events_since(seq, limit=5000):
+                for event in batch:
+                    yield event
+                seq = batch[-1].seq
+        finally:
+            store.close()
+
+    async def watched(client: AdminClient) -> AsyncIterator[Event]:
+        """The running coordinator's events (and, following, those to come)."""
+        async for message in client.watch(since, follow=follow):
+            yield event_from_pb(message)
+
     async def main() -> None:
-        client = admin_client(config, server)
+        client = None if offline else admin_client(config, server)
+        stream = recorded() if client is None else watched(client)
         live: Live | None = None
         if out.is_terminal and follow:
             live = Live(
@@ -209,8 +239,7 @@ def watch_events(
         elif follow:
             out.note(f"following the coordinator's events; {leave}")
         try:
-            async for message in client.watch(since, follow=follow):
-                event = event_from_pb(message)
+            async for event in stream:
                 state.apply(event)
                 if json_output:
                     collected.append(
@@ -228,7 +257,8 @@ def watch_events(
         finally:
             if live is not None:
                 live.stop()
-            await client.close()
+            if client is not None:
+                await client.close()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())

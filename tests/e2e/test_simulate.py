@@ -63,6 +63,11 @@ def test_fifty_clients_on_digits_commit_every_round_as_a_deployed_run_would(
     assert {e["client_id"] for e in accepted} <= {f"sim-{i:05d}" for i in range(50)}
     run = json.loads((proj / ".flctl" / "simulation" / "run.json").read_text())
     assert run["clients"] == 50 and run["ids"] == [1, 2, 3]
+    # round watch replays the recorded run: no coordinator runs once a simulation has ended
+    watched = one_json(flctl("round", "watch", "--json", cwd=proj, check=True).stdout)["events"]
+    assert [e["round"] for e in watched if e["type"] == "round.committed"] == [1, 2, 3]
+    replay = flctl("round", "watch", "--no-follow", cwd=proj, check=True).stdout
+    assert "round 3 committed" in replay
     # the worker's updates moved into the blob store: none is left behind
     assert list((proj / ".flctl" / "simulation" / "updates").iterdir()) == []
 
