@@ -358,21 +358,7 @@ async def simulate(
     sim_config = _simulated_config(config, clients, per_round)
     backend_name = options.backend or config.simulation.backend
     workers = _workers(config, options)
-    setup = WorkerSetup(
-        task_path=str(config.task_path),
-        seed=config.project.seed,
-        device=config.client.device,
-        num_partitions=clients,
-        partitioning=config.data.partitioning,
-        alpha=config.data.alpha,
-        task_config=dict(config.task),
-        update_encoding=config.client.update_encoding,
-        update_dtype=config.client.update_dtype,
-        num_threads=config.client.num_threads,
-        max_metrics=64,
-        clients_dir=str(config.state_path / "simulation" / "clients"),
-        out_dir=str(config.state_path / "simulation" / "updates"),
-    )
+    setup = WorkerSetup.from_config(config, clients)
     backend = _make_backend(
         config, backend_name, workers, options.ray_address or config.simulation.ray_address, setup
     )

@@ -31,10 +31,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from flctl.core import Config
+
 __all__ = ["CLIENT_DIR_KEY", "WorkerCore", "WorkerSetup", "main"]
 
 #: The task config entry naming the folder a virtual client may keep files in between rounds.
 CLIENT_DIR_KEY = "flctl.client_dir"
+#: The metrics a fit or evaluate may return (the coordinator's ``Limits.max_metrics``).
+MAX_METRICS = 64
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,31 @@ class WorkerSetup:
     out_dir: str = ""
     #: environment entries set before torch loads (CUDA_VISIBLE_DEVICES from Ray, ...)
     env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Config, num_partitions: int) -> WorkerSetup:
+        """The setup of a simulation of ``num_partitions`` clients of the project ``config``.
+
+        Updates are written to ``<state>/simulation/updates`` (on the blob store's file
+        system: an accepted one moves into it), each client's folder is under
+        ``<state>/simulation/clients``.
+        """
+        folder = config.state_path / "simulation"
+        return cls(
+            task_path=str(config.task_path),
+            seed=config.project.seed,
+            device=config.client.device,
+            num_partitions=num_partitions,
+            partitioning=config.data.partitioning,
+            alpha=config.data.alpha,
+            task_config=dict(config.task),
+            update_encoding=config.client.update_encoding,
+            update_dtype=config.client.update_dtype,
+            num_threads=config.client.num_threads,
+            max_metrics=MAX_METRICS,
+            clients_dir=str(folder / "clients"),
+            out_dir=str(folder / "updates"),
+        )
 
     def to_json(self) -> str:
         """The setup as one JSON line."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flctl.core import Config, ProjectConfig
 from flctl.simulation import WorkerSetup
 from flctl.simulation._local import LocalBackend
 from flctl.tensors import save_parameters
@@ -15,24 +16,6 @@ from flctl.tensors import save_parameters
 pytestmark = pytest.mark.timeout(180)
 
 TASK = Path(__file__).parent / "tiny_task.py"
-
-
-def _setup(tmp_path: Path, task: Path) -> WorkerSetup:
-    return WorkerSetup(
-        task_path=str(task),
-        seed=0,
-        device="cpu",
-        num_partitions=8,
-        partitioning="iid",
-        alpha=0.5,
-        task_config={},
-        update_encoding="full",
-        update_dtype="float32",
-        num_threads=1,
-        max_metrics=64,
-        clients_dir=str(tmp_path / "clients"),
-        out_dir=str(tmp_path / "updates"),
-    )
 
 
 def test_a_worker_that_dies_fails_its_jobs_and_is_replaced(tmp_path: Path) -> None:
@@ -61,7 +44,8 @@ def test_a_worker_that_dies_fails_its_jobs_and_is_replaced(tmp_path: Path) -> No
         }
 
     async def main() -> tuple[list[dict[str, object]], list[dict[str, object]]]:
-        backend = LocalBackend(_setup(tmp_path, task), 1, tmp_path / "logs")
+        config = Config(project=ProjectConfig(task=str(task)), root=tmp_path)
+        backend = LocalBackend(WorkerSetup.from_config(config, 8), 1, tmp_path / "logs")
         await backend.start()
         try:
             answers = await asyncio.gather(*(backend.run(job(i)) for i in range(8)))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flctl.core import Config, ProjectConfig
 from flctl.core.errors import ConfigError
 from flctl.simulation import CLIENT_DIR_KEY, WorkerCore, WorkerSetup
 from flctl.simulation._ray import RayBackend
@@ -17,22 +18,14 @@ from flctl.tensors import load_parameters, save_parameters
 TASK = Path(__file__).parents[2] / "integration" / "tiny_task.py"
 
 
-def _setup(tmp_path: Path, **task: object) -> WorkerSetup:
-    return WorkerSetup(
-        task_path=str(TASK),
-        seed=0,
-        device="cpu",
-        num_partitions=4,
-        partitioning="iid",
-        alpha=0.5,
-        task_config=dict(task),
-        update_encoding="full",
-        update_dtype="float32",
-        num_threads=1,
-        max_metrics=64,
-        clients_dir=str(tmp_path / "clients"),
-        out_dir=str(tmp_path / "updates"),
-    )
+def UPDATES(root: Path) -> Path:  # noqa: N802 - reads as the folder's name
+    return root / ".flctl" / "simulation" / "updates"
+
+
+def _setup(tmp_path: Path, task: Path = TASK, **settings: object) -> WorkerSetup:
+    """The setup ``flctl simulate`` gives its workers, for a project in ``tmp_path``."""
+    config = Config(project=ProjectConfig(task=str(task)), task=dict(settings), root=tmp_path)
+    return WorkerSetup.from_config(config, 4)
 
 
 def _model(tmp_path: Path) -> Path:
@@ -59,7 +52,7 @@ def test_a_fit_job_writes_a_checked_update_and_says_how_to_take_it(tmp_path: Pat
     answer = core.run(_job(_model(tmp_path)))
     assert answer["ok"] and answer["job"] == 7, answer
     update = Path(answer["path"])
-    assert update.parent == tmp_path / "updates" and update.stat().st_size == answer["size"]
+    assert update.parent == UPDATES(tmp_path) and update.stat().st_size == answer["size"]
     assert answer["encoding"] == "full" and answer["num_examples"] > 0
     import hashlib
 
@@ -78,12 +71,11 @@ def test_a_client_that_raises_fails_its_job_only(tmp_path: Path) -> None:
         + "        raise RuntimeError('no data here')\n"
         + "    return _original(context)\n"
     )
-    setup = _setup(tmp_path)
-    core = WorkerCore(WorkerSetup(**{**vars(setup), "task_path": str(task)}))
+    core = WorkerCore(_setup(tmp_path, task))
     model = _model(tmp_path)
     bad = core.run(_job(model, "sim-00002"))
     assert not bad["ok"] and "client_fn raised RuntimeError: no data here" in bad["reason"], bad
-    assert not (tmp_path / "updates").exists() or not list((tmp_path / "updates").iterdir())
+    assert not list(UPDATES(tmp_path).iterdir())
     good = core.run(_job(model, "sim-00003"))
     assert good["ok"], good
 
@@ -98,10 +90,9 @@ def test_each_client_is_told_its_own_folder(tmp_path: Path) -> None:
         + "\n_original = client_fn\n\n"
         + "def client_fn(context):\n    _seen(context)\n    return _original(context)\n"
     )
-    setup = _setup(tmp_path)
-    core = WorkerCore(WorkerSetup(**{**vars(setup), "task_path": str(task)}))
+    core = WorkerCore(_setup(tmp_path, task))
     assert core.run(_job(_model(tmp_path), "sim-00004"))["ok"]
-    assert (tmp_path / "clients" / "sim-00004").is_dir()
+    assert (tmp_path / ".flctl" / "simulation" / "clients" / "sim-00004").is_dir()
 
 
 def test_the_ray_backend_without_ray_says_how_to_install_it(
