@@ -41,6 +41,7 @@ from flctl.core import events as ev
 from flctl.core.errors import ConfigError, ConflictError, FlctlError, NotFoundError
 from flctl.core.events import Event
 from flctl.core.work import Task, UploadHeader
+from flctl.store import SqlStore, require_store
 
 from ._worker import WorkerSetup
 
@@ -356,6 +357,8 @@ async def simulate(
         clients, per_round = options.clients, options.per_round
         run = {"clients": clients, "per_round": per_round, "rounds": options.rounds, "ids": []}
     sim_config = _simulated_config(config, clients, per_round)
+    if not options.resume:
+        _refuse_leftover_rounds(config)
     backend_name = options.backend or config.simulation.backend
     workers = _workers(config, options)
     setup = WorkerSetup.from_config(config, clients)
@@ -425,18 +428,11 @@ async def simulate(
                 ids += coordinator.queue_rounds(
                     owed, admin="simulate", simulation=_marker(run, backend)
                 )
-            run["ids"] = [i for i in run["ids"] if i not in interrupted or i in ids] + [
-                i for i in ids if i not in run["ids"]
-            ]
+            # the rounds the interrupt ended do not count: the new ones take their place
+            kept = [i for i in run["ids"] if i not in interrupted]
+            run["ids"] = kept + [i for i in ids if i not in kept]
             run["interrupted"] = []
         else:
-            leftover = store.next_queued_round()
-            if leftover is not None:
-                raise ConflictError(
-                    f"queued rounds of an earlier run wait in {config.state_path}",
-                    hint="finish them with `flctl simulate --resume`, or cancel them "
-                    "(`flctl round cancel`) first",
-                )
             ids = coordinator.queue_rounds(
                 options.rounds, admin="simulate", simulation=_marker(run, backend)
             )
@@ -500,6 +496,30 @@ async def simulate(
         await coordinator.stop(INTERRUPTED if report.interrupted else "simulation finished")
     report.wall_s = round(time.perf_counter() - started, 3)
     return report
+
+
+def _refuse_leftover_rounds(config: Config) -> None:
+    """Refuse to start a new run over rounds an earlier one left queued (they would run first).
+
+    Raises:
+        ConflictError: The store holds queued rounds.
+    """
+    try:
+        require_store(config.state_path)
+    except FlctlError:
+        return  # a new state folder (a damaged one is refused when the coordinator opens it)
+    store = SqlStore.open(config.state_path, read_only=True)
+    try:
+        leftover = store.next_queued_round()
+    finally:
+        store.close()
+    if leftover is not None:
+        raise ConflictError(
+            f"queued rounds of an earlier run wait in {config.state_path} "
+            f"(round {leftover.id} first)",
+            hint="finish them with `flctl simulate --resume`, or give the new run a "
+            "project.state_dir of its own",
+        )
 
 
 def _marker(run: dict[str, Any], backend: Backend) -> dict[str, Any]:

@@ -155,6 +155,12 @@ def test_an_interrupted_simulation_resumes_from_the_last_committed_round(
     assert "flctl simulate --resume" in output and "Traceback" not in output
     committed_before = len(_events(proj, "round.committed"))
     assert 2 <= committed_before < 40
+    # a new run over the rounds this one left queued is refused, and changes nothing
+    events_before = len(_events(proj, "round"))
+    refused = flctl("simulate", "--clients", "20", "--rounds", "1", cwd=proj)
+    assert refused.returncode != 0 and "queued rounds of an earlier run" in refused.stderr
+    assert "flctl simulate --resume" in refused.stderr
+    assert len(_events(proj, "round")) == events_before
     result = flctl("simulate", "--resume", "--json", cwd=proj, check=True)
     report = one_json(result.stdout)
     assert report["resumed"] and report["clients"] == 20 and report["per_round"] == 5
