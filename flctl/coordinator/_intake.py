@@ -571,12 +571,8 @@ class UpdateIntake:
             self._reject(header, client_id, refusal)
             return UploadAnswer(accepted=False, reason=refusal)
         committing = time.perf_counter()
-        try:
+        with self._storage("upload", header.size):
             stored = await asyncio.to_thread(self._commit_file, path, header.digest)
-        except OSError as exc:
-            if not _is_full(exc):
-                raise
-            raise self._storage_full("upload", header.size, exc) from None
         accepted = ev.UpdateAccepted(
             task_id=header.task_id,
             num_examples=header.num_examples,

@@ -69,6 +69,10 @@ class LocalClients:
         with self._service.batch():
             return [self.connect(client_id, on_task) for client_id in client_ids]
 
+    def session(self, client_id: str) -> Session | None:
+        """``client_id``'s session, while it is connected."""
+        return self._sessions.get(client_id)
+
     def disconnect(self, client_id: str, reason: str = "disconnected") -> None:
         """End ``client_id``'s session (the round's rejoin grace applies, as on a network)."""
         session = self._sessions.pop(client_id, None)

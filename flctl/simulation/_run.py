@@ -221,7 +221,6 @@ class _Dispatcher:
         self._config = config
         self._sim = config.simulation
         self._ready: asyncio.Queue[str] = asyncio.Queue()
-        self._sessions: dict[str, Any] = {}
         self._partition: dict[str, int] = {}
         self._jobs: set[asyncio.Task[None]] = set()
         #: round -> [job seconds, jobs, dropped, stragglers]
@@ -229,15 +228,13 @@ class _Dispatcher:
         self.failures: list[str] = []
 
     def connect(self, client_ids: list[str]) -> None:
-        sessions = self._local.connect_all(client_ids, self._ready.put_nowait)
-        for index, (client_id, session) in enumerate(zip(client_ids, sessions, strict=True)):
-            self._partition[client_id] = index
-            self._sessions[client_id] = session
+        self._local.connect_all(client_ids, self._ready.put_nowait)
+        self._partition = {client_id: index for index, client_id in enumerate(client_ids)}
 
     async def run(self) -> None:
         while True:
             client_id = await self._ready.get()
-            session = self._sessions.get(client_id)
+            session = self._local.session(client_id)
             if session is None:
                 continue
             while not session.queue.empty():
