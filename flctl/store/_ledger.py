@@ -9,7 +9,7 @@ keeps the noised fraction of unclipped updates and the clip norm the next round 
 so a restarted coordinator carries on with it. Rows are never deleted: the ledger is the job's
 record of the privacy it spent.
 
-The table is defined on the store's own table base, and :mod:`flctl.store._sql` imports this
+The table is defined on the store's own table base, and :mod:`flctl.store._schema` imports this
 module, so ``SqlStore`` creates it with the others (``CREATE TABLE IF NOT EXISTS``: databases
 written before it existed get it when next opened).
 """
@@ -181,17 +181,17 @@ def charge(
         unclipped_fraction=None if unclipped_fraction is None else float(unclipped_fraction),
         next_clip_norm=None if next_clip_norm is None else float(next_clip_norm),
     )
-    with store._session(write=True) as session:
+    with store.session(write=True) as session:
         session.add(row)
         session.flush()
         record = _record(row)
-        store._commit(session)
+        store.commit(session)
     return record
 
 
 def ledger(store: SqlStore) -> list[LedgerRecord]:
     """Every charged round, in the order it was charged."""
-    with store._session() as session:
+    with store.session() as session:
         return [_record(row) for row in session.exec(select(LedgerRow).order_by(col(LedgerRow.id)))]
 
 

@@ -9,7 +9,7 @@ the admin identity that asked a running coordinator.
 Serials have up to 159 bits, more than an SQL ``BIGINT``: the table keeps them as lower-case
 hex text; the functions take and return ``int``.
 
-The table is defined on the store's own table base, and :mod:`flctl.store._sql` imports this
+The table is defined on the store's own table base, and :mod:`flctl.store._schema` imports this
 module, so ``SqlStore`` creates it with the others (``CREATE TABLE IF NOT EXISTS``: databases
 written before it existed get it when next opened).
 """
@@ -146,13 +146,13 @@ def revoke(
                 {"serial": row.serial, "reason": reason, "author": author}, sort_keys=True
             ),
         )
-    with store._session(write=True) as session:
+    with store.session(write=True) as session:
         session.add(row)
         if event is not None:
             session.add(event)
         session.flush()
         record = _record(row, (event.seq or 0) if event is not None else 0)
-        store._commit(session)
+        store.commit(session)
     return record
 
 
@@ -161,14 +161,14 @@ def list_revocations(store: SqlStore, identity: str | None = None) -> list[Revoc
     stmt = select(RevocationRow).order_by(col(RevocationRow.id))
     if identity is not None:
         stmt = stmt.where(RevocationRow.identity == identity)
-    with store._session() as session:
+    with store.session() as session:
         return [_record(row) for row in session.exec(stmt)]
 
 
 def revoked_identities(store: SqlStore) -> set[str]:
     """Return the identities revoked as a whole (every certificate of theirs)."""
     stmt = select(RevocationRow.identity).where(col(RevocationRow.serial).is_(None)).distinct()
-    with store._session() as session:
+    with store.session() as session:
         return set(session.exec(stmt))
 
 
@@ -187,7 +187,7 @@ def is_revoked(store: SqlStore, identity: str, serial: int | None = None) -> boo
         else or_(everything, col(RevocationRow.serial) == format(serial, "x"))
     )
     stmt = select(RevocationRow.id).where(RevocationRow.identity == identity, match).limit(1)
-    with store._session() as session:
+    with store.session() as session:
         return session.exec(stmt).first() is not None
 
 

@@ -1,0 +1,100 @@
+"""The append-only event log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import (
+    func,
+    insert,
+)
+from sqlmodel import col, select
+
+from flctl.core.events import Event
+from flctl.store._database import Database
+from flctl.store._rows import (
+    EVENTS,
+    check_limit,
+    dump_json,
+    event_record,
+    row_id,
+)
+from flctl.store._tables import (
+    EventRow,
+)
+
+__all__ = ["EventLog"]
+
+
+class EventLog(Database):
+    # -- events -----------------------------------------------------------------------------
+
+    def append_event(
+        self,
+        type: str,
+        *,
+        server_round: int = 0,
+        client_id: str = "",
+        data: Mapping[str, Any] | None = None,
+        durable: bool = True,
+    ) -> Event:
+        """Append one event to the log.
+
+        Args:
+            type: One of the constants of :mod:`flctl.core.events`.
+            server_round: The round it concerns, or 0.
+            client_id: The client it concerns, or "".
+            data: Type-specific details (JSON-serialisable).
+            durable: False for an informational event whose commit need not wait for the
+                disk (see :meth:`Database.session`); inside :meth:`transaction` the
+                transaction decides.
+
+        Returns:
+            The event with its ``seq`` and ``time``.
+
+        Raises:
+            InvalidInputError: ``data`` is not JSON-serialisable.
+        """
+        data_dict = dict(data or {})
+        now = time.time()
+        values = {
+            "time": now,
+            "type": type,
+            "server_round": server_round,
+            "client_id": client_id,
+            "data": dump_json(data_dict, "event data"),
+        }
+        with self.session(write=True, durable=durable) as session:
+            # Core INSERT: the ORM's unit of work costs more than the insert itself here
+            result = session.connection().execute(insert(EVENTS).values(**values))
+            (seq,) = result.inserted_primary_key or (None,)
+            event_ = Event(
+                seq=row_id(seq),
+                time=now,
+                type=type,
+                server_round=server_round,
+                client_id=client_id,
+                data=data_dict,
+            )
+            self._unpublished.append(event_)
+            self.commit(session)
+        return event_
+
+    def events_since(self, seq: int, limit: int = 1000) -> list[Event]:
+        """Return up to ``limit`` events with ``seq`` greater than the one given, ascending."""
+        stmt = (
+            select(EventRow)
+            .where(col(EventRow.seq) > seq)
+            .order_by(col(EventRow.seq))
+            .limit(check_limit(limit))
+        )
+        with self.session() as session:
+            return [event_record(row) for row in session.exec(stmt)]
+
+    def last_event_seq(self) -> int:
+        """Return the ``seq`` of the newest event, or 0 when the log is empty."""
+        with self.session() as session:
+            last = session.exec(select(func.max(EventRow.seq))).one()
+        return int(last or 0)
