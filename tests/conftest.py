@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,22 @@ def clean_environ(
             monkeypatch.delenv(key)
     monkeypatch.setenv("FLCTL_HOME", str(tmp_path_factory.mktemp("flctl-home")))
     yield
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One real PostgreSQL server for the whole run (tests/postgres.py); started on first use."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server: Any) -> str:
+    """The URL of a new, empty PostgreSQL database of its own for this test."""
+    return str(postgres_server.new_database())

@@ -57,6 +57,7 @@ __all__ = [
     "ConnectError",
     "CorruptStoreError",
     "DeadlineExceededError",
+    "FencedError",
     "FlctlError",
     "InconsistentUpdatesError",
     "IntegrityError",
@@ -81,6 +82,7 @@ __all__ = [
     "StorageFullError",
     "StoreError",
     "StoreLostError",
+    "StoreUnavailableError",
     "TaskError",
     "TransportError",
     "all_error_classes",
@@ -324,6 +326,20 @@ class StoreLostError(StoreError):
 
     exit_code = 75
     code = "store_lost"
+
+
+class StoreUnavailableError(StoreError):
+    """The state database cannot be reached, or the connection to it was lost."""
+
+    exit_code = 76
+    code = "store_unavailable"
+
+
+class FencedError(StoreError):
+    """Another coordinator took over the shared state: this one may no longer write to it."""
+
+    exit_code = 77
+    code = "fenced"
 
 
 class StorageFullError(StoreError):

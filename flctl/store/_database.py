@@ -7,17 +7,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 from sqlalchemy import (
     Connection,
-    Engine,
-    create_engine,
     event,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
 
 from flctl.core.errors import (
@@ -25,6 +21,7 @@ from flctl.core.errors import (
     StoreError,
 )
 from flctl.core.events import Event
+from flctl.store._backends import backend_for, redact
 from flctl.store._schema import STORE_ID_KEY, check_schema, init_schema
 from flctl.store._state import (
     corrupt_error,
@@ -59,9 +56,8 @@ class Database:
         # (next version, counters) atomic within the process, and protects the single shared
         # connection of an in-memory database.
         self._lock = threading.RLock()
-        # Read by the SQLite "begin" listener while self._lock is held: write transactions take
-        # the write lock up front (BEGIN IMMEDIATE), so another process's commit between our
-        # read and our write makes us wait (busy_timeout) instead of failing.
+        # Read by the backend's "begin" listener while self._lock is held (SQLite: BEGIN
+        # IMMEDIATE and synchronous for writes; PostgreSQL: synchronous_commit, the fence).
         self._is_write = False
         self._durable = True
         # The session of the open :meth:`transaction`, and the events written in the current
@@ -70,14 +66,15 @@ class Database:
         self._unpublished: list[Event] = []
         #: Called (on the committing thread) with the events of each committed transaction.
         self.on_events: Callable[[Sequence[Event]], None] | None = None
+        #: What differs between SQLite and PostgreSQL (engine, transactions, errors).
+        self.backend = backend_for(url)
+        #: The database's SQLAlchemy dialect: "sqlite" or "postgresql".
+        self.dialect = self.backend.name
         try:
-            self._engine = _make_engine(url)
+            self._engine = self.backend.make_engine(read_only=read_only)
         except sa_exc.SQLAlchemyError as exc:
-            raise StoreError(f"cannot open database {url!r}: {exc}") from exc
-        if self._engine.dialect.name == "sqlite":
-            connect = _sqlite_connect_read_only if read_only else _sqlite_connect
-            event.listen(self._engine, "connect", connect)
-            event.listen(self._engine, "begin", self._sqlite_begin)
+            raise StoreError(f"cannot open database {redact(url)!r}: {exc}") from exc
+        event.listen(self._engine, "begin", self._begin)
         try:
             if read_only:
                 with self.session() as session:
@@ -113,7 +110,7 @@ class Database:
         self.close()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._engine.url.render_as_string(hide_password=True)!r})"
+        return f"{type(self).__name__}({redact(self._engine.url)!r})"
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -124,9 +121,10 @@ class Database:
         Inside :meth:`transaction` every call shares the one open session (same thread: the
         lock is reentrant and held for the whole transaction).
 
-        ``durable=False`` (SQLite): the commit does not wait for the disk (``synchronous =
-        NORMAL``). It still survives the process being killed; only a power loss may take it,
-        and the next durable commit makes it durable too (one WAL file, written in order).
+        ``durable=False``: the commit does not wait for the disk (SQLite: ``synchronous =
+        NORMAL``; PostgreSQL: ``synchronous_commit = off``). It still survives the process
+        being killed; only a power loss may take it, and the next durable commit makes it
+        durable too (one log, written in order).
         Used for what is only informational: client state events, transfer counters.
         """
         with self._lock:
@@ -142,6 +140,9 @@ class Database:
                 # A unique or foreign key constraint fired: another writer got there first.
                 raise ConflictError(f"the state changed under us: {exc.orig}") from exc
             except sa_exc.DBAPIError as exc:
+                lost = self.backend.unavailable(exc)
+                if lost is not None:
+                    raise lost from exc
                 if exc.orig is not None and is_corruption(exc.orig):
                     raise corrupt_error(self._where(), exc.orig) from exc
                 # The driver's own message, without the SQL statement and its parameters.
@@ -204,52 +205,5 @@ class Database:
                     self._batch = None
                 self._publish()  # before session()'s exit, which drops unpublished events
 
-    def _sqlite_begin(self, connection: Connection) -> None:
-        if self._is_write:
-            synchronous = "FULL" if self._durable else "NORMAL"
-            if connection.info.get("synchronous") != synchronous:  # per connection
-                connection.exec_driver_sql(f"PRAGMA synchronous={synchronous}")
-                connection.info["synchronous"] = synchronous
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if self._is_write else "BEGIN")
-
-
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def _make_engine(url: str) -> Engine:
-    parsed = make_url(url)
-    kwargs: dict[str, Any] = {}
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
-            # One connection shared by all threads, or each thread would see its own database.
-            kwargs["poolclass"] = StaticPool
-            kwargs["connect_args"] = {"check_same_thread": False}
-    return create_engine(parsed, **kwargs)
-
-
-def _sqlite_connect_read_only(dbapi_connection: Any, _record: Any) -> None:
-    """Settings for a ``mode=ro`` connection: no journal mode change (that would write)."""
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA busy_timeout=5000")
-        cursor.execute("PRAGMA query_only=ON")
-    finally:
-        cursor.close()
-
-
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-    """Apply flctl's SQLite settings to a new connection."""
-    # pysqlite opens transactions lazily (only before DML) and commits DDL one statement at a
-    # time; turning that off and emitting BEGIN ourselves (SQLAlchemy's documented recipe) makes
-    # each Session one real transaction, reads and schema creation included.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA busy_timeout=5000")
-        cursor.execute("PRAGMA foreign_keys=ON")
-    finally:
-        cursor.close()
+    def _begin(self, connection: Connection) -> None:
+        self.backend.begin(connection, write=self._is_write, durable=self._durable)

@@ -68,8 +68,14 @@ class EventLog(Database):
         }
         with self.session(write=True, durable=durable) as session:
             # Core INSERT: the ORM's unit of work costs more than the insert itself here
-            result = session.connection().execute(insert(EVENTS).values(**values))
-            (seq,) = result.inserted_primary_key or (None,)
+            statement = insert(EVENTS).values(**values)
+            if self.dialect == "postgresql":
+                # A PostgreSQL sequence keeps the numbers a rolled-back transaction drew, and
+                # seqs are gap-free: the next one is taken inside the transaction instead.
+                following = select(func.coalesce(func.max(EVENTS.c.seq), 0) + 1)
+                statement = statement.values(seq=following.scalar_subquery())
+            result = session.connection().execute(statement.returning(EVENTS.c.seq))
+            seq = result.scalar_one()
             event_ = Event(
                 seq=row_id(seq),
                 time=now,

@@ -8,13 +8,16 @@ import pytest
 from flctl.store import BlobStore, SqlStore
 
 
-@pytest.fixture(params=["file", "memory"])
+@pytest.fixture(params=["file", "memory", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
-    """The same contract, against a SQLite file under tmp_path and an in-memory database."""
+    """The same contract against a SQLite file under tmp_path, an in-memory SQLite database
+    and a new database on a real PostgreSQL server (tests/postgres.py)."""
     if request.param == "file":
         sql = SqlStore.open(tmp_path / "state")
-    else:
+    elif request.param == "memory":
         sql = SqlStore("sqlite://")
+    else:
+        sql = SqlStore(request.getfixturevalue("pg_url"))
     yield sql
     sql.close()
 
