@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ __all__ = [
     "ProjectConfig",
     "RoundsConfig",
     "ServerConfig",
+    "STORE_URL_ENV",
     "SimulationConfig",
+    "StoreConfig",
     "StrategyConfig",
     "TransportConfig",
     "find_project",
@@ -277,6 +280,26 @@ class SimulationConfig:
     ray_address: str = ""
 
 
+#: Overrides ``[store] url`` (so that a password need not sit in flctl.toml).
+STORE_URL_ENV = "FLCTL_STORE_URL"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """``[store]``: where the coordinator keeps its state (docs/deployment.md).
+
+    ``url`` is a SQLAlchemy database URL; "" is the SQLite file under ``project.state_dir``.
+    A PostgreSQL URL (``postgresql+psycopg://user@host/db``) lets several coordinators share
+    one state, one of them leading and the others standing by. ``blobs`` is the folder of the
+    content-addressed models and update files ("" = ``state_dir/blobs``); coordinators that
+    share a database must share it too. The environment variable ``FLCTL_STORE_URL``
+    overrides ``url``.
+    """
+
+    url: str = ""
+    blobs: str = ""
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole ``flctl.toml``.
@@ -295,6 +318,7 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     task: dict[str, ConfigValue] = field(default_factory=dict)
     root: Path = field(default=Path("."), compare=False)
 
@@ -302,6 +326,18 @@ class Config:
     def state_path(self) -> Path:
         """The coordinator's state folder, absolute."""
         return (self.root / self.project.state_dir).resolve()
+
+    @property
+    def store_url(self) -> str:
+        """The database URL: ``FLCTL_STORE_URL``, else ``[store] url`` ("" = SQLite in state)."""
+        return os.environ.get(STORE_URL_ENV, "").strip() or self.store.url
+
+    @property
+    def blobs_path(self) -> Path:
+        """The blob folder, absolute (``[store] blobs``, default ``state_dir/blobs``)."""
+        if self.store.blobs:
+            return (self.root / self.store.blobs).resolve()
+        return self.state_path / "blobs"
 
     @property
     def certs_path(self) -> Path:
@@ -329,6 +365,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "privacy": PrivacyConfig,
     "gate": GateConfig,
     "simulation": SimulationConfig,
+    "store": StoreConfig,
 }
 
 # (section, key) -> (lowest allowed, highest allowed); None means unbounded on that side.
