@@ -255,7 +255,7 @@ def certs_revoke(
     from flctl.cli._common import load_project, lock_or_running
     from flctl.core.errors import ConfigError, NotFoundError
     from flctl.security import list_project_certificates
-    from flctl.store import LOCAL_AUTHOR, SqlStore, is_revoked, revoke
+    from flctl.store import LOCAL_AUTHOR, is_revoked, open_store, revoke
 
     config = load_project(config_path)
     serial_number = None if serial is None else _parse_serial(serial)
@@ -280,7 +280,7 @@ def certs_revoke(
         )
     with lock_or_running(config.state_path, "certs revoke") as running:
         if running is None:
-            with SqlStore.open(config.state_path) as store:
+            with open_store(config) as store:
                 was_revoked = is_revoked(store, identity, serial_number)
                 record = revoke(
                     store, identity, serial=serial_number, reason=reason, author=LOCAL_AUTHOR
@@ -402,10 +402,10 @@ def _default_certs_dir(config_path: Path | None) -> Path:
 def _revocation_records(config: Config) -> list[RevocationRecord]:
     """The project's revocations; none when the state database does not exist yet."""
     from flctl.core.errors import NotFoundError
-    from flctl.store import SqlStore, list_revocations
+    from flctl.store import list_revocations, open_store
 
     try:
-        store = SqlStore.open(config.state_path, read_only=True)
+        store = open_store(config, read_only=True)
     except NotFoundError:
         return []  # no store yet; one that was lost is refused (StoreLostError)
     with store:

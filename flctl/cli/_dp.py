@@ -378,12 +378,12 @@ def dp_budget(config_path: ConfigOpt = None, json_output: JsonOpt = False) -> No
     """
     from flctl.cli._common import load_project
     from flctl.core.errors import NotFoundError
-    from flctl.store import SqlStore, ledger
+    from flctl.store import ledger, open_store
 
     config = load_project(config_path)
     records = []
     try:
-        store = SqlStore.open(config.state_path, read_only=True)
+        store = open_store(config, read_only=True)
     except NotFoundError:
         pass  # nothing spent yet; a store that was lost is refused (StoreLostError)
     else:

@@ -50,13 +50,13 @@ def list_events(
     """List the event log from the state store (with or without a running coordinator)."""
     from flctl.cli._common import load_project
     from flctl.core.errors import InvalidInputError
-    from flctl.store import SqlStore
+    from flctl.store import open_store
     from flctl.tui import event_line
 
     if limit < 1:
         raise InvalidInputError(f"--limit must be at least 1, not {limit}")
     config = load_project(config_path)
-    store = SqlStore.open(config.state_path, read_only=True)
+    store = open_store(config, read_only=True)
     try:
         events: list[Any] = []
         seq = since

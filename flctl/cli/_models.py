@@ -87,12 +87,12 @@ def _open_state(
         StoreLostError: Its database is missing or empty although it held one.
         CorruptStoreError: The database is damaged.
     """
-    from flctl.store import BlobStore, SqlStore, require_store
+    from flctl.store import BlobStore, open_store, require_state
 
-    require_store(config.state_path)
-    store = SqlStore.open(config.state_path, read_only=not write, deep_check=deep_check)
+    require_state(config)
+    store = open_store(config, read_only=not write, deep_check=deep_check)
     try:
-        yield store, BlobStore(config.state_path / "blobs")
+        yield store, BlobStore(config.blobs_path)
     finally:
         store.close()
 
@@ -105,9 +105,9 @@ def _lock_or_running(config: Config, command: str) -> Iterator[dict[str, Any] | 
         NotFoundError: There is no state store yet.
     """
     from flctl.cli._common import lock_or_running
-    from flctl.store import require_store
+    from flctl.store import require_state
 
-    require_store(config.state_path)
+    require_state(config)
     with lock_or_running(config.state_path, command) as running:
         yield running
 

@@ -25,7 +25,7 @@ from flctl.core.errors import (
     RoundRejectedError,
 )
 from flctl.core.events import TERMINAL_ROUND_STATUSES
-from flctl.store import SqlStore, require_store
+from flctl.store import open_store, require_state
 from flctl.transport.grpc import AdminClient, pb
 from flctl.tui import DashboardState, event_line, render_dashboard
 
@@ -195,7 +195,7 @@ def watch_events(
     offline = server is None and running_serve_file(config.state_path) is None
     if offline:
         try:
-            require_store(config.state_path)
+            require_state(config)
         except FlctlError:  # no store either: say no coordinator runs, as before
             offline = False
     if offline and follow:
@@ -210,7 +210,7 @@ def watch_events(
 
     async def recorded() -> AsyncIterator[Event]:
         """The events the state store holds (read-only)."""
-        store = SqlStore.open(config.state_path, read_only=True)
+        store = open_store(config, read_only=True)
         try:
             seq = since
             while batch := store.events_since(seq, limit=5000):

@@ -209,9 +209,9 @@ def _client_rows(config: Any, server: str | None) -> tuple[list[dict[str, Any]],
             }
             for c in reply.clients
         ], True
-    from flctl.store import SqlStore
+    from flctl.store import open_store
 
-    store = SqlStore.open(config.state_path, read_only=True)
+    store = open_store(config, read_only=True)
     try:
         records = store.list_clients()
     finally:

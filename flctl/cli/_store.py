@@ -15,11 +15,13 @@ import typer
 
 from flctl.cli._options import ConfigOpt, JsonOpt
 from flctl.cli._output import Output, command
+from flctl.core.config import Config
+from flctl.core.errors import ConfigError
 
 __all__ = ["store_app"]
 
 store_app = typer.Typer(
-    help="Back up and restore the state store (database, blob manifest).",
+    help="Create, migrate, back up and restore the state store.",
     no_args_is_help=True,
 )
 
@@ -31,6 +33,19 @@ BackupPathArg = Annotated[
 ]
 
 
+def _sqlite_only(config: Config, command: str) -> None:
+    """Backups and restores copy the SQLite file; a PostgreSQL store has its own tools."""
+    if config.store_url:
+        from flctl.store import store_location
+
+        raise ConfigError(
+            f"`flctl store {command}` copies the SQLite state file; this project keeps its "
+            f"state in {store_location(config)}",
+            hint="back PostgreSQL up with pg_dump (and the blob folder with your file backups): "
+            "docs/deployment.md",
+        )
+
+
 def _size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB"):
@@ -38,6 +53,59 @@ def _size(n: int) -> str:
             return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} GiB"
+
+
+@store_app.command("init")
+@command()
+def store_init(config_path: ConfigOpt = None, json_output: JsonOpt = False) -> None:
+    """Create the state store's schema, or migrate an older one.
+
+    `flctl serve` does it too when it starts.
+
+    The store is where [store] url says (default: the SQLite file in the state folder). An
+    older SQLite file is backed up first. A schema newer than this flctl's is refused.
+    """
+    from flctl.cli._common import load_project, lock_or_running
+    from flctl.store import SqlStore, open_store, store_location
+
+    config = load_project(config_path)
+    out = Output(json_mode=json_output)
+    where = store_location(config)
+    if config.store_url:
+        store = open_store(config)
+    else:
+        with lock_or_running(config.state_path, "store init") as running:
+            # a running coordinator opened (and so created or migrated) the store itself
+            store = open_store(config, read_only=running is not None)
+    try:
+        found = store.migrated_from if store.migrated_from is not None else store.schema_found
+        store_id = store.store_id
+    finally:
+        store.close()
+    if store.is_read_only or found == SqlStore.SCHEMA_VERSION:
+        action = "current"  # (read-only: the running coordinator opened it, and so migrated it)
+    else:
+        action = "created" if found is None else "migrated"
+    doc = {
+        "store": where,
+        "backend": "postgresql" if config.store_url else "sqlite",
+        "store_id": store_id,
+        "schema_version": SqlStore.SCHEMA_VERSION,
+        "action": action,
+        "migrated_from": found if action == "migrated" else None,
+        "backup": None if store.backup_path is None else str(store.backup_path),
+    }
+    if json_output:
+        out.json(doc)
+        return
+    what = {
+        "created": "created the schema",
+        "current": "the schema is current",
+        "migrated": f"migrated the schema from version {found}",
+    }[action]
+    out.line(f"{where}: {what} (version {SqlStore.SCHEMA_VERSION}, store {store_id})")
+    if store.backup_path is not None:
+        out.line(f"  the database as it was is backed up in {store.backup_path}")
 
 
 @store_app.command("backup")
@@ -54,6 +122,7 @@ def store_backup(
     from flctl.store import write_backup
 
     config = load_project(config_path)
+    _sqlite_only(config, "backup")
     report = write_backup(config.state_path, path)
     out = Output(json_mode=json_output)
     if json_output:
@@ -102,6 +171,7 @@ def store_restore(
     from flctl.store import SqlStore, restore_backup
 
     config = load_project(config_path)
+    _sqlite_only(config, "restore")
     with lock_or_running(config.state_path, "store restore") as running:
         if running is not None:
             raise refuse_running(

@@ -21,7 +21,7 @@ from flctl.core import events as ev
 from flctl.core._process import process_alive
 from flctl.core.errors import ConfigError, ConflictError, FlctlError, IntegrityError, TaskError
 from flctl.security import TokenSigner, identity_from_pem, load_credentials
-from flctl.store import BlobStore, ModelRecord, SqlStore
+from flctl.store import BlobStore, ModelRecord, SqlStore, open_store
 from flctl.tensors import (
     TensorSpec,
     describe_spec_difference,
@@ -231,13 +231,13 @@ class Coordinator:
             credentials = ServerCredentials(cert, key, ca)
             cert_pem = cert
         from flctl.core.errors import NotFoundError
-        from flctl.store import require_store
+        from flctl.store import require_state
 
         if not self.new_state:
             # A lost or damaged store is refused before the lock files are written: nothing
-            # in the state folder changes. SqlStore.open checks again under the lock.
+            # in the state folder changes. open_store checks again under the lock.
             with contextlib.suppress(NotFoundError):  # a fresh folder: open creates the store
-                require_store(self.state_dir)
+                require_state(config)
         # task.py, and the strategy its strategy_fn returns, are refused before anything in
         # the state folder is written
         task = await asyncio.to_thread(load_task, config.task_path)
@@ -261,9 +261,7 @@ class Coordinator:
                 return build_strategy(config)
 
         await self._take_lock()
-        store = self.store = SqlStore.open(
-            self.state_dir, new_state=self.new_state, deep_check=True
-        )
+        store = self.store = open_store(config, new_state=self.new_state, deep_check=True)
         if store.replaced_path is not None:
             log.warning(
                 "started a new state store (--new-state); the old database is kept as %s",
@@ -277,9 +275,9 @@ class Coordinator:
                 SqlStore.SCHEMA_VERSION,
                 store.backup_path,
             )
-        blobs = BlobStore(self.state_dir / "blobs")
+        blobs = BlobStore(config.blobs_path)
         blobs.clean_temp()
-        uploads = PartialUploads(self.state_dir / "uploads")
+        uploads = PartialUploads(config.uploads_path)
         events = self.events = EventLog(store)
         for listener in self._listeners:
             events.subscribe(listener)

@@ -340,6 +340,13 @@ class Config:
         return self.state_path / "blobs"
 
     @property
+    def uploads_path(self) -> Path:
+        """Where interrupted uploads wait to be resumed: beside shared blobs, else in state."""
+        if self.store.blobs:
+            return self.blobs_path / "uploads"
+        return self.state_path / "uploads"
+
+    @property
     def certs_path(self) -> Path:
         """The certificates folder, absolute."""
         return (self.root / self.project.certs_dir).resolve()

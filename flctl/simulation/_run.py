@@ -41,7 +41,7 @@ from flctl.core import events as ev
 from flctl.core.errors import ConfigError, ConflictError, FlctlError, NotFoundError
 from flctl.core.events import Event
 from flctl.core.work import Task, UploadHeader
-from flctl.store import SqlStore, require_store
+from flctl.store import open_store, require_state
 
 from ._worker import WorkerSetup
 
@@ -502,10 +502,10 @@ def _refuse_leftover_rounds(config: Config) -> None:
         ConflictError: The store holds queued rounds.
     """
     try:
-        require_store(config.state_path)
+        require_state(config)
     except FlctlError:
         return  # a new state folder (a damaged one is refused when the coordinator opens it)
-    store = SqlStore.open(config.state_path, read_only=True)
+    store = open_store(config, read_only=True)
     try:
         leftover = store.next_queued_round()
     finally:

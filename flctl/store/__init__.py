@@ -15,7 +15,15 @@ of its blobs.
 
 from flctl.store._backup import BackupReport, RestoreReport, restore_backup, write_backup
 from flctl.store._blobs import BlobStore, WriteBehind, sha256_file
+from flctl.store._leadership import (
+    CoordinatorInfo,
+    LeaderInfo,
+    Leadership,
+    list_coordinators,
+    list_leaders,
+)
 from flctl.store._ledger import LedgerRecord, charge, ledger
+from flctl.store._open import open_store, require_state, store_location
 from flctl.store._records import (
     MODEL_KINDS,
     MODEL_STATUSES,
@@ -53,8 +61,11 @@ __all__ = [
     "BlobCheck",
     "BlobStore",
     "ClientRecord",
+    "CoordinatorInfo",
     "GcReport",
     "LOCAL_AUTHOR",
+    "LeaderInfo",
+    "Leadership",
     "LedgerRecord",
     "MODEL_KINDS",
     "MODEL_STATUSES",
@@ -74,12 +85,17 @@ __all__ = [
     "collect_garbage",
     "is_revoked",
     "ledger",
+    "list_coordinators",
+    "list_leaders",
     "list_revocations",
+    "open_store",
+    "require_state",
     "require_store",
     "restore_backup",
     "revoke",
     "revoked_identities",
     "sha256_file",
+    "store_location",
     "verify_models",
     "write_backup",
 ]
