@@ -30,6 +30,8 @@ FlctlError                                  1
 │  ├─ ConflictError                        73
 │  ├─ CorruptStoreError                    74
 │  ├─ StoreLostError                       75
+│  ├─ StoreUnavailableError                76
+│  ├─ FencedError                          77
 │  └─ StorageFullError                     78
 ├─ RoundError                              80
 │  ├─ RoundFailedError                     81

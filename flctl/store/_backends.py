@@ -41,8 +41,12 @@ class Backend:
     def __init__(self, url: URL) -> None:
         self.url = url
 
-    def make_engine(self, *, read_only: bool) -> Engine:
-        """The engine, with this backend's connection settings."""
+    def make_engine(self, *, read_only: bool, keepalive: bool = False) -> Engine:
+        """The engine, with this backend's connection settings.
+
+        ``keepalive`` (PostgreSQL): TCP keepalives every few seconds both ways, so that the
+        server ends the session of a vanished peer quickly (the leadership lock's connection).
+        """
         raise NotImplementedError
 
     def begin(self, connection: Connection, *, write: bool, durable: bool) -> None:
@@ -62,7 +66,7 @@ class SqliteBackend(Backend):
 
     name = "sqlite"
 
-    def make_engine(self, *, read_only: bool) -> Engine:
+    def make_engine(self, *, read_only: bool, keepalive: bool = False) -> Engine:
         kwargs: dict[str, Any] = {}
         database = self.url.database or ""
         if database in ("", ":memory:") or self.url.query.get("mode") == "memory":
@@ -101,13 +105,22 @@ class PostgresBackend(Backend):
         #: Set by the leadership: raises FencedError when another coordinator took over.
         self.write_check: WriteCheck | None = None
 
-    def make_engine(self, *, read_only: bool) -> Engine:
+    def make_engine(self, *, read_only: bool, keepalive: bool = False) -> Engine:
         options: dict[str, Any] = {
             "connect_timeout": self.CONNECT_TIMEOUT_S,
             "application_name": "flctl",
         }
+        settings = []
         if read_only:
-            options["options"] = "-c default_transaction_read_only=on"
+            settings.append("-c default_transaction_read_only=on")
+        if keepalive:
+            options.update(keepalives=1, keepalives_idle=2, keepalives_interval=1)
+            options["keepalives_count"] = 3
+            settings.append(
+                "-c tcp_keepalives_idle=2 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3"
+            )
+        if settings:
+            options["options"] = " ".join(settings)
         return create_engine(
             self.url, pool_pre_ping=True, pool_size=4, max_overflow=8, connect_args=options
         )

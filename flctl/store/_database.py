@@ -66,6 +66,8 @@ class Database:
         self._unpublished: list[Event] = []
         #: Called (on the committing thread) with the events of each committed transaction.
         self.on_events: Callable[[Sequence[Event]], None] | None = None
+        #: The leadership epoch this process writes in (0: no leadership); events record it.
+        self.epoch = 0
         #: What differs between SQLite and PostgreSQL (engine, transactions, errors).
         self.backend = backend_for(url)
         #: The database's SQLAlchemy dialect: "sqlite" or "postgresql".
@@ -75,13 +77,15 @@ class Database:
         except sa_exc.SQLAlchemyError as exc:
             raise StoreError(f"cannot open database {redact(url)!r}: {exc}") from exc
         event.listen(self._engine, "begin", self._begin)
+        self.schema_found: int | None = None
         try:
             if read_only:
                 with self.session() as session:
                     check_schema(session)
             else:
                 with self.session(write=True) as session:
-                    init_schema(session)
+                    #: The schema version the database had when opened (None: it had none).
+                    self.schema_found = init_schema(session)
                     self.commit(session)
         except BaseException:
             self._engine.dispose()

@@ -65,6 +65,7 @@ class EventLog(Database):
             "server_round": server_round,
             "client_id": client_id,
             "data": dump_json(data_dict, "event data"),
+            "epoch": self.epoch,
         }
         with self.session(write=True, durable=durable) as session:
             # Core INSERT: the ORM's unit of work costs more than the insert itself here

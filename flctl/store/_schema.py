@@ -24,6 +24,7 @@ from flctl.store._state import (
     new_store_id,
 )
 from flctl.store._tables import (
+    EventRow,
     MetaRow,
     ModelRow,
     RoundRow,
@@ -38,8 +39,10 @@ __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "check_schema", "init_schema", "migra
 #: next_clip_norm (adaptive clipping). 5: pending_rollbacks (rollbacks deferred behind a
 #: running round survive a restart). 6: models.state_digest (the strategy's state with each
 #: version) and rounds.fit_config (the strategy's per-client fit config). 7: updates.scores,
-#: outlier and excluded (Byzantine detection). Older databases are migrated when opened.
-SCHEMA_VERSION = 7
+#: outlier and excluded (Byzantine detection). 8: leadership, leaders, coordinators and
+#: events.epoch (standby coordinators on a shared database). Older databases are migrated
+#: when opened.
+SCHEMA_VERSION = 8
 SCHEMA_KEY = "schema_version"
 STORE_ID_KEY = "store_id"
 
@@ -126,6 +129,11 @@ def _migrate_6_to_7(session: Session) -> None:
     _add_missing_columns(session.connection(), TableBase.metadata.tables[UpdateRow.__tablename__])
 
 
+def _migrate_7_to_8(session: Session) -> None:
+    """Add events.epoch; ``create_all`` adds the leadership tables afterwards."""
+    _add_missing_columns(session.connection(), TableBase.metadata.tables[EventRow.__tablename__])
+
+
 #: schema version found -> the step that brings it to the next version.
 MIGRATIONS = {
     "1": _migrate_1_to_2,
@@ -134,6 +142,7 @@ MIGRATIONS = {
     "4": _migrate_4_to_5,
     "5": _migrate_5_to_6,
     "6": _migrate_6_to_7,
+    "7": _migrate_7_to_8,
 }
 
 
@@ -142,14 +151,18 @@ def migrate(session: Session, found: int, target: int) -> None:
         MIGRATIONS[str(version)](session)
 
 
-def init_schema(session: Session) -> None:
+def init_schema(session: Session) -> int | None:
     """Create the schema, or migrate an older one, in the caller's write transaction.
+
+    Returns:
+        The schema version the database had (None: it had no schema; now it has).
 
     Raises:
         SchemaMismatchError: The database has another (newer, or unknown) schema version, or
             flctl tables without a version.
     """
     existing = set(inspect(session.connection()).get_table_names())
+    found: str | None = None
     if "meta" in existing:
         row = session.get(MetaRow, SCHEMA_KEY)
         found = row.value if row is not None else None
@@ -174,6 +187,7 @@ def init_schema(session: Session) -> None:
         session.add(MetaRow(key=SCHEMA_KEY, value=str(SCHEMA_VERSION)))
     if session.get(MetaRow, STORE_ID_KEY) is None:
         session.add(MetaRow(key=STORE_ID_KEY, value=new_store_id()))
+    return None if found is None else int(found)
 
 
 def check_schema(session: Session) -> None:

@@ -58,12 +58,7 @@ class SqlStore(ModelStore, RoundStore, ClientStore, EventLog):
         >>> store.close()
     """
 
-    #: 1: models, refs, rounds, updates, clients, events. 2: the registry (tags; model status,
-    #: reason, author, source, config). 3: rounds.tasks. 4: dp_ledger.unclipped_fraction and
-    #: next_clip_norm (adaptive clipping). 5: pending_rollbacks (rollbacks deferred behind a
-    #: running round survive a restart). 6: models.state_digest (the strategy's state with each
-    #: version) and rounds.fit_config (the strategy's per-client fit config). 7: updates.scores,
-    #: outlier and excluded (Byzantine detection). Older databases are migrated when opened.
+    #: The schema this flctl writes (flctl.store._schema lists what each version added).
     SCHEMA_VERSION: ClassVar[int] = SCHEMA_VERSION
 
     @classmethod

@@ -12,7 +12,10 @@ from sqlmodel import Field, SQLModel
 
 __all__ = [
     "ClientRow",
+    "CoordinatorRow",
     "EventRow",
+    "LeaderRow",
+    "LeadershipRow",
     "MetaRow",
     "ModelRow",
     "PendingRollbackRow",
@@ -160,6 +163,49 @@ class EventRow(TableBase, table=True):
     server_round: int = Field(default=0, index=True)
     client_id: str = Field(default="", max_length=255)
     data: str = Field(default="{}", sa_type=Text)
+    #: The leadership epoch of the coordinator that wrote it (0: no leadership; schema 8).
+    epoch: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+
+
+class LeadershipRow(TableBase, table=True):
+    """The one row coordinators sharing a database fence their writes on (schema 8).
+
+    ``epoch`` grows by one at each takeover; every write transaction of the leader reads it
+    (``FOR SHARE``) and stops when it is no longer its own.
+    """
+
+    __tablename__ = "leadership"
+
+    id: int = Field(default=1, primary_key=True, sa_column_kwargs={"autoincrement": False})
+    epoch: int = Field(default=0)
+
+
+class LeaderRow(TableBase, table=True):
+    """Who led in each epoch: one row per takeover, never two in one epoch (schema 8)."""
+
+    __tablename__ = "leaders"
+
+    epoch: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    address: str = Field(max_length=255)
+    host: str = Field(default="", max_length=255)
+    pid: int = 0
+    since: float
+    ended: float | None = None
+    end_reason: str = Field(default="", sa_type=Text)
+
+
+class CoordinatorRow(TableBase, table=True):
+    """The coordinators that share this database, as each last reported itself (schema 8)."""
+
+    __tablename__ = "coordinators"
+
+    address: str = Field(primary_key=True, max_length=255)
+    role: str = Field(max_length=16)  # leader, standby, stopped
+    epoch: int = 0
+    host: str = Field(default="", max_length=255)
+    pid: int = 0
+    started: float
+    seen: float
 
 
 class PendingRollbackRow(TableBase, table=True):
