@@ -239,8 +239,9 @@ def join(
     server: Annotated[
         str | None,
         typer.Option(
-            metavar="HOST:PORT",
-            help="Coordinator address (default: server.address in flctl.toml).",
+            metavar="HOST:PORT[,...]",
+            help="Coordinator address, or the addresses of coordinators sharing one store: "
+            "the client joins the leader and follows a take-over (default: server.address).",
         ),
     ] = None,
     cert: Annotated[Path | None, typer.Option(help="Client certificate (PEM).")] = None,

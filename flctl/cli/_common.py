@@ -18,10 +18,12 @@ from flctl.core.errors import ConflictError, ConnectError, StoreError
 from flctl.security import load_credentials
 from flctl.transport.grpc import (
     AdminClient,
+    find_leader,
     insecure_channel,
     pb,
     probe_certificate,
     secure_channel,
+    split_servers,
 )
 
 __all__ = [
@@ -83,6 +85,8 @@ def coordinator_address(config: Config, server: str | None) -> tuple[str, bool]:
         ConnectError: No ``--server`` and no running coordinator recorded in the state folder.
     """
     running = read_serve_file(config.state_path)
+    if server and "," in server:
+        return _leader_of(config, split_servers(server), running), False
     if server:
         return server, bool(running and running.get("insecure") and running["address"] == server)
     if running is None or not running.get("address"):
@@ -91,6 +95,19 @@ def coordinator_address(config: Config, server: str | None) -> tuple[str, bool]:
             hint="start one with `flctl serve`, or pass --server HOST:PORT",
         )
     return str(running["address"]), bool(running.get("insecure"))
+
+
+def _leader_of(config: Config, servers: tuple[str, ...], running: dict[str, Any] | None) -> str:
+    """The leader among ``--server A,B,...`` (its health service says SERVING).
+
+    Raises:
+        ConnectError: None of them leads now.
+    """
+    insecure = bool(running and running.get("insecure") and running["address"] in servers)
+    if insecure:
+        return find_leader(servers, insecure=True)
+    cert, key, ca = load_credentials(config.certs_path, "admin")
+    return find_leader(servers, cert_pem=cert, key_pem=key, ca_pem=ca)
 
 
 @contextmanager

@@ -19,7 +19,8 @@ ConfigOpt = Annotated[
 ServerOpt = Annotated[
     str | None,
     typer.Option(
-        metavar="HOST:PORT",
-        help="The coordinator's address (default: from the project's .flctl/serve.json).",
+        metavar="HOST:PORT[,...]",
+        help="The coordinator's address, or several sharing one store (the one that leads is "
+        "used) (default: the project's .flctl/serve.json).",
     ),
 ]

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from rich.live import Live
 
@@ -52,9 +54,15 @@ async def _serve(coordinator: Coordinator, out: Output, *, tui: bool, drain_time
             transient=False,
         )
         live.start()
+    lost: BaseException | None = None
     try:
-        await coordinator.start()
-        await stop.wait()
+        # a standby waits inside start() until it leads: a signal ends the wait
+        if not await _first(coordinator.start(), stop.wait()):
+            return
+        lost_event = coordinator.leadership_lost
+        if lost_event is not None and not await _first(stop.wait(), lost_event.wait()):
+            lost = coordinator.election.lost if coordinator.election is not None else None
+            return  # the leadership is gone: stop at once, nothing left to drain
         if drain_timeout > 0:
             drain = asyncio.create_task(coordinator.drain(drain_timeout))
             second = asyncio.create_task(now.wait())
@@ -67,6 +75,26 @@ async def _serve(coordinator: Coordinator, out: Output, *, tui: bool, drain_time
             await coordinator.stop("signal" if stop.is_set() else "error")
         if live is not None:
             live.stop()
+    if lost is not None:
+        raise lost
+
+
+async def _first(main: Coroutine[Any, Any, Any], other: Coroutine[Any, Any, Any]) -> bool:
+    """Await ``main`` unless ``other`` ends first; True when ``main`` ended (its errors rise)."""
+    first = asyncio.create_task(main)
+    second = asyncio.create_task(other)
+    try:
+        await asyncio.wait({first, second}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (first, second):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    if first.done() and not first.cancelled():
+        first.result()
+        return True
+    return False
 
 
 def serve(

@@ -81,6 +81,7 @@ from flctl.transport.grpc import (
     probe_certificate,
     secure_channel,
     split_address,
+    split_servers,
     to_value_map,
 )
 
@@ -100,13 +101,17 @@ log = logging.getLogger("flctl.client")
 
 _T = TypeVar("_T")
 
+#: Seconds before trying the next coordinator of ``--server A,B`` after one refused us.
+_NEXT_SERVER_DELAY_S = 0.2
+
 
 @dataclass(frozen=True)
 class JoinOptions:
     """How a client reaches its coordinator.
 
     Attributes:
-        server: ``HOST:PORT``.
+        server: ``HOST:PORT``, or several coordinators' addresses ``A,B,...`` sharing one
+            store: the client goes to the one that leads, and follows a take-over.
         client_id: The identity in our certificate (sent as metadata only with ``insecure``).
         cert_pem, key_pem, ca_pem: Our certificate, its key, the CA we trust.
         insecure: Plaintext (loopback only).
@@ -386,6 +391,9 @@ class Runner:
     ) -> None:
         self._client = client
         self._options = options
+        #: The coordinators to try, in turn, and the one tried now.
+        self._servers = split_servers(options.server)
+        self._server_index = 0
         self._on_event = on_event or (lambda kind, details: None)
         self._cache = ClientCache(options.cache_dir, keep=options.cache_models)
         self._pending = PendingUploads(options.cache_dir / "uploads")
@@ -419,11 +427,21 @@ class Runner:
     def _emit(self, kind: str, **details: Any) -> None:
         self._on_event(kind, details)
 
+    @property
+    def server(self) -> str:
+        """The coordinator address this client talks to now."""
+        return self._servers[self._server_index]
+
+    def _next_server(self) -> bool:
+        """Go on to the next coordinator of ``--server A,B``; False after the last one."""
+        self._server_index = (self._server_index + 1) % len(self._servers)
+        return self._server_index != 0
+
     def _channel(self) -> Any:
         o = self._options
         if o.insecure:
-            return insecure_channel(o.server)
-        return secure_channel(o.server, cert_pem=o.cert_pem, key_pem=o.key_pem, ca_pem=o.ca_pem)
+            return insecure_channel(self.server)
+        return secure_channel(self.server, cert_pem=o.cert_pem, key_pem=o.key_pem, ca_pem=o.ca_pem)
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve rounds until ``stop`` is set; return the number of rounds served.
@@ -465,7 +483,7 @@ class Runner:
                 tls_failures += 1
                 if tls_failures >= self._options.max_tls_failures:
                     raise CertificateError(
-                        f"the coordinator at {self._options.server} refused the TLS handshake "
+                        f"the coordinator at {self.server} refused the TLS handshake "
                         f"{tls_failures} times: {exc.message}",
                         hint=exc.hint,
                     ) from None
@@ -479,6 +497,12 @@ class Runner:
             except (ConnectError, DeadlineExceededError, TransportError) as exc:
                 tls_failures = 0
                 reason = f"{exc.message}; {exc.hint}" if exc.hint else exc.message
+                if len(self._servers) > 1:
+                    # a standby, or a coordinator gone: the next address may lead. Once round
+                    # the list without a pause, then back off as with one coordinator.
+                    if self._next_server():
+                        delay = _NEXT_SERVER_DELAY_S
+                    reason = f"{exc.message}; trying {self.server}"
                 now = time.monotonic()
                 if unreachable_since is None or self._joined_at > unreachable_since:
                     unreachable_since = now  # the first failure since we last joined
@@ -516,7 +540,7 @@ class Runner:
         o = self._options
         verdict = await asyncio.to_thread(
             probe_certificate,
-            o.server,
+            self.server,
             cert_pem=o.cert_pem,
             key_pem=o.key_pem,
             ca_pem=o.ca_pem,
@@ -617,7 +641,7 @@ class Runner:
             self._joined_at = time.monotonic()
             self._token_issued(reply.token_ttl_s, reply.token_expires_unix)
             self.join_reply = reply
-            self._emit("joined", client_id=reply.client_id, server=self._options.server)
+            self._emit("joined", client_id=reply.client_id, server=self.server)
             heartbeats = asyncio.create_task(
                 self._heartbeats(api, max(0.1, reply.heartbeat_interval_s))
             )
@@ -976,7 +1000,7 @@ class Runner:
 
     def _server_is_local(self) -> bool:
         try:
-            return is_loopback_host(split_address(self._options.server)[0])
+            return is_loopback_host(split_address(self.server)[0])
         except FlctlError:
             return False
 

@@ -32,6 +32,7 @@ from flctl.tensors import (
 from flctl.transport.grpc import (
     ConnectionLimits,
     ConnectionWatch,
+    Health,
     ServerCredentials,
     fitting_limits,
     is_loopback_host,
@@ -45,6 +46,7 @@ from ._engine import RoundEngine, end_round
 from ._events import EventLog
 from ._guard import RevocationGuard
 from ._integrity import ModelCheck
+from ._leading import Election, advertised
 from ._local import LocalClients
 from ._registry import Registry, Session
 from ._service import CoordinatorService, Limits
@@ -168,6 +170,11 @@ class Coordinator:
         self.events: EventLog | None = None
         self._engine: RoundEngine | None = None
         self._registry: Registry | None = None
+        #: The leadership of a store shared through PostgreSQL (None: SQLite, one coordinator).
+        self.election: Election | None = None
+        self._election_task: asyncio.Task[None] | None = None
+        #: The standard gRPC health service: SERVING while this coordinator serves rounds.
+        self.health = Health()
 
     def subscribe(self, listener: Callable[[Event], None]) -> None:
         """Call ``listener`` with every event (for the live panel); before or after start."""
@@ -275,6 +282,8 @@ class Coordinator:
                 SqlStore.SCHEMA_VERSION,
                 store.backup_path,
             )
+        if store.dialect == "postgresql" and not self.in_process:
+            await self._elect(task, store, credentials)
         blobs = BlobStore(config.blobs_path)
         blobs.clean_temp()
         uploads = PartialUploads(config.uploads_path)
@@ -435,12 +444,18 @@ class Coordinator:
             allow_admin_clients=config.server.allow_admin_clients,
             on_refused=self._record_refusal,
             connection_limits=connection_limits,
+            health=self.health,
         )
         watch = ConnectionWatch(port, connection_limits, self._record_connection_refusal)
         self._watch_task = asyncio.create_task(watch.run(), name="flctl-connection-watch")
         host, _ = split_address(self.address)
         self.bound_address = f"{host}:{port}"
         self._write_serve_file()
+        if self.election is not None:
+            self._election_task = asyncio.create_task(
+                self.election.watch(self.bound_address), name="flctl-leadership-watch"
+            )
+        await self.health.set(True)
         self._engine_task = asyncio.create_task(engine.run(), name="flctl-round-engine")
         self._reaper_task = asyncio.create_task(self._reap(), name="flctl-heartbeat-reaper")
         events.emit(
@@ -457,6 +472,30 @@ class Coordinator:
             self._warn_if_expiring(cert_pem, events)
         log.info("coordinator listening on %s (state %s)", self.bound_address, self.state_dir)
         return self.bound_address
+
+    async def _elect(
+        self, task: ModuleType, store: SqlStore, credentials: ServerCredentials | None
+    ) -> None:
+        """Lead the shared store before serving; stand by on our address until then.
+
+        A task that builds another model than the shared head is refused before standing by.
+        """
+        blobs = BlobStore(self.config.blobs_path)
+        head = store.head()
+        if head is not None and blobs.has(head.digest):
+            await self._check_task_builds_head(task, head, read_spec(blobs.path(head.digest)))
+        self.election = Election(store, advertised(self.address))
+        self.health = self.election.health
+        self.address = await self.election.lead(
+            address=self.address,
+            credentials=credentials,
+            max_chunk_bytes=self.config.transport.max_chunk_bytes,
+        )
+
+    @property
+    def leadership_lost(self) -> asyncio.Event | None:
+        """Set when this coordinator lost the leadership of a shared store (None: not shared)."""
+        return None if self.election is None else self.election.lost_event
 
     def busy_round(self) -> int | None:
         """The round the engine is running, if any."""
@@ -648,6 +687,7 @@ class Coordinator:
         if engine is None or task is None:
             return True
         busy = engine.drain()
+        await self.health.set(False)
         if self.events is not None:
             self.events.emit(
                 ev.CoordinatorDraining(timeout_s=timeout, server_round=busy),
@@ -661,6 +701,13 @@ class Coordinator:
 
     async def stop(self, reason: str = "stopped") -> None:
         """Stop serving: fail the open round, end every stream, close the state."""
+        if self._election_task is not None:
+            self._election_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._election_task
+            self._election_task = None
+        if self.election is not None and self.election.lost is not None:
+            reason = f"lost the leadership: {self.election.lost.message}"
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -688,11 +735,16 @@ class Coordinator:
             await self._engine.close()  # scoring still running stops before the store closes
         if self.events is not None:
             if self._started:  # one refused at start never started: nothing to record
-                self.events.emit(ev.CoordinatorStopped(reason=reason))
+                try:
+                    self.events.emit(ev.CoordinatorStopped(reason=reason))
+                except FlctlError as exc:  # the store is gone (or no longer ours): stop anyway
+                    log.warning("could not record the stop: %s", exc.message)
             self.events.close()
         if self._server is not None:
             await self._server.stop(grace=1.0)
         self._remove_serve_file()
+        if self.election is not None:
+            await asyncio.to_thread(self.election.release, reason)
         if self.store is not None:
             self.store.close()
         if self._lock is not None:

@@ -11,6 +11,7 @@ FlctlError                                  1
 │  └─ PermissionDeniedError                23
 ├─ TransportError                          30
 │  ├─ ConnectError                         31
+│  │  └─ StandbyError                      37
 │  ├─ DeadlineExceededError                32
 │  ├─ PeerRejectedError                    33
 │  ├─ ProtocolMismatchError                34
@@ -84,6 +85,7 @@ __all__ = [
     "StorageFullError",
     "StoreError",
     "StoreLostError",
+    "StandbyError",
     "StoreUnavailableError",
     "TaskError",
     "TransportError",
@@ -228,6 +230,13 @@ class SessionConflictError(TransportError):
 
     exit_code = 36
     code = "session_conflict"
+
+
+class StandbyError(ConnectError):
+    """This coordinator stands by: the leader serves (clients given several addresses go on)."""
+
+    exit_code = 37
+    code = "standby"
 
 
 class InvalidInputError(FlctlError):

@@ -213,6 +213,25 @@ class Leadership:
             seen=time.time(),
         )
 
+    def set_address(self, address: str) -> None:
+        """Name the address this coordinator serves on, once bound (port 0 picks one)."""
+        with self._lock:
+            old, self.address = self.address, address
+            if old == address:
+                return
+            self._run(
+                "DELETE FROM coordinators WHERE address = :old AND pid = :pid",
+                old=old,
+                pid=self.pid,
+            )
+            if self.is_leader:
+                self._run(
+                    "UPDATE leaders SET address = :address WHERE epoch = :epoch",
+                    address=address,
+                    epoch=self.epoch,
+                )
+            self.report("leader" if self.is_leader else "standby")
+
     def leader(self) -> LeaderInfo | None:
         """The current leader (the newest epoch not ended), if any."""
         leaders = [x for x in list_leaders(self.store) if x.ended is None]

@@ -22,6 +22,7 @@ from flctl.transport.grpc._channel import (  # noqa: E402
     probe_certificate,
     secure_channel,
     split_address,
+    split_servers,
 )
 from flctl.transport.grpc._clients import AdminClient, CoordinatorClient
 from flctl.transport.grpc._connections import (
@@ -31,6 +32,7 @@ from flctl.transport.grpc._connections import (
     fitting_limits,
     raise_descriptor_limit,
 )
+from flctl.transport.grpc._health import Health, check_health, find_leader, probe_health
 from flctl.transport.grpc._proto import flctl_pb2 as pb
 from flctl.transport.grpc._records import model_info, round_info, update_info
 from flctl.transport.grpc._server import ServerCredentials, start_server
@@ -39,6 +41,7 @@ from flctl.transport.grpc._servicers import (
     CoordinatorHandler,
     RpcContext,
 )
+from flctl.transport.grpc._standby import standby_error, start_standby_server
 from flctl.transport.grpc._status import (
     STATUS_TO_ERROR,
     error_metadata,
@@ -78,6 +81,7 @@ __all__ = [
     "ConnectionWatch",
     "CoordinatorClient",
     "CoordinatorHandler",
+    "Health",
     "MESSAGE_OVERHEAD",
     "PROTOCOL_VERSION",
     "RpcContext",
@@ -85,12 +89,14 @@ __all__ = [
     "ServerCredentials",
     "UploadItem",
     "channel_options",
+    "check_health",
     "closed_during_handshake",
     "count_connections",
     "decode_chunk",
     "decode_upload",
     "encode_chunk",
     "encode_upload",
+    "find_leader",
     "error_metadata",
     "fitting_limits",
     "from_value_map",
@@ -103,12 +109,16 @@ __all__ = [
     "model_info",
     "pb",
     "probe_certificate",
+    "probe_health",
     "raise_descriptor_limit",
     "raw_value_map",
     "round_info",
     "secure_channel",
     "split_address",
+    "split_servers",
+    "standby_error",
     "start_server",
+    "start_standby_server",
     "status_for",
     "task_from_pb",
     "task_to_pb",

@@ -58,6 +58,22 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port_text)
 
 
+def split_servers(text: str) -> tuple[str, ...]:
+    """The coordinators of ``A,B,...`` (``--server``): each ``HOST:PORT``, in order, once each.
+
+    Raises:
+        ConfigError: The list is empty or an address is malformed.
+    """
+    servers = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not servers:
+        raise ConfigError(
+            f"no coordinator address in {text!r}", hint="--server HOST:PORT[,HOST:PORT]"
+        )
+    for server in servers:
+        split_address(server)
+    return servers
+
+
 def is_loopback_host(host: str) -> bool:
     """Say whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
     if host == "localhost":

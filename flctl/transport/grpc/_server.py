@@ -15,6 +15,7 @@ from google.protobuf.message_factory import GetMessageClass
 from flctl.core.errors import ConfigError, ConnectError
 from flctl.transport.grpc._channel import channel_options, is_loopback_host, split_address
 from flctl.transport.grpc._connections import ConnectionLimits, server_options
+from flctl.transport.grpc._health import Health
 from flctl.transport.grpc._proto import flctl_pb2 as pb
 from flctl.transport.grpc._servicers import (
     AdminHandler,
@@ -28,6 +29,7 @@ from flctl.transport.grpc._wire import encode_chunk, parse_upload
 __all__ = [
     "ServerCredentials",
     "admin_handlers",
+    "bind",
     "coordinator_handlers",
     "method_handlers",
     "start_server",
@@ -124,6 +126,7 @@ async def start_server(
     allow_admin_clients: bool = False,
     on_refused: Callable[[str, str, str], None] | None = None,
     connection_limits: ConnectionLimits | None = None,
+    health: Health | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Bind ``address`` and start serving; return the server and the port actually bound.
 
@@ -138,6 +141,8 @@ async def start_server(
         on_refused: Told ``(identity, rpc, reason)`` of each caller refused for its role.
         connection_limits: The handshake timeout and the total bound on connections (gRPC
             enforces both; :class:`ConnectionWatch` adds the per-peer bound).
+        health: The standard health service to serve beside flctl's (its status is the
+            caller's to set).
 
     Raises:
         ConfigError: ``--insecure`` on a non-loopback address.
@@ -167,6 +172,19 @@ async def start_server(
         # generic for any caller, registered for the generated stubs' registered methods
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, methods),))
         server.add_registered_method_handlers(service, methods)
+    if health is not None:
+        health.add_to(server)
+    port = bind(server, address, credentials)
+    await server.start()
+    return server, port
+
+
+def bind(server: grpc.aio.Server, address: str, credentials: ServerCredentials | None) -> int:
+    """Add ``address`` to ``server`` (mutual TLS, or plaintext when ``credentials`` is None).
+
+    Raises:
+        ConnectError: The address cannot be bound (why, in the operating system's words).
+    """
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -181,8 +199,7 @@ async def start_server(
         port = 0
     if port == 0:
         raise _bind_failure(address)
-    await server.start()
-    return server, port
+    return int(port)
 
 
 def _bind_failure(address: str) -> ConnectError:
