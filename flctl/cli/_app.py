@@ -11,6 +11,7 @@ import typer
 
 from flctl import __version__
 from flctl.cli._certs import certs_app
+from flctl.cli._coordinators import status_command
 from flctl.cli._dp import dp_app
 from flctl.cli._help import use_value_names
 from flctl.cli._models import models_app
@@ -48,6 +49,7 @@ app.add_typer(store_app, name="store", context_settings=_CONTEXT)
 app.add_typer(strategies_app, name="strategies", context_settings=_CONTEXT)
 app.command("aggregate", context_settings=_CONTEXT)(aggregate_command)
 app.command("simulate")(simulate_command)
+app.command("status")(status_command)
 
 
 def _version(value: bool) -> None:

@@ -86,6 +86,14 @@ def test_the_standby_takes_over_a_killed_leader_and_the_job_finishes(
     wait_for(lambda: _health(a, second) == "NOT_SERVING", what="b stands by", timeout=120)
     assert "standing by" in processes.log("coord-b")
 
+    status = one_json(flctl("status", "--server", both, "--json", cwd=b, check=True).stdout)
+    assert (status["leader"], status["epoch"]) == (first, 1)
+    assert status["health"] == {first: "SERVING", second: "NOT_SERVING"}
+    assert {c["address"]: c["role"] for c in status["coordinators"]} == {
+        first: "leader",
+        second: "standby",
+    }
+
     # a client given both addresses joins the leader; a standby refuses with the leader's name
     processes.start("c1", "join", "--client-id", "c1", "--server", both, cwd=a)
     refused = flctl("round", "start", "--server", second, cwd=a)
@@ -110,6 +118,10 @@ def test_the_standby_takes_over_a_killed_leader_and_the_job_finishes(
         leader.send_signal(signal.SIGKILL)  # no clean-up of any kind
         assert leader.wait(30) == -signal.SIGKILL
         wait_for(lambda: _health(a, second) == "SERVING", what="b takes over", timeout=60)
+        status = one_json(flctl("status", "--server", both, "--json", cwd=a, check=True).stdout)
+        assert (status["leader"], status["epoch"]) == (second, 2)
+        assert status["health"][first] == "UNREACHABLE"
+        assert [(e["epoch"], e["address"]) for e in status["epochs"]] == [(1, first), (2, second)]
         # the queued rounds run on b, with the client that followed the take-over
         wait_for(lambda: committed() == 4, what="all four rounds commit", timeout=180)
         rounds = store.list_rounds()
