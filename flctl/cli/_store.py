@@ -108,6 +108,74 @@ def store_init(config_path: ConfigOpt = None, json_output: JsonOpt = False) -> N
         out.line(f"  the database as it was is backed up in {store.backup_path}")
 
 
+@store_app.command("migrate")
+@command()
+def store_migrate(
+    source: Annotated[
+        Path,
+        typer.Option(
+            "--from",
+            metavar="PATH",
+            help="The SQLite state file to copy (e.g. .flctl/state.db).",
+            show_default=False,
+        ),
+    ],
+    blobs_from: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="PATH", help="Its blob folder (default: blobs/ beside the state file)."
+        ),
+    ] = None,
+    config_path: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Copy a SQLite store into the database [store] url names, and verify it.
+
+    Rows and blobs are copied, then every table is compared row by row and every referenced
+    blob hashed. Running it again copies nothing more. Refused while a coordinator leads the
+    target.
+    """
+    from flctl.cli._common import load_project
+    from flctl.store import BlobStore, migrate_store, open_store, store_location
+
+    config = load_project(config_path)
+    if not config.store_url:
+        raise ConfigError(
+            "`flctl store migrate` copies into the database [store] url names; this project "
+            "has none",
+            hint="set [store] url (or FLCTL_STORE_URL) to the PostgreSQL database first",
+        )
+    source = source.resolve()
+    blobs_dir = (blobs_from or source.parent / "blobs").resolve()
+    out = Output(json_mode=json_output)
+    if not json_output:
+        out.line(f"copying {source} (blobs {blobs_dir}) into {store_location(config)} ...")
+    target = open_store(config)
+    try:
+        report = migrate_store(source, blobs_dir, target, BlobStore(config.blobs_path))
+    finally:
+        target.close()
+    doc = {
+        "source": str(source),
+        "target": store_location(config),
+        "store_id": report.store_id,
+        "rows_copied": report.rows_copied,
+        "tables": report.tables,
+        "blobs_copied": report.blobs_copied,
+        "blobs_verified": report.blobs_verified,
+        "seconds": report.seconds,
+    }
+    if json_output:
+        out.json(doc)
+        return
+    skipped = sum(t["skipped"] for t in report.tables.values())
+    out.line(
+        f"copied {report.rows_copied} rows ({skipped} already there) and "
+        f"{report.blobs_copied} blobs in {report.seconds:g} s; verified every table row by row "
+        f"and {report.blobs_verified} blobs by their sha256"
+    )
+
+
 @store_app.command("backup")
 @command()
 def store_backup(

@@ -23,6 +23,7 @@ from flctl.store._leadership import (
     list_leaders,
 )
 from flctl.store._ledger import LedgerRecord, charge, ledger
+from flctl.store._migrate import MigrationReport, migrate_store
 from flctl.store._open import open_store, require_state, store_location
 from flctl.store._records import (
     MODEL_KINDS,
@@ -69,6 +70,7 @@ __all__ = [
     "LedgerRecord",
     "MODEL_KINDS",
     "MODEL_STATUSES",
+    "MigrationReport",
     "ModelRecord",
     "PendingRollbackRecord",
     "ROUND_STATUSES",
@@ -88,6 +90,7 @@ __all__ = [
     "list_coordinators",
     "list_leaders",
     "list_revocations",
+    "migrate_store",
     "open_store",
     "require_state",
     "require_store",

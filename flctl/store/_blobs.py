@@ -168,8 +168,17 @@ class BlobStore:
         Raises:
             InvalidInputError: Malformed digest.
         """
-        digest = self.check_digest(digest)
-        return self._objects / digest[:2] / digest[2:]
+        return self.object_path(self.root, digest)
+
+    @classmethod
+    def object_path(cls, root: Path, digest: str) -> Path:
+        """Where blob ``digest`` lives in the blob folder ``root`` (nothing is created).
+
+        Raises:
+            InvalidInputError: Malformed digest.
+        """
+        digest = cls.check_digest(digest)
+        return Path(root) / "sha256" / digest[:2] / digest[2:]
 
     def has(self, digest: str) -> bool:
         """Return whether the blob exists.
