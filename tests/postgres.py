@@ -100,16 +100,16 @@ class PostgresServer:
             connection.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
-    def terminate_sessions(self, database: str) -> int:
-        """End every session on ``database`` (as a lost connection would); return how many."""
+    def terminate_sessions(self, pid: int) -> int:
+        """End every session of flctl process ``pid`` (its connections lost); return how many."""
         import psycopg
 
         dsn = f"host=127.0.0.1 port={self.port} user={self.user} dbname=postgres"
         with psycopg.connect(dsn, autocommit=True) as connection:
             rows = connection.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()",
-                (database,),
+                "WHERE application_name = %s AND pid <> pg_backend_pid()",
+                (f"flctl/{pid}",),
             ).fetchall()
         return len(rows)
 

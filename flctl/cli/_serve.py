@@ -60,10 +60,12 @@ async def _serve(coordinator: Coordinator, out: Output, *, tui: bool, drain_time
         if not await _first(coordinator.start(), stop.wait()):
             return
         lost_event = coordinator.leadership_lost
-        if lost_event is not None and not await _first(stop.wait(), lost_event.wait()):
+        if lost_event is None:
+            await stop.wait()
+        elif not await _first(stop.wait(), lost_event.wait()):
+            # the leadership is gone: stop at once (nothing left to drain), then say why
             lost = coordinator.election.lost if coordinator.election is not None else None
-            return  # the leadership is gone: stop at once, nothing left to drain
-        if drain_timeout > 0:
+        if lost is None and drain_timeout > 0:
             drain = asyncio.create_task(coordinator.drain(drain_timeout))
             second = asyncio.create_task(now.wait())
             await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)

@@ -8,6 +8,7 @@ knows a pragma or a PostgreSQL setting.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -108,7 +109,8 @@ class PostgresBackend(Backend):
     def make_engine(self, *, read_only: bool, keepalive: bool = False) -> Engine:
         options: dict[str, Any] = {
             "connect_timeout": self.CONNECT_TIMEOUT_S,
-            "application_name": "flctl",
+            # names the process, so that an operator (or a test) can tell coordinators apart
+            "application_name": f"flctl/{os.getpid()}",
         }
         settings = []
         if read_only:

@@ -18,9 +18,13 @@ FLCTL = [sys.executable, "-m", "flctl"]
 
 
 def flctl(
-    *args: str, cwd: Path, timeout: float = 240, check: bool = False
+    *args: str,
+    cwd: Path,
+    timeout: float = 240,
+    check: bool = False,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run(
         [*FLCTL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )

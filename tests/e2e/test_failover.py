@@ -14,6 +14,7 @@ import pytest
 from flctl.security import load_credentials
 from flctl.store import SqlStore, list_coordinators, list_leaders
 from flctl.transport.grpc import probe_health
+from tests.postgres import PostgresServer
 
 from .conftest import Processes, flctl, one_json, wait_for
 
@@ -151,3 +152,48 @@ def test_the_standby_takes_over_a_killed_leader_and_the_job_finishes(
         store.close()
     client_log = processes.log("c1")
     assert f"joined {first}" in client_log and f"joined {second}" in client_log, client_log
+
+
+def test_a_leader_that_loses_its_database_session_steps_down_and_the_standby_leads(
+    tmp_path: Path, processes: Processes, pg_url: str, postgres_server: PostgresServer
+) -> None:
+    a, b = _projects(tmp_path, pg_url)
+    first = f"127.0.0.1:{_free_port()}"
+    second = f"127.0.0.1:{_free_port()}"
+    leader = processes.start("coord-a", "serve", "--address", first, "--no-tui", cwd=a)
+    wait_for(lambda: _health(a, first) == "SERVING", what="a leads", timeout=120)
+    processes.start("coord-b", "serve", "--address", second, "--no-tui", cwd=b)
+    wait_for(lambda: _health(a, second) == "NOT_SERVING", what="b stands by", timeout=120)
+
+    assert postgres_server.terminate_sessions(leader.pid) >= 1  # its connections are cut
+    assert leader.wait(30) in (76, 77)  # stepped down: unavailable or fenced, never serving on
+    log = processes.log("coord-a")
+    assert "lost the leadership of the store" in log and "Traceback" not in log
+    wait_for(lambda: _health(a, second) == "SERVING", what="b takes over", timeout=60)
+    status = one_json(flctl("status", "--server", f"{first},{second}", "--json", cwd=a).stdout)
+    assert (status["leader"], status["epoch"]) == (second, 2)
+
+
+def test_refusals_at_start_a_database_away_and_a_task_of_another_model(
+    tmp_path: Path, processes: Processes, pg_url: str
+) -> None:
+    a, b = _projects(tmp_path, pg_url)
+    # the database cannot be reached: its URL named (password hidden), exit 76, nothing served
+    away = flctl(
+        "serve", "--address", f"127.0.0.1:{_free_port()}", "--no-tui", cwd=a, timeout=60,
+        env={"FLCTL_STORE_URL": f"postgresql+psycopg://flctl:s3cret@127.0.0.1:{_free_port()}/x"},
+    )  # fmt: skip
+    assert away.returncode == 76, away.stderr
+    assert "flctl:***@127.0.0.1" in away.stderr and "s3cret" not in away.stderr
+    assert "Traceback" not in away.stderr
+
+    first = f"127.0.0.1:{_free_port()}"
+    processes.start("coord-a", "serve", "--address", first, "--no-tui", cwd=a)
+    wait_for(lambda: _health(a, first) == "SERVING", what="a leads", timeout=120)
+    # b's task builds another model: it refuses to stand by for this store
+    toml = b / "flctl.toml"
+    toml.write_text(toml.read_text() + "in_features = 7\n")
+    other = flctl("serve", "--address", f"127.0.0.1:{_free_port()}", "--no-tui", cwd=b)
+    assert other.returncode == 90, other.stderr
+    assert "differs from the head model" in other.stderr
+    assert _health(a, first) == "SERVING"
