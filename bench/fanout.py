@@ -14,9 +14,17 @@ Per configuration it reports:
 - coordinator peak RSS (VmHWM of the serve process) and its CPU seconds (utime + stime from
   /proc) over the rounds, and per round; the swarm's CPU seconds over the same span;
 - memory growth per client: (peak RSS at the largest N - peak RSS at the smallest N) /
-  (difference in N), per model.
+  (difference in N), per model;
+- the state store's throughput: events written per second and rounds committed per second
+  over the span of the rounds (first round.started -> last round.committed).
 
-    python bench/fanout.py [--clients 10 25 50 100] [--models tiny 4mb] [--rounds 3] [--json]
+``--store postgresql`` runs the same on a PostgreSQL store (``[store] url``): a throw-away
+server (tests/postgres.py, with PostgreSQL's durable defaults: fsync and synchronous commits,
+as SQLite's synchronous=FULL) with a new database per configuration; ``--store sqlite
+postgresql`` runs both, one after the other, so that the cost of the shared database shows.
+
+    python bench/fanout.py [--clients 10 25 50 100] [--models tiny 4mb] [--rounds 3]
+        [--store sqlite postgresql] [--json]
 """
 
 from __future__ import annotations
@@ -62,7 +70,7 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def make_project(root: Path, model: str, clients: int) -> Path:
+def make_project(root: Path, model: str, clients: int, store_url: str = "") -> Path:
     params, depth = MODELS[model]
     run([*FLCTL, "init", "p", "--template", "large", "--params", str(params)], cwd=root)
     project = root / "p"
@@ -70,6 +78,8 @@ def make_project(root: Path, model: str, clients: int) -> Path:
     toml = toml.replace("min_clients = 2", f"min_clients = {clients}")
     toml = toml.replace("depth = 8 ", f"depth = {depth} ")
     toml = toml.replace("quorum_timeout_s = 120.0", "quorum_timeout_s = 300.0")
+    if store_url:
+        toml = toml.replace("\n[task]", f'\n[store]\nurl = "{store_url}"\n\n[task]', 1)
     (project / "flctl.toml").write_text(toml)
     run([*FLCTL, "certs", "gen", "--clients", str(clients)], cwd=project)
     return project
@@ -85,8 +95,10 @@ def wait_for(predicate: Any, timeout: float, what: str, step: float = 0.2) -> An
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def one_config(model: str, clients: int, rounds: int, tmp: Path) -> dict[str, Any]:
-    project = make_project(tmp, model, clients)
+def one_config(
+    model: str, clients: int, rounds: int, tmp: Path, store_url: str = ""
+) -> dict[str, Any]:
+    project = make_project(tmp, model, clients, store_url)
     serve_log = (project / "serve.log").open("w")
     serve = subprocess.Popen(
         [*FLCTL, "serve", "--address", "127.0.0.1:0", "--no-tui"],
@@ -141,9 +153,8 @@ def one_config(model: str, clients: int, rounds: int, tmp: Path) -> dict[str, An
             raise SystemExit(f"swarm exited {swarm.returncode}:\n{err[-3000:]}\n{out[-3000:]}")
         report = json.loads(out)
         peak = peak_rss_mib(serve.pid)
-        events = json.loads(
-            run([*FLCTL, "events", "--type", "round", "--limit", "10000", "--json"], cwd=project)
-        )["events"]
+        every = json.loads(run([*FLCTL, "events", "--limit", "1000000", "--json"], cwd=project))
+        events = [e for e in every["events"] if e["type"].startswith("round.")]
     finally:
         if swarm is not None and swarm.poll() is None:
             swarm.kill()
@@ -162,7 +173,13 @@ def one_config(model: str, clients: int, rounds: int, tmp: Path) -> dict[str, An
         (committed[r] - started[r] - per_round[r]["max_train_s"]) / clients
         for r in sorted(committed)
     ]
+    first, last = min(started.values()), max(committed.values())
+    span = last - first
+    written = [e for e in every["events"] if first <= e["time"] <= last]
     return {
+        "store": "postgresql" if store_url else "sqlite",
+        "events_per_s": len(written) / span if span > 0 else float("nan"),
+        "rounds_per_s": rounds / span if span > 0 else float("nan"),
         "model": model,
         "model_bytes": (project / "model.safetensors").stat().st_size,
         "clients": clients,
@@ -192,11 +209,14 @@ def one_config(model: str, clients: int, rounds: int, tmp: Path) -> dict[str, An
 
 def growth(rows: list[dict[str, Any]]) -> dict[str, float]:
     out = {}
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["clients"])
+    for store, model in dict.fromkeys((r["store"], r["model"]) for r in rows):
+        mine = sorted(
+            (r for r in rows if (r["store"], r["model"]) == (store, model)),
+            key=lambda r: r["clients"],
+        )
         if len(mine) >= 2 and mine[-1]["clients"] > mine[0]["clients"]:
             delta = mine[-1]["coordinator_peak_rss_mib"] - mine[0]["coordinator_peak_rss_mib"]
-            out[model] = delta / (mine[-1]["clients"] - mine[0]["clients"])
+            out[f"{store} {model}"] = delta / (mine[-1]["clients"] - mine[0]["clients"])
     return out
 
 
@@ -205,34 +225,50 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 25, 50, 100])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["tiny", "4mb"])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--store", nargs="+", choices=["sqlite", "postgresql"], default=["sqlite"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    server = None
+    if "postgresql" in args.store:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.postgres import PostgresServer
+
+        server = PostgresServer(durable=True)
+        server.start()
     rows = []
-    for model in args.models:
-        for clients in args.clients:
-            with tempfile.TemporaryDirectory(dir=os.environ.get("FLCTL_BENCH_TMP")) as tmp:
-                row = one_config(model, clients, args.rounds, Path(tmp))
-            rows.append(row)
-            print(
-                f"  {model} x {clients} clients: round {row['round_s_median']:.2f} s, "
-                f"{row['errors']} errors",
-                file=sys.stderr,
-            )
+    try:
+        for store in args.store:
+            for model in args.models:
+                for clients in args.clients:
+                    url = server.new_database() if store == "postgresql" and server else ""
+                    with tempfile.TemporaryDirectory(dir=os.environ.get("FLCTL_BENCH_TMP")) as tmp:
+                        row = one_config(model, clients, args.rounds, Path(tmp), url)
+                    rows.append(row)
+                    print(
+                        f"  {store}: {model} x {clients} clients: round "
+                        f"{row['round_s_median']:.2f} s, {row['events_per_s']:.0f} events/s, "
+                        f"{row['errors']} errors",
+                        file=sys.stderr,
+                    )
+    finally:
+        if server is not None:
+            server.stop()
     result = {"rows": rows, "rss_growth_mib_per_client": growth(rows), "rounds": args.rounds}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(
-        "| model | clients | round s (median) | slowest train s | overhead ms/client "
+        "| store | model | clients | round s (median) | events/s | rounds/s | slowest train s | overhead ms/client "
         "| coordinator CPU s/round "
         "(ms/client) | coordinator peak RSS MiB | download s med / max | upload s med / max "
         "| swarm CPU s/round | errors | load1 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} ({r['model_bytes']:,} B) | {r['clients']} | {r['round_s_median']:.2f} "
+            f"| {r['store']} | {r['model']} ({r['model_bytes']:,} B) | {r['clients']} "
+            f"| {r['round_s_median']:.2f} | {r['events_per_s']:.0f} | {r['rounds_per_s']:.2f} "
             f"| {r['max_train_s_median']:.3f} | {r['overhead_ms_per_client_median']:.1f} "
             f"| {r['coordinator_cpu_s_per_round']:.2f} ({r['coordinator_cpu_ms_per_client_round']:.0f}) "
             f"| {r['coordinator_peak_rss_mib']:.0f} "

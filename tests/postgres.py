@@ -4,7 +4,8 @@ PostgreSQL refuses to run as root, so when the tests run as root (CI does) the c
 initialised and started as the ``postgres`` user that Debian's ``postgresql`` package creates,
 through ``runuser``. The server listens on 127.0.0.1 only, on a free port, with trust
 authentication for the ``flctl`` role (nothing else can reach it), and ``fsync=off``: a crash
-of the test machine may lose the cluster, which the tests throw away anyway.
+of the test machine may lose the cluster, which the tests throw away anyway. Benchmarks ask for
+``durable=True``: PostgreSQL's defaults (fsync, synchronous commits), as a deployment runs.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _free_port() -> int:
 class PostgresServer:
     """Start with :meth:`start`, get databases with :meth:`new_database`, end with :meth:`stop`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        self.durable = durable
         self.bindir = find_bindir()
         self.root = Path(tempfile.mkdtemp(prefix="flctl-pg-"))
         self.data = self.root / "data"
@@ -77,10 +79,10 @@ class PostgresServer:
             "initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "-E", "UTF8",
             "--no-sync", "--no-instructions",
         )  # fmt: skip
-        options = (
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-        )
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+        options += "-c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(
             "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"),
             "-w", "-t", "60", "start",
