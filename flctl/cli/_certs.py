@@ -6,6 +6,7 @@ Heavy modules (``flctl.security``, ``flctl.store``) are imported inside the comm
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from flctl.cli._options import ConfigOpt, JsonOpt
+from flctl.cli._options import ConfigOpt, JsonOpt, ServerOpt
 from flctl.cli._output import Output, command
 
 if TYPE_CHECKING:
@@ -242,6 +243,7 @@ def certs_revoke(
         ),
     ] = None,
     reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
+    server: ServerOpt = None,
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -278,9 +280,15 @@ def certs_revoke(
             f"{identity!r} has no certificate with serial {serial_number:x}",
             hint=f"`flctl certs ls` lists the serials of {identity}",
         )
-    with lock_or_running(config.state_path, "certs revoke") as running:
+    with contextlib.ExitStack() as stack:
+        # --server: a coordinator elsewhere (or the leader of several); else this project's
+        running = (
+            {"address": server}
+            if server
+            else stack.enter_context(lock_or_running(config.state_path, "certs revoke"))
+        )
         if running is None:
-            with open_store(config) as store:
+            with open_store(config, offline="flctl certs revoke") as store:
                 was_revoked = is_revoked(store, identity, serial_number)
                 record = revoke(
                     store, identity, serial=serial_number, reason=reason, author=LOCAL_AUTHOR
@@ -289,7 +297,7 @@ def certs_revoke(
                 record.serial, record.reason, record.author, record.revoked_at, record.event_seq
             )
         else:
-            done = _revoke_online(config, identity, serial_number, reason)
+            done = _revoke_online(config, identity, serial_number, reason, server)
             was_revoked = done.already
     out = Output(json_mode=json_output)
     what = "every certificate" if done.serial is None else f"serial {done.serial:x}"
@@ -428,7 +436,9 @@ class _Revoked:
     already: bool = False
 
 
-def _revoke_online(config: Config, identity: str, serial: int | None, reason: str) -> _Revoked:
+def _revoke_online(
+    config: Config, identity: str, serial: int | None, reason: str, server: str | None = None
+) -> _Revoked:
     """Revoke through the running coordinator's Admin service (audited as the admin)."""
     from flctl.cli._common import call_admin
 
@@ -443,7 +453,7 @@ def _revoke_online(config: Config, identity: str, serial: int | None, reason: st
             reply.already_revoked,
         )
 
-    return call_admin(config, None, call)
+    return call_admin(config, server, call)
 
 
 def _parse_serial(text: str) -> int:

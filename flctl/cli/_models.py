@@ -10,6 +10,7 @@ the commands that need them, so ``import flctl.cli`` stays light.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import os
@@ -21,11 +22,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from flctl.cli._options import ConfigOpt, JsonOpt
+from flctl.cli._options import ConfigOpt, JsonOpt, ServerOpt
 from flctl.cli._output import Output, command
 from flctl.core import Config
 from flctl.core.errors import (
     ConflictError,
+    FlctlError,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
@@ -90,7 +92,7 @@ def _open_state(
     from flctl.store import BlobStore, open_store, require_state
 
     require_state(config)
-    store = open_store(config, read_only=not write, deep_check=deep_check)
+    store = open_store(config, read_only=not write, deep_check=deep_check, offline="flctl models")
     try:
         yield store, BlobStore(config.blobs_path)
     finally:
@@ -565,6 +567,7 @@ def models_diff(
 def models_rollback(
     ref: RefArg,
     reason: Annotated[str, typer.Option(help="Why, kept in the history.")] = "",
+    server: ServerOpt = None,
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -578,6 +581,9 @@ def models_rollback(
     from flctl.cli._common import load_project
 
     config = load_project(config_path)
+    if server:  # a coordinator elsewhere (or the leader of several): through it
+        _rollback_online(config, ref, reason, json_output, server)
+        return
     with _lock_or_running(config, "models rollback") as running:
         if running is not None:
             _rollback_online(config, ref, reason, json_output)
@@ -634,7 +640,9 @@ def _print_rollback(
     )
 
 
-def _rollback_online(config: Config, ref: str, reason: str, json_output: bool) -> None:
+def _rollback_online(
+    config: Config, ref: str, reason: str, json_output: bool, server: str | None = None
+) -> None:
     """Roll back through the running coordinator (serialised with its rounds)."""
     from flctl.cli._common import call_admin
     from flctl.transport.grpc import AdminClient
@@ -642,7 +650,7 @@ def _rollback_online(config: Config, ref: str, reason: str, json_output: bool) -
     async def call(client: AdminClient) -> Any:
         return await client.rollback(ref, reason=reason)
 
-    reply = call_admin(config, None, call)
+    reply = call_admin(config, server, call)
     out = Output(json_mode=json_output)
     if reply.deferred:
         server_round = int(reply.server_round)
@@ -665,9 +673,19 @@ def _rollback_online(config: Config, ref: str, reason: str, json_output: bool) -
             f"(digest {reply.digest[:12]})"
         )
         return
-    with _open_state(config) as (store, _):
-        new = store.get_model(int(reply.version))
-        tags = store.tags_for(new.version)
+    try:
+        with _open_state(config) as (store, _):
+            new = store.get_model(int(reply.version))
+            tags = store.tags_for(new.version)
+    except FlctlError:  # the coordinator's store is not readable from here (--server)
+        if json_output:
+            out.json({"version": int(reply.version), "source": int(reply.source_version)})
+        else:
+            out.line(
+                f"rolled back to version {reply.source_version}: head is now version "
+                f"{reply.version}; the next round starts from it"
+            )
+        return
     _print_rollback(out, new, tags, int(reply.source_version), int(reply.previous_head) or None)
 
 
@@ -677,6 +695,7 @@ def models_tag(
     ref: RefArg,
     name: Annotated[str, typer.Argument(help="The tag, e.g. `best` or `paper-v1`.")],
     force: Annotated[bool, typer.Option(help="Move the tag if it names another version.")] = False,
+    server: ServerOpt = None,
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -689,15 +708,21 @@ def models_tag(
     from flctl.transport.grpc import AdminClient
 
     config = load_project(config_path)
-    with _lock_or_running(config, "models tag") as running:
+
+    async def call(client: AdminClient) -> Any:
+        return await client.tag(ref, name, force=force)
+
+    from flctl.cli._common import call_admin
+
+    with contextlib.ExitStack() as stack:
+        # --server: a coordinator elsewhere (or the leader of several); else this project's
+        running = (
+            {"address": server}
+            if server
+            else stack.enter_context(_lock_or_running(config, "models tag"))
+        )
         if running is not None:
-
-            async def call(client: AdminClient) -> Any:
-                return await client.tag(ref, name, force=force)
-
-            from flctl.cli._common import call_admin
-
-            reply = call_admin(config, None, call)
+            reply = call_admin(config, server, call)
             version, before = int(reply.version), int(reply.previous) or None
         else:
             with _open_state(config, write=True) as (store, _):

@@ -66,6 +66,7 @@ class Database:
         self._unpublished: list[Event] = []
         #: Called (on the committing thread) with the events of each committed transaction.
         self.on_events: Callable[[Sequence[Event]], None] | None = None
+        self._on_close: list[Callable[[], None]] = []
         #: The leadership epoch this process writes in (0: no leadership); events record it.
         self.epoch = 0
         #: What differs between SQLite and PostgreSQL (engine, transactions, errors).
@@ -99,8 +100,14 @@ class Database:
             return "" if row is None else row.value
 
     def close(self) -> None:
-        """Release every database connection."""
+        """Release every database connection (and what was tied to the store's lifetime)."""
+        while self._on_close:
+            self._on_close.pop()()
         self._engine.dispose()
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the store closes (before its connections go)."""
+        self._on_close.append(callback)
 
     def __enter__(self) -> Self:
         return self

@@ -26,11 +26,18 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy import exc as sa_exc
 
-from flctl.core.errors import ConfigError, FencedError, StoreUnavailableError
+from flctl.core.errors import ConfigError, ConflictError, FencedError, StoreUnavailableError
 from flctl.store._backends import PostgresBackend, redact
 from flctl.store._database import Database
 
-__all__ = ["CoordinatorInfo", "Leadership", "LeaderInfo", "list_coordinators", "list_leaders"]
+__all__ = [
+    "CoordinatorInfo",
+    "LeaderInfo",
+    "Leadership",
+    "hold_offline",
+    "list_coordinators",
+    "list_leaders",
+]
 
 log = logging.getLogger("flctl.store.leadership")
 
@@ -267,6 +274,46 @@ class Leadership:
         raise FencedError(
             f"coordinator {self.address} stepped down (epoch {self.epoch}): its writes are refused"
         )
+
+
+def hold_offline(store: Database, command: str) -> None:
+    """Let an offline command write a shared store only while no coordinator leads it.
+
+    The command takes the leadership's advisory lock on a connection of its own, kept until
+    the store closes: a coordinator starting meanwhile stands by until then.
+
+    Raises:
+        ConflictError: A coordinator leads the store (the change must go through it).
+    """
+    if not isinstance(store.backend, PostgresBackend):
+        return
+    engine = store.backend.make_engine(read_only=False, keepalive=True)
+    connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        taken = connection.execute(
+            text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCK_KEY}
+        ).scalar()
+    except sa_exc.DBAPIError as exc:
+        connection.close()
+        engine.dispose()
+        raise StoreUnavailableError(
+            f"cannot reach {redact(store.backend.url)}: {exc.orig}"
+        ) from exc
+    if not taken:
+        connection.close()
+        engine.dispose()
+        leaders = [x for x in list_leaders(store) if x.ended is None]
+        where = f" ({leaders[-1].address}, epoch {leaders[-1].epoch})" if leaders else ""
+        raise ConflictError(
+            f"a coordinator leads this store{where}: `{command}` goes through it",
+            hint="pass --server with the coordinators' addresses",
+        )
+
+    def release() -> None:
+        connection.close()  # ends the session, and the lock with it
+        engine.dispose()
+
+    store.on_close(release)
 
 
 def list_coordinators(store: Database) -> list[CoordinatorInfo]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flctl.core.config import Config
 from flctl.core.errors import ConfigError
+from flctl.store._leadership import hold_offline
 from flctl.store._sql import SqlStore
 from flctl.store._state import require_store
 
@@ -24,6 +25,7 @@ def open_store(
     read_only: bool = False,
     new_state: bool = False,
     deep_check: bool = False,
+    offline: str = "",
 ) -> SqlStore:
     """Open the project's store: the SQLite file in the state folder, or ``[store] url``.
 
@@ -31,7 +33,12 @@ def open_store(
     held a store; backed up before a migration). A database URL is opened as it is: its
     schema is created or migrated unless ``read_only``.
 
+    ``offline`` names the command that writes the store without a coordinator: on a shared
+    database it holds the leadership lock until the store closes, and is refused while a
+    coordinator leads (:func:`flctl.store.hold_offline`).
+
     Raises:
+        ConflictError: ``offline`` while a coordinator leads the shared store.
         ConfigError: ``new_state`` with a database URL (drop the database by its own tools).
         StoreUnavailableError: The database server cannot be reached.
         SchemaMismatchError: The schema is newer than this flctl's (or, ``read_only``, older).
@@ -47,7 +54,14 @@ def open_store(
             f"the database {store_location(config)}",
             hint="create a new database for a new store, and point [store] url at it",
         )
-    return SqlStore(url, read_only=read_only)
+    store = SqlStore(url, read_only=read_only)
+    if offline and not read_only:
+        try:
+            hold_offline(store, offline)
+        except BaseException:
+            store.close()
+            raise
+    return store
 
 
 def require_state(config: Config) -> None:

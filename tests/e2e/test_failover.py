@@ -150,6 +150,14 @@ def test_the_standby_takes_over_a_killed_leader_and_the_job_finishes(
         assert verify["problems"] == [] if "problems" in verify else verify
     finally:
         store.close()
+    # registry changes go through the leader; written offline beside it, they are refused
+    tagged = one_json(
+        flctl("models", "tag", "head", "best", "--server", both, "--json", cwd=b, check=True).stdout
+    )
+    assert tagged["tag"] == "best"
+    offline = flctl("models", "tag", "1", "first", cwd=a)
+    assert offline.returncode == 73, offline.stdout + offline.stderr
+    assert f"a coordinator leads this store ({second}, epoch 2)" in offline.stderr
     client_log = processes.log("c1")
     assert f"joined {first}" in client_log and f"joined {second}" in client_log, client_log
 
