@@ -129,7 +129,9 @@ def store_migrate(
     config_path: ConfigOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Copy a SQLite store into the database [store] url names, and verify it.
+    """Copy a SQLite store into the shared database, and verify it.
+
+    The database is the one [store] url (or FLCTL_STORE_URL) names.
 
     Rows and blobs are copied, then every table is compared row by row and every referenced
     blob hashed. Running it again copies nothing more. Refused while a coordinator leads the
