@@ -305,8 +305,9 @@ def hold_offline(store: Database, command: str) -> None:
         leaders = [x for x in list_leaders(store) if x.ended is None]
         where = f" ({leaders[-1].address}, epoch {leaders[-1].epoch})" if leaders else ""
         raise ConflictError(
-            f"a coordinator leads this store{where}: `{command}` goes through it",
-            hint="pass --server with the coordinators' addresses",
+            f"a coordinator leads this store{where}: `{command}` does not write it beside it",
+            hint="go through the leader (--server with the coordinators' addresses, where the "
+            "command offers it), or stop the coordinators first",
         )
 
     def release() -> None:
