@@ -11,6 +11,12 @@ rounds charged to the privacy budget in the ``dp_ledger`` table (:func:`charge`,
 ``store.json``, and its blobs say whether it did: :func:`require_store`); :func:`write_backup`
 and :func:`restore_backup` copy the database with SQLite's online backup and check a manifest
 of its blobs.
+
+The database is SQLite by default, or PostgreSQL where ``[store] url`` says
+(:func:`open_store` picks; the differences live in one backend module). Coordinators that share
+a PostgreSQL store take turns with :class:`Leadership` (an advisory lock, an epoch that every
+write is fenced on); :func:`list_coordinators` and :func:`list_leaders` say who led when, and
+:func:`migrate_store` moves a SQLite store into a shared database.
 """
 
 from flctl.store._backup import BackupReport, RestoreReport, restore_backup, write_backup
