@@ -46,6 +46,7 @@ from flctl.core.errors import (
     PermissionDeniedError,
     ProtocolMismatchError,
     SessionConflictError,
+    StandbyError,
     StorageFullError,
     TaskError,
     TransportError,
@@ -498,9 +499,14 @@ class Runner:
                 tls_failures = 0
                 reason = f"{exc.message}; {exc.hint}" if exc.hint else exc.message
                 if len(self._servers) > 1:
-                    # a standby, or a coordinator gone: the next address may lead. Once round
-                    # the list without a pause, then back off as with one coordinator.
-                    if self._next_server():
+                    # a standby (it names the leader), or a coordinator gone: the next address
+                    # may lead. Once round the list without a pause, then back off as with one
+                    # coordinator.
+                    leader = exc.details.get("leader") if isinstance(exc, StandbyError) else None
+                    if leader in self._servers and leader != self.server:
+                        self._server_index = self._servers.index(str(leader))
+                        delay = _NEXT_SERVER_DELAY_S
+                    elif self._next_server():
                         delay = _NEXT_SERVER_DELAY_S
                     reason = f"{exc.message}; trying {self.server}"
                 now = time.monotonic()
