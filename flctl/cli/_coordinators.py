@@ -115,7 +115,8 @@ def status_command(
         "epochs": epochs,
     }
     if json_output:
-        out.json(doc)
+        if serving:  # else one document all the same: the error, with what was found
+            out.json(doc)
     else:
         out.line(f"store: {doc['store']}")
         if serving:
@@ -138,10 +139,9 @@ def status_command(
                 end = "leading" if e["ended"] is None else f"ended: {e['end_reason'] or 'stopped'}"
                 out.line(f"  {e['epoch']}: {e['address']} since {when} ({end})")
     if not serving:
+        among = f" among {', '.join(addresses)}" if addresses else " (none known: pass --server)"
         raise ConnectError(
-            "no coordinator leads"
-            + (
-                f" among {', '.join(addresses)}" if addresses else " (none is known: pass --server)"
-            ),
+            "no coordinator leads" + among,
             hint="start `flctl serve`; a standby takes over within seconds of a leader's loss",
+            details=doc,
         )
