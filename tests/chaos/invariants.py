@@ -1,8 +1,10 @@
 """The invariants of crash safety, checked on a coordinator's state folder from the outside.
 
 Everything is read without writing: ``state.db`` through :mod:`sqlite3` in read-only mode (a
-coordinator may still be running), the blob store and the uploads folder as plain files. Each
-invariant is one function that returns a :class:`Check`; :func:`check_invariants` runs them all.
+coordinator may still be running), or a store on PostgreSQL through :mod:`psycopg` in read-only
+transactions; the blob store and the uploads folder (in the state folder, or in the shared blob
+folder that ``[store] blobs`` names) as plain files. Each invariant is one function that
+returns a :class:`Check`; :func:`check_invariants` runs them all.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESTART_REASON", "Check", "KillPoint", "StateReader", "check_invariants"]
+__all__ = [
+    "READ_ERRORS",
+    "RESTART_REASON",
+    "Check",
+    "KillPoint",
+    "StateReader",
+    "check_invariants",
+]
 
 #: The reason of a round that a restarted coordinator could not resume starts with this.
 RESTART_REASON = "coordinator restarted"
@@ -24,6 +33,18 @@ RESTART_REASON = "coordinator restarted"
 TERMINAL = ("committed", "rejected", "failed", "cancelled")
 
 Event = tuple[int, str, int, str, dict[str, Any]]  # seq, type, round, client, data
+
+
+def _read_errors() -> tuple[type[Exception], ...]:
+    try:
+        import psycopg
+    except ImportError:  # only a store on PostgreSQL needs it
+        return (sqlite3.Error,)
+    return (sqlite3.Error, psycopg.Error)
+
+
+#: What reading a store may raise: :mod:`sqlite3`'s errors, and :mod:`psycopg`'s.
+READ_ERRORS = _read_errors()
 
 
 @dataclass(frozen=True)
@@ -45,14 +66,34 @@ class KillPoint:
 
 
 class StateReader:
-    """Reads a coordinator's state folder without writing anything (SQLite ``mode=ro``)."""
+    """Reads a coordinator's state without writing anything.
 
-    def __init__(self, state_dir: Path) -> None:
+    Args:
+        state_dir: The state folder (``.flctl``): ``state.db`` (SQLite, ``mode=ro``), and the
+            blobs and uploads unless ``blobs`` names a folder of their own.
+        url: ``[store] url`` of a store on PostgreSQL (SQLAlchemy's form,
+            ``postgresql+psycopg://...``): its tables are read instead of ``state.db``, on one
+            connection in autocommit mode whose transactions are read-only.
+        blobs: ``[store] blobs``, the shared blob folder: models under ``<blobs>/sha256``,
+            temp files under ``<blobs>/tmp``, part files under ``<blobs>/uploads``.
+    """
+
+    def __init__(self, state_dir: Path, url: str = "", blobs: Path | None = None) -> None:
         self.state_dir = state_dir
         self.db = state_dir / "state.db"
+        self.url = url
+        # where flctl.core.config puts them: beside shared blobs, else in the state folder
+        self.blob_root = state_dir / "blobs" if blobs is None else blobs
+        self.uploads_dir = state_dir / "uploads" if blobs is None else blobs / "uploads"
+        self._pg: Any = None  # psycopg.Connection, opened on the first query
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Rows of one query, or [] while the database or its tables do not exist yet."""
+        """Rows of one query, or [] while the database or its tables do not exist yet.
+
+        ``sql`` takes ``?`` placeholders, whichever the database.
+        """
+        if self.url:
+            return self._pg_query(sql, args)
         if not self.db.exists():
             return []
         con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
@@ -64,6 +105,38 @@ class StateReader:
             raise
         finally:
             con.close()
+
+    def _pg_query(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        if args:  # psycopg's placeholders; a literal % is written %% where there are any
+            sql = sql.replace("%", "%%").replace("?", "%s")
+        for attempt in (1, 2):
+            try:
+                if self._pg is None:
+                    self._pg = psycopg.connect(
+                        re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", self.url),
+                        autocommit=True,
+                        connect_timeout=10,
+                        application_name="flctl-chaos-reader",
+                        options="-c default_transaction_read_only=on",
+                    )
+                with self._pg.cursor() as cursor:
+                    cursor.execute(sql, tuple(args) if args else None)
+                    return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
+            except psycopg.errors.UndefinedTable:  # the first coordinator is creating the schema
+                return []
+            except psycopg.OperationalError:  # the connection was lost: once more, on a new one
+                self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        """Close the database connection, if one is open (a later query opens another)."""
+        connection, self._pg = self._pg, None
+        if connection is not None:
+            connection.close()
 
     def events_after(self, seq: int) -> list[Event]:
         """Events with a higher seq, in order: (seq, type, round, client, data)."""
@@ -80,6 +153,22 @@ class StateReader:
         """The last event's seq (0 when none)."""
         rows = self.query("SELECT MAX(seq) FROM events")
         return int(rows[0][0] or 0) if rows else 0
+
+    def leaders(self) -> list[dict[str, Any]]:
+        """Who led in each epoch, oldest first (PostgreSQL: one row per take-over)."""
+        return [
+            {
+                "epoch": int(e),
+                "address": str(a),
+                "pid": int(p),
+                "since": float(s),
+                "ended": None if n is None else float(n),
+                "end_reason": str(r or ""),
+            }
+            for e, a, p, s, n, r in self.query(
+                "SELECT epoch, address, pid, since, ended, end_reason FROM leaders ORDER BY epoch"
+            )
+        ]
 
     def open_round(self) -> tuple[int, str] | None:
         """The round past ``queued`` and not yet terminal, if any: (id, status)."""
@@ -107,7 +196,7 @@ class StateReader:
 
     def blob_path(self, digest: str) -> Path:
         """Where the blob store keeps ``digest``."""
-        return self.state_dir / "blobs" / "sha256" / digest[:2] / digest[2:]
+        return self.blob_root / "sha256" / digest[:2] / digest[2:]
 
     def blob_problem(self, digest: str) -> str:
         """What is wrong with blob ``digest`` ("" when it exists and hashes to its name)."""
@@ -126,12 +215,12 @@ class StateReader:
 
     def blob_digests(self) -> set[str]:
         """Every blob in the store."""
-        root = self.state_dir / "blobs" / "sha256"
+        root = self.blob_root / "sha256"
         return {p.parent.name + p.name for p in root.glob("*/*") if p.is_file()}
 
     def parts(self) -> dict[str, int]:
         """Part files under ``uploads/`` and their sizes."""
-        return {p.name: _size(p) for p in _files(self.state_dir / "uploads") if p.suffix == ".part"}
+        return {p.name: _size(p) for p in _files(self.uploads_dir) if p.suffix == ".part"}
 
     def uploads_in_flight(self) -> int:
         """Part files that hold bytes under ``uploads/``."""
@@ -139,7 +228,7 @@ class StateReader:
 
     def temp_blobs(self) -> int:
         """Files under ``blobs/tmp``."""
-        return len(_files(self.state_dir / "blobs" / "tmp"))
+        return len(_files(self.blob_root / "tmp"))
 
     def orphan_blobs(self) -> int:
         """Blobs no model and no accepted update names (harmless: content-addressed)."""
@@ -187,6 +276,7 @@ def check_invariants(
     acknowledged: Mapping[str, set[int]],
     kills: Sequence[KillPoint],
     clients_alive: Mapping[str, bool],
+    epochs: int | None = None,
 ) -> list[Check]:
     """Check crash safety on a coordinator's state once every round ended and it stopped.
 
@@ -196,6 +286,8 @@ def check_invariants(
         acknowledged: Per client id, the rounds whose update it was told was accepted.
         kills: Where each kill landed.
         clients_alive: Per client id, whether its process still ran when the rounds ended.
+        epochs: On a store on PostgreSQL, how many leaders there were (the kills that landed,
+            plus one): adds the two checks of the leadership. None: not checked.
 
     Returns:
         One :class:`Check` per invariant, in this order:
@@ -223,7 +315,15 @@ def check_invariants(
           running round (``model.rollback_deferred``) was then applied or failed;
         - ``no_partial_files``: ``uploads/`` and ``blobs/tmp/`` are empty and no ``*.tmp`` or
           ``*.part`` file is left in the state folder;
-        - ``clients_stayed``: every client process still runs (they reconnect by themselves).
+        - ``clients_stayed``: every client process still runs (they reconnect by themselves);
+
+        and with ``epochs``:
+
+        - ``epochs_increase``: ``leaders`` holds epochs 1 to ``epochs``, one row each, and every
+          epoch but the last ended (the next leader took over, or it stepped down);
+        - ``one_writer_per_epoch``: in seq order, the events' epoch never goes down, each is an
+          epoch of ``leaders``, and none was written after its epoch ended (an old leader that
+          wrote after a take-over breaks it).
     """
     events = reader.events_after(0)
     accepted = {
@@ -257,7 +357,7 @@ def check_invariants(
         "SELECT server_round, client_id FROM updates WHERE status = 'accepted' "
         "GROUP BY server_round, client_id HAVING COUNT(*) > 1"
     )
-    return [
+    checks = [
         _acknowledged(events, accepted, acknowledged, twice),
         _check(
             "update_blobs_intact",
@@ -278,12 +378,16 @@ def check_invariants(
         _resumed_or_failed(events, kills),
         _event_log(events, accepted, models, round_rows),
         _deferred_rollbacks(events),
-        _check("no_partial_files", _partial_files(reader.state_dir)),
+        _check("no_partial_files", _partial_files(reader)),
         _check(
             "clients_stayed",
             [f"{c} exited" for c, alive in sorted(clients_alive.items()) if not alive],
         ),
     ]
+    if epochs is not None:
+        leaders = reader.leaders()
+        checks += [_epochs_increase(leaders, epochs), _one_writer_per_epoch(reader, leaders)]
+    return checks
 
 
 def _acknowledged(
@@ -438,10 +542,48 @@ def _deferred_rollbacks(events: list[Event]) -> Check:
     return _check("deferred_rollbacks_resolved", problems)
 
 
-def _partial_files(state_dir: Path) -> list[str]:
-    holders = (state_dir / "uploads", state_dir / "blobs" / "tmp")
+def _epochs_increase(leaders: list[dict[str, Any]], expected: int) -> Check:
+    got = [x["epoch"] for x in leaders]
+    problems = []
+    if got != list(range(1, expected + 1)):
+        problems.append(f"the leaders' epochs are {got}, not 1 to {expected}")
+    problems += [
+        f"epoch {x['epoch']} ({x['address']}, pid {x['pid']}) never ended, "
+        f"though epoch {x['epoch'] + 1} followed"
+        for x in leaders[:-1]
+        if x["ended"] is None
+    ]
+    return _check("epochs_increase", problems)
+
+
+def _one_writer_per_epoch(reader: StateReader, leaders: list[dict[str, Any]]) -> Check:
+    by_epoch = {x["epoch"]: x for x in leaders}
+    problems = []
+    newest = 0
+    for seq, epoch, written in reader.query("SELECT seq, epoch, time FROM events ORDER BY seq"):
+        seq, epoch, written = int(seq), int(epoch), float(written)
+        leader = by_epoch.get(epoch)
+        if epoch < newest:
+            problems.append(f"event {seq} was written in epoch {epoch}, after epoch {newest}")
+        if leader is None:
+            problems.append(f"event {seq} was written in epoch {epoch}, which had no leader")
+        elif leader["ended"] is not None and written > leader["ended"]:
+            problems.append(
+                f"event {seq} of epoch {epoch} was written {written - leader['ended']:.3f} s "
+                f"after that epoch ended ({leader['end_reason'] or 'no reason'})"
+            )
+        newest = max(newest, epoch)
+    return _check("one_writer_per_epoch", problems)
+
+
+def _partial_files(reader: StateReader) -> list[str]:
+    holders = (reader.uploads_dir, reader.blob_root / "tmp")
+    roots = [reader.state_dir]
+    if not reader.blob_root.is_relative_to(reader.state_dir):  # a shared blob folder
+        roots.append(reader.blob_root)
     return sorted(
-        str(p.relative_to(state_dir))
-        for p in state_dir.rglob("*")
+        str(p.relative_to(root if root == reader.state_dir else root.parent))
+        for root in roots
+        for p in root.rglob("*")
         if p.is_file() and (p.parent in holders or p.suffix in (".tmp", ".part"))
     )

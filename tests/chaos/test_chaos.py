@@ -6,6 +6,10 @@ coordinator and three clients as subprocesses, kills the coordinator at seeded m
 the same port each time. Every invariant of crash safety (tests/chaos/invariants.py) must hold
 in every trial, the event log's completeness and deferred rollbacks included; ``bench/chaos.py``
 runs many more trials.
+
+A fail-over trial: two coordinators on a PostgreSQL store, the leader killed while clients
+train, the standby takes over; the leadership's checks hold too (``bench/failover.py`` runs
+many more).
 """
 
 from __future__ import annotations
@@ -100,3 +104,36 @@ def test_the_checks_catch_a_broken_state(trials: list[TrialResult], tmp_path: Pa
     already = {c.name for c in trials[0].checks if not c.held}  # reported by the test above
     assert made <= broken, checks
     assert broken - made <= already, checks
+
+
+def test_a_failover_trial_holds_every_invariant(pg_url: str, tmp_path: Path) -> None:
+    """The leader killed while clients train: the standby takes over and the job finishes."""
+    spec = TrialSpec(
+        seed=1, rounds=3, kills=1, triggers=("training",), failover=True, store_url=pg_url
+    )
+    trial = run_trial(spec, tmp_path / "failover")
+    report = trial.describe()
+    assert trial.error == "", report
+    assert [(c.name, c.detail) for c in trial.checks if not c.held] == [], report
+    assert {"epochs_increase", "one_writer_per_epoch"} <= {c.name for c in trial.checks}
+    (kill,) = trial.kills
+    assert kill.fired and kill.epoch == 1 and kill.killed and kill.takeover_s is not None, report
+    assert trial.committed >= 1 and trial.lost_updates == 0, report
+
+    # the leadership's checks are not vacuous: an event of the old epoch after the take-over,
+    # an epoch that never ended, and a part file left in the shared blob folder
+    psycopg = pytest.importorskip("psycopg")
+    with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://")) as db:
+        db.execute("UPDATE events SET epoch = 1 WHERE seq = (SELECT MAX(seq) FROM events)")
+        db.execute("UPDATE leaders SET ended = NULL WHERE epoch = 1")
+    blobs = tmp_path / "failover" / "blobs"
+    (blobs / "uploads" / "0123.part").write_bytes(b"half an update")
+    reader = StateReader(tmp_path / "failover" / "a" / ".flctl", pg_url, blobs)
+    try:
+        checks = check_invariants(
+            reader, rounds=3, acknowledged={}, kills=[], clients_alive={}, epochs=2
+        )
+    finally:
+        reader.close()
+    broken = {c.name for c in checks if not c.held}
+    assert broken == {"epochs_increase", "one_writer_per_epoch", "no_partial_files"}, checks
