@@ -195,6 +195,15 @@ def serve(
     insecure: Annotated[
         bool, typer.Option(help="Plaintext instead of mutual TLS (loopback addresses only).")
     ] = False,
+    advertise: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HOST:PORT",
+            help="The address clients reach this coordinator at, where it differs from the "
+            "listening one (NAT, port mapping); standbys name it (default server.advertise, "
+            "else the bound address).",
+        ),
+    ] = None,
     no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain log lines, no panel.")] = False,
     drain_timeout: Annotated[
         float,
@@ -229,6 +238,7 @@ def serve(
         tui=False if no_tui else None,
         drain_timeout=drain_timeout,
         new_state=new_state,
+        advertise=advertise,
     )
 
 

@@ -107,6 +107,7 @@ def serve(
     tui: bool | None,
     drain_timeout: float = 30.0,
     new_state: bool = False,
+    advertise: str | None = None,
 ) -> None:
     """Start the coordinator and serve until stopped.
 
@@ -117,6 +118,7 @@ def serve(
         tui: Live panel (default: when stdout is a terminal).
         drain_timeout: Seconds the running round gets to end after the first signal.
         new_state: Start a new state store where one was lost (see :class:`Coordinator`).
+        advertise: Overrides ``server.advertise`` (the address standbys name to clients).
     """
     from flctl.core._memory import return_large_buffers
 
@@ -126,6 +128,10 @@ def serve(
     use_tui = out.is_terminal if tui is None else tui
     setup_logging(logging.WARNING if use_tui else logging.INFO)
     coordinator = Coordinator(
-        config, address=address, insecure=insecure or None, new_state=new_state
+        config,
+        address=address,
+        insecure=insecure or None,
+        new_state=new_state,
+        advertise=advertise,
     )
     asyncio.run(_serve(coordinator, out, tui=use_tui, drain_timeout=drain_timeout))

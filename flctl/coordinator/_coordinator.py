@@ -132,6 +132,7 @@ class Coordinator:
     Args:
         config: The project's configuration.
         address: Overrides ``server.address`` (``HOST:0`` picks a free port).
+        advertise: Overrides ``server.advertise``.
         insecure: Overrides ``server.insecure`` (plaintext, loopback only).
     """
 
@@ -143,8 +144,11 @@ class Coordinator:
         insecure: bool | None = None,
         new_state: bool = False,
         in_process: bool = False,
+        advertise: str | None = None,
     ) -> None:
         self.config = config
+        #: The address clients reach this coordinator at, if not the bound one (``--advertise``).
+        self.advertise = advertise or config.server.advertise
         #: Serve in-process clients only (``flctl simulate``): no listener, no certificates,
         #: a selection seeded by the project's seed; :attr:`local` is the transport's
         #: coordinator end once started.
@@ -225,6 +229,8 @@ class Coordinator:
         """
         config = self.config
         host, _ = split_address(self.address)  # fail on bad options before touching state
+        if self.advertise:
+            split_address(self.advertise)
         strategy = build_strategy(config)
         if self.insecure and not is_loopback_host(host):
             raise ConfigError(
@@ -453,7 +459,8 @@ class Coordinator:
         self._write_serve_file()
         if self.election is not None:
             self._election_task = asyncio.create_task(
-                self.election.watch(self.bound_address), name="flctl-leadership-watch"
+                self.election.watch(self.advertise or advertised(self.bound_address)),
+                name="flctl-leadership-watch",
             )
         await self.health.set(True)
         self._engine_task = asyncio.create_task(engine.run(), name="flctl-round-engine")
@@ -484,12 +491,13 @@ class Coordinator:
         head = store.head()
         if head is not None and blobs.has(head.digest):
             await self._check_task_builds_head(task, head, read_spec(blobs.path(head.digest)))
-        self.election = Election(store, advertised(self.address))
+        self.election = Election(store, self.advertise or advertised(self.address))
         self.health = self.election.health
         self.address = await self.election.lead(
             address=self.address,
             credentials=credentials,
             max_chunk_bytes=self.config.transport.max_chunk_bytes,
+            advertise=self.advertise,
         )
 
     @property

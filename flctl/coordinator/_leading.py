@@ -53,6 +53,7 @@ class Election:
         address: str,
         credentials: ServerCredentials | None,
         max_chunk_bytes: int,
+        advertise: str = "",
     ) -> str:
         """Return once this coordinator leads; stand by on ``address`` until then.
 
@@ -71,7 +72,7 @@ class Election:
         )
         host, _ = split_address(address)
         address = f"{host}:{port}"
-        await asyncio.to_thread(leadership.set_address, advertised(address))
+        await asyncio.to_thread(leadership.set_address, advertise or advertised(address))
         try:
             await asyncio.to_thread(self._refresh_leader)
             log.warning("standing by on %s; the leader is %s", address, self._leader_cache)
@@ -98,13 +99,13 @@ class Election:
     def _leader_address(self) -> str | None:
         return self._leader_cache
 
-    async def watch(self, bound: str) -> None:
-        """While leading on ``bound``: check the lock session and the epoch every second.
+    async def watch(self, address: str) -> None:
+        """While leading at ``address``: check the lock session and the epoch every second.
 
         On a loss, :attr:`lost` says why and :attr:`lost_event` is set (``serve`` stops).
         """
         try:
-            await asyncio.to_thread(self.leadership.set_address, advertised(bound))
+            await asyncio.to_thread(self.leadership.set_address, address)
         except StoreUnavailableError as exc:
             log.warning("%s", exc.message)
         while True:

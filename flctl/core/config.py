@@ -69,6 +69,9 @@ class ServerConfig:
     """``[server]``: the coordinator's listening address and session settings."""
 
     address: str = f"127.0.0.1:{DEFAULT_PORT}"
+    #: The address clients reach the coordinator at where it differs from ``address`` (NAT,
+    #: port mapping); coordinators sharing a store name it to each other's clients.
+    advertise: str = ""
     insecure: bool = False
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 30.0

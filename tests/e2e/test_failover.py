@@ -170,8 +170,14 @@ def test_a_leader_that_loses_its_database_session_steps_down_and_the_standby_lea
     second = f"127.0.0.1:{_free_port()}"
     leader = processes.start("coord-a", "serve", "--address", first, "--no-tui", cwd=a)
     wait_for(lambda: _health(a, first) == "SERVING", what="a leads", timeout=120)
-    processes.start("coord-b", "serve", "--address", second, "--no-tui", cwd=b)
+    # b is reached through another name than the one it listens on (NAT, port mapping)
+    processes.start(
+        "coord-b", "serve", "--address", second, "--advertise", "coord-b.example:7070",
+        "--no-tui", cwd=b,
+    )  # fmt: skip
     wait_for(lambda: _health(a, second) == "NOT_SERVING", what="b stands by", timeout=120)
+    standby = one_json(flctl("status", "--server", first, "--json", cwd=a).stdout)
+    assert {c["address"] for c in standby["coordinators"]} == {first, "coord-b.example:7070"}
 
     assert postgres_server.terminate_sessions(leader.pid) >= 1  # its connections are cut
     assert leader.wait(30) in (76, 77)  # stepped down: unavailable or fenced, never serving on
@@ -180,6 +186,7 @@ def test_a_leader_that_loses_its_database_session_steps_down_and_the_standby_lea
     wait_for(lambda: _health(a, second) == "SERVING", what="b takes over", timeout=60)
     status = one_json(flctl("status", "--server", f"{first},{second}", "--json", cwd=a).stdout)
     assert (status["leader"], status["epoch"]) == (second, 2)
+    assert status["epochs"][-1]["address"] == "coord-b.example:7070"
 
 
 def test_refusals_at_start_a_database_away_and_a_task_of_another_model(
