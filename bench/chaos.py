@@ -20,67 +20,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the harness lives in tests/chaos
 
-from tests.chaos.harness import (  # noqa: E402
-    DELAY_BOUNDS,
-    TRIGGERS,
-    TrialResult,
-    TrialSpec,
-    run_trial,
-)
+from tests.chaos.harness import DELAY_BOUNDS, TRIGGERS, TrialResult, TrialSpec  # noqa: E402
+from tests.chaos.report import print_tail, run_trials, spread, summarize_trials  # noqa: E402
 
 
 def summarize(results: list[TrialResult], spec: dict[str, Any], wall_s: float) -> dict[str, Any]:
-    rounds = [r for t in results for r in t.rounds]
-    kills = [k for t in results for k in t.kills]
-    fired = [k for k in kills if k.fired]
-    restarts = [k.restart_s for k in fired]
-    resumed = [r for r in rounds if r["resumed"]]
-    return {
-        "trials": len(results),
-        "held": sum(t.held for t in results),
-        "config": spec,
-        "rounds": len(rounds),
-        "committed": sum(r["status"] == "committed" for r in rounds),
-        "failed": sum(r["status"] in ("failed", "cancelled", "rejected") for r in rounds),
-        "resumed": len(resumed),
-        "resumed_committed": sum(r["status"] == "committed" for r in resumed),
-        "kills": {
-            "planned": len(kills),
-            "fired": len(fired),
-            "by_trigger": dict(Counter(k.trigger for k in fired).most_common()),
-            "by_phase": dict(Counter(k.phase for k in fired).most_common()),
-            "mid_upload": sum(k.uploads_in_flight > 0 for k in fired),
-        },
-        "restart_s": {
-            "median": round(statistics.median(restarts), 2) if restarts else None,
-            "max": round(max(restarts), 2) if restarts else None,
-        },
-        "failure_reasons": dict(
-            Counter(
-                r["reason"] for r in rounds if r["status"] in ("failed", "cancelled", "rejected")
-            ).most_common()
-        ),
-        "orphan_blobs": sum(t.orphan_blobs for t in results),
-        "broken": [
-            {"seed": t.seed, "error": t.error, "folder": t.folder}
-            | {c.name: c.detail for c in t.checks if not c.held}
-            for t in results
-            if not t.held
-        ],
-        "wall_s": round(wall_s, 1),
-        "per_trial": [t.to_dict() for t in results],
-    }
+    fired = [k for t in results for k in t.kills if k.fired]
+    resumed = [r for t in results for r in t.rounds if r["resumed"]]
+    summary = summarize_trials(results, spec, wall_s)
+    summary["resumed_committed"] = sum(r["status"] == "committed" for r in resumed)
+    summary["restart_s"] = spread([k.restart_s for k in fired])
+    return summary
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -95,15 +53,7 @@ def print_summary(s: dict[str, Any]) -> None:
         f"kills: {k['fired']} of {k['planned']} landed ({k['mid_upload']} mid-upload); "
         f"restart to serving: median {s['restart_s']['median']} s, max {s['restart_s']['max']} s"
     )
-    print("  by trigger: " + ", ".join(f"{n} {c}" for n, c in k["by_trigger"].items()))
-    print("  by phase:   " + ", ".join(f"{n} {c}" for n, c in k["by_phase"].items()))
-    print(f"blobs left unnamed by a kill (harmless, content-addressed): {s['orphan_blobs']}")
-    if s["failure_reasons"]:
-        print("failure reasons:")
-        for reason, count in s["failure_reasons"].items():
-            print(f"  {count:3d}  {reason}")
-    for broken in s["broken"]:
-        print(f"BROKEN seed {broken['seed']}: {broken}")
+    print_tail(s)
 
 
 def main() -> int:
@@ -141,9 +91,8 @@ def main() -> int:
         "rollback": args.rollback,
     }
     started = time.monotonic()
-    results = []
-    for i in range(args.trials):
-        spec = TrialSpec(
+    specs = (
+        TrialSpec(
             seed=args.seed + i,
             rounds=args.rounds,
             kills=args.kills,
@@ -152,12 +101,11 @@ def main() -> int:
             triggers=tuple(args.triggers),
             rollback=args.rollback,
         )
-        result = run_trial(spec, root / f"trial-{spec.seed}")
-        results.append(result)
-        # with --json, stdout is one JSON document: progress goes to stderr
-        print(result.describe(), file=sys.stderr if args.json else sys.stdout, flush=True)
-        if result.held and not args.keep:
-            shutil.rmtree(result.folder, ignore_errors=True)
+        for i in range(args.trials)
+    )
+    # with --json, stdout is one JSON document: progress goes to stderr
+    progress = sys.stderr if args.json else sys.stdout
+    results = run_trials(specs, root, keep=args.keep, progress=progress)
     summary = summarize(results, {"seed": args.seed, **spec_args}, time.monotonic() - started)
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -30,70 +30,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the harness lives in tests/chaos
 
-from tests.chaos.harness import DELAY_BOUNDS, TrialResult, TrialSpec, run_trial  # noqa: E402
+from tests.chaos.harness import DELAY_BOUNDS, TrialResult, TrialSpec  # noqa: E402
+from tests.chaos.report import print_tail, run_trials, spread, summarize_trials  # noqa: E402
 from tests.postgres import PostgresServer  # noqa: E402
 
 #: What the kills of a fail-over trial wait for by default (the issue's moments, and any).
 FAILOVER_TRIGGERS = ("moment", "selecting", "training", "upload", "aggregating", "committed")
 
 
-def _spread(values: list[float]) -> dict[str, float | None]:
-    return {
-        "median": round(statistics.median(values), 2) if values else None,
-        "max": round(max(values), 2) if values else None,
-    }
-
-
 def summarize(results: list[TrialResult], spec: dict[str, Any], wall_s: float) -> dict[str, Any]:
-    rounds = [r for t in results for r in t.rounds]
-    kills = [k for t in results for k in t.kills]
-    fired = [k for k in kills if k.fired]
-    ended = ("failed", "cancelled", "rejected")
-    return {
-        "trials": len(results),
-        "held": sum(t.held for t in results),
-        "config": spec,
-        "rounds": len(rounds),
-        "committed": sum(r["status"] == "committed" for r in rounds),
-        "failed": sum(r["status"] in ended for r in rounds),
-        "resumed": sum(bool(r["resumed"]) for r in rounds),
-        "failure_reasons": dict(
-            Counter(r["reason"] for r in rounds if r["status"] in ended).most_common()
-        ),
-        "accepted_updates": sum(t.accepted_updates for t in results),
-        "lost_updates": sum(t.lost_updates for t in results),
-        "kills": {
-            "planned": len(kills),
-            "fired": len(fired),
-            "by_trigger": dict(Counter(k.trigger for k in fired).most_common()),
-            "by_phase": dict(Counter(k.phase for k in fired).most_common()),
-            "mid_upload": sum(k.uploads_in_flight > 0 for k in fired),
-        },
-        "takeover_s": _spread([k.takeover_s for k in fired if k.takeover_s is not None]),
-        "next_commit_s": _spread([k.next_commit_s for k in fired if k.next_commit_s is not None])
-        | {"none_after": sum(k.next_commit_s is None for k in fired)},
-        "standby_again_s": _spread([k.restart_s for k in fired]),
-        "orphan_blobs": sum(t.orphan_blobs for t in results),
-        "broken": [
-            {"seed": t.seed, "error": t.error, "folder": t.folder}
-            | {c.name: c.detail for c in t.checks if not c.held}
-            for t in results
-            if not t.held
-        ],
-        "wall_s": round(wall_s, 1),
-        "per_trial": [t.to_dict() for t in results],
-    }
+    fired = [k for t in results for k in t.kills if k.fired]
+    summary = summarize_trials(results, spec, wall_s)
+    summary["accepted_updates"] = sum(t.accepted_updates for t in results)
+    summary["lost_updates"] = sum(t.lost_updates for t in results)
+    summary["takeover_s"] = spread([k.takeover_s for k in fired if k.takeover_s is not None])
+    summary["next_commit_s"] = spread(
+        [k.next_commit_s for k in fired if k.next_commit_s is not None]
+    ) | {"none_after": sum(k.next_commit_s is None for k in fired)}
+    summary["standby_again_s"] = spread([k.restart_s for k in fired])
+    return summary
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -120,15 +83,7 @@ def print_summary(s: dict[str, Any]) -> None:
         f"kill -> the killed one standing by again: median {s['standby_again_s']['median']} s, "
         f"max {s['standby_again_s']['max']} s"
     )
-    print("  by trigger: " + ", ".join(f"{n} {c}" for n, c in k["by_trigger"].items()))
-    print("  by phase:   " + ", ".join(f"{n} {c}" for n, c in k["by_phase"].items()))
-    print(f"blobs left unnamed by a kill (harmless, content-addressed): {s['orphan_blobs']}")
-    if s["failure_reasons"]:
-        print("failure reasons:")
-        for reason, count in s["failure_reasons"].items():
-            print(f"  {count:3d}  {reason}")
-    for broken in s["broken"]:
-        print(f"BROKEN seed {broken['seed']}: {broken}")
+    print_tail(s)
 
 
 def main() -> int:
@@ -169,12 +124,11 @@ def main() -> int:
     # with --json, stdout is one JSON document: progress goes to stderr
     progress = sys.stderr if args.json else sys.stdout
     started = time.monotonic()
-    results = []
     server = PostgresServer()
     try:
         server.start()
-        for i in range(args.trials):
-            spec = TrialSpec(
+        specs = (
+            TrialSpec(
                 seed=args.seed + i,
                 rounds=args.rounds,
                 kills=args.kills,
@@ -185,11 +139,9 @@ def main() -> int:
                 store_url=server.new_database(),
                 failover=True,
             )
-            result = run_trial(spec, root / f"trial-{spec.seed}")
-            results.append(result)
-            print(result.describe(), file=progress, flush=True)
-            if result.held and not args.keep:
-                shutil.rmtree(result.folder, ignore_errors=True)
+            for i in range(args.trials)
+        )
+        results = run_trials(specs, root, keep=args.keep, progress=progress)
     finally:
         server.stop()
     summary = summarize(
