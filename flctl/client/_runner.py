@@ -392,8 +392,7 @@ class Runner:
     ) -> None:
         self._client = client
         self._options = options
-        #: The coordinators to try, in turn, and the one tried now.
-        self._servers = split_servers(options.server)
+        #: Which of the coordinators (``--server A,B``) is tried now.
         self._server_index = 0
         self._on_event = on_event or (lambda kind, details: None)
         self._cache = ClientCache(options.cache_dir, keep=options.cache_models)
@@ -429,9 +428,15 @@ class Runner:
         self._on_event(kind, details)
 
     @property
+    def _servers(self) -> tuple[str, ...]:
+        """The coordinators to try, in turn (read from the options at each use)."""
+        return split_servers(self._options.server)
+
+    @property
     def server(self) -> str:
         """The coordinator address this client talks to now."""
-        return self._servers[self._server_index]
+        servers = self._servers
+        return servers[self._server_index % len(servers)]
 
     def _next_server(self) -> bool:
         """Go on to the next coordinator of ``--server A,B``; False after the last one."""
@@ -451,6 +456,7 @@ class Runner:
             SecurityError: The coordinator refused our certificate, role or token.
             ProtocolMismatchError: Our model or protocol differ from the coordinator's.
         """
+        split_servers(self._options.server)  # a malformed --server: refused here, not retried
         tls_failures = 0
         unreachable_since: float | None = None
         conflict_waited = False
