@@ -43,8 +43,6 @@ log = logging.getLogger("flctl.store.leadership")
 
 #: The advisory lock's key: "flctl" in ASCII, so it does not collide with another program's.
 LOCK_KEY = 0x666C63746C
-#: Seconds after which a coordinator that stopped reporting is shown as gone.
-STALE_S = 10.0
 
 
 @dataclass(frozen=True)
