@@ -26,6 +26,7 @@ from sqlmodel import Session
 from flctl.core.errors import ConflictError, IntegrityError, NotFoundError, StoreError
 from flctl.store._backup import backup_database
 from flctl.store._blobs import BlobStore, sha256_file
+from flctl.store._leadership import LOCK_KEY
 from flctl.store._schema import SCHEMA_KEY, STORE_ID_KEY
 from flctl.store._sql import SqlStore
 from flctl.store._tables import TableBase
@@ -34,8 +35,6 @@ __all__ = ["MigrationReport", "migrate_store"]
 
 #: Runtime state of the coordinators sharing a store: never copied.
 _SKIPPED = ("leadership", "leaders", "coordinators")
-#: The advisory lock coordinators lead by (flctl.store._leadership.LOCK_KEY).
-_LOCK_KEY = 0x666C63746C
 _BATCH = 1000
 
 
@@ -176,7 +175,7 @@ def _copy(source: SqlStore, target: SqlStore, where: str) -> MigrationReport:
         if target.dialect == "postgresql":
             taken = (
                 write.connection()
-                .execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+                .execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
                 .scalar()
             )
             if not taken:
