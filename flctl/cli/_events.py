@@ -6,23 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from flctl.cli._output import Output
+from flctl.core.events import ADMIN_EVENT_TYPES
 
 __all__ = ["ADMIN_EVENT_TYPES", "list_events", "select_events"]
-
-#: Events that record an operator's action, with the operator's identity in ``admin`` or
-#: ``author`` ("local" for a change made on the state folder with no coordinator running).
-ADMIN_EVENT_TYPES = frozenset(
-    {
-        "round.queued",
-        "identity.revoked",
-        "model.rollback",
-        "model.rollback_deferred",
-        "model.tagged",
-        "model.imported",
-        "round.cancelled",
-        "client.evicted",
-    }
-)
 
 
 def select_events(events: list[Any], type_filter: str | None) -> list[Any]:

@@ -59,6 +59,7 @@ from flctl.core._service_payloads import (
 )
 
 __all__ = [
+    "ADMIN_EVENT_TYPES",
     "CLIENT_EVICTED",
     "CLIENT_JOINED",
     "CLIENT_LEFT",
@@ -225,6 +226,22 @@ STORAGE_FULL = StorageFull.type
 #: A round ends committed (its model is the head), rejected (its model was stored but the
 #: validation gate kept it from the head), failed or cancelled (no model).
 TERMINAL_ROUND_STATUSES = frozenset({"committed", "rejected", "failed", "cancelled"})
+
+#: Events that record an operator's action, with the operator's identity in ``admin`` or
+#: ``author`` ("local" for a change made on the state folder with no coordinator running): the
+#: audit trail (``flctl events --type admin``, the dashboard's events page).
+ADMIN_EVENT_TYPES = frozenset(
+    {
+        ROUND_QUEUED,
+        IDENTITY_REVOKED,
+        MODEL_ROLLBACK,
+        MODEL_ROLLBACK_DEFERRED,
+        MODEL_TAGGED,
+        MODEL_IMPORTED,
+        ROUND_CANCELLED,
+        CLIENT_EVICTED,
+    }
+)
 
 
 @dataclass(frozen=True)
