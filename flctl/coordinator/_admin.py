@@ -24,6 +24,7 @@ from flctl.core.errors import (
     InvalidInputError,
     NotFoundError,
 )
+from flctl.core.events import Event
 from flctl.store import (
     BlobStore,
     ModelRecord,
@@ -56,6 +57,10 @@ _MAX_REF = 256
 _MAX_REASON = 1024
 #: A Status reply lists the updates of at most this many rounds (the newest of those asked).
 STATUS_UPDATE_ROUNDS = 16
+#: The most rounds one paged ``Status`` (``limit``) lists.
+MAX_LISTED_ROUNDS = 1000
+#: The most events one ``ListEvents`` page holds.
+MAX_LISTED_EVENTS = 500
 #: The most bytes the updates take in one Status reply (about 700 updates of usual size).
 STATUS_UPDATES_BYTES = 64 * 1024
 #: Room a Status reply keeps below the message limit however many rounds it lists.
@@ -63,6 +68,17 @@ _STATUS_REPLY_SLACK = 4096
 #: What listing one more round may add to a reply around its updates: ``updates_listed``,
 #: ``updates_left_out`` and the longer length prefix of its RoundInfo.
 _LISTED_ROUND_BYTES = 12
+
+
+def _event_message(event: Event) -> pb.Event:
+    return pb.Event(
+        seq=event.seq,
+        time_unix=event.time,
+        type=event.type,
+        server_round=event.server_round,
+        client_id=event.client_id,
+        data_json=json.dumps(event.data),
+    )
 
 
 def _varint_size(value: int) -> int:
@@ -148,10 +164,13 @@ class AdminService:
         """
         self._guard.admit(ctx, "Status")
         ids = [check_id("round id", i) for i in request.round_ids] or None
-        rounds = self._store.list_rounds(ids)
+        before = check_id("before_round", request.before_round)
+        limit = min(int(request.limit), MAX_LISTED_ROUNDS) if request.limit else None
+        rounds = self._store.list_rounds(ids, limit=limit if ids is None else None, before=before)
         head = self._store.head()
         reply = pb.StatusReply(
             rounds=[round_info(r) for r in rounds],
+            rounds_total=self._store.count_rounds(),
             head_version=head.version if head else 0,
             connected_clients=len(self._registry.connected()),
             state_dir=self._state_dir,
@@ -264,6 +283,19 @@ class AdminService:
             models=[model_info(m) for m in models], head=head.version if head else 0
         )
 
+    async def list_events(
+        self, request: pb.ListEventsRequest, ctx: RpcContext
+    ) -> pb.ListEventsReply:
+        """One page of the event log, newest first (at most :data:`MAX_LISTED_EVENTS`)."""
+        self._guard.admit(ctx, "ListEvents")
+        before = check_id("before_seq", request.before_seq)
+        limit = min(int(request.limit) or 50, MAX_LISTED_EVENTS)
+        type_filter = bounded("type", request.type, 64)
+        events = self._store.events_page(before, limit, type_filter)
+        return pb.ListEventsReply(
+            events=[_event_message(e) for e in events], last_seq=self._store.last_event_seq()
+        )
+
     async def watch(self, request: pb.WatchRequest, ctx: RpcContext) -> AsyncIterator[pb.Event]:
         """Replay events after ``since_seq``; then follow until the coordinator stops."""
         seq = check_id("since_seq", request.since_seq)
@@ -273,14 +305,7 @@ class AdminService:
             batch = self._store.events_since(seq, limit=500)
             for event in batch:
                 seq = event.seq
-                yield pb.Event(
-                    seq=event.seq,
-                    time_unix=event.time,
-                    type=event.type,
-                    server_round=event.server_round,
-                    client_id=event.client_id,
-                    data_json=json.dumps(event.data),
-                )
+                yield _event_message(event)
             if batch:
                 continue
             if request.no_follow or self._events.closed:

@@ -12,7 +12,7 @@ from sqlalchemy import (
 )
 from sqlmodel import col, select
 
-from flctl.core.events import Event
+from flctl.core.events import ADMIN_EVENT_TYPES, Event
 from flctl.store._database import Database
 from flctl.store._rows import (
     EVENTS,
@@ -97,6 +97,34 @@ class EventLog(Database):
             .order_by(col(EventRow.seq))
             .limit(check_limit(limit))
         )
+        with self.session() as session:
+            return [event_record(row) for row in session.exec(stmt)]
+
+    def events_page(
+        self, before_seq: int = 0, limit: int = 50, type_filter: str = ""
+    ) -> list[Event]:
+        """One page of the log, newest first, without reading the rest of it.
+
+        Args:
+            before_seq: Only events older than this seq (0: from the newest).
+            limit: At most this many.
+            type_filter: A type (``round.committed``), a prefix (``round``: ``round.*``),
+                ``admin`` (:data:`~flctl.core.events.ADMIN_EVENT_TYPES`), or "" for all.
+        """
+        stmt = select(EventRow).order_by(col(EventRow.seq).desc()).limit(check_limit(limit))
+        if before_seq > 0:
+            stmt = stmt.where(col(EventRow.seq) < before_seq)
+        if type_filter == "admin":
+            stmt = stmt.where(col(EventRow.type).in_(sorted(ADMIN_EVENT_TYPES)))
+        elif type_filter:
+            # a prefix as a range, not LIKE: its wildcards stay literal, on any backend
+            stmt = stmt.where(
+                (col(EventRow.type) == type_filter)
+                | (
+                    (col(EventRow.type) >= type_filter + ".")
+                    & (col(EventRow.type) < type_filter + "/")
+                )
+            )
         with self.session() as session:
             return [event_record(row) for row in session.exec(stmt)]
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
+    func,
     update,
 )
 from sqlmodel import col, select
@@ -94,15 +95,18 @@ class RoundStore(Database):
             return round_record(get_round_row(session, round_id))
 
     def list_rounds(
-        self, ids: Sequence[int] | None = None, limit: int | None = None
+        self, ids: Sequence[int] | None = None, limit: int | None = None, before: int = 0
     ) -> list[RoundRecord]:
         """Return rounds in ascending id order.
 
         Args:
             ids: Only these rounds (ids that do not exist are left out); None for all.
             limit: Only the ``limit`` most recent of them (still returned ascending).
+            before: Only rounds with ids below this one (0: no bound): pages backwards.
         """
         stmt = select(RoundRow).order_by(col(RoundRow.id).desc())
+        if before > 0:
+            stmt = stmt.where(col(RoundRow.id) < before)
         if ids is not None:
             if not ids:
                 return []
@@ -112,6 +116,11 @@ class RoundStore(Database):
         with self.session() as session:
             rows = list(session.exec(stmt))
         return [round_record(row) for row in reversed(rows)]
+
+    def count_rounds(self) -> int:
+        """How many rounds the store holds, whatever their status."""
+        with self.session() as session:
+            return int(session.exec(select(func.count()).select_from(RoundRow)).one())
 
     def next_queued_round(self) -> RoundRecord | None:
         """Return the queued round with the lowest id, or None."""

@@ -571,6 +571,20 @@ def test_status_lists_updates_within_the_reply_budget(project: Project) -> None:
 
             many = await client.status(list(range(1, 21)))  # 4 rounds exist
             assert [r.server_round for r in many.rounds] == [first, second, third, queued]
+
+            # pages: the newest 2, then the 2 before them; the total counts every round
+            page = await client.status(limit=2)
+            assert [r.server_round for r in page.rounds] == [third, queued]
+            assert page.rounds_total == 4
+            page = await client.status(limit=2, before_round=third)
+            assert [r.server_round for r in page.rounds] == [first, second]
+
+            events = await client.list_events(limit=3, type_filter="round")
+            assert [e.type for e in events.events][:1] == ["round.queued"]
+            assert events.last_seq >= max(e.seq for e in events.events)
+            assert [e.seq for e in events.events] == sorted(
+                (e.seq for e in events.events), reverse=True
+            )
         finally:
             await client.close()
             await coordinator.stop()

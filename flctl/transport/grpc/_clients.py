@@ -327,18 +327,34 @@ class AdminClient(_Caller):
         return reply
 
     async def status(
-        self, round_ids: list[int] | None = None, *, timeout: float = 30.0
+        self,
+        round_ids: list[int] | None = None,
+        *,
+        limit: int = 0,
+        before_round: int = 0,
+        timeout: float = 30.0,
     ) -> pb.StatusReply:
         """Describe rounds (all, or ``round_ids``) and the head model.
 
         Each listed round (``RoundInfo.updates_listed``: those asked for, the newest 16, or
         without ``round_ids`` the latest that left the queue) carries its updates with their
         anomaly scores and outlier verdicts (``RoundInfo.updates``, ``UpdateInfo``), and
-        ``updates_left_out`` counts those past the reply's size budget.
+        ``updates_left_out`` counts those past the reply's size budget. Without ``round_ids``,
+        ``limit`` pages: the newest ``limit`` rounds below ``before_round`` (0: the newest);
+        ``rounds_total`` counts them all.
         """
-        reply: pb.StatusReply = await self._call(
-            self._stub.Status, pb.StatusRequest(round_ids=round_ids or []), timeout
+        request = pb.StatusRequest(
+            round_ids=round_ids or [], limit=limit, before_round=before_round
         )
+        reply: pb.StatusReply = await self._call(self._stub.Status, request, timeout)
+        return reply
+
+    async def list_events(
+        self, *, before_seq: int = 0, limit: int = 50, type_filter: str = "", timeout: float = 30.0
+    ) -> pb.ListEventsReply:
+        """One page of the event log, newest first (``type_filter``: a type, a prefix, admin)."""
+        request = pb.ListEventsRequest(before_seq=before_seq, limit=limit, type=type_filter)
+        reply: pb.ListEventsReply = await self._call(self._stub.ListEvents, request, timeout)
         return reply
 
     async def list_clients(self, *, timeout: float = 30.0) -> pb.ListClientsReply:

@@ -166,6 +166,11 @@ class AdminHandler(Protocol):
     def watch(self, request: pb.WatchRequest, ctx: RpcContext) -> AsyncIterator[pb.Event]:
         """Replay the event log from a seq, then follow it."""
 
+    async def list_events(
+        self, request: pb.ListEventsRequest, ctx: RpcContext
+    ) -> pb.ListEventsReply:
+        """One page of the event log, newest first."""
+
 
 @lru_cache(maxsize=1024)
 def _identity_of(cert_pem: bytes) -> Identity:
@@ -411,6 +416,12 @@ class AdminServicer(_Base, pb_grpc.AdminServicer):
         """See proto/flctl/v1/flctl.proto."""
         return await self._unary(
             context, lambda ctx: self._handler.cancel_round(request, ctx), "CancelRound", request
+        )
+
+    async def ListEvents(self, request: Any, context: Any) -> pb.ListEventsReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(
+            context, lambda ctx: self._handler.list_events(request, ctx), "ListEvents", request
         )
 
     async def Watch(self, request: Any, context: Any) -> AsyncIterator[pb.Event]:  # noqa: N802

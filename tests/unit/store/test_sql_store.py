@@ -112,6 +112,10 @@ def test_list_rounds(store: SqlStore) -> None:
     assert [r.id for r in store.list_rounds(limit=2)] == [4, 5]
     assert [r.id for r in store.list_rounds(ids=[4, 2, 99])] == [2, 4]
     assert store.list_rounds(ids=[]) == []
+    # pages backwards: the newest 2 below round 4, then below round 2
+    assert [r.id for r in store.list_rounds(limit=2, before=4)] == [2, 3]
+    assert [r.id for r in store.list_rounds(limit=2, before=2)] == [1]
+    assert store.count_rounds() == 5
 
 
 def test_create_rounds_validates(store: SqlStore) -> None:
@@ -342,6 +346,21 @@ def test_events_are_gap_free_and_resumable(store: SqlStore) -> None:
     with pytest.raises(InvalidInputError):
         store.append_event("x", data={"bad": object()})
     assert store.last_event_seq() == 11
+
+
+def test_events_page_reads_newest_first_by_type(store: SqlStore) -> None:
+    for i in range(1, 6):
+        store.append_event(ROUND_QUEUED, server_round=i)  # an admin event
+        store.append_event(UPDATE_ACCEPTED, server_round=i, client_id="c1")
+    store.append_event("roundabout.x")  # shares the prefix's letters, not its dot
+    assert [e.seq for e in store.events_page(limit=3)] == [11, 10, 9]
+    assert [e.seq for e in store.events_page(before_seq=9, limit=3)] == [8, 7, 6]
+    assert [e.seq for e in store.events_page(limit=2, type_filter="round")] == [9, 7]
+    assert [e.seq for e in store.events_page(limit=2, type_filter=ROUND_QUEUED)] == [9, 7]
+    assert [e.seq for e in store.events_page(type_filter="update", before_seq=5)] == [4, 2]
+    assert [e.type for e in store.events_page(limit=1, type_filter="admin")] == [ROUND_QUEUED]
+    assert store.events_page(type_filter="round%") == []  # no wildcards
+    assert store.events_page(before_seq=1) == []
 
 
 def test_events_from_threads_stay_gap_free(store: SqlStore) -> None:

@@ -748,6 +748,11 @@ class StatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROUND_IDS_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    BEFORE_ROUND_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """Without round_ids: only the newest `limit` rounds (0: all), below before_round when set."""
+    before_round: _builtins.int
     @_builtins.property
     def round_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """0: all rounds; otherwise only these."""
@@ -756,10 +761,12 @@ class StatusRequest(_message.Message):
         self,
         *,
         round_ids: _abc.Iterable[_builtins.int] | None = ...,
+        limit: _builtins.int = ...,
+        before_round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_ids", b"round_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_round", b"before_round", "limit", b"limit", "round_ids", b"round_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -939,9 +946,12 @@ class StatusReply(_message.Message):
     STATE_DIR_FIELD_NUMBER: _builtins.int
     OPEN_ROUND_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    ROUNDS_TOTAL_FIELD_NUMBER: _builtins.int
     head_version: _builtins.int
     connected_clients: _builtins.int
     state_dir: _builtins.str
+    rounds_total: _builtins.int
+    """How many rounds the store holds (all of them, whatever the request listed)."""
     @_builtins.property
     def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundInfo]: ...
     @_builtins.property
@@ -961,10 +971,11 @@ class StatusReply(_message.Message):
         state_dir: _builtins.str = ...,
         open_round: Global___OpenRound | None = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        rounds_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["open_round", b"open_round"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_clients", b"connected_clients", "head_version", b"head_version", "open_round", b"open_round", "rounds", b"rounds", "state_dir", b"state_dir", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_clients", b"connected_clients", "head_version", b"head_version", "open_round", b"open_round", "rounds", b"rounds", "rounds_total", b"rounds_total", "state_dir", b"state_dir", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1514,6 +1525,60 @@ class WatchRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
+class ListEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BEFORE_SEQ_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    before_seq: _builtins.int
+    """Only events older than this seq (0: from the newest)."""
+    limit: _builtins.int
+    """At most this many (1-500; 0: 50)."""
+    type: _builtins.str
+    """A type (round.committed), a prefix (round), "admin" (the audit trail), or "" for all."""
+    def __init__(
+        self,
+        *,
+        before_seq: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_seq", b"before_seq", "limit", b"limit", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEventsRequest: _TypeAlias = ListEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListEventsReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    last_seq: _builtins.int
+    """The newest event's seq in the whole log."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+        last_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "last_seq", b"last_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEventsReply: _TypeAlias = ListEventsReply  # noqa: Y015
 
 @_typing.final
 class Event(_message.Message):

@@ -481,6 +481,11 @@ class AdminStub:
                 request_serializer=flctl_dot_v1_dot_flctl__pb2.WatchRequest.SerializeToString,
                 response_deserializer=flctl_dot_v1_dot_flctl__pb2.Event.FromString,
                 _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/flctl.v1.Admin/ListEvents',
+                request_serializer=flctl_dot_v1_dot_flctl__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=flctl_dot_v1_dot_flctl__pb2.ListEventsReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -558,6 +563,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEvents(self, request, context):
+        """One page of the event log, newest first, optionally of one type: what a reader that must
+        not load the whole log (the dashboard) asks for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -610,6 +623,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=flctl_dot_v1_dot_flctl__pb2.WatchRequest.FromString,
                     response_serializer=flctl_dot_v1_dot_flctl__pb2.Event.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=flctl_dot_v1_dot_flctl__pb2.ListEventsRequest.FromString,
+                    response_serializer=flctl_dot_v1_dot_flctl__pb2.ListEventsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -884,6 +902,33 @@ class Admin:
             '/flctl.v1.Admin/Watch',
             flctl_dot_v1_dot_flctl__pb2.WatchRequest.SerializeToString,
             flctl_dot_v1_dot_flctl__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flctl.v1.Admin/ListEvents',
+            flctl_dot_v1_dot_flctl__pb2.ListEventsRequest.SerializeToString,
+            flctl_dot_v1_dot_flctl__pb2.ListEventsReply.FromString,
             options,
             channel_credentials,
             insecure,
