@@ -1533,22 +1533,26 @@ class ListEventsRequest(_message.Message):
     BEFORE_SEQ_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
+    SERVER_ROUND_FIELD_NUMBER: _builtins.int
     before_seq: _builtins.int
     """Only events older than this seq (0: from the newest)."""
     limit: _builtins.int
     """At most this many (1-500; 0: 50)."""
     type: _builtins.str
     """A type (round.committed), a prefix (round), "admin" (the audit trail), or "" for all."""
+    server_round: _builtins.int
+    """Only the events of this round (0: of any)."""
     def __init__(
         self,
         *,
         before_seq: _builtins.int = ...,
         limit: _builtins.int = ...,
         type: _builtins.str = ...,
+        server_round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_seq", b"before_seq", "limit", b"limit", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_seq", b"before_seq", "limit", b"limit", "server_round", b"server_round", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
