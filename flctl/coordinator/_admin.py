@@ -291,7 +291,8 @@ class AdminService:
         before = check_id("before_seq", request.before_seq)
         limit = min(int(request.limit) or 50, MAX_LISTED_EVENTS)
         type_filter = bounded("type", request.type, 64)
-        events = self._store.events_page(before, limit, type_filter)
+        server_round = check_id("server_round", request.server_round)
+        events = self._store.events_page(before, limit, type_filter, server_round)
         return pb.ListEventsReply(
             events=[_event_message(e) for e in events], last_seq=self._store.last_event_seq()
         )

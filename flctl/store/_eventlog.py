@@ -101,7 +101,7 @@ class EventLog(Database):
             return [event_record(row) for row in session.exec(stmt)]
 
     def events_page(
-        self, before_seq: int = 0, limit: int = 50, type_filter: str = ""
+        self, before_seq: int = 0, limit: int = 50, type_filter: str = "", server_round: int = 0
     ) -> list[Event]:
         """One page of the log, newest first, without reading the rest of it.
 
@@ -110,10 +110,13 @@ class EventLog(Database):
             limit: At most this many.
             type_filter: A type (``round.committed``), a prefix (``round``: ``round.*``),
                 ``admin`` (:data:`~flctl.core.events.ADMIN_EVENT_TYPES`), or "" for all.
+            server_round: Only this round's events (0: any round's).
         """
         stmt = select(EventRow).order_by(col(EventRow.seq).desc()).limit(check_limit(limit))
         if before_seq > 0:
             stmt = stmt.where(col(EventRow.seq) < before_seq)
+        if server_round > 0:
+            stmt = stmt.where(col(EventRow.server_round) == server_round)
         if type_filter == "admin":
             stmt = stmt.where(col(EventRow.type).in_(sorted(ADMIN_EVENT_TYPES)))
         elif type_filter:

@@ -350,10 +350,18 @@ class AdminClient(_Caller):
         return reply
 
     async def list_events(
-        self, *, before_seq: int = 0, limit: int = 50, type_filter: str = "", timeout: float = 30.0
+        self,
+        *,
+        before_seq: int = 0,
+        limit: int = 50,
+        type_filter: str = "",
+        server_round: int = 0,
+        timeout: float = 30.0,
     ) -> pb.ListEventsReply:
         """One page of the event log, newest first (``type_filter``: a type, a prefix, admin)."""
-        request = pb.ListEventsRequest(before_seq=before_seq, limit=limit, type=type_filter)
+        request = pb.ListEventsRequest(
+            before_seq=before_seq, limit=limit, type=type_filter, server_round=server_round
+        )
         reply: pb.ListEventsReply = await self._call(self._stub.ListEvents, request, timeout)
         return reply
 

@@ -361,6 +361,8 @@ def test_events_page_reads_newest_first_by_type(store: SqlStore) -> None:
     assert [e.type for e in store.events_page(limit=1, type_filter="admin")] == [ROUND_QUEUED]
     assert store.events_page(type_filter="round%") == []  # no wildcards
     assert store.events_page(before_seq=1) == []
+    assert [e.seq for e in store.events_page(server_round=2)] == [4, 3]
+    assert [e.seq for e in store.events_page(server_round=2, type_filter="update")] == [4]
 
 
 def test_events_from_threads_stay_gap_free(store: SqlStore) -> None:
