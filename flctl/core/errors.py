@@ -8,7 +8,10 @@ FlctlError                                  1
 ├─ SecurityError                           20
 │  ├─ CertificateError                     21
 │  ├─ AuthenticationError                  22
-│  └─ PermissionDeniedError                23
+│  ├─ PermissionDeniedError                23
+│  └─ SecAggError                          24
+│     ├─ ShareRefusedError                 25
+│     └─ SecAggThresholdError              26
 ├─ TransportError                          30
 │  ├─ ConnectError                         31
 │  │  └─ StandbyError                      37
@@ -80,8 +83,11 @@ __all__ = [
     "RoundFailedError",
     "RoundRejectedError",
     "SchemaMismatchError",
+    "SecAggError",
+    "SecAggThresholdError",
     "SecurityError",
     "SessionConflictError",
+    "ShareRefusedError",
     "StandbyError",
     "StorageFullError",
     "StoreError",
@@ -181,6 +187,27 @@ class PermissionDeniedError(SecurityError):
 
     exit_code = 23
     code = "permission_denied"
+
+
+class SecAggError(SecurityError):
+    """A secure-aggregation (SecAgg+) message broke the protocol, or a round cannot be unmasked."""
+
+    exit_code = 24
+    code = "secagg"
+
+
+class ShareRefusedError(SecAggError):
+    """An encrypted SecAgg share was tampered with, malformed or addressed to another client."""
+
+    exit_code = 25
+    code = "share_refused"
+
+
+class SecAggThresholdError(SecAggError):
+    """Fewer SecAgg clients remain than the reconstruction threshold: the sum cannot be unmasked."""
+
+    exit_code = 26
+    code = "secagg_threshold"
 
 
 class TransportError(FlctlError):
