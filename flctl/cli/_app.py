@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import textwrap
 from importlib import resources
 from pathlib import Path
@@ -52,6 +53,13 @@ app.command("simulate")(simulate_command)
 app.command("status")(status_command)
 
 
+class LogFormat(enum.StrEnum):
+    """``--log-format``: how log lines are written on stderr."""
+
+    text = "text"
+    json = "json"
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"flctl {__version__}")
@@ -67,9 +75,25 @@ def _root(
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format",
+            metavar="FORMAT",
+            help="Log lines on stderr: text, or json (one JSON object per line: time, level, "
+            "logger, message, and the round, client or request it concerns).",
+        ),
+    ] = LogFormat.text,
 ) -> None:
     """Federated learning from the command line."""
     settings.debug = debug
+    settings.log_format = log_format.value
+    if log_format is LogFormat.json:
+        import logging
+
+        from flctl.cli._common import setup_logging
+
+        setup_logging(logging.WARNING)  # every command's warnings; serve, join raise the level
 
 
 # ---------------------------------------------------------------------- demo / init
@@ -223,6 +247,23 @@ def serve(
             "serve refuses such a folder: restore it with `flctl store restore`.",
         ),
     ] = False,
+    metrics_address: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HOST:PORT",
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics (default "
+            'server.metrics_address; "" = off). A loopback address unless '
+            "--metrics-allow-remote.",
+        ),
+    ] = None,
+    metrics_allow_remote: Annotated[
+        bool,
+        typer.Option(
+            "--metrics-allow-remote",
+            help="Let --metrics-address be a non-loopback address (the endpoint has no TLS "
+            "and no login) (default server.metrics_allow_remote).",
+        ),
+    ] = False,
     config_path: ConfigOpt = None,
 ) -> None:
     """Run the coordinator until stopped.
@@ -239,6 +280,8 @@ def serve(
         drain_timeout=drain_timeout,
         new_state=new_state,
         advertise=advertise,
+        metrics_address=metrics_address,
+        metrics_allow_remote=metrics_allow_remote,
     )
 
 

@@ -62,14 +62,39 @@ def load_project(config_path: Path | None = None) -> Config:
     return config
 
 
+#: The name of the stderr handler :func:`setup_logging` installs (found again by it).
+_HANDLER = "flctl"
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    """Plain log lines on stderr for long-running commands."""
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    """Log lines on stderr for long-running commands: plain, or JSON (``--log-format json``).
+
+    Called again (``--log-format json`` installs the handler before the command runs), it
+    sets the level and format of the handler it installed. Where the root logger already has
+    handlers of others (a test's), it leaves them alone, as :func:`logging.basicConfig` does.
+    """
+    from flctl.cli._output import settings
+
+    formatter: logging.Formatter
+    if settings.log_format == "json":
+        from flctl.observe import JsonFormatter
+
+        formatter = JsonFormatter()
+        logging.captureWarnings(True)  # warnings too are log lines, not free text on stderr
+    else:
+        formatter = logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
+    root = logging.getLogger()
+    ours = next((h for h in root.handlers if h.get_name() == _HANDLER), None)
+    if ours is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.set_name(_HANDLER)
+        handler.setFormatter(formatter)
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        ours.setFormatter(formatter)
+        root.setLevel(level)
     logging.getLogger("grpc").setLevel(logging.WARNING)
 
 

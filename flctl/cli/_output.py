@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import signal
 import sys
@@ -57,6 +58,8 @@ class _Settings:
     """Process-wide CLI switches set by the root callback."""
 
     debug: bool = False
+    #: ``--log-format``: ``text`` or ``json`` (log lines and error lines as JSON objects).
+    log_format: str = "text"
 
 
 settings = _Settings()
@@ -169,9 +172,16 @@ class Output:
         self.err.print(text, markup=False, highlight=False)
 
     def error(self, exc: FlctlError) -> None:
-        """Render an error: a panel on a terminal, a line when piped, JSON with --json."""
+        """Render an error: a panel on a terminal, a line when piped, JSON with --json.
+
+        With ``--log-format json`` (and no ``--json``) it is one JSON log line on stderr, the
+        error's JSON object under ``error``.
+        """
         if self.json_mode:
             self.json({"error": exc.to_dict()})
+            return
+        if settings.log_format == "json":
+            _json_error_line(exc.message, exc.to_dict())
             return
         trace = exc.details.get("traceback")
         if isinstance(trace, str) and trace:
@@ -188,6 +198,16 @@ class Output:
             self.err.print(f"error: {exc.message}", markup=False, highlight=False)
             if exc.hint:
                 self.err.print(f"hint: {exc.hint}", markup=False, highlight=False)
+
+
+def _json_error_line(message: str, error: dict[str, Any]) -> None:
+    """An error as one JSON log line on stderr (``--log-format json``)."""
+    from flctl.observe import JsonFormatter
+
+    record = logging.LogRecord("flctl", logging.ERROR, "", 0, message, (), None)
+    record.error = error
+    sys.stderr.write(JsonFormatter().format(record) + "\n")
+    sys.stderr.flush()
 
 
 def _cell(text: str) -> str:
@@ -275,6 +295,9 @@ def command(json_param: str | None = "json_output") -> Callable[[Callable[P, R]]
                             }
                         }
                     )
+                elif settings.log_format == "json":
+                    error = {"code": "internal", "exit_code": 1, "message": message}
+                    _json_error_line(message, error | {"log": str(path) if path else None})
                 else:
                     out.err.print(
                         f"error: {message}{where}; run with --debug to see it",

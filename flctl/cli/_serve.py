@@ -4,6 +4,11 @@ The first signal drains: no new round starts (queued rounds stay queued for the 
 the running round gets ``--drain-timeout`` seconds to commit, then it is failed cleanly, every
 client's session is ended (they back off and reconnect to the next coordinator) and the
 process exits 0. A second signal stops at once.
+
+With ``--metrics-address`` a :class:`~flctl.observe.MetricsCollector` hears every event too,
+and its ``/metrics`` listens before the coordinator starts (a standby serves it, with
+``flctl_leader`` 0). With ``--log-format json`` and no live panel, the events are JSON log
+lines on stderr instead of plain lines on stdout.
 """
 
 from __future__ import annotations
@@ -19,12 +24,17 @@ from typing import Any
 from rich.live import Live
 
 from flctl.cli._common import load_project, setup_logging
-from flctl.cli._output import Output
+from flctl.cli._output import Output, settings
 from flctl.coordinator import Coordinator
 from flctl.core import Event
+from flctl.observe import MetricsCollector, MetricsServer, log_event
 from flctl.tui import DashboardState, event_line, is_notable, render_dashboard
 
 __all__ = ["serve"]
+
+log = logging.getLogger("flctl.serve")
+#: The logger of ``serve``'s event lines in ``--log-format json``.
+events_log = logging.getLogger("flctl.events")
 
 
 async def _serve(coordinator: Coordinator, out: Output, *, tui: bool, drain_timeout: float) -> None:
@@ -40,10 +50,16 @@ async def _serve(coordinator: Coordinator, out: Output, *, tui: bool, drain_time
     state = DashboardState(title="flctl serve")
     live: Live | None = None
 
+    json_lines = settings.log_format == "json"
+
     def on_event(event: Event) -> None:
         state.apply(event)
         if live is None and is_notable(event):  # the run's story, not every heartbeat
-            out.line(event_line(event))
+            if json_lines:
+                # the plain line without its HH:MM:SS: the JSON line has the event's own time
+                log_event(events_log, event, event_line(event).split(" ", 1)[-1])
+            else:
+                out.line(event_line(event))
 
     coordinator.subscribe(on_event)
     if tui:
@@ -108,6 +124,8 @@ def serve(
     drain_timeout: float = 30.0,
     new_state: bool = False,
     advertise: str | None = None,
+    metrics_address: str | None = None,
+    metrics_allow_remote: bool = False,
 ) -> None:
     """Start the coordinator and serve until stopped.
 
@@ -119,6 +137,16 @@ def serve(
         drain_timeout: Seconds the running round gets to end after the first signal.
         new_state: Start a new state store where one was lost (see :class:`Coordinator`).
         advertise: Overrides ``server.advertise`` (the address standbys name to clients).
+        metrics_address: Overrides ``server.metrics_address`` (``HOST:PORT`` of ``/metrics``;
+            "" turns it off).
+        metrics_allow_remote: Allow a non-loopback ``metrics_address`` (or
+            ``server.metrics_allow_remote``).
+
+    Raises:
+        ConfigError: The metrics address is malformed, or not a loopback one without
+            ``metrics_allow_remote``.
+        ConnectError: The metrics address cannot be bound (nothing in the state folder has
+            been touched then).
     """
     from flctl.core._memory import return_large_buffers
 
@@ -134,4 +162,20 @@ def serve(
         new_state=new_state,
         advertise=advertise,
     )
-    asyncio.run(_serve(coordinator, out, tui=use_tui, drain_timeout=drain_timeout))
+    metrics_at = config.server.metrics_address if metrics_address is None else metrics_address
+    metrics: MetricsServer | None = None
+    if metrics_at:
+        collector = MetricsCollector()
+        coordinator.subscribe(collector.observe)
+        # bound before the coordinator touches the state folder: a bad address changes nothing
+        metrics = MetricsServer(
+            collector.registry,
+            metrics_at,
+            allow_remote=metrics_allow_remote or config.server.metrics_allow_remote,
+        )
+        log.info("Prometheus metrics at %s", metrics.url)
+    try:
+        asyncio.run(_serve(coordinator, out, tui=use_tui, drain_timeout=drain_timeout))
+    finally:
+        if metrics is not None:
+            metrics.close()

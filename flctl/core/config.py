@@ -89,6 +89,10 @@ class ServerConfig:
     #: an upload is refused (storage full, clients retry later) when it would leave less free
     #: space than this on the state folder's file system: room for the database and events
     min_free_mb: float = 64.0
+    #: HOST:PORT where ``serve`` serves Prometheus metrics at /metrics ("" = off); a loopback
+    #: address unless ``metrics_allow_remote`` (the endpoint has no TLS and no login)
+    metrics_address: str = ""
+    metrics_allow_remote: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from flctl.core import Event
 from flctl.core import events as ev
@@ -49,6 +51,28 @@ _EVENT_TYPE = re.compile(r"[a-z][a-z_]{0,31}\.[a-z][a-z_]{0,31}")
 _ROUND_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 _PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _AGGREGATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _Reported(Collector):
+    """Gauges exported only once an event has told their value (none before: 0 would lie).
+
+    Epsilon spent and the budget exist only where differential privacy is on.
+    """
+
+    def __init__(self) -> None:
+        self._help: dict[str, str] = {}
+        self._values: dict[str, float] = {}
+
+    def declare(self, name: str, documentation: str) -> None:
+        self._help[name] = documentation
+
+    def set(self, name: str, value: float) -> None:
+        self._values[name] = value
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, documentation in self._help.items():
+            if name in self._values:
+                yield GaugeMetricFamily(name, documentation, value=self._values[name])
 
 
 @dataclass
@@ -120,7 +144,7 @@ class MetricsCollector:
         )
         self.sent = Counter(
             "flctl_sent_bytes",
-            "Bytes of models the clients reported downloading.",
+            "Bytes of models the clients reported downloading (in their progress reports).",
             registry=r,
         )
         self.rate = Gauge(
@@ -146,16 +170,15 @@ class MetricsCollector:
             ["reason"],
             registry=r,
         )
-        self.epsilon = Gauge(
+        self.privacy = _Reported()
+        self.privacy.declare(
             "flctl_dp_epsilon_spent",
             "Differential privacy: epsilon spent after the last charged round.",
-            registry=r,
         )
-        self.epsilon_budget = Gauge(
-            "flctl_dp_epsilon_budget",
-            "Differential privacy: the configured epsilon budget.",
-            registry=r,
+        self.privacy.declare(
+            "flctl_dp_epsilon_budget", "Differential privacy: the configured epsilon budget."
         )
+        r.register(self.privacy)
         self.leader = Gauge(
             "flctl_leader",
             "1 while this process leads and serves rounds, 0 while it stands by or has stopped.",
@@ -283,14 +306,14 @@ class MetricsCollector:
 
     def _privacy_charged(self, event: Event, data: Mapping[str, Any]) -> None:
         if (epsilon := _number(data.get("epsilon"))) is not None:
-            self.epsilon.set(epsilon)
+            self.privacy.set("flctl_dp_epsilon_spent", epsilon)
         if (budget := _number(data.get("budget"))) is not None:
-            self.epsilon_budget.set(budget)
+            self.privacy.set("flctl_dp_epsilon_budget", budget)
 
     def _privacy_refused(self, event: Event, data: Mapping[str, Any]) -> None:
         self.refusals.labels("privacy_budget").inc()
         if (budget := _number(data.get("budget"))) is not None:
-            self.epsilon_budget.set(budget)
+            self.privacy.set("flctl_dp_epsilon_budget", budget)
 
     # ------------------------------------------------------------------ clients
 

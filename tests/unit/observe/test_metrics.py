@@ -117,6 +117,8 @@ def test_every_bounded_label_is_exported_at_zero_before_any_event(
     for phase in ROUND_PHASES:
         assert value(samples, "flctl_round_phase_seconds_count", phase=phase) == 0
     assert value(samples, "flctl_leader") == 0
+    # privacy gauges exist only once a privacy event told them (0 would claim a budget)
+    assert not [key for key in samples if key[0].startswith("flctl_dp_")]
 
 
 def test_rounds_phases_and_durations(feed: Feed, collector: MetricsCollector) -> None:
