@@ -11,6 +11,7 @@ recorded with the calling admin's identity; a rollback is serialised with rounds
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -277,11 +278,24 @@ class AdminService:
     ) -> pb.ListModelsReply:
         """Model versions, newest first."""
         self._guard.admit(ctx, "ListModels")
-        models = self._store.list_models(limit=request.limit or None)
+        if request.versions:
+            if len(request.versions) > 16:
+                raise InvalidInputError("at most 16 versions at once")
+            wanted = sorted({check_id("version", v) for v in request.versions}, reverse=True)
+            models = []
+            for version in wanted:
+                with contextlib.suppress(NotFoundError):
+                    models.append(self._store.get_model(version))
+        else:
+            models = self._store.list_models(limit=request.limit or None)
         head = self._store.head()
-        return pb.ListModelsReply(
-            models=[model_info(m) for m in models], head=head.version if head else 0
-        )
+        tags: dict[int, list[str]] = {}
+        for tag in self._store.list_tags():  # sorted by name
+            tags.setdefault(tag.version, []).append(tag.name)
+        infos = [model_info(m) for m in models]
+        for info in infos:
+            info.tags.extend(tags.get(int(info.version), []))
+        return pb.ListModelsReply(models=infos, head=head.version if head else 0)
 
     async def list_events(
         self, request: pb.ListEventsRequest, ctx: RpcContext

@@ -372,10 +372,12 @@ class AdminClient(_Caller):
         )
         return reply
 
-    async def list_models(self, limit: int = 0, *, timeout: float = 30.0) -> pb.ListModelsReply:
-        """List model versions, newest first."""
+    async def list_models(
+        self, limit: int = 0, *, versions: list[int] | None = None, timeout: float = 30.0
+    ) -> pb.ListModelsReply:
+        """List model versions, newest first (``versions``: only those, at most 16)."""
         reply: pb.ListModelsReply = await self._call(
-            self._stub.ListModels, pb.ListModelsRequest(limit=limit), timeout
+            self._stub.ListModels, pb.ListModelsRequest(limit=limit, versions=versions), timeout
         )
         return reply
 

@@ -1119,15 +1119,21 @@ class ListModelsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LIMIT_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
     limit: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Only these versions (at most 16; those that do not exist are left out), e.g. two to compare."""
+
     def __init__(
         self,
         *,
         limit: _builtins.int = ...,
+        versions: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1165,6 +1171,7 @@ class ModelInfo(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     CREATED_UNIX_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     digest: _builtins.str
     parent: _builtins.int
@@ -1173,6 +1180,10 @@ class ModelInfo(_message.Message):
     created_unix: _builtins.float
     @_builtins.property
     def metrics(self) -> _containers.MessageMap[_builtins.str, Global___Value]: ...
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The names tagged on this version, sorted."""
+
     def __init__(
         self,
         *,
@@ -1183,10 +1194,11 @@ class ModelInfo(_message.Message):
         kind: _builtins.str = ...,
         metrics: _abc.Mapping[_builtins.str, Global___Value] | None = ...,
         created_unix: _builtins.float = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "digest", b"digest", "kind", b"kind", "metrics", b"metrics", "parent", b"parent", "server_round", b"server_round", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "digest", b"digest", "kind", b"kind", "metrics", b"metrics", "parent", b"parent", "server_round", b"server_round", "tags", b"tags", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
