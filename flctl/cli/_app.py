@@ -13,6 +13,7 @@ import typer
 from flctl import __version__
 from flctl.cli._certs import certs_app
 from flctl.cli._coordinators import status_command
+from flctl.cli._dashboard import dashboard_command
 from flctl.cli._dp import dp_app
 from flctl.cli._help import use_value_names
 from flctl.cli._models import models_app
@@ -51,6 +52,7 @@ app.add_typer(strategies_app, name="strategies", context_settings=_CONTEXT)
 app.command("aggregate", context_settings=_CONTEXT)(aggregate_command)
 app.command("simulate")(simulate_command)
 app.command("status")(status_command)
+app.command("dashboard")(dashboard_command)
 
 
 class LogFormat(enum.StrEnum):
