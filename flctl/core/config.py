@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
+from urllib.parse import unquote, urlsplit
 
 from flctl.core.errors import ConfigError, ProjectNotFoundError
 
@@ -36,10 +37,12 @@ __all__ = [
     "SimulationConfig",
     "StoreConfig",
     "StrategyConfig",
+    "TrackingConfig",
     "TransportConfig",
     "find_project",
     "load_config",
     "parse_config",
+    "resolve_tracking_uri",
 ]
 
 log = logging.getLogger("flctl.config")
@@ -308,6 +311,25 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """``[tracking]``: each run's metrics, parameters and final model, to MLflow and TensorBoard.
+
+    ``mlflow_uri`` is an MLflow tracking URI: a local file store (``file:./mlruns``, a path
+    relative to the project folder) or a tracking server (``http://host:5000``); ``""`` turns
+    MLflow off. ``tensorboard_dir`` is the folder TensorBoard reads, each run in a folder of its
+    own under it (relative to the project folder); ``""`` turns TensorBoard off. ``experiment``
+    is the MLflow experiment the runs go to (created when missing). ``flctl serve`` and
+    ``flctl simulate`` log every committed round's metrics (step = the round), the strategy,
+    privacy and round settings as parameters once, and the head model as an artifact when they
+    end; ``flctl export-metrics`` does the same for a past run (docs/operations.md).
+    """
+
+    mlflow_uri: str = ""
+    tensorboard_dir: str = ""
+    experiment: str = "flctl"
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole ``flctl.toml``.
 
@@ -326,6 +348,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     task: dict[str, ConfigValue] = field(default_factory=dict)
     root: Path = field(default=Path("."), compare=False)
 
@@ -368,6 +391,35 @@ class Config:
         """The client's content-addressed download cache, absolute."""
         return (self.root / self.client.cache_dir).resolve()
 
+    @property
+    def mlflow_uri(self) -> str:
+        """``[tracking] mlflow_uri`` with a local path made absolute ("" = MLflow off)."""
+        return resolve_tracking_uri(self.tracking.mlflow_uri, self.root)
+
+    @property
+    def tensorboard_path(self) -> Path | None:
+        """``[tracking] tensorboard_dir``, absolute, or None when TensorBoard is off."""
+        if not self.tracking.tensorboard_dir:
+            return None
+        return (self.root / self.tracking.tensorboard_dir).resolve()
+
+
+def resolve_tracking_uri(uri: str, root: Path) -> str:
+    """An MLflow tracking URI with a local store's relative path resolved against ``root``.
+
+    ``file:./mlruns``, ``file:mlruns`` and a bare path (``mlruns``) become ``file:///.../mlruns``;
+    an absolute ``file:`` URI stays as it is, as does any other scheme (``http://host:5000``).
+    """
+    uri = uri.strip()
+    if not uri:
+        return ""
+    parsed = urlsplit(uri)
+    # a one-letter scheme is a Windows drive ("C:/runs"), not a scheme
+    if len(parsed.scheme) > 1 and (parsed.scheme != "file" or parsed.netloc):
+        return uri
+    path = unquote(parsed.path) if parsed.scheme == "file" else uri
+    return (root / path).resolve().as_uri()
+
 
 _SECTIONS: dict[str, type[Any]] = {
     "project": ProjectConfig,
@@ -380,6 +432,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "gate": GateConfig,
     "simulation": SimulationConfig,
     "store": StoreConfig,
+    "tracking": TrackingConfig,
 }
 
 # (section, key) -> (lowest allowed, highest allowed); None means unbounded on that side.
@@ -608,6 +661,7 @@ def parse_config(data: dict[str, Any], *, path: Path, root: Path | None = None) 
     _check_privacy(path, config)
     _check_outliers(path, config)
     _check_gate(path, config)
+    _check_tracking(path, config)
     return config
 
 
@@ -634,6 +688,15 @@ def _check_gate(path: Path, config: Config) -> None:
         raise ConfigError(
             f'{path}: `gate.rollback_after` ({g.rollback_after}) needs `gate.mode` "finite" or '
             '"metric": with the gate off no round is ever rejected',
+        )
+
+
+def _check_tracking(path: Path, config: Config) -> None:
+    """Refuse MLflow tracking without an experiment (whether the URI works is checked at start)."""
+    t = config.tracking
+    if t.mlflow_uri.strip() and not t.experiment.strip():
+        raise ConfigError(
+            f"{path}: `tracking.experiment` must name an MLflow experiment, not {t.experiment!r}"
         )
 
 
