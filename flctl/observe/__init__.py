@@ -6,6 +6,7 @@ metric, a log line and a tracked run can never disagree with what ``round watch`
 
 from __future__ import annotations
 
+from ._export import ExportReport, export_run
 from ._logging import CONTEXT_FIELDS, JsonFormatter, event_level, log_event
 from ._metrics import CLIENT_STATES, ROUND_PHASES, MetricsCollector
 from ._reasons import (
@@ -15,19 +16,27 @@ from ._reasons import (
     update_rejection_reason,
 )
 from ._server import MetricsServer, parse_metrics_address
+from ._sinks import HeadModel
+from ._tracking import RunTracker, start_tracking, tracking_params
 
 __all__ = [
     "CLIENT_STATES",
     "CONTEXT_FIELDS",
+    "ExportReport",
+    "HeadModel",
     "JsonFormatter",
     "MetricsCollector",
     "MetricsServer",
     "REFUSAL_REASONS",
     "ROUND_PHASES",
+    "RunTracker",
     "UPDATE_REJECTION_REASONS",
     "event_level",
+    "export_run",
     "log_event",
     "parse_metrics_address",
     "refusal_reason",
+    "start_tracking",
+    "tracking_params",
     "update_rejection_reason",
 ]
