@@ -15,6 +15,7 @@ from flctl.cli._certs import certs_app
 from flctl.cli._coordinators import status_command
 from flctl.cli._dashboard import dashboard_command
 from flctl.cli._dp import dp_app
+from flctl.cli._export import export_metrics_command
 from flctl.cli._help import use_value_names
 from flctl.cli._models import models_app
 from flctl.cli._options import ConfigOpt, JsonOpt, ServerOpt
@@ -511,6 +512,11 @@ def events(
         config_path=config_path,
         json_output=json_output,
     )
+
+
+# ---------------------------------------------------------------------- tracking
+
+app.command("export-metrics")(export_metrics_command)
 
 
 # Every command's --help names its values (--rounds N), the ones above and those of the groups.

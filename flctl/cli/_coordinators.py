@@ -76,7 +76,7 @@ def _recorded(config: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 def status_command(
     server: ServerOpt = None, config_path: ConfigOpt = None, json_output: JsonOpt = False
 ) -> None:
-    """Show which coordinator leads and which stand by, with epochs.
+    """Show which coordinator leads, which stand by, with epochs.
 
     Asks each coordinator's health service (--server A,B, or the one serve.json names) and,
     for a store on PostgreSQL, reads who led in each epoch. Exit 0 when a leader answers.

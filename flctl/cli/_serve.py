@@ -149,6 +149,7 @@ def serve(
             been touched then).
     """
     from flctl.core._memory import return_large_buffers
+    from flctl.observe import RunTracker, start_tracking
 
     return_large_buffers()
     config = load_project(config_path)
@@ -174,8 +175,17 @@ def serve(
             allow_remote=metrics_allow_remote or config.server.metrics_allow_remote,
         )
         log.info("Prometheus metrics at %s", metrics.url)
+    tracker: RunTracker | None = None
+    ended = "FAILED"
     try:
+        # [tracking]: a destination it cannot write stops serve here, before the state is touched
+        tracker = start_tracking(config, "serve")
+        if tracker is not None:
+            coordinator.subscribe(tracker)  # each committed round's metrics
         asyncio.run(_serve(coordinator, out, tui=use_tui, drain_timeout=drain_timeout))
+        ended = "FINISHED"
     finally:
         if metrics is not None:
             metrics.close()
+        if tracker is not None:  # the head model as the run's artifact; the run ends
+            tracker.finish(config, status=ended)

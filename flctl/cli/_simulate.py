@@ -76,6 +76,7 @@ def simulate_command(
 
     from flctl.cli._common import load_project, setup_logging
     from flctl.cli._rounds import rounds_exit_code
+    from flctl.observe import RunTracker, start_tracking
     from flctl.simulation import SimulationOptions, SimulationReport, simulate
 
     if backend and backend not in ("local", "ray"):
@@ -109,6 +110,13 @@ def simulate_command(
         else None
     )
     rounds_bar: Any = None
+    tracker: RunTracker | None = None
+    if resume or (clients and rounds):  # otherwise simulate refuses the options at once
+        # [tracking]: a destination it cannot write stops the command here, before any round
+        asked = {"clients": clients, "rounds": rounds, "per_round": per_round, "resume": resume}
+        tracker = start_tracking(
+            config, "simulate", {f"simulate.{k}": v for k, v in asked.items() if v}
+        )
 
     def on_event(kind: str, details: dict[str, Any]) -> None:
         nonlocal rounds_bar
@@ -128,6 +136,8 @@ def simulate_command(
                 + (f", {_metrics(details['metrics'])}" if details["metrics"] else "")
                 + (f" ({details['reason']})" if details["reason"] else "")
             )
+            if tracker is not None and details["status"] == "committed":
+                tracker.log_round(details["id"], details["metrics"])
             if bar is not None:
                 if rounds_bar is None:
                     rounds_bar = bar.add_task("", total=details["total"])
@@ -144,16 +154,22 @@ def simulate_command(
 
     if bar is not None:
         bar.start()
+    ended = "FAILED"
     try:
         report = asyncio.run(run())
+        ended = "FINISHED"
     except (asyncio.CancelledError, KeyboardInterrupt):
+        ended = "KILLED"
         out.note("interrupted: `flctl simulate --resume` finishes the run")
         raise typer.Exit(130) from None
     finally:
         if bar is not None:
             bar.stop()
+        if tracker is not None:  # the head model as the run's artifact; the run ends
+            tracker.finish(config, status=ended)
+    tracked = tracker.destinations if tracker is not None else {}
     if json_output:
-        out.json(report.to_dict())
+        out.json({**report.to_dict(), **({"tracking": tracked} if tracked else {})})
         code = rounds_exit_code([{"status": r.status, "reason": r.reason} for r in report.rounds])
         if code:
             raise typer.Exit(code)
@@ -164,6 +180,12 @@ def simulate_command(
         f"{report.clients} clients in {report.wall_s:.1f} s; head: version "
         f"{report.head_version} ({report.head_digest[:12]})"
     )
+    if "mlflow" in tracked:
+        out.line(
+            f"tracked in MLflow run {tracked['mlflow']['run_id']} at {tracked['mlflow']['uri']}"
+        )
+    if "tensorboard" in tracked:
+        out.line(f"tracked in TensorBoard: {tracked['tensorboard']['dir']}")
     code = rounds_exit_code([{"status": r.status, "reason": r.reason} for r in report.rounds])
     if code:
         raise typer.Exit(code)
