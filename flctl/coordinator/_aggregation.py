@@ -184,6 +184,11 @@ class RoundAggregation:
                 claimed,
                 used,
                 bound,
+                extra={
+                    "round": server_round,
+                    "client": update.client_id,
+                    "request_id": update.task_id,
+                },
             )
             self._events.emit(
                 ev.UpdateClamped(
@@ -272,7 +277,12 @@ class RoundAggregation:
                         await asyncio.to_thread(running.sum.add, update)
                     except Exception as exc:  # the whole-round pass reports it, naming the client
                         running.broken = getattr(exc, "message", f"{type(exc).__name__}: {exc}")
-                        log.info("round %d: aggregating whole: %s", running.server_round, exc)
+                        log.info(
+                            "round %d: aggregating whole: %s",
+                            running.server_round,
+                            exc,
+                            extra={"round": running.server_round},
+                        )
                 elif running.to_score and not running.unscored and not running.paused:
                     update, update_id = running.to_score.popleft()
                     running.busy = "score"
@@ -280,7 +290,12 @@ class RoundAggregation:
                         scores = await asyncio.to_thread(running.sum.score, update)
                     except Exception as exc:  # the round goes on without scores
                         running.unscored = getattr(exc, "message", f"{type(exc).__name__}: {exc}")
-                        log.warning("round %d: updates not scored: %s", running.server_round, exc)
+                        log.warning(
+                            "round %d: updates not scored: %s",
+                            running.server_round,
+                            exc,
+                            extra={"round": running.server_round},
+                        )
                     else:
                         running.scores[update.client_id] = (update_id, scores)
                         self._record_scores(
@@ -340,7 +355,13 @@ class RoundAggregation:
                         durable=False,
                     )
         except FlctlError as exc:  # the store is closing, the disk is full: scores are extra
-            log.warning("round %d: scores of %s not recorded: %s", server_round, client_id, exc)
+            log.warning(
+                "round %d: scores of %s not recorded: %s",
+                server_round,
+                client_id,
+                exc,
+                extra={"round": server_round, "client": client_id},
+            )
 
     async def _judge(
         self, server_round: int, base: Path, accepted: list[Any]
@@ -369,7 +390,11 @@ class RoundAggregation:
             return accepted, whole
         if running.unscored:
             log.warning(
-                "round %d: exclude_outliers %s skipped: %s", server_round, mode, running.unscored
+                "round %d: exclude_outliers %s skipped: %s",
+                server_round,
+                mode,
+                running.unscored,
+                extra={"round": server_round},
             )
             return accepted, whole
         ids = {u.client_id for u in accepted}
@@ -388,7 +413,13 @@ class RoundAggregation:
                     self._record_scores(server_round, client_id, update_id, scores[client_id])
         outliers = find_outliers(scores, threshold=self._config.strategy.outlier_threshold)
         for client_id, outlier in sorted(outliers.items()):
-            log.warning("round %d: %s's update: %s", server_round, client_id, outlier.reason)
+            log.warning(
+                "round %d: %s's update: %s",
+                server_round,
+                client_id,
+                outlier.reason,
+                extra={"round": server_round, "client": client_id},
+            )
             with self._store.transaction():
                 self._record_scores(
                     server_round,
@@ -457,7 +488,12 @@ class RoundAggregation:
                         self._aggregate_running, running, updates
                     )
                 except SumOverflowError as exc:  # values near the float range: weigh first
-                    log.info("round %d: %s: aggregating whole", server_round, exc)
+                    log.info(
+                        "round %d: %s: aggregating whole",
+                        server_round,
+                        exc,
+                        extra={"round": server_round},
+                    )
                     running = None
             if running is None:
                 self.last_mode = "whole"

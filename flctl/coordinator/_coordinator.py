@@ -651,7 +651,12 @@ class Coordinator:
                 try:
                     self._reap_one(client_id, session, now, timeout)
                 except FlctlError as exc:  # a full disk, say: the session still ends
-                    log.warning("%s: could not record the end of its session: %s", client_id, exc)
+                    log.warning(
+                        "%s: could not record the end of its session: %s",
+                        client_id,
+                        exc,
+                        extra={"client": client_id},
+                    )
 
     def _reap_one(self, client_id: str, session: Session, now: float, timeout: float) -> None:
         """End ``session`` if its certificate expired or it has been silent too long.
@@ -674,11 +679,11 @@ class Coordinator:
         if expired:
             when = datetime.fromtimestamp(session.not_after, UTC)
             reason = f"certificate expired at {when:%Y-%m-%d %H:%M:%S} UTC"
-            log.info("%s: %s: session ended", client_id, reason)
+            log.info("%s: %s: session ended", client_id, reason, extra={"client": client_id})
             store.bump_client(client_id, state="offline", seen=now)
             events.emit(ev.ClientLeft(reason=reason, is_expired=True), client_id=client_id)
             return
-        log.info("%s silent for %.1f s: dropped", client_id, silent)
+        log.info("%s silent for %.1f s: dropped", client_id, silent, extra={"client": client_id})
         store.bump_client(client_id, state="offline", seen=session.last_seen)
         events.emit(
             ev.ClientLeft(reason=f"no heartbeat for {silent:.1f} s (timeout {timeout:g} s)"),

@@ -441,7 +441,7 @@ class RoundEngine:
                 self._fail(record.id, "coordinator stopped")
                 raise
             except Exception as exc:  # keep serving: one broken round must not end the job
-                log.exception("round %d crashed", record.id)
+                log.exception("round %d crashed", record.id, extra={"round": record.id})
                 self._fail(record.id, f"internal error: {type(exc).__name__}: {exc}")
             finally:
                 self.open = None
@@ -485,7 +485,12 @@ class RoundEngine:
                 ev.RoundQueued(retry_of=server_round, attempt=attempt + 1, reason=record.reason),
                 server_round=new,
             )
-        log.info("round %d failed: queued again as round %d", server_round, new)
+        log.info(
+            "round %d failed: queued again as round %d",
+            server_round,
+            new,
+            extra={"round": server_round},
+        )
 
     def _status(self, server_round: int, status: str, **fields: Any) -> RoundRecord:
         with self._store.transaction():
@@ -498,7 +503,7 @@ class RoundEngine:
             end_round(self._store, self._events, server_round, reason, status=status)
         except FlctlError:
             return  # already terminal
-        log.info("round %d %s: %s", server_round, status, reason)
+        log.info("round %d %s: %s", server_round, status, reason, extra={"round": server_round})
 
     async def _run_round(self, record: RoundRecord) -> None:
         server_round = record.id
@@ -600,7 +605,9 @@ class RoundEngine:
                 ev.RoundResumed(selected=[], accepted=0, is_reselect=True),
                 server_round=server_round,
             )
-            log.info("round %d resumed: selecting again", server_round)
+            log.info(
+                "round %d resumed: selecting again", server_round, extra={"round": server_round}
+            )
             await self._run_round(record)
             return
         head = self._store.head()
@@ -637,7 +644,12 @@ class RoundEngine:
                 ),
                 server_round=server_round,
             )
-        log.info("round %d resumed with %d accepted updates", server_round, accepted)
+        log.info(
+            "round %d resumed with %d accepted updates",
+            server_round,
+            accepted,
+            extra={"round": server_round},
+        )
         for client_id, session in self._registry.items():
             if session.streaming and (task := self.task_for(client_id)) is not None:
                 session.queue.put_nowait(task)
@@ -808,7 +820,13 @@ class RoundEngine:
                 server_round=server_round,
             )
         self._aggregation.committed(state_digest)
-        log.info("round %d committed: model version %d %s", server_round, model.version, metrics)
+        log.info(
+            "round %d committed: model version %d %s",
+            server_round,
+            model.version,
+            metrics,
+            extra={"round": server_round},
+        )
 
     def _task_failures(
         self, server_round: int, selected: list[str], refused: Mapping[str, str]

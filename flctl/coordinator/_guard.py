@@ -86,7 +86,14 @@ class RevocationGuard:
         why = f"rate limit: more than {self._rate:g} calls/s (burst {self._burst:g})"
         if now - self._last_logged.get(ctx.identity, -1e9) >= 1.0:
             self._last_logged[ctx.identity] = now
-            log.info("refused %s (%s) on %s: %s", ctx.identity, ctx.peer, rpc, why)
+            log.info(
+                "refused %s (%s) on %s: %s",
+                ctx.identity,
+                ctx.peer,
+                rpc,
+                why,
+                extra={"client": ctx.identity},
+            )
             self._events.emit(
                 ev.SecurityRefused(identity=ctx.identity, reason=why, rpc=rpc),
                 client_id=ctx.identity,
@@ -143,7 +150,14 @@ class RevocationGuard:
 
     def _record(self, ctx: RpcContext, rpc: str, why: str) -> None:
         """Log a refusal and append its ``security.refused`` event."""
-        log.info("refused %s (%s) on %s: %s", ctx.identity, ctx.peer, rpc, why)
+        log.info(
+            "refused %s (%s) on %s: %s",
+            ctx.identity,
+            ctx.peer,
+            rpc,
+            why,
+            extra={"client": ctx.identity},
+        )
         self._events.emit(
             ev.SecurityRefused(
                 identity=ctx.identity,

@@ -194,6 +194,7 @@ class Heads:
             server_round,
             model.version,
             verdict.reason,
+            extra={"round": server_round},
         )
         self._rollback_policy(server_round)
 

@@ -214,7 +214,12 @@ class PrivacyRounds:
                 unclipped_fraction=unclipped_fraction,
                 next_clip_norm=next_clip_norm,
             )
-        log.info("round %d charged to the privacy ledger: epsilon %s", server_round, spent)
+        log.info(
+            "round %d charged to the privacy ledger: epsilon %s",
+            server_round,
+            spent,
+            extra={"round": server_round},
+        )
         return record
 
     def _charge_row(
