@@ -21,6 +21,7 @@ from flctl.tensors._encoding import (
     expected_update_spec,
 )
 from flctl.tensors._follow import FollowingHasher
+from flctl.tensors._quantize import Quantizer
 from flctl.tensors._spec import (
     DTYPE_SIZES,
     MAX_HEADER_BYTES,
@@ -39,6 +40,7 @@ __all__ = [
     "DTYPE_SIZES",
     "FollowingHasher",
     "MAX_HEADER_BYTES",
+    "Quantizer",
     "StreamValidator",
     "TensorReader",
     "TensorSpec",
