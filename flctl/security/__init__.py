@@ -25,6 +25,13 @@ the holder's machine (:func:`write_request`, :func:`generate_csr`) and signed by
 (:func:`sign_project_request`, :func:`sign_csr`), so that keys never travel. Every certificate
 the CA issues is recorded in ``certs/index.json`` (:func:`read_index`), and
 :func:`list_project_certificates` says which are active, expired, replaced or revoked.
+
+Secure aggregation (SecAgg+, docs/secagg.md): Shamir secret sharing (:func:`split_secret`,
+:func:`recover_secret`), X25519 / HKDF-SHA256 / ChaCha20-Poly1305 share encryption
+(:func:`encrypt_share`, :func:`decrypt_share`), the ChaCha20 mask stream (:func:`mask_stream`)
+and the round's two state machines, :class:`SecAggClient` and :class:`SecAggServer`, which
+exchange the plain dataclasses :class:`SecAggSetup`, :class:`KeyAdvertisement`, ... so the
+engine and the transport never import ``cryptography``.
 """
 
 from flctl.security._certs import (
@@ -51,6 +58,13 @@ from flctl.security._identity import (
     identity_from_pem,
 )
 from flctl.security._index import INDEX_FILE, IssuanceRecord, read_index
+from flctl.security._masking import (
+    MASK_SEED_BYTES,
+    MaskTerm,
+    apply_mask_terms,
+    mask_dtype,
+    mask_stream,
+)
 from flctl.security._project import (
     CertificateEntry,
     CertsListing,
@@ -61,6 +75,28 @@ from flctl.security._project import (
     sign_project_request,
     write_request,
 )
+from flctl.security._secagg import (
+    EncryptedShare,
+    X25519KeyPair,
+    check_public_key,
+    decrypt_share,
+    derive_mask_seed,
+    derive_share_key,
+    encrypt_share,
+)
+from flctl.security._secagg_client import SecAggClient
+from flctl.security._secagg_messages import (
+    KeyAdvertisement,
+    MaskedInputRequest,
+    SecAggSetup,
+    SecAggStage,
+    ShareKeysReply,
+    ShareKeysRequest,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from flctl.security._secagg_server import SecAggResult, SecAggServer
+from flctl.security._shamir import SHAMIR_PRIME, ShamirShare, recover_secret, split_secret
 from flctl.security._tokens import MAX_TOKEN_LENGTH, TokenClaims, TokenSigner
 
 __all__ = [
@@ -68,19 +104,42 @@ __all__ = [
     "CertificateInfo",
     "CertsListing",
     "CertsReport",
+    "EncryptedShare",
     "INDEX_FILE",
     "Identity",
     "IssuanceRecord",
     "IssueReport",
+    "KeyAdvertisement",
     "KeyPair",
+    "MASK_SEED_BYTES",
     "MAX_TOKEN_LENGTH",
+    "MaskTerm",
+    "MaskedInputRequest",
     "Role",
     "SERVER_NAME",
+    "SHAMIR_PRIME",
+    "SecAggClient",
+    "SecAggResult",
+    "SecAggServer",
+    "SecAggSetup",
+    "SecAggStage",
+    "ShamirShare",
+    "ShareKeysReply",
+    "ShareKeysRequest",
     "TokenClaims",
     "TokenSigner",
+    "UnmaskReply",
+    "UnmaskRequest",
+    "X25519KeyPair",
+    "apply_mask_terms",
     "certificate_info",
     "check_key_matches",
+    "check_public_key",
     "csr_identity",
+    "decrypt_share",
+    "derive_mask_seed",
+    "derive_share_key",
+    "encrypt_share",
     "generate_ca",
     "generate_csr",
     "generate_project_certs",
@@ -91,10 +150,14 @@ __all__ = [
     "load_ca",
     "load_credentials",
     "load_pem_files",
+    "mask_dtype",
+    "mask_stream",
     "read_index",
     "record_generated",
+    "recover_secret",
     "sign_csr",
     "sign_project_request",
+    "split_secret",
     "verify_certificate",
     "write_request",
 ]
