@@ -49,6 +49,8 @@ log = logging.getLogger("flctl.dashboard")
 def _DEBUG() -> bool:  # noqa: N802
     """Tracebacks in the log only at DEBUG level (``--debug``)."""
     return log.isEnabledFor(logging.DEBUG)
+
+
 audit = logging.getLogger("flctl.dashboard.audit")
 
 #: Bounds on what a query string may ask for (ids as the Admin service bounds them).

@@ -20,6 +20,7 @@ def _DEBUG() -> bool:  # noqa: N802
     """Tracebacks in the log only at DEBUG level (``--debug``)."""
     return log.isEnabledFor(logging.DEBUG)
 
+
 #: Messages a browser may fall behind by before it is cut off (its page reconnects and reloads).
 QUEUE_SIZE = 256
 
