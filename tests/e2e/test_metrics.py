@@ -174,3 +174,32 @@ fit_sleep_s = 1.0  # long enough to scrape the round while both clients train
     assert any(r.get("event") == "client.joined" and r.get("client") == "c1" for r in records)
     assert any(r["logger"] == "flctl.serve" and url in r["message"] for r in records)
     assert out_path.read_text() == ""  # the event lines went to the log, not to stdout
+
+
+def test_a_bad_or_busy_metrics_address_is_refused_before_the_state_is_touched(
+    tmp_path: Path,
+) -> None:
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "flctl.toml").write_text('[project]\ntask = "tiny_task.py"\n')
+    shutil.copy(TINY_TASK, proj / "tiny_task.py")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        cases = [
+            ("nonsense", 10, "config", "is not HOST:PORT"),
+            ("0.0.0.0:9464", 10, "config", "not a loopback address"),
+            (busy, 31, "unavailable", "is already in use"),
+        ]
+        for address, code, name, words in cases:
+            args = ("serve", "--address", "127.0.0.1:0", "--no-tui", "--metrics-address", address)
+            plain = flctl(*args, cwd=proj, timeout=120)
+            assert plain.returncode == code, plain.stderr
+            assert words in plain.stderr and "Traceback" not in plain.stderr
+            logged = flctl("--log-format", "json", *args, cwd=proj, timeout=120)
+            assert logged.returncode == code
+            [line] = [json.loads(text) for text in logged.stderr.splitlines()]
+            assert line["level"] == "ERROR" and words in line["message"]
+            assert line["error"]["code"] == name and line["error"]["exit_code"] == code
+    assert not (proj / ".flctl").exists()  # no state folder, no lock, no serve.json
