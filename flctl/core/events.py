@@ -78,6 +78,7 @@ __all__ = [
     "CoordinatorWarning",
     "EVALUATION_FAILED",
     "EVALUATION_REPORTED",
+    "EVENT_TYPES",
     "EvaluationFailed",
     "EvaluationReported",
     "Event",
@@ -226,6 +227,50 @@ STORAGE_FULL = StorageFull.type
 #: A round ends committed (its model is the head), rejected (its model was stored but the
 #: validation gate kept it from the head), failed or cancelled (no model).
 TERMINAL_ROUND_STATUSES = frozenset({"committed", "rejected", "failed", "cancelled"})
+
+#: Every event type flctl writes (readers expand a prefix such as ``round`` into these).
+EVENT_TYPES = frozenset(
+    {
+        COORDINATOR_STARTED,
+        COORDINATOR_STOPPED,
+        COORDINATOR_DRAINING,
+        COORDINATOR_WARNING,
+        CLIENT_JOINED,
+        CLIENT_LEFT,
+        CLIENT_EVICTED,
+        CLIENT_STATE,
+        ROUND_QUEUED,
+        ROUND_STARTED,
+        ROUND_RESUMED,
+        ROUND_STATUS,
+        TASK_SENT,
+        UPDATE_ACCEPTED,
+        UPLOAD_RESUMED,
+        UPDATE_REJECTED,
+        UPDATE_CLAMPED,
+        UPDATE_SCORED,
+        UPDATE_EXCLUDED,
+        EVALUATION_REPORTED,
+        EVALUATION_FAILED,
+        ROUND_COMMITTED,
+        ROUND_REJECTED,
+        ROUND_FAILED,
+        ROUND_CANCELLED,
+        MODEL_CREATED,
+        IDENTITY_REVOKED,
+        MODEL_ROLLBACK,
+        MODEL_ROLLBACK_DEFERRED,
+        MODEL_ROLLBACK_FAILED,
+        SECURITY_REFUSED,
+        PRIVACY_REFUSED,
+        PRIVACY_CHARGED,
+        MODEL_TAGGED,
+        MODEL_IMPORTED,
+        MODEL_CORRUPT,
+        MODEL_REJECTED,
+        STORAGE_FULL,
+    }
+)
 
 #: Events that record an operator's action, with the operator's identity in ``admin`` or
 #: ``author`` ("local" for a change made on the state folder with no coordinator running): the

@@ -40,9 +40,10 @@ __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "check_schema", "init_schema", "migra
 #: running round survive a restart). 6: models.state_digest (the strategy's state with each
 #: version) and rounds.fit_config (the strategy's per-client fit config). 7: updates.scores,
 #: outlier and excluded (Byzantine detection). 8: leadership, leaders, coordinators and
-#: events.epoch (standby coordinators on a shared database). Older databases are migrated
-#: when opened.
-SCHEMA_VERSION = 8
+#: events.epoch (standby coordinators on a shared database). 9: the index of events by type
+#: and seq (a page of one type without scanning the log). Older databases are migrated when
+#: opened.
+SCHEMA_VERSION = 9
 SCHEMA_KEY = "schema_version"
 STORE_ID_KEY = "store_id"
 
@@ -134,6 +135,12 @@ def _migrate_7_to_8(session: Session) -> None:
     _add_missing_columns(session.connection(), TableBase.metadata.tables[EventRow.__tablename__])
 
 
+def _migrate_8_to_9(session: Session) -> None:
+    """Index events by (type, seq): a page of one type reads the index, not the whole log."""
+    for index in TableBase.metadata.tables[EventRow.__tablename__].indexes:
+        index.create(session.connection(), checkfirst=True)
+
+
 #: schema version found -> the step that brings it to the next version.
 MIGRATIONS = {
     "1": _migrate_1_to_2,
@@ -143,6 +150,7 @@ MIGRATIONS = {
     "5": _migrate_5_to_6,
     "6": _migrate_6_to_7,
     "7": _migrate_7_to_8,
+    "8": _migrate_8_to_9,
 }
 
 

@@ -156,6 +156,8 @@ class EventRow(TableBase, table=True):
     """One entry of the event log."""
 
     __tablename__ = "events"
+    #: A page of one type, newest first, from the index (schema 9): the dashboard's filters.
+    __table_args__ = (Index("ix_events_type_seq", "type", "seq"),)
 
     seq: int | None = Field(default=None, primary_key=True)
     time: float

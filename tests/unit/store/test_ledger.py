@@ -155,7 +155,7 @@ def test_a_schema_3_ledger_gains_the_adaptive_columns(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "state" / "state.db")
     try:
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        assert version == (str(SqlStore.SCHEMA_VERSION),) == ("8",)
+        assert version == (str(SqlStore.SCHEMA_VERSION),) == ("9",)
     finally:
         conn.close()
 

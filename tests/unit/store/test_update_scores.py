@@ -117,7 +117,7 @@ def test_a_version_6_database_is_migrated(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "state.db")
     try:
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        assert version == ("8",) == (str(SqlStore.SCHEMA_VERSION),)
+        assert version == ("9",) == (str(SqlStore.SCHEMA_VERSION),)
         rows = conn.execute("SELECT scores, outlier, excluded FROM updates ORDER BY id").fetchall()
         assert json.loads(rows[0][0]) == SCORES and rows[0][1:] == ("l2 2.5 (z 4.00 > 3.5)", 1)
         assert rows[1] == (None, "", 0)
