@@ -40,15 +40,25 @@ FLCTL = [sys.executable, "-m", "flctl"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _project(root: Path, min_clients: int) -> Path:
+def _project(root: Path, min_clients: int, template: str = "tiny") -> Path:
     proj = root / "proj"
-    proj.mkdir()
-    (proj / "flctl.toml").write_text(
-        f'[project]\ntask = "tiny_task.py"\n[rounds]\nmin_clients = {min_clients}\n'
-        # the bench's own Admin calls (an event before each request) exceed an operator's pace
-        "[server]\nrate_limit_per_s = 1000.0\nrate_limit_burst = 1000\n"
-    )
-    shutil.copy(TINY_TASK, proj / "tiny_task.py")
+    # the bench's own Admin calls (an event before each request) exceed an operator's pace
+    server = "[server]\nrate_limit_per_s = 1000.0\nrate_limit_burst = 1000\n"
+    if template == "digits":
+        subprocess.run(
+            [*FLCTL, "init", str(proj), "--template", "digits"],
+            check=True,
+            env=ENV,
+            capture_output=True,
+        )
+        config = (proj / "flctl.toml").read_text()
+        (proj / "flctl.toml").write_text(config.replace("[server]\n", server, 1))
+    else:
+        proj.mkdir()
+        (proj / "flctl.toml").write_text(
+            f'[project]\ntask = "tiny_task.py"\n[rounds]\nmin_clients = {min_clients}\n' + server
+        )
+        shutil.copy(TINY_TASK, proj / "tiny_task.py")
     subprocess.run(
         [*FLCTL, "certs", "gen", "--clients", "3"],
         cwd=proj,
@@ -121,6 +131,14 @@ def _get(port: int, path: str) -> tuple[int, float, int]:
     elapsed = time.perf_counter() - start
     conn.close()
     return response.status, elapsed, len(body)
+
+
+def _overview(port: int) -> dict[str, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/api/overview")
+    answer: dict[str, Any] = json.loads(conn.getresponse().read())
+    conn.close()
+    return answer
 
 
 def _fill(db: Path, rounds: int, events: int) -> None:
@@ -223,16 +241,31 @@ def load(args: argparse.Namespace) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def _watcher(port: int, stop: asyncio.Event, counts: list[int]) -> None:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _watcher(
+    port: int, stop: asyncio.Event, counts: list[int], lags: list[float], stale: list[float]
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port)
     await writer.drain()
     pending: asyncio.Task[None] | None = None
+    latest = [0, 0.0]  # newest event seq on the stream, and its time
 
     async def reread() -> None:
+        # as the page does: re-read 150 ms after an event, again while the answer is behind
         await asyncio.sleep(0.15)
-        await asyncio.to_thread(_get, port, "/api/overview")
-        counts[0] += 1
+        while not stop.is_set():
+            answer = await asyncio.to_thread(_overview, port)
+            counts[0] += 1
+            if answer["as_of_seq"] >= latest[0]:
+                stale.append(time.time() - latest[1])  # event -> a page that shows it
+                return
+            await asyncio.sleep(0.6)
 
     try:
         while not stop.is_set():
@@ -242,7 +275,15 @@ async def _watcher(port: int, stop: asyncio.Event, counts: list[int]) -> None:
                 continue
             if not line:
                 return
-            if line.startswith(b"data:") and (pending is None or pending.done()):
+            if not line.startswith(b"data:"):
+                continue
+            message = json.loads(line[5:])
+            if message.get("kind") != "events" or not message["events"]:
+                continue
+            newest = message["events"][-1]
+            lags.append(time.time() - newest["time_unix"])  # event -> the browser's stream
+            latest[:] = [newest["seq"], newest["time_unix"]]
+            if pending is None or pending.done():
                 pending = asyncio.create_task(reread())
     finally:
         writer.close()
@@ -252,7 +293,7 @@ def watch(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="flctl-bench-dash-"))
     logs = root / "logs"
     logs.mkdir()
-    proj = _project(root, 3)
+    proj = _project(root, 3, args.template)
     serve, address = _serve(proj, logs)
     clients = [
         _start(proj, logs, c, "join", "--client-id", c, "--server", address, "--threads", "1")
@@ -266,8 +307,13 @@ def watch(args: argparse.Namespace) -> None:
         config = load_project(proj / "flctl.toml")
         stop = asyncio.Event()
         counts = [0]
-        tasks = [asyncio.create_task(_watcher(port, stop, counts)) for _ in range(watchers)]
+        lags: list[float] = []
+        stale: list[float] = []
+        tasks = [
+            asyncio.create_task(_watcher(port, stop, counts, lags, stale)) for _ in range(watchers)
+        ]
         client = admin_client(config, address)
+        cpu = (_cpu_s(serve.pid), _cpu_s(dash.pid), time.process_time())
         try:
             ids = list((await client.start_round(count)).round_ids)
             while True:
@@ -286,8 +332,29 @@ def watch(args: argparse.Namespace) -> None:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             await client.close()
+            used = (
+                _cpu_s(serve.pid) - cpu[0],
+                _cpu_s(dash.pid) - cpu[1],
+                time.process_time() - cpu[2],
+            )
+            print(
+                f"  CPU s: coordinator {used[0]:.2f}, dashboard {used[1]:.2f}, "
+                f"the watchers (this process) {used[2]:.2f}"
+            )
             if watchers:
+                lags.sort()
+                stale.sort()
                 print(f"  ({watchers} watchers re-read the overview {counts[0]} times)")
+                print(
+                    f"  event -> stream: median {statistics.median(lags) * 1000:.0f} ms, "
+                    f"p95 {lags[int(len(lags) * 0.95)] * 1000:.0f} ms, max {lags[-1] * 1000:.0f} ms"
+                    f" ({len(lags)} batches)"
+                )
+                print(
+                    f"  event -> overview showing it: median "
+                    f"{statistics.median(stale) * 1000:.0f} ms, p95 "
+                    f"{stale[int(len(stale) * 0.95)] * 1000:.0f} ms, max {stale[-1] * 1000:.0f} ms"
+                )
 
     try:
         asyncio.run(run_rounds(2, 0))  # warm-up: the clients' first fit
@@ -323,6 +390,12 @@ def main() -> None:
     p.add_argument("--watchers", type=int, default=20)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--trials", type=int, default=2)
+    p.add_argument(
+        "--template",
+        choices=["tiny", "digits"],
+        default="tiny",
+        help="tiny: rounds of ~0.2 s (the worst case); digits: the demo's task",
+    )
     args = parser.parse_args()
     load(args) if args.what == "load" else watch(args)
 

@@ -31,7 +31,7 @@ from flctl.core.errors import FlctlError, InvalidInputError
 from flctl.core.events import PRIVACY_CHARGED
 from flctl.dashboard._hub import EventHub
 from flctl.dashboard._security import COOKIE, SECURITY_HEADERS, Access
-from flctl.dashboard._source import AdminSource
+from flctl.dashboard._source import MAX_AGE_S, MIN_AGE_S, READ_SEQS, AdminSource
 from flctl.dashboard._views import (
     client_view,
     event_view,
@@ -180,10 +180,31 @@ def create_app(
 
         return endpoint
 
+    # answers as sent, by URL: browsers asking the same between two events (or within
+    # MIN_AGE_S) get the same bytes, read and serialized once
+    answers: dict[str, tuple[int, float, bytes]] = {}
+
     def api(fn: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
+            key = f"{request.url.path}?{request.url.query}"
+            now = time.monotonic()
+            seq = source.seq
+            hit = answers.get(key)
+            if hit is not None and (
+                now - hit[1] < MIN_AGE_S or (hit[0] == seq and now - hit[1] < MAX_AGE_S)
+            ):
+                return Response(hit[2], media_type="application/json")
+            seqs: list[int] = []
+            token = READ_SEQS.set(seqs)
             try:
-                return JSONResponse(await fn(request))
+                body = await fn(request)
+                # how recent the answer is: a page whose stream is further ahead asks again
+                body["as_of_seq"] = min(seqs) if seqs else seq
+                raw = json.dumps(body, separators=(",", ":")).encode()
+                if len(answers) > 256:
+                    answers.clear()
+                answers[key] = (seq, now, raw)
+                return Response(raw, media_type="application/json")
             except InvalidInputError as exc:
                 return _error(exc, 400)
             except FlctlError as exc:
@@ -191,6 +212,8 @@ def create_app(
             except Exception as exc:  # a page shows a message, never a stack trace
                 log.error("dashboard: %s failed: %s", request.url.path, exc, exc_info=_DEBUG())
                 return JSONResponse({"error": f"unexpected error: {exc}"}, status_code=500)
+            finally:
+                READ_SEQS.reset(token)
 
         return endpoint
 
@@ -346,7 +369,7 @@ def create_app(
                         continue
                     if message is None:
                         return  # fell behind: the browser reconnects and reloads
-                    yield f"data: {json.dumps(message, separators=(',', ':'))}\n\n"
+                    yield message
             finally:
                 hub.unsubscribe(queue)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,9 +28,19 @@ Connect = Callable[[], Awaitable[tuple[AdminClient, str]]]
 
 log = logging.getLogger("flctl.dashboard")
 
+#: The event seqs the reads of the current request were answered at (see ``AdminSource.read``).
+READ_SEQS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "flctl_dashboard_read_seqs", default=None
+)
+
 #: A cached read is refreshed after this long even without events (clients' live state and
 #: transfer rates change without one).
 MAX_AGE_S = 2.0
+
+#: A read is not repeated sooner than this, however many events arrived since: a busy round
+#: writes dozens of events a second, and the pages need not re-read the coordinator for each.
+#: Pages know the answer is behind (its ``seq`` is older than the stream's) and ask again.
+MIN_AGE_S = 0.5
 
 
 class AdminSource:
@@ -77,15 +88,28 @@ class AdminSource:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def read(self, key: str, fn: Callable[[AdminClient], Awaitable[T]]) -> T:
-        """``fn``'s answer, shared by concurrent readers and kept until the next event."""
+        """``fn``'s answer, shared by concurrent readers and kept until the next event.
+
+        At most one call per :data:`MIN_AGE_S` for each ``key``; :meth:`seq_of` says how
+        recent the answer is.
+        """
         now = time.monotonic()
         hit = self._cache.get(key)
-        if hit is not None and hit[0] == self.seq and now - hit[1] < MAX_AGE_S:
+        seqs = READ_SEQS.get()
+        if hit is not None and (
+            now - hit[1] < MIN_AGE_S or (hit[0] == self.seq and now - hit[1] < MAX_AGE_S)
+        ):
+            if seqs is not None:
+                seqs.append(hit[0])
             return hit[2]  # type: ignore[no-any-return]
         pending = self._pending.get(key)
         if pending is not None:
+            if seqs is not None:
+                seqs.append(self.seq)
             return await asyncio.shield(pending)
         seq = self.seq
+        if seqs is not None:
+            seqs.append(seq)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         try:
@@ -103,6 +127,11 @@ class AdminSource:
             return value
         finally:
             self._pending.pop(key, None)
+
+    def seq_of(self, key: str) -> int:
+        """The event seq the cached answer for ``key`` was read at (0: none cached)."""
+        hit = self._cache.get(key)
+        return hit[0] if hit is not None else 0
 
     async def close(self) -> None:
         """Close the connection."""

@@ -70,6 +70,7 @@ async function getJSON(path) {
   if (!response.ok) {
     throw new Error((data.error || `HTTP ${response.status}`) + (data.hint ? ` (${data.hint})` : ""));
   }
+  if (typeof data.as_of_seq === "number") asOf = Math.min(asOf, data.as_of_seq);
   return data;
 }
 
@@ -318,9 +319,12 @@ async function renderEvents() {
 const RENDER = { overview: renderOverview, rounds: renderRounds, round: renderRound, clients: renderClients, models: renderModels, diff: renderDiff, events: renderEvents };
 
 let busy = false; let again = false;
+// the newest event the stream brought, and the oldest event the page's last answers knew of
+let latestSeq = 0; let asOf = Infinity;
 async function refresh() {
   if (busy) { again = true; return; }
   busy = true;
+  asOf = Infinity;
   try {
     await RENDER[PAGE]();
     if (document.getElementById("banner").className === "banner") banner("", false);
@@ -330,6 +334,8 @@ async function refresh() {
     busy = false;
     body.dataset.loaded = String(Date.now());
     if (again) { again = false; setTimeout(refresh, 50); }
+    // the server answered from a read older than the last event: ask again shortly
+    else if (asOf !== Infinity && asOf < latestSeq) setTimeout(soon, 600);
   }
 }
 
@@ -342,12 +348,14 @@ function follow() {
   source.onmessage = (message) => {
     const data = JSON.parse(message.data);
     if (data.kind === "link") {
+      latestSeq = Math.max(latestSeq, data.seq || 0);
       link.textContent = data.connected ? `live · ${data.leader}` : `coordinator unreachable: ${data.error || "connecting"}`;
       link.className = data.connected ? "link up" : "link";
       body.dataset.live = data.connected ? "on" : "off";
       if (data.connected) soon();
-    } else if (data.kind === "event") {
-      body.dataset.lastSeq = String(data.event.seq);
+    } else if (data.kind === "events" && data.events.length) {
+      latestSeq = Math.max(latestSeq, data.events[data.events.length - 1].seq);
+      body.dataset.lastSeq = String(latestSeq);
       soon();
     }
   };
