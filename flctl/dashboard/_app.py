@@ -284,8 +284,19 @@ def create_app(
         if not status.rounds:
             raise InvalidInputError(f"there is no round {server_round}")
         timeline = [event_view(e) for e in reversed(events.events)]
+        view = round_view(status.rounds[0])
+        sizes = {
+            e["client_id"]: e["data"]
+            for e in timeline
+            if e["type"] == "update.accepted" and isinstance(e["data"].get("size"), int)
+        }
+        for update in view.get("updates", []):
+            accepted = sizes.get(update["client_id"])
+            if accepted is not None and update["status"] == "accepted":
+                update["size"] = accepted["size"]
+                update["wire_bytes"] = accepted.get("wire_bytes", accepted["size"])
         return {
-            "round": round_view(status.rounds[0]),
+            "round": view,
             "phases": _phases(timeline),
             "events": timeline[-100:],
         }
