@@ -8,16 +8,7 @@ from typing import Any
 from flctl.cli._output import Output
 from flctl.core.events import ADMIN_EVENT_TYPES
 
-__all__ = ["ADMIN_EVENT_TYPES", "list_events", "select_events"]
-
-
-def select_events(events: list[Any], type_filter: str | None) -> list[Any]:
-    """Keep events of a type (``round.committed``), a prefix (``round``) or ``admin``."""
-    if not type_filter:
-        return events
-    if type_filter == "admin":
-        return [e for e in events if e.type in ADMIN_EVENT_TYPES]
-    return [e for e in events if e.type == type_filter or e.type.startswith(type_filter + ".")]
+__all__ = ["ADMIN_EVENT_TYPES", "list_events"]
 
 
 def _actor(event: Any) -> str:
@@ -44,14 +35,21 @@ def list_events(
     config = load_project(config_path)
     store = open_store(config, read_only=True)
     try:
-        events: list[Any] = []
-        seq = since
-        while batch := store.events_since(seq, limit=5000):
-            events.extend(batch)
-            seq = batch[-1].seq
+        # the newest --limit events of the type after --since, page by page from the newest:
+        # never the whole log
+        chosen: list[Any] = []
+        before = 0
+        while len(chosen) < limit:
+            want = min(1000, limit - len(chosen))
+            page = store.events_page(before, want, type_filter or "")
+            newer = [e for e in page if e.seq > since]
+            chosen.extend(newer)
+            if len(page) < want or len(newer) < len(page):
+                break
+            before = page[-1].seq
+        chosen.reverse()
     finally:
         store.close()
-    chosen = select_events(events, type_filter)[-limit:]
     out = Output(json_mode=json_output)
     if json_output:
         out.json(

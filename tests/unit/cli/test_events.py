@@ -48,6 +48,8 @@ def test_type_prefix_since_and_limit(project: Path) -> None:
     assert [e["seq"] for e in events("--since", "3")] == [4, 5]
     assert [e["seq"] for e in events("--limit", "2")] == [4, 5]
     assert events("--type", "nothing.like.this") == []
+    assert [e["seq"] for e in events("--type", "round", "--since", "3")] == [5]
+    assert [e["type"] for e in events("--type", "round", "--limit", "1")] == ["round.committed"]
 
 
 def test_no_store_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
