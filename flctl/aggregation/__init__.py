@@ -24,6 +24,7 @@ from flctl.aggregation._outliers import Outlier, find_outliers
 from flctl.aggregation._private import PrivateStrategy, check_private
 from flctl.aggregation._registry import BUILTIN_STRATEGIES, make_strategy
 from flctl.aggregation._running import RunningSum, SumOverflowError
+from flctl.aggregation._secure import check_secure
 from flctl.aggregation._strategy import EvaluateResult, Param, Strategy, WeightedUpdate
 from flctl.aggregation._weights import cap_weights
 
@@ -55,6 +56,7 @@ __all__ = [
     "WeightedUpdate",
     "cap_weights",
     "check_private",
+    "check_secure",
     "fedavg_in_memory",
     "find_outliers",
     "make_strategy",

@@ -8,6 +8,10 @@ Privacy: with ``[privacy] mode = "central"`` or ``"local"`` the strategy runs in
 :class:`flctl.aggregation.PrivateStrategy`, stepping on the round's private mean. The
 combinations that are unsound (robust rules, a custom strategy that does not declare itself
 mean-based) are refused here, at load, by :func:`flctl.aggregation.check_private`.
+
+Secure aggregation: with ``[secagg] enabled`` the strategy aggregates the round's unmasked mean,
+so the same holds: :func:`flctl.aggregation.check_secure` refuses the strategies that need
+individual updates.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from flctl.aggregation import Strategy, check_private, make_strategy
+from flctl.aggregation import Strategy, check_private, check_secure, make_strategy
 from flctl.core import CONFIG_FILE, Config, TaskContext
 from flctl.core.errors import ConfigError, TaskError
 from flctl.core.usercode import describe_failure
@@ -48,8 +52,9 @@ def build_strategy(config: Config, source: Path | None = None) -> Strategy:
 
     Raises:
         ConfigError: An unknown strategy, a key it does not take, or a bad value; a strategy
-            that cannot run with ``[privacy]`` on (:func:`flctl.aggregation.check_private`).
-            The message names the file.
+            that cannot run with ``[privacy]`` on (:func:`flctl.aggregation.check_private`)
+            or with ``[secagg]`` on (:func:`flctl.aggregation.check_secure`). The message
+            names the file.
     """
     where = source or config.root / CONFIG_FILE
     try:
@@ -61,6 +66,8 @@ def build_strategy(config: Config, source: Path | None = None) -> Strategy:
         config.privacy.mode,
         subject=f'{where}: [strategy] name = "{config.strategy.name}"',
     )
+    if config.secagg.enabled:
+        check_secure(strategy, subject=f'{where}: [strategy] name = "{config.strategy.name}"')
     return strategy
 
 
@@ -109,8 +116,8 @@ def task_strategy(
 
     Raises:
         ConfigError: ``[strategy]`` sets a strategy or parameters, which ``strategy_fn``
-            replaces; or its strategy cannot run with ``[privacy]`` on
-            (:func:`flctl.aggregation.check_private`).
+            replaces; or its strategy cannot run with ``[privacy]`` or ``[secagg]`` on
+            (:func:`flctl.aggregation.check_private`, :func:`~flctl.aggregation.check_secure`).
         TaskError: ``strategy_fn`` is not a function, raises, or returns no Strategy.
     """
     fn = getattr(task, STRATEGY_FN, None)
@@ -138,4 +145,10 @@ def task_strategy(
         subject=f"{path} defines {STRATEGY_FN}, whose strategy {strategy_name(strategy)!r} "
         f"({where})",
     )
+    if config.secagg.enabled:
+        check_secure(
+            strategy,
+            subject=f"{path} defines {STRATEGY_FN}, whose strategy {strategy_name(strategy)!r} "
+            f"({where})",
+        )
     return strategy

@@ -32,7 +32,9 @@ __all__ = [
     "PrivacyConfig",
     "ProjectConfig",
     "RoundsConfig",
+    "SECAGG_MAX_QUANTIZATION_BITS",
     "STORE_URL_ENV",
+    "SecAggConfig",
     "ServerConfig",
     "SimulationConfig",
     "StoreConfig",
@@ -233,6 +235,39 @@ class PrivacyConfig:
     population: int = 0
 
 
+#: The widest quantization ``[secagg] quantization_bits`` may ask (``flctl.tensors.Quantizer``).
+SECAGG_MAX_QUANTIZATION_BITS = 32
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """``[secagg]``: secure aggregation, SecAgg+ (docs/secagg.md).
+
+    With ``enabled`` the coordinator learns the sum of a round's updates and nothing about any
+    one of them: each client uploads its update quantized and masked, and the masks cancel
+    only in the sum of the clients that took part. ``threshold`` is the fraction of a client's
+    share holders (itself and its neighbours) needed to unmask, in ``(0.5, 1]``;
+    ``num_shares`` the neighbours each client shares with (SecAgg+; 0: every other client).
+    Each client sends ``r * (new - base)`` with ``r = min(num_examples, max_weight) /
+    max_weight``, clipped to ``[-clip_range, clip_range]`` and quantized to
+    ``quantization_bits``, and ``r`` itself as one more element: the coordinator divides the
+    one by the other (FedAvg's weighted mean). ``stage_timeout_s`` bounds each key stage and
+    the unmasking; the masked input waits for ``rounds.deadline_s``.
+
+    Strategies and settings that need individual updates are refused with it (a robust rule,
+    outlier scores, local DP, adaptive clipping, ``max_weight_share``); central DP adds its
+    noise to the unmasked sum (docs/privacy.md).
+    """
+
+    enabled: bool = False
+    threshold: float = 0.6
+    num_shares: int = 0
+    clip_range: float = 1.0
+    quantization_bits: int = 24
+    max_weight: float = 1000.0
+    stage_timeout_s: float = 60.0
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     """``[strategy]``: the aggregation strategy and its parameters.
@@ -344,6 +379,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
@@ -429,6 +465,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "client": ClientConfig,
     "data": DataConfig,
     "privacy": PrivacyConfig,
+    "secagg": SecAggConfig,
     "gate": GateConfig,
     "simulation": SimulationConfig,
     "store": StoreConfig,
@@ -474,6 +511,11 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("privacy", "sampling_rate"): (0, 1),
     ("privacy", "sample_size"): (0, None),
     ("privacy", "population"): (0, None),
+    ("secagg", "num_shares"): (0, 65534),
+    ("secagg", "clip_range"): (1e-12, 1e12),
+    ("secagg", "quantization_bits"): (1, SECAGG_MAX_QUANTIZATION_BITS),
+    ("secagg", "max_weight"): (1, 1 << 40),
+    ("secagg", "stage_timeout_s"): (0.1, 86400),
     ("gate", "max_regression"): (0, None),
     ("gate", "rollback_after"): (0, 1000),
     ("simulation", "workers"): (0, 4096),
@@ -659,6 +701,7 @@ def parse_config(data: dict[str, Any], *, path: Path, root: Path | None = None) 
         )
     _check_heartbeat(path, config)
     _check_privacy(path, config)
+    _check_secagg(path, config)
     _check_outliers(path, config)
     _check_gate(path, config)
     _check_tracking(path, config)
@@ -711,6 +754,53 @@ def _check_outliers(path: Path, config: Config) -> None:
             "counts on",
             hint='use exclude_outliers = "flag" (the scores are recorded, nothing is dropped), '
             'or privacy.mode = "off"',
+        )
+
+
+def _check_secagg(path: Path, config: Config) -> None:
+    """Refuse a ``[secagg]`` table out of range, or combined with what needs each update.
+
+    With secure aggregation the coordinator holds the sum of a round's updates only; whatever
+    reads one update on its own cannot run. The strategy itself (a robust rule needs each
+    update too) is checked where strategies are known (``flctl.coordinator.build_strategy``).
+    """
+    s = config.secagg
+    if not 0.5 < s.threshold <= 1:
+        raise ConfigError(
+            f"{path}: `secagg.threshold` must be above 0.5 and at most 1, not {s.threshold!r}",
+            hint="above one half, no two disjoint groups of clients can each rebuild one of a "
+            "client's two secrets (docs/secagg.md, threat model)",
+        )
+    if not s.enabled:
+        return
+    why = "with `secagg.enabled` the coordinator sees only the sum of a round's updates"
+    if config.strategy.exclude_outliers != "off":
+        raise ConfigError(
+            f'{path}: `strategy.exclude_outliers = "{config.strategy.exclude_outliers}"` cannot '
+            f"be combined with secure aggregation: {why}, and anomaly scores are computed on "
+            "each update",
+            hint='set exclude_outliers = "off", or secagg.enabled = false',
+        )
+    if config.privacy.mode == "local":
+        raise ConfigError(
+            f'{path}: `privacy.mode = "local"` cannot be combined with secure aggregation: '
+            "each client's noise is sized to hide it alone; with SecAgg use central DP, whose "
+            "noise the coordinator adds to the unmasked sum (docs/privacy.md)",
+            hint='set privacy.mode = "central", or secagg.enabled = false',
+        )
+    if config.privacy.mode == "central" and config.privacy.adaptive_clip:
+        raise ConfigError(
+            f"{path}: `privacy.adaptive_clip` cannot be combined with secure aggregation: {why}, "
+            "and adaptive clipping counts the updates whose norm is under the clip norm",
+            hint="set adaptive_clip = false (each client clips to privacy.clip_norm)",
+        )
+    if config.rounds.max_weight_share < 1:
+        raise ConfigError(
+            f"{path}: `rounds.max_weight_share` ({config.rounds.max_weight_share:g}) cannot be "
+            f"combined with secure aggregation: {why}, and capping a share needs each "
+            "update's weight",
+            hint="bound the weights with secagg.max_weight instead (each client's weight is "
+            "min(num_examples, max_weight))",
         )
 
 
