@@ -178,6 +178,13 @@ class AdminService:
             open_round=self._open_round(),
             warnings=[self._engine.storage_warning[1]] if self._engine.storage_warning else [],
         )
+        if ids is not None or limit is not None:  # a bounded reply: each round's phases
+            marks = self._store.round_events(
+                [int(r.server_round) for r in reply.rounds], ev.PHASE_EVENT_TYPES
+            )
+            for info in reply.rounds:
+                for phase, seconds in ev.round_phases(marks.get(int(info.server_round), [])):
+                    info.phases.add(phase=phase, seconds=round(seconds, 3))
         if ids is not None:
             listed = list(reply.rounds)[-STATUS_UPDATE_ROUNDS:]
         else:

@@ -101,6 +101,7 @@ __all__ = [
     "ModelRollbackDeferred",
     "ModelRollbackFailed",
     "ModelTagged",
+    "PHASE_EVENT_TYPES",
     "PRIVACY_CHARGED",
     "PRIVACY_REFUSED",
     "PrivacyCharged",
@@ -140,6 +141,7 @@ __all__ = [
     "UpdateRejected",
     "UpdateScored",
     "UploadResumed",
+    "round_phases",
 ]
 
 # Each type's string is its payload class's ``type``; the class documents the data's keys.
@@ -227,6 +229,44 @@ STORAGE_FULL = StorageFull.type
 #: A round ends committed (its model is the head), rejected (its model was stored but the
 #: validation gate kept it from the head), failed or cancelled (no model).
 TERMINAL_ROUND_STATUSES = frozenset({"committed", "rejected", "failed", "cancelled"})
+
+#: The events that mark a round's phases (:func:`round_phases`).
+PHASE_EVENT_TYPES = frozenset(
+    {
+        ROUND_STARTED,
+        ROUND_RESUMED,
+        ROUND_STATUS,
+        ROUND_COMMITTED,
+        ROUND_REJECTED,
+        ROUND_FAILED,
+        ROUND_CANCELLED,
+    }
+)
+
+
+def round_phases(events: list[Event]) -> list[tuple[str, float]]:
+    """How long a round spent in each phase, in order, from its events (oldest first).
+
+    A phase lasts from the event that entered it to the next one; the phases repeated by a
+    restart (``round.resumed``) add up. Events other than :data:`PHASE_EVENT_TYPES` are skipped.
+    """
+    marks: list[tuple[str, float]] = []
+    for event in events:
+        if event.type == ROUND_STARTED or event.type == ROUND_RESUMED:
+            marks.append(("training", event.time))
+        elif event.type == ROUND_STATUS:
+            marks.append((str((event.data or {}).get("status", "?")), event.time))
+        elif event.type in PHASE_EVENT_TYPES:
+            marks.append((event.type.split(".", 1)[1], event.time))
+    spans: list[tuple[str, float]] = []
+    for (name, start), (_, end) in zip(marks, marks[1:], strict=False):
+        seconds = max(0.0, end - start)
+        if spans and spans[-1][0] == name:
+            spans[-1] = (name, spans[-1][1] + seconds)
+        else:
+            spans.append((name, seconds))
+    return spans
+
 
 #: Every event type flctl writes (readers expand a prefix such as ``round`` into these).
 EVENT_TYPES = frozenset(

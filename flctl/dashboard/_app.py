@@ -297,7 +297,6 @@ def create_app(
                 update["wire_bytes"] = accepted.get("wire_bytes", accepted["size"])
         return {
             "round": view,
-            "phases": _phases(timeline),
             "events": timeline[-100:],
         }
 
@@ -474,26 +473,6 @@ def _change(a: Any, b: Any) -> float | None:
     if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
         return round(float(b) - float(a), 6)
     return None
-
-
-def _phases(timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """How long the round spent in each phase, from its events' times."""
-    marks: list[tuple[str, float]] = []
-    for event in timeline:
-        kind = event["type"]
-        if kind == "round.started":
-            marks.append(("training", event["time_unix"]))
-        elif kind == "round.status":
-            marks.append((str(event["data"].get("status", "?")), event["time_unix"]))
-        elif kind in ("round.committed", "round.failed", "round.cancelled", "round.rejected"):
-            marks.append((kind.split(".", 1)[1], event["time_unix"]))
-    spans: list[tuple[str, float]] = []
-    for (name, start), (_, end) in zip(marks, marks[1:], strict=False):
-        if spans and spans[-1][0] == name:
-            spans[-1] = (name, spans[-1][1] + end - start)
-        else:
-            spans.append((name, end - start))
-    return [{"phase": name, "seconds": round(seconds, 3)} for name, seconds in spans]
 
 
 async def _json_body(request: Request) -> dict[str, Any]:

@@ -34,6 +34,7 @@ def round_view(info: pb.RoundInfo) -> dict[str, Any]:
         "reason": info.reason,
         "model_version": int(info.model_version),
         "created_unix": _number(info.created_unix),
+        "phases": [{"phase": p.phase, "seconds": _number(p.seconds)} for p in info.phases],
     }
     if info.updates_listed:
         out["updates"] = [update_view(u) for u in info.updates]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -135,6 +135,29 @@ class EventLog(Database):
                 found.extend(session.exec(stmt))
         found.sort(key=lambda row: row.seq or 0, reverse=True)
         return [event_record(row) for row in found[:limit]]
+
+    def round_events(
+        self, round_ids: Sequence[int], types: Collection[str] | None = None
+    ) -> dict[int, list[Event]]:
+        """The events of these rounds (only of ``types``, when given), oldest first, by round.
+
+        Read through the events' round index: the cost grows with these rounds' events, not
+        with the log.
+        """
+        if not round_ids:
+            return {}
+        stmt = (
+            select(EventRow)
+            .where(col(EventRow.server_round).in_(list(round_ids)))
+            .order_by(col(EventRow.seq))
+        )
+        if types is not None:
+            stmt = stmt.where(col(EventRow.type).in_(sorted(types)))
+        out: dict[int, list[Event]] = {}
+        with self.session() as session:
+            for row in session.exec(stmt):
+                out.setdefault(row.server_round, []).append(event_record(row))
+        return out
 
     def last_event_seq(self) -> int:
         """Return the ``seq`` of the newest event, or 0 when the log is empty."""

@@ -103,6 +103,8 @@ def test_a_round_started_from_the_cli_shows_live_and_an_action_is_audited(
             for path in ("rounds", "rounds/1", "clients", "models/diff?a=1&b=2", "events"):
                 page.goto(f"{base}{path}")
                 page.wait_for_selector("body[data-loaded]")
+                if path == "rounds/1":  # how long it trained, from its events
+                    expect(page.locator("#phases")).to_contain_text("training")
             assert page.locator("#events tr").count() > 5
         finally:
             browser.close()

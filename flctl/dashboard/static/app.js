@@ -45,6 +45,10 @@ function fmtBytes(n) {
 function fmtMetrics(m) {
   return Object.entries(m || {}).map(([k, v]) => `${k} ${fmtNum(v)}`).join(", ") || "–";
 }
+const SHORT = { selecting: "select", training: "train", aggregating: "aggregate", evaluating: "evaluate" };
+function fmtPhases(phases) {
+  return (phases || []).filter((p) => SHORT[p.phase]).map((p) => `${SHORT[p.phase]} ${fmtNum(p.seconds, 2)} s`).join(" · ") || "–";
+}
 function statusCell(status) { return el("td", { class: `status-${status}` }, status); }
 
 // replaceChildren without the absent parts (a null would be written as "null")
@@ -210,12 +214,13 @@ async function renderRounds() {
   const rows = d.rounds.map((r) => el("tr", { "data-round": r.round },
     el("td", {}, el("a", { href: `/rounds/${r.round}` }, r.round)), statusCell(r.status),
     el("td", { class: "num" }, r.num_clients), el("td", { class: "num" }, fmtNum(r.duration_s, 2)),
-    el("td", {}, fmtMetrics(r.metrics)), el("td", {}, r.reason), el("td", {}, fmtDate(r.created_unix))));
+    el("td", {}, fmtPhases(r.phases)), el("td", {}, fmtMetrics(r.metrics)), el("td", {}, r.reason),
+    el("td", {}, fmtDate(r.created_unix))));
   const oldest = d.rounds.length ? d.rounds[d.rounds.length - 1].round : 0;
   show(
     el("h1", {}, `Rounds (${d.rounds_total})`),
     el("table", { id: "rounds" },
-      el("thead", {}, el("tr", {}, ["round", "status", "clients", "seconds", "metrics", "reason", "created"].map((h) => el("th", {}, h)))),
+      el("thead", {}, el("tr", {}, ["round", "status", "clients", "seconds", "phases", "metrics", "reason", "created"].map((h) => el("th", {}, h)))),
       el("tbody", {}, rows)),
     oldest > 1 ? el("p", {}, el("a", { href: `/rounds?before=${oldest}` }, "older rounds →")) : null);
 }
@@ -231,7 +236,7 @@ async function renderRound() {
     r.reason ? el("p", { class: "error" }, r.reason) : null,
     el("h2", {}, "Metrics"), el("p", {}, fmtMetrics(r.metrics)),
     el("h2", {}, "Phases"),
-    el("table", { id: "phases" }, el("tbody", {}, d.phases.map((p) => el("tr", {}, el("td", {}, p.phase), el("td", { class: "num" }, `${fmtNum(p.seconds, 3)} s`))))),
+    el("table", { id: "phases" }, el("tbody", {}, r.phases.map((p) => el("tr", {}, el("td", {}, p.phase), el("td", { class: "num" }, `${fmtNum(p.seconds, 3)} s`))))),
     el("h2", {}, "Updates"),
     el("table", { id: "updates" },
       el("thead", {}, el("tr", {}, ["client", "status", "examples", "size", "scores", "outlier", "reason"].map((h) => el("th", {}, h)))),

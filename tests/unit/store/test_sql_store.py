@@ -363,6 +363,10 @@ def test_events_page_reads_newest_first_by_type(store: SqlStore) -> None:
     assert store.events_page(before_seq=1) == []
     assert [e.seq for e in store.events_page(server_round=2)] == [4, 3]
     assert [e.seq for e in store.events_page(server_round=2, type_filter="update")] == [4]
+    by_round = store.round_events([2, 3, 99], {ROUND_QUEUED})
+    assert {r: [e.seq for e in es] for r, es in by_round.items()} == {2: [3], 3: [5]}
+    assert [e.seq for e in store.round_events([2])[2]] == [3, 4]
+    assert store.round_events([]) == {}
 
 
 def test_events_from_threads_stay_gap_free(store: SqlStore) -> None:

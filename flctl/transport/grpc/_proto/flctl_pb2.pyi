@@ -808,6 +808,7 @@ class RoundInfo(_message.Message):
     UPDATES_FIELD_NUMBER: _builtins.int
     UPDATES_LISTED_FIELD_NUMBER: _builtins.int
     UPDATES_LEFT_OUT_FIELD_NUMBER: _builtins.int
+    PHASES_FIELD_NUMBER: _builtins.int
     server_round: _builtins.int
     status: _builtins.str
     """queued | selecting | training | aggregating | evaluating | committed | failed | cancelled"""
@@ -829,6 +830,12 @@ class RoundInfo(_message.Message):
         in updates_left_out, not sent.
         """
 
+    @_builtins.property
+    def phases(self) -> _containers.RepeatedCompositeFieldContainer[Global___PhaseTime]:
+        """How long the round spent in each phase, in order (from its events), for the rounds of a
+        bounded reply (round_ids, or limit).
+        """
+
     def __init__(
         self,
         *,
@@ -843,14 +850,38 @@ class RoundInfo(_message.Message):
         updates: _abc.Iterable[Global___UpdateInfo] | None = ...,
         updates_listed: _builtins.bool = ...,
         updates_left_out: _builtins.int = ...,
+        phases: _abc.Iterable[Global___PhaseTime] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "duration_s", b"duration_s", "metrics", b"metrics", "model_version", b"model_version", "num_clients", b"num_clients", "reason", b"reason", "server_round", b"server_round", "status", b"status", "updates", b"updates", "updates_left_out", b"updates_left_out", "updates_listed", b"updates_listed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "duration_s", b"duration_s", "metrics", b"metrics", "model_version", b"model_version", "num_clients", b"num_clients", "phases", b"phases", "reason", b"reason", "server_round", b"server_round", "status", b"status", "updates", b"updates", "updates_left_out", b"updates_left_out", "updates_listed", b"updates_listed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RoundInfo: _TypeAlias = RoundInfo  # noqa: Y015
+
+@_typing.final
+class PhaseTime(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    phase: _builtins.str
+    """selecting | training | aggregating | evaluating | the terminal status"""
+    seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        phase: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["phase", b"phase", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PhaseTime: _TypeAlias = PhaseTime  # noqa: Y015
 
 @_typing.final
 class UpdateInfo(_message.Message):
