@@ -273,4 +273,9 @@ def round_dict(info: pb.RoundInfo) -> dict[str, Any]:
         out["reason"] = info.reason
     if info.model_version:
         out["model_version"] = int(info.model_version)
+    if info.phases:  # seconds in each phase (a phase entered twice: both times)
+        phases: dict[str, float] = {}
+        for p in info.phases:
+            phases[p.phase] = round(phases.get(p.phase, 0.0) + p.seconds, 3)
+        out["phases"] = phases
     return out

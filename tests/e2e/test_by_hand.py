@@ -55,6 +55,8 @@ def test_init_certs_serve_join_round_start_models_ls(tmp_path: Path, processes: 
         ).stdout
     )
     assert [r["status"] for r in status["rounds"]] == ["committed", "committed"]
+    # the seconds of each phase, from the rounds' events
+    assert all({"training", "aggregating"} <= set(r["phases"]) for r in status["rounds"])
     assert status["connected_clients"] == 2 and status["head"] >= 3
     clients = one_json(flctl("clients", "ls", "--json", cwd=proj, check=True).stdout)
     assert clients["live"] is True
