@@ -177,6 +177,15 @@ def rounds_exit_code(rounds: list[dict[str, Any]]) -> int:
     return 0
 
 
+#: How long ``round watch --follow --server A,B`` waits for a new leader after losing one.
+TAKEOVER_WAIT_S = 120.0
+
+
+async def _connected(config: Config, server: str | None) -> AdminClient:
+    """An Admin connection to the leader among ``server``'s addresses (ConnectError: none)."""
+    return admin_client(config, server)
+
+
 def watch_events(
     config: Config, *, server: str | None, follow: bool | None, json_output: bool, since: int
 ) -> None:
@@ -220,13 +229,44 @@ def watch_events(
         finally:
             store.close()
 
+    several = bool(server and "," in server)
+
     async def watched(client: AdminClient) -> AsyncIterator[Event]:
-        """The running coordinator's events (and, following, those to come)."""
-        async for message in client.watch(since, follow=follow):
-            yield event_from_pb(message)
+        """The running coordinator's events (and, following, those to come).
+
+        Following several coordinators (``--server A,B``), a leader that goes away is not the
+        end: the stream resumes after the last event seen, from whichever coordinator leads
+        next (waited for up to :data:`TAKEOVER_WAIT_S`).
+        """
+        seq = since
+        while True:
+            try:
+                async for message in client.watch(seq, follow=follow):
+                    event = event_from_pb(message)
+                    seq = event.seq
+                    yield event
+                if not (follow and several):
+                    return
+                reason = "the coordinator ended the stream"
+            except ConnectError as exc:
+                if not (follow and several):
+                    raise
+                reason = exc.message
+            await client.close()
+            out.note(f"{reason}: following the next leader of {server}")
+
+            client = await retry_connect(
+                lambda: _connected(config, server),
+                timeout=TAKEOVER_WAIT_S,
+                on_retry=lambda message: None,  # the note above said what happens
+            )
+            clients[0] = client
+
+    clients: list[AdminClient | None] = [None]
 
     async def main() -> None:
         client = None if offline else admin_client(config, server)
+        clients[0] = client
         stream = recorded() if client is None else watched(client)
         live: Live | None = None
         if out.is_terminal and follow:
@@ -257,8 +297,8 @@ def watch_events(
         finally:
             if live is not None:
                 live.stop()
-            if client is not None:
-                await client.close()
+            if clients[0] is not None:
+                await clients[0].close()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())

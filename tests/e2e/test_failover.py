@@ -4,9 +4,12 @@ follow, and the job finishes."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import signal
 import socket
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,12 @@ from .conftest import Processes, flctl, one_json, wait_for
 pytestmark = pytest.mark.timeout(300)
 
 TINY_TASK = Path(__file__).resolve().parents[1] / "integration" / "tiny_task.py"
+
+
+def _json(url: str) -> dict[str, object]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        answer: dict[str, object] = json.loads(response.read())
+    return answer
 
 
 def _config(url: str, blobs: Path) -> str:
@@ -97,6 +106,10 @@ def test_the_standby_takes_over_a_killed_leader_and_the_job_finishes(
 
     # a client given both addresses joins the leader; a standby refuses with the leader's name
     processes.start("c1", "join", "--client-id", "c1", "--server", both, cwd=a)
+    # watchers given both addresses follow the take-over: the event lines of round watch, the
+    # dashboard's link to the leader
+    processes.start("watch", "round", "watch", "--follow", "--server", both, cwd=a)
+    processes.start("dashboard", "dashboard", "--address", "127.0.0.1:0", "--server", both, cwd=a)
     refused = flctl("round", "start", "--server", second, cwd=a)
     assert refused.returncode == 37, refused.stderr
     assert f"is a standby; the leader is {first}" in refused.stderr
@@ -127,6 +140,19 @@ def test_the_standby_takes_over_a_killed_leader_and_the_job_finishes(
         wait_for(lambda: committed() == 4, what="all four rounds commit", timeout=180)
         rounds = store.list_rounds()
         assert [r.status for r in rounds] == ["committed"] * 4
+        wait_for(
+            lambda: "round 4 committed" in processes.log("watch"),
+            what="round watch follows the new leader",
+            timeout=60,
+        )
+        assert f"following the next leader of {both}" in processes.log("watch")
+        dashboard = re.search(r"dashboard: (http://\S+)", processes.log("dashboard"))
+        assert dashboard is not None
+        wait_for(
+            lambda: _json(dashboard.group(1) + "healthz").get("leader") == second,
+            what="the dashboard follows the new leader",
+            timeout=60,
+        )
         # and a round started through both addresses goes to the new leader
         done = one_json(
             flctl("round", "start", "--server", both, "--wait", "--json", cwd=a, check=True).stdout
