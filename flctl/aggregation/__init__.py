@@ -24,7 +24,7 @@ from flctl.aggregation._outliers import Outlier, find_outliers
 from flctl.aggregation._private import PrivateStrategy, check_private
 from flctl.aggregation._registry import BUILTIN_STRATEGIES, make_strategy
 from flctl.aggregation._running import RunningSum, SumOverflowError
-from flctl.aggregation._secure import check_secure
+from flctl.aggregation._secure import MaskedSum, SecureMean, Unmasker, check_secure
 from flctl.aggregation._strategy import EvaluateResult, Param, Strategy, WeightedUpdate
 from flctl.aggregation._weights import cap_weights
 
@@ -44,14 +44,17 @@ __all__ = [
     "FedYogi",
     "Krum",
     "LocalDpFedAvg",
+    "MaskedSum",
     "MultiKrum",
     "Outlier",
     "Param",
     "PrivateStrategy",
     "RunningMean",
     "RunningSum",
+    "SecureMean",
     "Strategy",
     "SumOverflowError",
+    "Unmasker",
     "UpdateScorer",
     "WeightedUpdate",
     "cap_weights",

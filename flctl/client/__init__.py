@@ -11,6 +11,7 @@ from flctl.client._runner import (
     Runner,
     fetch_blob,
 )
+from flctl.client._secagg import SecAggParticipant, SecAggSend, exchange_keys, finish_unmasking
 from flctl.client._work import evaluate_client, fit_client
 
 __all__ = [
@@ -23,8 +24,12 @@ __all__ = [
     "PendingUpload",
     "PendingUploads",
     "Runner",
+    "SecAggParticipant",
+    "SecAggSend",
     "evaluate_client",
+    "exchange_keys",
     "fetch_blob",
+    "finish_unmasking",
     "fit_client",
     "proximal_term",
     "resolve_device",

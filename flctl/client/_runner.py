@@ -7,6 +7,10 @@ connect+Join --ok--> Tasks stream --task--> download (cache) -> fit -> upload --
      |   +-- refused (TLS, certificate, role, model mismatch) ---> exit non-zero
 ```
 
+A fit task of a round with secure aggregation (its config holds ``flctl.secagg``) runs the
+SecAgg stages around it (``_secagg.py``): keys are exchanged before the model is fetched, the
+update is uploaded as a masked input, and the unmasking request is answered after the upload.
+
 The session token is renewed (``RenewToken``) halfway through its lifetime, from the heartbeat
 loop: the session, its task stream and any transfer carry on. Our own certificate is checked
 before each connection: an expired one ends the client with "expired" (exit 21) instead of a
@@ -45,16 +49,18 @@ from flctl.core.errors import (
     NotFoundError,
     PermissionDeniedError,
     ProtocolMismatchError,
+    SecAggError,
     SessionConflictError,
     StandbyError,
     StorageFullError,
     TaskError,
     TransportError,
 )
-from flctl.core.work import Task
-from flctl.security import identity_from_pem
+from flctl.core.work import SecAggAnswer, Task
+from flctl.security import SECAGG_TASK_KEY, SecAggTask, identity_from_pem
 from flctl.store import BlobStore, WriteBehind
 from flctl.tensors import (
+    MASKED_ENCODING,
     UpdateEncoding,
     fingerprint,
     read_metadata,
@@ -87,6 +93,7 @@ from flctl.transport.grpc import (
 )
 
 from ._api import Client
+from ._secagg import SecAggParticipant, exchange_keys, finish_unmasking
 from ._work import evaluate_client, fit_client
 
 __all__ = ["ClientCache", "JoinOptions", "PendingUpload", "PendingUploads", "Runner", "fetch_blob"]
@@ -95,6 +102,10 @@ __all__ = ["ClientCache", "JoinOptions", "PendingUpload", "PendingUploads", "Run
 _UPLOAD_ATTEMPTS = 5
 #: How many ended tasks a runner remembers (a task is sent again within its round only).
 _FINAL_TASKS_KEPT = 256
+#: How many rounds' SecAgg parts a runner keeps (a task is sent again within its round only).
+_SECAGG_KEPT = 4
+#: Seconds a SecAgg stage call may wait beyond the round's deadline and the stage timeouts.
+_SECAGG_SLACK_S = 30.0
 #: The shortest time between two heartbeats sent early for a training's progress.
 _PROGRESS_HEARTBEAT_GAP_S = 1.0
 
@@ -400,6 +411,9 @@ class Runner:
         #: Tasks ended for good (update refused, limits exceeded), and why: a task sent again
         #: is answered with its failure, not trained and uploaded again to the same end.
         self._final: dict[str, str] = {}
+        #: this client's part in each recent round with secure aggregation, by task id: kept
+        #: across reconnections, so a task sent again carries on where it was
+        self._participants: dict[str, SecAggParticipant] = {}
         self._backoff = Backoff(cap=options.backoff_cap_s, rng=rng or random.Random())
         #: For downloads that fail their digest check: not reset by a join (the coordinator
         #: answers, it is what it serves that is wrong), only by a download that checks out.
@@ -797,6 +811,7 @@ class Runner:
     async def _fit(self, api: CoordinatorClient, reply: pb.JoinReply, task: Task) -> None:
         server_round = int(task.server_round)
         privacy, config = split_task(dict(task.config))
+        secagg = config.pop(SECAGG_TASK_KEY, None)
         refusal = privacy.refusal(self._options.privacy)
         if refusal is not None:
             # a privacy mismatch repeats every round: leave rather than upload against it
@@ -811,6 +826,9 @@ class Runner:
         if final is not None:
             self._pending.discard(task.task_id)
             self._set_state("failed", server_round, failure=final)
+            return
+        if secagg is not None:
+            await self._fit_secure(api, reply, task, str(secagg), privacy.is_local, config)
             return
         pending = self._pending.load(task.task_id)
         if pending is None:
@@ -891,6 +909,179 @@ class Runner:
             refused = f"the coordinator refused the update: {answer.reason}"
             self._remember_final(task.task_id, refused)
             self._emit("rejected", server_round=server_round, reason=answer.reason)
+
+    async def _fit_secure(
+        self,
+        api: CoordinatorClient,
+        reply: pb.JoinReply,
+        task: Task,
+        entry: str,
+        is_local_dp: bool,
+        config: dict[str, Any],
+    ) -> None:
+        """A fit task of a round with secure aggregation (see ``_secagg.py``).
+
+        Keys first (two stage calls), then the model, the fit and the masked input (uploaded
+        as any update, resumable), then the unmasking. A client the protocol leaves out (its
+        message refused, too late, the round failed) ends the task with the coordinator's
+        reason; one that sees the coordinator break the protocol ends it too.
+        """
+        server_round = int(task.server_round)
+        started = time.monotonic()
+        participant = self._participants.get(task.task_id)
+        if participant is None:
+            try:
+                if is_local_dp:
+                    raise SecAggError("the task asks for local DP and secure aggregation at once")
+                participant = self._new_participant(SecAggTask.from_json(entry), reply.client_id)
+            except SecAggError as exc:
+                self._secagg_out(task, f"cannot take part in secure aggregation: {exc.message}")
+                return
+            self._participants[task.task_id] = participant
+            while len(self._participants) > _SECAGG_KEPT:
+                del self._participants[next(iter(self._participants))]
+        send = self._secagg_sender(api, task, participant.task.stage_timeout_s)
+        try:
+            self._set_state("downloading", server_round)
+            why = await exchange_keys(participant, send)
+            if why is not None:
+                self._secagg_out(task, why)
+                return
+            if not participant.has_uploaded:
+                pending = self._pending.load(task.task_id)
+                if pending is None:
+                    pending = await self._masked_update(api, reply, task, participant, config)
+                    if pending is None:
+                        return  # the fit failed: reported, task ended
+                self._set_state("uploading", server_round)
+                chunk = int(reply.limits.max_chunk_bytes) or (1 << 20)
+                try:
+                    answer = await self._send(api, reply, pending, chunk)
+                except InvalidInputError as exc:
+                    self._pending.discard(task.task_id)
+                    self._emit("rejected", server_round=server_round, reason=exc.message)
+                    self._secagg_out(task, f"the coordinator refused the update: {exc.message}")
+                    return
+                self._pending.discard(task.task_id)
+                if not answer.accepted:
+                    self._emit("rejected", server_round=server_round, reason=answer.reason)
+                    self._secagg_out(task, f"the coordinator refused the update: {answer.reason}")
+                    return
+                participant.has_uploaded = True
+                participant.upload = (
+                    int(pending.header.num_examples),
+                    from_value_map(pending.header.metrics),
+                    int(pending.header.size),
+                )
+                self._emit("masked", server_round=server_round, size=int(pending.header.size))
+            self._set_state("idle", 0)
+            why = await finish_unmasking(participant, send)
+            if why is not None:
+                self._secagg_out(task, why)
+                return
+        except SecAggError as exc:
+            self._secagg_out(task, f"the coordinator broke the secure aggregation: {exc.message}")
+            return
+        if participant.refused_shares:
+            self._emit(
+                "shares_refused", server_round=server_round, senders=participant.refused_shares
+            )
+        self._set_state("idle", 0)
+        self.rounds_done += 1
+        num_examples, metrics, size = participant.upload
+        self._emit(
+            "uploaded",
+            server_round=server_round,
+            num_examples=num_examples,
+            metrics=metrics,
+            size=size,
+            seconds=round(time.monotonic() - started, 3),
+            secure=True,
+        )
+
+    def _new_participant(self, task: SecAggTask, client_id: str) -> SecAggParticipant:
+        """This client's part in a round's secure aggregation (a subclass may wrap it)."""
+        return SecAggParticipant(task, client_id)
+
+    def _secagg_sender(
+        self, api: CoordinatorClient, task: Task, stage_timeout_s: float
+    ) -> Callable[[str, bytes], Any]:
+        """The SecAgg stage calls of ``task``: each may wait for the stage to close."""
+
+        async def send(stage: str, payload: bytes) -> SecAggAnswer:
+            wait = max(0.0, task.deadline_unix - time.time()) + 2 * stage_timeout_s
+            reply = await api.secagg(
+                pb.SecAggMessage(
+                    server_round=task.server_round,
+                    task_id=task.task_id,
+                    stage=stage,
+                    payload=payload,
+                ),
+                timeout=wait + _SECAGG_SLACK_S,
+            )
+            return SecAggAnswer(reply.accepted, reply.reason, reply.stage, reply.payload)
+
+        return send
+
+    def _secagg_out(self, task: Task, reason: str) -> None:
+        """This client is out of the round's secure aggregation: the task ends, with why."""
+        server_round = int(task.server_round)
+        log.error("round %d: %s", server_round, reason)
+        self._participants.pop(task.task_id, None)
+        self._pending.discard(task.task_id)
+        self._emit("failed", server_round=server_round, reason=reason)
+        self._end_task(task.task_id, server_round, reason)
+
+    async def _masked_update(
+        self,
+        api: CoordinatorClient,
+        reply: pb.JoinReply,
+        task: Task,
+        participant: SecAggParticipant,
+        config: dict[str, Any],
+    ) -> PendingUpload | None:
+        """Fetch the model, fit, and write the masked input (kept for a resumed upload).
+
+        Returns None when the fit failed (reported, the task ended).
+        """
+        server_round = int(task.server_round)
+        model_path = await self._download(api, task.model_digest, server_round)
+        self._set_state("training", server_round)
+        try:
+            update_path, num_examples, metrics = await _in_daemon_thread(
+                self._train, model_path, config, None, self._training_progress(server_round)
+            )
+        except TaskError as exc:
+            trace = exc.details.get("traceback")
+            log.error("round %d: %s%s", server_round, exc.message, f"\n{trace}" if trace else "")
+            self._participants.pop(task.task_id, None)
+            self._emit("failed", server_round=server_round, reason=exc.message)
+            self._set_state("failed", server_round, failure=exc.message)
+            return None
+        masked = update_path.with_name(update_path.name + ".masked")
+        try:
+            await asyncio.to_thread(
+                participant.write_masked, model_path, update_path, num_examples, masked
+            )
+        except TaskError as exc:
+            self._secagg_out(task, exc.message)
+            return None
+        finally:
+            update_path.unlink(missing_ok=True)  # the plaintext update goes no further
+        try:
+            header = pb.UploadHeader(
+                server_round=server_round,
+                task_id=task.task_id,
+                num_examples=num_examples,
+                digest=await asyncio.to_thread(sha256_file, masked),
+                size=masked.stat().st_size,
+                codec="none",
+                encoding=MASKED_ENCODING,
+            )
+            to_value_map(header.metrics, metrics)
+            return self._pending.save(task.task_id, header, masked)
+        finally:
+            masked.unlink(missing_ok=True)
 
     async def _evaluate(self, api: CoordinatorClient, reply: pb.JoinReply, task: Task) -> None:
         """Evaluate the task's model with the task's ``evaluate``; report what it gave.

@@ -19,6 +19,10 @@ With ``[privacy]`` on, the strategy aggregates the round's private mean instead
 (:class:`~flctl.aggregation.PrivateStrategy`: DP-FedAvg's release for central DP, the mean of
 the clients' noised updates for local DP), and a central release is charged to the ledger as
 soon as it exists.
+
+With ``[secagg]`` on, there are no updates to read: the round's masked sum, unmasked, gives the
+weighted mean (:meth:`RoundAggregation.aggregate_secure`, with central DP's noise added to it
+and charged), which the strategy aggregates as its round's one update.
 """
 
 from __future__ import annotations
@@ -35,10 +39,13 @@ from flctl.aggregation import (
     AnomalyScores,
     DpFedAvg,
     LocalDpFedAvg,
+    MaskedSum,
     PrivateStrategy,
     RunningSum,
+    SecureMean,
     Strategy,
     SumOverflowError,
+    Unmasker,
     WeightedUpdate,
     cap_weights,
     find_outliers,
@@ -48,9 +55,15 @@ from flctl.core import Config
 from flctl.core import events as ev
 from flctl.core.dp import PRIVACY_PREFIX
 from flctl.core.errors import FlctlError, IntegrityError, RoundFailedError
-from flctl.privacy import SampledGaussianRound
+from flctl.privacy import SampledGaussianRound, noise_std
 from flctl.store import BlobStore, ModelRecord, SqlStore
-from flctl.tensors import FollowingHasher, load_parameters, save_parameters, sha256_file
+from flctl.tensors import (
+    FollowingHasher,
+    Quantizer,
+    load_parameters,
+    save_parameters,
+    sha256_file,
+)
 
 from ._events import EventLog
 from ._privacy_round import PrivacyRounds
@@ -91,7 +104,8 @@ class RoundAggregation:
         #: workers still scoring (a round's, and those of ended rounds finishing their scores)
         self._workers: set[asyncio.Task[None]] = set()
         #: how the last round aggregated: "incremental" (from the running sum), "whole" (every
-        #: update read at the end) or "private" (the strategy given the private mean)
+        #: update read at the end), "private" (the strategy given the private mean) or
+        #: "secure" (the unmasked mean of a secure round)
         self.last_mode = ""
 
     def sync_state(self) -> None:
@@ -539,6 +553,66 @@ class RoundAggregation:
                     ),
                 )
         return digest, state_digest, accepted, weights
+
+    async def aggregate_secure(
+        self,
+        server_round: int,
+        head: ModelRecord,
+        masked: MaskedSum,
+        *,
+        unmask: Unmasker,
+        quantizer: Quantizer,
+        num_inputs: int,
+        mechanism: SampledGaussianRound | None,
+        connected: int,
+    ) -> tuple[str, str, SecureMean]:
+        """Aggregate a secure round: its unmasked weighted mean, then the strategy on it.
+
+        Returns the new model's digest, its strategy state's digest ("": none) and what the
+        mean was made of. With central DP (``mechanism``) each client clipped its delta and
+        weighed it 1: the sum is divided by the round's fixed denominator and noised, and the
+        release is charged as soon as it is written, whatever happens next.
+        """
+        base = self._blobs.path(head.digest)
+        self._state_digest = None  # the strategy moves on; a round that fails reloads
+        self.last_mode = "secure"
+        denominator: float | None = None
+        std = 0.0
+        clip_norm = self._privacy.clip_norm()
+        if mechanism is not None:
+            denominator = self._privacy.denominator(connected)
+            std = noise_std(mechanism.noise_multiplier, clip_norm, denominator)
+        mean, handle = self._blobs.temp_file()
+        handle.close()
+        try:
+            info = await asyncio.to_thread(
+                masked.write_mean,
+                base,
+                mean,
+                unmask=unmask,
+                quantizer=quantizer,
+                num_inputs=num_inputs,
+                denominator=denominator,
+                noise_std=std,
+            )
+            if mechanism is not None:
+                # the noised mean exists: the round is spent, whether it commits or not
+                await self._privacy.charge(server_round, mechanism, clip_norm=clip_norm)
+            digest, state_digest = await asyncio.to_thread(self._aggregate_mean, base, mean)
+        finally:
+            mean.unlink(missing_ok=True)
+        return digest, state_digest, info
+
+    def _aggregate_mean(self, base: Path, mean: Path) -> tuple[str, str]:
+        """The strategy's model from the round's mean (a file it may take), stored."""
+        temp, handle = self._blobs.temp_file()
+        handle.close()
+        try:
+            self.strategy.aggregate_mean(base, mean, temp)
+            digest = self._blobs.commit_temp(temp, sha256_file(temp))
+        finally:
+            temp.unlink(missing_ok=True)
+        return digest, self._store_state()
 
     def committed(self, state_digest: str) -> None:
         """The round committed: the strategy holds the state recorded with the new version."""

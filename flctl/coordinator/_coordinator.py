@@ -23,6 +23,7 @@ from flctl.core.errors import ConfigError, ConflictError, FlctlError, IntegrityE
 from flctl.security import TokenSigner, identity_from_pem, load_credentials
 from flctl.store import BlobStore, ModelRecord, SqlStore, open_store
 from flctl.tensors import (
+    SecureLayout,
     TensorSpec,
     describe_spec_difference,
     fingerprint,
@@ -329,6 +330,10 @@ class Coordinator:
         else:  # a missing head: what task.py's model takes (a safetensors file, near enough)
             model_size = sum(spec.numel * 8 for spec in model_spec.values())
         max_update = config.transport.max_update_bytes or (model_size + model_size // 4 + (1 << 20))
+        if config.secagg.enabled and not config.transport.max_update_bytes:
+            # a masked input holds 4 or 8 bytes per float element, whatever the model's dtype
+            masked = 8 * SecureLayout.of(model_spec).num_elements + (1 << 20)
+            max_update = max(max_update, masked)
         limits = Limits(
             max_chunk_bytes=config.transport.max_chunk_bytes,
             max_update_bytes=max_update,
@@ -417,6 +422,8 @@ class Coordinator:
                 ),
                 "task": dict(config.task),
                 "seed": config.project.seed,
+                # recorded with every version these rounds make (models show)
+                **({"secagg": vars(config.secagg)} if config.secagg.enabled else {}),
             }
         )
         if self.in_process:

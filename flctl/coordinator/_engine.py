@@ -52,6 +52,16 @@ the round is charged as soon as one noised update has been accepted (at the late
 wait for updates ends, and at the next start for a round a crash interrupted:
 :meth:`charge_released`).
 
+With ``[secagg] enabled`` (docs/secagg.md) each round runs a :class:`SecAggRound`
+(``_secagg_round.py``) from the moment it selects: every fit task carries the round's SecAgg
+task, the clients' key stages run while they train, each accepted update is a masked input
+added to the round's masked sum, and once the wait ends the engine closes the masked inputs,
+collects the survivors' shares, and aggregates the unmasked mean (``aggregating``): the
+strategy, the gate and the commit are as without it. A round whose secure aggregation cannot
+go on (fewer than ``threshold`` share holders left at some stage) fails with the reason, and a
+restarted coordinator fails an open secure round instead of resuming it: its keys and shares
+were in memory only, so nothing of it can be unmasked.
+
 No round starts from a head model whose blob no longer hashes to its digest (or is missing):
 :class:`~flctl.coordinator._integrity.ModelCheck` hashes the head before it is first served,
 and each round queued meanwhile fails at once with its reason (which names the digest and the
@@ -98,11 +108,16 @@ from flctl.aggregation import (
 from flctl.core import Config
 from flctl.core import events as ev
 from flctl.core.dp import TaskPrivacy
-from flctl.core.errors import BudgetExhaustedError, FlctlError, RoundFailedError
-from flctl.core.work import Task
+from flctl.core.errors import (
+    BudgetExhaustedError,
+    FlctlError,
+    RoundFailedError,
+)
+from flctl.core.work import SecAggAnswer, Task
 from flctl.privacy import (
     SampledGaussianRound,
 )
+from flctl.security import SecAggSetup, SecAggTask
 from flctl.store import (
     BlobStore,
     LedgerRecord,
@@ -111,6 +126,7 @@ from flctl.store import (
     SqlStore,
     UpdateRecord,
 )
+from flctl.tensors import SecureLayout, read_spec
 
 from ._aggregation import RoundAggregation
 from ._evaluation import ClientEvaluation
@@ -123,6 +139,7 @@ from ._heads import Heads, PendingRollback
 from ._integrity import ModelCheck
 from ._privacy_round import PrivacyRounds
 from ._registry import Registry
+from ._secagg_round import SecAggRound
 from ._selection import Selection
 from ._tasks import build_task
 from ._uploads import PartialUploads
@@ -222,6 +239,9 @@ class RoundEngine:
         self._cancel: tuple[int, str] | None = None  # (round, reason) asked to end
         self.open: _OpenRound | None = None
         self.current: int | None = None
+        #: the running round's secure aggregation ([secagg] enabled), from selection to its end
+        self.secagg: SecAggRound | None = None
+        self._secagg_driver: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ control
 
@@ -269,8 +289,16 @@ class RoundEngine:
                 **open_round.fit_config.get(client_id, {}),
                 # the client applies these (local DP: clip and noise before upload)
                 **TaskPrivacy.of(self._config.privacy).task_entries(),
+                # secure aggregation: the round's setup and how the client masks its update
+                **self._secagg_entry(open_round.server_round),
             },
         )
+
+    def _secagg_entry(self, server_round: int) -> dict[str, Any]:
+        secagg = self.secagg
+        if secagg is None or secagg.server_round != server_round:
+            return {}
+        return secagg.entry()
 
     def evaluation_arrived(
         self,
@@ -321,9 +349,15 @@ class RoundEngine:
                 if record is None or record.server_round != server_round:
                     accepted = self._store.updates_for_round(server_round, status="accepted")
                     record = next((u for u in accepted if u.client_id == client_id), None)
-                if record is not None:
+                secagg = self.secagg
+                if secagg is not None and secagg.server_round == server_round:
+                    if record is not None and record.digest:
+                        secagg.masked_input_arrived(client_id, self._blobs.path(record.digest))
+                elif record is not None:
                     self._aggregation.update_accepted(server_round, record)
             self.open.changed.set()
+        if self.secagg is not None:
+            self.secagg.changed.set()  # a client went away, or its input arrived
         if self._evaluation.current is not None:
             self._evaluation.current.changed.set()
 
@@ -344,6 +378,36 @@ class RoundEngine:
         ):
             return
         open_round.refused.setdefault(client_id, reason)
+        if self.secagg is not None and self.secagg.server_round == server_round:
+            self.secagg.masked_input_refused(client_id, reason)
+            open_round.changed.set()
+
+    async def secagg_message(
+        self, client_id: str, server_round: int, task_id: str, stage: str, payload: bytes
+    ) -> SecAggAnswer:
+        """A client's message of a secure-aggregation stage (see :meth:`SecAggRound.message`)."""
+        secagg = self.secagg
+        if secagg is None or secagg.server_round != server_round:
+            return SecAggAnswer(False, f"round {server_round} has no secure aggregation running")
+        if secagg.tasks.get(client_id) != task_id:
+            return SecAggAnswer(
+                False, f"task {task_id[:16]!r} is not {client_id}'s task for round {server_round}"
+            )
+        return await secagg.message(client_id, stage, payload)
+
+    def secagg_upload(self, server_round: int) -> tuple[int, int] | None:
+        """The masked input's length and modulus bits, if ``server_round`` is a secure round."""
+        secagg = self.secagg
+        if secagg is None or secagg.server_round != server_round:
+            return None
+        return secagg.setup.num_elements, secagg.setup.modulus_bits
+
+    def secagg_refusal(self, server_round: int, client_id: str) -> str | None:
+        """Why ``client_id`` may not upload its masked input for ``server_round`` now."""
+        secagg = self.secagg
+        if secagg is None or secagg.server_round != server_round:
+            return f"round {server_round} has no secure aggregation running"
+        return secagg.upload_refusal(client_id)
 
     def refusal(self, client_id: str) -> str | None:
         """Why the open round refused ``client_id``'s update, if it did: None otherwise."""
@@ -444,6 +508,7 @@ class RoundEngine:
                 log.exception("round %d crashed", record.id, extra={"round": record.id})
                 self._fail(record.id, f"internal error: {type(exc).__name__}: {exc}")
             finally:
+                self._end_secagg(record.id)
                 self.open = None
                 self.current = None
                 self._cancel = None
@@ -541,6 +606,8 @@ class RoundEngine:
         fit_config = self._aggregation.configure_fit(server_round, selected)
         deadline = time.time() + rounds.deadline_s
         tasks = {client_id: uuid.uuid4().hex for client_id in selected}
+        if self._config.secagg.enabled:
+            self._start_secagg(server_round, head, tasks)
         model_size = self._blobs.size(head.digest)
         self.open = _OpenRound(
             server_round,
@@ -574,7 +641,136 @@ class RoundEngine:
             )
         for client_id in tasks:
             self._send_task(client_id)
+        if self.secagg is not None:
+            self._secagg_driver = asyncio.create_task(
+                self._drive_secagg(self.secagg), name=f"flctl-round-{server_round}-secagg"
+            )
         await self._finish_round(server_round, head, started, mechanism, len(connected))
+
+    # ------------------------------------------------------------------ secure aggregation
+
+    def _start_secagg(self, server_round: int, head: ModelRecord, tasks: dict[str, str]) -> None:
+        """Open the round's secure aggregation for the selected clients (before any task).
+
+        Raises:
+            SecAggThresholdError: Fewer than 2 clients were selected.
+        """
+        cfg = self._config.secagg
+        layout = SecureLayout.of(read_spec(self._blobs.path(head.digest)))
+        setup = SecAggSetup.create(
+            server_round,
+            list(tasks),
+            threshold=cfg.threshold,
+            num_shares=cfg.num_shares,
+            clip_range=cfg.clip_range,
+            quantization_bits=cfg.quantization_bits,
+            num_elements=layout.num_elements,
+        )
+        central = self._config.privacy.mode == "central"
+        task = SecAggTask(
+            setup,
+            max_weight=cfg.max_weight,
+            stage_timeout_s=cfg.stage_timeout_s,
+            clip_norm=self._privacy.clip_norm() if central else 0.0,
+        )
+        self.secagg = SecAggRound(
+            task=task,
+            tasks=tasks,
+            layout=layout,
+            events=self._events,
+            is_live=lambda client_id: self._is_live(client_id, server_round),
+            scratch=self._blobs.tmp_dir,
+        )
+        self._events.emit(self.secagg.started_event(), server_round=server_round)
+
+    def _is_live(self, client_id: str, server_round: int) -> bool:
+        """Whether ``client_id`` is connected and has not reported its task of the round failed."""
+        session = self._registry.get(client_id)
+        return session is not None and session.streaming and session.failed_round != server_round
+
+    async def _drive_secagg(self, secagg: SecAggRound) -> None:
+        """Run the key stages; then the wait for the masked inputs knows who is still in."""
+        server_round = secagg.server_round
+        try:
+            await secagg.run_key_stages(
+                lambda: self._stopping or self._cancelled(server_round) is not None
+            )
+        finally:
+            if self.open is not None and self.open.server_round == server_round:
+                self.open.changed.set()
+
+    def _end_secagg(self, server_round: int) -> None:
+        """The round ended: answer the clients still waiting, drop the masked sum."""
+        if self._secagg_driver is not None:
+            self._secagg_driver.cancel()
+            self._secagg_driver = None
+        secagg, self.secagg = self.secagg, None
+        if secagg is None:
+            return
+        reason = "it ended"
+        try:
+            record = self._store.get_round(server_round)
+            reason = record.status + (f" ({record.reason})" if record.reason else "")
+        except FlctlError:
+            pass
+        secagg.end(reason)
+
+    async def _aggregate_secure(
+        self,
+        server_round: int,
+        head: ModelRecord,
+        accepted: list[Any],
+        mechanism: SampledGaussianRound | None,
+        connected: int,
+    ) -> tuple[str, str, list[Any], list[int]]:
+        """Close the masked inputs, unmask with the survivors' shares, aggregate the mean.
+
+        Returns as :meth:`RoundAggregation.aggregate`: the model's and state's digests, the
+        updates in the sum (the survivors') and their claimed weights.
+
+        Raises:
+            SecAggError: Too few clients left to unmask (``SecAggThresholdError``), shares
+                that disagree, or a sum that still holds a mask.
+            RoundFailedError: Fewer than ``min_clients`` inputs are in the sum.
+        """
+        secagg = self.secagg
+        assert secagg is not None
+        await secagg.close_masked_input()
+        result = await secagg.run_unmask(lambda: self._stopping)
+        survivors = set(result.survivors)
+        accepted = [u for u in accepted if u.client_id in survivors]
+        need = self._config.rounds.min_clients
+        if result.num_inputs < need:
+            raise RoundFailedError(
+                f"secure aggregation has {result.num_inputs} masked inputs in its sum, fewer "
+                f"than min_clients ({need})"
+            )
+        try:
+            digest, state_digest, info = await self._aggregation.aggregate_secure(
+                server_round,
+                head,
+                secagg.sum,
+                unmask=result.unmask,
+                quantizer=secagg.quantizer,
+                num_inputs=result.num_inputs,
+                mechanism=mechanism,
+                connected=connected,
+            )
+        except FlctlError as exc:
+            secagg.fail_at(secagg.stage, exc.message)
+            raise
+        self._events.emit(
+            secagg.unmasked_event(info.total_weight, info.error_bound, info.noise_std),
+            server_round=server_round,
+        )
+        log.info(
+            "round %d: unmasked the sum of %d masked inputs (error bound %.3g)",
+            server_round,
+            result.num_inputs,
+            info.error_bound,
+            extra={"round": server_round},
+        )
+        return digest, state_digest, accepted, [int(u.num_examples) for u in accepted]
 
     def _send_task(self, client_id: str) -> None:
         open_round = self.open
@@ -668,6 +864,11 @@ class RoundEngine:
             return "coordinator restarted (the round's tasks were not recorded)"
         if self._config.privacy.mode != "off":
             return "coordinator restarted (rounds with differential privacy are not resumed)"
+        if self._config.secagg.enabled or record.config.get("secagg"):
+            return (
+                "coordinator restarted during secure aggregation: the round's keys and shares "
+                "were held in memory only, so nothing of it can be unmasked"
+            )
         if head is None or head.version != record.base_version:
             return "coordinator restarted (the head model moved)"
         accepted = self._store.updates_for_round(record.id, status="accepted")
@@ -712,6 +913,9 @@ class RoundEngine:
         if (reason := self._cancelled(server_round)) is not None:
             self._fail(server_round, reason, status="cancelled")
             return
+        if self.secagg is not None and self.secagg.failure is not None:
+            self._fail(server_round, self.secagg.failure)
+            return
         if self._stopping and len(accepted) < rounds.min_clients:
             self._fail(server_round, "coordinator stopped")
             return
@@ -737,9 +941,14 @@ class RoundEngine:
 
         self._status(server_round, "aggregating")
         aggregating = time.perf_counter()
-        digest, state_digest, accepted, weights = await self._aggregation.aggregate(
-            server_round, head, accepted, mechanism, connected
-        )
+        if self.secagg is not None:
+            digest, state_digest, accepted, weights = await self._aggregate_secure(
+                server_round, head, accepted, mechanism, connected
+            )
+        else:
+            digest, state_digest, accepted, weights = await self._aggregation.aggregate(
+                server_round, head, accepted, mechanism, connected
+            )
         aggregate_s = time.perf_counter() - aggregating
         gate = self._config.gate
         # the gate's first check: the aggregate of finite updates can still overflow
@@ -854,9 +1063,14 @@ class RoundEngine:
             now = time.time()
             wake_at = open_round.deadline
             outstanding = []
+            secagg = self.secagg
+            if secagg is not None and secagg.failure is not None:
+                return self._store.updates_for_round(server_round, status="accepted")
             for client_id in open_round.selected:
                 if client_id in reported:
                     continue
+                if secagg is not None and client_id in secagg.out:
+                    continue  # out of the secure aggregation: no masked input will count
                 session = self._registry.get(client_id)
                 if session is not None and session.streaming:
                     open_round.absent_since.pop(client_id, None)
@@ -871,6 +1085,8 @@ class RoundEngine:
             if open_round.target and len(reported) >= open_round.target:
                 # over-selection: the first N to report make the round
                 accepted = self._store.updates_for_round(server_round, status="accepted")
+                if secagg is not None:
+                    return accepted  # every masked input taken is in the sum
                 return sorted(accepted, key=lambda u: u.id)[: open_round.target]
             if (
                 not outstanding

@@ -5,7 +5,10 @@ simulate``), an update meets the same checks here, in this order: the header's f
 digest, codec, size, ``num_examples``, metrics), the round's state (open round, selection,
 task, finality of an earlier refusal, deadline, duplicates), room on the disk, then the bytes
 themselves as they stream in (tensor names, shapes, dtypes and finite values, against the
-model's; the announced size and digest). Refused updates are recorded (status rejected, with
+model's; the announced size and digest). In a round with secure aggregation an update is a
+masked input (``encoding`` "secagg", docs/secagg.md): a plain update is refused before any of
+its bytes is read, and a masked input is checked for the round's length and width only (its
+values are uniformly random by design). Refused updates are recorded (status rejected, with
 the reason) in ``updates`` and the event log; an accepted one lands in the blob store, the
 ``updates`` table and an ``update.accepted`` event in one transaction, and the round engine
 hears of it. An upload a stream left unfinished is kept (``PartialUploads``) for the client to
@@ -38,7 +41,15 @@ from flctl.core.errors import (
 )
 from flctl.core.work import UploadAnswer, UploadHeader, check_metrics
 from flctl.store import BlobStore, SqlStore, WriteBehind
-from flctl.tensors import StreamValidator, TensorSpec, UpdateEncoding, expected_update_spec
+from flctl.tensors import (
+    MASKED_ENCODING,
+    StreamValidator,
+    TensorSpec,
+    UpdateEncoding,
+    expected_update_spec,
+    masked_metadata,
+    masked_spec,
+)
 from flctl.transport import CODECS, Pipeline, decompress_chunk, negotiate_codecs
 from flctl.transport.grpc import RpcContext
 
@@ -212,9 +223,15 @@ class UpdateIntake:
             raise InvalidInputError(
                 f"num_examples must be between 1 and 2^40, not {header.num_examples}"
             )
-        encoding = UpdateEncoding.from_header(header.encoding, header.dtype, header.base_digest)
-        if encoding.base_digest:
-            self._blobs.check_digest(encoding.base_digest)
+        masked = header.encoding == MASKED_ENCODING
+        if masked:
+            if header.dtype or header.base_digest:
+                raise InvalidInputError("a masked input (encoding secagg) has no dtype or base")
+            encoding = None
+        else:
+            encoding = UpdateEncoding.from_header(header.encoding, header.dtype, header.base_digest)
+            if encoding.base_digest:
+                self._blobs.check_digest(encoding.base_digest)
         open_round = self._engine.open
         if open_round is None or open_round.server_round != header.server_round:
             current = open_round.server_round if open_round else "none"
@@ -226,7 +243,22 @@ class UpdateIntake:
             return f"task {header.task_id[:16]!r} is not this client's task for the round"
         if (refused := self._engine.refusal(client_id)) is not None:
             return f"refused: this task's update was refused, which is final ({refused})"
-        if encoding.base_digest and encoding.base_digest != open_round.base_digest:
+        secure = self._engine.secagg_upload(int(header.server_round)) is not None
+        if secure and not masked:
+            return (
+                f"round {header.server_round} uses secure aggregation: upload a masked input "
+                f"(encoding {MASKED_ENCODING!r}), never a plain update"
+            )
+        if masked and not secure:
+            raise InvalidInputError(
+                f"round {header.server_round} has no secure aggregation: a masked input is not "
+                "an update"
+            )
+        if (
+            encoding is not None
+            and encoding.base_digest
+            and encoding.base_digest != open_round.base_digest
+        ):
             return (
                 f"the delta is relative to model {encoding.base_digest[:12]}, not to round "
                 f"{header.server_round}'s model {open_round.base_digest[:12]}"
@@ -235,6 +267,8 @@ class UpdateIntake:
             return f"late: round {header.server_round}'s deadline has passed"
         if self._engine.has_reported(client_id):
             return f"duplicate: an update for round {header.server_round} was already accepted"
+        if masked:
+            return self._engine.secagg_refusal(int(header.server_round), client_id)
         return None
 
     def _record_of(self, header: UploadHeader, client_id: str) -> PartialUpload:
@@ -410,7 +444,28 @@ class UpdateIntake:
 
     def _update_format(self, record: PartialUpload) -> tuple[dict[str, TensorSpec], dict[str, str]]:
         """The tensors an update must hold in its encoding, and the metadata it must carry."""
-        encoding = UpdateEncoding.from_header(record.encoding, record.dtype, record.base_digest)
+        return self._format_of(
+            record.server_round, record.encoding, record.dtype, record.base_digest
+        )
+
+    def _format_of(
+        self, server_round: int, encoding_name: str, dtype: str, base_digest: str
+    ) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+        """The tensors and metadata of an update in this encoding (a masked input: its round's).
+
+        Raises:
+            InvalidInputError: A masked input for a round without secure aggregation running.
+        """
+        if encoding_name == MASKED_ENCODING:
+            secure = self._engine.secagg_upload(server_round)
+            if secure is None:
+                raise InvalidInputError(
+                    f"round {server_round} has no secure aggregation running: a masked input "
+                    "is not an update"
+                )
+            num_elements, modulus_bits = secure
+            return masked_spec(num_elements, modulus_bits), masked_metadata()
+        encoding = UpdateEncoding.from_header(encoding_name, dtype, base_digest)
         spec = expected_update_spec(self._model_spec, encoding.encoding, encoding.dtype)
         return spec, encoding.to_metadata()
 
@@ -598,9 +653,10 @@ class UpdateIntake:
             raise LimitExceededError(f"upload exceeds the {header.size} bytes its header announced")
         if size < header.size:
             raise InvalidInputError(f"the update holds {size} bytes of the {header.size} announced")
-        encoding = UpdateEncoding.from_header(header.encoding, header.dtype, header.base_digest)
-        spec = expected_update_spec(self._model_spec, encoding.encoding, encoding.dtype)
-        sink = _UpdateSink(spec, header.size, encoding.to_metadata())
+        spec, metadata = self._format_of(
+            int(header.server_round), header.encoding, header.dtype, header.base_digest
+        )
+        sink = _UpdateSink(spec, header.size, metadata)
         sink.replay(path, size)
         sink.finish(header.digest)
 

@@ -14,7 +14,9 @@ and uploads its update in protobuf messages, an in-process client here:
   checks, round state, tensor names, shapes, dtypes and finite values, size, digest), so an
   update a deployed coordinator would refuse is refused here, with the same reason;
 - reports a failed task or its evaluation as a deployed client does (:meth:`task_failed`,
-  :meth:`evaluation`).
+  :meth:`evaluation`);
+- in a round with secure aggregation, sends its stage messages (:meth:`secagg`) as a deployed
+  client calls the ``SecAgg`` RPC, and hands its masked input over as its update.
 
 No TLS and no protobuf: the process is the trust boundary.
 """
@@ -26,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from flctl.core.work import Task, UploadAnswer, UploadHeader
+from flctl.core.work import SecAggAnswer, Task, UploadAnswer, UploadHeader
 from flctl.store import BlobStore
 from flctl.transport.grpc import RpcContext
 
@@ -106,6 +108,18 @@ class LocalClients:
         """
         session.last_seen = time.time()
         return await self._service.intake.accept_file(header, path, session, _context(session))
+
+    async def secagg(
+        self, session: Session, task: Task, stage: str, payload: bytes
+    ) -> SecAggAnswer:
+        """Send the client's message of a secure-aggregation stage; answer once it closed.
+
+        Raises:
+            FlctlError: A field is malformed (as the RPC refuses it).
+        """
+        return await self._service.secagg_step(
+            session, task.server_round, task.task_id, stage, payload
+        )
 
     def task_failed(self, session: Session, server_round: int, reason: str) -> None:
         """The client's task of ``server_round`` failed with ``reason``."""

@@ -8,7 +8,9 @@ with a certificate out of its validity window, is refused first (:class:`Revocat
 open task stream, download or upload of an identity revoked, or whose certificate expired,
 meanwhile ends with the same refusal. A session token is renewed (``RenewToken``) without
 ending the session. In-process clients (``flctl simulate``) open their sessions and report
-through :meth:`CoordinatorService.open_local` and its neighbours (``_local.py``). The Admin
+through :meth:`CoordinatorService.open_local` and its neighbours (``_local.py``). A round with
+secure aggregation takes each client's stage messages through :meth:`CoordinatorService.secagg`
+(the round's :class:`~flctl.coordinator._secagg_round.SecAggRound` answers them). The Admin
 service's handlers are in ``_admin.py``.
 """
 
@@ -30,12 +32,13 @@ from flctl.core.errors import (
     AuthenticationError,
     FlctlError,
     InvalidInputError,
+    LimitExceededError,
     NotFoundError,
     ProtocolMismatchError,
     SessionConflictError,
 )
 from flctl.core.usercode import MAX_REASON_CHARS
-from flctl.core.work import Task, check_metrics
+from flctl.core.work import SecAggAnswer, Task, check_metrics
 from flctl.security import TokenSigner
 from flctl.store import (
     BlobStore,
@@ -84,6 +87,8 @@ _MAX_MODEL_SPEC_BYTES = 256 * 1024
 #: Downloads the coordinator serves at once; more wait their turn (uploads: ``_intake.py``).
 MAX_CONCURRENT_DOWNLOADS = 2
 _STATES = frozenset({"idle", "downloading", "training", "uploading", "failed"})
+#: The largest secure-aggregation stage message taken (its shares: about 200 bytes a neighbour).
+MAX_SECAGG_PAYLOAD = 16 << 20
 
 
 def _limits_pb(limits: Limits) -> pb.Limits:
@@ -433,6 +438,41 @@ class CoordinatorService:
             num_examples=num_examples,
             metrics=checked,
             failure=failure,
+        )
+
+    async def secagg(self, request: pb.SecAggMessage, ctx: RpcContext) -> pb.SecAggReply:
+        """Take a client's message of a secure-aggregation stage; answer once it closed."""
+        self._guard.admit(ctx, "SecAgg")
+        session = self._session(ctx, "SecAgg")
+        answer = await self.secagg_step(
+            session, int(request.server_round), request.task_id, request.stage, request.payload
+        )
+        return pb.SecAggReply(
+            accepted=answer.accepted,
+            reason=answer.reason,
+            stage=answer.stage,
+            payload=answer.payload,
+        )
+
+    async def secagg_step(
+        self, session: Session, server_round: int, task_id: str, stage: str, payload: bytes
+    ) -> SecAggAnswer:
+        """Check a secure-aggregation stage message's fields, then hand it to the round.
+
+        Raises:
+            InvalidInputError: A field is malformed or too large.
+        """
+        server_round = check_id("server_round", server_round)
+        task_id = bounded("task_id", task_id, 64)
+        stage = bounded("stage", stage, 32)
+        if len(payload) > MAX_SECAGG_PAYLOAD:
+            raise LimitExceededError(
+                f"a secure aggregation message of {len(payload)} bytes is over the "
+                f"{MAX_SECAGG_PAYLOAD} allowed"
+            )
+        session.last_seen = time.time()
+        return await self._engine.secagg_message(
+            session.client_id, server_round, task_id, stage, bytes(payload)
         )
 
     def open_local(

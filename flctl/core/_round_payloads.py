@@ -1,4 +1,4 @@
-"""Payloads of a round's events: its statuses, tasks, updates, evaluations and privacy charge."""
+"""Payloads of a round's events: statuses, tasks, updates, evaluations, privacy, SecAgg."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ __all__ = [
     "RoundResumed",
     "RoundStarted",
     "RoundStatus",
+    "SecAggFailed",
+    "SecAggStageClosed",
+    "SecAggStarted",
+    "SecAggUnmasked",
     "TaskSent",
     "UpdateAccepted",
     "UpdateClamped",
@@ -414,3 +418,82 @@ class PrivacyCharged(EventPayload):
     mechanism: str
     clip_norm: float
     next_clip_norm: float | None = optional_field()
+
+
+@dataclass(frozen=True)
+class SecAggStarted(EventPayload):
+    """A round's secure aggregation began: its public setup (docs/secagg.md).
+
+    Attributes:
+        participants: The selected clients, sorted.
+        threshold: ``t``: how many of a client's share holders rebuild its secrets.
+        num_neighbours: How many others each client shares with (``n - 1``: all).
+        quantization_bits: Bits per quantized value.
+        modulus_bits: 32 or 64: the masked inputs' integers.
+        num_elements: The masked vector's length.
+    """
+
+    type: ClassVar[str] = "secagg.started"
+    participants: Sequence[str]
+    threshold: int
+    num_neighbours: int
+    quantization_bits: int
+    modulus_bits: int
+    num_elements: int
+
+
+@dataclass(frozen=True)
+class SecAggStageClosed(EventPayload):
+    """A stage of a round's secure aggregation closed.
+
+    Attributes:
+        stage: ``advertise_keys``, ``share_keys``, ``masked_input`` or ``unmask``: the stage
+            whose messages the coordinator stopped waiting for.
+        live: The clients still in the protocol after it, sorted.
+        dropped: Each client that left at this stage, with why (it did not answer in time, its
+            message was refused, too few of its share holders remained).
+    """
+
+    type: ClassVar[str] = "secagg.stage"
+    stage: str
+    live: Sequence[str]
+    dropped: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class SecAggUnmasked(EventPayload):
+    """A round's masked sum was unmasked: the coordinator holds the sum, and no one update.
+
+    Attributes:
+        survivors: The clients whose masked inputs are in the sum, sorted.
+        dropouts: Each client that left the protocol, with the stage it left at.
+        refusals: Each client whose message was refused, with the reason.
+        total_weight: The sum of the survivors' weights.
+        error_bound: The largest error quantization can leave in an element of the mean.
+        noise_std: With central DP, the std of the noise added to each element of the mean;
+            written only when given.
+    """
+
+    type: ClassVar[str] = "secagg.unmasked"
+    survivors: Sequence[str]
+    dropouts: Mapping[str, str]
+    refusals: Mapping[str, str]
+    total_weight: float
+    error_bound: float
+    noise_std: float | None = optional_field()
+
+
+@dataclass(frozen=True)
+class SecAggFailed(EventPayload):
+    """A round's secure aggregation could not go on (too few clients left to unmask, ...).
+
+    Attributes:
+        stage: The stage it failed at.
+        reason: Why, one line (``round.failed`` says it too).
+        dropouts: Each client that left the protocol, with the stage it left at.
+    """
+
+    type: ClassVar[str] = "secagg.failed"
+    stage: str
+    reason: str
+    dropouts: Mapping[str, str]

@@ -36,6 +36,10 @@ from flctl.core._round_payloads import (
     RoundResumed,
     RoundStarted,
     RoundStatus,
+    SecAggFailed,
+    SecAggStageClosed,
+    SecAggStarted,
+    SecAggUnmasked,
     TaskSent,
     UpdateAccepted,
     UpdateClamped,
@@ -123,7 +127,15 @@ __all__ = [
     "RoundStarted",
     "RoundStatus",
     "SECURITY_REFUSED",
+    "SEC_AGG_FAILED",
+    "SEC_AGG_STAGE_CLOSED",
+    "SEC_AGG_STARTED",
+    "SEC_AGG_UNMASKED",
     "STORAGE_FULL",
+    "SecAggFailed",
+    "SecAggStageClosed",
+    "SecAggStarted",
+    "SecAggUnmasked",
     "SecurityRefused",
     "StorageFull",
     "TASK_SENT",
@@ -215,6 +227,14 @@ SECURITY_REFUSED = SecurityRefused.type
 PRIVACY_REFUSED = PrivacyRefused.type
 #: A round charged to the privacy ledger (:class:`PrivacyCharged`).
 PRIVACY_CHARGED = PrivacyCharged.type
+#: A round's secure aggregation began (:class:`SecAggStarted`).
+SEC_AGG_STARTED = SecAggStarted.type
+#: A stage of a round's secure aggregation closed, and who left at it (:class:`SecAggStageClosed`).
+SEC_AGG_STAGE_CLOSED = SecAggStageClosed.type
+#: A round's masked sum was unmasked (:class:`SecAggUnmasked`).
+SEC_AGG_UNMASKED = SecAggUnmasked.type
+#: A round's secure aggregation could not go on (:class:`SecAggFailed`).
+SEC_AGG_FAILED = SecAggFailed.type
 #: A tag names a (new) version (:class:`ModelTagged`).
 MODEL_TAGGED = ModelTagged.type
 #: A model file imported as a version, by ``flctl models import`` (:class:`ModelImported`).
@@ -304,6 +324,10 @@ EVENT_TYPES = frozenset(
         SECURITY_REFUSED,
         PRIVACY_REFUSED,
         PRIVACY_CHARGED,
+        SEC_AGG_STARTED,
+        SEC_AGG_STAGE_CLOSED,
+        SEC_AGG_UNMASKED,
+        SEC_AGG_FAILED,
         MODEL_TAGGED,
         MODEL_IMPORTED,
         MODEL_CORRUPT,

@@ -18,7 +18,7 @@ from typing import Literal
 from flctl.core.config import ConfigValue
 from flctl.core.errors import InvalidInputError, LimitExceededError
 
-__all__ = ["Task", "TaskKind", "UploadAnswer", "UploadHeader", "check_metrics"]
+__all__ = ["SecAggAnswer", "Task", "TaskKind", "UploadAnswer", "UploadHeader", "check_metrics"]
 
 #: What a task asks: train on the model ("fit") or score it ("evaluate").
 TaskKind = Literal["fit", "evaluate"]
@@ -101,6 +101,29 @@ class UploadAnswer:
     reason: str = ""
     upload_id: str = ""
     committed_offset: int = 0
+
+
+@dataclass(frozen=True)
+class SecAggAnswer:
+    """The coordinator's answer to a client's message of a secure-aggregation stage.
+
+    A client sends its message for a stage (docs/secagg.md); the answer comes once the
+    coordinator closed that stage, and carries the coordinator's message for the client's next
+    stage, as JSON bytes (``flctl.security``'s SecAgg wire form).
+
+    Attributes:
+        accepted: False when the client is out of the round's secure aggregation (its message
+            was refused, it came too late, the round failed): ``reason`` says why.
+        reason: Why not, in one line.
+        stage: The stage ``payload`` is for: ``share_keys``, ``masked_input``, ``unmask``, or
+            ``done`` (nothing more to do).
+        payload: The coordinator's message for that stage (empty for ``done``).
+    """
+
+    accepted: bool
+    reason: str = ""
+    stage: str = ""
+    payload: bytes = b""
 
 
 def check_metrics(

@@ -96,6 +96,17 @@ from flctl.security._secagg_messages import (
     UnmaskRequest,
 )
 from flctl.security._secagg_server import SecAggResult, SecAggServer
+from flctl.security._secagg_wire import (
+    SECAGG_TASK_KEY,
+    SecAggTask,
+    decode_key_advertisement,
+    decode_masked_input_request,
+    decode_share_keys_reply,
+    decode_share_keys_request,
+    decode_unmask_reply,
+    decode_unmask_request,
+    encode_message,
+)
 from flctl.security._shamir import SHAMIR_PRIME, ShamirShare, recover_secret, split_secret
 from flctl.security._tokens import MAX_TOKEN_LENGTH, TokenClaims, TokenSigner
 
@@ -116,6 +127,7 @@ __all__ = [
     "MaskTerm",
     "MaskedInputRequest",
     "Role",
+    "SECAGG_TASK_KEY",
     "SERVER_NAME",
     "SHAMIR_PRIME",
     "SecAggClient",
@@ -123,6 +135,7 @@ __all__ = [
     "SecAggServer",
     "SecAggSetup",
     "SecAggStage",
+    "SecAggTask",
     "ShamirShare",
     "ShareKeysReply",
     "ShareKeysRequest",
@@ -136,9 +149,16 @@ __all__ = [
     "check_key_matches",
     "check_public_key",
     "csr_identity",
+    "decode_key_advertisement",
+    "decode_masked_input_request",
+    "decode_share_keys_reply",
+    "decode_share_keys_request",
+    "decode_unmask_reply",
+    "decode_unmask_request",
     "decrypt_share",
     "derive_mask_seed",
     "derive_share_key",
+    "encode_message",
     "encrypt_share",
     "generate_ca",
     "generate_csr",

@@ -21,6 +21,15 @@ from flctl.tensors._encoding import (
     expected_update_spec,
 )
 from flctl.tensors._follow import FollowingHasher
+from flctl.tensors._masked import (
+    MASKED_ENCODING,
+    MASKED_TENSOR,
+    MaskedWriter,
+    SecureLayout,
+    iter_masked,
+    masked_metadata,
+    masked_spec,
+)
 from flctl.tensors._quantize import Quantizer
 from flctl.tensors._spec import (
     DTYPE_SIZES,
@@ -39,8 +48,12 @@ from flctl.tensors._validate import StreamValidator
 __all__ = [
     "DTYPE_SIZES",
     "FollowingHasher",
+    "MASKED_ENCODING",
+    "MASKED_TENSOR",
     "MAX_HEADER_BYTES",
+    "MaskedWriter",
     "Quantizer",
+    "SecureLayout",
     "StreamValidator",
     "TensorReader",
     "TensorSpec",
@@ -56,7 +69,10 @@ __all__ = [
     "encode_update",
     "expected_update_spec",
     "fingerprint",
+    "iter_masked",
     "load_parameters",
+    "masked_metadata",
+    "masked_spec",
     "read_metadata",
     "read_spec",
     "read_spec_bytes",

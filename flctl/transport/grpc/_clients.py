@@ -131,6 +131,18 @@ class CoordinatorClient(_Caller):
             )
         return reply
 
+    async def secagg(self, request: pb.SecAggMessage, *, timeout: float) -> pb.SecAggReply:
+        """Send a secure-aggregation stage's message; the reply comes once the stage closed.
+
+        ``timeout`` must cover the stage's wait on the coordinator (up to the round's deadline
+        for the masked input stage).
+        """
+        with map_rpc_errors():
+            reply: pb.SecAggReply = await self._stub.SecAgg(
+                request, metadata=self.metadata(), timeout=timeout
+            )
+        return reply
+
     async def tasks(self) -> AsyncIterator[Task]:
         """Follow the task stream until the coordinator ends it, as plain tasks.
 

@@ -124,6 +124,9 @@ class CoordinatorHandler(Protocol):
     ) -> pb.EvaluationReply:
         """Take the result of an evaluate task."""
 
+    async def secagg(self, request: pb.SecAggMessage, ctx: RpcContext) -> pb.SecAggReply:
+        """Take a client's message of a secure-aggregation stage; answer once it closed."""
+
 
 class AdminHandler(Protocol):
     """What the coordinator implements for the ``Admin`` service."""
@@ -346,6 +349,12 @@ class CoordinatorServicer(_Base, pb_grpc.CoordinatorServicer):
             lambda ctx: self._handler.report_evaluation(request, ctx),
             "ReportEvaluation",
             request,
+        )
+
+    async def SecAgg(self, request: Any, context: Any) -> pb.SecAggReply:  # noqa: N802
+        """See proto/flctl/v1/flctl.proto."""
+        return await self._unary(
+            context, lambda ctx: self._handler.secagg(request, ctx), "SecAgg", request
         )
 
 

@@ -31,6 +31,24 @@ TYPES = {
 
 #: One instance of each payload class, every optional key filled in.
 SAMPLES: list[ev.EventPayload] = [
+    ev.SecAggStarted(
+        participants=["c1", "c2", "c3"],
+        threshold=2,
+        num_neighbours=2,
+        quantization_bits=24,
+        modulus_bits=32,
+        num_elements=11,
+    ),
+    ev.SecAggStageClosed(stage="share_keys", live=["c1", "c2"], dropped={"c3": "no answer"}),
+    ev.SecAggUnmasked(
+        survivors=["c1", "c2"],
+        dropouts={"c3": "share_keys"},
+        refusals={},
+        total_weight=1.5,
+        error_bound=1e-7,
+        noise_std=0.01,
+    ),
+    ev.SecAggFailed(stage="unmask", reason="too few", dropouts={"c3": "unmask"}),
     ev.ClientEvicted(admin="admin", reason="misbehaving"),
     ev.ClientJoined(session_id="s1", is_replaced=True),
     ev.ClientLeft(reason="gone", admin="admin", is_expired=True),

@@ -501,6 +501,69 @@ class EvaluationReply(_message.Message):
 Global___EvaluationReply: _TypeAlias = EvaluationReply  # noqa: Y015
 
 @_typing.final
+class SecAggMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_ROUND_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    server_round: _builtins.int
+    task_id: _builtins.str
+    stage: _builtins.str
+    """advertise_keys | share_keys | masked_input (its masked input was accepted; waiting for the
+    unmasking) | unmask
+    """
+    payload: _builtins.bytes
+    """The stage's message as UTF-8 JSON (flctl.security's SecAgg wire form); empty for
+    masked_input.
+    """
+    def __init__(
+        self,
+        *,
+        server_round: _builtins.int = ...,
+        task_id: _builtins.str = ...,
+        stage: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "server_round", b"server_round", "stage", b"stage", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggMessage: _TypeAlias = SecAggMessage  # noqa: Y015
+
+@_typing.final
+class SecAggReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.bool
+    reason: _builtins.str
+    stage: _builtins.str
+    """The stage payload is for: share_keys | masked_input | unmask | done."""
+    payload: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        stage: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "payload", b"payload", "reason", b"reason", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggReply: _TypeAlias = SecAggReply  # noqa: Y015
+
+@_typing.final
 class DownloadRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -809,6 +872,7 @@ class RoundInfo(_message.Message):
     UPDATES_LISTED_FIELD_NUMBER: _builtins.int
     UPDATES_LEFT_OUT_FIELD_NUMBER: _builtins.int
     PHASES_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
     server_round: _builtins.int
     status: _builtins.str
     """queued | selecting | training | aggregating | evaluating | committed | failed | cancelled"""
@@ -836,6 +900,12 @@ class RoundInfo(_message.Message):
         bounded reply (round_ids, or limit).
         """
 
+    @_builtins.property
+    def secagg(self) -> Global___SecAggInfo:
+        """Its secure aggregation (absent for a round without it), for the rounds whose updates are
+        listed.
+        """
+
     def __init__(
         self,
         *,
@@ -851,14 +921,85 @@ class RoundInfo(_message.Message):
         updates_listed: _builtins.bool = ...,
         updates_left_out: _builtins.int = ...,
         phases: _abc.Iterable[Global___PhaseTime] | None = ...,
+        secagg: Global___SecAggInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "duration_s", b"duration_s", "metrics", b"metrics", "model_version", b"model_version", "num_clients", b"num_clients", "phases", b"phases", "reason", b"reason", "server_round", b"server_round", "status", b"status", "updates", b"updates", "updates_left_out", b"updates_left_out", "updates_listed", b"updates_listed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "duration_s", b"duration_s", "metrics", b"metrics", "model_version", b"model_version", "num_clients", b"num_clients", "phases", b"phases", "reason", b"reason", "secagg", b"secagg", "server_round", b"server_round", "status", b"status", "updates", b"updates", "updates_left_out", b"updates_left_out", "updates_listed", b"updates_listed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RoundInfo: _TypeAlias = RoundInfo  # noqa: Y015
+
+@_typing.final
+class SecAggInfo(_message.Message):
+    """A round's secure aggregation, from its secagg.* events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DroppedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    STAGE_FIELD_NUMBER: _builtins.int
+    PARTICIPANTS_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SURVIVORS_FIELD_NUMBER: _builtins.int
+    ERROR_BOUND_FIELD_NUMBER: _builtins.int
+    stage: _builtins.str
+    """The last stage that closed: advertise_keys | share_keys | masked_input | unmask ("" none)."""
+    participants: _builtins.int
+    threshold: _builtins.int
+    outcome: _builtins.str
+    """"unmasked", "failed" or "" (still running)."""
+    reason: _builtins.str
+    """Why it failed, when it did."""
+    survivors: _builtins.int
+    """The clients whose masked inputs are in the sum (unmasked)."""
+    error_bound: _builtins.float
+    """The largest error quantization can leave in an element of the mean (unmasked)."""
+    @_builtins.property
+    def dropped(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Each client that left the protocol: the stage it left at, and why."""
+
+    def __init__(
+        self,
+        *,
+        stage: _builtins.str = ...,
+        participants: _builtins.int = ...,
+        threshold: _builtins.int = ...,
+        dropped: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        outcome: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        survivors: _builtins.int = ...,
+        error_bound: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "error_bound", b"error_bound", "outcome", b"outcome", "participants", b"participants", "reason", b"reason", "stage", b"stage", "survivors", b"survivors", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggInfo: _TypeAlias = SecAggInfo  # noqa: Y015
 
 @_typing.final
 class PhaseTime(_message.Message):

@@ -76,6 +76,11 @@ class CoordinatorStub:
                 request_serializer=flctl_dot_v1_dot_flctl__pb2.EvaluationReport.SerializeToString,
                 response_deserializer=flctl_dot_v1_dot_flctl__pb2.EvaluationReply.FromString,
                 _registered_method=True)
+        self.SecAgg = channel.unary_unary(
+                '/flctl.v1.Coordinator/SecAgg',
+                request_serializer=flctl_dot_v1_dot_flctl__pb2.SecAggMessage.SerializeToString,
+                response_deserializer=flctl_dot_v1_dot_flctl__pb2.SecAggReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -147,6 +152,17 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAgg(self, request, context):
+        """One step of the round's secure aggregation (SecAgg+, docs/secagg.md), for a client whose
+        fit task carries the flctl.secagg entry: the client's message for a stage; the reply comes
+        once the coordinator closed that stage, with its message for the client's next stage. A
+        client the protocol left out (its message refused, too late, the round failed) gets
+        accepted=false with the reason. The masked input itself travels by BeginUpload/Upload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +205,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportEvaluation,
                     request_deserializer=flctl_dot_v1_dot_flctl__pb2.EvaluationReport.FromString,
                     response_serializer=flctl_dot_v1_dot_flctl__pb2.EvaluationReply.SerializeToString,
+            ),
+            'SecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAgg,
+                    request_deserializer=flctl_dot_v1_dot_flctl__pb2.SecAggMessage.FromString,
+                    response_serializer=flctl_dot_v1_dot_flctl__pb2.SecAggReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -409,6 +430,33 @@ class Coordinator:
             '/flctl.v1.Coordinator/ReportEvaluation',
             flctl_dot_v1_dot_flctl__pb2.EvaluationReport.SerializeToString,
             flctl_dot_v1_dot_flctl__pb2.EvaluationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flctl.v1.Coordinator/SecAgg',
+            flctl_dot_v1_dot_flctl__pb2.SecAggMessage.SerializeToString,
+            flctl_dot_v1_dot_flctl__pb2.SecAggReply.FromString,
             options,
             channel_credentials,
             insecure,
