@@ -773,6 +773,11 @@ def _check_secagg(path: Path, config: Config) -> None:
         )
     if not s.enabled:
         return
+    if config.rounds.min_clients < 2:
+        raise ConfigError(
+            f"{path}: `rounds.min_clients` ({config.rounds.min_clients}) must be at least 2 with "
+            "secure aggregation: the sum of one update is that update",
+        )
     why = "with `secagg.enabled` the coordinator sees only the sum of a round's updates"
     if config.strategy.exclude_outliers != "off":
         raise ConfigError(

@@ -155,6 +155,10 @@ def test_five_clients_commit_plain_fedavg_within_the_quantization_bound(project:
     (info,) = asyncio.run(run_round(config))
     assert info.status == "committed", info.reason
     assert info.num_clients == 5
+    # round status: the outcome, from the round's events
+    assert (info.secagg.outcome, info.secagg.survivors) == ("unmasked", 5)
+    assert (info.secagg.participants, info.secagg.threshold) == (5, 3)
+    assert dict(info.secagg.dropped) == {}
     events, base, head = recorded(config)
     types = [e.type for e in events]
     assert types.count("secagg.stage") == 3  # advertise_keys, share_keys, masked_input
@@ -187,6 +191,10 @@ def test_a_client_gone_after_key_sharing_and_one_after_upload_leave_the_right_su
     (info,) = asyncio.run(run_round(config, on_runner_event=on_event))
     assert info.status == "committed", info.reason
     assert info.num_clients == 4
+    assert dict(info.secagg.dropped) == {
+        "c2": "dropped at masked_input: no masked input in time",
+        "c5": "dropped at unmask",
+    }
     events, base, head = recorded(config)
     (unmasked,) = [e for e in events if e.type == "secagg.unmasked"]
     assert unmasked.data["survivors"] == ["c1", "c3", "c4", "c5"]
@@ -223,6 +231,7 @@ def test_too_many_dropouts_fail_the_round_with_the_reason(project: Project) -> N
     (info,) = asyncio.run(run_round(config, runner_for=runner_for))
     assert info.status == "failed"
     assert "cannot be unmasked: only 2 of" in info.reason
+    assert info.secagg.outcome == "failed" and info.secagg.reason in info.reason
     assert "the threshold is 3 (dropped: c3, c4, c5)" in info.reason
     events, _, head = recorded(config)
     assert head["version"] == 1  # nothing committed
@@ -382,3 +391,45 @@ def test_nothing_the_coordinator_writes_reveals_an_update(
     logged = {float(x) for x in re.findall(r"-?\d+\.\d{6,}(?:e-?\d+)?", caplog.text)}
     assert not logged & numbers
     assert "secure aggregation" in caplog.text  # the coordinator did log the round's stages
+
+
+def test_central_dp_noises_the_unmasked_sum_of_clipped_deltas(project: Project) -> None:
+    """Each client clips its delta to C with weight 1; the noise (std z*C/5) goes on the sum."""
+    clip, z = 0.01, 1.0
+    config = secure_project(
+        project,
+        task={"in_features": 2000},
+        privacy={
+            "mode": "central",
+            "clip_norm": clip,
+            "noise_multiplier": z,
+            "epsilon_budget": 1000.0,
+            "sampling": "fixed",
+            "population": 5,
+            "sample_size": 5,
+        },
+    )
+    (info,) = asyncio.run(run_round(config))
+    assert info.status == "committed", info.reason
+    events, base, head = recorded(config)
+    (charged,) = [e for e in events if e.type == "privacy.charged"]
+    assert charged.data["mechanism"] == "central" and charged.data["clip_norm"] == clip
+    (unmasked,) = [e for e in events if e.type == "secagg.unmasked"]
+    std = z * clip / 5
+    assert unmasked.data["noise_std"] == pytest.approx(std)
+    assert unmasked.data["total_weight"] == pytest.approx(5.0, abs=1e-5)  # weights 1 each
+    updates = plain_updates(config, base, CLIENTS)
+    names = sorted(n for n, t in base.items() if t.is_floating_point())
+    total = {n: torch.zeros_like(base[n], dtype=torch.float64) for n in names}
+    for params in updates.values():
+        delta = {n: params[n].double() - base[n].double() for n in names}
+        norm = float(sum((d * d).sum() for d in delta.values())) ** 0.5
+        assert norm > clip  # the clipping is at work
+        for n in names:
+            total[n] += delta[n] * (clip / norm)
+    residual = torch.cat(
+        [(head["weights"][n].double() - base[n].double() - total[n] / 5).reshape(-1) for n in names]
+    )
+    # what is left is the noise: its std, centred (4002 draws)
+    assert abs(residual.std().item() / std - 1) < 0.1
+    assert abs(residual.mean().item()) < 5 * std / len(residual) ** 0.5

@@ -48,6 +48,10 @@ def test_off_by_default_and_parsed(tmp_path: Path) -> None:
         ("[secagg]\nenabled = 1\n", "`secagg.enabled` must be true or false"),
         ("[secagg]\nshares = 3\n", "unknown key `secagg.shares`"),
         (
+            ON + "[rounds]\nmin_clients = 1\n",
+            "`rounds.min_clients` (1) must be at least 2 with secure aggregation",
+        ),
+        (
             ON + '[strategy]\nexclude_outliers = "flag"\n',
             'exclude_outliers = "flag"` cannot be combined with secure aggregation',
         ),
