@@ -384,6 +384,8 @@ def show_model(config: Config, ref: str) -> dict[str, Any]:
         "strategy": strategy,
         "strategy_state": strategy_state,
         "config": config_doc,
+        # the round that made it ran [secagg]: the coordinator only ever held its sum
+        "secure_aggregation": _secure_aggregation(config_doc),
         "config_hash": model.config_hash,
         "tensors": tensors,
         "size_bytes": path.stat().st_size if present else None,
@@ -415,6 +417,14 @@ def _round_rows(rnd: dict[str, Any]) -> list[tuple[str, str]]:
             line += f"; {mark}"
         rows.append((f"  {c['client_id']}", line))
     return rows
+
+
+def _secure_aggregation(config_doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``[secagg]`` settings a version's round ran with, or None without secure aggregation."""
+    section = config_doc.get("secagg")
+    if isinstance(section, dict) and section.get("enabled"):
+        return dict(section)
+    return None
 
 
 def _strategy_name(config_doc: dict[str, Any]) -> str | None:
@@ -459,6 +469,16 @@ def models_show(ref: RefArg, config_path: ConfigOpt = None, json_output: JsonOpt
         rows.append(("tensors", f"{tensors['count']} ({tensors['parameters']:,} parameters)"))
         rows.append(("size", _bytes(doc["size_bytes"])))
     rows.append(("strategy", doc["strategy"] or "-"))
+    secure = doc["secure_aggregation"]
+    if secure is not None:
+        shares = secure.get("num_shares") or "all"
+        rows.append(
+            (
+                "aggregation",
+                f"secure (SecAgg+: threshold {secure.get('threshold')}, {shares} neighbours, "
+                f"{secure.get('quantization_bits')} bits): no update was seen alone",
+            )
+        )
     state = doc["strategy_state"]
     if state is not None:
         if state["tensors"] is None:

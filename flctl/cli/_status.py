@@ -52,6 +52,8 @@ def round_status(
             row["updates"] = [update_doc(u) for u in info.updates]
             if info.updates_left_out:
                 row["updates_left_out"] = int(info.updates_left_out)
+        if info.HasField("secagg"):
+            row["secagg"] = _secagg_doc(info.secagg)
     if json_output:
         out.json(document)
         return document
@@ -79,11 +81,49 @@ def round_status(
     # Piped, stdout holds only the table; the open round's story is for the reader.
     for line in _explain(document["open_round"]):
         (out.line if out.is_terminal else out.note)(line)
+    for row in document["rounds"]:
+        for line in _secagg_lines(row):
+            (out.line if out.is_terminal else out.note)(line)
     if out.is_terminal:
         _print_updates(out, document["rounds"], is_asked=bool(round_ids))
     for warning in document["warnings"]:
         out.note(f"warning: {warning}")
     return document
+
+
+def _secagg_doc(info: Any) -> dict[str, Any]:
+    """A round's secure aggregation (``RoundInfo.secagg``) as JSON."""
+    return {
+        "stage": info.stage or None,
+        "participants": int(info.participants),
+        "threshold": int(info.threshold),
+        "dropped": dict(sorted(info.dropped.items())),
+        "outcome": info.outcome or None,
+        "reason": info.reason or None,
+        "survivors": int(info.survivors) if info.outcome == "unmasked" else None,
+        "error_bound": info.error_bound if info.outcome == "unmasked" else None,
+    }
+
+
+def _secagg_lines(row: dict[str, Any]) -> list[str]:
+    """A round's secure aggregation in words: its stage or outcome, and who dropped where."""
+    doc = row.get("secagg")
+    if doc is None:
+        return []
+    if doc["outcome"] == "unmasked":
+        what = (
+            f"unmasked the sum of {doc['survivors']} of {doc['participants']} clients "
+            f"(threshold {doc['threshold']}, error bound {doc['error_bound']:.2g})"
+        )
+    elif doc["outcome"] == "failed":
+        what = f"failed: {doc['reason']}"
+    else:
+        what = f"{doc['participants']} clients, threshold {doc['threshold']}; " + (
+            f"{doc['stage']} done" if doc["stage"] else "exchanging keys"
+        )
+    lines = [f"round {row['round']}: secure aggregation {what}"]
+    lines += [f"  {client_id}: {why}" for client_id, why in doc["dropped"].items()]
+    return lines
 
 
 def _print_updates(out: Output, rounds: list[dict[str, Any]], *, is_asked: bool) -> None:

@@ -82,6 +82,39 @@ def _event_message(event: Event) -> pb.Event:
     )
 
 
+#: The events that tell a round's secure aggregation (``RoundInfo.secagg``).
+_SECAGG_EVENTS = frozenset(
+    {ev.SEC_AGG_STARTED, ev.SEC_AGG_STAGE_CLOSED, ev.SEC_AGG_UNMASKED, ev.SEC_AGG_FAILED}
+)
+
+
+def _secagg_info(events: list[Event]) -> pb.SecAggInfo:
+    """A round's secure aggregation from its ``secagg.*`` events (oldest first)."""
+    info = pb.SecAggInfo()
+    for event in events:
+        data = event.data
+        if event.type == ev.SEC_AGG_STARTED:
+            info.participants = len(data.get("participants", []))
+            info.threshold = int(data.get("threshold", 0))
+        elif event.type == ev.SEC_AGG_STAGE_CLOSED:
+            info.stage = str(data.get("stage", ""))
+            for client_id, why in dict(data.get("dropped", {})).items():
+                info.dropped[client_id] = str(why)
+        elif event.type in (ev.SEC_AGG_UNMASKED, ev.SEC_AGG_FAILED):
+            if event.type == ev.SEC_AGG_UNMASKED:
+                info.outcome = "unmasked"
+                info.stage = "unmask"
+                info.survivors = len(data.get("survivors", []))
+                info.error_bound = float(data.get("error_bound", 0.0))
+            else:
+                info.outcome = "failed"
+                info.reason = str(data.get("reason", ""))
+            for client_id, stage in dict(data.get("dropouts", {})).items():
+                if client_id not in info.dropped:
+                    info.dropped[client_id] = f"dropped at {stage}"
+    return info
+
+
 def _varint_size(value: int) -> int:
     return max(1, (value.bit_length() + 6) // 7)
 
@@ -190,6 +223,11 @@ class AdminService:
         else:
             listed = [r for r in reply.rounds if r.status != "queued"][-1:]
         self._list_updates(reply, listed[::-1])
+        secure = self._store.round_events([int(r.server_round) for r in listed], _SECAGG_EVENTS)
+        for info in listed:
+            found = secure.get(int(info.server_round))
+            if found:
+                info.secagg.CopyFrom(_secagg_info(found))
         return reply
 
     def _list_updates(self, reply: pb.StatusReply, rounds: list[pb.RoundInfo]) -> None:

@@ -9,6 +9,13 @@ deadlines, over-selection, quorum, retries and the gate work as in deployment: t
 not know its clients are virtual. The rounds it queues record ``simulation`` in their config
 (round status, the store), and their ``round.queued`` events name ``simulate`` as the admin.
 
+With ``[secagg] enabled`` each virtual client runs its part of the round's secure aggregation
+in the dispatcher, as a deployed client does over the network (``flctl.client``'s SecAgg
+stages, through the in-process transport): it exchanges keys, its worker trains, the
+dispatcher masks the update and hands the masked input over, and the client answers the
+unmasking. The coordinator sees only masked inputs and their sum, as in deployment; the
+plaintext update exists in the simulation's own update folder until it is masked.
+
 Heterogeneity (``[simulation]``): a selected client drops out with ``dropout_rate`` (its task
 fails: the engine stops waiting for it, as for a deployed client whose training fails); a
 ``straggler_fraction`` of the others upload ``straggler_delay_s`` late. Who drops out or straggles
@@ -35,13 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from flctl.client import SecAggParticipant, exchange_keys, finish_unmasking
 from flctl.coordinator import Coordinator
 from flctl.core import Config
 from flctl.core import events as ev
-from flctl.core.errors import ConfigError, ConflictError, FlctlError, NotFoundError
+from flctl.core.errors import ConfigError, ConflictError, FlctlError, NotFoundError, SecAggError
 from flctl.core.events import Event
-from flctl.core.work import Task, UploadHeader
+from flctl.core.work import SecAggAnswer, Task, UploadHeader
+from flctl.security import SECAGG_TASK_KEY, SecAggTask
 from flctl.store import open_store, require_state
+from flctl.tensors import MASKED_ENCODING, sha256_file
 
 from ._worker import WorkerSetup
 
@@ -264,7 +274,8 @@ class _Dispatcher:
             "partition_id": self._partition[client_id],
             "model": str(self._local.model_path(task.model_digest)),
             "model_digest": task.model_digest,
-            "config": dict(task.config),
+            # the round's SecAgg setup is the dispatcher's, not the task's fit's
+            "config": {k: v for k, v in task.config.items() if k != SECAGG_TASK_KEY},
         }
         if task.kind == "evaluate":
             answer = await self._backend.run(job)
@@ -289,6 +300,10 @@ class _Dispatcher:
             )
             return
         straggles = rng.random() < self._sim.straggler_fraction
+        entry = task.config.get(SECAGG_TASK_KEY)
+        if entry is not None:
+            await self._serve_secure(session, task, job, str(entry), straggles)
+            return
         answer = await self._backend.run(job)
         self._count(task.server_round, 0, float(answer.get("seconds", 0.0)))
         self._count(task.server_round, 1)
@@ -322,6 +337,70 @@ class _Dispatcher:
                 )
         finally:
             path.unlink(missing_ok=True)
+
+    async def _serve_secure(
+        self, session: Any, task: Task, job: dict[str, Any], entry: str, straggles: bool
+    ) -> None:
+        """A fit task of a round with secure aggregation, as a deployed client runs it."""
+        server_round = task.server_round
+
+        async def send(stage: str, payload: bytes) -> SecAggAnswer:
+            return await self._local.secagg(session, task, stage, payload)
+
+        def out(reason: str) -> None:
+            self._local.task_failed(session, server_round, reason)
+
+        try:
+            participant = SecAggParticipant(SecAggTask.from_json(entry), job["client_id"])
+            why = await exchange_keys(participant, send)
+            if why is not None:
+                out(why)
+                return
+            answer = await self._backend.run(job)
+            self._count(server_round, 0, float(answer.get("seconds", 0.0)))
+            self._count(server_round, 1)
+            if not answer["ok"]:
+                out(str(answer["reason"]))
+                return
+            path = Path(answer["path"])
+            masked = path.with_name(path.name + ".masked")
+            try:
+                await asyncio.to_thread(
+                    participant.write_masked,
+                    Path(job["model"]),
+                    path,
+                    int(answer["num_examples"]),
+                    masked,
+                )
+            finally:
+                path.unlink(missing_ok=True)  # the plaintext update goes no further
+            try:
+                if straggles:
+                    self._count(server_round, 3)
+                    await asyncio.sleep(self._sim.straggler_delay_s)
+                header = UploadHeader(
+                    server_round=server_round,
+                    task_id=task.task_id,
+                    digest=await asyncio.to_thread(sha256_file, masked),
+                    size=masked.stat().st_size,
+                    num_examples=int(answer["num_examples"]),
+                    metrics=answer["metrics"],
+                    codec="none",
+                    encoding=MASKED_ENCODING,
+                )
+                reply = await self._local.upload(session, header, masked)
+            finally:
+                masked.unlink(missing_ok=True)
+            if not reply.accepted:
+                return  # late or duplicate, as for any update
+            why = await finish_unmasking(participant, send)
+            if why is not None:
+                out(why)
+        except FlctlError as exc:  # refused, or the coordinator broke the protocol
+            reason = exc.message
+            if isinstance(exc, SecAggError):
+                reason = f"secure aggregation: {reason}"
+            out(reason)
 
 
 async def simulate(
