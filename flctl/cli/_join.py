@@ -193,6 +193,14 @@ def join(args: JoinArgs) -> int:
                 f"({details['num_examples']} examples, {details['size']} bytes, "
                 f"{details['seconds']:.2f} s{', ' + metrics if metrics else ''})"
             )
+        elif kind == "masked":
+            text = (
+                f"round {details['server_round']}: masked input accepted "
+                f"({details['size']} bytes); waiting for the unmasking"
+            )
+        elif kind == "shares_refused":
+            senders = ", ".join(f"{k} ({v})" for k, v in sorted(details["senders"].items()))
+            text = f"round {details['server_round']}: refused the SecAgg shares of {senders}"
         elif kind == "rejected":
             text = f"round {details['server_round']}: update refused: {details['reason']}"
         elif kind == "failed":

@@ -138,6 +138,7 @@ fit_sleep_s = 3.0
     assert f"round {done['round']}: secure aggregation unmasked the sum of 3 of 3" in (
         text.stdout + text.stderr
     )
+    assert "masked input accepted" in processes.log("c1")  # what the data owner sees
     assert processes.stop("coordinator-2") == 0
     head = one_json(flctl("models", "show", "head", "--json", cwd=proj, check=True).stdout)
     assert head["secure_aggregation"]["enabled"] is True
