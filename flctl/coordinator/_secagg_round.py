@@ -115,6 +115,8 @@ class SecAggRound:
         self.out: dict[str, str] = {}
         #: the stage each out client left at (for the events and round status)
         self._left_at: dict[str, SecAggStage] = {}
+        #: clients whose message was refused, with the reason (the protocol's own refusals too)
+        self._refused: dict[str, str] = {}
         self._closed = {stage: asyncio.Event() for stage in _NEXT}
         self._closed[SecAggStage.UNMASK] = asyncio.Event()
         self._answered: dict[SecAggStage, dict[str, bytes]] = {stage: {} for stage in _NEXT}
@@ -252,6 +254,7 @@ class SecAggRound:
     def _refuse(self, client_id: str, stage: SecAggStage, reason: str) -> SecAggAnswer:
         """Put ``client_id`` out of the protocol for a message that broke it."""
         why = f"its {stage.value} message was refused: {reason}"
+        self._refused.setdefault(client_id, reason)
         self._leave(client_id, stage, why)
         log.warning(
             "round %d: secure aggregation refused %s's %s message: %s",
@@ -390,6 +393,7 @@ class SecAggRound:
     def masked_input_refused(self, client_id: str, reason: str) -> None:
         """A malformed masked input (wrong length, bad bytes): its sender is out."""
         if client_id in self.tasks and not self._inputs_closed:
+            self._refused.setdefault(client_id, f"masked input refused: {reason}")
             self._leave(client_id, SecAggStage.MASKED_INPUT, f"masked input refused: {reason}")
             self.changed.set()
 
@@ -462,7 +466,7 @@ class SecAggRound:
         return ev.SecAggUnmasked(
             survivors=list(self.result.survivors),
             dropouts=self.dropouts,
-            refusals={c: why for c, why in sorted(self.out.items()) if "refused" in why},
+            refusals=dict(sorted({**self._server.refusals, **self._refused}.items())),
             total_weight=round(total_weight, 9),
             error_bound=error_bound,
             noise_std=noise_std or None,
