@@ -40,9 +40,9 @@ __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "check_schema", "init_schema", "migra
 #: running round survive a restart). 6: models.state_digest (the strategy's state with each
 #: version) and rounds.fit_config (the strategy's per-client fit config). 7: updates.scores,
 #: outlier and excluded (Byzantine detection). 8: leadership, leaders, coordinators and
-#: events.epoch (standby coordinators on a shared database). 9: the index of events by type
-#: and seq (a page of one type without scanning the log). Older databases are migrated when
-#: opened.
+#: events.epoch (standby coordinators on a shared database). 9: events indexed by (type, seq)
+#: and (server_round, type) (a page of one type, some types of some rounds, without scanning
+#: the log). Older databases are migrated when opened.
 SCHEMA_VERSION = 9
 SCHEMA_KEY = "schema_version"
 STORE_ID_KEY = "store_id"
@@ -136,7 +136,7 @@ def _migrate_7_to_8(session: Session) -> None:
 
 
 def _migrate_8_to_9(session: Session) -> None:
-    """Index events by (type, seq): a page of one type reads the index, not the whole log."""
+    """Index events by (type, seq) and (server_round, type): pages and rounds from indexes."""
     for index in TableBase.metadata.tables[EventRow.__tablename__].indexes:
         index.create(session.connection(), checkfirst=True)
 

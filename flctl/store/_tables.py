@@ -156,8 +156,13 @@ class EventRow(TableBase, table=True):
     """One entry of the event log."""
 
     __tablename__ = "events"
-    #: A page of one type, newest first, from the index (schema 9): the dashboard's filters.
-    __table_args__ = (Index("ix_events_type_seq", "type", "seq"),)
+    #: Schema 9: a page of one type, newest first, from (type, seq) (the dashboard's filters);
+    #: some types of some rounds (their phases, their secure aggregation) from
+    #: (server_round, type), however many events each round has.
+    __table_args__ = (
+        Index("ix_events_type_seq", "type", "seq"),
+        Index("ix_events_round_type", "server_round", "type"),
+    )
 
     seq: int | None = Field(default=None, primary_key=True)
     time: float
