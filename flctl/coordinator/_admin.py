@@ -211,7 +211,7 @@ class AdminService:
             open_round=self._open_round(),
             warnings=[self._engine.storage_warning[1]] if self._engine.storage_warning else [],
         )
-        if ids is not None or limit is not None:  # a bounded reply: each round's phases
+        if (ids is not None or limit is not None) and not request.without_phases:
             marks = self._store.round_events(
                 [int(r.server_round) for r in reply.rounds], ev.PHASE_EVENT_TYPES
             )

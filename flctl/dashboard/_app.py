@@ -220,7 +220,7 @@ def create_app(
     async def overview(request: Request) -> Any:
         async def read(client: AdminClient) -> Any:
             status, clients, events, privacy = await asyncio.gather(
-                client.status(limit=100),
+                client.status(limit=100, phases=False),
                 client.list_clients(),
                 client.list_events(limit=12),
                 client.list_events(limit=1, type_filter=PRIVACY_CHARGED),
@@ -302,7 +302,7 @@ def create_app(
 
     async def clients(request: Request) -> Any:
         async def read(client: AdminClient) -> Any:
-            return await asyncio.gather(client.list_clients(), client.status(limit=1))
+            return await asyncio.gather(client.list_clients(), client.status(limit=1, phases=False))
 
         listed, status = await source.read("clients", read)
         live = {}

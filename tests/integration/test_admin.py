@@ -217,6 +217,14 @@ def test_rollback_with_no_round_open_moves_head_and_the_next_round_starts_from_i
             status = await _wait_rounds(client, ids)
             assert [r.status for r in status.rounds] == ["committed"] * 2
             assert status.head_version == 3
+            # each round's phases, from its events; left out when not asked for
+            paged = await client.status(limit=2)
+            assert all(
+                {p.phase for p in r.phases} >= {"training", "aggregating"} for r in paged.rounds
+            )
+            assert all(p.seconds >= 0 for r in paged.rounds for p in r.phases)
+            bare = await client.status(limit=2, phases=False)
+            assert [len(r.phases) for r in bare.rounds] == [0, 0]
             v1 = store.get_model(1)
 
             reply = await client.rollback("1", reason="round 2 overfit")

@@ -344,6 +344,7 @@ class AdminClient(_Caller):
         *,
         limit: int = 0,
         before_round: int = 0,
+        phases: bool = True,
         timeout: float = 30.0,
     ) -> pb.StatusReply:
         """Describe rounds (all, or ``round_ids``) and the head model.
@@ -353,10 +354,14 @@ class AdminClient(_Caller):
         anomaly scores and outlier verdicts (``RoundInfo.updates``, ``UpdateInfo``), and
         ``updates_left_out`` counts those past the reply's size budget. Without ``round_ids``,
         ``limit`` pages: the newest ``limit`` rounds below ``before_round`` (0: the newest);
-        ``rounds_total`` counts them all.
+        ``rounds_total`` counts them all; ``phases=False`` leaves out each round's phase
+        durations.
         """
         request = pb.StatusRequest(
-            round_ids=round_ids or [], limit=limit, before_round=before_round
+            round_ids=round_ids or [],
+            limit=limit,
+            before_round=before_round,
+            without_phases=not phases,
         )
         reply: pb.StatusReply = await self._call(self._stub.Status, request, timeout)
         return reply

@@ -813,9 +813,12 @@ class StatusRequest(_message.Message):
     ROUND_IDS_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     BEFORE_ROUND_FIELD_NUMBER: _builtins.int
+    WITHOUT_PHASES_FIELD_NUMBER: _builtins.int
     limit: _builtins.int
     """Without round_ids: only the newest `limit` rounds (0: all), below before_round when set."""
     before_round: _builtins.int
+    without_phases: _builtins.bool
+    """Leave out each round's phases (RoundInfo.phases): a reader that does not show them."""
     @_builtins.property
     def round_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """0: all rounds; otherwise only these."""
@@ -826,10 +829,11 @@ class StatusRequest(_message.Message):
         round_ids: _abc.Iterable[_builtins.int] | None = ...,
         limit: _builtins.int = ...,
         before_round: _builtins.int = ...,
+        without_phases: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_round", b"before_round", "limit", b"limit", "round_ids", b"round_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_round", b"before_round", "limit", b"limit", "round_ids", b"round_ids", "without_phases", b"without_phases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
