@@ -141,8 +141,9 @@ class EventHub:
             except asyncio.CancelledError:
                 raise
             except FlctlError as exc:
+                if exc.message != self.error:  # once per new reason, not at every retry
+                    log.warning("dashboard: event stream: %s", exc.message)
                 self._set_link(False, exc.message)
-                log.warning("dashboard: event stream: %s", exc.message)
                 await self._source.reset()
             except Exception as exc:  # the loop must outlive any one failure
                 self._set_link(False, f"unexpected error: {exc}")

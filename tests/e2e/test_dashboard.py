@@ -150,6 +150,13 @@ def test_a_wrong_server_shows_a_clear_error_and_bad_input_is_refused(
     log = processes.log("dashboard")
     assert "Traceback" not in log and "refused action evict" in log
 
+    # a certificate the project does not have: the page says which, in words
+    processes.stop("dashboard")
+    base = _dashboard(processes, proj, "--admin", "nobody", "--server", "127.0.0.1:9")
+    status, body = _get(f"{base}api/overview")
+    assert status >= 400 and "nobody.crt not found" in body["error"]
+    assert processes.log("dashboard").count("nobody.crt not found") == 1  # said once
+
     refused = flctl("dashboard", "--address", "0.0.0.0:0", cwd=proj)
     assert refused.returncode != 0 and "HTTPS" in refused.stderr
     assert "Traceback" not in refused.stderr
