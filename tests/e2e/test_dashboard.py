@@ -7,6 +7,7 @@ downloads one.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import urllib.request
@@ -21,7 +22,8 @@ from .conftest import Processes, flctl, one_json, serve, wait_for
 pytestmark = pytest.mark.timeout(300)
 
 TINY_TASK = Path(__file__).resolve().parents[1] / "integration" / "tiny_task.py"
-CHROMIUM = "/usr/bin/chromium"
+# Debian's package; elsewhere point FLCTL_CHROMIUM at a Chromium or Chrome binary
+CHROMIUM = os.environ.get("FLCTL_CHROMIUM", "/usr/bin/chromium")
 
 
 def _project(tmp_path: Path) -> Path:
