@@ -100,10 +100,10 @@ def wait_for(predicate, timeout: float = 120, step: float = 0.1, what: str = "co
     raise AssertionError(f"{what} not met within {timeout} s")
 
 
-def serve(processes: Processes, name: str, proj: Path) -> tuple[int, str]:
-    """Start ``flctl serve`` on a free loopback port in ``proj``; its pid and address once it
-    listens (its serve.json names it)."""
-    proc = processes.start(name, "serve", "--address", "127.0.0.1:0", "--no-tui", cwd=proj)
+def serve(processes: Processes, name: str, proj: Path, *args: str) -> tuple[int, str]:
+    """Start ``flctl serve`` (with ``args``) on a free loopback port in ``proj``; its pid and
+    address once it listens (its serve.json names it)."""
+    proc = processes.start(name, "serve", "--address", "127.0.0.1:0", "--no-tui", *args, cwd=proj)
     serve_file = proj / ".flctl" / "serve.json"
 
     def ready() -> dict[str, Any] | None:

@@ -114,7 +114,9 @@ def test_operating_a_coordinator_through_a_pipe(tmp_path: Path, processes: Proce
     flctl("init", "p", cwd=tmp_path, check=True)
     proj = tmp_path / "p"
     flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
-    serve(processes, "coordinator", proj)
+    # no client joins: round 1 waits for its quorum to the end, so the coordinator must not
+    # wait --drain-timeout for it when it is stopped
+    serve(processes, "coordinator", proj, "--drain-timeout", "0")
 
     started = flctl("round", "start", "--rounds", "2", cwd=proj, check=True)
     assert started.stdout == "queued rounds 1, 2\n"
