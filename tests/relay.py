@@ -126,8 +126,14 @@ class Relay:
             self._cond.notify_all()
 
     def close(self) -> None:
+        """Stop relaying and end every connection at once, both ends, as a process that dies
+        ends its own: shut down first, since a socket closed while a pump thread waits in
+        recv on it stays connected until that recv returns (the coordinator would hear of a
+        killed client only when its heartbeat timeout runs out)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
