@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,16 @@ def _rounds(processes: Processes, coordinator: str, proj: Path, count: int) -> d
     return {int(r["round"]): int(r["model_version"]) for r in rounds}
 
 
+def _life(
+    processes: Processes, coordinator: str, client: str, proj: Path, count: int
+) -> tuple[int, dict[int, int]]:
+    """Serve ``proj``, join c1 to it and run ``count`` rounds: the coordinator's pid and the
+    model version of each round."""
+    pid, address = serve(processes, coordinator, proj)
+    _join(processes, client, proj, address)
+    return pid, _rounds(processes, coordinator, proj, count)
+
+
 def _show(proj: Path, version: int) -> dict[str, Any]:
     """``models show --json`` of one version."""
     shown = flctl("models", "show", str(version), "--json", cwd=proj, check=True)
@@ -79,20 +90,19 @@ def test_fedadam_state_survives_sigkill_and_round_3_matches_an_uninterrupted_run
     proj_b = tmp_path / "b" / "proj"
     shutil.copytree(proj_a, proj_b)  # the same project, before either has any state
 
-    # run A: rounds 1-3 in one coordinator's life
-    _pid, address = serve(processes, "a-coordinator", proj_a)
-    _join(processes, "a-c1", proj_a, address)
-    versions = _rounds(processes, "a-coordinator", proj_a, 3)
+    # run A: rounds 1-3 in one coordinator's life; run B: rounds 1-2, SIGKILL, then round 3
+    # in the restarted coordinator. A and B's first life run side by side (two projects, each
+    # with its own coordinator and client, nothing shared; one torch thread each).
+    with ThreadPoolExecutor(2) as pool:
+        run_a = pool.submit(_life, processes, "a-coordinator", "a-c1", proj_a, 3)
+        run_b = pool.submit(_life, processes, "b-coordinator", "b-c1", proj_b, 2)
+        (_pid, versions), (pid, b_versions) = run_a.result(), run_b.result()
     assert versions == {1: 2, 2: 3, 3: 4}  # version 1 is the initial model
+    assert b_versions == {1: 2, 2: 3}
+    os.kill(pid, signal.SIGKILL)  # round 2 has committed; no clean-up of any kind
     a2, a3 = _show(proj_a, versions[2]), _show(proj_a, versions[3])
     processes.stop("a-c1")
     assert processes.stop("a-coordinator") == 0
-
-    # run B: rounds 1-2, SIGKILL, then round 3 in the restarted coordinator
-    pid, address = serve(processes, "b-coordinator", proj_b)
-    _join(processes, "b-c1", proj_b, address)
-    assert _rounds(processes, "b-coordinator", proj_b, 2) == {1: 2, 2: 3}
-    os.kill(pid, signal.SIGKILL)  # round 2 has committed; no clean-up of any kind
     assert processes.procs["b-coordinator"].wait(30) == -signal.SIGKILL
     processes.stop("b-c1")  # it would keep calling the first coordinator's port
     b2 = _show(proj_b, versions[2])
