@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +37,30 @@ def flctl(
             f"flctl {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+_CERTS: dict[int, Path] = {}
+_CERTS_LOCK = threading.Lock()
+
+
+def certs_gen(proj: Path, clients: int) -> None:
+    """Give ``proj`` the certificates ``flctl certs gen --clients N`` writes (CA, server,
+    admin, c1..cN, and their index) in its ``certs`` folder.
+
+    The command runs once per run for each N, in a project of its own, and its folder is
+    copied (file modes kept): each test's coordinator and clients live in a folder and on a
+    port of their own, so a CA per test buys nothing but a process (over a second) per test.
+    test_certs_lifecycle and test_by_hand run ``certs gen`` in their project as a user does.
+    """
+    with _CERTS_LOCK:
+        made = _CERTS.get(clients)
+        if made is None:
+            root = Path(tempfile.mkdtemp(prefix=f"flctl-certs-{clients}-"))
+            atexit.register(shutil.rmtree, root, ignore_errors=True)
+            (root / "flctl.toml").write_text('[project]\nname = "certificates"\n')
+            flctl("certs", "gen", "--clients", str(clients), cwd=root, check=True)
+            made = _CERTS[clients] = root / "certs"
+    shutil.copytree(made, proj / "certs")
 
 
 def one_json(stdout: str) -> Any:
