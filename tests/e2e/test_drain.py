@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Processes, flctl, wait_for
+from .conftest import Processes, certs_gen, flctl, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -37,7 +37,7 @@ deadline_s = 60.0
 """
     )
     shutil.copy(TINY_TASK, proj / "tiny_task.py")
-    flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
+    certs_gen(proj, 1)
     return proj
 
 
