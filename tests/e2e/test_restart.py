@@ -29,7 +29,7 @@ from flctl.transport.grpc import (
     secure_channel,
 )
 
-from .conftest import Processes, flctl, serve, wait_for
+from .conftest import Processes, certs_gen, flctl, serve, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -84,7 +84,7 @@ def test_sigkill_mid_upload_then_restart_resumes_the_round_and_the_upload(
     proj.mkdir()
     (proj / "flctl.toml").write_text(CONFIG)
     shutil.copy(TINY_TASK, proj / "tiny_task.py")
-    flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
+    certs_gen(proj, 1)
     pid, address = serve(processes, "coordinator", proj)
     uploads = proj / ".flctl" / "uploads"
 
@@ -173,7 +173,7 @@ def test_a_rollback_deferred_behind_a_round_survives_sigkill(
     proj.mkdir()
     (proj / "flctl.toml").write_text(CONFIG)
     shutil.copy(TINY_TASK, proj / "tiny_task.py")
-    flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
+    certs_gen(proj, 1)
     # a first life writes version 1; an imported version 2 (not head) is the rollback target
     serve(processes, "coordinator", proj)
     assert processes.stop("coordinator") == 0
@@ -238,7 +238,7 @@ def test_a_round_killed_while_selecting_selects_again_after_restart(
     proj.mkdir()
     (proj / "flctl.toml").write_text(CONFIG)
     shutil.copy(TINY_TASK, proj / "tiny_task.py")
-    flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
+    certs_gen(proj, 1)
     pid, address = serve(processes, "coordinator", proj)
     started = flctl("round", "start", "--json", cwd=proj, check=True)
     (server_round,) = json.loads(started.stdout)["round_ids"]
