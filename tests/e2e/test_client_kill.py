@@ -23,7 +23,7 @@ import pytest
 
 from tests.relay import Relay
 
-from .conftest import Processes, flctl, serve, wait_for
+from .conftest import Processes, certs_gen, flctl, serve, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -57,7 +57,7 @@ def _project(tmp_path: Path) -> Path:
     proj.mkdir()
     (proj / "flctl.toml").write_text(CONFIG)
     shutil.copy(TINY_TASK, proj / "tiny_task.py")
-    flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
+    certs_gen(proj, 1)
     return proj
 
 
