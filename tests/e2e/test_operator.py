@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Processes, flctl, one_json, serve, wait_for
+from .conftest import Processes, certs_gen, flctl, one_json, serve, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -50,7 +50,7 @@ min_clients = 1
 """
     )
     shutil.copy(TINY_TASK, proj / "tiny_task.py")
-    flctl("certs", "gen", "--clients", str(clients), cwd=proj, check=True)
+    certs_gen(proj, clients)
     return proj
 
 
