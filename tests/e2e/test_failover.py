@@ -19,7 +19,7 @@ from flctl.store import SqlStore, list_coordinators, list_leaders
 from flctl.transport.grpc import probe_health
 from tests.postgres import PostgresServer
 
-from .conftest import Processes, flctl, one_json, wait_for
+from .conftest import Processes, certs_gen, flctl, one_json, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,7 +73,7 @@ def _projects(tmp_path: Path, pg_url: str) -> tuple[Path, Path]:
     a.mkdir()
     (a / "flctl.toml").write_text(_config(pg_url, tmp_path / "shared-blobs"))
     shutil.copy(TINY_TASK, a / "tiny_task.py")
-    flctl("certs", "gen", "--clients", "1", cwd=a, check=True)
+    certs_gen(a, 1)
     b = tmp_path / "b"
     shutil.copytree(a, b)
     return a, b
