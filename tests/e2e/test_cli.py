@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import FLCTL, Processes, flctl, one_json, serve, wait_for
+from .conftest import FLCTL, Processes, certs_gen, flctl, one_json, serve, wait_for
 
 
 def test_help_smoke(tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ def test_operating_a_coordinator_through_a_pipe(tmp_path: Path, processes: Proce
     `round watch` replays the log and ends; `--follow` still follows, and says how to leave."""
     flctl("init", "p", cwd=tmp_path, check=True)
     proj = tmp_path / "p"
-    flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
+    certs_gen(proj, 1)
     # no client joins: round 1 waits for its quorum to the end, so the coordinator must not
     # wait --drain-timeout for it when it is stopped
     serve(processes, "coordinator", proj, "--drain-timeout", "0")
