@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from flctl.store import BlobStore, SqlStore
-from tests.e2e.conftest import Processes, flctl, one_json, serve, wait_for
+from tests.e2e.conftest import Processes, certs_gen, flctl, one_json, serve, wait_for
 
 LOST = 75  # StoreLostError
 CORRUPT = 74  # CorruptStoreError
@@ -145,7 +145,7 @@ def test_backup_while_serving_then_restore_after_a_loss(
 ) -> None:
     flctl("init", "proj", cwd=tmp_path, check=True)
     proj = tmp_path / "proj"
-    flctl("certs", "gen", "--clients", "2", cwd=proj, check=True)
+    certs_gen(proj, 2)
     _, address = serve(processes, "coordinator", proj)
     store_json = json.loads((proj / ".flctl" / "store.json").read_text())
     flctl("certs", "revoke", "c1", "--reason", "lost laptop", cwd=proj, check=True)
