@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Processes, flctl, one_json, serve
+from .conftest import Processes, certs_gen, flctl, one_json, serve
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -21,7 +21,7 @@ def test_status_names_the_running_coordinator_and_exits_31_without_one(
     proj.mkdir()
     (proj / "flctl.toml").write_text('[project]\ntask = "tiny_task.py"\n')
     shutil.copy(TINY_TASK, proj / "tiny_task.py")
-    flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
+    certs_gen(proj, 1)
     none = flctl("status", cwd=proj)
     assert none.returncode == 31 and "no coordinator leads" in none.stderr
 
