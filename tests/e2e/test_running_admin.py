@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Processes, flctl, one_json, wait_for
+from .conftest import Processes, certs_gen, flctl, one_json, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -33,7 +33,7 @@ def test_certs_revoke_and_models_tag_go_through_the_running_coordinator(
 ) -> None:
     flctl("init", "proj", cwd=tmp_path, check=True)
     proj = tmp_path / "proj"
-    flctl("certs", "gen", "--clients", "2", cwd=proj, check=True)
+    certs_gen(proj, 2)
     processes.start("coordinator", "serve", "--address", "127.0.0.1:0", "--no-tui", cwd=proj)
     serve_file = proj / ".flctl" / "serve.json"
     wait_for(serve_file.exists, what="serve.json", timeout=120)
