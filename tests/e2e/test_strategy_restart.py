@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Processes, flctl, one_json, serve
+from .conftest import Processes, certs_gen, flctl, one_json, serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -47,7 +47,7 @@ def _project(root: Path) -> Path:
         toml = toml.replace(old, new)
     assert "num_threads = 1" in toml  # the client trains on one torch thread
     (proj / "flctl.toml").write_text(toml)
-    flctl("certs", "gen", "--clients", "1", cwd=proj, check=True)
+    certs_gen(proj, 1)
     return proj
 
 
