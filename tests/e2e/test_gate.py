@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Processes, flctl, one_json, wait_for
+from .conftest import Processes, certs_gen, flctl, one_json, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -49,7 +49,7 @@ def test_a_rejected_round_exits_83_and_its_model_is_listed_with_all(
     proj.mkdir()
     (proj / "flctl.toml").write_text(FLCTL_TOML)
     shutil.copy(TINY_TASK, proj / "tiny_task.py")
-    flctl("certs", "gen", "--clients", "2", cwd=proj, check=True)
+    certs_gen(proj, 2)
     processes.start("coordinator", "serve", "--address", "127.0.0.1:0", "--no-tui", cwd=proj)
     serve_file = proj / ".flctl" / "serve.json"
     wait_for(serve_file.exists, what="serve.json", timeout=120)
