@@ -17,7 +17,7 @@ import pytest
 from flctl.core import COORDINATOR_LOCK, read_holder
 from flctl.store import BlobStore, SqlStore
 
-from .conftest import FLCTL, Processes, flctl, one_json, wait_for
+from .conftest import FLCTL, Processes, certs_gen, flctl, one_json, wait_for
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -102,7 +102,7 @@ def test_a_command_racing_a_starting_coordinator_goes_through_it(
     flctl("init", "proj", cwd=tmp_path, check=True)
     proj = tmp_path / "proj"
     state = proj / ".flctl"
-    flctl("certs", "gen", "--clients", "0", cwd=proj, check=True)
+    certs_gen(proj, 0)
     # a first run creates the state store and the initial model
     processes.start("first", "serve", "--address", "127.0.0.1:0", "--no-tui", cwd=proj)
     wait_for((state / "serve.json").exists, what="serve.json", timeout=120)
