@@ -97,6 +97,7 @@ COORDINATOR_TARGETS = [
     Target("Coordinator", "BeginUpload", "unary", pb.UploadHeader),
     Target("Coordinator", "RenewToken", "unary", pb.RenewTokenRequest),
     Target("Coordinator", "ReportEvaluation", "unary", pb.EvaluationReport),
+    Target("Coordinator", "SecAgg", "unary", pb.SecAggMessage),
 ]
 ADMIN_TARGETS = [
     Target("Admin", "StartRound", "unary", pb.StartRoundRequest),
@@ -109,6 +110,7 @@ ADMIN_TARGETS = [
     Target("Admin", "CancelRound", "unary", pb.CancelRoundRequest),
     Target("Admin", "Evict", "unary", pb.EvictRequest),
     Target("Admin", "Watch", "server-stream", pb.WatchRequest),
+    Target("Admin", "ListEvents", "unary", pb.ListEventsRequest),
 ]
 TARGETS = COORDINATOR_TARGETS + ADMIN_TARGETS
 
@@ -176,6 +178,18 @@ class Seeds:
             h.SerializeToString() for h in (header(), header(codec="zstd"), header(offset=5))
         )
         add("RenewToken", []).append(b"")
+        # the open round is not a secure one: each stage is refused (accepted=false) after the
+        # handler has parsed and checked it
+        add("SecAgg", []).extend(
+            pb.SecAggMessage(
+                server_round=task.server_round, task_id=task.task_id, stage=stage, payload=body
+            ).SerializeToString()
+            for stage, body in (
+                ("advertise_keys", b'{"c_pk": "", "s_pk": ""}'),
+                ("unmask", b"{}"),
+                ("masked_input", b""),
+            )
+        )
         # the open round evaluates nothing: valid reports are refused (accepted=false), so the
         # fuzzer reaches the handler's checks of the numbers and of the task without changes
         evaluated = pb.EvaluationReport(
@@ -215,6 +229,10 @@ class Seeds:
                 pb.EvictRequest(client_id="c2", reason="fuzz"),
             ],
             "Watch": [pb.WatchRequest(since_seq=0, no_follow=True)],
+            "ListEvents": [
+                pb.ListEventsRequest(limit=5, type="round"),
+                pb.ListEventsRequest(before_seq=3, type="admin", server_round=open_round),
+            ],
         }
         for method, requests in admin.items():
             add(method, []).extend(r.SerializeToString() for r in requests)
