@@ -191,7 +191,9 @@ def test_ls_show_and_diff(proj: Path) -> None:
         "tensors",
         "size_bytes",
         "blob",
+        "secure_aggregation",
     }
+    assert show["secure_aggregation"] is None  # a plain FedAvg round
     assert [x["version"] for x in show["lineage"]] == [3, 2, 1]
     assert show["lineage"][-1]["kind"] == "initial"
     contributors = show["round"]["contributors"]
