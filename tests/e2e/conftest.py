@@ -40,7 +40,8 @@ def flctl(
 
 
 _CERTS: dict[int, Path] = {}
-_CERTS_LOCK = threading.Lock()
+#: Held while certs_gen or init_project makes what it copies (tests may call them from threads).
+_MADE_LOCK = threading.Lock()
 
 
 def certs_gen(proj: Path, clients: int) -> None:
@@ -52,7 +53,7 @@ def certs_gen(proj: Path, clients: int) -> None:
     port of their own, so a CA per test buys nothing but a process (over a second) per test.
     test_certs_lifecycle and test_by_hand run ``certs gen`` in their project as a user does.
     """
-    with _CERTS_LOCK:
+    with _MADE_LOCK:
         made = _CERTS.get(clients)
         if made is None:
             root = Path(tempfile.mkdtemp(prefix=f"flctl-certs-{clients}-"))
@@ -61,6 +62,27 @@ def certs_gen(proj: Path, clients: int) -> None:
             flctl("certs", "gen", "--clients", str(clients), cwd=root, check=True)
             made = _CERTS[clients] = root / "certs"
     shutil.copytree(made, proj / "certs")
+
+
+_INITS: dict[tuple[str, ...], Path] = {}
+
+
+def init_project(parent: Path, name: str, *args: str) -> Path:
+    """The project ``flctl init NAME ARGS`` writes in ``parent``: ``parent / name``.
+
+    The command runs once per run for each NAME and ARGS, in a folder of its own, and the
+    project it wrote is copied: what it writes depends on them alone, and it is a process of
+    over a second. The tests of ``init`` itself run it as a user does.
+    """
+    key = (name, *args)
+    with _MADE_LOCK:
+        made = _INITS.get(key)
+        if made is None:
+            root = Path(tempfile.mkdtemp(prefix="flctl-init-"))
+            atexit.register(shutil.rmtree, root, ignore_errors=True)
+            flctl("init", name, *args, cwd=root, check=True)
+            made = _INITS[key] = root / name
+    return Path(shutil.copytree(made, parent / name))
 
 
 def one_json(stdout: str) -> Any:
