@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import FLCTL, Processes, certs_gen, flctl, one_json, serve, wait_for
+from .conftest import FLCTL, Processes, certs_gen, flctl, init_project, one_json, serve, wait_for
 
 
 def test_help_smoke(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_outside_a_project(tmp_path: Path) -> None:
 
 
 def test_round_start_without_a_coordinator(tmp_path: Path) -> None:
-    flctl("init", "p", cwd=tmp_path, check=True)
+    init_project(tmp_path, "p")
     result = flctl("round", "start", "--json", cwd=tmp_path / "p")
     assert result.returncode == 31
     assert "no running coordinator" in one_json(result.stdout)["error"]["message"]
@@ -52,14 +52,14 @@ def test_unknown_template_and_init_json(tmp_path: Path) -> None:
 
 
 def test_insecure_refuses_a_public_address(tmp_path: Path) -> None:
-    flctl("init", "p", cwd=tmp_path, check=True)
+    init_project(tmp_path, "p")
     result = flctl("serve", "--insecure", "--address", "0.0.0.0:0", "--no-tui", cwd=tmp_path / "p")
     assert result.returncode == 10
     assert "loopback only" in result.stderr
 
 
 def test_serve_without_certificates_says_what_to_run(tmp_path: Path) -> None:
-    flctl("init", "p", cwd=tmp_path, check=True)
+    init_project(tmp_path, "p")
     result = flctl("serve", "--no-tui", cwd=tmp_path / "p")
     assert result.returncode == 21
     assert "flctl certs gen" in result.stderr
@@ -69,7 +69,7 @@ def test_serve_without_certificates_says_what_to_run(tmp_path: Path) -> None:
     "args", [("demo", "--clients", "0", "--json"), ("round", "start", "--rounds", "0", "--json")]
 )
 def test_invalid_numbers(tmp_path: Path, args: tuple[str, ...]) -> None:
-    flctl("init", "p", cwd=tmp_path, check=True)
+    init_project(tmp_path, "p")
     result = flctl(*args, cwd=tmp_path / "p")
     assert result.returncode != 0
     assert "error" in json.loads(result.stdout)
@@ -79,7 +79,7 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path: Path) -> 
     """`flctl events | head -1`: a closed pipe is a normal end, not an error with a crash log."""
     from flctl.store import SqlStore
 
-    flctl("init", "p", cwd=tmp_path, check=True)
+    init_project(tmp_path, "p")
     store = SqlStore.open(tmp_path / "p" / ".flctl")
     try:
         # Far more than a pipe holds, so flctl is still writing when the reader leaves.
@@ -111,8 +111,7 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path: Path) -> 
 def test_operating_a_coordinator_through_a_pipe(tmp_path: Path, processes: Processes) -> None:
     """Piped, `round start` says what it queued, `round status` is a tab-separated table and
     `round watch` replays the log and ends; `--follow` still follows, and says how to leave."""
-    flctl("init", "p", cwd=tmp_path, check=True)
-    proj = tmp_path / "p"
+    proj = init_project(tmp_path, "p")
     certs_gen(proj, 1)
     # no client joins: round 1 waits for its quorum to the end, so the coordinator must not
     # wait --drain-timeout for it when it is stopped
