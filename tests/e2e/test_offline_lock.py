@@ -17,7 +17,7 @@ import pytest
 from flctl.core import COORDINATOR_LOCK, read_holder
 from flctl.store import BlobStore, SqlStore
 
-from .conftest import FLCTL, Processes, certs_gen, flctl, one_json, wait_for
+from .conftest import FLCTL, Processes, certs_gen, flctl, init_project, one_json, wait_for
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -40,8 +40,7 @@ def _store_with_three_versions(proj: Path) -> str:
 
 
 def test_ten_concurrent_offline_commands_all_succeed(tmp_path: Path) -> None:
-    flctl("init", "proj", cwd=tmp_path, check=True)
-    proj = tmp_path / "proj"
+    proj = init_project(tmp_path, "proj")
     orphan = _store_with_three_versions(proj)
     commands = [
         ("models", "tag", "1", "a"),
@@ -99,8 +98,7 @@ def test_ten_concurrent_offline_commands_all_succeed(tmp_path: Path) -> None:
 def test_a_command_racing_a_starting_coordinator_goes_through_it(
     tmp_path: Path, processes: Processes
 ) -> None:
-    flctl("init", "proj", cwd=tmp_path, check=True)
-    proj = tmp_path / "proj"
+    proj = init_project(tmp_path, "proj")
     state = proj / ".flctl"
     certs_gen(proj, 0)
     # a first run creates the state store and the initial model
