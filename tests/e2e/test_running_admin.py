@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Processes, certs_gen, flctl, one_json, wait_for
+from .conftest import Processes, certs_gen, flctl, init_project, one_json, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -31,8 +31,7 @@ def _joined(processes: Processes, *client_ids: str) -> bool:
 def test_certs_revoke_and_models_tag_go_through_the_running_coordinator(
     tmp_path: Path, processes: Processes
 ) -> None:
-    flctl("init", "proj", cwd=tmp_path, check=True)
-    proj = tmp_path / "proj"
+    proj = init_project(tmp_path, "proj")
     certs_gen(proj, 2)
     processes.start("coordinator", "serve", "--address", "127.0.0.1:0", "--no-tui", cwd=proj)
     serve_file = proj / ".flctl" / "serve.json"
