@@ -12,14 +12,13 @@ from typing import Any
 
 import pytest
 
-from .conftest import FLCTL, flctl, one_json, wait_for
+from .conftest import FLCTL, flctl, init_project, one_json, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def _project(tmp_path: Path, extra: str = "", name: str = "sim") -> Path:
-    flctl("init", name, cwd=tmp_path, check=True)
-    proj = tmp_path / name
+    proj = init_project(tmp_path, name)
     if extra:
         toml = proj / "flctl.toml"
         toml.write_text(toml.read_text() + "\n" + extra + "\n")
