@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from flctl.store import BlobStore, SqlStore
-from tests.e2e.conftest import Processes, certs_gen, flctl, one_json, serve, wait_for
+from tests.e2e.conftest import Processes, certs_gen, flctl, init_project, one_json, serve, wait_for
 
 LOST = 75  # StoreLostError
 CORRUPT = 74  # CorruptStoreError
@@ -143,8 +143,7 @@ def test_serve_new_state_starts_over_and_keeps_the_old_database(
 def test_backup_while_serving_then_restore_after_a_loss(
     tmp_path: Path, processes: Processes
 ) -> None:
-    flctl("init", "proj", cwd=tmp_path, check=True)
-    proj = tmp_path / "proj"
+    proj = init_project(tmp_path, "proj")
     certs_gen(proj, 2)
     _, address = serve(processes, "coordinator", proj)
     store_json = json.loads((proj / ".flctl" / "store.json").read_text())
