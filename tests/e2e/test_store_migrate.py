@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import flctl, one_json
+from .conftest import flctl, init_project, one_json
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -23,8 +23,7 @@ def _history(proj: Path) -> tuple[Any, Any]:
 def test_a_sqlite_project_moves_into_postgresql_and_a_second_run_changes_nothing(
     tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    flctl("init", "proj", cwd=tmp_path, check=True)
-    proj = tmp_path / "proj"
+    proj = init_project(tmp_path, "proj")
     flctl(
         "simulate", "--clients", "6", "--rounds", "2", "--per-round", "3", "--workers", "1",
         "--json", cwd=proj, check=True,
@@ -59,8 +58,7 @@ def test_a_sqlite_project_moves_into_postgresql_and_a_second_run_changes_nothing
     assert again["store_id"] == first["store_id"]
 
     # another project's store does not merge into this one: refused, nothing written
-    flctl("init", "other", cwd=tmp_path, check=True)
-    other = tmp_path / "other"
+    other = init_project(tmp_path, "other")
     monkeypatch.delenv("FLCTL_STORE_URL")
     flctl(
         "simulate", "--clients", "4", "--rounds", "1", "--per-round", "2", "--workers", "1",
@@ -76,7 +74,7 @@ def test_a_sqlite_project_moves_into_postgresql_and_a_second_run_changes_nothing
 
 
 def test_migrate_needs_a_database_url(tmp_path: Path) -> None:
-    flctl("init", "proj", cwd=tmp_path, check=True)
+    init_project(tmp_path, "proj")
     result = flctl("store", "migrate", "--from", ".flctl/state.db", cwd=tmp_path / "proj")
     assert result.returncode == 10
     assert "[store] url" in result.stderr
