@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Processes, certs_gen, flctl, one_json, serve
+from .conftest import Processes, certs_gen, flctl, init_project, one_json, serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -39,8 +39,7 @@ EDITS = {
 def _project(root: Path) -> Path:
     """A digits project with the edits above and the certificates of one client, c1."""
     root.mkdir()
-    flctl("init", "proj", "--template", "digits", "--seed", str(SEED), cwd=root, check=True)
-    proj = root / "proj"
+    proj = init_project(root, "proj", "--template", "digits", "--seed", str(SEED))
     toml = (proj / "flctl.toml").read_text()
     for old, new in EDITS.items():
         assert toml.count(old) == 1, f"the digits template no longer has {old!r}"
