@@ -21,7 +21,7 @@ import pytest
 from flctl.security import Role, generate_ca, issue_certificate
 from flctl.store import SqlStore, list_revocations
 
-from .conftest import flctl, one_json
+from .conftest import flctl, init_project, one_json
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,8 +44,7 @@ def _mode(path: Path) -> int:
 
 
 def test_certificate_lifecycle(tmp_path: Path) -> None:
-    flctl("init", "p", cwd=tmp_path, check=True)
-    project = tmp_path / "p"
+    project = init_project(tmp_path, "p")
     certs = project / "certs"
     ok("certs", "gen", cwd=project)
 
@@ -166,7 +165,7 @@ def test_certificate_lifecycle(tmp_path: Path) -> None:
 
 
 def test_request_defaults_to_the_project_certs_folder(tmp_path: Path) -> None:
-    flctl("init", "p", cwd=tmp_path, check=True)
+    init_project(tmp_path, "p")
     made = ok("certs", "request", "--admin", "ops2", cwd=tmp_path / "p")
     assert Path(made["key"]) == tmp_path / "p" / "certs" / "ops2.key"
     again = refused("certs", "request", "--admin", "ops2", cwd=tmp_path / "p", exit_code=73)
