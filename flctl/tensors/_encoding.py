@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from flctl.core.errors import InconsistentUpdatesError, InvalidInputError
 from flctl.tensors._codec import sha256_file, spec_of
-from flctl.tensors._spec import TensorSpec, compare_specs, read_metadata
+from flctl.tensors._spec import TensorSpec, compare_specs
 from flctl.tensors._stream import TensorReader, TensorWriter, torch_dtype
 
 if TYPE_CHECKING:
@@ -289,6 +289,9 @@ class UpdateReader:
             it is not given.
         drop_cache: Drop each tensor from the page cache once read (see
             :class:`TensorReader`).
+        fd: Read this open file (the reader closes it) instead of opening ``path``: a file
+            still arriving, whose header is there (see :class:`TensorReader`).
+        size: The size ``fd``'s file will have.
 
     Raises:
         InconsistentUpdatesError: The update's tensors do not match the model in its
@@ -302,13 +305,16 @@ class UpdateReader:
         base_digest: str | None = None,
         *,
         drop_cache: bool = False,
+        fd: int | None = None,
+        size: int | None = None,
     ) -> None:
         self.path = path
         self._base = base
         try:
-            self.encoding = UpdateEncoding.from_metadata(read_metadata(path))
-            self._reader = TensorReader(path, drop_cache=drop_cache)
+            self._reader = TensorReader(path, drop_cache=drop_cache, fd=fd, size=size)
+            self.encoding = UpdateEncoding.from_metadata(self._reader.metadata)
         except InvalidInputError as exc:
+            self.close()
             raise InconsistentUpdatesError(f"{path.name}: {exc.message}") from exc
         try:
             expected = expected_update_spec(base.specs, self.encoding.encoding, self.encoding.dtype)
@@ -375,6 +381,41 @@ class UpdateReader:
             base = base_tensor if base_tensor is not None else self._base.read(name)
             value.add_(base.to(precision))
         return value
+
+    def read_piece(
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        *,
+        dtype: torch.dtype | None = None,
+        base_piece: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Like :meth:`read`, for elements ``start:stop`` of tensor ``name`` (flattened).
+
+        Args:
+            name: The tensor.
+            start: Its first element wanted (flat index).
+            stop: One past the last element wanted.
+            dtype: As for :meth:`read`.
+            base_piece: The base's elements ``start:stop`` of ``name`` when the caller has read
+                them already; never modified.
+        """
+        value = self._reader.read_piece(name, start, stop)
+        if not value.is_floating_point():
+            return value
+        precision = self._precision(name, dtype)
+        value = value.to(precision)
+        if self.is_delta:
+            base = base_piece
+            if base is None:
+                base = self._base.read_piece(name, start, stop)
+            value.add_(base.to(precision))
+        return value
+
+    def offset_of(self, name: str, element: int) -> int:
+        """Where element ``element`` of tensor ``name`` (flattened) starts in the update file."""
+        return self._reader.offset_of(name, element)
 
     def read_delta(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -144,6 +145,15 @@ def read_metadata(path: Path) -> dict[str, str]:
     return _read_header(path)[1]
 
 
+def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """Read and validate the tensor specs and ``__metadata__`` of a safetensors file.
+
+    Raises:
+        InvalidInputError: As :func:`read_metadata`.
+    """
+    return _read_header(path)
+
+
 def _read_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
     size = path.stat().st_size
     with path.open("rb") as fh:
@@ -155,6 +165,31 @@ def _read_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
             raise InvalidInputError(f"not a safetensors file: header length {header_len} is off")
         raw = fh.read(header_len)
     return _parse_header_and_metadata(raw, size - 8 - header_len)
+
+
+def read_header_at(fd: int, size: int) -> tuple[dict[str, TensorSpec], dict[str, str], int]:
+    """Read the header of a safetensors file open as ``fd``, of ``size`` bytes once whole.
+
+    For a file still being written (an update arriving): only its prefix and header must be
+    there already; the tensor offsets are checked against ``size``, not the current length.
+
+    Returns:
+        The tensor specs, the ``__metadata__`` strings and the offset of the data section.
+
+    Raises:
+        InvalidInputError: The header is incomplete, malformed or does not fit ``size``.
+    """
+    prefix = os.pread(fd, 8, 0)
+    if len(prefix) != 8:
+        raise InvalidInputError("not a safetensors file: shorter than its 8-byte prefix")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise InvalidInputError(f"not a safetensors file: header length {header_len} is off")
+    raw = os.pread(fd, header_len, 8)
+    if len(raw) != header_len:
+        raise InvalidInputError("not a safetensors file: its header is cut short")
+    specs, metadata = _parse_header_and_metadata(raw, size - 8 - header_len)
+    return specs, metadata, 8 + header_len
 
 
 def read_spec_bytes(data: bytes, *, data_size: int | None = None) -> dict[str, TensorSpec]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from flctl.core.errors import InvalidInputError
-from flctl.tensors._spec import DTYPE_SIZES, read_spec
+from flctl.tensors._spec import DTYPE_SIZES, read_header, read_header_at
 
 if TYPE_CHECKING:
     import torch
@@ -55,14 +55,37 @@ class TensorReader:
             fresh memory; see :class:`~flctl.store.WriteBehind`).
     """
 
-    def __init__(self, path: Path, *, drop_cache: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        drop_cache: bool = False,
+        fd: int | None = None,
+        size: int | None = None,
+    ) -> None:
         self.path = path
         self._drop_cache = drop_cache and hasattr(os, "posix_fadvise")
-        self.specs = read_spec(path)
-        with path.open("rb") as fh:
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-        self._data_start = 8 + header_len
-        self._fd = os.open(path, os.O_RDONLY)
+        if fd is None:
+            self.specs, self.metadata = read_header(path)
+            with path.open("rb") as fh:
+                (header_len,) = struct.unpack("<Q", fh.read(8))
+            self._data_start = 8 + header_len
+            self._fd = os.open(path, os.O_RDONLY)
+            return
+        # a file still arriving: its header is there, its tensors will fit ``size``
+        if size is None:
+            raise ValueError("a reader on an open file needs the size it will have")
+        self._fd = fd
+        try:
+            self.specs, self.metadata, self._data_start = read_header_at(fd, size)
+        except BaseException:
+            self.close()
+            raise
+
+    def offset_of(self, name: str, element: int) -> int:
+        """Where element ``element`` of tensor ``name`` (flattened) starts in the file."""
+        spec = self.specs[name]
+        return int(self._data_start + spec.begin + element * DTYPE_SIZES[spec.dtype])
 
     def __enter__(self) -> TensorReader:
         return self
@@ -78,24 +101,34 @@ class TensorReader:
 
     def read(self, name: str) -> torch.Tensor:
         """Return tensor ``name`` as a CPU tensor that owns its memory."""
+        spec = self.specs[name]
+        return self._pread(name, spec.begin, spec.end - spec.begin).reshape(spec.shape)
+
+    def read_piece(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Return elements ``start:stop`` of tensor ``name``, flattened (1-D, owns its memory)."""
+        spec = self.specs[name]
+        if not 0 <= start <= stop <= spec.numel:
+            raise ValueError(f"elements {start}:{stop} are not in tensor {name!r}")
+        itemsize = DTYPE_SIZES[spec.dtype]
+        return self._pread(name, spec.begin + start * itemsize, (stop - start) * itemsize)
+
+    def _pread(self, name: str, begin: int, size: int) -> torch.Tensor:
         import torch
 
-        spec = self.specs[name]
-        size = spec.end - spec.begin
         buffer = bytearray(size)
         view = memoryview(buffer)
         done = 0
         while done < size:
-            chunk = os.preadv(self._fd, [view[done:]], self._data_start + spec.begin + done)
+            chunk = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
             if chunk <= 0:
                 raise InvalidInputError(f"{self.path.name}: truncated tensor {name!r}")
             done += chunk
         if self._drop_cache and size:
-            os.posix_fadvise(self._fd, self._data_start + spec.begin, size, os.POSIX_FADV_DONTNEED)
-        dtype = torch_dtype(spec.dtype)
+            os.posix_fadvise(self._fd, self._data_start + begin, size, os.POSIX_FADV_DONTNEED)
+        dtype = torch_dtype(self.specs[name].dtype)
         if size == 0:
-            return torch.empty(spec.shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(spec.shape)
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.specs:
@@ -149,7 +182,14 @@ class TensorWriter:
         self._fh: BinaryIO = path.open("wb")
         self._fh.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
+        #: bytes of the next tensor written so far (by :meth:`write_part`)
+        self._part = 0
         self.path = path
+
+    @property
+    def handle(self) -> BinaryIO:
+        """The file being written (to start its writeback early, say)."""
+        return self._fh
 
     def __enter__(self) -> TensorWriter:
         return self
@@ -159,17 +199,36 @@ class TensorWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append tensor ``name`` (the next in order) to the file."""
-        if self._next >= len(self._order) or self._order[self._next] != name:
-            expected = self._order[self._next] if self._next < len(self._order) else "nothing"
-            raise ValueError(f"expected tensor {expected!r} next, got {name!r}")
-        data = tensor.detach().to("cpu").contiguous()
-        raw: bytes | memoryview = b""
-        if data.numel():
-            raw = memoryview(data.view(-1).view(dtype=_byte_dtype()).numpy())  # type: ignore[arg-type]
+        self._expect(name)
+        if self._part:
+            raise ValueError(f"tensor {name!r} is partly written: finish it with write_part")
+        raw = _raw(tensor)
         if len(raw) != self._sizes[name]:
             raise ValueError(f"tensor {name!r} has {len(raw)} bytes, expected {self._sizes[name]}")
         self._fh.write(raw)
         self._next += 1
+
+    def write_part(self, name: str, piece: torch.Tensor) -> None:
+        """Append the next elements of tensor ``name`` (the next in order), in flat order.
+
+        The tensor counts as written once its pieces hold all its bytes; an empty tensor is
+        written by one empty piece.
+        """
+        self._expect(name)
+        raw = _raw(piece)
+        size = self._sizes[name]
+        if self._part + len(raw) > size:
+            raise ValueError(f"tensor {name!r}: pieces of more than its {size} bytes")
+        self._fh.write(raw)
+        self._part += len(raw)
+        if self._part == size:
+            self._next += 1
+            self._part = 0
+
+    def _expect(self, name: str) -> None:
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            expected = self._order[self._next] if self._next < len(self._order) else "nothing"
+            raise ValueError(f"expected tensor {expected!r} next, got {name!r}")
 
     def close(self, *, complete: bool = True) -> None:
         """Flush and close; with ``complete``, check that every tensor was written."""
@@ -183,6 +242,14 @@ class TensorWriter:
         """Write every tensor, in order."""
         for name, tensor in tensors:
             self.write(name, tensor)
+
+
+def _raw(tensor: torch.Tensor) -> bytes | memoryview:
+    """The bytes of ``tensor`` (on the CPU, contiguous), as safetensors stores them."""
+    data = tensor.detach().to("cpu").contiguous()
+    if not data.numel():
+        return b""
+    return memoryview(data.view(-1).view(dtype=_byte_dtype()).numpy())  # type: ignore[arg-type]
 
 
 def _byte_dtype() -> torch.dtype:

@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -216,3 +217,64 @@ def test_a_reader_that_drops_the_cache_reads_the_same_tensors(
                 got = dropping.read(name)
                 assert got.dtype == tensor.dtype and got.shape == tensor.shape
                 assert torch.equal(got, tensor) and torch.equal(got, cached.read(name))
+
+
+@settings(max_examples=20, deadline=None)
+@given(params=state_dicts(), cut=st.integers(1, 4))
+def test_pieces_written_and_read_give_the_tensors_back(
+    tmp_path_factory: pytest.TempPathFactory, params: dict[str, torch.Tensor], cut: int
+) -> None:
+    """A model written piece by piece is the file save_parameters writes; pieces read back."""
+    from flctl.tensors import TensorWriter
+
+    folder = tmp_path_factory.mktemp("pieces")
+    save_parameters(params, folder / "whole")
+    specs = read_spec(folder / "whole")
+    with TensorWriter(folder / "pieces", {n: (s.dtype, s.shape) for n, s in specs.items()}) as w:
+        for name in specs:
+            flat = params[name].reshape(-1)
+            bounds = sorted({0, flat.numel(), *range(0, flat.numel(), cut)})
+            if len(bounds) == 1:
+                w.write_part(name, flat)  # an empty tensor: one empty piece
+            for start, stop in zip(bounds, bounds[1:], strict=False):
+                w.write_part(name, flat[start:stop])
+    assert sha256_file(folder / "pieces") == sha256_file(folder / "whole")
+    size = (folder / "whole").stat().st_size
+    fd = os.open(folder / "whole", os.O_RDONLY)
+    with TensorReader(folder / "whole", fd=fd, size=size) as reader:
+        for name, tensor in params.items():
+            flat = tensor.reshape(-1)
+            n = flat.numel()
+            assert torch.equal(reader.read_piece(name, n // 3, n), flat[n // 3 :])
+            assert reader.offset_of(name, 0) == reader.offset_of(name, n) - flat.nbytes
+        with pytest.raises(ValueError, match="not in tensor"):
+            reader.read_piece(name, 0, n + 1)
+
+
+def test_a_reader_of_a_file_still_arriving_checks_its_header_against_the_final_size(
+    tmp_path: Path,
+) -> None:
+    from flctl.tensors import TensorWriter
+
+    save_parameters({"w": torch.arange(6.0)}, tmp_path / "m")
+    data = (tmp_path / "m").read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    (tmp_path / "part").write_bytes(data[: 8 + header_len])  # the header arrived, no tensor yet
+    fd = os.open(tmp_path / "part", os.O_RDONLY)
+    with TensorReader(tmp_path / "part", fd=fd, size=len(data)) as reader:
+        assert reader.specs["w"].shape == (6,)
+    for size in (len(data) - 4, 4):  # the tensor would not fit; the header is not all there
+        fd = os.open(tmp_path / "part", os.O_RDONLY)
+        with pytest.raises(InvalidInputError):
+            TensorReader(tmp_path / "part", fd=fd, size=size)
+        with pytest.raises(OSError):
+            os.fstat(fd)  # the reader closed the descriptor it was given
+    with pytest.raises(ValueError, match="size it will have"):
+        TensorReader(tmp_path / "part", fd=0)
+    with TensorWriter(tmp_path / "x", {"a": ("F32", (2,))}) as writer:
+        writer.write_part("a", torch.zeros(1))
+        with pytest.raises(ValueError, match="partly written"):
+            writer.write("a", torch.zeros(2))
+        with pytest.raises(ValueError, match="more than"):
+            writer.write_part("a", torch.zeros(2))
+        writer.write_part("a", torch.zeros(1))
