@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 from flctl.aggregation._strategy import Strategy, WeightedUpdate
 from flctl.aggregation._updates import open_updates, summation_order
 from flctl.core.errors import InconsistentUpdatesError, NotEnoughUpdatesError
-from flctl.tensors import TensorReader, TensorWriter, read_spec, torch_dtype
+from flctl.tensors import TensorReader, TensorWriter, UpdateReader, read_spec, torch_dtype
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FedAvg", "fedavg_in_memory"]
+__all__ = ["PIECE_ELEMENTS", "FedAvg", "fedavg_in_memory", "pieces", "write_weighted_mean"]
 
 
 class FedAvg(Strategy):
@@ -25,15 +25,16 @@ class FedAvg(Strategy):
     Floating-point tensors are averaged in float32 (float64 for float64 models) and cast back
     to the model's dtype;
     integer tensors (counters such as BatchNorm's ``num_batches_tracked``) take the value of the
-    update with the most examples. Each tensor is read from each update with ``pread`` (no
-    memory map that would keep K models resident), added to one accumulator and dropped, and
-    the result is written tensor by tensor: peak memory is one accumulator plus one tensor,
-    whatever the number of clients.
+    update with the most examples. Each tensor is taken a piece at a time
+    (:data:`PIECE_ELEMENTS`): the piece is read from each update with ``pread`` (no memory map
+    that would keep K models resident), added to one accumulator and dropped, and the result
+    is written piece by piece: peak memory is one accumulator plus one piece (4 MiB each),
+    whatever the number of clients or the size of the tensors.
 
     Updates may come in any encoding (:class:`flctl.tensors.UpdateEncoding`): each is read back
     as the client's values (base + delta for a delta, in float32 from half precision), so the
     average is that of the models the clients trained, up to the encoding's rounding. When
-    some update is a delta, the base tensor is read once per tensor and shared.
+    some update is a delta, the base is read once per piece and shared.
 
     The result does not depend on the order of ``updates``: they are summed in order of client
     id (then file), not of arrival, so a seeded run gives the same model, bit for bit, however
@@ -52,8 +53,6 @@ class FedAvg(Strategy):
 
     def aggregate(self, base: Path, updates: Sequence[WeightedUpdate], out: Path) -> None:
         """Write the weighted mean of ``updates`` to ``out``; see :class:`Strategy`."""
-        import torch
-
         if not updates:
             raise NotEnoughUpdatesError("no updates to aggregate")
         base_spec = read_spec(base)
@@ -66,30 +65,87 @@ class FedAvg(Strategy):
                 )
         # a fixed order, not the arrival order: the same updates give the same bits
         updates = [updates[i] for i in summation_order(updates)]
-        total = float(sum(u.num_examples for u in updates))
-        heaviest = max(range(len(updates)), key=lambda i: updates[i].num_examples)
         with ExitStack() as stack:
             base_reader = stack.enter_context(TensorReader(base))
             # every update is checked against the model before the output file exists
             readers = open_updates(stack, base_reader, updates)
-            has_delta = any(reader.is_delta for reader in readers)
             writer = stack.enter_context(TensorWriter(out, shape_of))
-            for name, spec in base_spec.items():
-                dtype = torch_dtype(spec.dtype)
-                if not dtype.is_floating_point:
-                    writer.write(name, readers[heaviest].read(name))
-                    continue
-                # float32 accumulation: 13x faster than float64 here, and a weighted mean of K
-                # terms loses at most about K float32 ulps; float64 models keep float64
-                acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-                acc = torch.zeros(spec.shape, dtype=acc_dtype)
-                base_tensor = base_reader.read(name).to(acc_dtype) if has_delta else None
-                for reader, update in zip(readers, updates, strict=True):
-                    tensor = reader.read(name, dtype=acc_dtype, base_tensor=base_tensor)
-                    acc.add_(tensor, alpha=update.num_examples / total)
-                    del tensor
-                writer.write(name, acc.to(dtype))
-                del acc, base_tensor
+            write_weighted_mean(writer, base_reader, readers, [u.num_examples for u in updates])
+
+
+#: Elements of a tensor FedAvg reads, sums and writes at a time (4 MiB of float32).
+PIECE_ELEMENTS = 1 << 20
+
+
+def pieces(numel: int) -> Iterator[tuple[int, int]]:
+    """The ``(start, stop)`` element ranges FedAvg takes a tensor of ``numel`` elements in.
+
+    An empty tensor is one empty piece.
+    """
+    if numel == 0:
+        yield 0, 0
+        return
+    for start in range(0, numel, PIECE_ELEMENTS):
+        yield start, min(start + PIECE_ELEMENTS, numel)
+
+
+def write_weighted_mean(
+    writer: TensorWriter,
+    base: TensorReader,
+    readers: Sequence[UpdateReader],
+    weights: Sequence[int],
+    *,
+    ready: Callable[[str, int], None] | None = None,
+    wrote: Callable[[int], None] | None = None,
+) -> None:
+    """Write FedAvg's model: the ``weights``-weighted mean of ``readers``, piece by piece.
+
+    The one computation of FedAvg's model, whether the updates are on disk
+    (:meth:`FedAvg.aggregate`) or still arriving (:class:`~flctl.aggregation.StreamingMean`):
+    the same updates in the same order give the same bits either way. Each floating-point
+    tensor is taken :data:`PIECE_ELEMENTS` at a time: the piece of every update is added,
+    weighted, to a float32 accumulator (float64 for float64 models) and written in the model's
+    dtype. Integer tensors come from the heaviest update (the first of equals).
+
+    Args:
+        writer: The output, its tensors declared in the base model's order.
+        base: The round's base model.
+        readers: The updates, in summation order (:func:`summation_order`).
+        weights: Each update's weight (its examples, as counted), > 0.
+        ready: Called with a tensor's name and the end of a piece before the piece is read
+            (waits until every update holds it).
+        wrote: Called with the bytes of each piece written.
+    """
+    import torch
+
+    total = float(sum(weights))
+    heaviest = max(range(len(readers)), key=lambda i: weights[i])
+    has_delta = any(reader.is_delta for reader in readers)
+    for name, spec in base.specs.items():
+        dtype = torch_dtype(spec.dtype)
+        # float32 accumulation: 13x faster than float64 here, and a weighted mean of K terms
+        # loses at most about K float32 ulps; float64 models keep float64
+        acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        for start, stop in pieces(spec.numel):
+            if ready is not None:
+                ready(name, stop)
+            if not dtype.is_floating_point:
+                piece = readers[heaviest].read_piece(name, start, stop)
+            else:
+                acc = torch.zeros(stop - start, dtype=acc_dtype)
+                base_piece = base.read_piece(name, start, stop).to(acc_dtype) if has_delta else None
+                for reader, weight in zip(readers, weights, strict=True):
+                    value = reader.read_piece(
+                        name, start, stop, dtype=acc_dtype, base_piece=base_piece
+                    )
+                    acc.add_(value, alpha=weight / total)
+                    del value
+                piece = acc.to(dtype)
+                del acc, base_piece
+            writer.write_part(name, piece)
+            if wrote is not None:
+                wrote(piece.numel() * piece.element_size())
+            del piece
 
 
 def fedavg_in_memory(
