@@ -26,10 +26,12 @@ from flctl.aggregation._registry import BUILTIN_STRATEGIES, make_strategy
 from flctl.aggregation._running import RunningSum, SumOverflowError
 from flctl.aggregation._secure import MaskedSum, SecureMean, Unmasker, check_secure
 from flctl.aggregation._strategy import EvaluateResult, Param, Strategy, WeightedUpdate
+from flctl.aggregation._streaming import ArrivingUpdate, StreamCancelledError, StreamingMean
 from flctl.aggregation._weights import cap_weights
 
 __all__ = [
     "AnomalyScores",
+    "ArrivingUpdate",
     "BUILTIN_STRATEGIES",
     "Bulyan",
     "DpFedAvg",
@@ -53,6 +55,8 @@ __all__ = [
     "RunningSum",
     "SecureMean",
     "Strategy",
+    "StreamCancelledError",
+    "StreamingMean",
     "SumOverflowError",
     "Unmasker",
     "UpdateScorer",
