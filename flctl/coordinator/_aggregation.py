@@ -5,7 +5,11 @@ round engine. Before each round it gives the strategy the state recorded with th
 (:meth:`RoundAggregation.sync_state`); when the tasks are sent it asks for the clients' extra fit
 config (:meth:`~RoundAggregation.configure_fit`).
 
-While the round trains, each accepted update is added to the round's
+While the round trains, for a strategy whose model is FedAvg's, the model is computed as the
+updates upload (:class:`~flctl.coordinator._streaming.RoundStream`, fed by
+:meth:`~RoundAggregation.upload_begun` and :meth:`~RoundAggregation.update_accepted`), and
+used if the round takes exactly those updates. With ``[strategy] incremental = true`` instead,
+each accepted update is added to the round's
 :class:`~flctl.aggregation.RunningSum` in a worker thread (:meth:`~RoundAggregation.start_round`,
 :meth:`~RoundAggregation.update_accepted`, :class:`~flctl.coordinator._scoring.RoundUpdates`,
 which also scores the updates and applies ``exclude_outliers``): for a mean-based strategy
@@ -36,6 +40,7 @@ from typing import Any
 
 from flctl.aggregation import (
     DpFedAvg,
+    FedAvg,
     LocalDpFedAvg,
     MaskedSum,
     PrivateStrategy,
@@ -64,6 +69,7 @@ from flctl.tensors import (
 from ._events import EventLog
 from ._privacy_round import PrivacyRounds
 from ._scoring import RoundUpdates
+from ._streaming import RoundStream
 
 __all__ = ["RoundAggregation"]
 
@@ -98,9 +104,12 @@ class RoundAggregation:
         self._state_digest: str | None = ""
         #: the round's accepted updates, scored (and summed) as they come
         self._updates = RoundUpdates(config=config, store=store, blobs=blobs, events=events)
-        #: how the last round aggregated: "incremental" (from the running sum), "whole" (every
-        #: update read at the end), "private" (the strategy given the private mean) or
-        #: "secure" (the unmasked mean of a secure round)
+        #: the round's FedAvg computed while its updates upload (``[strategy] streaming``)
+        self._stream: RoundStream | None = None
+        #: how the last round aggregated: "streamed" (while the updates uploaded),
+        #: "incremental" (from the running sum), "whole" (every update read at the end),
+        #: "private" (the strategy given the private mean) or "secure" (the unmasked mean of
+        #: a secure round)
         self.last_mode = ""
 
     def sync_state(self) -> None:
@@ -215,7 +224,14 @@ class RoundAggregation:
 
     # ------------------------------------------------------------------ incremental
 
-    def start_round(self, server_round: int, base_digest: str, accepted: Sequence[Any]) -> None:
+    def start_round(
+        self,
+        server_round: int,
+        base_digest: str,
+        accepted: Sequence[Any],
+        *,
+        selected: Sequence[str] = (),
+    ) -> None:
         """A round trains from ``base_digest``: take its updates one by one as they are accepted.
 
         A :class:`~flctl.aggregation.RunningSum` takes each accepted update in a worker thread
@@ -224,15 +240,56 @@ class RoundAggregation:
         ``[strategy] incremental = false``) it adds the update to the round's sum first, then,
         when no update waits to be added, scores it (``update.scored``); see
         :class:`RoundUpdates`.
+
+        With ``selected`` (the round waits for exactly these clients) and a strategy that
+        aggregates as FedAvg does, without privacy or the running sum, the round's model is
+        also computed while the updates upload (:class:`RoundStream`, ``[strategy]
+        streaming``): :meth:`upload_begun` and :meth:`update_accepted` hand it their files.
         """
+        self.end_round()
+        if selected and self._streams():
+            self._stream = RoundStream(
+                server_round,
+                selected,
+                self._blobs.path(base_digest),
+                base_digest,
+                self._blobs,
+                lambda claims: cap_weights(
+                    claims,
+                    max_examples=self._config.rounds.max_examples_per_update,
+                    max_share=self._config.rounds.max_weight_share,
+                ),
+            )
         self._updates.start(
             server_round, self._blobs.path(base_digest), keep_sum=self._incremental()
         )
         for record in accepted:
             self.update_accepted(server_round, record)
 
+    def upload_begun(
+        self, server_round: int, client_id: str, part: Path, size: int, num_examples: int
+    ) -> None:
+        """``client_id`` began (or resumed) uploading its update for the round to ``part``."""
+        stream = self._stream
+        if stream is not None and stream.server_round == server_round:
+            stream.offer(client_id, part, size, num_examples)
+
+    def update_refused(self, server_round: int, client_id: str) -> None:
+        """``client_id``'s update for the round was refused for good: the round cannot take it."""
+        stream = self._stream
+        if stream is not None and stream.server_round == server_round:
+            stream.refused(client_id)
+
     def update_accepted(self, server_round: int, record: Any) -> None:
         """Add the accepted update ``record`` to the round's sum and score it, in the background."""
+        stream = self._stream
+        if stream is not None and stream.server_round == server_round and record.digest:
+            stream.offer(
+                record.client_id,
+                self._blobs.path(record.digest),
+                int(record.size),
+                int(record.num_examples),
+            )
         weight = min(int(record.num_examples), self._config.rounds.max_examples_per_update)
         if weight <= 0 or not record.digest:
             return
@@ -241,11 +298,25 @@ class RoundAggregation:
 
     def end_round(self) -> None:
         """The round ended: its updates still unscored are scored in the background."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.discard()
         self._updates.end()
 
     async def close(self) -> None:
         """Stop scoring (the coordinator stops): updates not scored yet stay unscored."""
+        self.end_round()
         await self._updates.close()
+
+    def _streams(self) -> bool:
+        """Whether rounds aggregate while their updates upload (:class:`RoundStream`)."""
+        return (
+            self._config.strategy.streaming
+            and self._config.privacy.mode == "off"
+            and not self._incremental()
+            # the strategy's model is FedAvg's: the one computation the stream runs
+            and type(self.strategy).aggregate is FedAvg.aggregate
+        )
 
     def _incremental(self) -> bool:
         return (
@@ -303,6 +374,13 @@ class RoundAggregation:
                         extra={"round": server_round},
                     )
                     running = None
+            stream = self._stream
+            if running is None and stream is not None and stream.server_round == server_round:
+                taken = await stream.take(updates)
+                if taken is not None:
+                    self.last_mode = "streamed"
+                    digest, state_digest = await asyncio.to_thread(self._commit_streamed, *taken)
+                    return digest, state_digest, accepted, weights
             if running is None:
                 self.last_mode = "whole"
                 digest, state_digest = await asyncio.to_thread(
@@ -431,6 +509,14 @@ class RoundAggregation:
             else:
                 strategy.aggregate(base, updates, temp)
                 digest = sha256_file(temp)
+            digest = self._blobs.commit_temp(temp, digest)
+        finally:
+            temp.unlink(missing_ok=True)
+        return digest, self._store_state()
+
+    def _commit_streamed(self, temp: Path, digest: str) -> tuple[str, str]:
+        """Store the model the stream wrote (hashed as it was written)."""
+        try:
             digest = self._blobs.commit_temp(temp, digest)
         finally:
             temp.unlink(missing_ok=True)

@@ -142,7 +142,7 @@ from ._registry import Registry
 from ._secagg_round import SecAggRound
 from ._selection import Selection
 from ._tasks import build_task
-from ._uploads import PartialUploads
+from ._uploads import PartialUpload, PartialUploads
 
 __all__ = ["Evaluator", "PendingRollback", "RoundEngine", "end_round"]
 
@@ -378,6 +378,7 @@ class RoundEngine:
         ):
             return
         open_round.refused.setdefault(client_id, reason)
+        self._aggregation.update_refused(server_round, client_id)
         if self.secagg is not None and self.secagg.server_round == server_round:
             self.secagg.masked_input_refused(client_id, reason)
             open_round.changed.set()
@@ -394,6 +395,13 @@ class RoundEngine:
                 False, f"task {task_id[:16]!r} is not {client_id}'s task for round {server_round}"
             )
         return await secagg.message(client_id, stage, payload)
+
+    def upload_begun(self, record: PartialUpload, part: Path) -> None:
+        """``record``'s bytes are arriving in ``part`` (a stream began or resumed)."""
+        if self.open is not None and record.server_round == self.open.server_round:
+            self._aggregation.upload_begun(
+                record.server_round, record.client_id, part, record.size, record.num_examples
+            )
 
     def secagg_upload(self, server_round: int) -> tuple[int, int] | None:
         """The masked input's length and modulus bits, if ``server_round`` is a secure round."""
@@ -619,7 +627,12 @@ class RoundEngine:
             target=self._selection.target(len(tasks)),
             fit_config=fit_config,
         )
-        self._aggregation.start_round(server_round, head.digest, [])
+        # the round waits for every selected client (no over-selection, no secure
+        # aggregation): its model may be computed while their updates upload
+        streamed = self.secagg is None and self.open.target >= len(tasks)
+        self._aggregation.start_round(
+            server_round, head.digest, [], selected=selected if streamed else ()
+        )
         with self._store.transaction():
             self._store.set_round_status(
                 server_round,
@@ -1022,7 +1035,8 @@ class RoundEngine:
                     # the coordinator's phases: aggregation (reading the updates, writing,
                     # hashing and storing the new model) and server-side evaluation
                     aggregate_s=round(aggregate_s, 4),
-                    # "incremental" (summed as the updates arrived), "whole" or "private"
+                    # "streamed" (summed while they uploaded), "incremental" (summed as they
+                    # arrived), "whole", "private" or "secure"
                     aggregation=self._aggregation.last_mode,
                     evaluate_s=None if evaluate_s is None else round(evaluate_s, 4),
                 ),

@@ -501,6 +501,8 @@ class UpdateIntake:
                     # the update is read again only when the round aggregates: its pages
                     # leave the page cache as they reach the disk
                     sink.handle, sink.writeback = handle, WriteBehind(handle, drop=True)
+                    # the round may sum these bytes as they land (RoundStream)
+                    self._engine.upload_begun(record, part)
                     try:
                         async for data in chunks:
                             if not isinstance(data, bytes | memoryview):

@@ -123,8 +123,9 @@ class RoundCommitted(EventPayload):
         duration_s: The round's duration.
         aggregate_s: The coordinator's aggregation phase (reading the updates, writing,
             hashing and storing the new model), rounded to 0.1 ms by the caller.
-        aggregation: How it aggregated: ``incremental`` (summed as the updates arrived),
-            ``whole`` or ``private``.
+        aggregation: How it aggregated: ``streamed`` (FedAvg summed while the updates
+            uploaded), ``incremental`` (summed as the updates arrived), ``whole`` (every update
+            read once the wait ended), ``private`` or ``secure``.
         evaluate_s: Its server-side evaluation, or None when there was none (written as null).
     """
 

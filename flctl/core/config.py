@@ -286,6 +286,10 @@ class StrategyConfig:
     wait ends, in a fixed order (false, the default: bit-for-bit repeatable whatever the
     arrival order; on the machines measured, docs/benchmarks.md, it also commits sooner).
 
+    ``streaming`` is the coordinator's too: for a strategy whose model is FedAvg's, the round's
+    model is computed while the updates upload, and used when it is the round's (true, the
+    default; the same bits as reading them at the end), or only once the wait ends (false).
+
     ``exclude_outliers`` and ``outlier_threshold`` belong to the coordinator, not to the
     strategy (Byzantine detection, docs/strategies.md): every accepted update is scored, and
     the outlier rule, with ``outlier_threshold`` on the modified z-score (> 0), marks a
@@ -296,6 +300,7 @@ class StrategyConfig:
     name: str = "fedavg"
     params: dict[str, ConfigValue] = field(default_factory=dict)
     incremental: bool = False
+    streaming: bool = True
     exclude_outliers: Literal["off", "flag", "drop"] = "off"
     outlier_threshold: float = 3.5
 
@@ -619,14 +624,19 @@ def _parse_strategy(path: Path, raw: Any, alias: Any) -> StrategyConfig:
         name = alias
     if name is not None and not name:
         raise ConfigError(f"{path}: `strategy.name` must name a strategy, not {name!r}")
-    incremental = params.pop("incremental", False)
-    if not isinstance(incremental, bool):
-        raise ConfigError(
-            f"{path}: `strategy.incremental` must be true or false, not {incremental!r}"
-        )
+    switches: dict[str, bool] = {}
+    for key, default in (("incremental", False), ("streaming", True)):
+        value = params.pop(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: `strategy.{key}` must be true or false, not {value!r}")
+        switches[key] = value
     outliers = _parse_outliers(path, params)
     return StrategyConfig(
-        name=name or StrategyConfig.name, params=params, incremental=incremental, **outliers
+        name=name or StrategyConfig.name,
+        params=params,
+        incremental=switches["incremental"],
+        streaming=switches["streaming"],
+        **outliers,
     )
 
 

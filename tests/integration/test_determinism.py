@@ -3,11 +3,13 @@
 Two federations of the digits template run one after the other, each with its own state, over
 real gRPC and mutual TLS. The clients of the second finish in the opposite order to those of
 the first (each fit waits a little, longer for some clients), so the coordinator receives the
-updates in another order. With ``[strategy] incremental = false`` (every update read once the
-round's wait ends, in a fixed order) the models it commits and the metrics it records must not
-change, bit for bit. With incremental aggregation (the default: each update summed as it
-arrives) three updates summed in another order may change the last bits of the mean: the
-models must agree within float32 rounding.
+updates in another order. With ``[strategy] incremental = false`` the models it commits and the
+metrics it records must not change, bit for bit, whether the round's model was summed while
+the updates uploaded (``streaming = true``, the default) or with every update read once the
+round's wait ends (``streaming = false``): both sum in a fixed order. With incremental
+aggregation (``incremental = true``: each update summed as it arrives) three updates summed in
+another order may change the last bits of the mean: the models must agree within float32
+rounding.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class LateClient(Client):
         return result
 
 
-def _project(root: Path, certs: Path, *, incremental: bool) -> Config:
+def _project(root: Path, certs: Path, *, incremental: bool, streaming: bool = True) -> Config:
     root.mkdir()
     shutil.copytree(certs, root / "certs")
     shutil.copy(TEMPLATE / "task.py", root / "task.py")
@@ -73,7 +75,7 @@ def _project(root: Path, certs: Path, *, incremental: bool) -> Config:
         rounds={"min_clients": len(CLIENTS), "deadline_s": 60.0, "quorum_timeout_s": 30.0},
         data={"num_partitions": len(CLIENTS)},
         task={"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
-        strategy={"name": "fedavg", "incremental": incremental},
+        strategy={"name": "fedavg", "incremental": incremental, "streaming": streaming},
     )
 
 
@@ -121,13 +123,17 @@ def _federate(config: Config, delays: dict[str, float]) -> tuple[list[dict[str, 
         rounds = [store.get_round(r) for r in range(1, ROUNDS + 1)]
         assert [r.status for r in rounds] == ["committed"] * ROUNDS
         metrics = [dict(r.metrics) for r in rounds]
-        # each round aggregated as [strategy] incremental says
+        # each round aggregated as [strategy] incremental and streaming say
         modes = [
             e.data["aggregation"]
             for e in store.events_since(0, limit=10_000)
             if e.type == "round.committed"
         ]
-        assert modes == ["incremental" if config.strategy.incremental else "whole"] * ROUNDS
+        if config.strategy.incremental:
+            expected = "incremental"
+        else:
+            expected = "streamed" if config.strategy.streaming else "whole"
+        assert modes == [expected] * ROUNDS
         digests = [m.digest for m in sorted(store.list_models(), key=lambda m: m.version)]
         head = store.head()
         assert head is not None and head.digest == digests[-1]
@@ -139,12 +145,14 @@ def _federate(config: Config, delays: dict[str, float]) -> tuple[list[dict[str, 
 def test_the_same_seed_gives_the_same_models_whatever_order_updates_arrive_in(
     tmp_path: Path, certs_template: Path
 ) -> None:
+    # summed while the updates upload, then every update read once the wait ends: the same
+    # bits, whatever the order they arrived in
     first = _federate(
         _project(tmp_path / "first", certs_template, incremental=False),
         {"c1": 0.0, "c2": 0.4, "c3": 0.8},
     )
     second = _federate(
-        _project(tmp_path / "second", certs_template, incremental=False),
+        _project(tmp_path / "second", certs_template, incremental=False, streaming=False),
         {"c1": 0.8, "c2": 0.4, "c3": 0.0},
     )
     metrics, digests = first

@@ -170,3 +170,40 @@ def test_a_whole_round_strategy_scores_the_distance_to_the_median(project: Proje
         assert committed.data["aggregation"] == "whole"
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(("mode", "aggregation"), [("flag", "streamed"), ("drop", "whole")])
+def test_a_round_summed_while_uploading_is_used_only_if_it_took_those_updates(
+    project: Project, mode: str, aggregation: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Streaming (the default): flagging keeps the streamed model; dropping c5 discards it."""
+    caplog.set_level("INFO", logger="flctl.coordinator")
+    store, blobs, outcome = _run_round(project, {"name": "fedavg", "exclude_outliers": mode})
+    try:
+        assert outcome == "committed: "
+        assert "aggregating while 5 updates upload" in caplog.text
+        events = store.events_since(0, limit=10_000)
+        (committed,) = [e for e in events if e.type == ev.ROUND_COMMITTED]
+        assert committed.data["aggregation"] == aggregation
+        if mode == "drop":
+            assert "aggregating whole: the round took other updates" in caplog.text
+        updates = {u.client_id: u for u in store.updates_for_round(1, status="accepted")}
+        kept = CLIENTS[:4] if mode == "drop" else CLIENTS
+        base = store.get_model(1)
+        FedAvg().aggregate(
+            _blob(blobs, base.digest),
+            [
+                WeightedUpdate(_blob(blobs, updates[c].digest), updates[c].num_examples, c)
+                for c in kept
+            ],
+            blobs.parent / "expected.safetensors",
+        )
+        head = store.head()
+        assert head is not None
+        # the same bits as the whole-round pass over the updates the round took
+        assert (
+            _blob(blobs, head.digest).read_bytes()
+            == (blobs.parent / "expected.safetensors").read_bytes()
+        )
+    finally:
+        store.close()
