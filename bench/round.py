@@ -44,7 +44,8 @@ Bounds (issue 4; model = the model file's size; 400 MB = 381.5 MiB):
 
     python bench/round.py [--params 125000000] [--clients 2 [8 ...]] [--rounds 2]
         [--encoding full|delta] [--dtype float32|float16|bfloat16]
-        [--compression none|zstd|auto] [--template large|digits] [--seed 0] [--keep DIR]
+        [--compression none|zstd|auto] [--template large|digits] [--seed 0]
+        [--incremental on|off] [--streaming on|off] [--keep DIR]
         [--rss-trace] [--json]
 """
 
@@ -106,6 +107,7 @@ def prepare(directory: Path, args: argparse.Namespace, clients: int) -> None:
     ]:
         text = _set_key(text, table, key, value)
     text = _set_key(text, "strategy", "incremental", "true" if args.incremental else "false")
+    text = _set_key(text, "strategy", "streaming", "true" if args.streaming else "false")
     toml.write_text(text)
     from flctl.core import load_config
 
@@ -569,6 +571,12 @@ def main() -> None:
         default="off",
         help="[strategy] incremental: sum updates as they arrive (on) or all at the end (off)",
     )
+    parser.add_argument(
+        "--streaming",
+        choices=["on", "off"],
+        default="on",
+        help="[strategy] streaming: sum FedAvg while the updates upload (on) or after (off)",
+    )
     parser.add_argument("--keep", type=Path, help="keep the projects in this folder")
     parser.add_argument(
         "--rss-trace", action="store_true", help="the coordinator's VmRSS every 50 ms, in JSON"
@@ -576,6 +584,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     args.incremental = args.incremental == "on"
+    args.streaming = args.streaming == "on"
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("FLCTL_BENCH_TMP")) as tmp:
         root = args.keep or Path(tmp)

@@ -50,6 +50,9 @@ def test_init_certs_serve_join_round_start_models_ls(tmp_path: Path, processes: 
     watch = one_json(flctl("round", "watch", "--json", cwd=proj, check=True).stdout)
     types = [e["type"] for e in watch["events"]]
     assert types.count("round.committed") >= 2 and "client.joined" in types
+    # FedAvg summed the model while the two updates uploaded ([strategy] streaming)
+    committed = [e for e in watch["events"] if e["type"] == "round.committed"]
+    assert {e["data"]["aggregation"] for e in committed} == {"streamed"}, committed
 
     status = one_json(
         flctl(
