@@ -69,7 +69,7 @@ from flctl.tensors import (
 from ._events import EventLog
 from ._privacy_round import PrivacyRounds
 from ._scoring import RoundUpdates
-from ._streaming import RoundStream
+from ._streaming import MAX_STREAMED_UPDATES, RoundStream
 
 __all__ = ["RoundAggregation"]
 
@@ -241,13 +241,14 @@ class RoundAggregation:
         when no update waits to be added, scores it (``update.scored``); see
         :class:`RoundUpdates`.
 
-        With ``selected`` (the round waits for exactly these clients) and a strategy that
+        With ``selected`` (the round waits for exactly these clients, at most
+        :data:`MAX_STREAMED_UPDATES`) and a strategy that
         aggregates as FedAvg does, without privacy or the running sum, the round's model is
         also computed while the updates upload (:class:`RoundStream`, ``[strategy]
         streaming``): :meth:`upload_begun` and :meth:`update_accepted` hand it their files.
         """
         self.end_round()
-        if selected and self._streams():
+        if 0 < len(selected) <= MAX_STREAMED_UPDATES and self._streams():
             self._stream = RoundStream(
                 server_round,
                 selected,

@@ -30,9 +30,14 @@ from flctl.aggregation import ArrivingUpdate, StreamingMean, WeightedUpdate
 from flctl.store import BlobStore
 from flctl.tensors import FollowingHasher, sha256_file
 
-__all__ = ["RoundStream"]
+__all__ = ["MAX_STREAMED_UPDATES", "RoundStream"]
 
 log = logging.getLogger("flctl.coordinator")
+
+#: Rounds of more selected clients aggregate whole: a streamed update holds two file
+#: descriptors while the round trains, and the uploads of a round that large queue for the
+#: coordinator's upload slots anyway, so most of its updates are whole before the last begins.
+MAX_STREAMED_UPDATES = 256
 
 
 @dataclass(frozen=True)
