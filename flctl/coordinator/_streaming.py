@@ -96,10 +96,24 @@ class RoundStream:
         """``client_id``'s update is at ``path``: an upload begun, or an update accepted.
 
         The same file offered again (a resumed upload, its acceptance) changes nothing; another
-        file for a client already streamed makes the stream stale.
+        file for a client already streamed makes the stream stale. Never raises: the upload or
+        acceptance that offers the file must not fail for the stream's sake (a stream that
+        cannot go on is discarded, and the round aggregates whole).
         """
         if client_id not in self._selected or self.stale:
             return
+        try:
+            self._offer(client_id, path, size, num_examples)
+        except Exception as exc:
+            log.warning(
+                "round %d: not aggregating while the updates upload: %s",
+                self.server_round,
+                exc,
+                extra={"round": self.server_round},
+            )
+            self._discard(f"{type(exc).__name__}: {exc}")
+
+    def _offer(self, client_id: str, path: Path, size: int, num_examples: int) -> None:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
