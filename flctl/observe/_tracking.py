@@ -77,6 +77,7 @@ def tracking_params(config: Config) -> dict[str, str]:
     for key, value in sorted(strategy.params.items()):
         params[f"strategy.{key}"] = _text(value)
     params["strategy.incremental"] = _text(strategy.incremental)
+    params["strategy.streaming"] = _text(strategy.streaming)
     params["strategy.exclude_outliers"] = strategy.exclude_outliers
     if strategy.exclude_outliers != "off":
         params["strategy.outlier_threshold"] = _text(strategy.outlier_threshold)

@@ -241,6 +241,17 @@ def test_strategy_incremental_is_the_coordinators_and_a_boolean(tmp_path: Path) 
         load_config(write(tmp_path, "[strategy]\nincremental = 1\n"))
 
 
+def test_strategy_streaming_is_the_coordinators_a_boolean_and_on_by_default(
+    tmp_path: Path,
+) -> None:
+    assert load_config(write(tmp_path, "")).strategy.streaming is True
+    config = load_config(write(tmp_path, "[strategy]\nname = 'fedprox'\nstreaming = false\n"))
+    # not one of the strategy's parameters
+    assert (config.strategy.streaming, config.strategy.params) == (False, {})
+    with pytest.raises(ConfigError, match="`strategy.streaming` must be true or false, not 'no'"):
+        load_config(write(tmp_path, "[strategy]\nstreaming = 'no'\n"))
+
+
 def test_rounds_strategy_is_a_deprecated_alias_of_the_strategy_name(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
