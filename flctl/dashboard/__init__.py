@@ -1,7 +1,7 @@
 """The web dashboard: an ASGI app that is an Admin client of the coordinator, like the CLI.
 
-:func:`run_dashboard` serves it (uvicorn); :func:`create_app` builds the app from an
-:class:`AdminSource` (the one Admin connection, with a read cache keyed by the event log) and
+:func:`run_dashboard` serves it (uvicorn); :func:`create_app` builds the app, which caches
+its answers until the next event, from an :class:`AdminSource` (the one Admin connection) and
 an :class:`EventHub` (one ``Watch`` stream fanned out to every browser).
 """
 

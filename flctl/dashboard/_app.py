@@ -31,7 +31,7 @@ from flctl.core.errors import FlctlError, InvalidInputError
 from flctl.core.events import PRIVACY_CHARGED
 from flctl.dashboard._hub import EventHub
 from flctl.dashboard._security import COOKIE, SECURITY_HEADERS, Access
-from flctl.dashboard._source import MAX_AGE_S, MIN_AGE_S, READ_SEQS, AdminSource
+from flctl.dashboard._source import READ_SEQS, AdminSource
 from flctl.dashboard._views import (
     client_view,
     event_view,
@@ -54,6 +54,16 @@ def _DEBUG() -> bool:  # noqa: N802
 audit = logging.getLogger("flctl.dashboard.audit")
 
 #: Bounds on what a query string may ask for (ids as the Admin service bounds them).
+#: A cached answer is read again after this long even without events (clients' live state and
+#: transfer rates change without one).
+MAX_AGE_S = 2.0
+
+#: An answer is not read again sooner than this, however many events arrived since: a busy
+#: round writes dozens of events a second, and the pages need not re-read the coordinator for
+#: each. Pages know the answer is behind (its ``as_of_seq`` is older than the stream's) and
+#: ask again.
+MIN_AGE_S = 0.5
+
 MAX_ID = 2**63 - 1
 MAX_PAGE = 200
 _TYPE = re.compile(r"^[a-z_.]{0,64}$")
@@ -180,8 +190,8 @@ def create_app(
 
         return endpoint
 
-    # answers as sent, by URL: browsers asking the same between two events (or within
-    # MIN_AGE_S) get the same bytes, read and serialized once
+    # the dashboard's one cache: answers as sent, by URL. Browsers asking the same between two
+    # events (or within MIN_AGE_S) get the same bytes, read and serialized once
     answers: dict[str, tuple[int, float, bytes]] = {}
 
     def api(fn: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Response]]:

@@ -1,8 +1,8 @@
-"""The dashboard's one connection to the coordinator's Admin service, and its read cache.
+"""The dashboard's one connection to the coordinator's Admin service.
 
-Every page and every browser reads through one :class:`AdminSource`: a read answered from the
-coordinator is kept until the next event arrives (the event stream is what changes it), and
-reads asked for at the same time share one call, so twenty browsers watching a round cost the
+Every page and every browser reads through one :class:`AdminSource`: reads asked for at the
+same time share one call. With the app's cache of answers by URL (kept until the next event
+arrives, :func:`~flctl.dashboard.create_app`), twenty browsers watching a round cost the
 coordinator about what one does.
 """
 
@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -33,18 +32,9 @@ READ_SEQS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
     "flctl_dashboard_read_seqs", default=None
 )
 
-#: A cached read is refreshed after this long even without events (clients' live state and
-#: transfer rates change without one).
-MAX_AGE_S = 2.0
-
-#: A read is not repeated sooner than this, however many events arrived since: a busy round
-#: writes dozens of events a second, and the pages need not re-read the coordinator for each.
-#: Pages know the answer is behind (its ``seq`` is older than the stream's) and ask again.
-MIN_AGE_S = 0.5
-
 
 class AdminSource:
-    """Admin calls with reconnection to the leader, and a read cache keyed by the event seq.
+    """Admin calls with reconnection to the leader; concurrent reads share one call.
 
     Args:
         connect: Opens a connection to the leader (finds it among several addresses).
@@ -57,8 +47,8 @@ class AdminSource:
         self.leader = ""
         #: The newest event seq seen (:class:`~flctl.dashboard.EventHub` moves it).
         self.seq = 0
-        self._cache: dict[str, tuple[int, float, Any]] = {}
-        self._pending: dict[str, asyncio.Future[Any]] = {}
+        #: reads in flight by key: the event seq each started at, and its answer to come
+        self._pending: dict[str, tuple[int, asyncio.Future[Any]]] = {}
 
     async def client(self) -> AdminClient:
         """The open connection, opened (to the leader) on first use or after a failure."""
@@ -88,30 +78,22 @@ class AdminSource:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def read(self, key: str, fn: Callable[[AdminClient], Awaitable[T]]) -> T:
-        """``fn``'s answer, shared by concurrent readers and kept until the next event.
+        """``fn``'s answer; readers of the same ``key`` while a call is in flight share it.
 
-        At most one call per :data:`MIN_AGE_S` for each ``key``; :meth:`seq_of` says how
-        recent the answer is.
+        The event seq the answer was read at goes to :data:`READ_SEQS` (the request's list,
+        when set): a page knows how recent it is.
         """
-        now = time.monotonic()
-        hit = self._cache.get(key)
         seqs = READ_SEQS.get()
-        if hit is not None and (
-            now - hit[1] < MIN_AGE_S or (hit[0] == self.seq and now - hit[1] < MAX_AGE_S)
-        ):
-            if seqs is not None:
-                seqs.append(hit[0])
-            return hit[2]  # type: ignore[no-any-return]
         pending = self._pending.get(key)
         if pending is not None:
             if seqs is not None:
-                seqs.append(self.seq)
-            return await asyncio.shield(pending)
+                seqs.append(pending[0])
+            return await asyncio.shield(pending[1])
         seq = self.seq
         if seqs is not None:
             seqs.append(seq)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
+        self._pending[key] = (seq, future)
         try:
             value = await self.call(fn)
         except BaseException as exc:
@@ -121,17 +103,9 @@ class AdminSource:
             raise
         else:
             future.set_result(value)
-            if len(self._cache) > 256:
-                self._cache.clear()
-            self._cache[key] = (seq, now, value)
             return value
         finally:
             self._pending.pop(key, None)
-
-    def seq_of(self, key: str) -> int:
-        """The event seq the cached answer for ``key`` was read at (0: none cached)."""
-        hit = self._cache.get(key)
-        return hit[0] if hit is not None else 0
 
     async def close(self) -> None:
         """Close the connection."""
