@@ -97,6 +97,7 @@ def write_weighted_mean(
     *,
     ready: Callable[[str, int], None] | None = None,
     wrote: Callable[[int], None] | None = None,
+    non_finite: list[str] | None = None,
 ) -> None:
     """Write FedAvg's model: the ``weights``-weighted mean of ``readers``, piece by piece.
 
@@ -115,6 +116,8 @@ def write_weighted_mean(
         ready: Called with a tensor's name and the end of a piece before the piece is read
             (waits until every update holds it).
         wrote: Called with the bytes of each piece written.
+        non_finite: Given, the names of the floating-point tensors written with a NaN or an
+            Inf are appended to it (once each, in the order written).
     """
     import torch
 
@@ -142,6 +145,9 @@ def write_weighted_mean(
                     del value
                 piece = acc.to(dtype)
                 del acc, base_piece
+                if non_finite is not None and not bool(torch.isfinite(piece).all()):
+                    if name not in non_finite:
+                        non_finite.append(name)
             writer.write_part(name, piece)
             if wrote is not None:
                 wrote(piece.numel() * piece.element_size())

@@ -91,6 +91,9 @@ class StreamingMean:
         self._base_digest = base_digest
         self._poll_s = poll_s
         self._cancelled = threading.Event()
+        #: after :meth:`run`: why the model holds a NaN or an Inf, as the validation gate
+        #: says it ("tensor 'w' holds NaN or Inf values"), or "" when every value is finite
+        self.non_finite = ""
 
     def cancel(self) -> None:
         """Stop :meth:`run` at its next wait (it raises :class:`StreamCancelledError`)."""
@@ -138,6 +141,8 @@ class StreamingMean:
                 for reader, fd in zip(readers, fds, strict=True):
                     self._wait(fd, reader.offset_of(name, stop))
 
+            # the gate's first check, on the values as they are written: no pass of its own
+            non_finite: list[str] = []
             write_weighted_mean(
                 writer,
                 base,
@@ -145,7 +150,10 @@ class StreamingMean:
                 [u.num_examples for u in updates],
                 ready=ready,
                 wrote=behind.wrote,
+                non_finite=non_finite,
             )
+        if non_finite:
+            self.non_finite = f"tensor {non_finite[0]!r} holds NaN or Inf values"
 
     def _open(self, update: ArrivingUpdate, base: TensorReader) -> tuple[UpdateReader, int]:
         """An :class:`UpdateReader` on the update's file, once its header has arrived.

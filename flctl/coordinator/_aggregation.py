@@ -111,6 +111,9 @@ class RoundAggregation:
         #: "private" (the strategy given the private mean) or "secure" (the unmasked mean of
         #: a secure round)
         self.last_mode = ""
+        #: why the last round's model holds a NaN or an Inf ("": it does not), when the
+        #: aggregation checked it as it wrote the model; None: not checked
+        self.last_non_finite: str | None = None
 
     def sync_state(self) -> None:
         """Give the strategy the state recorded with the head version, if it lacks it.
@@ -359,6 +362,7 @@ class RoundAggregation:
             for u, weight in zip(accepted, weights, strict=True)
         ]
         self._state_digest = None  # the strategy moves on; a round that fails reloads
+        self.last_non_finite = None
         if mechanism is None:
             running = None if whole is not None else self._updates.running_sum(server_round)
             if running is not None:
@@ -379,8 +383,11 @@ class RoundAggregation:
             if running is None and stream is not None and stream.server_round == server_round:
                 taken = await stream.take(updates)
                 if taken is not None:
+                    temp, digest, self.last_non_finite = taken
                     self.last_mode = "streamed"
-                    digest, state_digest = await asyncio.to_thread(self._commit_streamed, *taken)
+                    digest, state_digest = await asyncio.to_thread(
+                        self._commit_streamed, temp, digest
+                    )
                     return digest, state_digest, accepted, weights
             if running is None:
                 self.last_mode = "whole"
@@ -449,6 +456,7 @@ class RoundAggregation:
         base = self._blobs.path(head.digest)
         self._state_digest = None  # the strategy moves on; a round that fails reloads
         self.last_mode = "secure"
+        self.last_non_finite = None
         denominator: float | None = None
         std = 0.0
         clip_norm = self._privacy.clip_norm()

@@ -967,7 +967,10 @@ class RoundEngine:
         # the gate's first check: the aggregate of finite updates can still overflow
         non_finite = ""
         if gate.mode != "off":
-            non_finite = await asyncio.to_thread(non_finite_tensors, self._blobs.path(digest))
+            checked = self._aggregation.last_non_finite  # as the model was written
+            if checked is None:
+                checked = await asyncio.to_thread(non_finite_tensors, self._blobs.path(digest))
+            non_finite = checked
         metrics: dict[str, float] = {}
         evaluate_s: float | None = None
         on_server = rounds.evaluate in ("server", "both") and self._evaluator is not None

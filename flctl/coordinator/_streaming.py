@@ -82,7 +82,7 @@ class RoundStream:
         #: client -> the weight the stream gave it
         self._weights: dict[str, int] = {}
         self._mean: StreamingMean | None = None
-        self._task: asyncio.Future[str] | None = None
+        self._task: asyncio.Future[tuple[str, str]] | None = None
         self._temp: Path | None = None
         #: why the stream cannot be the round's model ("": it may be)
         self.stale = ""
@@ -164,10 +164,10 @@ class RoundStream:
         )
 
     @staticmethod
-    def _run(mean: StreamingMean, temp: Path) -> str:
+    def _run(mean: StreamingMean, temp: Path) -> tuple[str, str]:
         with FollowingHasher(temp) as hasher:
             mean.run()
-        return hasher.digest() or sha256_file(temp)
+        return hasher.digest() or sha256_file(temp), mean.non_finite
 
     def _mismatch(self, updates: Sequence[WeightedUpdate]) -> str:
         """Why ``updates`` are not what was streamed ("": they are)."""
@@ -188,24 +188,26 @@ class RoundStream:
                 return f"{update.client_id}'s accepted update is not the file streamed"
         return ""
 
-    async def take(self, updates: Sequence[WeightedUpdate]) -> tuple[Path, str] | None:
-        """The streamed model, if it is ``updates``' FedAvg: its temp file and digest.
+    async def take(self, updates: Sequence[WeightedUpdate]) -> tuple[Path, str, str] | None:
+        """The streamed model, if it is ``updates``' FedAvg.
 
-        The caller commits the temp file (or deletes it). None: the stream is discarded, and
-        the round aggregates whole.
+        Returns its temp file, its digest, and why it holds a NaN or an Inf ("" when every
+        value is finite: the validation gate's first check, made as it was written). The
+        caller commits the temp file (or deletes it). None: the stream is discarded, and the
+        round aggregates whole.
         """
         why = self._mismatch(updates)
         if not why:
             assert self._task is not None
             try:
-                digest = await asyncio.shield(self._task)
+                digest, non_finite = await asyncio.shield(self._task)
             except Exception as exc:  # the whole-round pass reports a bad update, naming it
                 why = getattr(exc, "message", f"{type(exc).__name__}: {exc}")
             else:
                 temp, self._temp = self._temp, None
                 self._discard("taken")
                 assert temp is not None
-                return temp, digest
+                return temp, digest, non_finite
         log.info(
             "round %d: aggregating whole: %s",
             self.server_round,

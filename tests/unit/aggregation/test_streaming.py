@@ -22,7 +22,7 @@ from flctl.aggregation import (
 )
 from flctl.aggregation._fedavg import PIECE_ELEMENTS, pieces
 from flctl.core.errors import InconsistentUpdatesError, NotEnoughUpdatesError
-from flctl.tensors import encode_update, save_parameters, sha256_file
+from flctl.tensors import encode_update, load_parameters, save_parameters, sha256_file
 
 from .conftest import federation
 
@@ -39,6 +39,10 @@ def _stacks(count: int, seed: int = 0) -> dict[str, np.ndarray]:
         "small": rng.standard_normal((count, 3, 5)).astype(np.float32),
         "empty": np.zeros((count, 0), dtype=np.float32),
     }
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    return dict(load_parameters(path))
 
 
 def _arriving(stack: ExitStack, updates: Sequence[WeightedUpdate]) -> list[ArrivingUpdate]:
@@ -210,3 +214,21 @@ def test_no_updates_or_a_weight_of_zero_is_refused(tmp_path: Path) -> None:
         bad = [arriving[0], ArrivingUpdate("c1", arriving[1].path, arriving[1].fd, 1, 0)]
         with pytest.raises(InconsistentUpdatesError, match="num_examples=0"):
             StreamingMean(base, bad, tmp_path / "streamed").run()
+
+
+def test_the_gates_first_check_is_made_as_the_model_is_written(tmp_path: Path) -> None:
+    """A model holding Inf is named as the gate names it, reading the file: the same verdict."""
+    from flctl.coordinator._gate import non_finite_tensors
+
+    base, updates = federation(tmp_path, _stacks(2, seed=6))
+    # the stream does not judge updates (the upload did): one holding Inf is written as is
+    held = {n: torch.zeros(3, 5) if n == "small" else t for n, t in _load(updates[1].path).items()}
+    held["small"][2, 3] = float("inf")
+    save_parameters(held, updates[1].path)
+    with ExitStack() as stack:
+        mean = StreamingMean(base, _arriving(stack, updates), tmp_path / "streamed")
+        mean.run()
+    assert mean.non_finite == "tensor 'small' holds NaN or Inf values"
+    assert non_finite_tensors(tmp_path / "streamed") == mean.non_finite
+    finite = StreamingMean(base, [], tmp_path / "unused")
+    assert finite.non_finite == ""
