@@ -277,6 +277,7 @@ class RoundAggregation:
         stream = self._stream
         if stream is not None and stream.server_round == server_round:
             stream.offer(client_id, part, size, num_examples)
+            self._streaming_now(stream)
 
     def update_refused(self, server_round: int, client_id: str) -> None:
         """``client_id``'s update for the round was refused for good: the round cannot take it."""
@@ -294,6 +295,7 @@ class RoundAggregation:
                 int(record.size),
                 int(record.num_examples),
             )
+            self._streaming_now(stream)
         weight = min(int(record.num_examples), self._config.rounds.max_examples_per_update)
         if weight <= 0 or not record.digest:
             return
@@ -311,6 +313,16 @@ class RoundAggregation:
         """Stop scoring (the coordinator stops): updates not scored yet stay unscored."""
         self.end_round()
         await self._updates.close()
+
+    def _streaming_now(self, stream: RoundStream) -> None:
+        """A round aggregating while its updates upload scores them after it commits.
+
+        Two cores: scoring an update (reading it whole) while the others upload and the
+        stream sums them slows both, so with ``exclude_outliers = "off"`` (no score needed to
+        aggregate) it waits, as it does while a round aggregates whole.
+        """
+        if stream.started and not stream.stale and self._config.strategy.exclude_outliers == "off":
+            self._updates.pause(stream.server_round)
 
     def _streams(self) -> bool:
         """Whether rounds aggregate while their updates upload (:class:`RoundStream`)."""
@@ -381,7 +393,11 @@ class RoundAggregation:
                     running = None
             stream = self._stream
             if running is None and stream is not None and stream.server_round == server_round:
+                import time as _t
+
+                _a = _t.perf_counter()
                 taken = await stream.take(updates)
+                _b = _t.perf_counter()
                 if taken is not None:
                     temp, digest, self.last_non_finite = taken
                     self.last_mode = "streamed"

@@ -76,6 +76,12 @@ class RoundUpdates:
         running.to_score.append((update, update_id))
         running.poke()
 
+    def pause(self, server_round: int) -> None:
+        """Score nothing new until the round ends (it aggregates now, and needs no score)."""
+        running = self._running
+        if running is not None and running.server_round == server_round:
+            running.paused = True
+
     def end(self) -> None:
         """The round ended: its updates still unscored are scored in the background."""
         running, self._running = self._running, None

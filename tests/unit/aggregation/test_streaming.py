@@ -232,3 +232,18 @@ def test_the_gates_first_check_is_made_as_the_model_is_written(tmp_path: Path) -
     assert non_finite_tensors(tmp_path / "streamed") == mean.non_finite
     finite = StreamingMean(base, [], tmp_path / "unused")
     assert finite.non_finite == ""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_finite_check_by_sum_is_exact(dtype: torch.dtype) -> None:
+    from flctl.aggregation._fedavg import _finite
+
+    big = torch.finfo(dtype).max
+    assert _finite(torch.full((1000,), big, dtype=dtype))  # the sum overflows, no value does
+    assert _finite(torch.zeros(0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        piece = torch.ones(1000, dtype=dtype)
+        piece[517] = bad
+        assert not _finite(piece)
+    mixed = torch.tensor([float("inf"), float("-inf")], dtype=dtype)  # a NaN sum
+    assert not _finite(mixed)
