@@ -166,6 +166,10 @@ class _OpenRound:
     target: int = 0
     #: selected clients without an open task stream, and since when (rejoin grace)
     absent_since: dict[str, float] = field(default_factory=dict)
+    #: selected clients waited for until then however long they are absent: those of a
+    #: resumed round, until its deadline (they could not reach a stopped coordinator, and may
+    #: still be training); until seen again
+    waited_until: dict[str, float] = field(default_factory=dict)
     #: clients whose update was accepted (kept in memory: the upload path asks on every call)
     reported: set[str] = field(default_factory=set)
     #: clients whose update for their task was refused as malformed, and why: final
@@ -806,7 +810,11 @@ class RoundEngine:
         """Carry on with a round a stopped coordinator left open (see :meth:`resume`).
 
         A round stopped while selecting sent no task yet: it selects again from the clients
-        that come back. One stopped later keeps its tasks, deadline and accepted updates.
+        that come back. One stopped later keeps its tasks, deadline and accepted updates, and
+        waits for each selected client that has not reported until the deadline, not
+        ``rejoin_grace_s`` from the restart: a client training when the coordinator stopped
+        rejoins only once its ``fit`` returns, with the update it kept. Once seen again, a
+        client that leaves gets the grace as in any round.
         """
         server_round = record.id
         if record.status == "selecting":
@@ -830,7 +838,7 @@ class RoundEngine:
             record.deadline,
             asyncio.Event(),
             self._blobs.size(head.digest),
-            absent_since=dict.fromkeys(record.tasks, time.time()),
+            waited_until=dict.fromkeys(record.tasks, record.deadline),
             target=self._selection.target(len(record.tasks)),
             reported={
                 u.client_id for u in self._store.updates_for_round(server_round, status="accepted")
@@ -1091,11 +1099,15 @@ class RoundEngine:
                 session = self._registry.get(client_id)
                 if session is not None and session.streaming:
                     open_round.absent_since.pop(client_id, None)
+                    open_round.waited_until.pop(client_id, None)
                     if session.failed_round != server_round:
                         outstanding.append(client_id)
                     continue
-                # gone: it may come back (reconnect, restart) within the grace
-                back_by = open_round.absent_since.setdefault(client_id, now) + grace
+                # gone: it may come back (reconnect, restart) within the grace; a resumed
+                # round's client not seen since the restart, until the deadline
+                back_by = open_round.waited_until.get(client_id)
+                if back_by is None:
+                    back_by = open_round.absent_since.setdefault(client_id, now) + grace
                 if now < back_by:
                     outstanding.append(client_id)
                     wake_at = min(wake_at, back_by + 0.01)

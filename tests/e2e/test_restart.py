@@ -273,3 +273,80 @@ def test_a_round_killed_while_selecting_selects_again_after_restart(
     assert "round.failed" not in types
     assert types.index("round.resumed") < types.index("round.started")
     assert processes.stop("coordinator-2") == 0
+
+
+def test_a_resumed_round_waits_past_the_rejoin_grace_for_a_client_still_training(
+    tmp_path: Path, processes: Processes
+) -> None:
+    """A client in a long fit when the coordinator died rejoins only after it: still counted.
+
+    The grace (1 s here) is for a client whose connection drops; a resumed round waits for
+    its selected clients until its deadline, until each is seen again.
+    """
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "flctl.toml").write_text(
+        CONFIG.replace("deadline_s", "rejoin_grace_s = 1.0\ndeadline_s")
+    )
+    shutil.copy(TINY_TASK, proj / "tiny_task.py")
+    certs_gen(proj, 1)
+    pid, address = serve(processes, "coordinator", proj)
+
+    async def first_life() -> pb.Task:
+        api, tasks = await _join(proj, address)
+        admin = AdminClient(_channel(proj, "admin", address))
+        try:
+            first = asyncio.ensure_future(anext(tasks))
+            await asyncio.sleep(0.5)  # the task stream is open: the client can be selected
+            await admin.start_round(1)
+            task = await asyncio.wait_for(first, 60)
+            os.kill(pid, signal.SIGKILL)  # while the client "trains"
+            return task
+        finally:
+            await admin.close()
+            await api.close()
+
+    task = asyncio.run(first_life())
+    assert processes.procs["coordinator"].wait(30) == -signal.SIGKILL
+    _pid, address = serve(processes, "coordinator-2", proj)
+
+    async def second_life() -> tuple[str, str, list[str]]:
+        admin = AdminClient(_channel(proj, "admin", address))
+        try:
+            # the client's fit goes on for 4 grace periods before it comes back
+            await asyncio.sleep(4.0)
+            status = await admin.status([task.server_round])
+            assert status.rounds[0].status == "training", status.rounds[0].reason
+            api, tasks = await _join(proj, address)
+            try:
+                again = await asyncio.wait_for(anext(tasks), 60)
+                assert (again.server_round, again.task_id) == (task.server_round, task.task_id)
+                model = await fetch_blob(api, ClientCache(tmp_path / "cache"), task.model_digest)
+                nudged = {n: t + 0.01 for n, t in load_parameters(model).items()}
+                save_parameters(nudged, tmp_path / "update")
+                data = (tmp_path / "update").read_bytes()
+                header = pb.UploadHeader(
+                    server_round=task.server_round,
+                    task_id=task.task_id,
+                    num_examples=10,
+                    digest=hashlib.sha256(data).hexdigest(),
+                    size=len(data),
+                )
+                reply = await api.upload(header, _pieces(data))
+                assert reply.accepted, reply.reason
+            finally:
+                await api.close()
+            for _ in range(600):
+                status = await admin.status([task.server_round])
+                if status.rounds[0].status in ("committed", "failed"):
+                    break
+                await asyncio.sleep(0.1)
+            events = [e async for e in admin.watch(0, follow=False)]
+            return status.rounds[0].status, status.rounds[0].reason, [e.type for e in events]
+        finally:
+            await admin.close()
+
+    status, reason, types = asyncio.run(second_life())
+    assert status == "committed", reason
+    assert "round.resumed" in types and "round.failed" not in types
+    assert processes.stop("coordinator-2") == 0
