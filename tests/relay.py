@@ -119,6 +119,14 @@ class Relay:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
+    def cut(self) -> None:
+        """End every connection open now, both ends (a network blip); new ones are relayed."""
+        with self._cond:
+            sockets = [sock for sock in self._sockets if sock is not self._listener]
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def release(self) -> None:
         """Let everything held back through, and stop holding."""
         with self._cond:

@@ -696,9 +696,16 @@ class RoundEngine:
             layout=layout,
             events=self._events,
             is_live=lambda client_id: self._is_live(client_id, server_round),
+            has_failed=lambda client_id: self._has_failed(client_id, server_round),
+            rejoin_grace_s=self._config.rounds.rejoin_grace_s,
             scratch=self._blobs.tmp_dir,
         )
         self._events.emit(self.secagg.started_event(), server_round=server_round)
+
+    def _has_failed(self, client_id: str, server_round: int) -> bool:
+        """Whether ``client_id`` reported its task of the round failed (connected or not)."""
+        session = self._registry.get(client_id)
+        return session is not None and session.failed_round == server_round
 
     def _is_live(self, client_id: str, server_round: int) -> bool:
         """Whether ``client_id`` is connected and has not reported its task of the round failed."""

@@ -80,6 +80,10 @@ class SecAggRound:
         layout: The round's flat vector (of its base model).
         events: Where the ``secagg.*`` events go.
         is_live: Whether a client is still connected and has not reported its task failed.
+        has_failed: Whether a client reported its task of the round failed.
+        rejoin_grace_s: How long a stage waits for a client whose connection dropped
+            (``rounds.rejoin_grace_s``; within the stage's timeout): one that comes back sends
+            the same messages again and stays in.
         scratch: The folder of the masked sum's scratch file.
     """
 
@@ -91,6 +95,8 @@ class SecAggRound:
         layout: SecureLayout,
         events: EventLog,
         is_live: Callable[[str], bool],
+        has_failed: Callable[[str], bool] = lambda client_id: False,
+        rejoin_grace_s: float = 0.0,
         scratch: Path | None = None,
     ) -> None:
         setup = task.setup
@@ -103,6 +109,10 @@ class SecAggRound:
         self._server = SecAggServer(setup)
         self._events = events
         self._is_live = is_live
+        self._has_failed = has_failed
+        self._grace = rejoin_grace_s
+        #: clients a stage waits for whose connection dropped, and since when (monotonic)
+        self._absent: dict[str, float] = {}
         self.quantizer = Quantizer(
             setup.clip_range, setup.quantization_bits, len(setup.participants)
         )
@@ -302,7 +312,7 @@ class SecAggRound:
             waiting = [
                 c
                 for c in self._server.waiting_for
-                if c not in answered and c not in self.out and self._is_live(c)
+                if c not in answered and c not in self.out and self._waited_for(c)
             ]
             left = deadline - time.monotonic()
             if not waiting or left <= 0:
@@ -310,6 +320,21 @@ class SecAggRound:
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), min(left, _RECHECK_S))
+
+    def _waited_for(self, client_id: str) -> bool:
+        """Whether a stage still waits for ``client_id``'s message.
+
+        A connected client, yes; one that reported its task failed, no; one whose connection
+        dropped, for ``rejoin_grace_s`` from when a stage first saw it gone (it may reconnect
+        and send its message again), and again in full if it came back and left once more.
+        """
+        if self._is_live(client_id):
+            self._absent.pop(client_id, None)
+            return True
+        if self._has_failed(client_id):
+            return False
+        since = self._absent.setdefault(client_id, time.monotonic())
+        return time.monotonic() - since < self._grace
 
     def _close(self, stage: SecAggStage, requests: dict[str, bytes]) -> None:
         """Close ``stage``: who has no request is out; wake the clients waiting on it."""
@@ -433,7 +458,7 @@ class SecAggRound:
             waiting = [
                 c
                 for c in self._requests.get(SecAggStage.MASKED_INPUT, {})
-                if c not in answered and c not in self.out and self._is_live(c)
+                if c not in answered and c not in self.out and self._waited_for(c)
             ]
             left = deadline - time.monotonic()
             if not waiting or left <= 0:

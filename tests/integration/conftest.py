@@ -69,9 +69,11 @@ def make_runner(
     *,
     partition: int = 0,
     wrap: Callable[[Client], Client] | None = None,
+    runner_class: type[Runner] = Runner,
     **overrides: Any,
 ) -> Runner:
-    """A client of the project's task for ``client_id`` (``wrap`` may decorate the client)."""
+    """A client of the project's task for ``client_id`` (``wrap`` may decorate the client;
+    ``runner_class`` may be a test's subclass of :class:`Runner`)."""
     task = load_task(config.task_path)
     context = TaskContext(
         role="client",
@@ -92,7 +94,7 @@ def make_runner(
         **overrides,
     )
     client = task.client_fn(context)
-    return Runner(wrap(client) if wrap is not None else client, options)
+    return runner_class(wrap(client) if wrap is not None else client, options)
 
 
 def admin(config: Config, address: str) -> AdminClient:

@@ -24,6 +24,7 @@ from flctl.core import Config, TaskContext, load_task
 from flctl.core.events import Event
 from flctl.store import BlobStore, SqlStore
 from flctl.tensors import load_parameters
+from tests.relay import Relay
 
 from .conftest import Project, admin, make_runner, wait_until
 
@@ -433,3 +434,63 @@ def test_central_dp_noises_the_unmasked_sum_of_clipped_deltas(project: Project) 
     # what is left is the noise: its std, centred (4002 draws)
     assert abs(residual.std().item() / std - 1) < 0.1
     assert abs(residual.mean().item()) < 5 * std / len(residual) ** 0.5
+
+
+class _CutBeforeSharing(Runner):
+    """A runner whose connection is cut once, just as it sends its share_keys message."""
+
+    relay: Relay
+    cut_done = False
+
+    def _secagg_sender(self, api, task, stage_timeout_s):  # noqa: ANN001, ANN202
+        send = super()._secagg_sender(api, task, stage_timeout_s)
+
+        async def cut_once(stage: str, payload: bytes):  # noqa: ANN202
+            if stage == "share_keys" and not self.cut_done:
+                self.cut_done = True
+                self.relay.cut()  # the call below fails: the client reconnects and resends
+            return await send(stage, payload)
+
+        return cut_once
+
+
+@pytest.mark.parametrize(("grace", "dropped"), [(10.0, set()), (0.0, {"c3"})])
+def test_a_client_whose_connection_drops_at_a_key_stage_is_waited_for_the_rejoin_grace(
+    project: Project, grace: float, dropped: set[str]
+) -> None:
+    """c3's connection is cut as it shares its keys; it reconnects within a second and resends.
+
+    With the grace, the stage waits for it and it stays in; without, the stage closes with the
+    four others and c3 is out of the round's secure aggregation.
+    """
+    config = secure_project(project, rounds={"rejoin_grace_s": grace})
+    relays: list[Relay] = []
+
+    def runner_for(cfg: Config, address: str, client_id: str) -> Runner:
+        partition = CLIENTS.index(client_id)
+        if client_id != "c3":
+            return make_runner(cfg, address, client_id, partition=partition)
+        relay = Relay(int(address.rsplit(":", 1)[1]))
+        relays.append(relay)
+        runner = make_runner(
+            cfg,
+            relay.address,
+            client_id,
+            partition=partition,
+            runner_class=_CutBeforeSharing,
+            backoff_cap_s=0.5,
+        )
+        assert isinstance(runner, _CutBeforeSharing)
+        runner.relay = relay
+        return runner
+
+    try:
+        (info,) = asyncio.run(run_round(config, runner_for=runner_for))
+    finally:
+        for relay in relays:
+            relay.close()
+    assert info.status == "committed", info.reason
+    assert set(dict(info.secagg.dropped)) == dropped
+    assert info.num_clients == 5 - len(dropped)
+    if dropped:
+        assert dict(info.secagg.dropped)["c3"].startswith("dropped at share_keys")
