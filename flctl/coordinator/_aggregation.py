@@ -263,6 +263,7 @@ class RoundAggregation:
                     max_examples=self._config.rounds.max_examples_per_update,
                     max_share=self._config.rounds.max_weight_share,
                 ),
+                min_free_bytes=int(self._config.server.min_free_mb * (1 << 20)),
             )
         self._updates.start(
             server_round, self._blobs.path(base_digest), keep_sum=self._incremental()

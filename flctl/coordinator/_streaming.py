@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ log = logging.getLogger("flctl.coordinator")
 #: descriptors while the round trains, and the uploads of a round that large queue for the
 #: coordinator's upload slots anyway, so most of its updates are whole before the last begins.
 MAX_STREAMED_UPDATES = 256
+
+MiB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class RoundStream:
         base: The round's base model; ``base_digest`` its digest.
         blobs: The blob store (the output is one of its temp files).
         weigh: The weights of claimed example counts, as the round would cap them.
+        min_free_bytes: The room the disk must keep (``server.min_free_mb``): a stream starts
+            only if the model fits beside the bytes the uploads still bring, and that much.
     """
 
     def __init__(
@@ -71,6 +76,8 @@ class RoundStream:
         base_digest: str,
         blobs: BlobStore,
         weigh: Callable[[list[int]], list[int]],
+        *,
+        min_free_bytes: int = 0,
     ) -> None:
         self.server_round = server_round
         self._selected = frozenset(selected)
@@ -78,6 +85,7 @@ class RoundStream:
         self._base_digest = base_digest
         self._blobs = blobs
         self._weigh = weigh
+        self._min_free_bytes = min_free_bytes
         self._inputs: dict[str, _Input] = {}
         #: client -> the weight the stream gave it
         self._weights: dict[str, int] = {}
@@ -140,6 +148,21 @@ class RoundStream:
             self._discard(f"{client_id}'s update was refused")
 
     def _start(self) -> None:
+        # the uploads come first: the stream's model (the base's size) must fit beside what
+        # they still bring, or it would take the room a client's upload needs
+        still = sum(max(0, i.size - os.fstat(i.fd).st_size) for i in self._inputs.values())
+        need = self._base.stat().st_size + still + self._min_free_bytes
+        free = shutil.disk_usage(self._blobs.tmp_dir).free
+        if free < need:
+            why = f"{free / MiB:.0f} MiB free, the uploads and the model need {need / MiB:.0f} MiB"
+            log.info(
+                "round %d: not aggregating while the updates upload: %s",
+                self.server_round,
+                why,
+                extra={"round": self.server_round},
+            )
+            self._discard(why)
+            return
         clients = sorted(self._inputs)
         weights = self._weigh([self._inputs[c].num_examples for c in clients])
         self._weights = dict(zip(clients, weights, strict=True))

@@ -177,3 +177,28 @@ def test_a_stream_that_cannot_start_does_not_fail_the_offer(tmp_path: Path) -> N
 
     asyncio.run(main())
     assert _temp_files(blobs) == []
+
+
+def test_a_stream_does_not_start_without_room_for_the_model_beside_the_uploads(
+    tmp_path: Path,
+) -> None:
+    blobs, base, files = _round(tmp_path)
+
+    async def main() -> None:
+        stream = RoundStream(
+            1,
+            CLIENTS,
+            blobs.path(base),
+            base,
+            blobs,
+            lambda claims: claims,
+            min_free_bytes=1 << 60,  # more than any disk: server.min_free_mb cannot be kept
+        )
+        for client in CLIENTS:
+            stream.offer(client, files[client], files[client].stat().st_size, 1)
+        assert not stream.started and "MiB free" in stream.stale
+        updates = [WeightedUpdate(_accept(blobs, files[c]), 1, c) for c in CLIENTS]
+        assert await stream.take(updates) is None
+
+    asyncio.run(main())
+    assert _temp_files(blobs) == []
