@@ -66,7 +66,9 @@ class StreamingMean:
     Args:
         base: The round's base model (whole).
         updates: The updates, with their weights (examples as counted: capped).
-        out: The output file (created; it is written front to back, never rewritten).
+        out: The output file, which must exist (it is truncated, then written front to back,
+            never rewritten): its owner may delete it at any time, and the mean then fails
+            instead of making it again.
         base_digest: The base's SHA-256, which a delta update must name (hashed when needed
             and not given).
         poll_s: How long to wait before looking again at a file that does not hold the next
@@ -134,7 +136,7 @@ class StreamingMean:
                 readers.append(stack.enter_context(reader))
                 fds.append(fd)  # the reader's own copy: open as long as the reader
             shape_of = {n: (s.dtype, s.shape) for n, s in base.specs.items()}
-            writer = stack.enter_context(TensorWriter(self.out, shape_of))
+            writer = stack.enter_context(TensorWriter(self.out, shape_of, create=False))
             behind = WriteBehind(writer.handle)
 
             def ready(name: str, stop: int) -> None:

@@ -248,13 +248,18 @@ class RoundStream:
         self.stale = self.stale or why
         if self._mean is not None:
             self._mean.cancel()
+        # the output goes now, even while the worker stops: it writes through its own
+        # descriptors, and never makes the file again (TensorWriter create=False)
+        if self._temp is not None:
+            self._temp.unlink(missing_ok=True)
+            self._temp = None
         if self._task is not None and not self._task.done():
             self._task.add_done_callback(lambda _: self._release())
         else:
             self._release()
 
     def _release(self) -> None:
-        """Close the inputs and delete the output not taken (the worker is done)."""
+        """Close the inputs (the worker is done with them) and delete an output not taken."""
         if self._task is not None and self._task.done() and not self._task.cancelled():
             self._task.exception()  # retrieved: a discarded stream's error is not news
         for entry in self._inputs.values():

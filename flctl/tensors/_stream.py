@@ -149,6 +149,8 @@ class TensorWriter:
         path: Output file.
         specs: name -> (safetensors dtype, shape), in the order tensors will be written.
         metadata: Optional ``__metadata__`` strings.
+        create: Create ``path`` if missing; False: it must exist (it is truncated), so a file
+            its owner deleted meanwhile is never made again (FileNotFoundError).
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class TensorWriter:
         specs: Mapping[str, tuple[str, tuple[int, ...]]],
         *,
         metadata: Mapping[str, str] | None = None,
+        create: bool = True,
     ) -> None:
         header: dict[str, object] = {}
         if metadata:
@@ -179,7 +182,10 @@ class TensorWriter:
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
-        self._fh: BinaryIO = path.open("wb")
+        if create:
+            self._fh: BinaryIO = path.open("wb")
+        else:
+            self._fh = os.fdopen(os.open(path, os.O_WRONLY | os.O_TRUNC), "wb")
         self._fh.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
         #: bytes of the next tensor written so far (by :meth:`write_part`)

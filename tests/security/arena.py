@@ -397,6 +397,15 @@ class Arena:
             data = update_like(self.spec, value=0.02)
             reply = await c2.api.upload(self.header(c2.task, data), pieces(data))
             assert reply.accepted, reply.reason
+            # its scores are written in the background: before any test takes a snapshot
+            store = self.coordinator.store
+            assert store is not None
+            await self.until(
+                lambda: all(
+                    u.scores is not None
+                    for u in store.updates_for_round(self.server_round, status="accepted")
+                )
+            )
         await self.join("c3")
 
     def _follow(self, member: Member) -> None:

@@ -41,6 +41,12 @@ def _stacks(count: int, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
+def _out(path: Path) -> Path:
+    """The output file, made empty: StreamingMean writes an existing file, never makes one."""
+    path.touch()
+    return path
+
+
 def _load(path: Path) -> dict[str, torch.Tensor]:
     return dict(load_parameters(path))
 
@@ -107,7 +113,7 @@ def _streamed(
             arriving.append(
                 ArrivingUpdate(update.client_id, update.path, fd, size, update.num_examples)
             )
-        StreamingMean(base, arriving, out, base_digest=base_digest).run()
+        StreamingMean(base, arriving, _out(out), base_digest=base_digest).run()
 
 
 def test_pieces_cover_a_tensor_in_order() -> None:
@@ -123,7 +129,7 @@ def test_whole_files_give_fedavgs_bits(tmp_path: Path, encoding: str) -> None:
     base, updates = federation(tmp_path, _stacks(3), weights=[5, 1, 3], encoding=encoding)
     FedAvg().aggregate(base, updates, tmp_path / "whole")
     with ExitStack() as stack:
-        StreamingMean(base, _arriving(stack, updates), tmp_path / "streamed").run()
+        StreamingMean(base, _arriving(stack, updates), _out(tmp_path / "streamed")).run()
     assert sha256_file(tmp_path / "streamed") == sha256_file(tmp_path / "whole")
 
 
@@ -175,7 +181,7 @@ def test_cancel_stops_a_mean_waiting_for_bytes(tmp_path: Path) -> None:
                 ArrivingUpdate(f.client_id, f.path, fd, size, 1)
                 for f, fd, size in zip(files, fds, sizes, strict=True)
             ],
-            tmp_path / "streamed",
+            _out(tmp_path / "streamed"),
         )
         errors: list[BaseException] = []
 
@@ -201,19 +207,19 @@ def test_an_update_of_another_model_is_refused_naming_its_client(tmp_path: Path)
     save_parameters({"other": torch.zeros(3)}, tmp_path / "odd")
     updates[1] = WeightedUpdate(tmp_path / "odd", 1, "c1")
     with ExitStack() as stack, pytest.raises(InconsistentUpdatesError, match="'c1'"):
-        StreamingMean(base, _arriving(stack, updates), tmp_path / "streamed").run()
-    assert not (tmp_path / "streamed").exists()
+        StreamingMean(base, _arriving(stack, updates), _out(tmp_path / "streamed")).run()
+    assert (tmp_path / "streamed").stat().st_size == 0  # nothing written
 
 
 def test_no_updates_or_a_weight_of_zero_is_refused(tmp_path: Path) -> None:
     base, updates = federation(tmp_path, _stacks(2, seed=5))
     with pytest.raises(NotEnoughUpdatesError):
-        StreamingMean(base, [], tmp_path / "streamed").run()
+        StreamingMean(base, [], _out(tmp_path / "streamed")).run()
     with ExitStack() as stack:
         arriving = _arriving(stack, updates)
         bad = [arriving[0], ArrivingUpdate("c1", arriving[1].path, arriving[1].fd, 1, 0)]
         with pytest.raises(InconsistentUpdatesError, match="num_examples=0"):
-            StreamingMean(base, bad, tmp_path / "streamed").run()
+            StreamingMean(base, bad, _out(tmp_path / "streamed")).run()
 
 
 def test_the_gates_first_check_is_made_as_the_model_is_written(tmp_path: Path) -> None:
@@ -226,7 +232,7 @@ def test_the_gates_first_check_is_made_as_the_model_is_written(tmp_path: Path) -
     held["small"][2, 3] = float("inf")
     save_parameters(held, updates[1].path)
     with ExitStack() as stack:
-        mean = StreamingMean(base, _arriving(stack, updates), tmp_path / "streamed")
+        mean = StreamingMean(base, _arriving(stack, updates), _out(tmp_path / "streamed"))
         mean.run()
     assert mean.non_finite == "tensor 'small' holds NaN or Inf values"
     assert non_finite_tensors(tmp_path / "streamed") == mean.non_finite
@@ -247,3 +253,10 @@ def test_the_finite_check_by_sum_is_exact(dtype: torch.dtype) -> None:
         assert not _finite(piece)
     mixed = torch.tensor([float("inf"), float("-inf")], dtype=dtype)  # a NaN sum
     assert not _finite(mixed)
+
+
+def test_an_output_deleted_before_the_mean_writes_is_not_made_again(tmp_path: Path) -> None:
+    base, updates = federation(tmp_path, _stacks(2, seed=7))
+    with ExitStack() as stack, pytest.raises(FileNotFoundError):
+        StreamingMean(base, _arriving(stack, updates), tmp_path / "gone").run()
+    assert not (tmp_path / "gone").exists()
