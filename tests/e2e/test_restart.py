@@ -72,6 +72,24 @@ async def _join(proj: Path, address: str) -> tuple[CoordinatorClient, AsyncItera
     return api, api.tasks()
 
 
+async def _update(
+    api: CoordinatorClient, task: pb.Task, folder: Path
+) -> tuple[pb.UploadHeader, bytes]:
+    """The task's model, every value nudged by 0.01: the update's header and bytes."""
+    model = await fetch_blob(api, ClientCache(folder / "cache"), task.model_digest)
+    nudged = {n: t + 0.01 for n, t in load_parameters(model).items()}
+    save_parameters(nudged, folder / "update")
+    data = (folder / "update").read_bytes()
+    header = pb.UploadHeader(
+        server_round=task.server_round,
+        task_id=task.task_id,
+        num_examples=10,
+        digest=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+    )
+    return header, data
+
+
 async def _pieces(data: bytes, hang: bool = False) -> AsyncIterator[bytes]:
     for i in range(0, len(data), 4096):
         yield data[i : i + 4096]
@@ -98,17 +116,7 @@ def test_sigkill_mid_upload_then_restart_resumes_the_round_and_the_upload(
             await asyncio.sleep(0.5)  # the task stream is open: the client can be selected
             await admin.start_round(1)
             task = await asyncio.wait_for(first, 60)
-            model = await fetch_blob(api, ClientCache(tmp_path / "cache"), task.model_digest)
-            nudged = {n: t + 0.01 for n, t in load_parameters(model).items()}
-            save_parameters(nudged, tmp_path / "update")
-            data = (tmp_path / "update").read_bytes()
-            header = pb.UploadHeader(
-                server_round=task.server_round,
-                task_id=task.task_id,
-                num_examples=10,
-                digest=hashlib.sha256(data).hexdigest(),
-                size=len(data),
-            )
+            header, data = await _update(api, task, tmp_path)
             begun = await api.begin_upload(header)
             half = len(data) // 2
             first_part = header.__deepcopy__()
@@ -321,17 +329,7 @@ def test_a_resumed_round_waits_past_the_rejoin_grace_for_a_client_still_training
             try:
                 again = await asyncio.wait_for(anext(tasks), 60)
                 assert (again.server_round, again.task_id) == (task.server_round, task.task_id)
-                model = await fetch_blob(api, ClientCache(tmp_path / "cache"), task.model_digest)
-                nudged = {n: t + 0.01 for n, t in load_parameters(model).items()}
-                save_parameters(nudged, tmp_path / "update")
-                data = (tmp_path / "update").read_bytes()
-                header = pb.UploadHeader(
-                    server_round=task.server_round,
-                    task_id=task.task_id,
-                    num_examples=10,
-                    digest=hashlib.sha256(data).hexdigest(),
-                    size=len(data),
-                )
+                header, data = await _update(api, task, tmp_path)
                 reply = await api.upload(header, _pieces(data))
                 assert reply.accepted, reply.reason
             finally:
