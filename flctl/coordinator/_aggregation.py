@@ -184,11 +184,7 @@ class RoundAggregation:
         """
         rounds = self._config.rounds
         claims = [int(u.num_examples) for u in accepted]
-        weights = cap_weights(
-            claims,
-            max_examples=rounds.max_examples_per_update,
-            max_share=rounds.max_weight_share,
-        )
+        weights = self._cap(claims)
         total = sum(weights)
         for update, claimed, used in zip(accepted, claims, weights, strict=True):
             if used == claimed:
@@ -225,6 +221,14 @@ class RoundAggregation:
             )
         return weights
 
+    def _cap(self, claims: list[int]) -> list[int]:
+        """The weights of the claimed example counts, capped by ``[rounds]``."""
+        return cap_weights(
+            claims,
+            max_examples=self._config.rounds.max_examples_per_update,
+            max_share=self._config.rounds.max_weight_share,
+        )
+
     # ------------------------------------------------------------------ incremental
 
     def start_round(
@@ -245,10 +249,10 @@ class RoundAggregation:
         :class:`RoundUpdates`.
 
         With ``selected`` (the round waits for exactly these clients, at most
-        :data:`MAX_STREAMED_UPDATES`) and a strategy that
-        aggregates as FedAvg does, without privacy or the running sum, the round's model is
-        also computed while the updates upload (:class:`RoundStream`, ``[strategy]
-        streaming``): :meth:`upload_begun` and :meth:`update_accepted` hand it their files.
+        :data:`MAX_STREAMED_UPDATES`) and a strategy that aggregates as FedAvg does, without
+        privacy or the running sum, the round's model is also computed while the updates
+        upload (:class:`RoundStream`, ``[strategy] streaming``): :meth:`upload_begun` and
+        :meth:`update_accepted` hand it their files.
         """
         self.end_round()
         if 0 < len(selected) <= MAX_STREAMED_UPDATES and self._streams():
@@ -258,11 +262,7 @@ class RoundAggregation:
                 self._blobs.path(base_digest),
                 base_digest,
                 self._blobs,
-                lambda claims: cap_weights(
-                    claims,
-                    max_examples=self._config.rounds.max_examples_per_update,
-                    max_share=self._config.rounds.max_weight_share,
-                ),
+                self._cap,
                 min_free_bytes=int(self._config.server.min_free_mb * (1 << 20)),
             )
         self._updates.start(
