@@ -72,6 +72,14 @@ async def _join(proj: Path, address: str) -> tuple[CoordinatorClient, AsyncItera
     return api, api.tasks()
 
 
+async def _round_task(tasks: AsyncIterator[pb.Task], admin: AdminClient) -> pb.Task:
+    """Start one round and return the joined client's task for it."""
+    first = asyncio.ensure_future(anext(tasks))
+    await asyncio.sleep(0.5)  # the task stream is open: the client can be selected
+    await admin.start_round(1)
+    return await asyncio.wait_for(first, 60)
+
+
 async def _update(
     api: CoordinatorClient, task: pb.Task, folder: Path
 ) -> tuple[pb.UploadHeader, bytes]:
@@ -112,10 +120,7 @@ def test_sigkill_mid_upload_then_restart_resumes_the_round_and_the_upload(
         api, tasks = await _join(proj, address)
         admin = AdminClient(_channel(proj, "admin", address))
         try:
-            first = asyncio.ensure_future(anext(tasks))
-            await asyncio.sleep(0.5)  # the task stream is open: the client can be selected
-            await admin.start_round(1)
-            task = await asyncio.wait_for(first, 60)
+            task = await _round_task(tasks, admin)
             header, data = await _update(api, task, tmp_path)
             begun = await api.begin_upload(header)
             half = len(data) // 2
@@ -197,10 +202,7 @@ def test_a_rollback_deferred_behind_a_round_survives_sigkill(
         api, tasks = await _join(proj, address)
         admin = AdminClient(_channel(proj, "admin", address))
         try:
-            first = asyncio.ensure_future(anext(tasks))
-            await asyncio.sleep(0.5)
-            await admin.start_round(1)
-            task = await asyncio.wait_for(first, 60)  # the round is open; c1 never answers
+            task = await _round_task(tasks, admin)  # the round is open; c1 never answers
             return int(task.server_round)
         finally:
             await admin.close()
@@ -304,10 +306,7 @@ def test_a_resumed_round_waits_past_the_rejoin_grace_for_a_client_still_training
         api, tasks = await _join(proj, address)
         admin = AdminClient(_channel(proj, "admin", address))
         try:
-            first = asyncio.ensure_future(anext(tasks))
-            await asyncio.sleep(0.5)  # the task stream is open: the client can be selected
-            await admin.start_round(1)
-            task = await asyncio.wait_for(first, 60)
+            task = await _round_task(tasks, admin)
             os.kill(pid, signal.SIGKILL)  # while the client "trains"
             return task
         finally:
